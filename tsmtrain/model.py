@@ -1,0 +1,152 @@
+"""TSN and TSM video networks on torchvision 2D backbones.
+
+* TSN (Wang et al., "Temporal Segment Networks", ECCV 2016): a 2D backbone runs on each of
+  the T segment frames, a new classifier scores each frame, and the scores are averaged over
+  the T segments (average consensus).
+* TSM (Lin, Gan, Han, ICCV 2019): the same network with a residual temporal shift
+  (:mod:`tsmtrain.shift`) before the first convolution of every residual block.
+
+Backbones: ResNet-18, ResNet-50 (every BasicBlock/Bottleneck is shifted on its ``conv1``) and
+MobileNetV2 (every InvertedResidual block with an identity connection is shifted on its
+first layer), as in the official TSM code's ``blockres`` placement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .shift import TemporalShift
+
+__all__ = ["VideoNet", "create_model", "count_parameters", "count_macs"]
+
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")
+
+
+class VideoNet(nn.Module):
+    """A 2D backbone applied per frame, dropout, a new classifier, average consensus.
+
+    Args:
+        arch: one of ``resnet18``, ``resnet50``, ``mobilenet_v2``.
+        num_classes: classifier outputs.
+        num_segments: T, the frames per clip (needed by the temporal shift).
+        shift: insert the residual temporal shift (TSM); ``False`` gives TSN.
+        shift_div: 1/shift_div of the channels shift each way.
+        dropout: dropout probability before the classifier.
+        pretrained: path of a local torchvision ``state_dict`` for the backbone (the ImageNet
+            classifier in it is ignored); nothing is downloaded.
+
+    Input ``(N, T, 3, H, W)`` float; output logits ``(N, num_classes)``.
+
+    Raises:
+        ValueError: unknown ``arch``.
+        RuntimeError: ``pretrained`` does not fit the backbone (names the missing keys).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        num_segments: int,
+        shift: bool = True,
+        shift_div: int = 8,
+        dropout: float = 0.5,
+        pretrained: str | Path | None = None,
+    ):
+        super().__init__()
+        if arch not in BACKBONES:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(BACKBONES)}")
+        self.arch, self.num_segments, self.is_tsm = arch, num_segments, shift
+        backbone = getattr(torchvision.models, arch)(weights=None)
+        if pretrained is not None:
+            _load_backbone(backbone, pretrained)
+        if arch.startswith("resnet"):
+            feature_dim = backbone.fc.in_features
+            backbone.fc = nn.Identity()
+        else:
+            feature_dim = backbone.classifier[-1].in_features
+            backbone.classifier = nn.Identity()  # its own dropout is replaced by ours
+        self.backbone = backbone
+        if shift:
+            insert_residual_shift(backbone, num_segments, shift_div)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(feature_dim, num_classes)
+        nn.init.normal_(self.fc.weight, 0, 0.001)  # as the TSN/TSM code initialises the new layer
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t = x.shape[:2]
+        if t != self.num_segments:
+            raise ValueError(f"expected {self.num_segments} segments per clip, got input of shape {tuple(x.shape)}")
+        features = self.backbone(x.flatten(0, 1))  # (N*T, F)
+        logits = self.fc(self.dropout(features))  # (N*T, K)
+        return logits.view(n, t, -1).mean(dim=1)  # average consensus -> (N, K)
+
+
+def insert_residual_shift(backbone: nn.Module, num_segments: int, shift_div: int) -> int:
+    """Wrap the first layer of every residual branch in :class:`TemporalShift`, in place.
+
+    Returns the number of blocks shifted.
+    """
+    count = 0
+    for m in backbone.modules():
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            m.conv1 = TemporalShift(m.conv1, num_segments, shift_div)
+            count += 1
+        elif isinstance(m, InvertedResidual) and m.use_res_connect:
+            m.conv[0] = TemporalShift(m.conv[0], num_segments, shift_div)
+            count += 1
+    return count
+
+
+def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    head = ("fc.", "classifier.")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = {k for k in backbone.state_dict() if not k.startswith(head)}
+    missing = sorted(own - set(state))
+    if missing:
+        raise RuntimeError(f"{path}: not a checkpoint of this backbone; missing {', '.join(missing[:5])}")
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def create_model(cfg, num_segments: int) -> VideoNet:
+    """Build the network a recipe's ``model`` section describes (``tsmtrain.recipe.ModelConfig``)."""
+    return VideoNet(
+        arch=cfg.arch,
+        num_classes=cfg.num_classes,
+        num_segments=num_segments,
+        shift=cfg.shift,
+        shift_div=cfg.shift_div,
+        dropout=cfg.dropout,
+        pretrained=cfg.pretrained,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_macs(model: VideoNet, input_size: int, batch: int = 1) -> float:
+    """Multiply-accumulates for one forward pass of one clip ``(1, T, 3, S, S)``.
+
+    Counted with PyTorch's own ``torch.utils.flop_counter.FlopCounterMode``, which counts two
+    FLOPs per multiply-add of convolutions and matrix products; the temporal shift costs none.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(batch, model.num_segments, 3, input_size, input_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / batch

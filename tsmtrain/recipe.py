@@ -1,0 +1,391 @@
+"""Recipes: one YAML file that says everything about a training run.
+
+A recipe has seven sections (``data``, ``model``, ``optim``, ``schedule``, ``dist``, ``train``,
+``run``), each a pydantic model below. Every field has a type, a default where one makes sense
+and a one-line description (``tsmtrain validate`` prints them resolved). Unknown keys are errors,
+so a misspelt key never silently falls back to a default.
+
+Loading goes through :func:`load_recipe`, which collects *every* problem (unknown key, wrong
+type, missing file, impossible combination) before raising one :class:`RecipeError`; each
+problem names the file, the key path, the line in the YAML file where it can be found, and the
+offending value. The CLI prints them one per line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "Problem",
+    "load_recipe",
+    "apply_overrides",
+    "derived_values",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the videos are and how clips are sampled and augmented."""
+
+    root: str = Field(".", description="folder that the paths in the list files are relative to")
+    train_list: str = Field(..., description="training list file: one `relative/path.ext label` per line")
+    val_list: str | None = Field(None, description="validation list file (same format); none: no evaluation")
+    generate: Literal["demo"] | None = Field(
+        None, description="generate this embedded dataset into `root` on first use (demo: order-only classes)"
+    )
+    decoder: Literal["decord", "torchcodec"] = Field("decord", description="video decoding library")
+    num_segments: int = Field(8, ge=1, description="T: segments per clip, one frame sampled from each (TSN)")
+    frame_size: tuple[int, int] | None = Field(
+        None, description="[H, W] every decoded frame is resized to on the CPU so clips of any size batch together"
+    )
+    input_size: int = Field(224, ge=8, description="side in pixels of the square crop fed to the network")
+    scales: list[float] = Field(
+        [1.0, 0.875, 0.75, 0.66], description="multi-scale crop: crop sides as fractions of the shorter side"
+    )
+    flip: bool = Field(True, description="random horizontal flip in training (turn off when left/right matters)")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel normalisation mean (RGB, 0..1)")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per-channel normalisation std (RGB, 0..1)")
+    workers: int = Field(2, ge=0, description="data-loading worker processes per rank")
+    max_retries: int = Field(10, ge=0, description="unreadable videos replaced in a row before the run stops")
+
+
+class ModelConfig(_Section):
+    """The network: a 2D backbone run on every frame, with or without temporal shift."""
+
+    arch: Literal["resnet18", "resnet50", "mobilenet_v2"] = Field("resnet50", description="torchvision 2D backbone")
+    num_classes: int = Field(400, ge=2, description="number of action classes")
+    shift: bool = Field(True, description="residual temporal shift (TSM); false gives the TSN baseline")
+    shift_div: int = Field(8, ge=2, description="1/shift_div of the channels shift each way in time")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the new classifier")
+    pretrained: str | None = Field(None, description="local torchvision state_dict (.pth) to start from; never downloaded")
+
+
+class OptimConfig(_Section):
+    """Optimizer and the linear scaling rule (Goyal et al. 2017)."""
+
+    name: Literal["sgd", "lars"] = Field("sgd", description="SGD with momentum, or LARS (You et al. 2017)")
+    base_lr: float = Field(0.01, gt=0, description="learning rate for a global batch of base_batch clips")
+    base_batch: int = Field(64, ge=1, description="global batch at which base_lr applies (linear scaling rule)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay (not applied to biases and norm layers)")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient eta")
+    lars_eps: float = Field(1e-9, ge=0, description="LARS: added to the trust-ratio denominator")
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule: linear warmup per iteration, then decay."""
+
+    epochs: int = Field(50, ge=1, description="training epochs")
+    warmup_epochs: float = Field(0.0, ge=0, description="gradual linear warmup length in epochs (Goyal et al. 2017)")
+    warmup_start_lr: float | None = Field(
+        None, ge=0, description="learning rate at step 0 of warmup; none: base_lr (the small-batch rate)"
+    )
+    decay: Literal["cosine", "step", "none"] = Field("cosine", description="decay after warmup")
+    milestones: list[int] = Field([], description="step decay: epochs at which the rate is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="step decay factor")
+
+
+class DistConfig(_Section):
+    """Data parallelism (Horovod ring-allreduce)."""
+
+    engine: Literal["horovod", "none"] = Field("horovod", description="horovod, or none for a single process")
+    np: int = Field(1, ge=1, description="ranks to start on this host when not already under srun/mpirun")
+    launcher: Literal["gloo", "mpi"] = Field("gloo", description="how --np starts ranks: horovodrun --gloo, or mpirun")
+    fp16_allreduce: bool = Field(False, description="compress gradients to fp16 for the allreduce")
+    backward_passes_per_step: int = Field(1, ge=1, description="gradient accumulation: backward passes per optimizer step")
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    batch_size: int = Field(8, ge=1, description="clips per rank per backward pass")
+    eval_every: int = Field(1, ge=1, description="evaluate every this many epochs (and after the last)")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl records")
+    checkpoint_every: int = Field(1, ge=1, description="write a checkpoint every this many epochs (and after the last)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run directory")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="stop with a checkpoint after this many optimizer steps (schedule unchanged)"
+    )
+    seed: int = Field(0, description="random seed (sampling, augmentation, initialisation)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when there is one")
+    threads: int | None = Field(None, ge=1, description="CPU threads per rank; none: cores / ranks on the host")
+
+
+class RunConfig(_Section):
+    """Where the run's files go."""
+
+    name: str = Field("run", min_length=1, description="run name: the run directory is dir/name")
+    dir: str = Field("runs", description="folder holding run directories")
+
+
+class Recipe(_Section):
+    """A whole recipe. Build it with :func:`load_recipe` (which also checks files)."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    dist: DistConfig = DistConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Recipe":
+        problems: list[tuple[str, Any, str]] = []
+        s = self.schedule
+        if s.warmup_epochs > s.epochs:
+            problems.append(("schedule.warmup_epochs", s.warmup_epochs, f"longer than schedule.epochs ({s.epochs})"))
+        if s.decay == "step" and not s.milestones:
+            problems.append(("schedule.milestones", s.milestones, "step decay needs at least one milestone"))
+        if s.milestones and (sorted(s.milestones) != s.milestones or not all(0 < m < s.epochs for m in s.milestones)):
+            problems.append(("schedule.milestones", s.milestones, f"must increase and lie in 1..{s.epochs - 1}"))
+        if self.model.shift and self.data.num_segments < 2:
+            problems.append(("model.shift", True, "temporal shift needs data.num_segments >= 2"))
+        if self.dist.engine == "none" and self.dist.np > 1:
+            problems.append(("dist.np", self.dist.np, "several ranks need dist.engine: horovod"))
+        if self.dist.engine == "none" and self.dist.fp16_allreduce:
+            problems.append(("dist.fp16_allreduce", True, "there is no allreduce with dist.engine: none"))
+        if any(not 0 < x <= 1 for x in self.data.scales) or not self.data.scales:
+            problems.append(("data.scales", self.data.scales, "each scale must lie in (0, 1]"))
+        if self.optim.nesterov and self.optim.name != "sgd":
+            problems.append(("optim.nesterov", True, "nesterov applies to optim.name: sgd only"))
+        if problems:
+            raise ValueError("\n".join(f"{k}\x1f{v!r}\x1f{why}" for k, v, why in problems))
+        return self
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe: where it is and why."""
+
+    file: str
+    key: str
+    value: Any
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        value = "" if self.value is _MISSING else f" = {self.value!r}"
+        return f"{where}: {self.key}{value}: {self.message}"
+
+
+_MISSING = object()
+
+
+class RecipeError(Exception):
+    """Raised by :func:`load_recipe` with every :class:`Problem` found; ``str()`` gives one per line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Map dotted key paths of a YAML document to their 1-based line numbers."""
+    index: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = f"{prefix}{key.value}"
+                index[path] = key.start_mark.line + 1
+                walk(value, path + ".")
+
+    if root is not None:
+        walk(root, "")
+    return index
+
+
+def _set_path(doc: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = doc
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise KeyError(path)
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> list[Problem]:
+    """Apply ``a.b=value`` overrides to a raw recipe dict in place.
+
+    Values are parsed as YAML (``8`` is an int, ``false`` a bool, ``[1,2]`` a list).
+    Returns the malformed overrides as problems; unknown keys are caught by validation.
+    """
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            problems.append(Problem(source, item, _MISSING, "expected KEY.PATH=VALUE"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        try:
+            _set_path(doc, key, value)
+        except KeyError:
+            problems.append(Problem(source, key, value, "a parent of this key is not a section"))
+    return problems
+
+
+def _from_validation_error(err: ValidationError, file: str, lines: dict[str, int], overridden: set[str]) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        if e["type"] == "value_error" and "\x1f" in str(e.get("ctx", {}).get("error", "")):
+            for row in str(e["ctx"]["error"]).split("\n"):
+                key, value, why = row.split("\x1f")
+                src = "--set" if key in overridden else file
+                problems.append(Problem(src, key, value, why, lines.get(key) if src == file else None))
+            continue
+        # drop pydantic's union/tuple sub-locations for readability
+        key = loc
+        while key and key not in lines and "." in key and key.rsplit(".", 1)[1].isdigit():
+            key = key.rsplit(".", 1)[0]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            known = _known_keys(parent)
+            close = _closest(key.rsplit(".", 1)[-1], known)
+            if close:
+                msg += f" (did you mean {close!r}?)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+        value = _MISSING if e["type"] == "missing" else e.get("input", _MISSING)
+        if isinstance(value, dict):
+            value = _MISSING
+        src = "--set" if key in overridden else file
+        problems.append(Problem(src, key, value, msg, lines.get(key) if src == file else None))
+    return problems
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _closest(word: str, candidates: list[str]) -> str | None:
+    import difflib
+
+    hits = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read, override, validate and check a recipe file.
+
+    Args:
+        path: the YAML recipe.
+        overrides: ``a.b=value`` strings applied on top of the file (``--set``).
+        check_files: also check that the list files and checkpoint the recipe names exist
+            (list files are not required when ``data.generate`` will create them).
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: with one :class:`Problem` per unknown key, wrong type, missing file or
+            impossible combination, all collected before raising.
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise RecipeError([Problem(file, "(file)", _MISSING, f"cannot read recipe: {exc.strerror or exc}")]) from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([Problem(file, "(yaml)", _MISSING, f"not valid YAML: {reason}", line)]) from None
+    if not isinstance(doc, dict):
+        raise RecipeError([Problem(file, "(top level)", _MISSING, "a recipe is a mapping of sections")])
+    lines = _line_index(text)
+    overrides = list(overrides or [])
+    problems = apply_overrides(doc, overrides)
+    overridden = {o.partition("=")[0].strip() for o in overrides}
+    try:
+        recipe = Recipe.model_validate(doc)
+    except ValidationError as err:
+        raise RecipeError(problems + _from_validation_error(err, file, lines, overridden)) from None
+    if check_files:
+        problems += _check_files(recipe, file, lines, overridden)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def _check_files(recipe: Recipe, file: str, lines: dict[str, int], overridden: set[str]) -> list[Problem]:
+    problems = []
+
+    def missing(key: str, value: str, what: str) -> None:
+        src = "--set" if key in overridden else file
+        problems.append(Problem(src, key, value, f"{what} not found", lines.get(key) if src == file else None))
+
+    d = recipe.data
+    if d.generate is None:
+        if not Path(d.root).is_dir():
+            missing("data.root", d.root, "folder")
+        for key in ("train_list", "val_list"):
+            value = getattr(d, key)
+            if value is not None and not Path(value).is_file():
+                missing(f"data.{key}", value, "list file")
+    if recipe.model.pretrained and not Path(recipe.model.pretrained).is_file():
+        missing("model.pretrained", recipe.model.pretrained, "checkpoint file")
+    return problems
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def derived_values(recipe: Recipe, world_size: int | None = None) -> dict[str, Any]:
+    """Values that follow from the recipe and the number of ranks.
+
+    ``global_batch = batch_size * world_size * backward_passes_per_step`` clips per optimizer
+    step, and the learning rate by the linear scaling rule (Goyal et al. 2017, section 2.1):
+    ``lr = base_lr * global_batch / base_batch``.
+    """
+    ws = world_size or recipe.dist.np
+    global_batch = recipe.train.batch_size * ws * recipe.dist.backward_passes_per_step
+    return {
+        "world_size": ws,
+        "global_batch": global_batch,
+        "lr": recipe.optim.base_lr * global_batch / recipe.optim.base_batch,
+        "run_dir": str(Path(recipe.run.dir) / recipe.run.name),
+    }
