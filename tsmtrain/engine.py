@@ -1,0 +1,137 @@
+"""Distributed engines: who am I, how are gradients and metrics combined.
+
+The training loop talks to a small interface, :class:`Engine`, with two implementations:
+
+* :class:`LocalEngine` for ``dist.engine: none``: one process, nothing to combine.
+* :class:`HorovodEngine`: Horovod (Sergeev and Del Balso 2018) data parallelism with
+  ring-allreduce of the gradients. Ranks come from whatever started the processes:
+  ``horovodrun`` (Gloo), ``mpirun``, or ``srun --mpi=pmix`` (MPI).
+
+Every rank runs the same loop; gradients are averaged by ``hvd.DistributedOptimizer`` during
+the backward pass, and rank 0's initial parameters and optimizer state are broadcast so that all
+ranks start identical.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Engine", "LocalEngine", "HorovodEngine", "create_engine", "launched_by_launcher"]
+
+LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def launched_by_launcher() -> bool:
+    """True when this process is one rank of a job started by horovodrun, mpirun or srun."""
+    if any(v in os.environ for v in LAUNCHER_VARIABLES):
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+class Engine:
+    """What the training loop needs from data parallelism.
+
+    Attributes:
+        rank: this process's index in ``0 .. size-1``.
+        size: the world size (number of ranks).
+        local_rank: index among the ranks on this host (selects the GPU).
+        local_size: ranks on this host.
+        name: ``"none"`` or ``"horovod"``.
+    """
+
+    name = "none"
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool = False,
+                       backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
+        """Return an optimizer whose ``step`` uses gradients averaged over all ranks."""
+        return optimizer
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Make every rank's parameters, buffers and optimizer state equal to rank 0's."""
+
+    def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
+        """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
+        return values.clone()
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Gather one picklable object from every rank, in rank order."""
+        return [obj]
+
+    def hosts(self) -> list[str]:
+        """Host name of every rank, in rank order."""
+        return self.allgather_object(socket.gethostname())
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def shutdown(self) -> None:
+        """Release the communication library."""
+
+
+class LocalEngine(Engine):
+    """A single process: gradients and metrics are used as they are."""
+
+
+class HorovodEngine(Engine):
+    """Horovod data parallelism. ``hvd.init()`` is called on construction.
+
+    Raises:
+        ImportError: Horovod with PyTorch support is not installed.
+    """
+
+    name = "horovod"
+
+    def __init__(self):
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+
+    def wrap_optimizer(self, optimizer, model, fp16=False, backward_passes_per_step=1):
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
+            backward_passes_per_step=backward_passes_per_step,
+            op=hvd.Average,
+        )
+
+    def broadcast_state(self, model, optimizer):
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # hvd.broadcast_optimizer_state would first take a dummy step on an empty state, which
+        # applies weight decay and seeds the momentum buffers; sending rank 0's state_dict
+        # keeps a fresh optimizer fresh and a resumed one exact.
+        state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None, root_rank=0)
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
+
+    def allreduce(self, values, average=True):
+        op = self.hvd.Average if average else self.hvd.Sum
+        return self.hvd.allreduce(values, op=op, name=None)
+
+    def allgather_object(self, obj):
+        return self.hvd.allgather_object(obj)
+
+    def barrier(self):
+        self.hvd.barrier()
+
+    def shutdown(self):
+        self.hvd.shutdown()
+
+
+def create_engine(name: str) -> Engine:
+    """``"none"`` gives :class:`LocalEngine`, ``"horovod"`` :class:`HorovodEngine`."""
+    if name == "none":
+        return LocalEngine()
+    if name == "horovod":
+        return HorovodEngine()
+    raise ValueError(f"unknown engine {name!r}; choose horovod or none")

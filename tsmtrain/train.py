@@ -1,0 +1,322 @@
+"""The training loop: what ``tsmtrain run recipe.yaml`` does on every rank.
+
+Read top to bottom, :func:`train` is the whole run: set up the engine, data, model,
+optimizer and schedule; restore the latest checkpoint when resuming; broadcast rank 0's state;
+then for each epoch take optimizer steps (T-frame clips -> batched augmentation on the device ->
+forward -> loss -> backward with ring-allreduce -> LARS/SGD step at the scheduled rate),
+evaluate every ``eval_every`` epochs, and checkpoint. Rank 0 writes the run directory:
+
+* ``recipe.yaml``: the resolved recipe,
+* ``metrics.jsonl``: one JSON object per logging step and per evaluation,
+* ``train.log``: the text log (also skipped videos, by path),
+* ``checkpoint-STEP.pt``: see :mod:`tsmtrain.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint as ckpt
+from .data import ShardSampler, VideoClipDataset, build_loader, read_list
+from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
+from .model import create_model
+from .optim import LRSchedule, create_optimizer
+from .recipe import Recipe, derived_values
+from .transforms import VideoTransform
+
+__all__ = ["train", "evaluate", "TrainingError", "RunResult"]
+
+log = logging.getLogger("tsmtrain")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot proceed for a reason the user can fix (named in the message)."""
+
+
+def _setup_logging(rank: int, run_dir: Path) -> None:
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.addHandler(console)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def _choose_engine(recipe: Recipe) -> Engine:
+    if recipe.dist.engine == "horovod" and not launched_by_launcher():
+        return LocalEngine()  # one process started by hand: nothing to allreduce
+    return create_engine(recipe.dist.engine)
+
+
+def _choose_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError("train.device: cuda was asked for but no GPU is visible")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` ends with on this rank.
+
+    Attributes:
+        step: optimizer steps taken in total.
+        epoch: epochs completed.
+        eval: the last evaluation (``top1``, ``top5`` in percent, ``loss``, ``clips``,
+            ``skipped_videos``); empty when nothing was evaluated.
+        model: this rank's trained network.
+        rank: this rank.
+    """
+
+    step: int
+    epoch: int
+    eval: dict
+    model: torch.nn.Module
+    rank: int = 0
+
+
+class _Metrics:
+    """Appends JSON records to metrics.jsonl on rank 0."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _progress(enabled: bool, total: int, completed: int):
+    """A rich progress bar with clips/s and ETA on an interactive rank 0; otherwise none."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[speed]:.1f} clips/s  loss {task.fields[loss]:.3f}"),
+                   TimeRemainingColumn(), transient=False)
+    bar.add_task("train", total=total, completed=completed, epoch=0, speed=0.0, loss=float("nan"))
+    return bar
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict:
+    """Run a recipe on this rank until its last epoch (or ``train.stop_after_steps``).
+
+    Args:
+        recipe: a validated recipe (:func:`tsmtrain.recipe.load_recipe`).
+        resume: continue from the latest checkpoint in the run directory (same step, learning
+            rate, epoch position and random states).
+
+    Returns:
+        A :class:`RunResult`.
+
+    Raises:
+        TrainingError: nothing to resume from, a dataset smaller than one global batch, ...
+        tsmtrain.data.ListFileError: a malformed list file.
+    """
+    engine = _choose_engine(recipe)
+    rank0 = engine.rank == 0
+    run_dir = Path(recipe.run.dir) / recipe.run.name
+    _setup_logging(engine.rank, run_dir)
+    torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // engine.local_size))
+    device = _choose_device(recipe.train.device, engine.local_rank)
+    d, t = recipe.data, recipe.train
+    derived = derived_values(recipe, engine.size)
+
+    # ---- data
+    if d.generate == "demo":
+        if rank0:
+            from .synthetic import generate_demo_dataset
+
+            log.info("preparing the embedded demo dataset in %s", d.root)
+            generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+        engine.barrier()
+    train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
+    val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
+    common = dict(num_segments=d.num_segments, decoder=d.decoder, frame_size=d.frame_size,
+                  max_retries=d.max_retries, seed=t.seed)
+    train_set = VideoClipDataset(train_records, train=True, **common)
+    train_sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
+    bpps = recipe.dist.backward_passes_per_step
+    micro_per_step = bpps
+    steps_per_epoch = len(train_sampler.shard()) // t.batch_size // micro_per_step
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"{d.train_list}: {len(train_set)} videos give no full global batch of {derived['global_batch']} clips "
+            f"(train.batch_size x ranks x dist.backward_passes_per_step); lower train.batch_size"
+        )
+    transform_gen = torch.Generator().manual_seed(t.seed * 1009 + engine.rank)
+    train_tf = VideoTransform(train=True, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
+                              mean=d.mean, std=d.std, generator=transform_gen)
+    val_tf = VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std)
+
+    # ---- model, optimizer, schedule
+    torch.manual_seed(t.seed)  # same initial weights everywhere (rank 0's are broadcast anyway)
+    model = create_model(recipe.model, d.num_segments).to(device)
+    optimizer = engine.wrap_optimizer(create_optimizer(model, recipe.optim), model,
+                                      fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
+    s = recipe.schedule
+    schedule = LRSchedule(derived["lr"], steps_per_epoch, s.epochs, s.warmup_epochs,
+                          s.warmup_start_lr if s.warmup_start_lr is not None else recipe.optim.base_lr,
+                          s.decay, s.milestones, s.gamma)
+    step, epoch, micro_done, last_eval = 0, 0, 0, {}
+    torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
+    if resume:
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            raise TrainingError(f"--resume: no checkpoint in {run_dir}")
+        state = ckpt.load_checkpoint(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, micro_done = state["step"], state["epoch"], state["micro"]
+        last_eval = state.get("eval", {})
+        if state["world_size"] == engine.size:
+            ckpt.set_rng_state(state["rng"][engine.rank], transform_gen)
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: random streams restart",
+                        state["world_size"], engine.size)
+        log.info("resuming from %s at step %d (epoch %d)", path, step, epoch)
+    engine.broadcast_state(model, optimizer)
+
+    metrics = _Metrics(run_dir / "metrics.jsonl" if rank0 else None)
+    if rank0:
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        log.info("run %s: %s, %d ranks (%s), device %s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
+                 run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device,
+                 derived["global_batch"], derived["lr"], steps_per_epoch, s.epochs)
+
+    total_steps = steps_per_epoch * s.epochs
+    stop_at = min(total_steps, t.stop_after_steps or total_steps)
+    bar = _progress(rank0, total_steps, step)
+
+    with bar or nullcontext():
+        while epoch < s.epochs and step < stop_at:
+            train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)
+            loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
+                                  pin_memory=device.type == "cuda")
+            model.train()
+            # per logging interval: loss sum, clips, correct, failed videos, data wait s, elapsed s
+            acc = torch.zeros(6, dtype=torch.float64)
+            t_last = time.perf_counter()
+            t_ready = t_last
+            for batch in loader:
+                t_got = time.perf_counter()
+                acc[4] += t_got - t_ready
+                for failed in batch["failed"]:
+                    log.warning("skipped unreadable video: %s", failed)
+                acc[3] += len(batch["failed"])
+                x = train_tf(batch["frames"].to(device, non_blocking=True))
+                y = batch["label"].to(device, non_blocking=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                (loss / bpps).backward()
+                acc[0] += loss.item() * len(y)
+                acc[1] += len(y)
+                acc[2] += (logits.argmax(1) == y).sum().item()
+                micro_done += 1
+                if micro_done % bpps == 0:
+                    lr = schedule.apply(optimizer, step)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    if step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps:
+                        now = time.perf_counter()
+                        acc[5] = now - t_last
+                        tot = engine.allreduce(acc, average=False)
+                        clips_per_s = tot[1].item() / max(acc[5].item(), 1e-9)
+                        record = dict(epoch=epoch, step=step, loss=tot[0].item() / tot[1].item(), lr=lr,
+                                      train_top1=100 * tot[2].item() / tot[1].item(), clips_per_s=clips_per_s,
+                                      clips_per_s_per_rank=clips_per_s / engine.size,
+                                      data_wait_fraction=tot[4].item() / max(tot[5].item(), 1e-9),
+                                      skipped_videos=int(tot[3].item()))
+                        metrics.write(**record)
+                        if bar is not None:
+                            bar.update(bar.task_ids[0], completed=step, epoch=epoch, speed=clips_per_s, loss=record["loss"])
+                        elif rank0:
+                            eta = (stop_at - step) * acc[5].item() / max(1, step % t.log_every or t.log_every)
+                            log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f clips/s data wait %.0f%% eta %.0fs",
+                                     epoch, step, total_steps, record["loss"], lr, clips_per_s,
+                                     100 * record["data_wait_fraction"], eta)
+                        acc.zero_()
+                        t_last = time.perf_counter()
+                    if step >= stop_at or micro_done == steps_per_epoch * bpps:
+                        break
+                t_ready = time.perf_counter()
+            epoch_done = micro_done == steps_per_epoch * bpps
+            if epoch_done:
+                epoch, micro_done = epoch + 1, 0
+            last = epoch == s.epochs
+            if epoch_done and val_records and (epoch % t.eval_every == 0 or last):
+                last_eval = evaluate(model, val_records, recipe, engine, device, val_tf)
+                metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in last_eval.items()})
+                log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)",
+                         epoch - 1, last_eval["top1"], last_eval["top5"], last_eval["loss"], last_eval["clips"])
+            if (epoch_done and (epoch % t.checkpoint_every == 0 or last)) or step >= stop_at:
+                _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval)
+    return RunResult(step, epoch, last_eval, model, engine.rank)
+
+
+def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, recipe, last_eval) -> None:
+    rngs = engine.allgather_object(ckpt.rng_state(transform_gen))  # every rank's streams
+    if engine.rank == 0:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+            "micro": micro, "world_size": engine.size, "rng": rngs, "eval": last_eval,
+            "recipe": recipe.model_dump(mode="json"),
+        }
+        path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
+        log.info("checkpoint %s", path)
+
+
+@torch.no_grad()
+def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform) -> dict:
+    """Top-1, top-5 (percent) and mean cross-entropy loss on a list of videos, over all ranks.
+
+    Each rank evaluates its own shard (segment centres, centre crop); sums are allreduced, so
+    every video counts once whatever the number of ranks.
+    """
+    d = recipe.data
+    dataset = VideoClipDataset(records, d.num_segments, train=False, decoder=d.decoder, frame_size=d.frame_size,
+                               max_retries=d.max_retries, seed=recipe.train.seed)
+    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
+    loader = build_loader(dataset, sampler, recipe.train.batch_size, d.workers, drop_last=False)
+    model.eval()
+    k = min(5, recipe.model.num_classes)
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, clips, failed
+    for batch in loader:
+        for failed in batch["failed"]:
+            log.warning("skipped unreadable video: %s", failed)
+        logits = model(transform(batch["frames"].to(device)))
+        y = batch["label"].to(device)
+        top = logits.topk(k, dim=1).indices
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums[1] += (top[:, 0] == y).sum().item()
+        sums[2] += (top == y[:, None]).any(1).sum().item()
+        sums[3] += len(y)
+        sums[4] += len(batch["failed"])
+    model.train()
+    tot = engine.allreduce(sums, average=False)
+    n = max(tot[3].item(), 1)
+    return {"top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "loss": tot[0].item() / n,
+            "clips": int(tot[3].item()), "skipped_videos": int(tot[4].item())}
