@@ -110,7 +110,10 @@ class HorovodEngine(Engine):
         # hvd.broadcast_optimizer_state would first take a dummy step on an empty state, which
         # applies weight decay and seeds the momentum buffers; sending rank 0's state_dict
         # keeps a fresh optimizer fresh and a resumed one exact.
-        state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None, root_rank=0)
+        # (the name must be given: by default Horovod names the collective after the object's
+        # type, which differs between rank 0 and the others and deadlocks)
+        state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None, root_rank=0,
+                                          name="optimizer_state")
         if self.rank != 0:
             optimizer.load_state_dict(state)
 

@@ -90,7 +90,7 @@ class ScheduleConfig(_Section):
     epochs: int = Field(50, ge=1, description="training epochs")
     warmup_epochs: float = Field(0.0, ge=0, description="gradual linear warmup length in epochs (Goyal et al. 2017)")
     warmup_start_lr: float | None = Field(
-        None, ge=0, description="learning rate at step 0 of warmup; none: base_lr (the small-batch rate)"
+        None, ge=0, description="learning rate at step 0 of warmup; none: base_lr or the scaled rate if lower"
     )
     decay: Literal["cosine", "step", "none"] = Field("cosine", description="decay after warmup")
     milestones: list[int] = Field([], description="step decay: epochs at which the rate is multiplied by gamma")

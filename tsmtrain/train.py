@@ -178,7 +178,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                                       fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
     s = recipe.schedule
     schedule = LRSchedule(derived["lr"], steps_per_epoch, s.epochs, s.warmup_epochs,
-                          s.warmup_start_lr if s.warmup_start_lr is not None else recipe.optim.base_lr,
+                          s.warmup_start_lr if s.warmup_start_lr is not None else min(recipe.optim.base_lr, derived["lr"]),
                           s.decay, s.milestones, s.gamma)
     step, epoch, micro_done, last_eval = 0, 0, 0, {}
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
@@ -238,7 +238,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                 if micro_done % bpps == 0:
                     lr = schedule.apply(optimizer, step)
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
                     step += 1
                     if step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps:
                         now = time.perf_counter()

@@ -1,0 +1,99 @@
+"""End-to-end runs of the training loop on the tiny embedded dataset (single process)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.recipe import load_recipe
+from tsmtrain.train import TrainingError, train
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_recipe(tmp_path, root, name, **overrides):
+    doc = {
+        "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
+                 "num_segments": 4, "input_size": 32, "flip": False, "workers": 0},
+        "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.5},
+        "optim": {"name": "lars", "base_lr": 0.1, "base_batch": 4, "trust_coefficient": 0.01},
+        "schedule": {"epochs": 2, "warmup_epochs": 1, "decay": "cosine"},
+        "dist": {"engine": "none"},
+        "train": {"batch_size": 4, "log_every": 1, "seed": 1},
+        "run": {"name": name, "dir": str(tmp_path / "runs")},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_recipe(path, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_run_directory(tmp_path, tiny_demo):
+    result = train(tiny_recipe(tmp_path, tiny_demo, "full"))
+    run_dir = tmp_path / "runs" / "full"
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert result.step == 12 and len(steps) == 12  # 24 clips / 4 per step x 2 epochs
+    for key in ("epoch", "step", "loss", "lr", "clips_per_s", "data_wait_fraction", "skipped_videos"):
+        assert key in steps[0]
+    assert 0 <= steps[0]["data_wait_fraction"] <= 1 and steps[0]["clips_per_s"] > 0
+    evals = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    assert [r["epoch"] for r in evals] == [0, 1] and evals[-1]["val_clips"] == 8
+    assert result.eval["clips"] == 8 and 0 <= result.eval["top1"] <= 100
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["arch"] == "resnet18"
+    assert "validation" in (run_dir / "train.log").read_text()
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    assert state["step"] == 12 and state["epoch"] == 2
+    assert not list(run_dir.glob(".checkpoint-*"))  # no temporary file left behind
+    # warmup over the first epoch: lr rises every step from base_lr to the peak
+    lrs = [r["lr"] for r in steps]
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] > lrs[0] and max(lrs) <= 0.1 + 1e-12
+
+
+def test_resume_continues_exactly(tmp_path, tiny_demo):
+    full = train(tiny_recipe(tmp_path, tiny_demo, "ref"))
+    part = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"train.stop_after_steps": 3}))
+    assert part.step == 3
+    state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "cut"))
+    assert (state["step"], state["epoch"], state["micro"]) == (3, 0, 3)
+    resumed = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"data.workers": 1}), resume=True)
+    assert resumed.step == full.step
+    ref = read_metrics(tmp_path / "runs" / "ref")
+    cut = read_metrics(tmp_path / "runs" / "cut")
+    ref_steps = {r["step"]: r for r in ref if "loss" in r}
+    after = [r for r in cut if "loss" in r][3:]
+    assert after[0]["step"] == 4  # step N+1 after N
+    for r in after:
+        assert r["lr"] == pytest.approx(ref_steps[r["step"]]["lr"], rel=1e-12)
+        assert r["loss"] == pytest.approx(ref_steps[r["step"]]["loss"], rel=1e-5)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_bad_videos_are_skipped_and_counted(tmp_path, tiny_demo):
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
+    lines = tiny_demo.joinpath("train.txt").read_text()
+    listing = tmp_path / "train.txt"
+    listing.write_text(f"{tmp_path / 'corrupt.mp4'} 0\n{tmp_path / 'absent.mp4'} 1\n" + lines)
+    cfg = tiny_recipe(tmp_path, tiny_demo, "bad", **{"data.train_list": str(listing), "schedule.epochs": 1,
+                                                      "schedule.warmup_epochs": 0})
+    result = train(cfg)
+    assert result.step == 26 // 4
+    skipped = sum(r["skipped_videos"] for r in read_metrics(tmp_path / "runs" / "bad") if "loss" in r)
+    assert skipped >= 2
+    log = (tmp_path / "runs" / "bad" / "train.log").read_text()
+    assert "corrupt.mp4" in log and "absent.mp4" in log
+
+
+def test_dataset_smaller_than_a_batch(tmp_path, tiny_demo):
+    with pytest.raises(TrainingError, match="no full global batch"):
+        train(tiny_recipe(tmp_path, tiny_demo, "big", **{"train.batch_size": 64}))
+
+
+def test_resume_without_checkpoint(tmp_path, tiny_demo):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(tiny_recipe(tmp_path, tiny_demo, "fresh"), resume=True)
