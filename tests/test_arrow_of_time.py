@@ -1,4 +1,3 @@
-import importlib.util
 import subprocess
 import sys
 
@@ -8,9 +7,7 @@ import pytest
 
 from tests.conftest import REPO, SHARED_CLIPS
 
-spec = importlib.util.spec_from_file_location("make_arrow_of_time", REPO / "scripts" / "make_arrow_of_time.py")
-arrow = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(arrow)
+from tsmtrain import arrow
 
 needs_clips = pytest.mark.skipif(not SHARED_CLIPS.is_dir(), reason=f"real clips folder {SHARED_CLIPS} is absent")
 

@@ -65,6 +65,13 @@ def test_missing_files_all_reported(tmp_path):
     assert keys == {"data.val_list", "model.pretrained"}
 
 
+def test_generated_dataset_needs_no_list_but_its_source(tmp_path):
+    path = write(tmp_path, {"data": {"train_list": "later.txt", "generate": "arrow_of_time", "source": "no/clips"}})
+    (p,) = problems(path)
+    assert p.key == "data.source" and "no/clips" in str(p)
+    load_recipe(write(tmp_path, {"data": {"train_list": "later.txt", "generate": "demo"}}, "demo.yaml"))
+
+
 def test_impossible_combinations(tmp_path):
     path = write(tmp_path, {"schedule": {"epochs": 5, "warmup_epochs": 6, "decay": "step"},
                             "dist": {"engine": "none", "np": 2}})

@@ -41,9 +41,10 @@ class DataConfig(_Section):
     root: str = Field(".", description="folder that the paths in the list files are relative to")
     train_list: str = Field(..., description="training list file: one `relative/path.ext label` per line")
     val_list: str | None = Field(None, description="validation list file (same format); none: no evaluation")
-    generate: Literal["demo"] | None = Field(
-        None, description="generate this embedded dataset into `root` on first use (demo: order-only classes)"
+    generate: Literal["demo", "arrow_of_time"] | None = Field(
+        None, description="build this dataset into `root` on first use: demo (rendered) or arrow_of_time (from `source`)"
     )
+    source: str = Field("../shared/clips", description="folder of the real clips that generate: arrow_of_time cuts")
     decoder: Literal["decord", "torchcodec"] = Field("decord", description="video decoding library")
     num_segments: int = Field(8, ge=1, description="T: segments per clip, one frame sampled from each (TSN)")
     frame_size: tuple[int, int] | None = Field(
@@ -359,6 +360,8 @@ def _check_files(recipe: Recipe, file: str, lines: dict[str, int], overridden: s
         problems.append(Problem(src, key, value, f"{what} not found", lines.get(key) if src == file else None))
 
     d = recipe.data
+    if d.generate == "arrow_of_time" and not Path(d.source).is_dir():
+        missing("data.source", d.source, "clips folder")
     if d.generate is None:
         if not Path(d.root).is_dir():
             missing("data.root", d.root, "folder")

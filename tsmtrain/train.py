@@ -145,12 +145,17 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     derived = derived_values(recipe, engine.size)
 
     # ---- data
-    if d.generate == "demo":
+    if d.generate is not None:
         if rank0:
-            from .synthetic import generate_demo_dataset
+            log.info("preparing the %s dataset in %s", d.generate, d.root)
+            if d.generate == "demo":
+                from .synthetic import generate_demo_dataset
 
-            log.info("preparing the embedded demo dataset in %s", d.root)
-            generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+                generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+            else:
+                from .arrow import build_arrow_of_time
+
+                build_arrow_of_time(d.source, d.root)
         engine.barrier()
     train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []

