@@ -18,7 +18,7 @@ def tiny_recipe(tmp_path, root, name, **overrides):
         "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
                  "num_segments": 4, "input_size": 32, "flip": False, "workers": 0},
         "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.5},
-        "optim": {"name": "lars", "base_lr": 0.1, "base_batch": 4, "trust_coefficient": 0.01},
+        "optim": {"name": "lars", "base_lr": 0.1, "base_batch": 2, "trust_coefficient": 0.01},
         "schedule": {"epochs": 2, "warmup_epochs": 1, "decay": "cosine"},
         "dist": {"engine": "none"},
         "train": {"batch_size": 4, "log_every": 1, "seed": 1},
@@ -49,9 +49,10 @@ def test_run_writes_run_directory(tmp_path, tiny_demo):
     state = load_checkpoint(latest_checkpoint(run_dir))
     assert state["step"] == 12 and state["epoch"] == 2
     assert not list(run_dir.glob(".checkpoint-*"))  # no temporary file left behind
-    # warmup over the first epoch: lr rises every step from base_lr to the peak
+    # linear scaling: peak 0.1 * 4 / 2; warmup over the first epoch rises every step from base_lr
     lrs = [r["lr"] for r in steps]
-    assert lrs[0] == pytest.approx(0.1) and lrs[1] > lrs[0] and max(lrs) <= 0.1 + 1e-12
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.1 + 0.1 / 6)
+    assert max(lrs) == pytest.approx(0.2) and lrs[-1] < 0.02
 
 
 def test_resume_continues_exactly(tmp_path, tiny_demo):

@@ -59,6 +59,14 @@ class Engine:
         """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
         return values.clone()
 
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running mean and variance) over all ranks.
+
+        Each rank's BatchNorm statistics come from its own shard; averaging them before
+        evaluation and checkpointing makes every rank hold the same model (as timm's
+        ``distribute_bn(reduce=True)``).
+        """
+
     def allgather_object(self, obj: Any) -> list[Any]:
         """Gather one picklable object from every rank, in rank order."""
         return [obj]
@@ -120,6 +128,12 @@ class HorovodEngine(Engine):
     def allreduce(self, values, average=True):
         op = self.hvd.Average if average else self.hvd.Sum
         return self.hvd.allreduce(values, op=op, name=None)
+
+    @torch.no_grad()
+    def average_buffers(self, model):
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(self.hvd.allreduce(buf, op=self.hvd.Average, name=f"buffer.{name}"))
 
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj)

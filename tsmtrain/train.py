@@ -272,6 +272,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             if epoch_done:
                 epoch, micro_done = epoch + 1, 0
             last = epoch == s.epochs
+            if epoch_done or step >= stop_at:
+                engine.average_buffers(model)  # one model on every rank for evaluation and checkpoint
             if epoch_done and val_records and (epoch % t.eval_every == 0 or last):
                 last_eval = evaluate(model, val_records, recipe, engine, device, val_tf)
                 metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in last_eval.items()})
