@@ -107,7 +107,3 @@ def model_info(
     table.add_row("multiply-adds per clip", f"{macs / 1e9:.2f} G")
     table.add_row("multiply-adds per frame", f"{macs / cfg.data.num_segments / 1e9:.3f} G")
     Console().print(table)
-
-
-def main() -> None:  # pragma: no cover - console entry point alias
-    app()
