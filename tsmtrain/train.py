@@ -44,11 +44,23 @@ class TrainingError(RuntimeError):
     """A run cannot proceed for a reason the user can fix (named in the message)."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, so rich's progress bar can redirect it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(rank: int, run_dir: Path) -> None:
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO)
-    console = logging.StreamHandler(sys.stderr)
+    console = _StderrHandler()
     console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.addHandler(console)
