@@ -74,7 +74,10 @@ def _setup_logging(rank: int, run_dir: Path) -> None:
 def _choose_engine(recipe: Recipe) -> Engine:
     if recipe.dist.engine == "horovod" and not launched_by_launcher():
         return LocalEngine()  # one process started by hand: nothing to allreduce
-    return create_engine(recipe.dist.engine)
+    try:
+        return create_engine(recipe.dist.engine)
+    except ImportError as err:
+        raise TrainingError(f"dist.engine: {recipe.dist.engine}: cannot import it ({err}); run make setup") from None
 
 
 def _choose_device(setting: str, local_rank: int) -> torch.device:
