@@ -54,6 +54,11 @@ def test_close_typo_gets_a_suggestion(tmp_path):
     assert "did you mean 'shift_div'" in p.message
 
 
+def test_schema_and_file_problems_reported_together(tmp_path):
+    path = write(tmp_path, {"data": {"val_list": "nope.txt"}, "train": {"bach_size": 4}})
+    assert {p.key for p in problems(path)} == {"data.val_list", "train.bach_size"}
+
+
 def test_wrong_type_and_range(tmp_path):
     found = problems(write(tmp_path, {"train": {"batch_size": "eight"}, "model": {"shift_div": 1}}))
     assert {p.key for p in found} == {"train.batch_size", "model.shift_div"}

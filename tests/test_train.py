@@ -98,3 +98,18 @@ def test_dataset_smaller_than_a_batch(tmp_path, tiny_demo):
 def test_resume_without_checkpoint(tmp_path, tiny_demo):
     with pytest.raises(TrainingError, match="no checkpoint"):
         train(tiny_recipe(tmp_path, tiny_demo, "fresh"), resume=True)
+
+
+def test_cli_run_reports_malformed_list_with_line(tmp_path):
+    import subprocess
+    import sys
+
+    listing = tmp_path / "train.txt"
+    listing.write_text("a.mp4 0\nb.mp4 zero\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "train_list": str(listing)},
+                                      "model": {"num_classes": 2}, "dist": {"engine": "none"},
+                                      "run": {"dir": str(tmp_path / "runs")}}))
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{listing}:2" in proc.stderr and "Traceback" not in proc.stderr

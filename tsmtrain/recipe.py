@@ -341,36 +341,47 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
     overrides = list(overrides or [])
     problems = apply_overrides(doc, overrides)
     overridden = {o.partition("=")[0].strip() for o in overrides}
+    if check_files:
+        problems += _check_files(doc, file, lines, overridden)
     try:
         recipe = Recipe.model_validate(doc)
     except ValidationError as err:
         raise RecipeError(problems + _from_validation_error(err, file, lines, overridden)) from None
-    if check_files:
-        problems += _check_files(recipe, file, lines, overridden)
     if problems:
         raise RecipeError(problems)
     return recipe
 
 
-def _check_files(recipe: Recipe, file: str, lines: dict[str, int], overridden: set[str]) -> list[Problem]:
+def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: set[str]) -> list[Problem]:
+    """Missing files and folders the recipe names. Works on the raw document, so that it can
+    run even when the schema found problems (every problem is reported in one go)."""
     problems = []
+
+    def get(key: str) -> Any:
+        node: Any = doc
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            section, name = key.split(".")
+            field = Recipe.model_fields[section].annotation.model_fields[name]
+            node = None if field.is_required() else field.default
+        return node if isinstance(node, str) else None
 
     def missing(key: str, value: str, what: str) -> None:
         src = "--set" if key in overridden else file
         problems.append(Problem(src, key, value, f"{what} not found", lines.get(key) if src == file else None))
 
-    d = recipe.data
-    if d.generate == "arrow_of_time" and not Path(d.source).is_dir():
-        missing("data.source", d.source, "clips folder")
-    if d.generate is None:
-        if not Path(d.root).is_dir():
-            missing("data.root", d.root, "folder")
-        for key in ("train_list", "val_list"):
-            value = getattr(d, key)
-            if value is not None and not Path(value).is_file():
-                missing(f"data.{key}", value, "list file")
-    if recipe.model.pretrained and not Path(recipe.model.pretrained).is_file():
-        missing("model.pretrained", recipe.model.pretrained, "checkpoint file")
+    generate = get("data.generate")
+    if generate == "arrow_of_time" and not Path(get("data.source")).is_dir():
+        missing("data.source", get("data.source"), "clips folder")
+    if generate is None:
+        if not Path(get("data.root")).is_dir():
+            missing("data.root", get("data.root"), "folder")
+        for key in ("data.train_list", "data.val_list"):
+            if get(key) is not None and not Path(get(key)).is_file():
+                missing(key, get(key), "list file")
+    if get("model.pretrained") and not Path(get("model.pretrained")).is_file():
+        missing("model.pretrained", get("model.pretrained"), "checkpoint file")
     return problems
 
 
