@@ -179,8 +179,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     train_set = VideoClipDataset(train_records, train=True, **common)
     train_sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
     bpps = recipe.dist.backward_passes_per_step
-    micro_per_step = bpps
-    steps_per_epoch = len(train_sampler.shard()) // t.batch_size // micro_per_step
+    steps_per_epoch = len(train_sampler.shard()) // t.batch_size // bpps
     if steps_per_epoch < 1:
         raise TrainingError(
             f"{d.train_list}: {len(train_set)} videos give no full global batch of {derived['global_batch']} clips "
@@ -236,8 +235,11 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
                                   pin_memory=device.type == "cuda")
             model.train()
-            # per logging interval: loss sum, clips, correct, failed videos, data wait s, elapsed s
+            # per logging interval: loss sum, clips, correct, failed videos, data wait s, elapsed s;
+            # loss and correct accumulate on the device so that no step waits for a .item()
             acc = torch.zeros(6, dtype=torch.float64)
+            on_device = torch.zeros(2, dtype=torch.float64, device=device)
+            interval_steps = 0
             t_last = time.perf_counter()
             t_ready = t_last
             for batch in loader:
@@ -251,18 +253,19 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 (loss / bpps).backward()
-                acc[0] += loss.item() * len(y)
+                on_device[0] += loss.detach() * len(y)
+                on_device[1] += (logits.argmax(1) == y).sum()
                 acc[1] += len(y)
-                acc[2] += (logits.argmax(1) == y).sum().item()
                 micro_done += 1
                 if micro_done % bpps == 0:
                     lr = schedule.apply(optimizer, step)
                     optimizer.step()
                     optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
                     step += 1
+                    interval_steps += 1
                     if step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps:
-                        now = time.perf_counter()
-                        acc[5] = now - t_last
+                        acc[0], acc[2] = on_device.tolist()
+                        acc[5] = time.perf_counter() - t_last
                         tot = engine.allreduce(acc, average=False)
                         clips_per_s = tot[1].item() / max(acc[5].item(), 1e-9)
                         record = dict(epoch=epoch, step=step, loss=tot[0].item() / tot[1].item(), lr=lr,
@@ -274,16 +277,20 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                         if bar is not None:
                             bar.update(bar.task_ids[0], completed=step, epoch=epoch, speed=clips_per_s, loss=record["loss"])
                         elif rank0:
-                            eta = (stop_at - step) * acc[5].item() / max(1, step % t.log_every or t.log_every)
+                            eta = (stop_at - step) * acc[5].item() / interval_steps
                             log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f clips/s data wait %.0f%% eta %.0fs",
                                      epoch, step, total_steps, record["loss"], lr, clips_per_s,
                                      100 * record["data_wait_fraction"], eta)
                         acc.zero_()
+                        on_device.zero_()
+                        interval_steps = 0
                         t_last = time.perf_counter()
                     if step >= stop_at or micro_done == steps_per_epoch * bpps:
                         break
                 t_ready = time.perf_counter()
             epoch_done = micro_done == steps_per_epoch * bpps
+            if not epoch_done and step < stop_at:  # cannot happen unless the sampler is wrong
+                raise RuntimeError(f"the loader ended after {micro_done} of {steps_per_epoch * bpps} batches")
             if epoch_done:
                 epoch, micro_done = epoch + 1, 0
             last = epoch == s.epochs
