@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "data" / "arrow_of_time"), help="output folder")
     parser.add_argument("--window", type=float, default=2.0, help="window length in seconds")
     parser.add_argument("--short-side", type=int, default=128, help="short side of the written videos, pixels")
-    parser.add_argument("--val-sources", type=int, default=3, help="sources held out for validation")
+    parser.add_argument("--val-sources", type=int, default=3, help="footage groups held out for validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     args = parser.parse_args(argv)
     try:
         train, val = build_arrow_of_time(args.clips, args.out, args.window, args.short_side, args.val_sources, args.seed)
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     n_train, n_val = (len(p.read_text().splitlines()) for p in (train, val))

