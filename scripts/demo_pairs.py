@@ -15,13 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.data import ShardSampler, VideoClipDataset, build_loader, read_list
+from tsmtrain.data import read_list
+from tsmtrain.engine import LocalEngine
 from tsmtrain.model import create_model
 from tsmtrain.recipe import Recipe
+from tsmtrain.train import predict
 from tsmtrain.transforms import VideoTransform
 
 
-@torch.no_grad()
 def confusion(run_dir: Path) -> torch.Tensor:
     """``(K, K)`` counts, rows = true class, columns = predicted, on the run's validation list."""
     path = latest_checkpoint(run_dir)
@@ -29,19 +30,13 @@ def confusion(run_dir: Path) -> torch.Tensor:
         raise SystemExit(f"error: no checkpoint in {run_dir}")
     state = load_checkpoint(path)
     recipe = Recipe.model_validate(state["recipe"])
-    d = recipe.data
+    d, k = recipe.data, recipe.model.num_classes
     model = create_model(recipe.model, d.num_segments)
     model.load_state_dict(state["model"])
-    model.eval()
-    records = read_list(d.val_list, d.root, recipe.model.num_classes)
-    dataset = VideoClipDataset(records, d.num_segments, train=False, decoder=d.decoder, frame_size=d.frame_size)
-    loader = build_loader(dataset, ShardSampler(len(dataset), shuffle=False, pad=False), 32, d.workers, False)
     transform = VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std)
-    k = recipe.model.num_classes
     counts = torch.zeros(k, k, dtype=torch.int64)
-    for batch in loader:
-        pred = model(transform(batch["frames"])).argmax(1)
-        counts += torch.bincount(batch["label"] * k + pred, minlength=k * k).view(k, k)
+    for logits, y, _ in predict(model, read_list(d.val_list, d.root, k), recipe, LocalEngine(), "cpu", transform):
+        counts += torch.bincount(y * k + logits.argmax(1), minlength=k * k).view(k, k)
     return counts
 
 

@@ -15,7 +15,6 @@ ranks start identical.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import torch
@@ -70,10 +69,6 @@ class Engine:
     def allgather_object(self, obj: Any) -> list[Any]:
         """Gather one picklable object from every rank, in rank order."""
         return [obj]
-
-    def hosts(self) -> list[str]:
-        """Host name of every rank, in rank order."""
-        return self.allgather_object(socket.gethostname())
 
     def barrier(self) -> None:
         """Wait for every rank."""

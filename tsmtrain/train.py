@@ -35,7 +35,7 @@ from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values
 from .transforms import VideoTransform
 
-__all__ = ["train", "evaluate", "TrainingError", "RunResult"]
+__all__ = ["train", "evaluate", "predict", "clip_dataset", "TrainingError", "RunResult"]
 
 log = logging.getLogger("tsmtrain")
 
@@ -174,9 +174,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         engine.barrier()
     train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
-    common = dict(num_segments=d.num_segments, decoder=d.decoder, frame_size=d.frame_size,
-                  max_retries=d.max_retries, seed=t.seed)
-    train_set = VideoClipDataset(train_records, train=True, **common)
+    train_set = clip_dataset(recipe, train_records, train=True)
     train_sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
     bpps = recipe.dist.backward_passes_per_step
     steps_per_epoch = len(train_sampler.shard()) // t.batch_size // bpps
@@ -318,33 +316,47 @@ def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, 
         log.info("checkpoint %s", path)
 
 
+def clip_dataset(recipe: Recipe, records, train: bool) -> VideoClipDataset:
+    """The clip dataset a recipe's ``data`` section describes, for training or evaluation."""
+    d = recipe.data
+    return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
+                            max_retries=d.max_retries, seed=recipe.train.seed)
+
+
 @torch.no_grad()
+def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
+    """Run ``model`` in evaluation mode over this rank's shard of ``records``.
+
+    Yields ``(logits (N, K), labels (N,), failed paths)`` per batch, on ``device``; videos are
+    sampled at segment centres and centre-cropped by ``transform``.
+    """
+    dataset = clip_dataset(recipe, records, train=False)
+    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
+    loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False)
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        yield model(transform(batch["frames"].to(device))), batch["label"].to(device), batch["failed"]
+    model.train(was_training)
+
+
 def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform) -> dict:
     """Top-1, top-5 (percent) and mean cross-entropy loss on a list of videos, over all ranks.
 
-    Each rank evaluates its own shard (segment centres, centre crop); sums are allreduced, so
-    every video counts once whatever the number of ranks.
+    Each rank evaluates its own shard (:func:`predict`); sums are allreduced, so every video
+    counts once whatever the number of ranks.
     """
-    d = recipe.data
-    dataset = VideoClipDataset(records, d.num_segments, train=False, decoder=d.decoder, frame_size=d.frame_size,
-                               max_retries=d.max_retries, seed=recipe.train.seed)
-    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
-    loader = build_loader(dataset, sampler, recipe.train.batch_size, d.workers, drop_last=False)
-    model.eval()
     k = min(5, recipe.model.num_classes)
     sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, clips, failed
-    for batch in loader:
-        for failed in batch["failed"]:
-            log.warning("skipped unreadable video: %s", failed)
-        logits = model(transform(batch["frames"].to(device)))
-        y = batch["label"].to(device)
+    for logits, y, failed in predict(model, records, recipe, engine, device, transform):
+        for path in failed:
+            log.warning("skipped unreadable video: %s", path)
         top = logits.topk(k, dim=1).indices
         sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
         sums[1] += (top[:, 0] == y).sum().item()
         sums[2] += (top == y[:, None]).any(1).sum().item()
         sums[3] += len(y)
-        sums[4] += len(batch["failed"])
-    model.train()
+        sums[4] += len(failed)
     tot = engine.allreduce(sums, average=False)
     n = max(tot[3].item(), 1)
     return {"top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "loss": tot[0].item() / n,
