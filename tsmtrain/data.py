@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,13 @@ def collate_clips(items: list[dict]) -> dict:
     }
 
 
+def _ignore_stop_signal(worker_id: int) -> None:
+    # Slurm signals every process of a job step, loader workers included; the stop request is
+    # the training process's business (tsmtrain.train), and SIGUSR2's default action would kill
+    # the worker.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,
                  drop_last: bool, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.
@@ -236,4 +244,5 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator(),
+        worker_init_fn=_ignore_stop_signal,
     )

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Engine", "LocalEngine", "HorovodEngine", "create_engine", "launched_by_launcher"]
+__all__ = ["Engine", "LocalEngine", "HorovodEngine", "create_engine", "launched_by_launcher", "describe_rank"]
 
 LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -58,6 +58,17 @@ class Engine:
         """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
         return values.clone()
 
+    def allreduce_async(self, values: torch.Tensor, name: str) -> Any:
+        """Start summing a small float64 tensor over all ranks; :meth:`synchronize` gives the
+        result. Horovod runs it in its background thread, fused with the gradient allreduces of
+        the same step, so waiting for it at the end of the step costs nothing extra. Every rank
+        must start the same ``name`` in the same order, and finish it before starting it again."""
+        return values.clone()
+
+    def synchronize(self, handle: Any) -> torch.Tensor:
+        """The sum started by :meth:`allreduce_async`."""
+        return handle
+
     def average_buffers(self, model: nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running mean and variance) over all ranks.
 
@@ -66,8 +77,9 @@ class Engine:
         ``distribute_bn(reduce=True)``).
         """
 
-    def allgather_object(self, obj: Any) -> list[Any]:
-        """Gather one picklable object from every rank, in rank order."""
+    def allgather_object(self, obj: Any, name: str = "object") -> list[Any]:
+        """Gather one picklable object from every rank, in rank order. ``name`` must be the same
+        on every rank (Horovod matches collectives by name)."""
         return [obj]
 
     def barrier(self) -> None:
@@ -124,20 +136,44 @@ class HorovodEngine(Engine):
         op = self.hvd.Average if average else self.hvd.Sum
         return self.hvd.allreduce(values, op=op, name=None)
 
+    def allreduce_async(self, values, name):
+        return self.hvd.allreduce_async(values, op=self.hvd.Sum, name=name)
+
+    def synchronize(self, handle):
+        return self.hvd.synchronize(handle)
+
     @torch.no_grad()
     def average_buffers(self, model):
         for name, buf in model.named_buffers():
             if buf.is_floating_point():
                 buf.copy_(self.hvd.allreduce(buf, op=self.hvd.Average, name=f"buffer.{name}"))
 
-    def allgather_object(self, obj):
-        return self.hvd.allgather_object(obj)
+    def allgather_object(self, obj, name="object"):
+        return self.hvd.allgather_object(obj, name=name)
 
     def barrier(self):
         self.hvd.barrier()
 
     def shutdown(self):
         self.hvd.shutdown()
+
+
+def describe_rank(engine: Engine) -> dict[str, Any]:
+    """What this process sees of the job: rank, local rank, world size, host, engine, devices,
+    and the launcher's own variables (``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``, ...)."""
+    import socket
+
+    env_keys = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID",
+                "SLURM_CPUS_PER_TASK", "SLURM_RESTART_COUNT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+                "PMIX_RANK", "HOROVOD_RANK", "CUDA_VISIBLE_DEVICES")
+    cuda = torch.cuda.is_available()
+    return {
+        "rank": engine.rank, "local_rank": engine.local_rank, "size": engine.size, "local_size": engine.local_size,
+        "host": socket.gethostname(), "pid": os.getpid(), "engine": engine.name,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "launcher_env": {k: os.environ[k] for k in env_keys if k in os.environ},
+    }
 
 
 def create_engine(name: str) -> Engine:

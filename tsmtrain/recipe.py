@@ -1,7 +1,7 @@
 """Recipes: one YAML file that says everything about a training run.
 
-A recipe has seven sections (``data``, ``model``, ``optim``, ``schedule``, ``dist``, ``train``,
-``run``), each a pydantic model below. Every field has a type, a default where one makes sense
+A recipe has eight sections (``data``, ``model``, ``optim``, ``schedule``, ``dist``, ``train``,
+``run``, ``cluster``), each a pydantic model below. Every field has a type, a default where one makes sense
 and a one-line description (``tsmtrain validate`` prints them resolved). Unknown keys are errors,
 so a misspelt key never silently falls back to a default.
 
@@ -14,12 +14,13 @@ offending value. The CLI prints them one per line and exits with status 2.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "Recipe",
@@ -28,6 +29,8 @@ __all__ = [
     "load_recipe",
     "apply_overrides",
     "derived_values",
+    "with_absolute_paths",
+    "dump_recipe",
 ]
 
 
@@ -131,6 +134,100 @@ class RunConfig(_Section):
     dir: str = Field("runs", description="folder holding run directories")
 
 
+_TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
+_MEMORY = re.compile(r"^\d+[KMGT]?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _one_line(value: str | None, what: str) -> str | None:
+    if value is not None and ("\n" in value or "\r" in value or "\0" in value):
+        raise ValueError(f"{what} must be one line (a line break would end the #SBATCH line)")
+    return value
+
+
+class ClusterConfig(_Section):
+    """The Slurm job that ``tsmtrain render`` / ``tsmtrain submit`` write (ignored by ``tsmtrain run``)."""
+
+    nodes: int = Field(1, ge=1, description="nodes (sbatch --nodes)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (sbatch --gpus-per-node); 0: a CPU-only job")
+    tasks_per_node: int | None = Field(
+        None, ge=1, description="ranks per node (sbatch --ntasks-per-node); none: gpus_per_node, one rank per GPU (1 without GPUs)"
+    )
+    cpus_per_task: int | None = Field(None, ge=1, description="CPU cores per rank (sbatch --cpus-per-task); none: Slurm's default")
+    mem: str | None = Field(None, description="memory per node, e.g. 64G (sbatch --mem; 0: all of it); none: Slurm's default")
+    time: str = Field("01:00:00", description="time limit: minutes, [days-]hours:minutes:seconds, ... (sbatch --time)")
+    partition: str | None = Field(None, description="partition (sbatch --partition)")
+    account: str | None = Field(None, description="account charged (sbatch --account)")
+    qos: str | None = Field(None, description="quality of service (sbatch --qos)")
+    constraint: str | None = Field(None, description="node features (sbatch --constraint), e.g. volta")
+    reservation: str | None = Field(None, description="reservation (sbatch --reservation)")
+    job_name: str | None = Field(None, description="job name (sbatch --job-name); none: run.name")
+    sbatch: list[str] = Field([], description="extra #SBATCH options, one per item, e.g. --exclusive")
+    setup: list[str] = Field(
+        [], description="shell lines run before the launch, verbatim (module load ..., source venv/bin/activate)"
+    )
+    env: dict[str, str] = Field({}, description="environment variables exported for every rank (NCCL_*, HOROVOD_*)")
+    launcher: Literal["srun", "mpirun"] = Field("srun", description="srun (ranks through PMIx), or mpirun inside the allocation")
+    mpi: str = Field("pmix", description="srun --mpi plugin")
+    python: str | None = Field(
+        None, description="Python interpreter on the compute nodes that has tsmtrain; none: the one running tsmtrain submit"
+    )
+    signal_seconds: int = Field(120, ge=1, description="USR2 this many seconds before the time limit: checkpoint and requeue")
+    max_requeues: int = Field(3, ge=0, description="times the job requeues itself after a checkpoint on USR2")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and not _TIME_LIMIT.match(v.strip()):
+            raise ValueError("not a Slurm time limit: use minutes, minutes:seconds, hours:minutes:seconds, "
+                             "days-hours, days-hours:minutes or days-hours:minutes:seconds")
+        return v.strip() if isinstance(v, str) else v
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None and not _MEMORY.match(v):
+            raise ValueError("not a Slurm memory size: a whole number with an optional unit K, M, G or T (e.g. 64G)")
+        return v
+
+    @field_validator("partition", "account", "qos", "constraint", "reservation", "job_name", "python", "mpi")
+    @classmethod
+    def _single_line(cls, v: str | None, info) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return _one_line(v, info.field_name)
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            _one_line(line, "each extra #SBATCH option")
+            if not line.startswith("-"):
+                raise ValueError(f"{line!r}: an #SBATCH option starts with - (e.g. --exclusive)")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _setup_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            _one_line(line, "each set-up line")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return v
+
+    def ranks_per_node(self) -> int:
+        """Ranks on each node: ``tasks_per_node``, else one per GPU, else 1."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
 class Recipe(_Section):
     """A whole recipe. Build it with :func:`load_recipe` (which also checks files)."""
 
@@ -141,6 +238,7 @@ class Recipe(_Section):
     dist: DistConfig = DistConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
@@ -200,11 +298,38 @@ class RecipeError(Exception):
 # --------------------------------------------------------------------------- loading
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without base-60 numbers: YAML 1.1 reads ``time: 1:30:00`` as the
+    integer 5400, which would turn a Slurm time limit into seconds. Here it stays a string."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def _line_index(text: str) -> dict[str, int]:
     """Map dotted key paths of a YAML document to their 1-based line numbers."""
     index: dict[str, int] = {}
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=_RecipeLoader)
     except yaml.YAMLError:
         return index
 
@@ -247,7 +372,7 @@ def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> l
             problems.append(Problem(source, item, _MISSING, "expected KEY.PATH=VALUE"))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         try:
@@ -257,14 +382,14 @@ def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> l
     return problems
 
 
-def _from_validation_error(err: ValidationError, file: str, lines: dict[str, int], overridden: set[str]) -> list[Problem]:
+def _from_validation_error(err: ValidationError, file: str, lines: dict[str, int], overridden: dict[str, str]) -> list[Problem]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         if e["type"] == "value_error" and "\x1f" in str(e.get("ctx", {}).get("error", "")):
             for row in str(e["ctx"]["error"]).split("\n"):
                 key, value, why = row.split("\x1f")
-                src = "--set" if key in overridden else file
+                src = overridden.get(key, file)
                 problems.append(Problem(src, key, value, why, lines.get(key) if src == file else None))
             continue
         # drop pydantic's union/tuple sub-locations for readability
@@ -285,7 +410,7 @@ def _from_validation_error(err: ValidationError, file: str, lines: dict[str, int
         value = _MISSING if e["type"] == "missing" else e.get("input", _MISSING)
         if isinstance(value, dict):
             value = _MISSING
-        src = "--set" if key in overridden else file
+        src = overridden.get(key, file)
         problems.append(Problem(src, key, value, msg, lines.get(key) if src == file else None))
     return problems
 
@@ -307,7 +432,8 @@ def _closest(word: str, candidates: list[str]) -> str | None:
     return hits[0] if hits else None
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, check_files: bool = True,
+                flags: dict[str, tuple[str, Any]] | None = None) -> Recipe:
     """Read, override, validate and check a recipe file.
 
     Args:
@@ -315,6 +441,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
         overrides: ``a.b=value`` strings applied on top of the file (``--set``).
         check_files: also check that the list files and checkpoint the recipe names exist
             (list files are not required when ``data.generate`` will create them).
+        flags: typed values from command-line flags, ``{"cluster.nodes": ("--nodes", 4)}``,
+            applied last; a problem with one names the flag.
 
     Returns:
         The validated :class:`Recipe`.
@@ -329,7 +457,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
     except OSError as exc:
         raise RecipeError([Problem(file, "(file)", _MISSING, f"cannot read recipe: {exc.strerror or exc}")]) from None
     try:
-        doc = yaml.safe_load(text) or {}
+        doc = _yaml_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -340,7 +468,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
     lines = _line_index(text)
     overrides = list(overrides or [])
     problems = apply_overrides(doc, overrides)
-    overridden = {o.partition("=")[0].strip() for o in overrides}
+    overridden = {o.partition("=")[0].strip(): "--set" for o in overrides}
+    for key, (flag, value) in (flags or {}).items():
+        _set_path(doc, key, value)
+        overridden[key] = flag
     if check_files:
         problems += _check_files(doc, file, lines, overridden)
     try:
@@ -352,7 +483,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
     return recipe
 
 
-def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: set[str]) -> list[Problem]:
+def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[str, str]) -> list[Problem]:
     """Missing files and folders the recipe names. Works on the raw document, so that it can
     run even when the schema found problems (every problem is reported in one go)."""
     problems = []
@@ -368,7 +499,7 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: set[st
         return node if isinstance(node, str) else None
 
     def missing(key: str, value: str, what: str) -> None:
-        src = "--set" if key in overridden else file
+        src = overridden.get(key, file)
         problems.append(Problem(src, key, value, f"{what} not found", lines.get(key) if src == file else None))
 
     generate = get("data.generate")
@@ -403,3 +534,28 @@ def derived_values(recipe: Recipe, world_size: int | None = None) -> dict[str, A
         "lr": recipe.optim.base_lr * global_batch / recipe.optim.base_batch,
         "run_dir": str(Path(recipe.run.dir) / recipe.run.name),
     }
+
+
+PATH_FIELDS = ("data.root", "data.train_list", "data.val_list", "data.source", "model.pretrained", "run.dir")
+
+
+def with_absolute_paths(recipe: Recipe, base: str | os.PathLike | None = None) -> Recipe:
+    """A copy of ``recipe`` whose file and folder fields (:data:`PATH_FIELDS`) are absolute.
+
+    Relative paths in a recipe are relative to the directory ``tsmtrain`` runs in; a job
+    script may start elsewhere, so ``tsmtrain submit`` writes the recipe with absolute paths,
+    resolved against ``base`` (default: the current directory).
+    """
+    base = Path(base or os.getcwd()).resolve()
+    doc = recipe.model_dump(mode="json")
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        value = doc[section][name]
+        if value is not None:
+            doc[section][name] = os.path.normpath(base / Path(value).expanduser())
+    return Recipe.model_validate(doc)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML text that :func:`load_recipe` reads back to an equal recipe."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
