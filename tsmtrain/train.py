@@ -10,6 +10,12 @@ evaluate every ``eval_every`` epochs, and checkpoint. Rank 0 writes the run dire
 * ``metrics.jsonl``: one JSON object per logging step and per evaluation,
 * ``train.log``: the text log (also skipped videos, by path),
 * ``checkpoint-STEP.pt``: see :mod:`tsmtrain.checkpoint`.
+
+A run that finds checkpoints in its run directory continues from the latest one. SIGUSR2
+(which Slurm sends before a time limit, ``sbatch --signal=USR2@SECONDS``, or on
+``scancel --signal=USR2``) asks for a clean stop: the ranks agree on it through an allreduce,
+stop together at the next optimizer step, rank 0 writes a checkpoint, and the run ends with
+:data:`EXIT_PREEMPTED`, on which the job script requeues itself (:mod:`tsmtrain.launch`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,9 +43,41 @@ from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values
 from .transforms import VideoTransform
 
-__all__ = ["train", "evaluate", "predict", "clip_dataset", "TrainingError", "RunResult"]
+__all__ = ["train", "evaluate", "predict", "clip_dataset", "TrainingError", "RunResult", "EXIT_PREEMPTED",
+           "STOP_SIGNAL"]
 
 log = logging.getLogger("tsmtrain")
+
+EXIT_PREEMPTED = 75
+"""Exit status of ``tsmtrain run`` after it stopped on :data:`STOP_SIGNAL` and wrote a checkpoint
+(75 is ``EX_TEMPFAIL``: try again later). The Slurm job script requeues itself on it."""
+
+STOP_SIGNAL = signal.SIGUSR2
+"""The signal that asks a run to checkpoint and stop. Not SIGUSR1, which NCCL may use."""
+
+
+class _StopRequest:
+    """Notes :data:`STOP_SIGNAL` in a flag; the training loop polls it once per optimizer step.
+
+    The handler only sets the flag (nothing else is safe inside a signal handler); the ranks
+    then agree through an allreduce, so that all of them stop after the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(STOP_SIGNAL, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(STOP_SIGNAL, self._previous)
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +141,7 @@ class RunResult:
             ``skipped_videos``); empty when nothing was evaluated.
         model: this rank's trained network.
         rank: this rank.
+        preempted: the run stopped early on :data:`STOP_SIGNAL`, after writing a checkpoint.
     """
 
     step: int
@@ -108,6 +149,7 @@ class RunResult:
     eval: dict
     model: torch.nn.Module
     rank: int = 0
+    preempted: bool = False
 
 
 class _Metrics:
@@ -135,27 +177,42 @@ def _progress(enabled: bool, total: int, completed: int):
     return bar
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    """Run a recipe on this rank until its last epoch (or ``train.stop_after_steps``).
+def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
+    """Run a recipe on this rank until its last epoch, ``train.stop_after_steps``, or a stop
+    request (:data:`STOP_SIGNAL`).
 
     Args:
         recipe: a validated recipe (:func:`tsmtrain.recipe.load_recipe`).
-        resume: continue from the latest checkpoint in the run directory (same step, learning
-            rate, epoch position and random states).
+        resume: ``None`` (default): continue from the latest checkpoint in the run directory
+            when there is one (same step, learning rate, position in the epoch's sample order,
+            random states, and every rank's BatchNorm statistics); ``True``: a checkpoint must
+            be there; ``False``: start afresh, which needs a run directory without checkpoints.
 
     Returns:
         A :class:`RunResult`.
 
     Raises:
-        TrainingError: nothing to resume from, a dataset smaller than one global batch, ...
+        TrainingError: nothing to resume from, a checkpoint of another model, a dataset
+            smaller than one global batch, ...
         tsmtrain.data.ListFileError: a malformed list file.
     """
+    with _StopRequest() as stop:
+        return _train(recipe, resume, stop)
+
+
+def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult:
     engine = _choose_engine(recipe)
     rank0 = engine.rank == 0
     run_dir = Path(recipe.run.dir) / recipe.run.name
     _setup_logging(engine.rank, run_dir)
-    torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // engine.local_size))
+    slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) if "SLURM_JOB_ID" in os.environ else 0
+    torch.set_num_threads(recipe.train.threads or slurm_cpus or max(1, (os.cpu_count() or 1) // engine.local_size))
     device = _choose_device(recipe.train.device, engine.local_rank)
+    import socket
+
+    print(f"[rank {engine.rank}] rank {engine.rank} of {engine.size} ({engine.name}) on {socket.gethostname()}, "
+          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {torch.get_num_threads()} threads",
+          file=sys.stderr, flush=True)
     d, t = recipe.data, recipe.train
     derived = derived_values(recipe, engine.size)
 
@@ -197,24 +254,36 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     schedule = LRSchedule(derived["lr"], steps_per_epoch, s.epochs, s.warmup_epochs,
                           s.warmup_start_lr if s.warmup_start_lr is not None else min(recipe.optim.base_lr, derived["lr"]),
                           s.decay, s.milestones, s.gamma)
-    step, epoch, micro_done, last_eval = 0, 0, 0, {}
+    step, epoch, micro_done, last_eval, pending_eval, rank_buffers = 0, 0, 0, {}, False, None
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
-    if resume:
-        path = ckpt.latest_checkpoint(run_dir)
-        if path is None:
-            raise TrainingError(f"--resume: no checkpoint in {run_dir}")
+    path = ckpt.latest_checkpoint(run_dir)
+    if resume and path is None:
+        raise TrainingError(f"--resume: no checkpoint in {run_dir}")
+    if resume is False and path is not None:
+        raise TrainingError(f"{run_dir} already holds {path.name}: resume it, or choose another run.name")
+    if path is not None:
         state = ckpt.load_checkpoint(path)
+        if state["recipe"]["model"] != recipe.model.model_dump(mode="json"):
+            theirs, ours = state["recipe"]["model"], recipe.model.model_dump(mode="json")
+            diff = ", ".join(f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
+            raise TrainingError(f"{path} is a checkpoint of another model ({diff}); choose another run.name")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, micro_done = state["step"], state["epoch"], state["micro"]
-        last_eval = state.get("eval", {})
+        last_eval, pending_eval = state.get("eval", {}), state.get("pending_eval", False)
         if state["world_size"] == engine.size:
             ckpt.set_rng_state(state["rng"][engine.rank], transform_gen)
+            rank_buffers = (state.get("rank_buffers") or [None] * engine.size)[engine.rank]
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: random streams restart",
                         state["world_size"], engine.size)
         log.info("resuming from %s at step %d (epoch %d)", path, step, epoch)
     engine.broadcast_state(model, optimizer)
+    if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in rank_buffers:
+                    buf.copy_(rank_buffers[name])
 
     metrics = _Metrics(run_dir / "metrics.jsonl" if rank0 else None)
     if rank0:
@@ -226,9 +295,13 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     total_steps = steps_per_epoch * s.epochs
     stop_at = min(total_steps, t.stop_after_steps or total_steps)
     bar = _progress(rank0, total_steps, step)
+    if pending_eval and val_records:  # the run stopped at an epoch's end before evaluating it
+        last_eval = _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step)
+    stopping = False
+    stop_flag = torch.zeros(1, dtype=torch.float64)
 
     with bar or nullcontext():
-        while epoch < s.epochs and step < stop_at:
+        while epoch < s.epochs and step < stop_at and not stopping:
             train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)
             loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
                                   pin_memory=device.type == "cuda")
@@ -243,6 +316,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             for batch in loader:
                 t_got = time.perf_counter()
                 acc[4] += t_got - t_ready
+                if micro_done % bpps == 0:  # first pass of an optimizer step: vote on stopping after it
+                    stop_flag[0] = float(stop.requested)
+                    vote = engine.allreduce_async(stop_flag, name="stop_request")
                 for failed in batch["failed"]:
                     log.warning("skipped unreadable video: %s", failed)
                 acc[3] += len(batch["failed"])
@@ -261,7 +337,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                     optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
                     step += 1
                     interval_steps += 1
-                    if step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps:
+                    stopping = engine.synchronize(vote).item() > 0
+                    if (step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps
+                            or stopping):
                         acc[0], acc[2] = on_device.tolist()
                         acc[5] = time.perf_counter() - t_last
                         tot = engine.allreduce(acc, average=False)
@@ -283,37 +361,58 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                         on_device.zero_()
                         interval_steps = 0
                         t_last = time.perf_counter()
-                    if step >= stop_at or micro_done == steps_per_epoch * bpps:
+                    if step >= stop_at or micro_done == steps_per_epoch * bpps or stopping:
                         break
                 t_ready = time.perf_counter()
             epoch_done = micro_done == steps_per_epoch * bpps
-            if not epoch_done and step < stop_at:  # cannot happen unless the sampler is wrong
+            if not epoch_done and step < stop_at and not stopping:  # cannot happen unless the sampler is wrong
                 raise RuntimeError(f"the loader ended after {micro_done} of {steps_per_epoch * bpps} batches")
             if epoch_done:
                 epoch, micro_done = epoch + 1, 0
-            last = epoch == s.epochs
-            if epoch_done or step >= stop_at:
                 engine.average_buffers(model)  # one model on every rank for evaluation and checkpoint
-            if epoch_done and val_records and (epoch % t.eval_every == 0 or last):
-                last_eval = evaluate(model, val_records, recipe, engine, device, val_tf)
-                metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in last_eval.items()})
-                log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)",
-                         epoch - 1, last_eval["top1"], last_eval["top5"], last_eval["loss"], last_eval["clips"])
-            if (epoch_done and (epoch % t.checkpoint_every == 0 or last)) or step >= stop_at:
-                _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval)
-    return RunResult(step, epoch, last_eval, model, engine.rank)
+            last = epoch == s.epochs
+            wants_eval = epoch_done and bool(val_records) and (epoch % t.eval_every == 0 or last)
+            if wants_eval and not stopping:
+                last_eval = _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step)
+            if (epoch_done and (epoch % t.checkpoint_every == 0 or last)) or step >= stop_at or stopping:
+                _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval,
+                      pending_eval=wants_eval and stopping)
+    if stopping:
+        log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
+                 step, total_steps, EXIT_PREEMPTED)
+    return RunResult(step, epoch, last_eval, model, engine.rank, preempted=stopping and step < total_steps)
 
 
-def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, recipe, last_eval) -> None:
-    rngs = engine.allgather_object(ckpt.rng_state(transform_gen))  # every rank's streams
+def _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step) -> dict:
+    """Evaluate after epoch ``epoch - 1``, log it and append it to metrics.jsonl."""
+    result = evaluate(model, val_records, recipe, engine, device, val_tf)
+    metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in result.items()})
+    log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)",
+             epoch - 1, result["top1"], result["top5"], result["loss"], result["clips"])
+    return result
+
+
+def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, recipe, last_eval,
+          pending_eval=False) -> None:
+    """Rank 0 writes the checkpoint; every rank returns only once it is on disk.
+
+    Mid-epoch (``micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
+    at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
+    """
+    rngs = engine.allgather_object(ckpt.rng_state(transform_gen), name="rng_states")  # every rank's streams
+    buffers = None
+    if micro and engine.size > 1:
+        own = {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
+        buffers = engine.allgather_object(own, name="rank_buffers")
     if engine.rank == 0:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-            "micro": micro, "world_size": engine.size, "rng": rngs, "eval": last_eval,
-            "recipe": recipe.model_dump(mode="json"),
+            "micro": micro, "world_size": engine.size, "rng": rngs, "rank_buffers": buffers, "eval": last_eval,
+            "pending_eval": pending_eval, "recipe": recipe.model_dump(mode="json"),
         }
         path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
         log.info("checkpoint %s", path)
+    engine.barrier()  # no rank exits (and ends the job step) while the checkpoint is being written
 
 
 def clip_dataset(recipe: Recipe, records, train: bool) -> VideoClipDataset:
