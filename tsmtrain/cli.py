@@ -1,12 +1,16 @@
 """The ``tsmtrain`` command. It parses arguments and delegates; the work is in the modules.
 
-* ``tsmtrain run RECIPE [--set k=v] [--np N] [--resume]`` -> :func:`tsmtrain.train.train`
+* ``tsmtrain run RECIPE [--set k=v] [--np N] [--resume/--no-resume]`` -> :func:`tsmtrain.train.train`
   (through :mod:`tsmtrain.launch` when N ranks must be started on this host)
+* ``tsmtrain render RECIPE [cluster flags]`` -> :func:`tsmtrain.launch.render_sbatch`
+* ``tsmtrain submit RECIPE [cluster flags] [--dry-run]`` -> :func:`tsmtrain.launch.submit`
+* ``tsmtrain env`` -> :func:`tsmtrain.engine.describe_rank` on every rank
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
 * ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.model` parameter and multiply-add counts
 
-User mistakes (bad recipe, bad list file, missing launcher) print one line per problem and
-exit with status 2, never a traceback.
+User mistakes (bad recipe, bad list file, missing launcher, impossible job) print one line per
+problem and exit with status 2, never a traceback. A run stopped by SIGUSR2 after its checkpoint
+exits with :data:`tsmtrain.train.EXIT_PREEMPTED` (75).
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ def _fail(lines: list[str] | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(recipe: str, sets: list[str], check_files: bool = True) -> Recipe:
+def _load(recipe: str, sets: list[str], check_files: bool = True, flags: dict | None = None) -> Recipe:
     try:
-        return load_recipe(recipe, sets, check_files=check_files)
+        return load_recipe(recipe, sets, check_files=check_files, flags=flags)
     except RecipeError as err:
         _fail([str(p) for p in err.problems])
 
@@ -43,11 +47,18 @@ def run(
     recipe: str = typer.Argument(..., help="YAML recipe"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     np: Optional[int] = typer.Option(None, "--np", min=1, help="ranks to start on this host (sets dist.np)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint of the run directory"),
+    resume: Optional[bool] = typer.Option(
+        None, "--resume/--no-resume",
+        help="default: continue from the run directory's latest checkpoint if there is one; "
+             "--resume: there must be one; --no-resume: there must be none"),
 ) -> None:
-    """Train a recipe: on this host, or as one rank of an srun/mpirun job."""
+    """Train a recipe: on this host, or as one rank of an srun/mpirun job.
+
+    Exits 0 when done, 2 on a user mistake, 75 when SIGUSR2 stopped it after a checkpoint.
+    """
     from .data import ListFileError
     from .engine import launched_by_launcher
+    from .launch import EXIT_PREEMPTED
     from .train import TrainingError, train
 
     sets = list(sets) + ([f"dist.np={np}"] if np is not None else [])
@@ -55,7 +66,8 @@ def run(
     if cfg.dist.np > 1 and not launched_by_launcher():
         from .launch import launch_local
 
-        args = ["run", recipe, *(a for s in sets for a in ("--set", s))] + (["--resume"] if resume else [])
+        args = ["run", recipe, *(a for s in sets for a in ("--set", s))]
+        args += [] if resume is None else ["--resume" if resume else "--no-resume"]
         try:
             raise typer.Exit(launch_local(cfg.dist.np, cfg.dist.launcher, args))
         except FileNotFoundError as err:
@@ -66,6 +78,8 @@ def run(
         _fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)
+    if result.preempted:
+        raise typer.Exit(EXIT_PREEMPTED)
     if result.eval and result.rank == 0:
         print(f"final validation top-1: {result.eval['top1']:.2f}% (top-5 {result.eval['top5']:.2f}%, "
               f"{result.eval['clips']} clips, step {result.step})")
@@ -107,3 +121,123 @@ def model_info(
     table.add_row("multiply-adds per clip", f"{macs / 1e9:.2f} G")
     table.add_row("multiply-adds per frame", f"{macs / cfg.data.num_segments / 1e9:.3f} G")
     Console().print(table)
+
+
+# --------------------------------------------------------------------------- cluster
+
+# flag name -> recipe key; the values go through the recipe schema like the YAML file's
+CLUSTER_FLAGS = {
+    "nodes": "cluster.nodes", "gpus_per_node": "cluster.gpus_per_node", "tasks_per_node": "cluster.tasks_per_node",
+    "cpus_per_task": "cluster.cpus_per_task", "mem": "cluster.mem", "time": "cluster.time",
+    "partition": "cluster.partition", "account": "cluster.account", "qos": "cluster.qos",
+    "constraint": "cluster.constraint", "reservation": "cluster.reservation", "job_name": "cluster.job_name",
+    "launcher": "cluster.launcher", "max_requeues": "cluster.max_requeues",
+    "signal_seconds": "cluster.signal_seconds", "python": "cluster.python",
+}
+
+
+def _cluster_recipe(recipe: str, sets: list[str], values: dict, check_files: bool) -> Recipe:
+    flags = {CLUSTER_FLAGS[k]: ("--" + k.replace("_", "-"), v) for k, v in values.items() if v is not None}
+    return _load(recipe, sets, check_files=check_files, flags=flags)
+
+
+def _job(recipe: str, sets, template, values, dry_run: bool | None):
+    from .launch import LaunchError, prepare_job, render_sbatch, submit
+
+    # rendering may happen away from the cluster's file system; submitting happens beside it
+    cfg = _cluster_recipe(recipe, sets, values, check_files=dry_run is not None)
+    try:
+        if dry_run is None:
+            return render_sbatch(prepare_job(cfg), template)
+        return submit(cfg, template, dry_run=dry_run)
+    except LaunchError as err:
+        _fail(str(err))
+
+
+_O = typer.Option
+
+
+@app.command()
+def render(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    sets: list[str] = _O([], "--set", help=SET_HELP),
+    template: Optional[str] = _O(None, "--template", help="your own Jinja2 job template (default slurm/job.sbatch.j2)"),
+    nodes: Optional[int] = _O(None, help="nodes"),
+    gpus_per_node: Optional[int] = _O(None, help="GPUs per node (0: CPU only)"),
+    tasks_per_node: Optional[int] = _O(None, help="ranks per node (default: one per GPU)"),
+    cpus_per_task: Optional[int] = _O(None, help="CPU cores per rank"),
+    mem: Optional[str] = _O(None, help="memory per node, e.g. 64G"),
+    time: Optional[str] = _O(None, help="time limit, e.g. 04:00:00 or 1-00:00:00"),
+    partition: Optional[str] = _O(None), account: Optional[str] = _O(None), qos: Optional[str] = _O(None),
+    constraint: Optional[str] = _O(None), reservation: Optional[str] = _O(None),
+    job_name: Optional[str] = _O(None, help="job name (default run.name)"),
+    launcher: Optional[str] = _O(None, help="srun or mpirun"),
+    max_requeues: Optional[int] = _O(None, help="requeues after a checkpoint on USR2"),
+    signal_seconds: Optional[int] = _O(None, help="USR2 this many seconds before the time limit"),
+    python: Optional[str] = _O(None, help="Python on the compute nodes (default: this one)"),
+) -> None:
+    """Print the sbatch script for a recipe (cluster flags override the recipe's cluster section)."""
+    values = {k: v for k, v in locals().items() if k in CLUSTER_FLAGS}
+    print(_job(recipe, sets, template, values, None), end="")
+
+
+@app.command()
+def submit(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    sets: list[str] = _O([], "--set", help=SET_HELP),
+    template: Optional[str] = _O(None, "--template", help="your own Jinja2 job template (default slurm/job.sbatch.j2)"),
+    dry_run: bool = _O(False, "--dry-run", help="write the script and recipe into the run directory, do not sbatch"),
+    nodes: Optional[int] = _O(None, help="nodes"),
+    gpus_per_node: Optional[int] = _O(None, help="GPUs per node (0: CPU only)"),
+    tasks_per_node: Optional[int] = _O(None, help="ranks per node (default: one per GPU)"),
+    cpus_per_task: Optional[int] = _O(None, help="CPU cores per rank"),
+    mem: Optional[str] = _O(None, help="memory per node, e.g. 64G"),
+    time: Optional[str] = _O(None, help="time limit, e.g. 04:00:00 or 1-00:00:00"),
+    partition: Optional[str] = _O(None), account: Optional[str] = _O(None), qos: Optional[str] = _O(None),
+    constraint: Optional[str] = _O(None), reservation: Optional[str] = _O(None),
+    job_name: Optional[str] = _O(None, help="job name (default run.name)"),
+    launcher: Optional[str] = _O(None, help="srun or mpirun"),
+    max_requeues: Optional[int] = _O(None, help="requeues after a checkpoint on USR2"),
+    signal_seconds: Optional[int] = _O(None, help="USR2 this many seconds before the time limit"),
+    python: Optional[str] = _O(None, help="Python on the compute nodes (default: this one)"),
+) -> None:
+    """Write the job script and resolved recipe into the run directory and submit it with sbatch."""
+    values = {k: v for k, v in locals().items() if k in CLUSTER_FLAGS}
+    result = _job(recipe, sets, template, values, dry_run)
+    print(f"script: {result.script}\nrecipe: {result.recipe_file}\nlog:    {result.log_pattern}")
+    if result.job_id is None:
+        print(f"dry run: not submitted; submit with: sbatch {result.script}")
+    else:
+        print(f"submitted job {result.job_id}; log {result.log_pattern.replace('%j', result.job_id)}")
+
+
+@app.command()
+def env(
+    recipe: Optional[str] = typer.Argument(None, help="recipe whose dist.engine to use (default horovod)"),
+) -> None:
+    """Print what each rank sees: rank, local rank, world size, host, engine, devices.
+
+    Run it the way the job runs ``tsmtrain run``, e.g. ``srun --mpi=pmix tsmtrain env``.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .engine import LocalEngine, create_engine, describe_rank, launched_by_launcher
+
+    name = _load(recipe, [], check_files=False).dist.engine if recipe else "horovod"
+    launched = launched_by_launcher()
+    try:
+        engine = create_engine(name) if launched else LocalEngine()
+    except ImportError as err:
+        _fail(f"dist.engine: {name}: cannot import it ({err}); run make setup")
+    rows = engine.allgather_object(describe_rank(engine), name="describe_rank")
+    if engine.rank == 0:
+        table = Table(title=f"{engine.size} rank(s), engine {engine.name}"
+                      + ("" if launched else " (not started by srun, mpirun or horovodrun)"))
+        for col in ("rank", "local rank", "host", "pid", "devices", "cpus", "launcher variables"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["rank"]), f"{r['local_rank']}/{r['local_size']}", r["host"], str(r["pid"]),
+                          ", ".join(r["devices"]), str(r["cpus"]),
+                          " ".join(f"{k}={v}" for k, v in r["launcher_env"].items()))
+        Console(width=200).print(table)

@@ -40,12 +40,16 @@ from pathlib import Path
 from .recipe import Recipe, derived_values, dump_recipe, with_absolute_paths
 
 __all__ = ["local_command", "launch_local", "LaunchError", "render_sbatch", "submit", "SubmitResult",
-           "TEMPLATE_DIR", "job_ranks"]
+           "TEMPLATE_DIR", "job_ranks", "prepare_job", "EXIT_PREEMPTED"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 """The repository's ``slurm/`` folder of job templates."""
 
 DEFAULT_TEMPLATE = "job.sbatch.j2"
+
+EXIT_PREEMPTED = 75
+"""Exit status of ``tsmtrain run`` after SIGUSR2 made it write a checkpoint and stop (75 is
+``EX_TEMPFAIL``: try again later). The job script requeues itself on it."""
 
 
 def _tool(name: str) -> str:
@@ -181,8 +185,6 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
         LaunchError: the template cannot be read or rendered, or a value cannot be written.
     """
     import jinja2
-
-    from .train import EXIT_PREEMPTED
 
     path = Path(template) if template is not None else TEMPLATE_DIR / DEFAULT_TEMPLATE
     try:

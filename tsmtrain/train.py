@@ -38,6 +38,7 @@ import yaml
 from . import checkpoint as ckpt
 from .data import ShardSampler, VideoClipDataset, build_loader, read_list
 from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
+from .launch import EXIT_PREEMPTED
 from .model import create_model
 from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values
@@ -47,10 +48,6 @@ __all__ = ["train", "evaluate", "predict", "clip_dataset", "TrainingError", "Run
            "STOP_SIGNAL"]
 
 log = logging.getLogger("tsmtrain")
-
-EXIT_PREEMPTED = 75
-"""Exit status of ``tsmtrain run`` after it stopped on :data:`STOP_SIGNAL` and wrote a checkpoint
-(75 is ``EX_TEMPFAIL``: try again later). The Slurm job script requeues itself on it."""
 
 STOP_SIGNAL = signal.SIGUSR2
 """The signal that asks a run to checkpoint and stop. Not SIGUSR1, which NCCL may use."""

@@ -1,0 +1,252 @@
+"""Slurm job scripts: rendering, quoting, refusal of bad values, and the script's requeue logic
+run under bash with stand-ins for srun and scontrol (no cluster needed here; the real cluster
+tests are in test_slurm_cluster.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tsmtrain.launch import EXIT_PREEMPTED, LaunchError, prepare_job, render_sbatch
+from tsmtrain.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(tmp_path, name="job", cluster=None, **sections):
+    doc = {
+        "data": {"root": "data", "train_list": "data/train.txt", "num_segments": 8},
+        "model": {"arch": "resnet50", "num_classes": 400},
+        "train": {"batch_size": 8},
+        "run": {"name": name, "dir": str(tmp_path / "runs")},
+        "cluster": cluster or {},
+    }
+    doc.update(sections)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def render(path, sets=()):
+    return render_sbatch(prepare_job(load_recipe(path, list(sets), check_files=False)))
+
+
+def header(script: str) -> dict[str, str]:
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH "):].partition("=")
+            out[key] = value
+    return out
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tsmtrain", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_one_node_cpu_job(tmp_path):
+    script = render(write_recipe(tmp_path, cluster={"nodes": 1, "tasks_per_node": 2, "time": "30:00"}))
+    h = header(script)
+    assert h["--job-name"] == "job" and h["--nodes"] == "1" and h["--ntasks-per-node"] == "2"
+    assert h["--time"] == "30:00" and h["--signal"] == "USR2@120" and "--requeue" in h
+    assert h["--open-mode"] == "append"
+    assert h["--output"] == f"{tmp_path}/runs/job/slurm-%j.out"
+    assert "--gpus-per-node" not in h and "--cpus-per-task" not in h and "--partition" not in h
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    assert f"RECIPE={tmp_path}/runs/job/recipe.yaml" in lines
+    assert f"PYTHON={sys.executable}" in lines
+    assert "srun --mpi=pmix --kill-on-bad-exit=1 \\" in lines
+    assert '    "$PYTHON" -m tsmtrain run "$RECIPE" &' in lines
+    assert f"EXIT_PREEMPTED={EXIT_PREEMPTED}" in lines and "MAX_REQUEUES=3" in lines
+    assert 'scontrol requeue "$SLURM_JOB_ID" && exit 0' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_256_nodes_of_6_gpus(tmp_path):
+    cluster = {"nodes": 256, "gpus_per_node": 6, "cpus_per_task": 7, "mem": "0", "time": "1-00:00:00",
+               "partition": "batch", "account": "csc123", "qos": "normal", "constraint": "volta",
+               "reservation": "kinetics", "sbatch": ["--exclusive"], "setup": ["module load cuda/10.1"],
+               "env": {"NCCL_DEBUG": "INFO", "HOROVOD_FUSION_THRESHOLD": "67108864"}, "max_requeues": 5,
+               "signal_seconds": 300}
+    script = render(write_recipe(tmp_path, cluster=cluster))
+    h = header(script)
+    assert (h["--nodes"], h["--ntasks-per-node"], h["--gpus-per-node"], h["--cpus-per-task"]) == ("256", "6", "6", "7")
+    assert (h["--mem"], h["--time"], h["--partition"], h["--account"]) == ("0", "1-00:00:00", "batch", "csc123")
+    assert (h["--qos"], h["--constraint"], h["--reservation"]) == ("normal", "volta", "kinetics")
+    assert h["--signal"] == "USR2@300" and "--exclusive" in h
+    assert "1536 rank(s); global batch 12288 clips (8 per rank)" in script
+    lines = script.splitlines()
+    assert "module load cuda/10.1" in lines
+    assert "export NCCL_DEBUG=INFO" in lines and "export HOROVOD_FUSION_THRESHOLD=67108864" in lines
+    assert "srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task=7 \\" in lines
+    assert "MAX_REQUEUES=5" in lines
+    # the set-up comes before the launch, the header before everything else
+    assert lines.index("module load cuda/10.1") < next(i for i, l in enumerate(lines) if l.startswith("srun"))
+    last_header = max(i for i, l in enumerate(lines) if l.startswith("#SBATCH"))
+    assert all(not l.startswith("#SBATCH") for l in lines[last_header + 1:])
+    assert all(l.startswith("#") for l in lines[:last_header + 1])
+
+
+def test_mpirun_job(tmp_path):
+    script = render(write_recipe(tmp_path, cluster={"nodes": 2, "tasks_per_node": 4, "launcher": "mpirun",
+                                                    "env": {"OMP_NUM_THREADS": "4"}}))
+    h = header(script)
+    assert h["--signal"] == "B:USR2@120"  # the batch shell gets it and passes it to mpirun
+    lines = script.splitlines()
+    assert 'mpirun -np "$SLURM_NTASKS" --map-by ppr:4:node --bind-to none \\' in lines
+    assert "    -x PATH -x LD_LIBRARY_PATH -x OMP_NUM_THREADS \\" in lines
+    assert "srun" not in "\n".join(l for l in lines if not l.startswith("#"))
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_hostile_names_are_quoted(tmp_path):
+    evil = "a b; rm -rf x"
+    runs = tmp_path / "my runs $(touch pwned)"
+    path = write_recipe(tmp_path, name="r", cluster={"job_name": evil, "env": {"NOTE": "it's $(touch pwned2)"}},
+                        run={"name": "run `touch pwned3`", "dir": str(runs)})
+    script = render(path)
+    h = header(script)
+    assert h["--job-name"] == f'"{evil}"'
+    run_dir = runs / "run `touch pwned3`"
+    assert h["--output"] == f'"{run_dir}/slurm-%j.out"'
+    # run the script's shell part with stand-ins that record what they were given
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS_FILE"\necho "$NOTE" >> "$ARGS_FILE"\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args"),
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[-3:-1] == ["run", str(run_dir / "recipe.yaml")]
+    assert args[-1] == "it's $(touch pwned2)"
+    assert not list(tmp_path.glob("pwned*")) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("restarts, requeued", [(0, True), (2, True), (3, False)])
+def test_requeue_logic(tmp_path, restarts, requeued):
+    script = render(write_recipe(tmp_path, cluster={"max_requeues": 3}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nexit {EXIT_PREEMPTED}\n")
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "$@" > "$LOG_FILE"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_FILE": str(tmp_path / "scontrol"),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_RESTART_COUNT": str(restarts)}
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    if requeued:
+        assert done.returncode == 0
+        assert (tmp_path / "scontrol").read_text().split() == ["requeue", "42"]
+        assert f"requeue {restarts + 1} of 3" in done.stdout
+    else:
+        assert done.returncode == EXIT_PREEMPTED
+        assert not (tmp_path / "scontrol").exists()
+        assert "requeue limit reached (3 requeues)" in done.stderr
+
+
+def test_failed_run_is_not_requeued(tmp_path):
+    script = render(write_recipe(tmp_path))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit 1\n")
+    (bin_dir / "scontrol").write_text('#!/bin/bash\ntouch "$LOG_FILE"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_FILE": str(tmp_path / "scontrol"),
+           "SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "failed with exit status 1" in done.stderr
+    assert not (tmp_path / "scontrol").exists()
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--time", "90min"], "cluster.time"),
+    (["--time", "1:2:3:4"], "cluster.time"),
+    (["--nodes", "0"], "cluster.nodes"),
+    (["--nodes", "-4"], "cluster.nodes"),
+    (["--gpus-per-node", "-1"], "cluster.gpus_per_node"),
+    (["--nodes", "0", "--gpus-per-node", "4"], "cluster.nodes"),
+    (["--tasks-per-node", "0"], "cluster.tasks_per_node"),
+    (["--mem", "12 GB"], "cluster.mem"),
+    (["--max-requeues", "-1"], "cluster.max_requeues"),
+    (["--gpus-per-node", "4", "--tasks-per-node", "8"], "cluster.tasks_per_node"),
+    (["--launcher", "aprun"], "cluster.launcher"),
+    (["--job-name", "two\nlines"], "cluster.job_name"),
+    (["--job-name", 'say "hi"'], "double quote"),
+    (["--signal-seconds", "7200", "--time", "60"], "cluster.signal_seconds"),
+])
+def test_invalid_values_refused_before_anything_is_written(tmp_path, flags, culprit):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text("a.mp4 0\n")
+    path = write_recipe(tmp_path)
+    for command in (["render"], ["submit", "--dry-run"]):
+        done = cli(*command, str(path), *flags, cwd=tmp_path)
+        assert done.returncode == 2, (command, flags, done.stdout, done.stderr)
+        assert culprit in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "runs").exists()
+
+
+def test_flag_errors_name_the_flag(tmp_path):
+    done = cli("render", str(write_recipe(tmp_path)), "--nodes", "0")
+    assert done.returncode == 2 and done.stderr.startswith("error: --nodes: cluster.nodes = 0")
+
+
+@pytest.mark.parametrize("limit", ["30", "30:00", "1:30:00", "01:30:00", "2-0", "2-12:00", "2-12:00:00", "UNLIMITED"])
+def test_time_limits_slurm_accepts(tmp_path, limit):
+    # unquoted in YAML: 1:30:00 must not become the base-60 number 5400
+    path = tmp_path / "t.yaml"
+    path.write_text(f"data: {{train_list: t.txt}}\ncluster:\n  time: {limit}\n")
+    assert load_recipe(path, check_files=False).cluster.time == limit
+
+
+def test_submit_dry_run_writes_script_and_resolved_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text("a.mp4 0\n")
+    path = write_recipe(tmp_path, run={"name": "dry", "dir": "runs"})
+    done = cli("submit", str(path), "--dry-run", "--nodes", "2", "--tasks-per-node", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "runs" / "dry"
+    script = (run_dir / "job.sbatch").read_text()
+    assert header(script)["--nodes"] == "2" and os.access(run_dir / "job.sbatch", os.X_OK)
+    saved = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    assert saved.data.train_list == str(tmp_path / "data" / "train.txt")  # absolute: the job may start elsewhere
+    assert saved.run.dir == str(tmp_path / "runs") and saved.dist.np == 6 and saved.cluster.nodes == 2
+    assert "dry run" in done.stdout and str(run_dir / "slurm-%j.out") in done.stdout
+
+
+def test_submit_without_sbatch_is_a_clear_error(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text("a.mp4 0\n")
+    path = write_recipe(tmp_path)
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    done = subprocess.run([sys.executable, "-m", "tsmtrain", "submit", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "sbatch not found" in done.stderr
+
+
+def test_own_template_and_template_errors(tmp_path):
+    path = write_recipe(tmp_path)
+    own = tmp_path / "own.j2"
+    own.write_text("#!/bin/bash\n#SBATCH --nodes={{ cluster.nodes }}\n{{ python | q }} -m tsmtrain run {{ recipe_file | q }}\n")
+    done = cli("render", str(path), "--template", str(own), "--nodes", "3")
+    assert done.returncode == 0 and done.stdout.splitlines()[1] == "#SBATCH --nodes=3"
+    own.write_text("{{ no_such_value }}\n")
+    done = cli("render", str(path), "--template", str(own))
+    assert done.returncode == 2 and "no_such_value" in done.stderr and "Traceback" not in done.stderr
+    done = cli("render", str(path), "--template", str(tmp_path / "absent.j2"))
+    assert done.returncode == 2 and "absent.j2" in done.stderr
+
+
+def test_kinetics_recipe_renders_the_summit_layout():
+    done = cli("render", str(REPO / "configs" / "tsm_r50_kinetics400.yaml"), cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    h = header(done.stdout)
+    assert (h["--nodes"], h["--gpus-per-node"], h["--ntasks-per-node"]) == ("256", "6", "6")
+    assert "global batch 12288 clips" in done.stdout
