@@ -1,0 +1,147 @@
+"""On the real one-node Slurm cluster of scripts/slurm-local.sh: submit, preempt, requeue, resume.
+
+The cluster is started by .ci/run (and by this module's fixture when it is not up); the tests
+are skipped only where Slurm cannot be installed (slurm-local.sh exits 4).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.launch import EXIT_PREEMPTED
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+REPO = Path(__file__).resolve().parents[1]
+SLURM_LOCAL = REPO / "scripts" / "slurm-local.sh"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The local cluster, started here if it is not up."""
+    if subprocess.run(["bash", str(SLURM_LOCAL), "status"], capture_output=True).returncode == 0:
+        return
+    start = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True)
+    if start.returncode == 4:
+        pytest.skip(f"Slurm cannot be installed here: {start.stderr.strip()}")
+    assert start.returncode == 0, start.stdout + start.stderr
+
+
+def write_recipe(tmp_path, root, name, epochs=2, **cluster):
+    doc = {
+        "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
+                 "num_segments": 4, "input_size": 32, "flip": False, "workers": 1},
+        "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.3},
+        "optim": {"name": "sgd", "base_lr": 0.05, "base_batch": 4},
+        "schedule": {"epochs": epochs, "warmup_epochs": 1},
+        "dist": {"engine": "horovod"},
+        "train": {"batch_size": 2, "log_every": 1, "threads": 1, "seed": 5},
+        "run": {"name": name, "dir": str(tmp_path / "runs")},
+        "cluster": {"nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "time": "10:00", **cluster},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def submit(recipe, *flags) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "tsmtrain", "submit", str(recipe), *flags],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return re.search(r"submitted job (\d+)", done.stdout).group(1)
+
+
+def job_state(job_id: str) -> str | None:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\S+)", out)
+    return match.group(1) if match else None
+
+
+def wait_for(job_id: str, log: Path, timeout: float = 600) -> str:
+    """Wait until the job has ended for good (not requeued); returns its last state.
+
+    A requeued job starts again only once its credential has expired (slurm.conf's
+    AuthInfo cred_expire; slurm-local.sh sets it short). Forcing an earlier start makes Slurm
+    kill the job ("Job credential revoked")."""
+    deadline, state = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state is None or state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state or "GONE"
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} still {state} after {timeout} s; log:\n{log.read_text() if log.exists() else ''}")
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max([json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line] or [0])
+
+
+def test_two_rank_job_runs_to_completion(cluster, tmp_path, tiny_demo):
+    recipe = write_recipe(tmp_path, tiny_demo, "plain", epochs=1)
+    job = submit(recipe)
+    run_dir = tmp_path / "runs" / "plain"
+    log = run_dir / f"slurm-{job}.out"
+    assert wait_for(job, log) in ("COMPLETED", "GONE")
+    text = log.read_text()
+    assert "rank 0 of 2 (horovod)" in text and "rank 1 of 2 (horovod)" in text, text
+    assert "tsmtrain: run finished" in text
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 24 // 4
+    assert steps_logged(run_dir) == 6
+
+
+def test_usr2_checkpoints_requeues_and_equals_uninterrupted(cluster, tmp_path, tiny_demo):
+    ref_job = submit(write_recipe(tmp_path, tiny_demo, "ref"))
+    ref_dir = tmp_path / "runs" / "ref"
+    assert wait_for(ref_job, ref_dir / f"slurm-{ref_job}.out") in ("COMPLETED", "GONE")
+
+    job = submit(write_recipe(tmp_path, tiny_demo, "cut"))
+    run_dir = tmp_path / "runs" / "cut"
+    log = run_dir / f"slurm-{job}.out"
+    deadline = time.monotonic() + 300
+    while steps_logged(run_dir) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert steps_logged(run_dir) >= 3, log.read_text() if log.exists() else "no log"
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_for(job, log) in ("COMPLETED", "GONE")
+    text = log.read_text()
+    assert "requeueing job" in text and "start 2 on" in text, text
+    stopped = re.search(r"stopped at step (\d+) of 12", text)
+    assert stopped and 3 <= int(stopped.group(1)) < 12, text
+    assert f"resuming from" in text and "tsmtrain: run finished" in text
+
+    ref, cut = load_checkpoint(latest_checkpoint(ref_dir)), load_checkpoint(latest_checkpoint(run_dir))
+    assert cut["step"] == ref["step"] == 12
+    for name, a in ref["model"].items():
+        assert torch.equal(a, cut["model"][name]), name
+
+
+def test_requeue_limit_stops_with_a_message(cluster, tmp_path, tiny_demo):
+    job = submit(write_recipe(tmp_path, tiny_demo, "limit", epochs=3, max_requeues=0))
+    run_dir = tmp_path / "runs" / "limit"
+    log = run_dir / f"slurm-{job}.out"
+    deadline = time.monotonic() + 300
+    while steps_logged(run_dir) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    state = wait_for(job, log)
+    text = log.read_text()
+    assert "requeue limit reached (0 requeues)" in text, text
+    assert "requeueing" not in text and state in ("FAILED", "GONE")
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] < 18
+    if state == "FAILED":
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+        assert f"ExitCode={EXIT_PREEMPTED}:0" in out
