@@ -31,3 +31,42 @@ def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_demo")
     generate_demo_dataset(root, num_classes=4, train_per_class=6, val_per_class=2, frames=8, size=32)
     return root
+
+
+def tiny_recipe(path: Path, root: Path, name: str, **sections) -> Path:
+    """Write a recipe for the tiny demo dataset at ``root`` to ``path`` (TSM-ResNet18 at 32x32,
+    4 segments, 2 clips per rank, 2 epochs); ``sections`` update its sections key by key."""
+    import yaml
+
+    doc = {
+        "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
+                 "num_segments": 4, "input_size": 32, "flip": False, "workers": 1},
+        "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.3},
+        "optim": {"name": "sgd", "base_lr": 0.05, "base_batch": 4},
+        "schedule": {"epochs": 2, "warmup_epochs": 1},
+        "dist": {"engine": "horovod"},
+        "train": {"batch_size": 2, "log_every": 1, "threads": 1},
+        "run": {"name": name, "dir": str(path.parent / "runs")},
+    }
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def venv_env() -> dict:
+    """This environment with the virtual environment's bin first (horovodrun, mpirun's children)."""
+    import os
+    import sys
+
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def steps_logged(run_dir: Path) -> int:
+    """The highest optimizer step in ``run_dir/metrics.jsonl`` so far (0 before the first)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max([json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line] or [0])

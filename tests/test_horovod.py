@@ -1,7 +1,6 @@
 """Two Horovod ranks on this host: ring-allreduce keeps the replicas identical."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import venv_env
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.model import VideoNet
 
@@ -39,10 +39,6 @@ def recipe(tmp_path, root, name, **extra):
     return path
 
 
-def env():
-    e = dict(os.environ)
-    e["PATH"] = f"{Path(sys.executable).parent}:{e['PATH']}"
-    return e
 
 
 def test_two_ranks_hold_identical_weights(tmp_path, tiny_demo):
@@ -51,7 +47,7 @@ def test_two_ranks_hold_identical_weights(tmp_path, tiny_demo):
     horovodrun = Path(sys.executable).parent / "horovodrun"
     cmd = [str(horovodrun), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
            str(REPO / "tests" / "horovod_worker.py"), str(path), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     # 24 clips over 2 ranks x 4 clips x 2 backward passes per step = 1.5 -> 1 step
@@ -69,7 +65,7 @@ def test_two_ranks_hold_identical_weights(tmp_path, tiny_demo):
 def test_cli_np2_with_mpirun(tmp_path, tiny_demo):
     path = recipe(tmp_path, tiny_demo, "mpi", launcher="mpi", fp16_allreduce=True)
     proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(path), "--np", "2"],
-                          capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
+                          capture_output=True, text=True, timeout=600, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "mpi"
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsmtrain.launch import EXIT_PREEMPTED, LaunchError, prepare_job, render_sbatch
+from tsmtrain.launch import EXIT_PREEMPTED, prepare_job, render_sbatch
 from tsmtrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,3 +250,9 @@ def test_kinetics_recipe_renders_the_summit_layout():
     h = header(done.stdout)
     assert (h["--nodes"], h["--gpus-per-node"], h["--ntasks-per-node"]) == ("256", "6", "6")
     assert "global batch 12288 clips" in done.stdout
+
+
+def test_env_outside_a_job():
+    done = cli("env")
+    assert done.returncode == 0, done.stderr
+    assert "1 rank(s), engine none (not started by srun, mpirun or horovodrun)" in done.stdout

@@ -6,19 +6,17 @@ again continues to exactly the weights of a run that was never interrupted.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.train import EXIT_PREEMPTED
+from tests.conftest import steps_logged, tiny_recipe, venv_env
+from tsmtrain.launch import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 
@@ -29,36 +27,12 @@ except ImportError:  # pragma: no cover - make setup builds it
 
 
 def write_recipe(tmp_path, root, name):
-    doc = {
-        "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
-                 "num_segments": 4, "input_size": 32, "flip": False, "workers": 1},
-        "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.3},
-        "optim": {"name": "sgd", "base_lr": 0.05, "base_batch": 4},
-        "schedule": {"epochs": 3, "warmup_epochs": 1},
-        "dist": {"engine": "horovod", "np": 2, "launcher": "mpi"},
-        "train": {"batch_size": 2, "log_every": 1, "threads": 1, "seed": 3},
-        "run": {"name": name, "dir": str(tmp_path / "runs")},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def env():
-    e = dict(os.environ)
-    e["PATH"] = f"{Path(sys.executable).parent}:{e['PATH']}"
-    return e
-
-
-def steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max([json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line] or [0])
+    return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule={"epochs": 3},
+                       dist={"np": 2, "launcher": "mpi"}, train={"seed": 3})
 
 
 def run(recipe, **kw):
-    return subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], env=env(),
+    return subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], env=venv_env(),
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -68,7 +42,7 @@ def test_sigusr2_checkpoints_and_resume_equals_uninterrupted(tmp_path, tiny_demo
 
     recipe = write_recipe(tmp_path, tiny_demo, "cut")
     run_dir = tmp_path / "runs" / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "tsmtrain", "run", str(recipe)], env=env(),
+    proc = subprocess.Popen([sys.executable, "-m", "tsmtrain", "run", str(recipe)], env=venv_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while steps_logged(run_dir) < 3 and proc.poll() is None and time.monotonic() < deadline:

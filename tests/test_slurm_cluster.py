@@ -4,10 +4,7 @@ The cluster is started by .ci/run (and by this module's fixture when it is not u
 are skipped only where Slurm cannot be installed (slurm-local.sh exits 4).
 """
 
-import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from tests.conftest import steps_logged, tiny_recipe, venv_env
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.launch import EXIT_PREEMPTED
 
@@ -37,26 +34,14 @@ def cluster():
 
 
 def write_recipe(tmp_path, root, name, epochs=2, **cluster):
-    doc = {
-        "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
-                 "num_segments": 4, "input_size": 32, "flip": False, "workers": 1},
-        "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.3},
-        "optim": {"name": "sgd", "base_lr": 0.05, "base_batch": 4},
-        "schedule": {"epochs": epochs, "warmup_epochs": 1},
-        "dist": {"engine": "horovod"},
-        "train": {"batch_size": 2, "log_every": 1, "threads": 1, "seed": 5},
-        "run": {"name": name, "dir": str(tmp_path / "runs")},
-        "cluster": {"nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "time": "10:00", **cluster},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    cluster = {"nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "time": "10:00", **cluster}
+    return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule={"epochs": epochs}, train={"seed": 5},
+                       cluster=cluster)
 
 
 def submit(recipe, *flags) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "tsmtrain", "submit", str(recipe), *flags],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=venv_env())
     assert done.returncode == 0, done.stderr
     return re.search(r"submitted job (\d+)", done.stdout).group(1)
 
@@ -81,13 +66,6 @@ def wait_for(job_id: str, log: Path, timeout: float = 600) -> str:
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     pytest.fail(f"job {job_id} still {state} after {timeout} s; log:\n{log.read_text() if log.exists() else ''}")
-
-
-def steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max([json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line] or [0])
 
 
 def test_two_rank_job_runs_to_completion(cluster, tmp_path, tiny_demo):
@@ -121,7 +99,7 @@ def test_usr2_checkpoints_requeues_and_equals_uninterrupted(cluster, tmp_path, t
     assert "requeueing job" in text and "start 2 on" in text, text
     stopped = re.search(r"stopped at step (\d+) of 12", text)
     assert stopped and 3 <= int(stopped.group(1)) < 12, text
-    assert f"resuming from" in text and "tsmtrain: run finished" in text
+    assert "resuming from" in text and "tsmtrain: run finished" in text
 
     ref, cut = load_checkpoint(latest_checkpoint(ref_dir)), load_checkpoint(latest_checkpoint(run_dir))
     assert cut["step"] == ref["step"] == 12
@@ -145,3 +123,12 @@ def test_requeue_limit_stops_with_a_message(cluster, tmp_path, tiny_demo):
     if state == "FAILED":
         out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
         assert f"ExitCode={EXIT_PREEMPTED}:0" in out
+
+
+def test_env_shows_each_rank_under_srun(cluster):
+    done = subprocess.run(["srun", "--mpi=pmix", "--nodes=1", "--ntasks=2", "--time=5", sys.executable, "-m",
+                           "tsmtrain", "env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 rank(s), engine horovod" in done.stdout
+    assert "SLURM_PROCID=0" in done.stdout and "SLURM_PROCID=1" in done.stdout
+    assert done.stdout.count("PMIX_RANK=") == 2

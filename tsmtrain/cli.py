@@ -125,27 +125,41 @@ def model_info(
 
 # --------------------------------------------------------------------------- cluster
 
-# flag name -> recipe key; the values go through the recipe schema like the YAML file's
-CLUSTER_FLAGS = {
-    "nodes": "cluster.nodes", "gpus_per_node": "cluster.gpus_per_node", "tasks_per_node": "cluster.tasks_per_node",
-    "cpus_per_task": "cluster.cpus_per_task", "mem": "cluster.mem", "time": "cluster.time",
-    "partition": "cluster.partition", "account": "cluster.account", "qos": "cluster.qos",
-    "constraint": "cluster.constraint", "reservation": "cluster.reservation", "job_name": "cluster.job_name",
-    "launcher": "cluster.launcher", "max_requeues": "cluster.max_requeues",
-    "signal_seconds": "cluster.signal_seconds", "python": "cluster.python",
-}
+# the cluster section's keys that are also flags of render and submit (--nodes, --time, ...)
+CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "partition", "account",
+                 "qos", "constraint", "reservation", "job_name", "launcher", "max_requeues", "signal_seconds", "python")
 
 
-def _cluster_recipe(recipe: str, sets: list[str], values: dict, check_files: bool) -> Recipe:
-    flags = {CLUSTER_FLAGS[k]: ("--" + k.replace("_", "-"), v) for k, v in values.items() if v is not None}
-    return _load(recipe, sets, check_files=check_files, flags=flags)
+def _with_cluster_flags(command):
+    """Give ``command`` one option per :data:`CLUSTER_FLAGS` key, typed and described by the
+    recipe schema (:class:`tsmtrain.recipe.ClusterConfig`); the values it gets arrive as the
+    ``cluster`` dict, ``{"cluster.nodes": ("--nodes", 4), ...}``, for only the flags given."""
+    import functools
+    import inspect
+
+    from .recipe import ClusterConfig
+
+    params = [p for p in inspect.signature(command).parameters.values() if p.name != "cluster"]
+    for key in CLUSTER_FLAGS:
+        field = ClusterConfig.model_fields[key]
+        kind = int if int in (field.annotation, *getattr(field.annotation, "__args__", ())) else str
+        params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                                        default=typer.Option(None, help=field.description)))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {f"cluster.{k}": ("--" + k.replace("_", "-"), kwargs.pop(k)) for k in CLUSTER_FLAGS}
+        return command(**kwargs, cluster={k: v for k, v in given.items() if v[1] is not None})
+
+    wrapper.__signature__ = inspect.Signature(params)
+    return wrapper
 
 
-def _job(recipe: str, sets, template, values, dry_run: bool | None):
+def _job(recipe: str, sets, template, flags: dict, dry_run: bool | None):
     from .launch import LaunchError, prepare_job, render_sbatch, submit
 
     # rendering may happen away from the cluster's file system; submitting happens beside it
-    cfg = _cluster_recipe(recipe, sets, values, check_files=dry_run is not None)
+    cfg = _load(recipe, sets, check_files=dry_run is not None, flags=flags)
     try:
         if dry_run is None:
             return render_sbatch(prepare_job(cfg), template)
@@ -154,56 +168,32 @@ def _job(recipe: str, sets, template, values, dry_run: bool | None):
         _fail(str(err))
 
 
-_O = typer.Option
+TEMPLATE_HELP = "your own Jinja2 job template (default slurm/job.sbatch.j2)"
 
 
 @app.command()
+@_with_cluster_flags
 def render(
     recipe: str = typer.Argument(..., help="YAML recipe"),
-    sets: list[str] = _O([], "--set", help=SET_HELP),
-    template: Optional[str] = _O(None, "--template", help="your own Jinja2 job template (default slurm/job.sbatch.j2)"),
-    nodes: Optional[int] = _O(None, help="nodes"),
-    gpus_per_node: Optional[int] = _O(None, help="GPUs per node (0: CPU only)"),
-    tasks_per_node: Optional[int] = _O(None, help="ranks per node (default: one per GPU)"),
-    cpus_per_task: Optional[int] = _O(None, help="CPU cores per rank"),
-    mem: Optional[str] = _O(None, help="memory per node, e.g. 64G"),
-    time: Optional[str] = _O(None, help="time limit, e.g. 04:00:00 or 1-00:00:00"),
-    partition: Optional[str] = _O(None), account: Optional[str] = _O(None), qos: Optional[str] = _O(None),
-    constraint: Optional[str] = _O(None), reservation: Optional[str] = _O(None),
-    job_name: Optional[str] = _O(None, help="job name (default run.name)"),
-    launcher: Optional[str] = _O(None, help="srun or mpirun"),
-    max_requeues: Optional[int] = _O(None, help="requeues after a checkpoint on USR2"),
-    signal_seconds: Optional[int] = _O(None, help="USR2 this many seconds before the time limit"),
-    python: Optional[str] = _O(None, help="Python on the compute nodes (default: this one)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help=TEMPLATE_HELP),
+    cluster: dict = None,
 ) -> None:
     """Print the sbatch script for a recipe (cluster flags override the recipe's cluster section)."""
-    values = {k: v for k, v in locals().items() if k in CLUSTER_FLAGS}
-    print(_job(recipe, sets, template, values, None), end="")
+    print(_job(recipe, sets, template, cluster, None), end="")
 
 
 @app.command()
+@_with_cluster_flags
 def submit(
     recipe: str = typer.Argument(..., help="YAML recipe"),
-    sets: list[str] = _O([], "--set", help=SET_HELP),
-    template: Optional[str] = _O(None, "--template", help="your own Jinja2 job template (default slurm/job.sbatch.j2)"),
-    dry_run: bool = _O(False, "--dry-run", help="write the script and recipe into the run directory, do not sbatch"),
-    nodes: Optional[int] = _O(None, help="nodes"),
-    gpus_per_node: Optional[int] = _O(None, help="GPUs per node (0: CPU only)"),
-    tasks_per_node: Optional[int] = _O(None, help="ranks per node (default: one per GPU)"),
-    cpus_per_task: Optional[int] = _O(None, help="CPU cores per rank"),
-    mem: Optional[str] = _O(None, help="memory per node, e.g. 64G"),
-    time: Optional[str] = _O(None, help="time limit, e.g. 04:00:00 or 1-00:00:00"),
-    partition: Optional[str] = _O(None), account: Optional[str] = _O(None), qos: Optional[str] = _O(None),
-    constraint: Optional[str] = _O(None), reservation: Optional[str] = _O(None),
-    job_name: Optional[str] = _O(None, help="job name (default run.name)"),
-    launcher: Optional[str] = _O(None, help="srun or mpirun"),
-    max_requeues: Optional[int] = _O(None, help="requeues after a checkpoint on USR2"),
-    signal_seconds: Optional[int] = _O(None, help="USR2 this many seconds before the time limit"),
-    python: Optional[str] = _O(None, help="Python on the compute nodes (default: this one)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help=TEMPLATE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="write the script and recipe into the run directory, do not sbatch"),
+    cluster: dict = None,
 ) -> None:
     """Write the job script and resolved recipe into the run directory and submit it with sbatch."""
-    values = {k: v for k, v in locals().items() if k in CLUSTER_FLAGS}
-    result = _job(recipe, sets, template, values, dry_run)
+    result = _job(recipe, sets, template, cluster, dry_run)
     print(f"script: {result.script}\nrecipe: {result.recipe_file}\nlog:    {result.log_pattern}")
     if result.job_id is None:
         print(f"dry run: not submitted; submit with: sbatch {result.script}")
