@@ -69,11 +69,17 @@ def wait_for(job_id: str, log: Path, timeout: float = 600) -> str:
 
 
 def test_two_rank_job_runs_to_completion(cluster, tmp_path, tiny_demo):
-    recipe = write_recipe(tmp_path, tiny_demo, "plain", epochs=1)
+    # hostile names reach the real sbatch: a job name with shell syntax, a run directory with
+    # spaces and command substitutions
+    evil = "a b; touch x"
+    recipe = write_recipe(tmp_path, tiny_demo, "run $(touch pwned) `touch pwned2`", epochs=1, job_name=evil)
     job = submit(recipe)
-    run_dir = tmp_path / "runs" / "plain"
+    run_dir = tmp_path / "runs" / "run $(touch pwned) `touch pwned2`"
     log = run_dir / f"slurm-{job}.out"
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    assert f"JobName={evil} " in shown
     assert wait_for(job, log) in ("COMPLETED", "GONE")
+    assert not list(tmp_path.rglob("pwned*")) and not list(tmp_path.rglob("x"))
     text = log.read_text()
     assert "rank 0 of 2 (horovod)" in text and "rank 1 of 2 (horovod)" in text, text
     assert "tsmtrain: run finished" in text
@@ -132,3 +138,14 @@ def test_env_shows_each_rank_under_srun(cluster):
     assert "2 rank(s), engine horovod" in done.stdout
     assert "SLURM_PROCID=0" in done.stdout and "SLURM_PROCID=1" in done.stdout
     assert done.stdout.count("PMIX_RANK=") == 2
+
+
+def test_mpirun_launcher_inside_the_allocation(cluster, tmp_path, tiny_demo):
+    job = submit(write_recipe(tmp_path, tiny_demo, "mpi", epochs=1, launcher="mpirun"))
+    run_dir = tmp_path / "runs" / "mpi"
+    log = run_dir / f"slurm-{job}.out"
+    assert wait_for(job, log) in ("COMPLETED", "GONE")
+    text = log.read_text()
+    assert "rank 0 of 2 (horovod)" in text and "rank 1 of 2 (horovod)" in text, text
+    assert "tsmtrain: run finished" in text
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 24 // 4

@@ -334,7 +334,8 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
                     optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
                     step += 1
                     interval_steps += 1
-                    stopping = engine.synchronize(vote).item() > 0
+                    # (a request during the last step changes nothing: the run ends normally)
+                    stopping = engine.synchronize(vote).item() > 0 and step < stop_at
                     if (step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps
                             or stopping):
                         acc[0], acc[2] = on_device.tolist()
@@ -377,7 +378,7 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     if stopping:
         log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
                  step, total_steps, EXIT_PREEMPTED)
-    return RunResult(step, epoch, last_eval, model, engine.rank, preempted=stopping and step < total_steps)
+    return RunResult(step, epoch, last_eval, model, engine.rank, preempted=stopping)
 
 
 def _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step) -> dict:
