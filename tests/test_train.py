@@ -61,6 +61,7 @@ def test_resume_continues_exactly(tmp_path, tiny_demo):
     assert part.step == 3
     state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "cut"))
     assert (state["step"], state["epoch"], state["micro"]) == (3, 0, 3)
+    assert state["sampler"]["epoch"] == 0 and state["sampler"]["skip"] == 3 * 4 and state["sampler"]["size"] == 24
     resumed = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"data.workers": 1}), resume=True)
     assert resumed.step == full.step
     ref = read_metrics(tmp_path / "runs" / "ref")
@@ -113,3 +114,49 @@ def test_cli_run_reports_malformed_list_with_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert f"{listing}:2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def stop_requested(monkeypatch):
+    """A stop request (SIGUSR2) that is already there when training starts."""
+    from tsmtrain import train as train_module
+
+    enter = train_module._StopRequest.__enter__
+
+    def requested(self):
+        enter(self)
+        self.requested = True
+        return self
+
+    monkeypatch.setattr(train_module._StopRequest, "__enter__", requested)
+
+
+def test_stop_request_checkpoints_after_the_current_step(tmp_path, tiny_demo, stop_requested):
+    result = train(tiny_recipe(tmp_path, tiny_demo, "stop"))
+    assert result.preempted and result.step == 1
+    state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "stop"))
+    assert (state["step"], state["epoch"], state["micro"]) == (1, 0, 1)
+
+
+def test_stop_request_in_the_last_step_lets_the_run_finish(tmp_path, tiny_demo, stop_requested):
+    cfg = tiny_recipe(tmp_path, tiny_demo, "last", **{"train.batch_size": 24, "schedule.epochs": 1,
+                                                      "schedule.warmup_epochs": 0})
+    result = train(cfg)
+    assert not result.preempted and result.step == 1 and result.eval["clips"] == 8
+
+
+def test_stop_signal_handler_is_restored(tmp_path, tiny_demo):
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR2)
+    train(tiny_recipe(tmp_path, tiny_demo, "restore", **{"train.stop_after_steps": 1}))
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_resume_refuses_another_model_and_no_resume_refuses_checkpoints(tmp_path, tiny_demo):
+    train(tiny_recipe(tmp_path, tiny_demo, "same", **{"train.stop_after_steps": 1}))
+    with pytest.raises(TrainingError, match=r"another model \(model.shift_div: 8 there, 4 here\)"):
+        train(tiny_recipe(tmp_path, tiny_demo, "same", **{"model.shift_div": 4}))
+    with pytest.raises(TrainingError, match="already holds checkpoint-00000001.pt"):
+        train(tiny_recipe(tmp_path, tiny_demo, "same"), resume=False)
+    assert train(tiny_recipe(tmp_path, tiny_demo, "same", **{"train.stop_after_steps": 2})).step == 2  # resumed

@@ -1,8 +1,10 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint holds the model, the optimizer state, the schedule position (optimizer step),
-the epoch and the position inside it, every rank's random-number-generator states, and the
-recipe. Rank 0 writes it atomically: into a temporary file in the run directory, flushed and
+the epoch and the position inside it (``micro``, and the sampler's state: epoch, clips to skip,
+seed, list size), every rank's random-number-generator states, every rank's BatchNorm
+statistics when it was written mid-epoch (``rank_buffers``; they are averaged at epoch ends),
+whether the epoch's evaluation is still due (``pending_eval``), and the recipe. Rank 0 writes it atomically: into a temporary file in the run directory, flushed and
 fsync'ed, then renamed over the final name, so a job killed mid-write leaves the previous
 checkpoint intact and never a truncated one.
 """

@@ -178,6 +178,11 @@ class ShardSampler(Sampler):
         """Choose the epoch (the permutation) and how many of this rank's clips to skip."""
         self.epoch, self.skip = epoch, skip
 
+    def state_dict(self) -> dict:
+        """Where this rank is in the sample order: what a checkpoint needs to continue it."""
+        return {"epoch": self.epoch, "skip": self.skip, "seed": self.seed, "size": self.size,
+                "world_size": self.world_size, "shuffle": self.shuffle, "pad": self.pad}
+
     def shard(self) -> list[int]:
         """This rank's indices for the current epoch, before ``skip``."""
         if self.shuffle:

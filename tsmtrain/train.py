@@ -268,6 +268,11 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, micro_done = state["step"], state["epoch"], state["micro"]
         last_eval, pending_eval = state.get("eval", {}), state.get("pending_eval", False)
+        saved_order = state.get("sampler")
+        if saved_order and (saved_order["size"], saved_order["seed"]) != (len(train_set), t.seed):
+            log.warning("the training list has %d videos (seed %d); the checkpoint's sample order was for %d "
+                        "(seed %d): the rest of this epoch follows a different order",
+                        len(train_set), t.seed, saved_order["size"], saved_order["seed"])
         if state["world_size"] == engine.size:
             ckpt.set_rng_state(state["rng"][engine.rank], transform_gen)
             rank_buffers = (state.get("rank_buffers") or [None] * engine.size)[engine.rank]
@@ -373,8 +378,9 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
             if wants_eval and not stopping:
                 last_eval = _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step)
             if (epoch_done and (epoch % t.checkpoint_every == 0 or last)) or step >= stop_at or stopping:
+                train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)  # where a resumed run goes on
                 _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval,
-                      pending_eval=wants_eval and stopping)
+                      pending_eval=wants_eval and stopping, sampler=train_sampler.state_dict())
     if stopping:
         log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
                  step, total_steps, EXIT_PREEMPTED)
@@ -391,7 +397,7 @@ def _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics,
 
 
 def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, recipe, last_eval,
-          pending_eval=False) -> None:
+          pending_eval=False, sampler=None) -> None:
     """Rank 0 writes the checkpoint; every rank returns only once it is on disk.
 
     Mid-epoch (``micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
@@ -405,7 +411,7 @@ def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, 
     if engine.rank == 0:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-            "micro": micro, "world_size": engine.size, "rng": rngs, "rank_buffers": buffers, "eval": last_eval,
+            "micro": micro, "world_size": engine.size, "rng": rngs, "rank_buffers": buffers, "sampler": sampler, "eval": last_eval,
             "pending_eval": pending_eval, "recipe": recipe.model_dump(mode="json"),
         }
         path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
