@@ -125,45 +125,15 @@ def job_ranks(recipe: Recipe) -> int:
     return recipe.cluster.nodes * recipe.cluster.ranks_per_node()
 
 
-def _check_job(recipe: Recipe) -> None:
-    c = recipe.cluster
-    if c.gpus_per_node and c.tasks_per_node and c.tasks_per_node > c.gpus_per_node:
-        raise LaunchError(f"cluster.tasks_per_node = {c.tasks_per_node}: more ranks than GPUs per node "
-                          f"({c.gpus_per_node}); Horovod runs one rank per GPU")
-    if job_ranks(recipe) > 1 and recipe.dist.engine == "none":
-        raise LaunchError(f"dist.engine = 'none' cannot run {job_ranks(recipe)} ranks; use dist.engine: horovod")
-    if c.gpus_per_node and recipe.train.device == "cpu":
-        raise LaunchError("cluster.gpus_per_node > 0 but train.device = 'cpu': the GPUs would sit idle")
-    if c.signal_seconds >= _seconds(c.time):
-        raise LaunchError(f"cluster.signal_seconds = {c.signal_seconds}: not shorter than the time limit {c.time!r}")
-
-
-def _seconds(limit: str) -> float:
-    """Seconds in a Slurm time limit (validated by the recipe schema)."""
-    if limit in ("UNLIMITED", "INFINITE"):
-        return float("inf")
-    days, _, rest = limit.rpartition("-")
-    parts = [int(x) for x in rest.split(":")]
-    if days:  # days-hours[:minutes[:seconds]]
-        parts += [0] * (3 - len(parts))
-        h, m, sec = parts
-    else:  # minutes | minutes:seconds | hours:minutes:seconds
-        h, m, sec = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
-    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
-
-
 def _run_dir(recipe: Recipe) -> Path:
     return Path(recipe.run.dir) / recipe.run.name
 
 
 def prepare_job(recipe: Recipe) -> Recipe:
     """The recipe the job runs: absolute paths (the job may start in another directory) and
-    ``dist.np`` set to the job's ranks, so that derived values read right.
-
-    Raises:
-        LaunchError: cluster values that contradict each other or the recipe.
+    ``dist.np`` set to the job's ranks, so that derived values read right. (Cluster values that
+    contradict each other or the recipe were already refused by the recipe's validation.)
     """
-    _check_job(recipe)
     job = with_absolute_paths(recipe)
     return job.model_copy(update={"dist": job.dist.model_copy(update={"np": job_ranks(job)})})
 

@@ -31,6 +31,7 @@ __all__ = [
     "derived_values",
     "with_absolute_paths",
     "dump_recipe",
+    "time_limit_seconds",
 ]
 
 
@@ -137,6 +138,20 @@ class RunConfig(_Section):
 _TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
 _MEMORY = re.compile(r"^\d+[KMGT]?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def time_limit_seconds(limit: str) -> float:
+    """Seconds in a Slurm time limit already matched by the schema (``MM``, ``MM:SS``,
+    ``HH:MM:SS``, ``D-HH[:MM[:SS]]``; ``UNLIMITED``/``INFINITE`` give infinity)."""
+    if limit in ("UNLIMITED", "INFINITE"):
+        return float("inf")
+    days, _, rest = limit.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # days-hours[:minutes[:seconds]]
+        h, m, sec = parts + [0] * (3 - len(parts))
+    else:  # minutes | minutes:seconds | hours:minutes:seconds
+        h, m, sec = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
 
 
 def _one_line(value: str | None, what: str) -> str | None:
@@ -260,6 +275,17 @@ class Recipe(_Section):
             problems.append(("data.scales", self.data.scales, "each scale must lie in (0, 1]"))
         if self.optim.nesterov and self.optim.name != "sgd":
             problems.append(("optim.nesterov", True, "nesterov applies to optim.name: sgd only"))
+        c = self.cluster
+        if c.gpus_per_node and c.tasks_per_node and c.tasks_per_node > c.gpus_per_node:
+            problems.append(("cluster.tasks_per_node", c.tasks_per_node,
+                             f"more ranks than GPUs per node ({c.gpus_per_node}); Horovod runs one rank per GPU"))
+        ranks = c.nodes * c.ranks_per_node()
+        if ranks > 1 and self.dist.engine == "none":
+            problems.append(("dist.engine", "none", f"the cluster section asks for {ranks} ranks; use dist.engine: horovod"))
+        if c.gpus_per_node and self.train.device == "cpu":
+            problems.append(("cluster.gpus_per_node", c.gpus_per_node, "train.device is cpu: the GPUs would sit idle"))
+        if c.signal_seconds >= time_limit_seconds(c.time):
+            problems.append(("cluster.signal_seconds", c.signal_seconds, f"not shorter than the time limit {c.time!r}"))
         if problems:
             raise ValueError("\n".join(f"{k}\x1f{v!r}\x1f{why}" for k, v, why in problems))
         return self

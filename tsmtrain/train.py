@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from . import checkpoint as ckpt
 from .data import ShardSampler, VideoClipDataset, build_loader, read_list
@@ -41,7 +41,7 @@ from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
 from .launch import EXIT_PREEMPTED
 from .model import create_model
 from .optim import LRSchedule, create_optimizer
-from .recipe import Recipe, derived_values
+from .recipe import Recipe, derived_values, dump_recipe
 from .transforms import VideoTransform
 
 __all__ = ["train", "evaluate", "predict", "clip_dataset", "TrainingError", "RunResult", "EXIT_PREEMPTED",
@@ -205,8 +205,6 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) if "SLURM_JOB_ID" in os.environ else 0
     torch.set_num_threads(recipe.train.threads or slurm_cpus or max(1, (os.cpu_count() or 1) // engine.local_size))
     device = _choose_device(recipe.train.device, engine.local_rank)
-    import socket
-
     print(f"[rank {engine.rank}] rank {engine.rank} of {engine.size} ({engine.name}) on {socket.gethostname()}, "
           f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {torch.get_num_threads()} threads",
           file=sys.stderr, flush=True)
@@ -289,7 +287,7 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
 
     metrics = _Metrics(run_dir / "metrics.jsonl" if rank0 else None)
     if rank0:
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         log.info("run %s: %s, %d ranks (%s), device %s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
                  run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device,
                  derived["global_batch"], derived["lr"], steps_per_epoch, s.epochs)
