@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.model import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train import TrainingError, train
 
@@ -160,3 +161,28 @@ def test_resume_refuses_another_model_and_no_resume_refuses_checkpoints(tmp_path
     with pytest.raises(TrainingError, match="already holds checkpoint-00000001.pt"):
         train(tiny_recipe(tmp_path, tiny_demo, "same"), resume=False)
     assert train(tiny_recipe(tmp_path, tiny_demo, "same", **{"train.stop_after_steps": 2})).step == 2  # resumed
+
+
+def test_step_time_breakdown_adds_up_to_the_step_time(tmp_path, tiny_demo):
+    train(tiny_recipe(tmp_path, tiny_demo, "phases", **{"train.log_every": 2, "train.stop_after_steps": 4,
+                                                       "train.allreduce_benchmark": 3}))
+    records = read_metrics(tmp_path / "runs" / "phases")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4] and all(r["interval_steps"] == 2 for r in steps)
+    for r in steps:
+        phases = r["breakdown_s"]
+        assert set(phases) == {"data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other"}
+        assert all(v >= 0 for v in phases.values())
+        assert sum(phases.values()) == pytest.approx(r["step_time_s"], rel=1e-6)
+        assert phases["forward_backward"] > phases["optimizer"]  # a ResNet-18 backward beats an SGD update
+        assert r["clips_per_s"] == pytest.approx(4 / r["step_time_s"], rel=1e-6)  # 4 clips per step, 1 rank
+    bench = [r["allreduce_benchmark"] for r in records if "allreduce_benchmark" in r]
+    assert len(bench) == 1 and bench[0]["repeats"] == 3 and len(bench[0]["times_s"]) == 3
+    model_params = sum(p.numel() for p in create_model(tiny_recipe(tmp_path, tiny_demo, "x").model, 4).parameters())
+    assert bench[0]["parameters"] == model_params and bench[0]["bytes"] == 4 * model_params
+
+
+def test_breakdown_off_records_no_phases(tmp_path, tiny_demo):
+    train(tiny_recipe(tmp_path, tiny_demo, "plain", **{"train.breakdown": "false", "train.stop_after_steps": 2}))
+    steps = [r for r in read_metrics(tmp_path / "runs" / "plain") if "loss" in r]
+    assert len(steps) == 2 and all("breakdown_s" not in r and r["step_time_s"] > 0 for r in steps)

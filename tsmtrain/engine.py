@@ -54,12 +54,23 @@ class Engine:
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Make every rank's parameters, buffers and optimizer state equal to rank 0's."""
 
+    def wait_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait until the gradient allreduce started during backward has finished.
+
+        Together with :meth:`step` this is ``optimizer.step()`` split in two, so that the
+        training loop can time the part of the allreduce that backward did not hide.
+        """
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the averaged gradients (after :meth:`wait_gradients`)."""
+        optimizer.step()
+
     def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
         """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
         return values.clone()
 
     def allreduce_async(self, values: torch.Tensor, name: str) -> Any:
-        """Start summing a small float64 tensor over all ranks; :meth:`synchronize` gives the
+        """Start summing a tensor over all ranks; :meth:`synchronize` gives the
         result. Horovod runs it in its background thread, fused with the gradient allreduces of
         the same step, so waiting for it at the end of the step costs nothing extra. Every rank
         must start the same ``name`` in the same order, and finish it before starting it again."""
@@ -131,6 +142,13 @@ class HorovodEngine(Engine):
                                           name="optimizer_state")
         if self.rank != 0:
             optimizer.load_state_dict(state)
+
+    def wait_gradients(self, optimizer):
+        optimizer.synchronize()
+
+    def step(self, optimizer):
+        with optimizer.skip_synchronize():  # synchronize() already ran in wait_gradients
+            optimizer.step()
 
     def allreduce(self, values, average=True):
         op = self.hvd.Average if average else self.hvd.Sum

@@ -118,6 +118,14 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1, description="clips per rank per backward pass")
     eval_every: int = Field(1, ge=1, description="evaluate every this many epochs (and after the last)")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl records")
+    breakdown: bool = Field(
+        True, description="time each step's phases (data wait, augmentation, forward+backward, allreduce wait, "
+                          "optimizer) into metrics.jsonl; on a GPU this synchronises the device at each phase's end"
+    )
+    allreduce_benchmark: int = Field(
+        0, ge=0, description="after the last step, time this many standalone allreduces of all gradients "
+                             "(benchmark runs of tsmtrain sweep; 0: none)"
+    )
     checkpoint_every: int = Field(1, ge=1, description="write a checkpoint every this many epochs (and after the last)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run directory")
     stop_after_steps: int | None = Field(

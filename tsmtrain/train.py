@@ -44,8 +44,8 @@ from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values, dump_recipe
 from .transforms import VideoTransform
 
-__all__ = ["train", "evaluate", "predict", "clip_dataset", "TrainingError", "RunResult", "EXIT_PREEMPTED",
-           "STOP_SIGNAL"]
+__all__ = ["train", "evaluate", "predict", "clip_dataset", "benchmark_allreduce", "TrainingError", "RunResult",
+           "EXIT_PREEMPTED", "STOP_SIGNAL", "BREAKDOWN"]
 
 log = logging.getLogger("tsmtrain")
 
@@ -159,6 +159,89 @@ class _Metrics:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+# what each rank sums over a logging interval (indices into one float64 tensor, allreduced at its end)
+_ACC = ("loss", "clips", "correct", "failed", "data", "augment", "forward_backward", "allreduce_wait", "optimizer",
+        "elapsed")
+_LOSS, _CLIPS, _CORRECT, _FAILED, _DATA, _AUGMENT, _FORWARD_BACKWARD, _ALLREDUCE_WAIT, _OPTIMIZER, _ELAPSED = range(len(_ACC))
+BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
+"""The phases of an optimizer step in ``metrics.jsonl``'s ``breakdown_s`` (seconds per step, mean
+over ranks): waiting for the DataLoader; host-to-device copy and batched augmentation; forward
+and backward (Horovod's gradient allreduce runs beside backward); waiting for that allreduce
+after backward, i.e. the part backward did not hide; the optimizer step; the rest (stop-request
+vote, bookkeeping). They add up to ``step_time_s``."""
+
+
+class _PhaseClock:
+    """Adds the seconds since a time mark to one entry of the interval sums.
+
+    Disabled (``train.breakdown: false``) it does nothing at all. Enabled on a GPU it
+    synchronises the device first, so that the asynchronous kernels of a phase count in it.
+    """
+
+    def __init__(self, acc: torch.Tensor | None, device: torch.device, enabled: bool):
+        self.acc, self.enabled, self.cuda = acc, enabled, device.type == "cuda"
+
+    def lap(self, index: int, since: float) -> float:
+        if not self.enabled:
+            return since
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.acc[index] += now - since
+        return now
+
+
+def _interval_record(tot: torch.Tensor, size: int, steps: int, breakdown: bool) -> dict:
+    """The metrics.jsonl fields of one logging interval from the sums over all ranks ``tot``
+    (indexed by ``_ACC``): clips/s use the mean over ranks of the interval's wall time."""
+    elapsed = tot[_ELAPSED].item() / size  # mean over ranks, seconds
+    clips = tot[_CLIPS].item()
+    record = dict(loss=tot[_LOSS].item() / clips, train_top1=100 * tot[_CORRECT].item() / clips,
+                  clips_per_s=clips / max(elapsed, 1e-9), clips_per_s_per_rank=clips / max(elapsed, 1e-9) / size,
+                  data_wait_fraction=tot[_DATA].item() / max(tot[_ELAPSED].item(), 1e-9),
+                  skipped_videos=int(tot[_FAILED].item()), interval_steps=steps, step_time_s=elapsed / steps)
+    if breakdown:
+        phases = {name: tot[i].item() / size / steps
+                  for name, i in zip(BREAKDOWN, (_DATA, _AUGMENT, _FORWARD_BACKWARD, _ALLREDUCE_WAIT, _OPTIMIZER))}
+        phases["other"] = max(0.0, elapsed / steps - sum(phases.values()))
+        record["breakdown_s"] = phases
+    return record
+
+
+def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp16: bool = False) -> dict:
+    """Time a gradient allreduce on its own, not overlapped with backward.
+
+    Every trainable parameter's gradient tensor (zeros where there is none) is allreduced the way
+    ``hvd.DistributedOptimizer`` does it during backward (one named asynchronous allreduce per
+    tensor, fused by Horovod), ``repeats`` times after a barrier each; the scaling model
+    (:mod:`tsmtrain.scaling`) compares this with the wait measured in training to find how much
+    of the allreduce backward hides.
+
+    Returns:
+        ``{"seconds": median over repeats of the mean over ranks, "times_s": [...], "repeats": R,
+        "bytes": bytes sent into one allreduce (2 per value with fp16 compression, else 4),
+        "parameters": number of parameters}``.
+    """
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+             for p in model.parameters() if p.requires_grad]
+    if fp16:
+        grads = [g.half() for g in grads]
+    times = []
+    for _ in range(repeats):
+        engine.barrier()
+        t0 = time.perf_counter()
+        handles = [engine.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
+        for h in handles:
+            engine.synchronize(h)
+        if grads and grads[0].is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times = engine.allreduce(torch.tensor(times, dtype=torch.float64), average=True).tolist()
+    return dict(seconds=sorted(times)[len(times) // 2], times_s=times, repeats=repeats,
+                bytes=sum(g.numel() * g.element_size() for g in grads),
+                parameters=sum(p.numel() for p in model.parameters()))
 
 
 def _progress(enabled: bool, total: int, completed: int):
@@ -299,6 +382,7 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
         last_eval = _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step)
     stopping = False
     stop_flag = torch.zeros(1, dtype=torch.float64)
+    clock = _PhaseClock(acc=None, device=device, enabled=t.breakdown)
 
     with bar or nullcontext():
         while epoch < s.epochs and step < stop_at and not stopping:
@@ -306,57 +390,60 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
             loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
                                   pin_memory=device.type == "cuda")
             model.train()
-            # per logging interval: loss sum, clips, correct, failed videos, data wait s, elapsed s;
-            # loss and correct accumulate on the device so that no step waits for a .item()
-            acc = torch.zeros(6, dtype=torch.float64)
+            # per logging interval, on each rank: the sums in _ACC (seconds, clips, ...); loss and
+            # correct accumulate on the device so that no step waits for a .item()
+            acc = torch.zeros(len(_ACC), dtype=torch.float64)
+            clock.acc = acc
             on_device = torch.zeros(2, dtype=torch.float64, device=device)
             interval_steps = 0
             t_last = time.perf_counter()
             t_ready = t_last
             for batch in loader:
                 t_got = time.perf_counter()
-                acc[4] += t_got - t_ready
+                acc[_DATA] += t_got - t_ready
                 if micro_done % bpps == 0:  # first pass of an optimizer step: vote on stopping after it
                     stop_flag[0] = float(stop.requested)
                     vote = engine.allreduce_async(stop_flag, name="stop_request")
                 for failed in batch["failed"]:
                     log.warning("skipped unreadable video: %s", failed)
-                acc[3] += len(batch["failed"])
+                acc[_FAILED] += len(batch["failed"])
                 x = train_tf(batch["frames"].to(device, non_blocking=True))
                 y = batch["label"].to(device, non_blocking=True)
+                t_prev = clock.lap(_AUGMENT, t_got)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 (loss / bpps).backward()
                 on_device[0] += loss.detach() * len(y)
                 on_device[1] += (logits.argmax(1) == y).sum()
-                acc[1] += len(y)
+                acc[_CLIPS] += len(y)
                 micro_done += 1
+                t_prev = clock.lap(_FORWARD_BACKWARD, t_prev)
                 if micro_done % bpps == 0:
+                    engine.wait_gradients(optimizer)
+                    t_prev = clock.lap(_ALLREDUCE_WAIT, t_prev)
                     lr = schedule.apply(optimizer, step)
-                    optimizer.step()
+                    engine.step(optimizer)
                     optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
+                    clock.lap(_OPTIMIZER, t_prev)
                     step += 1
                     interval_steps += 1
                     # (a request during the last step changes nothing: the run ends normally)
                     stopping = engine.synchronize(vote).item() > 0 and step < stop_at
                     if (step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps
                             or stopping):
-                        acc[0], acc[2] = on_device.tolist()
-                        acc[5] = time.perf_counter() - t_last
-                        tot = engine.allreduce(acc, average=False)
-                        clips_per_s = tot[1].item() / max(acc[5].item(), 1e-9)
-                        record = dict(epoch=epoch, step=step, loss=tot[0].item() / tot[1].item(), lr=lr,
-                                      train_top1=100 * tot[2].item() / tot[1].item(), clips_per_s=clips_per_s,
-                                      clips_per_s_per_rank=clips_per_s / engine.size,
-                                      data_wait_fraction=tot[4].item() / max(tot[5].item(), 1e-9),
-                                      skipped_videos=int(tot[3].item()))
+                        acc[_LOSS], acc[_CORRECT] = on_device.tolist()
+                        acc[_ELAPSED] = time.perf_counter() - t_last
+                        record = _interval_record(engine.allreduce(acc, average=False), engine.size,
+                                                  interval_steps, t.breakdown)
+                        record = dict(epoch=epoch, step=step, lr=lr, **record)
                         metrics.write(**record)
                         if bar is not None:
-                            bar.update(bar.task_ids[0], completed=step, epoch=epoch, speed=clips_per_s, loss=record["loss"])
+                            bar.update(bar.task_ids[0], completed=step, epoch=epoch, speed=record["clips_per_s"],
+                                       loss=record["loss"])
                         elif rank0:
-                            eta = (stop_at - step) * acc[5].item() / interval_steps
+                            eta = (stop_at - step) * record["step_time_s"]
                             log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f clips/s data wait %.0f%% eta %.0fs",
-                                     epoch, step, total_steps, record["loss"], lr, clips_per_s,
+                                     epoch, step, total_steps, record["loss"], lr, record["clips_per_s"],
                                      100 * record["data_wait_fraction"], eta)
                         acc.zero_()
                         on_device.zero_()
@@ -379,6 +466,9 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
                 train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)  # where a resumed run goes on
                 _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval,
                       pending_eval=wants_eval and stopping, sampler=train_sampler.state_dict())
+    if t.allreduce_benchmark and not stopping:
+        metrics.write(step=step, allreduce_benchmark=benchmark_allreduce(engine, model, t.allreduce_benchmark,
+                                                                         fp16=recipe.dist.fp16_allreduce))
     if stopping:
         log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
                  step, total_steps, EXIT_PREEMPTED)
