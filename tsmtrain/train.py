@@ -297,15 +297,7 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     # ---- data
     if d.generate is not None:
         if rank0:
-            log.info("preparing the %s dataset in %s", d.generate, d.root)
-            if d.generate == "demo":
-                from .synthetic import generate_demo_dataset
-
-                generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
-            else:
-                from .arrow import build_arrow_of_time
-
-                build_arrow_of_time(d.source, d.root)
+            prepare_dataset(recipe)
         engine.barrier()
     train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
@@ -505,6 +497,24 @@ def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, 
         path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
         log.info("checkpoint %s", path)
     engine.barrier()  # no rank exits (and ends the job step) while the checkpoint is being written
+
+
+def prepare_dataset(recipe: Recipe) -> None:
+    """Build the dataset a recipe's ``data.generate`` names (``demo``: rendered with ffmpeg;
+    ``arrow_of_time``: cut from ``data.source``) in ``data.root``; nothing when it is not set.
+    Both builders skip what is already there."""
+    d = recipe.data
+    if d.generate is None:
+        return
+    log.info("preparing the %s dataset in %s", d.generate, d.root)
+    if d.generate == "demo":
+        from .synthetic import generate_demo_dataset
+
+        generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+    else:
+        from .arrow import build_arrow_of_time
+
+        build_arrow_of_time(d.source, d.root)
 
 
 def clip_dataset(recipe: Recipe, records, train: bool) -> VideoClipDataset:
