@@ -149,3 +149,32 @@ def test_mpirun_launcher_inside_the_allocation(cluster, tmp_path, tiny_demo):
     assert "rank 0 of 2 (horovod)" in text and "rank 1 of 2 (horovod)" in text, text
     assert "tsmtrain: run finished" in text
     assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 24 // 4
+
+
+def test_sweep_as_a_job_array_then_report(cluster, tmp_path, tiny_demo):
+    """tsmtrain sweep --submit --array: both points of one node run as tasks of one job array, each
+    with its own number of ranks; tsmtrain report collects them once the jobs have ended."""
+    import json
+
+    recipe = write_recipe(tmp_path, tiny_demo, "swept")
+    sweep_dir = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "tsmtrain", "sweep", str(recipe), "--workers", "1,2", "--steps", "2",
+                           "--warmup", "1", "--submit", "--array", "--out", str(sweep_dir)],
+                          capture_output=True, text=True, env=venv_env())
+    assert done.returncode == 0, done.stderr
+    jobs = re.findall(r"submitted job (\d+)_(\d)", done.stderr)
+    assert len(jobs) == 2 and jobs[0][0] == jobs[1][0] and {j[1] for j in jobs} == {"0", "1"}
+    deadline = time.time() + 600
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", jobs[0][0]], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(3)
+    report = subprocess.run([sys.executable, "-m", "tsmtrain", "report", str(sweep_dir)], capture_output=True,
+                            text=True, env=venv_env())
+    assert report.returncode == 0, report.stderr
+    for n in (1, 2):
+        record = json.loads((sweep_dir / "points" / f"workers-{n:04d}.json").read_text())
+        assert record["status"] == "ok", record["error"]
+        assert record["launch"] == "submit" and record["global_batch"] == 2 * n
+        log = Path(record["log"]).read_text()
+        assert f"rank {n - 1} of {n} (horovod)" in log and f"of {n + 1} (horovod)" not in log
+    assert (sweep_dir / "report" / "throughput.png").exists()

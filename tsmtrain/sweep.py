@@ -278,7 +278,7 @@ def measure_point(run_dir: str | os.PathLike, warmup: int, steps: int) -> dict:
     if not path.exists():
         raise SweepError(f"{path}: missing (the run wrote no metrics)")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    intervals = [r for r in records if "loss" in r and r["step"] > warmup]
+    intervals = [r for r in records if "loss" in r and r["step"] - r["interval_steps"] >= warmup]
     bench = [r["allreduce_benchmark"] for r in records if "allreduce_benchmark" in r]
     measured = sum(r["interval_steps"] for r in intervals)
     if measured < steps or not bench:
@@ -404,6 +404,7 @@ _ARRAY_SCRIPT = """#!/bin/bash
 #SBATCH --open-mode=append
 #SBATCH --requeue
 {header}
+
 RUN_DIRS=({run_dirs})
 RANKS=({ranks})
 PER_NODE=({per_node})
@@ -449,7 +450,7 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
             script = sweep_dir / f"array-{nodes:04d}-nodes.sbatch"
             script.write_text(_ARRAY_SCRIPT.format(
                 points=",".join(map(str, points)), nodes=nodes, last=len(points) - 1,
-                name=f"{recipes[widest].run.name}-sweep-array",
+                name=f"{Path(meta['recipe']).stem}-sweep",
                 log=str(sweep_dir / "runs" / "array-%A_%a.out").replace("%%", "%"), header=header,
                 run_dirs=" ".join(shlex.quote(str(_run_dir(sweep_dir, n))) for n in points),
                 ranks=" ".join(str(n) for n in points),
