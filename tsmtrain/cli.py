@@ -7,6 +7,9 @@
 * ``tsmtrain env`` -> :func:`tsmtrain.engine.describe_rank` on every rank
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
 * ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.model` parameter and multiply-add counts
+* ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.sweep`
+* ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml]`` -> :mod:`tsmtrain.report`,
+  :mod:`tsmtrain.scaling`
 
 User mistakes (bad recipe, bad list file, missing launcher, impossible job) print one line per
 problem and exit with status 2, never a traceback. A run stopped by SIGUSR2 after its checkpoint
@@ -16,6 +19,7 @@ exits with :data:`tsmtrain.train.EXIT_PREEMPTED` (75).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -231,3 +235,116 @@ def env(
                           ", ".join(r["devices"]), str(r["cpus"]),
                           " ".join(f"{k}={v}" for k, v in r["launcher_env"].items()))
         Console(width=200).print(table)
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+@app.command()
+@_with_cluster_flags
+def sweep(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    workers: str = typer.Option(..., "--workers", help="worker counts (ranks), e.g. 1,2,4,8"),
+    strong: bool = typer.Option(False, "--strong", help="strong scaling: keep the global batch (default: weak "
+                                                        "scaling, keep the clips per rank)"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1,
+                                               help="with --strong: the global batch (default: the recipe's)"),
+    local: bool = typer.Option(True, "--local/--submit", help="run each point here (tsmtrain run --np N), or "
+                                                               "submit one Slurm job per point"),
+    array: bool = typer.Option(False, "--array", help="with --submit: one job array per node count"),
+    steps: int = typer.Option(20, "--steps", help="measured optimizer steps per point"),
+    warmup: int = typer.Option(5, "--warmup", help="optimizer steps before measuring"),
+    out: Optional[str] = typer.Option(None, "--out", help="sweep directory (default RUN_DIR/sweeps/NAME-weak|strong)"),
+    rerun: bool = typer.Option(False, "--rerun", help="measure points again that the sweep directory already has"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds after which a local point is killed"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help=TEMPLATE_HELP),
+    cluster: dict = None,
+) -> None:
+    """Benchmark a recipe at several worker counts (short runs, no evaluation) into a sweep
+    directory; run it again to resume or extend it. Then: tsmtrain report SWEEP_DIR."""
+    from rich.console import Console
+
+    from .data import ListFileError
+    from .launch import LaunchError
+    from .sweep import SweepError, parse_workers, plan_sweep, run_sweep
+
+    if array and local:
+        _fail("--array: job arrays are for --submit")
+    cfg = _load(recipe, sets, flags=cluster)
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        plan = plan_sweep(cfg, recipe, parse_workers(workers), out, strong=strong, global_batch=global_batch,
+                          launch="local" if local else "submit", steps=steps, warmup=warmup, rerun=rerun)
+    except (SweepError, ListFileError) as err:
+        _fail(str(err))
+    console.print(f"sweep {plan.sweep_dir}: {plan.meta['mode']} scaling of {plan.meta['model']}, "
+                  f"{warmup} warm-up + {steps} measured steps per point")
+    if plan.skipped:
+        console.print(f"kept from earlier: workers {', '.join(map(str, plan.skipped))} (--rerun measures them again)")
+
+    def show(r: dict) -> None:
+        if r["status"] == "ok":
+            console.print(f"workers {r['workers']:>5}: {r['clips_per_s']:.1f} clips/s, {r['step_time_s']:.3f} s/step "
+                          f"(global batch {r['global_batch']}) in {r['seconds']:.0f} s")
+        elif r["status"] == "submitted":
+            console.print(f"workers {r['workers']:>5}: submitted job {r['job_id']}")
+        else:
+            console.print(f"workers {r['workers']:>5}: [red]failed[/red]: {r['error']}", markup=True, highlight=False)
+
+    try:
+        records = run_sweep(plan, launch="local" if local else "submit", array=array, timeout=timeout,
+                            template=template, on_point=show)
+    except (SweepError, LaunchError) as err:
+        _fail(str(err))
+    failed = [r for r in records if r["status"] == "failed"]
+    console.print(f"records in {plan.sweep_dir / 'points'}; table and plots: tsmtrain report {plan.sweep_dir}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    sweep_dir: str = typer.Argument(..., help="a directory written by tsmtrain sweep"),
+    predict: Optional[str] = typer.Option(None, "--predict", help="worker counts to predict, e.g. 256,1536"),
+    network: Optional[str] = typer.Option(None, "--network", help="network description (YAML) for --predict, "
+                                                                 "e.g. configs/networks/summit.yaml"),
+) -> None:
+    """Write the sweep's table (Markdown, CSV) and plots into SWEEP_DIR/report and print the table;
+    with --predict, add the scaling model's points."""
+    from .report import SweepError as ReportError
+    from .report import load_sweep, print_report, table_rows, write_report
+    from .sweep import SweepError, collect, parse_workers
+
+    if (predict is None) != (network is None):
+        _fail("--predict and --network go together: the model needs worker counts and a network")
+    try:
+        collect(sweep_dir) if (Path(sweep_dir) / "sweep.json").exists() else None
+        meta, records = load_sweep(sweep_dir)
+        predictions = None
+        if predict is not None:
+            from dataclasses import asdict
+
+            from .scaling import NetworkError, basis_from_sweep, load_network
+            from .scaling import predict as model_predict
+
+            counts = parse_workers(predict, "--predict")
+            try:
+                net = load_network(network)
+                basis = basis_from_sweep(meta, records)
+            except NetworkError as err:
+                _fail(str(err))
+            except ValueError as err:
+                _fail(f"--predict: {err}")
+            predictions = [asdict(p) for p in model_predict(basis, net, counts)]
+            for note in basis.notes:
+                print(f"model: {note}", file=sys.stderr)
+        files = write_report(sweep_dir, predictions)
+        from rich.console import Console
+
+        # a pipe or log file gets the whole table rather than 80 squeezed columns
+        print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220))
+    except (SweepError, ReportError) as err:
+        _fail(str(err))
+    for path in (getattr(files, name) for name in vars(files)):
+        print(f"wrote {path}")

@@ -1,0 +1,386 @@
+"""Reports of a scaling sweep: a table, a CSV file and three plots from ``SWEEP_DIR``.
+
+A sweep directory (written by :mod:`tsmtrain.sweep`) holds ``sweep.json`` and one record per
+point, ``points/workers-NNNN.json``. :func:`load_sweep` reads them, :func:`table_rows` turns them
+into one row per point (plus model predictions, if any), :func:`write_report` writes
+``SWEEP_DIR/report/`` (``report.md``, ``report.csv``, ``throughput.png``, ``efficiency.png``,
+``breakdown.png``) and :func:`print_report` prints the table on the terminal.
+
+Speed-up and efficiency of a measured point are relative to the *baseline*: the ok point with the
+fewest workers, N0, with throughput X(N0) in clips/s. For N workers with throughput X(N)::
+
+    speedup(N)    = X(N) / X(N0) * N0           "equivalent workers"; 1 at N0 = 1
+    efficiency(N) = X(N) / (X(N0) * N / N0)     = speedup(N) / N, a fraction (1 = linear scaling)
+
+For weak scaling (fixed batch per rank) this is the throughput ratio; for strong scaling (fixed
+global batch) the throughput is global batch / step time, so the same ratio is the step-time
+ratio. Predicted rows carry the model's efficiency and speedup = efficiency * N.
+
+Plots use matplotlib's object API (no pyplot), so no display is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SweepError", "ReportFiles", "COLUMNS", "load_sweep", "table_rows", "write_report", "print_report"]
+
+MEASURED_BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
+"""Phases of a measured step (``breakdown_s`` of a point record), seconds per optimizer step."""
+PREDICTED_BREAKDOWN = ("compute", "data", "allreduce_exposed")
+"""Phases of a predicted step (``breakdown_s`` of a :class:`tsmtrain.scaling.Prediction`)."""
+LABELS = {"data": "data", "augment": "augment", "forward_backward": "forward+backward",
+          "allreduce_wait": "allreduce wait", "optimizer": "optimizer", "other": "other",
+          "compute": "compute", "allreduce_exposed": "exposed allreduce"}
+COLORS = {"data": "C0", "augment": "C1", "forward_backward": "C2", "compute": "C2", "allreduce_wait": "C3",
+          "allreduce_exposed": "C3", "optimizer": "C4", "other": "C7"}
+
+COLUMNS = ("kind", "workers", "nodes", "global_batch", "batch_per_rank", "status", "clips_per_s",
+           "clips_per_s_per_rank", "step_time_s", "speedup", "efficiency",
+           *(f"{k}_s" for k in MEASURED_BREAKDOWN), "compute_s", "allreduce_exposed_s", "allreduce_s",
+           "limited_by", "error")
+"""Keys of a :func:`table_rows` row, in table order (``*_s``: seconds per optimizer step)."""
+TIME_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_s") and not c.startswith("clips"))
+"""Columns in seconds, shown in milliseconds in the Markdown and terminal tables."""
+SHORT = {"workers": "N", "global_batch": "batch", "batch_per_rank": "b/rank", "clips_per_s": "clips/s",
+         "clips_per_s_per_rank": "/rank", "step_time_s": "step", "efficiency": "eff.", "augment_s": "aug",
+         "forward_backward_s": "fwd+bwd", "allreduce_wait_s": "ar wait", "optimizer_s": "optim",
+         "allreduce_exposed_s": "ar exp.", "allreduce_s": "ar alone", "limited_by": "limit"}
+"""Terminal headers (the table's caption says the times are ms per step)."""
+
+META_KEYS = ("recipe", "mode", "steps", "warmup_steps")
+RECORD_KEYS = ("workers", "status", "error", "nodes", "global_batch", "batch_per_rank", "step_time_s",
+               "clips_per_s", "clips_per_s_per_rank", "breakdown_s")
+STATUSES = ("ok", "failed", "submitted")
+
+
+class SweepError(ValueError):
+    """A sweep directory that cannot be reported; the message names the directory or file."""
+
+
+@dataclass
+class ReportFiles:
+    """The files :func:`write_report` wrote (all in ``SWEEP_DIR/report/``)."""
+
+    markdown: Path
+    csv: Path
+    throughput: Path
+    efficiency: Path
+    breakdown: Path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SweepError(f"{path}: line {err.lineno} column {err.colno}: malformed JSON ({err.msg})") from None
+    except OSError as err:
+        raise SweepError(f"{path}: cannot be read ({err.strerror})") from None
+    if not isinstance(doc, dict):
+        raise SweepError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def load_sweep(sweep_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """Read a sweep directory: ``sweep.json`` and every ``points/workers-*.json``.
+
+    Returns:
+        ``(meta, records)``: the contents of ``sweep.json`` and the point records sorted by
+        workers (an empty list while no point has been written).
+    Raises:
+        SweepError: ``sweep_dir`` or its ``sweep.json`` is missing ("not a sweep directory: ..."),
+            a file is not valid JSON (file, line and column named), ``sweep.json`` or a record
+            lacks a key, a record has an unknown status, an ok record lacks a measured value, or
+            two records have the same worker count (both files named).
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SweepError(f"not a sweep directory: {sweep_dir} (no such directory)")
+    meta_file = sweep_dir / "sweep.json"
+    if not meta_file.is_file():
+        raise SweepError(f"not a sweep directory: {sweep_dir} (no sweep.json; make one with tsmtrain sweep)")
+    meta = _read_json(meta_file)
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise SweepError(f"{meta_file}: missing key(s) {', '.join(missing)}")
+    records, seen = [], {}
+    for path in sorted((sweep_dir / "points").glob("workers-*.json")):
+        record = _read_json(path)
+        missing = [k for k in RECORD_KEYS if k not in record]
+        if missing:
+            raise SweepError(f"{path}: missing key(s) {', '.join(missing)}")
+        if record["status"] not in STATUSES:
+            raise SweepError(f"{path}: status {record['status']!r} is not one of {', '.join(STATUSES)}")
+        if record["status"] == "ok":
+            empty = [k for k in RECORD_KEYS[3:] if record[k] is None]
+            empty += [f"breakdown_s.{k}" for k in MEASURED_BREAKDOWN if k not in (record["breakdown_s"] or {})]
+            if empty:
+                raise SweepError(f"{path}: status ok but no value for {', '.join(empty)}")
+        if record["workers"] in seen:
+            raise SweepError(f"{path}: workers = {record['workers']} again (also in {seen[record['workers']]})")
+        seen[record["workers"]] = path
+        records.append(record)
+    return meta, sorted(records, key=lambda r: r["workers"])
+
+
+def _as_dict(prediction) -> dict:
+    return dataclasses.asdict(prediction) if dataclasses.is_dataclass(prediction) else dict(prediction)
+
+
+def table_rows(meta: dict, records: list[dict], predictions: list | None = None) -> list[dict]:
+    """One row per point: the measured records in workers order, then the predictions.
+
+    Each row has the keys of :data:`COLUMNS`: ``kind`` ("measured" or "predicted"), workers,
+    nodes, global batch and batch per rank (clips), ``status`` (ok, failed, submitted; "predicted"
+    for predictions), ``clips_per_s`` and ``clips_per_s_per_rank`` (clips/s), ``step_time_s``
+    (seconds per optimizer step), ``speedup`` (equivalent workers) and ``efficiency`` (a fraction,
+    1 = linear) as defined in the module docstring, the breakdown in seconds per step
+    (``data_s`` ... ``other_s`` for measured points; ``compute_s``, ``data_s``,
+    ``allreduce_exposed_s`` for predictions), ``allreduce_s`` (one standalone gradient
+    allreduce, seconds), ``limited_by`` (predictions) and ``error``. Values a point does not
+    have are ``None``; failed and submitted points keep their row, with no numbers.
+
+    Args:
+        meta: the contents of ``sweep.json`` (unused today; kept for symmetry with the report).
+        records: point records as :func:`load_sweep` returns them.
+        predictions: :class:`tsmtrain.scaling.Prediction` objects or their ``dataclasses.asdict``.
+    """
+    ok = [r for r in records if r["status"] == "ok"]
+    base = min(ok, key=lambda r: r["workers"]) if ok else None
+    rows = []
+    for r in records:
+        row = dict.fromkeys(COLUMNS)
+        row.update(kind="measured", **{k: r.get(k) for k in ("workers", "nodes", "global_batch", "batch_per_rank",
+                                                             "status", "error", "allreduce_s")})
+        if r["status"] == "ok":
+            row.update({k: r[k] for k in ("clips_per_s", "clips_per_s_per_rank", "step_time_s")})
+            row.update({f"{k}_s": r["breakdown_s"][k] for k in MEASURED_BREAKDOWN})
+            if base is not None and base["clips_per_s"] > 0:
+                ratio = r["clips_per_s"] / base["clips_per_s"]
+                row["speedup"] = ratio * base["workers"]
+                row["efficiency"] = ratio * base["workers"] / r["workers"]
+        rows.append(row)
+    for p in sorted((_as_dict(p) for p in predictions or []), key=lambda p: p["workers"]):
+        row = dict.fromkeys(COLUMNS)
+        row.update({k: p.get(k) for k in COLUMNS if k in p}, kind="predicted", status="predicted", error=None)
+        row.update({f"{k}_s": p["breakdown_s"].get(k) for k in PREDICTED_BREAKDOWN})
+        row["speedup"] = p["efficiency"] * p["workers"]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- text output
+
+def _columns(rows: list[dict]) -> list[str]:
+    """COLUMNS without those no row has a value for (but always the identifying ones)."""
+    keep = ("kind", "workers", "status", "clips_per_s", "speedup", "efficiency", "error")
+    return [c for c in COLUMNS if c in keep or any(r[c] is not None for r in rows)]
+
+
+def _fmt(column: str, value) -> str:
+    """Compact text: efficiency in %, breakdown and step time in ms, others 4 significant digits."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if column == "efficiency":
+        return f"{100 * value:.1f}%"
+    if column in TIME_COLUMNS:
+        value = value * 1000
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def _header(column: str) -> str:
+    if column == "allreduce_s":
+        return "standalone allreduce (ms)"
+    if column in TIME_COLUMNS:
+        return f"{LABELS.get(column[:-2], column[:-2].replace('_', ' '))} (ms/step)"
+    return {"clips_per_s": "clips/s", "clips_per_s_per_rank": "clips/s/rank", "global_batch": "global batch",
+            "batch_per_rank": "batch/rank", "limited_by": "limited by"}.get(column, column)
+
+
+def _title(meta: dict) -> str:
+    recipe = Path(str(meta["recipe"])).name
+    return f"{meta.get('model') or 'model'} ({recipe}), {meta['mode']} scaling"
+
+
+def _markdown(meta: dict, rows: list[dict]) -> str:
+    base = next((r for r in rows if r["kind"] == "measured" and r["status"] == "ok"), None)
+    batch = (f"{meta.get('batch_per_rank')} clips per rank" if meta["mode"] == "weak"
+             else f"global batch {meta.get('global_batch')} clips")
+    lines = [f"# Scaling sweep: {_title(meta)}", "",
+             f"- recipe: `{meta['recipe']}`", f"- mode: {meta['mode']} scaling ({batch})",
+             f"- steps: {meta['steps']} measured after {meta['warmup_steps']} warm-up steps",
+             f"- baseline N0: {str(base['workers']) + ' worker(s)' if base else 'none (no ok point)'}", "",
+             "Speed-up = X(N) / X(N0) * N0 and efficiency = X(N) / (X(N0) * N / N0), X in clips/s; "
+             "predicted rows give the scaling model's efficiency and speed-up = efficiency * N. "
+             "Breakdown columns are milliseconds per optimizer step.", ""]
+    columns = _columns(rows)
+    lines.append("| " + " | ".join(_header(c) for c in columns) + " |")
+    lines.append("|" + "|".join("---" if c in ("kind", "status", "error", "limited_by") else "---:"
+                                for c in columns) + "|")
+    for r in rows:
+        cells = [_fmt(c, r[c]).replace("|", "\\|").replace("\n", " ") for c in columns]
+        if r["kind"] == "predicted":
+            cells[0] = "*predicted*"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![throughput](throughput.png)", "![efficiency](efficiency.png)", "![breakdown](breakdown.png)", ""]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Full precision (``repr`` of floats), seconds per step, efficiency as a fraction."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for r in rows:
+            writer.writerow(["" if r[c] is None else repr(r[c]) if isinstance(r[c], float) else r[c]
+                             for c in COLUMNS])
+
+
+def print_report(meta: dict, rows: list[dict], console=None) -> None:
+    """Print ``rows`` (from :func:`table_rows`) as a rich table: clips/s, efficiency in %,
+    step time and breakdown in ms per step; failed rows in red with their error, predicted rows
+    dimmed. ``console`` defaults to a new :class:`rich.console.Console` (stdout)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=escape(f"Scaling sweep: {_title(meta)}"),
+                  caption="times in ms per optimizer step; speed-up and efficiency relative to the smallest ok point")
+    columns = [c for c in _columns(rows) if c != "kind"]  # the status says "predicted"
+    for c in columns:
+        text = c in ("status", "error", "limited_by")
+        table.add_column(SHORT.get(c, c.removesuffix("_s")), justify="left" if text else "right",
+                         no_wrap=c != "error", overflow="fold")
+    for r in rows:
+        style = "red" if r["status"] == "failed" else "dim" if r["kind"] == "predicted" else None
+        table.add_row(*(escape(_fmt(c, r[c])) for c in columns), style=style)  # errors may hold [...]
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- plots
+
+def _log2_axis(ax, workers: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    if workers and min(workers) > 0 and max(workers) >= 4 * min(workers):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    if workers:
+        ax.xaxis.set_major_locator(FixedLocator(sorted(set(workers))))
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("workers (ranks)")
+
+
+def _line_plots(meta: dict, rows: list[dict], throughput: Path, efficiency: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if r["kind"] == "measured" and r["status"] == "ok"]
+    pred = [r for r in rows if r["kind"] == "predicted"]
+    bad = [r for r in rows if r["kind"] == "measured" and r["status"] != "ok"]
+    workers = [r["workers"] for r in rows]
+    for path, key, scale, ylabel, what in ((throughput, "clips_per_s", 1, "throughput (clips/s, all ranks)",
+                                            "throughput"),
+                                           (efficiency, "efficiency", 100, "scaling efficiency (%)", "efficiency")):
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        ax = fig.add_subplot()
+        if ok:
+            ax.plot([r["workers"] for r in ok], [r[key] * scale for r in ok], "o-", color="C0", label="measured")
+        if pred:
+            ax.plot([r["workers"] for r in pred], [r[key] * scale for r in pred], "s--", color="C1",
+                    markerfacecolor="none", label="predicted")
+        if key == "clips_per_s" and ok:
+            n0, x0 = ok[0]["workers"], ok[0]["clips_per_s"]
+            xs = sorted(set(workers))
+            ax.plot(xs, [x0 * n / n0 for n in xs], ":", color="0.5", label=f"ideal (linear from N0={n0})")
+        if key == "efficiency":
+            ax.axhline(100, linestyle=":", color="0.5", label="100% (linear)")
+        for i, r in enumerate(bad):
+            ax.plot(r["workers"], 0, "x", color="red", markersize=10, mew=2, label=None if i else "failed / not run")
+            ax.annotate(r["status"], (r["workers"], 0), textcoords="offset points", xytext=(0, 8), ha="center",
+                        color="red", fontsize=8)
+        if not ok and not pred:
+            ax.text(0.5, 0.5, "no completed point", transform=ax.transAxes, ha="center", color="0.4")
+        _log2_axis(ax, workers)
+        ax.set_ylim(bottom=0, top=None if ok or pred else 1)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{what}: {_title(meta)}")
+        ax.grid(True, alpha=0.3)
+        if ok or pred or bad:
+            ax.legend(fontsize=8)
+        fig.savefig(path, dpi=120)
+
+
+def _breakdown_plot(meta: dict, rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(8, 0.7 * len(rows) + 4), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    totals = [sum(r[f"{k}_s"] or 0 for k in (*MEASURED_BREAKDOWN, *PREDICTED_BREAKDOWN)) * 1000 for r in rows]
+    top = max(totals, default=0) or 1.0
+    labelled = set()
+    for x, r in enumerate(rows):
+        predicted = r["kind"] == "predicted"
+        if not predicted and r["status"] != "ok":
+            ax.bar(x, top, fill=False, edgecolor="red", linestyle="--")
+            ax.text(x, top / 2, r["status"], rotation=90, ha="center", va="center", color="red")
+            continue
+        bottom = 0.0
+        for k in PREDICTED_BREAKDOWN if predicted else MEASURED_BREAKDOWN:
+            height = (r[f"{k}_s"] or 0) * 1000
+            label = f"{LABELS[k]} (predicted)" if predicted else LABELS[k]
+            ax.bar(x, height, bottom=bottom, color=COLORS[k], hatch="//" if predicted else None,
+                   alpha=0.6 if predicted else 1.0, edgecolor="black" if predicted else None,
+                   label=None if label in labelled else label)
+            labelled.add(label)
+            bottom += height
+    ax.set_xticks(range(len(rows)),
+                  [f"{r['workers']}\n(pred.)" if r["kind"] == "predicted" else str(r["workers"]) for r in rows])
+    first_predicted = next((x for x, r in enumerate(rows) if r["kind"] == "predicted"), 0)
+    if first_predicted:
+        ax.axvline(first_predicted - 0.5, color="0.3", linewidth=1)
+        ax.text(first_predicted - 0.45, top * 1.1, "predicted →", fontsize=8, va="top", color="0.3")
+    ax.set_ylim(0, top * 1.12)
+    if not rows:
+        ax.text(0.5, 0.5, "no points", transform=ax.transAxes, ha="center", color="0.4")
+    ax.set_xlabel("workers (ranks)")
+    ax.set_ylabel("time per optimizer step (ms)")
+    ax.set_title(f"step-time breakdown: {_title(meta)}")
+    if labelled:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120)
+
+
+def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None) -> ReportFiles:
+    """Write ``SWEEP_DIR/report/``: ``report.md`` (sweep settings and the table), ``report.csv``
+    (the :data:`COLUMNS` at full precision: clips/s, seconds per step, efficiency as a fraction),
+    ``throughput.png`` (clips/s against workers, with the linear ideal), ``efficiency.png``
+    (% against workers) and ``breakdown.png`` (stacked ms per step).
+
+    Args:
+        sweep_dir: a directory made by ``tsmtrain sweep``.
+        predictions: :class:`tsmtrain.scaling.Prediction` objects (or their ``asdict``) to add
+            as predicted rows, points and hatched bars.
+    Raises:
+        SweepError: as :func:`load_sweep`.
+    """
+    meta, records = load_sweep(sweep_dir)
+    rows = table_rows(meta, records, predictions)
+    out = Path(sweep_dir) / "report"
+    out.mkdir(exist_ok=True)
+    files = ReportFiles(*(out / name for name in ("report.md", "report.csv", "throughput.png", "efficiency.png",
+                                                  "breakdown.png")))
+    files.markdown.write_text(_markdown(meta, rows))
+    _write_csv(files.csv, rows)
+    _line_plots(meta, rows, files.throughput, files.efficiency)
+    _breakdown_plot(meta, rows, files.breakdown)
+    return files
