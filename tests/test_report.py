@@ -193,10 +193,15 @@ def test_predicted_rows(tmp_path):
     rows = read_csv(files.csv)
     predicted = [r for r in rows if r["kind"] == "predicted"]
     assert [r["workers"] for r in predicted] == ["16", "64"]
+    base = rows[0]  # the 1-worker point: predicted rows are measured against it too
+    assert base["kind"] == "measured" and base["status"] == "ok"
+    base_rate, base_workers = float(base["clips_per_s"]), int(base["workers"])
     for row, p in zip(predicted, sorted(predictions, key=lambda p: p["workers"])):
         assert row["status"] == "predicted" and row["limited_by"] == "network"
-        assert float(row["efficiency"]) == pytest.approx(p["efficiency"], rel=1e-9)
-        assert float(row["speedup"]) == pytest.approx(p["efficiency"] * p["workers"], rel=1e-9)
+        ideal = base_rate * p["workers"] / base_workers
+        assert float(row["efficiency"]) == pytest.approx(p["clips_per_s"] / ideal, rel=1e-9)
+        assert float(row["speedup"]) == pytest.approx(p["clips_per_s"] / ideal * p["workers"], rel=1e-9)
+        assert float(row["model_efficiency"]) == pytest.approx(p["efficiency"], rel=1e-9)
         assert float(row["clips_per_s"]) == pytest.approx(p["clips_per_s"], rel=1e-9)
         assert float(row["compute_s"]) == pytest.approx(0.55)
         assert float(row["allreduce_exposed_s"]) == pytest.approx(p["breakdown_s"]["allreduce_exposed"], rel=1e-9)
@@ -211,14 +216,17 @@ def test_predicted_rows(tmp_path):
 
     # Prediction dataclasses are accepted as they are
     as_objects = table_rows(*load_sweep(sweep), [FakePrediction(**prediction(16, 0.83))])
-    assert as_objects[-1]["kind"] == "predicted" and as_objects[-1]["speedup"] == pytest.approx(16 * 0.83)
+    assert as_objects[-1]["kind"] == "predicted" and as_objects[-1]["model_efficiency"] == pytest.approx(0.83)
+    # without a measured baseline a prediction keeps the model's own efficiency
+    alone = table_rows(load_sweep(sweep)[0], [], [prediction(16, 0.83)])
+    assert alone[0]["efficiency"] == pytest.approx(0.83) and alone[0]["speedup"] == pytest.approx(16 * 0.83)
 
 
 def test_print_report_shows_workers_and_failure(tmp_path):
     from rich.console import Console
 
     meta, records = load_sweep(weak_sweep(tmp_path))
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=260)
     print_report(meta, table_rows(meta, records, [prediction(32, 0.8)]), console=console)
     text = console.export_text()
     lines = text.splitlines()

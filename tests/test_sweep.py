@@ -131,10 +131,29 @@ def test_local_sweep_then_extend_with_a_failing_point_and_report(tmp_path, tiny_
     assert rows[2]["status"] == "failed"
     markdown = (report_dir / "report.md").read_text()
     assert "failed" in markdown and "no full global batch" in markdown
-    assert f"{first[2]['clips_per_s']:.1f}" in markdown
+    assert f"| {first[2]['clips_per_s']:.4g} |" in markdown  # 4 significant digits
     from matplotlib.image import imread
 
     for name in ("throughput.png", "efficiency.png", "breakdown.png"):
         image = imread(report_dir / name)
         assert image.shape[0] > 100 and image.shape[1] > 100
     assert "failed" in done.stdout
+
+    # the scaling model from the measured points, on a described network
+    net = tmp_path / "net.yaml"
+    net.write_text("name: test\nranks_per_node: 2\nintra_node: {bandwidth_gb_per_s: 10, latency_us: 5}\n"
+                   "inter_node: {bandwidth_gb_per_s: 1, latency_us: 20}\n")
+    done = tsmtrain("report", sweep_dir, "--predict", "8,64", "--network", net, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "model: overlap fraction" in done.stderr
+    rows = list(csv.DictReader((report_dir / "report.csv").open()))
+    predicted = [r for r in rows if r["kind"] == "predicted"]
+    assert [int(r["workers"]) for r in predicted] == [8, 64] and len(rows) == 5
+    # 1 GB/s between nodes: the 64-rank allreduce of the gradients takes at least 2*63/64 of them
+    nbytes = first[2]["gradient_bytes"]
+    assert float(predicted[1]["allreduce_s"]) >= 2 * 31 / 32 * nbytes / 1e9
+    assert float(predicted[1]["step_time_s"]) > float(predicted[0]["step_time_s"])
+    net.write_text("name: test\nranks_per_node: 2\nintra_node: {bandwidth_gb_per_s: -1, latency_us: 5}\n")
+    done = tsmtrain("report", sweep_dir, "--predict", "8", "--network", net, cwd=tmp_path)
+    assert done.returncode == 2 and "net.yaml:3: intra_node.bandwidth_gb_per_s" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -14,7 +14,11 @@ fewest workers, N0, with throughput X(N0) in clips/s. For N workers with through
 
 For weak scaling (fixed batch per rank) this is the throughput ratio; for strong scaling (fixed
 global batch) the throughput is global batch / step time, so the same ratio is the step-time
-ratio. Predicted rows carry the model's efficiency and speedup = efficiency * N.
+ratio. Predicted rows use the same baseline, so that a predicted point reads against the measured
+ones (``efficiency`` then includes whatever the baseline had that the model's reference point
+lacked, e.g. a rank alone on a shared host); ``model_efficiency`` is the model's own, against its
+one-worker rate without communication (:func:`tsmtrain.scaling.predict`). Without an ok point
+predicted rows give the model's efficiency and speedup = efficiency * N.
 
 Plots use matplotlib's object API (no pyplot), so no display is needed.
 """
@@ -41,14 +45,14 @@ COLORS = {"data": "C0", "augment": "C1", "forward_backward": "C2", "compute": "C
           "allreduce_exposed": "C3", "optimizer": "C4", "other": "C7"}
 
 COLUMNS = ("kind", "workers", "nodes", "global_batch", "batch_per_rank", "status", "clips_per_s",
-           "clips_per_s_per_rank", "step_time_s", "speedup", "efficiency",
+           "clips_per_s_per_rank", "step_time_s", "speedup", "efficiency", "model_efficiency",
            *(f"{k}_s" for k in MEASURED_BREAKDOWN), "compute_s", "allreduce_exposed_s", "allreduce_s",
            "limited_by", "error")
 """Keys of a :func:`table_rows` row, in table order (``*_s``: seconds per optimizer step)."""
 TIME_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_s") and not c.startswith("clips"))
 """Columns in seconds, shown in milliseconds in the Markdown and terminal tables."""
 SHORT = {"workers": "N", "global_batch": "batch", "batch_per_rank": "b/rank", "clips_per_s": "clips/s",
-         "clips_per_s_per_rank": "/rank", "step_time_s": "step", "efficiency": "eff.", "augment_s": "aug",
+         "clips_per_s_per_rank": "/rank", "step_time_s": "step", "efficiency": "eff.", "model_efficiency": "model eff.", "augment_s": "aug",
          "forward_backward_s": "fwd+bwd", "allreduce_wait_s": "ar wait", "optimizer_s": "optim",
          "allreduce_exposed_s": "ar exp.", "allreduce_s": "ar alone", "limited_by": "limit"}
 """Terminal headers (the table's caption says the times are ms per step)."""
@@ -169,7 +173,12 @@ def table_rows(meta: dict, records: list[dict], predictions: list | None = None)
         row = dict.fromkeys(COLUMNS)
         row.update({k: p.get(k) for k in COLUMNS if k in p}, kind="predicted", status="predicted", error=None)
         row.update({f"{k}_s": p["breakdown_s"].get(k) for k in PREDICTED_BREAKDOWN})
-        row["speedup"] = p["efficiency"] * p["workers"]
+        row["model_efficiency"] = p["efficiency"]
+        if base is not None and base["clips_per_s"] > 0:  # the same yardstick as the measured rows
+            ratio = p["clips_per_s"] / base["clips_per_s"]
+            row["speedup"], row["efficiency"] = ratio * base["workers"], ratio * base["workers"] / p["workers"]
+        else:
+            row["speedup"], row["efficiency"] = p["efficiency"] * p["workers"], p["efficiency"]
         rows.append(row)
     return rows
 
@@ -188,7 +197,7 @@ def _fmt(column: str, value) -> str:
         return ""
     if isinstance(value, str):
         return value
-    if column == "efficiency":
+    if column in ("efficiency", "model_efficiency"):
         return f"{100 * value:.1f}%"
     if column in TIME_COLUMNS:
         value = value * 1000
@@ -203,7 +212,7 @@ def _header(column: str) -> str:
     if column in TIME_COLUMNS:
         return f"{LABELS.get(column[:-2], column[:-2].replace('_', ' '))} (ms/step)"
     return {"clips_per_s": "clips/s", "clips_per_s_per_rank": "clips/s/rank", "global_batch": "global batch",
-            "batch_per_rank": "batch/rank", "limited_by": "limited by"}.get(column, column)
+            "batch_per_rank": "batch/rank", "limited_by": "limited by", "model_efficiency": "model eff."}.get(column, column)
 
 
 def _title(meta: dict) -> str:
@@ -220,7 +229,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
              f"- steps: {meta['steps']} measured after {meta['warmup_steps']} warm-up steps",
              f"- baseline N0: {str(base['workers']) + ' worker(s)' if base else 'none (no ok point)'}", "",
              "Speed-up = X(N) / X(N0) * N0 and efficiency = X(N) / (X(N0) * N / N0), X in clips/s; "
-             "predicted rows give the scaling model's efficiency and speed-up = efficiency * N. "
+             "predicted rows are measured against the same N0; `model eff.` is the model's own efficiency "
+             "(against its one-worker rate without communication). "
              "Breakdown columns are milliseconds per optimizer step.", ""]
     columns = _columns(rows)
     lines.append("| " + " | ".join(_header(c) for c in columns) + " |")

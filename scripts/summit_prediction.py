@@ -1,0 +1,82 @@
+"""Print the README's worked example of the scaling model: TSM-ResNet50 on Summit, the setting of
+"Training Kinetics in 15 Minutes" (Lin, Gan, Han, arXiv:1910.00932, 2019). README.md's table is
+this output:
+
+    python scripts/summit_prediction.py
+
+The model's inputs are written out below with their sources; the ones marked "assumption" were
+not measured on Summit.
+"""
+
+import math
+from pathlib import Path
+
+from tsmtrain.scaling import ScalingBasis, load_network, predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+CLIPS_PER_GPU = 8                 # paper: 12,288 clips on 1,536 GPUs
+FRAMES_PER_CLIP = 8               # TSM 8 segments at 224x224
+PARAMETERS = 24.3e6               # paper (tsmtrain model-info: 24.33 M)
+GRADIENT_BYTES = PARAMETERS * 4   # fp32 gradients (fp16 compression would halve it)
+# Compute, assumption: a V100 trains TSM-ResNet50 as fast per frame as ResNet-50 per image
+# (same 4.1 G multiply-adds per 224x224 frame; the shift itself is memory moves). NVIDIA's
+# DeepLearningExamples ResNet-50 v1.5 PyTorch README, DGX-1 16GB: 367 img/s on 1 V100 in FP32.
+V100_FP32_IMAGES_PER_S = 367.0
+OVERLAP = 0.5                     # assumption: half of the allreduce hidden behind backward
+WORKERS = [6, 96, 384, 1536]
+
+EPOCHS = 50                       # assumption: the TSM repository's Kinetics schedule
+TRAIN_VIDEOS = 246_245            # Kinetics-400 train split (Kay et al. 2017: 306,245 - 20,000 - 40,000)
+PAPER_SECONDS = 14 * 60 + 13      # paper: 14 min 13 s on 1,536 GPUs
+PAPER_ONE_NODE_SECONDS = 49 * 3600 + 55 * 60   # paper: 49 h 55 min on one node (6 GPUs)
+
+
+def main() -> None:
+    network = load_network(REPO / "configs" / "networks" / "summit.yaml")
+    step_compute = CLIPS_PER_GPU * FRAMES_PER_CLIP / V100_FP32_IMAGES_PER_S
+    basis = ScalingBasis(
+        compute_s_per_clip=step_compute / CLIPS_PER_GPU,
+        forward_backward_s_per_clip=step_compute / CLIPS_PER_GPU,
+        data_s_per_step=0.0,
+        overlap_fraction=OVERLAP,
+        gradient_bytes=GRADIENT_BYTES,
+        mode="weak",
+        batch_per_rank=CLIPS_PER_GPU,
+        reference_workers=1,
+    )
+    print(f"compute {step_compute * 1e3:.1f} ms per step ({CLIPS_PER_GPU * FRAMES_PER_CLIP} frames at "
+          f"{V100_FP32_IMAGES_PER_S:.0f} img/s), gradients {GRADIENT_BYTES / 1e6:.1f} MB, overlap {OVERLAP:.2f}\n")
+    print("| algorithm | workers | nodes | step (ms) | allreduce (ms) | exposed (ms) | clips/s | efficiency |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    steps_at_largest = {}
+    for algorithm in ("hierarchical", "ring"):
+        net = network.model_copy(update={"algorithm": algorithm})
+        for p in predict(basis, net, WORKERS):
+            print(f"| {algorithm} | {p.workers} | {p.nodes} | {p.step_time_s * 1e3:.1f} | {p.allreduce_s * 1e3:.2f} "
+                  f"| {p.breakdown_s['allreduce_exposed'] * 1e3:.2f} | {p.clips_per_s:,.0f} | {p.efficiency:.3f} |")
+        steps_at_largest[algorithm] = p
+
+    largest = WORKERS[-1]
+    steps = EPOCHS * math.ceil(TRAIN_VIDEOS / (CLIPS_PER_GPU * largest))
+    print(f"\nfull training on {largest} GPUs: {EPOCHS} epochs x {steps // EPOCHS} steps "
+          f"(ceil({TRAIN_VIDEOS:,} / {CLIPS_PER_GPU * largest:,})) = {steps:,} steps")
+    for algorithm, p in steps_at_largest.items():
+        print(f"- predicted ({algorithm}): {steps * p.step_time_s:.0f} s ({_minutes(steps * p.step_time_s)})")
+    print(f"- published: {PAPER_SECONDS} s ({_minutes(PAPER_SECONDS)})")
+    clips = EPOCHS * TRAIN_VIDEOS
+    paper_rate = clips / PAPER_SECONDS / largest
+    one_node_rate = clips / PAPER_ONE_NODE_SECONDS / 6
+    model_rate = steps_at_largest["hierarchical"].clips_per_s_per_rank
+    print(f"\nclips/s per GPU: model {model_rate:.1f}; implied by the published times (same epochs, videos): "
+          f"{paper_rate:.1f} on {largest} GPUs, {one_node_rate:.1f} on one node (6 GPUs), "
+          f"ratio {paper_rate / one_node_rate:.2f}")
+
+
+def _minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
+
+
+if __name__ == "__main__":
+    main()

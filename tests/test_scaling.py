@@ -1,0 +1,275 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsmtrain.scaling import (
+    LinkSpec,
+    NetworkError,
+    NetworkSpec,
+    ScalingBasis,
+    allreduce_seconds,
+    basis_from_sweep,
+    hierarchical_allreduce_seconds,
+    load_network,
+    predict,
+    ring_allreduce_seconds,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMIT = REPO / "configs" / "networks" / "summit.yaml"
+
+
+def network(algorithm="hierarchical", ranks_per_node=4, intra=(100.0, 1.0), inter=(10.0, 5.0), ceiling=None):
+    return NetworkSpec(name="test", ranks_per_node=ranks_per_node, algorithm=algorithm,
+                       intra_node=LinkSpec(bandwidth_gb_per_s=intra[0], latency_us=intra[1]),
+                       inter_node=LinkSpec(bandwidth_gb_per_s=inter[0], latency_us=inter[1]),
+                       data_clips_per_s_per_node=ceiling)
+
+
+# --------------------------------------------------------------------------- allreduce cost
+
+
+def test_ring_allreduce_by_hand():
+    # N=4, 100 MB, 10 GB/s, 5 us: 2*3/4 * 1e8 / 1e10 + 2*3 * 5e-6
+    assert ring_allreduce_seconds(4, 1e8, 1e10, 5e-6) == pytest.approx(0.015 + 0.00003)
+    # N=2, 1 GB, 1 GB/s, no latency: 2*1/2 * 1 s
+    assert ring_allreduce_seconds(2, 1e9, 1e9, 0.0) == pytest.approx(1.0)
+
+
+def test_ring_allreduce_one_worker_costs_nothing():
+    assert ring_allreduce_seconds(1, 1e9, 1e9, 1e-3) == 0.0
+
+
+@pytest.mark.parametrize("args", [(0, 1e6, 1e9, 0.0), (2, -1.0, 1e9, 0.0), (2, 1e6, 0.0, 0.0), (2, 1e6, 1e9, -1e-6)])
+def test_ring_allreduce_rejects_impossible_inputs(args):
+    with pytest.raises(ValueError):
+        ring_allreduce_seconds(*args)
+
+
+def test_hierarchical_within_one_node_is_the_intra_ring():
+    intra, inter = LinkSpec(bandwidth_gb_per_s=50, latency_us=2), LinkSpec(bandwidth_gb_per_s=1, latency_us=100)
+    # 3 ranks on a 4-rank node: 2*2/3 * 6e8 / 5e10 + 2*2 * 2e-6 = 0.016 + 0.000008
+    assert hierarchical_allreduce_seconds(3, 6e8, 4, intra, inter) == pytest.approx(0.016008)
+    # a full node: 2*3/4 * 6e8 / 5e10 + 2*3 * 2e-6 = 0.018 + 0.000012
+    assert hierarchical_allreduce_seconds(4, 6e8, 4, intra, inter) == pytest.approx(0.018012)
+
+
+def test_hierarchical_two_nodes_by_hand():
+    intra, inter = LinkSpec(bandwidth_gb_per_s=100, latency_us=1), LinkSpec(bandwidth_gb_per_s=10, latency_us=5)
+    # 8 ranks, 4 per node, 1e8 bytes:
+    #   intra: 2*3/4 * 1e8 / 1e11 + 2*3 * 1e-6 = 0.0015 + 0.000006
+    #   inter (2 nodes): 2*1/2 * 1e8 / 1e10 + 2*1 * 5e-6 = 0.01 + 0.00001
+    assert hierarchical_allreduce_seconds(8, 1e8, 4, intra, inter) == pytest.approx(0.011516)
+
+
+def test_flat_ring_across_nodes_runs_at_the_slowest_link():
+    net = network("ring")
+    # within a node: intra figures, 2*3/4 * 1e8 / 1e11 + 6 * 1e-6
+    assert allreduce_seconds(4, 1e8, net) == pytest.approx(0.001506)
+    # 8 ranks over 2 nodes: min bandwidth 10 GB/s, inter latency 5 us: 2*7/8 * 1e8 / 1e10 + 14 * 5e-6
+    assert allreduce_seconds(8, 1e8, net) == pytest.approx(0.0175 + 0.00007)
+    assert allreduce_seconds(8, 1e8, network("hierarchical")) == pytest.approx(0.011516)
+
+
+# --------------------------------------------------------------------------- basis from a sweep
+
+
+def record(workers, status="ok", wait=0.02, allreduce=0.08, batch=4, **bd):
+    breakdown = {"data": 0.01, "augment": 0.02, "forward_backward": 0.30, "allreduce_wait": wait,
+                 "optimizer": 0.04, "other": 0.02, **bd}
+    measured = status == "ok"
+    return {
+        "workers": workers, "status": status, "error": None if measured else "exit status 1",
+        "nodes": 1, "ranks_per_node": workers, "global_batch": batch * workers, "batch_per_rank": batch,
+        "step_time_s": sum(breakdown.values()) if measured else None,
+        "breakdown_s": breakdown if measured else None,
+        "allreduce_s": (allreduce if workers > 1 else None) if measured else None,
+        "gradient_bytes": 44_700_000 if measured else None,
+    }
+
+
+WEAK = {"mode": "weak", "batch_per_rank": 4, "global_batch": None}
+
+
+def test_basis_from_sweep_overlap_and_compute_per_clip():
+    records = [record(1), record(2, wait=0.05, allreduce=0.10), record(4, wait=0.02, allreduce=0.08),
+               record(8, status="failed")]
+    basis = basis_from_sweep(WEAK, records)
+    assert basis.reference_workers == 4
+    assert basis.overlap_fraction == pytest.approx(1 - 0.02 / 0.08)  # the 4-worker point, not the 2-worker one
+    assert basis.compute_s_per_clip == pytest.approx((0.02 + 0.30 + 0.04 + 0.02) / 4)
+    assert basis.forward_backward_s_per_clip == pytest.approx(0.30 / 4)
+    assert basis.data_s_per_step == pytest.approx(0.01)
+    assert basis.gradient_bytes == 44_700_000
+    assert basis.mode == "weak" and basis.batch_per_rank == 4
+
+
+def test_overlap_is_clipped_to_zero_and_one():
+    assert basis_from_sweep(WEAK, [record(2, wait=0.5, allreduce=0.1)]).overlap_fraction == 0.0
+    assert basis_from_sweep(WEAK, [record(2, wait=0.0, allreduce=0.1)]).overlap_fraction == 1.0
+
+
+def test_no_multi_worker_point_gives_overlap_zero_with_a_note():
+    basis = basis_from_sweep(WEAK, [record(1), record(2, status="failed")])
+    assert basis.overlap_fraction == 0.0
+    assert any("overlap fraction 0" in note for note in basis.notes)
+
+
+def test_no_ok_point_is_an_error():
+    with pytest.raises(ValueError, match="no ok point"):
+        basis_from_sweep(WEAK, [record(1, status="failed"), record(2, status="submitted")])
+
+
+def test_strong_sweep_keeps_the_global_batch():
+    basis = basis_from_sweep({"mode": "strong", "batch_per_rank": None, "global_batch": 16},
+                             [record(2, batch=8), record(4, batch=4)])
+    assert basis.mode == "strong" and basis.global_batch == 16 and basis.batch_per_rank is None
+    assert basis.compute_s_per_clip == pytest.approx(0.38 / 4)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def basis(**kw):
+    values = dict(compute_s_per_clip=0.1, forward_backward_s_per_clip=0.075, data_s_per_step=0.0,
+                  overlap_fraction=0.0, gradient_bytes=1e8, mode="weak", batch_per_rank=8)
+    values.update(kw)
+    return ScalingBasis(**values)
+
+
+def test_one_worker_has_efficiency_one_and_no_allreduce():
+    (p,) = predict(basis(data_s_per_step=0.05), network(), [1])
+    assert p.efficiency == pytest.approx(1.0)
+    assert p.allreduce_s == 0.0 and p.breakdown_s["allreduce_exposed"] == 0.0
+    assert p.step_time_s == pytest.approx(0.8 + 0.05)
+    assert p.clips_per_s == pytest.approx(8 / 0.85)
+    assert p.limited_by == "compute"
+
+
+def test_efficiency_falls_with_workers_on_a_slow_network():
+    slow = network(ranks_per_node=2, intra=(1.0, 10.0), inter=(0.1, 50.0))
+    preds = predict(basis(), slow, [1, 2, 4, 16, 64])
+    eff = [p.efficiency for p in preds]
+    assert all(a > b for a, b in zip(eff, eff[1:])), eff
+    assert preds[-1].limited_by == "network"
+    # step = compute + exposed allreduce, nothing hidden with overlap 0
+    last = preds[-1]
+    assert last.step_time_s == pytest.approx(0.8 + last.allreduce_s)
+    assert sum(last.breakdown_s.values()) == pytest.approx(last.step_time_s)
+
+
+def test_overlap_hides_the_allreduce_only_behind_backward():
+    net = network(ranks_per_node=1, inter=(0.1, 0.0))  # 2 ranks on 2 nodes: A = 1e8 / 1e8 = 1 s
+    (p,) = predict(basis(overlap_fraction=1.0), net, [2])
+    assert p.allreduce_s == pytest.approx(1.0)
+    # backward = 2/3 of 8 clips * 0.075 s = 0.4 s can hide; 0.6 s stays exposed
+    assert p.breakdown_s["allreduce_exposed"] == pytest.approx(1.0 - 0.4)
+
+
+def test_data_ceiling_binds():
+    net = network(ranks_per_node=4, ceiling=20.0)  # 4 ranks x 8 clips / 0.8 s = 40 clips/s > 20 per node
+    preds = predict(basis(), net, [1, 8])
+    one, eight = preds
+    assert one.limited_by == "compute" and one.efficiency == pytest.approx(1.0)
+    assert eight.limited_by == "data"
+    assert eight.clips_per_s == pytest.approx(2 * 20.0)
+    assert eight.step_time_s == pytest.approx(64 / 40.0)
+    assert sum(eight.breakdown_s.values()) == pytest.approx(eight.step_time_s)
+    assert eight.efficiency == pytest.approx((40.0 / 8) / (8 / 0.8))
+
+
+def test_strong_mode_divides_the_global_batch():
+    preds = predict(basis(mode="strong", batch_per_rank=None, global_batch=24), network(), [1, 2, 16])
+    assert [p.batch_per_rank for p in preds] == [24.0, 12.0, 1.5]
+    assert all(p.global_batch == 24 for p in preds)
+    assert preds[2].breakdown_s["compute"] == pytest.approx(1.5 * 0.1)
+
+
+def test_predict_rejects_zero_workers():
+    with pytest.raises(ValueError):
+        predict(basis(), network(), [0])
+
+
+# --------------------------------------------------------------------------- network files
+
+
+def test_summit_network_loads():
+    net = load_network(SUMMIT)
+    assert net.ranks_per_node == 6 and net.algorithm == "hierarchical"
+    assert net.inter_node.bandwidth == pytest.approx(23e9)
+    assert net.intra_node.latency == pytest.approx(2e-6)
+
+
+GOOD = """\
+name: tiny
+ranks_per_node: 2
+intra_node:
+  bandwidth_gb_per_s: 50
+  latency_us: 1
+inter_node:
+  bandwidth_gb_per_s: 10
+  latency_us: 2
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "net.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_file_loads(tmp_path):
+    assert load_network(write(tmp_path, GOOD)).inter_node.bandwidth_gb_per_s == 10
+
+
+def test_unknown_key_names_key_and_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("  latency_us: 2", "  latency_ns: 2"))
+    with pytest.raises(NetworkError) as err:
+        load_network(path)
+    msg = str(err.value)
+    assert f"{path}:8: inter_node.latency_ns" in msg and "unknown key" in msg and "latency_us" in msg
+
+
+def test_negative_bandwidth_names_key_and_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("bandwidth_gb_per_s: 10", "bandwidth_gb_per_s: -10"))
+    with pytest.raises(NetworkError) as err:
+        load_network(path)
+    assert f"{path}:7: inter_node.bandwidth_gb_per_s = -10" in str(err.value)
+    assert "greater than 0" in str(err.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("ranks_per_node: 2", "ranks_per_node: many"))
+    with pytest.raises(NetworkError, match=r"net.yaml:2: ranks_per_node = 'many'"):
+        load_network(path)
+
+
+def test_missing_key_names_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("  latency_us: 1\n", ""))
+    with pytest.raises(NetworkError, match=r"intra_node.latency_us: required key is missing"):
+        load_network(path)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, GOOD + "inter_node: [unclosed\n")
+    with pytest.raises(NetworkError) as err:
+        load_network(path)
+    assert str(err.value).startswith(f"{path}:") and "not valid YAML" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_names_file(tmp_path):
+    with pytest.raises(NetworkError, match="nope.yaml: cannot read network file"):
+        load_network(tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------- README
+
+
+def test_readme_contains_the_summit_prediction():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "summit_prediction.py")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| hierarchical | 1536 | 256 |" in out
+    assert out.strip() in (REPO / "README.md").read_text(), "run scripts/summit_prediction.py and paste it into README.md"
