@@ -29,7 +29,7 @@ WORKERS = [6, 96, 384, 1536]
 EPOCHS = 50                       # assumption: the TSM repository's Kinetics schedule
 TRAIN_VIDEOS = 246_245            # Kinetics-400 train split (Kay et al. 2017: 306,245 - 20,000 - 40,000)
 PAPER_SECONDS = 14 * 60 + 13      # paper: 14 min 13 s on 1,536 GPUs
-PAPER_ONE_NODE_SECONDS = 49 * 3600 + 55 * 60   # paper: 49 h 55 min on one node (6 GPUs)
+PAPER_ONE_NODE_SECONDS = 49 * 3600 + 55 * 60   # paper abstract: 49 h 55 min; one node of 6 V100s (TSM repository issue #28)
 
 
 def main() -> None:

@@ -203,6 +203,7 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
                 raise SweepError(f"{meta_file}: this sweep was made with {key} = {old.get(key)!r}, this call "
                                  f"gives {meta[key]!r} ({what}); use the same settings or another --out")
         meta["created"] = old.get("created", meta["created"])
+        collect(sweep_dir)  # jobs of an earlier --submit that have ended count as measured or failed now
     from .train import prepare_dataset
 
     prepare_dataset(recipe)  # a generated dataset is built once here, before the points share it
