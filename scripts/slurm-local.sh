@@ -63,18 +63,23 @@ summary() {
 # Installation
 # ---------------------------------------------------------------------------------------------
 install_packages() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-        && command -v munged >/dev/null && command -v sinfo >/dev/null; then
-        return 0
+    # srun --mpi=pmix needs the PMIx library when slurmd starts: slurmd loads its pmix plugin
+    # once, at start-up, and a slurmd started without it cannot launch pmix steps at all.
+    local packages=()
+    if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
+        || ! command -v munged >/dev/null || ! command -v sinfo >/dev/null; then
+        packages+=(slurm-wlm munge)
     fi
+    ldconfig -p 2>/dev/null | grep -q 'libpmix\.so ' || packages+=(libpmix-dev)
+    [ "${#packages[@]}" -eq 0 ] && return 0
     command -v apt-get >/dev/null \
-        || die 4 "Slurm is not installed and there is no apt-get to install it (not Debian?)"
-    log "installing slurm-wlm and munge with apt-get"
+        || die 4 "missing ${packages[*]} and there is no apt-get to install them (not Debian?)"
+    log "installing ${packages[*]} with apt-get"
     if ! { apt-get update -qq \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            slurm-wlm munge; } >"${TMPDIR:-/tmp}/slurm-local-apt.log" 2>&1; then
+            "${packages[@]}"; } >"${TMPDIR:-/tmp}/slurm-local-apt.log" 2>&1; then
         tail -n 20 "${TMPDIR:-/tmp}/slurm-local-apt.log" >&2 || true
-        die 4 "could not install slurm-wlm/munge with apt-get (no network or no package?);" \
+        die 4 "could not install ${packages[*]} with apt-get (no network or no package?);" \
             "see ${TMPDIR:-/tmp}/slurm-local-apt.log"
     fi
     if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \

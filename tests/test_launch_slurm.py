@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsmtrain.launch import EXIT_PREEMPTED, prepare_job, render_sbatch
+from tsmtrain.launch import EXIT_PREEMPTED, PREEMPTED_FILE, prepare_job, preempted_status, render_sbatch
 from tsmtrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +164,44 @@ def test_failed_run_is_not_requeued(tmp_path):
     done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 1 and "failed with exit status 1" in done.stderr
     assert not (tmp_path / "scontrol").exists()
+
+
+@pytest.mark.parametrize("writes_marker, requeued", [(True, True), (False, False)])
+def test_stop_marker_overrides_a_killed_rank_status(tmp_path, writes_marker, requeued):
+    # srun --kill-on-bad-exit kills a rank still exiting after the first one exited 75; srun then
+    # returns 128 + signal. Rank 0's preempted.json (written after the checkpoint) decides; a
+    # stale one from an earlier start is removed before the launch and does not count.
+    script = render(write_recipe(tmp_path))
+    run_dir = tmp_path / "runs" / "job"
+    run_dir.mkdir(parents=True)
+    (run_dir / PREEMPTED_FILE).write_text("{}\n")  # left by an earlier start
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write = f'echo "{{}}" > "{run_dir / PREEMPTED_FILE}"\n' if writes_marker else ""
+    (bin_dir / "srun").write_text(f"#!/bin/bash\n{write}exit 143\n")
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "$@" > "$LOG_FILE"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_FILE": str(tmp_path / "scontrol"),
+           "SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    if requeued:
+        assert done.returncode == 0, done.stderr
+        assert "launcher exited 143 after the ranks had checkpointed" in done.stdout
+        assert (tmp_path / "scontrol").read_text().split() == ["requeue", "9"]
+    else:
+        assert done.returncode == 143 and "failed with exit status 143" in done.stderr
+        assert not (tmp_path / "scontrol").exists()
+
+
+def test_preempted_status_reads_the_marker(tmp_path):
+    import time
+
+    assert preempted_status(143, tmp_path, 0) == 143  # no marker
+    (tmp_path / PREEMPTED_FILE).write_text("{}\n")
+    assert preempted_status(143, tmp_path, 0) == EXIT_PREEMPTED
+    assert preempted_status(0, tmp_path, 0) == 0  # a clean exit stays clean
+    assert preempted_status(143, tmp_path, time.time() + 60) == 143  # older than this launch
 
 
 @pytest.mark.parametrize("flags, culprit", [

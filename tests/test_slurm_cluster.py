@@ -92,7 +92,13 @@ def test_usr2_checkpoints_requeues_and_equals_uninterrupted(cluster, tmp_path, t
     ref_dir = tmp_path / "runs" / "ref"
     assert wait_for(ref_job, ref_dir / f"slurm-{ref_job}.out") in ("COMPLETED", "GONE")
 
-    job = submit(write_recipe(tmp_path, tiny_demo, "cut"))
+    # rank 0 lingers after its exit, so srun --kill-on-bad-exit kills it once rank 1 has exited 75
+    # and srun reports 128 + signal: the job must still see a clean stop (preempted.json)
+    lingering = tmp_path / "python-lingering"
+    lingering.write_text(f'#!/bin/bash\ntrap "" USR2\n"{sys.executable}" "$@"\nstatus=$?\n'
+                         '[ "$SLURM_PROCID" = 0 ] && sleep 5\nexit $status\n')
+    lingering.chmod(0o755)
+    job = submit(write_recipe(tmp_path, tiny_demo, "cut", python=str(lingering)))
     run_dir = tmp_path / "runs" / "cut"
     log = run_dir / f"slurm-{job}.out"
     deadline = time.monotonic() + 300
@@ -100,8 +106,10 @@ def test_usr2_checkpoints_requeues_and_equals_uninterrupted(cluster, tmp_path, t
         time.sleep(0.2)
     assert steps_logged(run_dir) >= 3, log.read_text() if log.exists() else "no log"
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    assert wait_for(job, log) in ("COMPLETED", "GONE")
+    state = wait_for(job, log)
     text = log.read_text()
+    assert state in ("COMPLETED", "GONE"), f"job {job} ended {state}; log:\n{text}"
+    assert "after the ranks had checkpointed and stopped; treating it as a stop" in text, text
     assert "requeueing job" in text and "start 2 on" in text, text
     stopped = re.search(r"stopped at step (\d+) of 12", text)
     assert stopped and 3 <= int(stopped.group(1)) < 12, text

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.launch import PREEMPTED_FILE
 from tsmtrain.model import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train import TrainingError, train
@@ -135,15 +136,21 @@ def stop_requested(monkeypatch):
 def test_stop_request_checkpoints_after_the_current_step(tmp_path, tiny_demo, stop_requested):
     result = train(tiny_recipe(tmp_path, tiny_demo, "stop"))
     assert result.preempted and result.step == 1
-    state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "stop"))
+    run_dir = tmp_path / "runs" / "stop"
+    state = load_checkpoint(latest_checkpoint(run_dir))
     assert (state["step"], state["epoch"], state["micro"]) == (1, 0, 1)
+    marker = json.loads((run_dir / PREEMPTED_FILE).read_text())  # the launcher's proof of a clean stop
+    assert marker["step"] == 1 and marker["checkpoint"] == latest_checkpoint(run_dir).name
 
 
 def test_stop_request_in_the_last_step_lets_the_run_finish(tmp_path, tiny_demo, stop_requested):
     cfg = tiny_recipe(tmp_path, tiny_demo, "last", **{"train.batch_size": 24, "schedule.epochs": 1,
                                                       "schedule.warmup_epochs": 0})
+    (tmp_path / "runs" / "last").mkdir(parents=True)
+    (tmp_path / "runs" / "last" / PREEMPTED_FILE).write_text("{}\n")  # from an earlier start
     result = train(cfg)
     assert not result.preempted and result.step == 1 and result.eval["clips"] == 8
+    assert not (tmp_path / "runs" / "last" / PREEMPTED_FILE).exists()
 
 
 def test_stop_signal_handler_is_restored(tmp_path, tiny_demo):

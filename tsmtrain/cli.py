@@ -73,7 +73,8 @@ def run(
         args = ["run", recipe, *(a for s in sets for a in ("--set", s))]
         args += [] if resume is None else ["--resume" if resume else "--no-resume"]
         try:
-            raise typer.Exit(launch_local(cfg.dist.np, cfg.dist.launcher, args))
+            raise typer.Exit(launch_local(cfg.dist.np, cfg.dist.launcher, args,
+                                          run_dir=Path(cfg.run.dir) / cfg.run.name))
         except FileNotFoundError as err:
             _fail(str(err))
     try:

@@ -40,7 +40,7 @@ from pathlib import Path
 from .recipe import Recipe, derived_values, dump_recipe, with_absolute_paths
 
 __all__ = ["local_command", "launch_local", "LaunchError", "render_sbatch", "submit", "SubmitResult",
-           "TEMPLATE_DIR", "job_ranks", "prepare_job", "EXIT_PREEMPTED"]
+           "TEMPLATE_DIR", "job_ranks", "prepare_job", "EXIT_PREEMPTED", "PREEMPTED_FILE", "preempted_status"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 """The repository's ``slurm/`` folder of job templates."""
@@ -50,6 +50,26 @@ DEFAULT_TEMPLATE = "job.sbatch.j2"
 EXIT_PREEMPTED = 75
 """Exit status of ``tsmtrain run`` after SIGUSR2 made it write a checkpoint and stop (75 is
 ``EX_TEMPFAIL``: try again later). The job script requeues itself on it."""
+
+PREEMPTED_FILE = "preempted.json"
+"""Written by rank 0 in the run directory once a SIGUSR2 stop's checkpoint is on disk, before any
+rank exits. The ranks then exit :data:`EXIT_PREEMPTED`, but the launcher may report another
+status: ``srun --kill-on-bad-exit`` (and mpirun) kill the ranks still exiting as soon as the
+first one has exited non-zero, and srun then returns 128 + signal. The job script and
+:func:`launch_local` read this file instead of trusting the status alone."""
+
+
+def preempted_status(status: int, run_dir: str | Path, since: float) -> int:
+    """The exit status to act on: :data:`EXIT_PREEMPTED` when the launcher returned any non-zero
+    ``status`` but ``run_dir/preempted.json`` was written at or after ``since`` (seconds since
+    the epoch, the launch time), else ``status`` itself."""
+    marker = Path(run_dir) / PREEMPTED_FILE
+    try:
+        if status != 0 and marker.stat().st_mtime >= since:
+            return EXIT_PREEMPTED
+    except OSError:
+        pass
+    return status
 
 
 def _tool(name: str) -> str:
@@ -78,20 +98,25 @@ def local_command(np: int, launcher: str, run_args: list[str]) -> list[str]:
     raise ValueError(f"unknown launcher {launcher!r}; choose gloo or mpi")
 
 
-def launch_local(np: int, launcher: str, run_args: list[str]) -> int:
+def launch_local(np: int, launcher: str, run_args: list[str], run_dir: str | Path | None = None) -> int:
     """Run :func:`local_command` in the foreground; returns its exit status.
 
     SIGUSR2 sent to this process is passed on to the launcher, so that the ranks checkpoint and
-    stop as under Slurm (mpirun passes it on to every rank).
+    stop as under Slurm (mpirun passes it on to every rank). When ``run_dir`` is given and the
+    ranks stopped that way (:data:`PREEMPTED_FILE`), the status is :data:`EXIT_PREEMPTED` even if
+    the launcher killed a rank that was still exiting.
     """
     import signal
+    import time
 
     cmd = local_command(np, launcher, run_args)
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    started = time.time() - 1  # file times may be rounded to the second
     child = subprocess.Popen(cmd)
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: child.send_signal(signal.SIGUSR2))
     try:
-        return child.wait()
+        status = child.wait()
+        return status if run_dir is None else preempted_status(status, run_dir, started)
     except KeyboardInterrupt:
         child.wait()
         return 130
@@ -175,7 +200,7 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
         log_file=str(run_dir).replace("%", "%%") + "/slurm-%j.out", python=c.python or sys.executable,
         ranks=ranks, tasks_per_node=per_node, launcher=c.launcher, max_requeues=c.max_requeues,
         signal_spec=("" if c.launcher == "srun" else "B:") + f"USR2@{c.signal_seconds}",
-        signal_seconds=c.signal_seconds, exit_preempted=EXIT_PREEMPTED, job_name=c.job_name or recipe.run.name,
+        signal_seconds=c.signal_seconds, exit_preempted=EXIT_PREEMPTED, preempted_file=PREEMPTED_FILE, job_name=c.job_name or recipe.run.name,
         command=command, template_name=path.name,
         title=f"tsmtrain job: run {recipe.run.name!r} ({'TSM' if recipe.model.shift else 'TSN'}-{recipe.model.arch})",
         summary=(f"{c.nodes} node(s){gpus}, {per_node} rank(s) per node = {ranks} rank(s); global batch "

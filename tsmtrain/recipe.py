@@ -193,7 +193,8 @@ class ClusterConfig(_Section):
     launcher: Literal["srun", "mpirun"] = Field("srun", description="srun (ranks through PMIx), or mpirun inside the allocation")
     mpi: str = Field("pmix", description="srun --mpi plugin")
     python: str | None = Field(
-        None, description="Python interpreter on the compute nodes that has tsmtrain; none: the one running tsmtrain submit"
+        None, description="Python interpreter on the compute nodes that has tsmtrain (a wrapper script must "
+                    "exec it: Slurm sends USR2 to every process of the step); none: the one running tsmtrain submit"
     )
     signal_seconds: int = Field(120, ge=1, description="USR2 this many seconds before the time limit: checkpoint and requeue")
     max_requeues: int = Field(3, ge=0, description="times the job requeues itself after a checkpoint on USR2")

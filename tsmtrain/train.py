@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .data import ShardSampler, VideoClipDataset, build_loader, read_list
 from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
-from .launch import EXIT_PREEMPTED
+from .launch import EXIT_PREEMPTED, PREEMPTED_FILE
 from .model import create_model
 from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values, dump_recipe
@@ -285,6 +285,8 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     rank0 = engine.rank == 0
     run_dir = Path(recipe.run.dir) / recipe.run.name
     _setup_logging(engine.rank, run_dir)
+    if rank0:
+        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # a stop of an earlier start is history now
     slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) if "SLURM_JOB_ID" in os.environ else 0
     torch.set_num_threads(recipe.train.threads or slurm_cpus or max(1, (os.cpu_count() or 1) // engine.local_size))
     device = _choose_device(recipe.train.device, engine.local_rank)
@@ -457,7 +459,7 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
             if (epoch_done and (epoch % t.checkpoint_every == 0 or last)) or step >= stop_at or stopping:
                 train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)  # where a resumed run goes on
                 _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval,
-                      pending_eval=wants_eval and stopping, sampler=train_sampler.state_dict())
+                      pending_eval=wants_eval and stopping, sampler=train_sampler.state_dict(), stopping=stopping)
     if t.allreduce_benchmark and not stopping:
         metrics.write(step=step, allreduce_benchmark=benchmark_allreduce(engine, model, t.allreduce_benchmark,
                                                                          fp16=recipe.dist.fp16_allreduce))
@@ -477,11 +479,13 @@ def _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics,
 
 
 def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, recipe, last_eval,
-          pending_eval=False, sampler=None) -> None:
+          pending_eval=False, sampler=None, stopping=False) -> None:
     """Rank 0 writes the checkpoint; every rank returns only once it is on disk.
 
     Mid-epoch (``micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
     at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
+    When ``stopping`` (SIGUSR2), rank 0 then writes :data:`~tsmtrain.launch.PREEMPTED_FILE`, so
+    the launcher knows the stop was clean whatever status it sees.
     """
     rngs = engine.allgather_object(ckpt.rng_state(transform_gen), name="rng_states")  # every rank's streams
     buffers = None
@@ -496,6 +500,12 @@ def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, 
         }
         path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
         log.info("checkpoint %s", path)
+        if stopping:
+            marker = run_dir / PREEMPTED_FILE
+            tmp = marker.with_name(f".{marker.name}.tmp")
+            tmp.write_text(json.dumps({"step": step, "checkpoint": path.name, "job": os.environ.get("SLURM_JOB_ID"),
+                                       "time": time.time()}) + "\n")
+            os.replace(tmp, marker)
     engine.barrier()  # no rank exits (and ends the job step) while the checkpoint is being written
 
 
