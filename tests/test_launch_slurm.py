@@ -128,19 +128,25 @@ def test_hostile_names_are_quoted(tmp_path):
     assert not list(tmp_path.glob("pwned*")) and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("restarts, requeued", [(0, True), (2, True), (3, False)])
-def test_requeue_logic(tmp_path, restarts, requeued):
-    script = render(write_recipe(tmp_path, cluster={"max_requeues": 3}))
+def run_job_script(tmp_path, script, srun_body, **slurm_env):
+    """Run a rendered job script under bash with a stand-in srun (``srun_body``, bash) and a
+    stand-in scontrol that writes its arguments to ``tmp_path/scontrol``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"#!/bin/bash\nexit {EXIT_PREEMPTED}\n")
+    (bin_dir / "srun").write_text(f"#!/bin/bash\n{srun_body}\n")
     (bin_dir / "scontrol").write_text('#!/bin/bash\necho "$@" > "$LOG_FILE"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_FILE": str(tmp_path / "scontrol"),
-           "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1",
-           "SLURM_RESTART_COUNT": str(restarts)}
-    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1", **slurm_env}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("restarts, requeued", [(0, True), (2, True), (3, False)])
+def test_requeue_logic(tmp_path, restarts, requeued):
+    script = render(write_recipe(tmp_path, cluster={"max_requeues": 3}))
+    done = run_job_script(tmp_path, script, f"exit {EXIT_PREEMPTED}", SLURM_JOB_ID="42",
+                          SLURM_RESTART_COUNT=str(restarts))
     if requeued:
         assert done.returncode == 0
         assert (tmp_path / "scontrol").read_text().split() == ["requeue", "42"]
@@ -153,15 +159,7 @@ def test_requeue_logic(tmp_path, restarts, requeued):
 
 def test_failed_run_is_not_requeued(tmp_path):
     script = render(write_recipe(tmp_path))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/bash\nexit 1\n")
-    (bin_dir / "scontrol").write_text('#!/bin/bash\ntouch "$LOG_FILE"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_FILE": str(tmp_path / "scontrol"),
-           "SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
-    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    done = run_job_script(tmp_path, script, "exit 1", SLURM_JOB_ID="1")
     assert done.returncode == 1 and "failed with exit status 1" in done.stderr
     assert not (tmp_path / "scontrol").exists()
 
@@ -175,16 +173,8 @@ def test_stop_marker_overrides_a_killed_rank_status(tmp_path, writes_marker, req
     run_dir = tmp_path / "runs" / "job"
     run_dir.mkdir(parents=True)
     (run_dir / PREEMPTED_FILE).write_text("{}\n")  # left by an earlier start
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     write = f'echo "{{}}" > "{run_dir / PREEMPTED_FILE}"\n' if writes_marker else ""
-    (bin_dir / "srun").write_text(f"#!/bin/bash\n{write}exit 143\n")
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "$@" > "$LOG_FILE"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG_FILE": str(tmp_path / "scontrol"),
-           "SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
-    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    done = run_job_script(tmp_path, script, f"{write}exit 143", SLURM_JOB_ID="9")
     if requeued:
         assert done.returncode == 0, done.stderr
         assert "launcher exited 143 after the ranks had checkpointed" in done.stdout

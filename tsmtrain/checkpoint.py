@@ -11,6 +11,7 @@ checkpoint intact and never a truncated one.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "write_json"]
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
 
@@ -49,6 +50,17 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
         if _NAME.match(old.name):
             old.unlink(missing_ok=True)
     return final
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as JSON to ``path`` atomically (a temporary file beside it, then a rename), so
+    a reader sees the old file or the new one, never half of one. Creates the parent folder.
+    Raises ``OSError`` if it cannot be written and ``TypeError`` for values JSON cannot hold."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -38,6 +38,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
+from .checkpoint import write_json
 from .recipe import Recipe, derived_values, dump_recipe
 from .train import BREAKDOWN
 
@@ -241,13 +242,6 @@ def _read_record(path: Path) -> dict | None:
         raise SweepError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); remove the file to measure it again") from None
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def _base_record(recipe: Recipe, launch: str) -> dict:
     n = recipe.dist.np
     derived = derived_values(recipe, n)
@@ -321,7 +315,7 @@ def _finish(record: dict, sweep_dir: Path, meta: dict, status: int | None, log: 
     except SweepError as err:
         reason = f"exit status {status}: {_log_tail(log)}" if status not in (0, None) else str(err)
         record.update(status="failed", error=reason)
-    _write_json(point_path(sweep_dir, record["workers"]), record)
+    write_json(point_path(sweep_dir, record["workers"]), record)
     return record
 
 
@@ -391,7 +385,7 @@ def collect(sweep_dir: str | os.PathLike) -> list[dict]:
                 continue
             record.update(status="failed", error=f"job {record['job_id']} ended: {_log_tail(log) if logs else err}")
         record["log"] = str(log)
-        _write_json(path, record)
+        write_json(path, record)
         changed.append(record)
     return changed
 
@@ -435,7 +429,7 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
                 result = submit(recipes[n], template, dry_run=use_array, sbatch=sbatch)
             except LaunchError as err:
                 record.update(status="failed", error=str(err), seconds=time.perf_counter() - t0)
-                _write_json(point_path(sweep_dir, n), record)
+                write_json(point_path(sweep_dir, n), record)
                 records.append(record)
                 continue
             record.update(status="submitted", job_id=result.job_id, log=result.log_pattern,
@@ -470,7 +464,7 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
                     r.update(job_id=f"{array_id}_{points.index(r['workers'])}")
         for r in records:
             if r["workers"] in points:
-                _write_json(point_path(sweep_dir, r["workers"]), r)
+                write_json(point_path(sweep_dir, r["workers"]), r)
     return records
 
 
@@ -491,7 +485,7 @@ def run_sweep(plan: SweepPlan, launch: str = "local", array: bool = False, timeo
         The new records, in worker order.
     """
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(plan.sweep_dir / "sweep.json", plan.meta)
+    write_json(plan.sweep_dir / "sweep.json", plan.meta)
     if launch == "submit":
         records = _submit_points(plan.recipes, plan.sweep_dir, plan.meta, array, template)
         for r in records:

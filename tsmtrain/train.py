@@ -501,11 +501,8 @@ def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, 
         path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
         log.info("checkpoint %s", path)
         if stopping:
-            marker = run_dir / PREEMPTED_FILE
-            tmp = marker.with_name(f".{marker.name}.tmp")
-            tmp.write_text(json.dumps({"step": step, "checkpoint": path.name, "job": os.environ.get("SLURM_JOB_ID"),
-                                       "time": time.time()}) + "\n")
-            os.replace(tmp, marker)
+            ckpt.write_json(run_dir / PREEMPTED_FILE, {"step": step, "checkpoint": path.name,
+                                                       "job": os.environ.get("SLURM_JOB_ID"), "time": time.time()})
     engine.barrier()  # no rank exits (and ends the job step) while the checkpoint is being written
 
 
