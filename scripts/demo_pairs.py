@@ -17,10 +17,10 @@ from rich.table import Table
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.data import read_list
 from tsmtrain.engine import LocalEngine
-from tsmtrain.model import create_model
+from tsmtrain.models import create_model
 from tsmtrain.recipe import Recipe
 from tsmtrain.train import predict
-from tsmtrain.transforms import VideoTransform
+from tsmtrain.data.transforms import VideoTransform
 
 
 def confusion(run_dir: Path) -> torch.Tensor:

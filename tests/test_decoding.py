@@ -1,4 +1,4 @@
-"""Tests for tsmtrain.decoding with both backends, on synthetic and real videos."""
+"""Tests for tsmtrain.data.decoding with both backends, on synthetic and real videos."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tsmtrain.decoding import VideoDecodeError, decode_frames, num_frames, open_video
+from tsmtrain.data.decoding import VideoDecodeError, decode_frames, num_frames, open_video
 
 pytestmark = pytest.mark.video
 

@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import venv_env
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.model import VideoNet
+from tsmtrain.models import VideoNet
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 REPO = Path(__file__).resolve().parents[1]

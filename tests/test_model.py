@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from tsmtrain.model import VideoNet, count_macs, count_parameters
-from tsmtrain.shift import TemporalShift
+from tsmtrain.models import VideoNet, count_macs, count_parameters
+from tsmtrain.models.shift import TemporalShift
 
 
 @pytest.mark.parametrize("arch,blocks", [("resnet18", 8), ("resnet50", 16), ("mobilenet_v2", 10)])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tsmtrain.sampling import segment_indices
+from tsmtrain.data.sampling import segment_indices
 
 
 def test_eval_takes_segment_centres():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock
 
-from tsmtrain.shift import TemporalShift, temporal_shift
+from tsmtrain.models.shift import TemporalShift, temporal_shift
 
 
 def test_shift_matches_hand_computed_example():

@@ -2,7 +2,7 @@ import decord
 import numpy as np
 import pytest
 
-from tsmtrain.synthetic import generate_demo_dataset, render_clip
+from tsmtrain.data.synthetic import generate_demo_dataset, render_clip
 
 
 @pytest.mark.parametrize("pair", [0, 1, 2])

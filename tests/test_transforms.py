@@ -1,11 +1,11 @@
-"""Tests for tsmtrain.transforms (batched TSN/TSM video augmentation)."""
+"""Tests for tsmtrain.data.transforms (batched TSN/TSM video augmentation)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tsmtrain.transforms import VideoTransform, crop_params, eval_resize_size
+from tsmtrain.data.transforms import VideoTransform, crop_params, eval_resize_size
 
 TSM_SCALES = (1.0, 0.875, 0.75, 0.66)
 NO_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = x / 255

@@ -6,7 +6,7 @@
 * ``tsmtrain submit RECIPE [cluster flags] [--dry-run]`` -> :func:`tsmtrain.launch.submit`
 * ``tsmtrain env`` -> :func:`tsmtrain.engine.describe_rank` on every rank
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
-* ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.model` parameter and multiply-add counts
+* ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.models` parameter and multiply-add counts
 * ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.sweep`
 * ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml]`` -> :mod:`tsmtrain.report`,
   :mod:`tsmtrain.scaling`
@@ -112,7 +112,7 @@ def model_info(
     from rich.console import Console
     from rich.table import Table
 
-    from .model import count_macs, count_parameters, create_model
+    from .models import count_macs, count_parameters, create_model
 
     cfg = _load(recipe, sets, check_files=False)
     model = create_model(cfg.model, cfg.data.num_segments)

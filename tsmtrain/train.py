@@ -39,10 +39,10 @@ from . import checkpoint as ckpt
 from .data import ShardSampler, VideoClipDataset, build_loader, read_list
 from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
 from .launch import EXIT_PREEMPTED, PREEMPTED_FILE
-from .model import create_model
+from .models import create_model
 from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values, dump_recipe
-from .transforms import VideoTransform
+from .data.transforms import VideoTransform
 
 __all__ = ["train", "evaluate", "predict", "clip_dataset", "benchmark_allreduce", "TrainingError", "RunResult",
            "EXIT_PREEMPTED", "STOP_SIGNAL", "BREAKDOWN"]
@@ -515,11 +515,11 @@ def prepare_dataset(recipe: Recipe) -> None:
         return
     log.info("preparing the %s dataset in %s", d.generate, d.root)
     if d.generate == "demo":
-        from .synthetic import generate_demo_dataset
+        from .data.synthetic import generate_demo_dataset
 
         generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
     else:
-        from .arrow import build_arrow_of_time
+        from .data.arrow import build_arrow_of_time
 
         build_arrow_of_time(d.source, d.root)
 

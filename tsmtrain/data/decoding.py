@@ -10,7 +10,7 @@ Two backends are supported:
   wrong header metadata; ``"approximate"`` trusts the header and can return a neighbouring
   frame, which would silently change what a given index means.
 
-Backends are imported lazily, inside the functions, so ``import tsmtrain.decoding`` works
+Backends are imported lazily, inside the functions, so ``import tsmtrain.data.decoding`` works
 when either one is missing. Frames are always returned as uint8 RGB arrays of shape
 (T, H, W, 3), in the order of the requested indices (indices may be unsorted and repeat).
 Rotation metadata in the container is not applied by decord.

@@ -4,7 +4,7 @@
   the T segment frames, a new classifier scores each frame, and the scores are averaged over
   the T segments (average consensus).
 * TSM (Lin, Gan, Han, ICCV 2019): the same network with a residual temporal shift
-  (:mod:`tsmtrain.shift`) before the first convolution of every residual block.
+  (:mod:`tsmtrain.models.shift`) before the first convolution of every residual block.
 
 Backbones: ResNet-18, ResNet-50 (every BasicBlock/Bottleneck is shifted on its ``conv1``) and
 MobileNetV2 (every InvertedResidual block with an identity connection is shifted on its
