@@ -378,11 +378,13 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     stop_flag = torch.zeros(1, dtype=torch.float64)
     clock = _PhaseClock(acc=None, device=device, enabled=t.breakdown)
 
+    # one loader for the whole run: its workers persist across epochs (the sampler, which runs in
+    # this process, says which epoch and where in it)
+    loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
+                          pin_memory=device.type == "cuda", persistent=True)
     with bar or nullcontext():
         while epoch < s.epochs and step < stop_at and not stopping:
             train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)
-            loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
-                                  pin_memory=device.type == "cuda")
             model.train()
             # per logging interval, on each rank: the sums in _ACC (seconds, clips, ...); loss and
             # correct accumulate on the device so that no step waits for a .item()

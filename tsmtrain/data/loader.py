@@ -169,8 +169,15 @@ def _ignore_stop_signal(worker_id: int) -> None:
 
 
 def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,
-                 drop_last: bool, pin_memory: bool = False) -> DataLoader:
+                 drop_last: bool, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.
+
+    Each worker keeps ``prefetch_factor`` = 4 batches in flight. With ``persistent`` the worker
+    processes (and their open decoders' libraries) live as long as the loader, so a new epoch
+    starts without forking and warming up new workers: iterate the same loader again after
+    ``sampler.set_epoch``. Items depend only on ``(index, epoch)``, not on the worker that
+    loads them, so persistence changes no clip. ``pin_memory`` puts batches in page-locked
+    host memory for asynchronous copies to a GPU.
 
     It seeds its workers from a private generator, never from the global torch RNG, so that
     creating a loader does not shift the random stream that dropout draws from (exact resume).
@@ -183,7 +190,7 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
         collate_fn=collate_clips,
         drop_last=drop_last,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator(),
         worker_init_fn=_ignore_stop_signal,
