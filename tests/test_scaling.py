@@ -273,3 +273,30 @@ def test_readme_contains_the_summit_prediction():
                          capture_output=True, text=True, check=True).stdout
     assert "| hierarchical | 1536 | 256 |" in out
     assert out.strip() in (REPO / "README.md").read_text(), "run scripts/summit_prediction.py and paste it into README.md"
+
+
+# --------------------------------------------------------------------------- data ceiling from a measured rate
+
+
+def test_data_ceiling_from_a_rate_per_core_leaves_one_core_per_rank():
+    net = network(ranks_per_node=4).model_copy(update={"cores_per_node": 20})
+    ceiled = net.with_data_ceiling(2.5)
+    assert ceiled.data_clips_per_s_per_node == pytest.approx(2.5 * (20 - 4))
+    assert net.data_clips_per_s_per_node is None  # a copy: the loaded network is unchanged
+    # a node computes 4 ranks x 8 clips / 0.8 s = 40 clips/s; 1 clip/s per core feeds it only 16
+    slow = net.with_data_ceiling(1.0)
+    (p,) = predict(basis(), slow, [8])
+    assert p.limited_by == "data" and p.clips_per_s == pytest.approx(2 * 16.0)
+
+
+def test_data_ceiling_needs_cores_per_node():
+    with pytest.raises(NetworkError, match="cores_per_node is not set"):
+        network().with_data_ceiling(3.0)
+    with pytest.raises(NetworkError, match="leaves no core"):
+        network(ranks_per_node=4).model_copy(update={"cores_per_node": 4}).with_data_ceiling(3.0)
+
+
+def test_summit_cores_per_node():
+    net = load_network(SUMMIT)
+    assert net.cores_per_node == 42
+    assert net.with_data_ceiling(2.0).data_clips_per_s_per_node == pytest.approx(72.0)

@@ -7,8 +7,9 @@
 * ``tsmtrain env`` -> :func:`tsmtrain.engine.describe_rank` on every rank
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
 * ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.models` parameter and multiply-add counts
+* ``tsmtrain bench data RECIPE [--workers 1,2,4] [--json F]`` -> :mod:`tsmtrain.data.bench`
 * ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.sweep`
-* ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml]`` -> :mod:`tsmtrain.report`,
+* ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` -> :mod:`tsmtrain.report`,
   :mod:`tsmtrain.scaling`
 
 User mistakes (bad recipe, bad list file, missing launcher, impossible job) print one line per
@@ -126,6 +127,81 @@ def model_info(
     table.add_row("multiply-adds per clip", f"{macs / 1e9:.2f} G")
     table.add_row("multiply-adds per frame", f"{macs / cfg.data.num_segments / 1e9:.3f} G")
     Console().print(table)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the data path and the training step.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("data")
+def bench_data(
+    recipe: str = typer.Argument(..., help="YAML recipe whose videos to read"),
+    workers: str = typer.Option("1,2", "--workers", help="loader worker counts to measure, e.g. 1,2,4"),
+    clips: int = typer.Option(64, "--clips", help="clips per measurement (cycles through a shorter list)"),
+    target: Optional[float] = typer.Option(None, "--target", help="clips/s one GPU trains at: print the cores "
+                                                                  "per GPU it needs"),
+    against: Optional[str] = typer.Option(None, "--against", help="an earlier --json record (e.g. of the source "
+                                                                  "videos before tsmtrain prepare): print the ratio"),
+    split: str = typer.Option("train", "--split", help="train (random offsets) or val (segment centres)"),
+    json_file: Optional[str] = typer.Option(None, "--json", help="write the figures to this JSON file"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Measure clips/s of the recipe's loader per worker next to the raw decoder on the same
+    frames, and the batched augmentation on the device."""
+    import json
+
+    from rich.console import Console
+
+    from .data import ListFileError
+    from .data.bench import DataBenchError, bench_data as run_bench, load_data_bench
+    from .sweep import parse_workers
+
+    if split not in ("train", "val"):
+        _fail(f"--split: {split!r}: use train or val")
+    try:
+        counts = parse_workers(workers, "--workers")
+        baseline = load_data_bench(against) if against else None
+    except (ValueError, DataBenchError) as err:
+        _fail(str(err))
+    cfg = _load(recipe, sets)
+    console = Console(stderr=True, highlight=False)
+
+    def show(stage: str, row: dict) -> None:
+        if stage == "raw":
+            console.print(f"raw decoder, 1 core: {row['clips_per_s']:.2f} clips/s ({row['clips']} clips"
+                          + (f", {row['failed']} failed" if row["failed"] else "") + ")")
+        elif stage == "loader":
+            console.print(f"loader, {row['workers']} worker(s): {row['clips_per_s']:.2f} clips/s, "
+                          f"{row['clips_per_s_per_worker']:.2f} per worker, loader/raw {row['ratio_to_raw']:.2f}")
+        else:
+            console.print(f"augmentation on {row['device']}: {row['clips_per_s']:.1f} clips/s")
+
+    d = cfg.data
+    console.print(f"{recipe}: {d.decoder}, {d.num_segments} frames per clip"
+                  + (f" at {d.frame_size[0]}x{d.frame_size[1]}" if d.frame_size else " at the stored size")
+                  + f", {clips} clips per measurement")
+    try:
+        result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, on_result=show)
+    except (DataBenchError, ListFileError) as err:
+        _fail(str(err).splitlines())
+    record = result.record()
+    for line in result.failed:
+        console.print(f"[yellow]unreadable, left out:[/yellow] {line}", markup=True)
+    console.print(f"seek modes: " + ", ".join(f"{k} {v}" for k, v in sorted(result.seek_modes.items())))
+    console.print(f"clips/s per core: {result.clips_per_s_per_core:.2f}")
+    if target:
+        console.print(f"cores per GPU at {target:g} clips/s: {result.cores_per_gpu(target):.1f}")
+    if baseline is not None:
+        ratio = result.clips_per_s_per_core / baseline["clips_per_s_per_core"]
+        record["against"] = {"file": against, "clips_per_s_per_core": baseline["clips_per_s_per_core"], "ratio": ratio}
+        console.print(f"against {against}: {baseline['clips_per_s_per_core']:.2f} clips/s per core there, "
+                      f"ratio {ratio:.2f}x")
+    if json_file:
+        Path(json_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
+        console.print(f"wrote {json_file}")
 
 
 # --------------------------------------------------------------------------- cluster
@@ -310,6 +386,8 @@ def report(
     predict: Optional[str] = typer.Option(None, "--predict", help="worker counts to predict, e.g. 256,1536"),
     network: Optional[str] = typer.Option(None, "--network", help="network description (YAML) for --predict, "
                                                                  "e.g. configs/networks/summit.yaml"),
+    data_bench: Optional[str] = typer.Option(None, "--data-bench", help="a tsmtrain bench data --json record: its "
+                                             "clips/s per core x the network's cores per node is the data ceiling"),
 ) -> None:
     """Write the sweep's table (Markdown, CSV) and plots into SWEEP_DIR/report and print the table;
     with --predict, add the scaling model's points."""
@@ -319,6 +397,8 @@ def report(
 
     if (predict is None) != (network is None):
         _fail("--predict and --network go together: the model needs worker counts and a network")
+    if data_bench is not None and predict is None:
+        _fail("--data-bench goes with --predict and --network: it sets the model's data ceiling")
     try:
         collect(sweep_dir) if (Path(sweep_dir) / "sweep.json").exists() else None
         meta, records = load_sweep(sweep_dir)
@@ -332,6 +412,17 @@ def report(
             counts = parse_workers(predict, "--predict")
             try:
                 net = load_network(network)
+                if data_bench is not None:
+                    from .data.bench import DataBenchError, load_data_bench
+
+                    try:
+                        rate = load_data_bench(data_bench)["clips_per_s_per_core"]
+                    except DataBenchError as err:
+                        _fail(str(err))
+                    net = net.with_data_ceiling(rate)
+                    print(f"model: data ceiling {net.data_clips_per_s_per_node:.0f} clips/s per node = {rate:.2f} "
+                          f"clips/s per core ({data_bench}) x {net.cores_per_node - net.ranks_per_node} loader cores",
+                          file=sys.stderr)
                 basis = basis_from_sweep(meta, records)
             except NetworkError as err:
                 _fail(str(err))

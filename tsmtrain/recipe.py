@@ -49,10 +49,18 @@ class DataConfig(_Section):
         None, description="build this dataset into `root` on first use: demo (rendered) or arrow_of_time (from `source`)"
     )
     source: str = Field("../shared/clips", description="folder of the real clips that generate: arrow_of_time cuts")
-    decoder: Literal["decord", "torchcodec"] = Field("decord", description="video decoding library")
+    decoder: Literal["torchcodec", "decord"] = Field(
+        "torchcodec", description="video decoding library: torchcodec (maintained, system FFmpeg), or decord (last "
+                                  "release 2022)")
+    seek_mode: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="torchcodec frame seeking: auto (approximate for videos tsmtrain prepare wrote, exact "
+                            "for others), exact (scan each file at open), approximate (trust the header)")
+    decode_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="cpu: decode in the loader workers; cuda: torchcodec decodes with NVDEC into the rank's "
+                           "GPU, in the training process (falls back to cpu with a warning)")
     num_segments: int = Field(8, ge=1, description="T: segments per clip, one frame sampled from each (TSN)")
     frame_size: tuple[int, int] | None = Field(
-        None, description="[H, W] every decoded frame is resized to on the CPU so clips of any size batch together"
+        None, description="[H, W] the decoder resizes every frame to, so clips of any size batch together"
     )
     input_size: int = Field(224, ge=8, description="side in pixels of the square crop fed to the network")
     scales: list[float] = Field(
@@ -282,6 +290,11 @@ class Recipe(_Section):
             problems.append(("dist.fp16_allreduce", True, "there is no allreduce with dist.engine: none"))
         if any(not 0 < x <= 1 for x in self.data.scales) or not self.data.scales:
             problems.append(("data.scales", self.data.scales, "each scale must lie in (0, 1]"))
+        if self.data.decode_device == "cuda" and self.data.decoder != "torchcodec":
+            problems.append(("data.decode_device", "cuda", "GPU decoding needs data.decoder: torchcodec"))
+        if self.data.decode_device == "cuda" and self.train.device == "cpu":
+            problems.append(("data.decode_device", "cuda", "train.device is cpu: frames decoded on a GPU would be "
+                                                           "copied back"))
         if self.optim.nesterov and self.optim.name != "sgd":
             problems.append(("optim.nesterov", True, "nesterov applies to optim.name: sgd only"))
         c = self.cluster

@@ -99,7 +99,26 @@ class NetworkSpec(BaseModel):
     inter_node: LinkSpec
     algorithm: Literal["ring", "hierarchical"] = "hierarchical"
     data_clips_per_s_per_node: float | None = Field(None, gt=0, allow_inf_nan=False)
+    cores_per_node: int | None = Field(None, ge=1)
     description: str = ""
+
+    def with_data_ceiling(self, clips_per_s_per_core: float) -> "NetworkSpec":
+        """A copy whose data ceiling comes from a measured loader rate (``tsmtrain bench data``).
+
+        ``data_clips_per_s_per_node = clips_per_s_per_core * (cores_per_node - ranks_per_node)``:
+        every core but one per rank (the training process's own) runs a loader worker.
+
+        Raises:
+            NetworkError: the file sets no ``cores_per_node``, or no core is left for loading.
+        """
+        if self.cores_per_node is None:
+            raise NetworkError(f"network {self.name!r}: cores_per_node is not set, so a measured rate per core "
+                               f"cannot become a data ceiling per node")
+        workers = self.cores_per_node - self.ranks_per_node
+        if workers < 1:
+            raise NetworkError(f"network {self.name!r}: cores_per_node ({self.cores_per_node}) leaves no core for "
+                               f"loader workers beside {self.ranks_per_node} ranks")
+        return self.model_copy(update={"data_clips_per_s_per_node": clips_per_s_per_core * workers})
 
 
 class NetworkError(ValueError):

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .data import ShardSampler, VideoClipDataset, build_loader, read_list
+from .data import ShardSampler, build_loader, clip_dataset, read_list
+from .data.decoding import cuda_decoding_device
 from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
 from .launch import EXIT_PREEMPTED, PREEMPTED_FILE
 from .models import create_model
@@ -303,7 +304,8 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
         engine.barrier()
     train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
-    train_set = clip_dataset(recipe, train_records, train=True)
+    train_set = clip_dataset(recipe, train_records, train=True,
+                             decode_device=cuda_decoding_device(d.decode_device, device))
     train_sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
     bpps = recipe.dist.backward_passes_per_step
     steps_per_epoch = len(train_sampler.shard()) // t.batch_size // bpps
@@ -526,13 +528,6 @@ def prepare_dataset(recipe: Recipe) -> None:
         build_arrow_of_time(d.source, d.root)
 
 
-def clip_dataset(recipe: Recipe, records, train: bool) -> VideoClipDataset:
-    """The clip dataset a recipe's ``data`` section describes, for training or evaluation."""
-    d = recipe.data
-    return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
-                            max_retries=d.max_retries, seed=recipe.train.seed)
-
-
 @torch.no_grad()
 def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
     """Run ``model`` in evaluation mode over this rank's shard of ``records``.
@@ -540,7 +535,8 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
     Yields ``(logits (N, K), labels (N,), failed paths)`` per batch, on ``device``; videos are
     sampled at segment centres and centre-cropped by ``transform``.
     """
-    dataset = clip_dataset(recipe, records, train=False)
+    dataset = clip_dataset(recipe, records, train=False,
+                           decode_device=cuda_decoding_device(recipe.data.decode_device, torch.device(device)))
     sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
     loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False)
     was_training = model.training

@@ -14,7 +14,7 @@ This package never imports :mod:`tsmtrain.models`.
 """
 
 from .lists import ListFileError, VideoRecord, read_list
-from .loader import ShardSampler, VideoClipDataset, build_loader, collate_clips
+from .loader import ShardSampler, VideoClipDataset, build_loader, clip_dataset, collate_clips, prepared_videos
 
 __all__ = ["ListFileError", "VideoRecord", "read_list", "ShardSampler", "VideoClipDataset", "build_loader",
-           "collate_clips"]
+           "clip_dataset", "collate_clips", "prepared_videos"]

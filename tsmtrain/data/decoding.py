@@ -1,19 +1,32 @@
-"""Read only the sampled frames of a video file.
+"""Read only the sampled frames of a video file, at the size the network's input needs.
 
 Two backends are supported:
 
-* ``"decord"`` (``pip install decord``): ``decord.VideoReader`` with one decoding thread,
-  frames read with ``get_batch``.
-* ``"torchcodec"`` (``pip install torchcodec``): ``torchcodec.decoders.VideoDecoder`` on the
-  CPU with ``seek_mode="exact"``. Exact mode scans the file once when it is opened so that a
-  frame index means the same frame as in decord even for files with variable frame rate or
-  wrong header metadata; ``"approximate"`` trusts the header and can return a neighbouring
-  frame, which would silently change what a given index means.
+* ``"torchcodec"`` (the default; ``pip install torchcodec``): ``torchcodec.decoders.VideoDecoder``
+  with one FFmpeg thread, on the CPU or, with ``device="cuda"``, with NVDEC straight into GPU
+  memory. It uses the system FFmpeg, so it reads what ffmpeg reads (AV1, 10-bit H.264, WebM
+  without a duration, ...). Seek modes, chosen per file (:func:`choose_seek_mode`):
+
+  - ``"exact"`` scans the file once when it is opened, so that a frame index means the same
+    frame as in decord even for files with variable frame rate or wrong header metadata;
+  - ``"approximate"`` trusts the header and skips that scan: exact for the constant-frame-rate
+    files ``tsmtrain prepare`` writes (it checks this), and faster to open;
+  - ``frame_mappings``, a JSON file of every frame's pts, duration and key-frame flag (what
+    ``tsmtrain prepare`` stores beside a video), gives exact seeking without the scan
+    (torchcodec's ``custom_frame_mappings``).
+
+* ``"decord"`` (``pip install decord``; its last release is from 2022): ``decord.VideoReader``
+  with one decoding thread, frames read with ``get_batch``; always exact. Rotation metadata in
+  the container is not applied by decord.
+
+``size=(H, W)`` asks the decoder itself for frames of that size (torchcodec's decoder transform
+``Resize``, bilinear with antialiasing as ``torchvision.transforms.v2.Resize``; decord's
+``width``/``height``, FFmpeg's scaler), so full-size frames are never converted to RGB and
+resized afterwards on the CPU.
 
 Backends are imported lazily, inside the functions, so ``import tsmtrain.data.decoding`` works
-when either one is missing. Frames are always returned as uint8 RGB arrays of shape
-(T, H, W, 3), in the order of the requested indices (indices may be unsorted and repeat).
-Rotation metadata in the container is not applied by decord.
+when either one is missing. Frames are always uint8 RGB of shape (T, H, W, 3), in the order of
+the requested indices (indices may be unsorted and repeat).
 
 Errors:
 
@@ -22,17 +35,24 @@ Errors:
   The message always holds the path and the reason.
 * ``ImportError`` when the chosen backend package is not installed (a set-up problem, not
   a problem of the file, so it is not a VideoDecodeError).
-* ``ValueError`` for an unknown backend name or an empty list of indices.
+* ``ValueError`` for an unknown backend, seek mode or size, or an empty list of indices.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-BACKENDS = ("decord", "torchcodec")
+__all__ = ["BACKENDS", "SEEK_MODES", "VideoDecodeError", "Video", "open_video", "num_frames", "decode_frames",
+           "choose_seek_mode", "cuda_decoding_device"]
+
+BACKENDS = ("torchcodec", "decord")
+SEEK_MODES = ("exact", "approximate")
 _PIP_PACKAGES = {"decord": "decord", "torchcodec": "torchcodec"}
 
 
@@ -74,19 +94,49 @@ def _import_backend(backend: str):
         ) from e
 
 
+def _check_size(size: Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    size = tuple(int(x) for x in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (height, width) in pixels, both >= 1; got {size}")
+    return size
+
+
 class Video:
     """An open video file: open once, then read any frames by index.
 
     Use :func:`open_video` to create one.
 
+    Args:
+        path: the video file.
+        backend: ``"torchcodec"`` or ``"decord"``.
+        size: ``(H, W)`` in pixels that the decoder resizes every frame to; None: the stored size.
+        seek_mode: torchcodec only: ``"exact"`` (scan at open) or ``"approximate"`` (trust the
+            header); decord is always exact.
+        frame_mappings: torchcodec only: a JSON file of every frame's ``pts``, ``duration`` and
+            ``key_frame`` (``{"frames": [...]}``, as ``tsmtrain prepare`` stores it): exact seeking
+            without the scan. Overrides ``seek_mode``.
+        device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``): torchcodec decodes with
+            NVDEC into that GPU's memory. decord: CPU only.
+
     Attributes:
         path: the file, as a string.
-        backend: ``"decord"`` or ``"torchcodec"``.
+        backend: the backend's name.
         num_frames: number of frames in the video (int).
+        size: the requested ``(H, W)`` or None.
+        device: the device frames are returned on (``torch.device``).
     """
 
-    def __init__(self, path: str | Path, backend: str = "decord"):
+    def __init__(self, path: str | Path, backend: str = "torchcodec", *, size: Sequence[int] | None = None,
+                 seek_mode: str = "exact", frame_mappings: str | Path | None = None, device: str = "cpu"):
         _check_backend(backend)
+        if seek_mode not in SEEK_MODES:
+            raise ValueError(f"unknown seek mode {seek_mode!r}; valid modes are {', '.join(map(repr, SEEK_MODES))}")
+        self.size = _check_size(size)
+        self.device = torch.device(device)
+        if backend == "decord" and self.device.type != "cpu":
+            raise ValueError(f"the decord backend decodes on the CPU only, not on {device}")
         module = _import_backend(backend)
         self.path = str(path)
         self.backend = backend
@@ -94,12 +144,22 @@ class Video:
             raise VideoDecodeError(path, "file not found")
         try:
             if backend == "decord":
-                self._reader = module.VideoReader(self.path, ctx=module.cpu(0), num_threads=1)
+                h, w = self.size or (-1, -1)
+                self._reader = module.VideoReader(self.path, ctx=module.cpu(0), num_threads=1, width=w, height=h)
                 self.num_frames = len(self._reader)
             else:
-                self._reader = module.VideoDecoder(
-                    self.path, dimension_order="NHWC", device="cpu", seek_mode="exact"
-                )
+                kwargs = {}
+                if self.size is not None:
+                    from torchcodec.transforms import Resize
+
+                    kwargs["transforms"] = [Resize(self.size)]
+                if frame_mappings is not None:
+                    with open(frame_mappings, "rb") as f:
+                        kwargs["custom_frame_mappings"] = f.read()
+                else:
+                    kwargs["seek_mode"] = seek_mode
+                self._reader = module.VideoDecoder(self.path, dimension_order="NHWC", device=str(self.device),
+                                                   num_ffmpeg_threads=1, **kwargs)
                 n = self._reader.metadata.num_frames
                 self.num_frames = int(n) if n is not None else self._count_frames()
         except Exception as e:  # backends raise many different types
@@ -111,16 +171,16 @@ class Video:
         """Decode the whole file once to count its frames (torchcodec without metadata)."""
         return sum(1 for _ in self._reader)
 
-    def get(self, indices: Sequence[int]) -> np.ndarray:
-        """Decode the frames at ``indices``.
+    def frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode the frames at ``indices`` into a tensor on :attr:`device`.
 
         Args:
             indices: frame indices in ``[0, num_frames)``; may be unsorted and may repeat.
                 A list, tuple, numpy array or 1-D tensor of integers.
 
         Returns:
-            uint8 array of shape (T, H, W, 3), RGB, with T = len(indices), frame t being
-            frame ``indices[t]`` of the video.
+            uint8 tensor ``(T, H, W, 3)``, RGB, T = len(indices), frame t being frame
+            ``indices[t]`` of the video; ``(H, W)`` is :attr:`size` when one was asked for.
 
         Raises:
             VideoDecodeError: an index is out of range, or the backend fails to decode.
@@ -138,34 +198,46 @@ class Video:
             if self.backend == "decord":
                 batch = self._reader.get_batch(idx)
                 # decord returns its own NDArray, or a torch tensor if a bridge was set.
-                frames = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()
+                frames = torch.from_numpy(batch.asnumpy()) if hasattr(batch, "asnumpy") else torch.as_tensor(batch)
             else:
-                frames = self._reader.get_frames_at(indices=idx).data.numpy()
+                frames = self._reader.get_frames_at(indices=idx).data
         except Exception as e:
             raise VideoDecodeError(self.path, f"{type(e).__name__}: {e}") from e
-        frames = np.ascontiguousarray(frames, dtype=np.uint8)
-        if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
+        if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise VideoDecodeError(
-                self.path, f"backend returned frames of shape {frames.shape}, expected ({len(idx)}, H, W, 3)"
+                self.path, f"backend returned frames of shape {tuple(frames.shape)} ({frames.dtype}), "
+                           f"expected ({len(idx)}, H, W, 3) uint8"
             )
-        return frames
+        if self.size is not None and tuple(frames.shape[1:3]) != self.size:
+            raise VideoDecodeError(self.path, f"the decoder returned {tuple(frames.shape[1:3])} frames, not {self.size}")
+        return frames.contiguous()
+
+    def get(self, indices: Sequence[int]) -> np.ndarray:
+        """:meth:`frames` as a numpy array ``(T, H, W, 3)`` uint8 (copied to the CPU first if needed).
+
+        Raises:
+            VideoDecodeError, ValueError: as :meth:`frames`.
+        """
+        return np.ascontiguousarray(self.frames(indices).cpu().numpy())
 
     def __repr__(self) -> str:
-        return f"Video({self.path!r}, backend={self.backend!r}, num_frames={self.num_frames})"
+        return (f"Video({self.path!r}, backend={self.backend!r}, num_frames={self.num_frames}"
+                + (f", size={self.size}" if self.size else "") + ")")
 
 
-def open_video(path: str | Path, backend: str = "decord") -> Video:
-    """Open a video file for reading frames by index.
+def open_video(path: str | Path, backend: str = "torchcodec", **options) -> Video:
+    """Open a video file for reading frames by index; ``options`` as :class:`Video`
+    (``size``, ``seek_mode``, ``frame_mappings``, ``device``).
 
     Raises:
         VideoDecodeError: the file is missing, unreadable or not a decodable video.
         ImportError: the backend package is not installed.
-        ValueError: unknown backend.
+        ValueError: unknown backend or seek mode, a bad size, decord on a GPU.
     """
-    return Video(path, backend)
+    return Video(path, backend, **options)
 
 
-def num_frames(path: str | Path, backend: str = "decord") -> int:
+def num_frames(path: str | Path, backend: str = "torchcodec") -> int:
     """Number of frames of the video at ``path``.
 
     decord: ``len(VideoReader)``; torchcodec: ``metadata.num_frames`` (from the exact scan),
@@ -177,14 +249,15 @@ def num_frames(path: str | Path, backend: str = "decord") -> int:
     return open_video(path, backend).num_frames
 
 
-def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "decord") -> np.ndarray:
+def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "torchcodec", **options) -> np.ndarray:
     """Decode only the frames at ``indices`` of the video at ``path``.
 
     Args:
         path: video file.
         indices: frame indices in ``[0, num_frames)``; may be unsorted and may repeat.
             Nothing is clamped: an index out of range raises VideoDecodeError.
-        backend: ``"decord"`` or ``"torchcodec"``.
+        backend: ``"torchcodec"`` or ``"decord"``.
+        options: as :class:`Video` (``size``, ``seek_mode``, ``frame_mappings``).
 
     Returns:
         uint8 numpy array of shape (T, H, W, 3), RGB, T = len(indices).
@@ -194,4 +267,70 @@ def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "deco
         ImportError: the backend package is not installed.
         ValueError: unknown backend, or empty ``indices``.
     """
-    return open_video(path, backend).get(indices)
+    return open_video(path, backend, **options).get(indices)
+
+
+def choose_seek_mode(setting: str, prepared: bool) -> str:
+    """The torchcodec seek mode for one file.
+
+    Args:
+        setting: the recipe's ``data.seek_mode``: ``"auto"``, ``"exact"`` or ``"approximate"``.
+        prepared: the file is listed as done in a ``tsmtrain prepare`` manifest (constant frame
+            rate, first frame at pts 0, frame count checked), where approximate seeking lands
+            on the same frames as exact seeking without scanning the file at open.
+
+    Returns:
+        ``"approximate"`` for ``auto`` and a prepared file, else ``setting`` (``"exact"`` for
+        ``auto`` and any other file: a variable-frame-rate or mislabelled file must not have its
+        frame indices silently shifted).
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if setting not in ("auto", *SEEK_MODES):
+        raise ValueError(f"unknown seek mode setting {setting!r}; valid: 'auto', 'exact', 'approximate'")
+    if setting == "auto":
+        return "approximate" if prepared else "exact"
+    return setting
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_decoding_device(requested: str, training_device: torch.device) -> str:
+    """Where to decode (the recipe's ``data.decode_device``), checked once per rank.
+
+    ``"cuda"`` decodes with NVDEC on the rank's own GPU (``training_device``) when a probe
+    succeeds: torchcodec encodes a 2-frame 64x64 H.264 clip in memory and decodes it on that GPU.
+    Otherwise (no GPU, a torchcodec or FFmpeg without CUDA/NVDEC support) it warns and returns
+    ``"cpu"``: CPU decoding in the loader workers, as without the setting.
+
+    Args:
+        requested: ``"cpu"`` or ``"cuda"``.
+        training_device: the device this rank trains on.
+
+    Returns:
+        ``"cpu"`` or ``"cuda:N"``; the answer is cached per (requested, device), so the probe
+        runs and the warning shows once per process.
+    """
+    if requested == "cpu":
+        return "cpu"
+    if training_device.type != "cuda":
+        reason = f"this rank trains on {training_device}, not on a GPU"
+    else:
+        reason = _probe_cuda_decoding(str(training_device))
+    if reason is not None:
+        warnings.warn(f"data.decode_device: cuda: {reason}; decoding on the CPU instead", stacklevel=2)
+        return "cpu"
+    return str(training_device)
+
+
+def _probe_cuda_decoding(device: str) -> str | None:
+    """None when torchcodec decodes on ``device``, else why not."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+        from torchcodec.encoders import VideoEncoder
+
+        clip = VideoEncoder(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), frame_rate=25).to_tensor(format="mp4")
+        VideoDecoder(clip, device=device).get_frame_at(0)
+    except Exception as e:  # ImportError, RuntimeError from the CUDA/NVDEC layer, ...
+        return f"torchcodec cannot decode on {device} ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+    return None

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decoding import VideoDecodeError, open_video
+from .decoding import Video, VideoDecodeError, choose_seek_mode, open_video
 from .lists import VideoRecord
 from .sampling import segment_indices
 
-__all__ = ["VideoClipDataset", "ShardSampler", "collate_clips", "build_loader"]
+__all__ = ["VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "clip_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +36,38 @@ class VideoClipDataset(Dataset):
     ``(seed, epoch, index)``, so a clip does not depend on which worker loads it, and a run
     resumed mid-epoch sees the same clips.
 
-    Each item is a dict: ``frames`` uint8 ``(T, H, W, 3)``, ``label`` int, ``index`` int (the
-    video finally used), ``failed`` list of paths that could not be decoded on the way.
+    Each item is a dict: ``frames`` uint8 ``(T, H, W, 3)`` on :attr:`device`, ``label`` int,
+    ``index`` int (the video finally used), ``failed`` list of paths that could not be decoded
+    on the way.
 
     Args:
         records: the videos.
         num_segments: T.
         train: random (True) or central (False) frame in each segment.
-        decoder: ``"decord"`` or ``"torchcodec"``.
-        frame_size: ``(H, W)`` to resize every frame to on the CPU (needed when videos differ in size).
+        decoder: ``"torchcodec"`` or ``"decord"``.
+        frame_size: ``(H, W)`` in pixels that the decoder resizes every frame to (needed when
+            videos differ in size); None: frames as stored.
         max_retries: unreadable videos replaced in a row before giving up.
         seed: base seed for the sampling offsets.
+        seek_mode: torchcodec's seek mode setting, ``"auto"`` (approximate for the videos in
+            ``prepared``, exact for the others; :func:`~tsmtrain.data.decoding.choose_seek_mode`),
+            ``"exact"`` or ``"approximate"``.
+        prepared: ``{video path: manifest record}`` of the videos ``tsmtrain prepare`` wrote
+            (:func:`prepared_videos`); their frame counts are checked against the record, and
+            with exact seeking their stored frame mappings spare the scan at open.
+        device: ``"cpu"``, or a CUDA device to decode on with NVDEC (in the training process:
+            :func:`build_loader` then uses no worker processes).
 
     Raises (from ``__getitem__``):
         RuntimeError: ``max_retries + 1`` videos in a row could not be decoded.
     """
 
-    def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "decord",
-                 frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0):
+    def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "torchcodec",
+                 frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0,
+                 seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu"):
         self.records, self.num_segments, self.train = records, num_segments, train
         self.decoder, self.frame_size, self.max_retries, self.seed = decoder, frame_size, max_retries, seed
+        self.seek_mode, self.prepared, self.device = seek_mode, prepared or {}, device
 
     def __len__(self) -> int:
         return len(self.records)
@@ -76,16 +88,71 @@ class VideoClipDataset(Dataset):
             f"{len(failed)} videos in a row could not be decoded (data.max_retries={self.max_retries}); last: {failed[-1]}"
         )
 
+    def open(self, path: str) -> Video:
+        """Open one video the way this dataset reads it (backend, size, seek mode, device).
+
+        Raises:
+            VideoDecodeError: the file cannot be opened, or a prepared file's frame count
+                differs from its manifest record (it was changed after ``tsmtrain prepare``).
+        """
+        options = {"size": self.frame_size}
+        entry = self.prepared.get(path)
+        if self.decoder == "torchcodec":
+            options["device"] = self.device
+            mode = choose_seek_mode(self.seek_mode, entry is not None)
+            if mode == "exact" and entry and entry.get("frame_mappings"):
+                options["frame_mappings"] = entry["frame_mappings"]
+            else:
+                options["seek_mode"] = mode
+        video = open_video(path, self.decoder, **options)
+        if entry is not None and entry.get("frames") not in (None, video.num_frames):
+            raise VideoDecodeError(path, f"{video.num_frames} frames, but tsmtrain prepare recorded {entry['frames']}; "
+                                         f"prepare it again")
+        return video
+
     def _load(self, record: VideoRecord, index: int, epoch: int) -> torch.Tensor:
-        video = open_video(record.path, self.decoder)
+        video = self.open(record.path)
         rng = np.random.default_rng((self.seed, epoch, index)) if self.train else None
         idx = segment_indices(video.num_frames, self.num_segments, self.train, rng)
-        frames = torch.from_numpy(np.ascontiguousarray(video.get(idx.tolist())))  # (T, H, W, 3) uint8
-        if self.frame_size is not None and tuple(frames.shape[1:3]) != tuple(self.frame_size):
-            from torchvision.transforms.v2.functional import resize
+        return video.frames(idx.tolist())  # (T, H, W, 3) uint8
 
-            frames = resize(frames.permute(0, 3, 1, 2), list(self.frame_size), antialias=True).permute(0, 2, 3, 1)
-        return frames.contiguous()
+
+def prepared_videos(root: str | Path) -> dict[str, dict]:
+    """The videos that ``tsmtrain prepare`` wrote into ``root``, from its manifest.
+
+    Returns:
+        ``{str(root / output): record}`` for every record with status ok, its
+        ``frame_mappings`` made a full path too; an empty dict when ``root`` holds no manifest.
+
+    Raises:
+        ValueError: the manifest is malformed (the message names file and line).
+    """
+    from .prepare import MANIFEST, read_manifest
+
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        return {}
+    videos = {}
+    for output, record in read_manifest(root).items():
+        record = dict(record)
+        if record.get("frame_mappings"):
+            record["frame_mappings"] = str(root / record["frame_mappings"])
+        videos[str(root / output)] = record
+    return videos
+
+
+def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device: str = "cpu") -> VideoClipDataset:
+    """The clip dataset a recipe's ``data`` section describes (a :class:`tsmtrain.recipe.Recipe`),
+    for training or evaluation.
+
+    ``decode_device`` is where frames are decoded (``cpu`` or the rank's ``cuda:N``, from
+    :func:`tsmtrain.data.decoding.cuda_decoding_device`); videos that ``tsmtrain prepare`` wrote
+    into ``data.root`` are found in its manifest (:func:`prepared_videos`).
+    """
+    d = recipe.data
+    return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
+                            max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
+                            prepared=prepared_videos(d.root), device=decode_device)
 
 
 class ShardSampler(Sampler):
@@ -179,9 +246,15 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
     loads them, so persistence changes no clip. ``pin_memory`` puts batches in page-locked
     host memory for asynchronous copies to a GPU.
 
+    A dataset that decodes on a GPU (``dataset.device`` not ``"cpu"``) is read in this process,
+    without workers: NVDEC decodes asynchronously, and a CUDA context cannot cross a fork.
+
     It seeds its workers from a private generator, never from the global torch RNG, so that
     creating a loader does not shift the random stream that dropout draws from (exact resume).
     """
+    if str(getattr(dataset, "device", "cpu")) != "cpu":
+        # a CUDA context created before fork cannot be used in a worker: decode in this process
+        workers, pin_memory = 0, False
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -1,0 +1,264 @@
+"""``tsmtrain bench data``: how fast the recipe's own videos become training batches.
+
+"Training Kinetics in 15 Minutes" (Lin, Gan, Han 2019) names data loading as the first of its
+three bottlenecks. This benchmark measures the data path on the recipe's own videos, in one
+run, so that the figures can be compared with each other:
+
+* **raw decoder**: in this process, on one core, open each sampled video and decode the T
+  frames that segment sampling picks (the same indices, size, seek mode and backend as the
+  loader): the ceiling of one loader worker, in clips/s.
+* **loader** at each worker count W: the recipe's DataLoader (workers, decoding, sampling,
+  collate into ``(N, T, H, W, 3)`` batches) over the same clips; total clips/s and clips/s per
+  worker, and the ratio of the latter to the raw decoder (1.0: the loader adds nothing).
+* **augmentation** on the training device: the batched crop/resize/flip/normalise of
+  :class:`~tsmtrain.data.transforms.VideoTransform` on one batch, in clips/s.
+
+A worker is one process on one core, so clips/s per worker is clips/s per core; ``target``
+(clips/s a GPU trains at) divided by it gives the cores each GPU needs to be fed. The JSON
+record's ``clips_per_s_per_core`` is what ``tsmtrain report --data-bench`` multiplies by a
+node's cores to get the scaling model's data ceiling (:mod:`tsmtrain.scaling`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .decoding import VideoDecodeError, choose_seek_mode
+from .lists import read_list
+from .loader import build_loader, clip_dataset
+from .sampling import segment_indices
+from .transforms import VideoTransform
+
+__all__ = ["DataBenchError", "DataBench", "bench_data", "CLIPS_PER_S_PER_CORE"]
+
+CLIPS_PER_S_PER_CORE = "clips_per_s_per_core"
+"""The key of the JSON record that ``tsmtrain report --data-bench`` reads."""
+
+
+class DataBenchError(ValueError):
+    """The benchmark cannot run: no readable video, a bad worker count, ..."""
+
+
+@dataclass
+class DataBench:
+    """What :func:`bench_data` measured. ``record()`` gives the JSON record.
+
+    Attributes:
+        raw_clips_per_s: raw decoder, clips/s on one core.
+        loader: one dict per worker count: ``workers``, ``clips``, ``seconds``, ``clips_per_s``,
+            ``clips_per_s_per_worker``, ``ratio_to_raw``.
+        augment_clips_per_s: batched augmentation on ``augment_device``, clips/s.
+        failed: videos that could not be decoded (path and reason); left out of every figure.
+    """
+
+    recipe: str
+    videos: int
+    clips: int
+    frames_per_clip: int
+    frame_size: list[int] | None
+    decoder: str
+    seek_modes: dict[str, int]
+    raw_clips_per_s: float
+    raw_seconds: float
+    loader: list[dict] = field(default_factory=list)
+    augment_clips_per_s: float = 0.0
+    augment_device: str = "cpu"
+    target_clips_per_s: float | None = None
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def clips_per_s_per_core(self) -> float:
+        """The loader's best clips/s per worker (= per core); the raw decoder's without a loader run."""
+        rates = [row["clips_per_s_per_worker"] for row in self.loader]
+        return max(rates) if rates else self.raw_clips_per_s
+
+    def cores_per_gpu(self, target: float) -> float:
+        """Cores (loader workers) needed to feed ``target`` clips/s."""
+        return target / self.clips_per_s_per_core
+
+    def record(self) -> dict:
+        """The JSON record: every figure, the host and the library versions."""
+        import torchvision
+
+        versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+        for name in ("torchcodec", "decord"):
+            try:
+                versions[name] = __import__(name).__version__
+            except Exception:  # not installed, or no __version__
+                versions[name] = None
+        rec = {
+            "recipe": self.recipe, "videos": self.videos, "clips": self.clips,
+            "frames_per_clip": self.frames_per_clip, "frame_size": self.frame_size, "decoder": self.decoder,
+            "seek_modes": self.seek_modes,
+            "raw": {"clips_per_s": self.raw_clips_per_s, "seconds": self.raw_seconds},
+            "loader": self.loader,
+            "augment": {"device": self.augment_device, "clips_per_s": self.augment_clips_per_s},
+            CLIPS_PER_S_PER_CORE: self.clips_per_s_per_core,
+            "failed": self.failed,
+            "host": {"hostname": platform.node(), "cores": os.cpu_count(), "machine": platform.machine(),
+                     "processor": _cpu_model()},
+            "versions": versions,
+        }
+        if self.target_clips_per_s:
+            rec["target_clips_per_s"] = self.target_clips_per_s
+            rec["cores_per_gpu"] = self.cores_per_gpu(self.target_clips_per_s)
+        return rec
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _keys(size: int, clips: int, seed: int) -> list[tuple[int, int]]:
+    """``clips`` dataset keys ``(index, epoch)``: the list in a seeded order, cycled through
+    epochs 0, 1, ... when it holds fewer videos than ``clips`` (other epochs sample other frames)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(order[i % size], i // size) for i in range(clips)]
+
+
+class _Keys(list):
+    """A sampler whose keys can be swapped between passes of a loader with persistent workers."""
+
+
+def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ...] = (1, 2), clips: int = 64,
+               target: float | None = None, split: str = "train", on_result=None) -> DataBench:
+    """Measure the data path of ``recipe`` (a :class:`tsmtrain.recipe.Recipe`) on its own videos.
+
+    Args:
+        recipe: the recipe; its ``data`` section says which videos, how many segments, the frame
+            size, decoder and seek mode (videos ``tsmtrain prepare`` wrote are found through its
+            manifest in ``data.root``).
+        recipe_path: recorded in the result.
+        workers: loader worker counts to measure, each >= 1.
+        clips: clips decoded per measurement (raw decoder, and each worker count); more clips
+            than videos cycle through the list with other sampled frames.
+        target: clips/s one GPU trains at; adds the cores per GPU it needs.
+        split: ``"train"`` (random offsets, as in training) or ``"val"`` (segment centres).
+        on_result: called with ``(stage, dict)`` after each measurement (progress output).
+
+    Returns:
+        A :class:`DataBench`.
+
+    Raises:
+        DataBenchError: bad arguments, no validation list for ``split="val"``, or no video of the
+            list could be decoded.
+        tsmtrain.data.ListFileError: a malformed list file.
+    """
+    d = recipe.data
+    if not workers or any(w < 1 for w in workers):
+        raise DataBenchError(f"--workers: each worker count must be at least 1, got {list(workers)}")
+    if clips < 2:
+        raise DataBenchError(f"--clips: need at least 2 clips, got {clips}")
+    if split == "val" and not d.val_list:
+        raise DataBenchError("the recipe has no data.val_list to benchmark")
+    train = split == "train"
+    records = read_list(d.train_list if train else d.val_list, d.root, recipe.model.num_classes)
+    dataset = clip_dataset(recipe, records, train=train)
+    keys = _keys(len(records), clips, recipe.train.seed)
+    report = on_result or (lambda stage, values: None)
+
+    # ---- raw decoder, one core, in this process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    good, failed, seek_modes, seconds = [], [], {}, []
+    try:
+        for index, epoch in keys:
+            path = records[index].path
+            rng = np.random.default_rng((recipe.train.seed, epoch, index)) if train else None
+            t0 = time.perf_counter()
+            try:
+                video = dataset.open(path)
+                video.frames(segment_indices(video.num_frames, d.num_segments, train, rng).tolist())
+            except VideoDecodeError as exc:
+                failed.append(str(exc))
+                continue
+            seconds.append(time.perf_counter() - t0)
+            good.append((index, epoch))
+            mode = ("decord" if d.decoder == "decord"
+                    else choose_seek_mode(d.seek_mode, path in dataset.prepared))
+            seek_modes[mode] = seek_modes.get(mode, 0) + 1
+    finally:
+        torch.set_num_threads(threads)
+    if len(good) < 2:
+        raise DataBenchError(f"{d.train_list if train else d.val_list}: fewer than 2 of {len(keys)} clips could be "
+                             f"decoded; first failure: {failed[0] if failed else 'none'}")
+    raw_seconds = sum(seconds)
+    result = DataBench(recipe=recipe_path, videos=len(records), clips=len(good), frames_per_clip=d.num_segments,
+                       frame_size=list(d.frame_size) if d.frame_size else None, decoder=d.decoder,
+                       seek_modes=seek_modes, raw_clips_per_s=len(good) / raw_seconds, raw_seconds=raw_seconds,
+                       target_clips_per_s=target, failed=sorted(set(failed)))
+    report("raw", {"clips_per_s": result.raw_clips_per_s, "clips": len(good), "failed": len(failed)})
+
+    # ---- the loader at each worker count, over the clips that decoded
+    batch = max(1, min(recipe.train.batch_size, len(good) // 2))
+    for w in workers:
+        keys = _Keys(good[: w * batch])  # warm-up pass: starts the workers, opens the libraries
+        loader = build_loader(dataset, keys, batch, w, drop_last=False, persistent=True)
+        for _ in loader:
+            pass
+        keys[:] = good  # the measured pass, with the same (persistent) workers
+        count, t0 = 0, time.perf_counter()
+        for b in loader:
+            count += len(b["label"])
+        elapsed = time.perf_counter() - t0
+        del loader
+        rate = count / elapsed
+        row = {"workers": w, "clips": count, "seconds": elapsed, "clips_per_s": rate,
+               "clips_per_s_per_worker": rate / w, "ratio_to_raw": rate / w / result.raw_clips_per_s}
+        result.loader.append(row)
+        report("loader", row)
+
+    # ---- augmentation on the training device
+    device = torch.device("cuda" if torch.cuda.is_available() and recipe.train.device != "cpu" else "cpu")
+    frames = torch.stack([dataset[k]["frames"] for k in good[:batch]]).to(device)
+    transform = VideoTransform(train=train, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
+                               mean=d.mean, std=d.std, generator=torch.Generator().manual_seed(0)).to(device)
+    transform(frames)  # warm-up
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        transform(frames)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    result.augment_clips_per_s = len(frames) / statistics.median(times)
+    result.augment_device = str(device)
+    report("augment", {"device": str(device), "clips_per_s": result.augment_clips_per_s})
+    return result
+
+
+def load_data_bench(path: str | Path) -> dict:
+    """Read a ``tsmtrain bench data --json`` record.
+
+    Returns:
+        The record; ``record["clips_per_s_per_core"]`` is a positive number.
+
+    Raises:
+        DataBenchError: the file cannot be read, is not JSON, or lacks a positive
+            ``clips_per_s_per_core`` (the message names the file).
+    """
+    try:
+        record = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise DataBenchError(f"{path}: cannot read the data benchmark: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise DataBenchError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    rate = record.get(CLIPS_PER_S_PER_CORE) if isinstance(record, dict) else None
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0:
+        raise DataBenchError(f"{path}: no positive {CLIPS_PER_S_PER_CORE!r}: not a record of tsmtrain bench data")
+    return record
