@@ -5,9 +5,12 @@ this output:
     python scripts/summit_prediction.py
 
 The model's inputs are written out below with their sources; the ones marked "assumption" were
-not measured on Summit.
+not measured on Summit. The last part adds a data ceiling per node from loader rates per core
+measured by ``tsmtrain bench data`` on this project's real clips, before and after
+``tsmtrain prepare`` (the JSON records in ``benchmarks/``; see the README's "Preparing Kinetics").
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +28,9 @@ GRADIENT_BYTES = PARAMETERS * 4   # fp32 gradients (fp16 compression would halve
 V100_FP32_IMAGES_PER_S = 367.0
 OVERLAP = 0.5                     # assumption: half of the allreduce hidden behind backward
 WORKERS = [6, 96, 384, 1536]
+# Loader rates per core measured here (x86, not POWER9) on ../shared/clips: as served, and prepared.
+DATA_BENCHES = {"source videos": "benchmarks/data-shared-clips-source.json",
+                "prepared videos": "benchmarks/data-shared-clips-prepared.json"}
 
 EPOCHS = 50                       # assumption: the TSM repository's Kinetics schedule
 TRAIN_VIDEOS = 246_245            # Kinetics-400 train split (Kay et al. 2017: 306,245 - 20,000 - 40,000)
@@ -71,6 +77,17 @@ def main() -> None:
     print(f"\nclips/s per GPU: model {model_rate:.1f}; implied by the published times (same epochs, videos): "
           f"{paper_rate:.1f} on {largest} GPUs, {one_node_rate:.1f} on one node (6 GPUs), "
           f"ratio {paper_rate / one_node_rate:.2f}")
+
+    print(f"\nwith a data ceiling per node = measured clips/s per core x {network.cores_per_node - network.ranks_per_node} "
+          f"loader cores ({network.cores_per_node} cores - {network.ranks_per_node} ranks), hierarchical:\n")
+    print("| data | clips/s per core | ceiling per node | 1536 GPUs: clips/s | limited by | full training |")
+    print("|---|---:|---:|---:|---|---:|")
+    for name, path in DATA_BENCHES.items():
+        rate = json.loads((REPO / path).read_text())["clips_per_s_per_core"]
+        net = network.with_data_ceiling(rate)
+        (p,) = predict(basis, net, [largest])
+        print(f"| {name} | {rate:.2f} | {net.data_clips_per_s_per_node:,.0f} | {p.clips_per_s:,.0f} | {p.limited_by} "
+              f"| {steps * p.step_time_s:.0f} s ({_minutes(steps * p.step_time_s)}) |")
 
 
 def _minutes(seconds: float) -> str:
