@@ -1,0 +1,20 @@
+"""The data path: list files, segment sampling, decoding, the loader, batched augmentation,
+video preparation, the data benchmark and the embedded datasets.
+
+Modules, in the order a clip travels through them:
+
+* :mod:`.lists`: list files (``relative/path.ext label``) -> :class:`VideoRecord`
+* :mod:`.sampling`: TSN segment sampling -> frame indices
+* :mod:`.decoding`: decode only those frames (torchcodec or decord)
+* :mod:`.loader`: the clip dataset, the per-rank shard sampler, the DataLoader
+* :mod:`.transforms`: batched augmentation on the training device
+* :mod:`.synthetic`, :mod:`.arrow`: the embedded datasets (rendered demo, arrow of time)
+
+This package never imports :mod:`tsmtrain.models`.
+"""
+
+from .lists import ListFileError, VideoRecord, read_list
+from .loader import ShardSampler, VideoClipDataset, build_loader, collate_clips
+
+__all__ = ["ListFileError", "VideoRecord", "read_list", "ShardSampler", "VideoClipDataset", "build_loader",
+           "collate_clips"]

@@ -1,0 +1,72 @@
+"""Dataset list files in the format mmaction2 users already have.
+
+One video per line, ``relative/path.ext label``, paths relative to the recipe's ``data.root``;
+blank lines and lines starting with ``#`` are ignored. A malformed line is reported with file
+and line number, all of them at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ListFileError", "VideoRecord", "read_list"]
+
+
+class ListFileError(ValueError):
+    """A dataset list file is missing or has malformed lines; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One line of a list file: the video's full path and its integer label."""
+
+    path: str
+    label: int
+
+
+def read_list(list_file: str | Path, root: str | Path, num_classes: int | None = None) -> list[VideoRecord]:
+    """Parse a list file.
+
+    Returns:
+        One :class:`VideoRecord` per video line, paths joined onto ``root``.
+
+    Raises:
+        ListFileError: the file cannot be read, a line is not ``path label``, a label is not a
+            non-negative integer (or is >= ``num_classes``), or the file lists no video. Every
+            bad line is reported as ``FILE:LINE: reason: 'text'``.
+    """
+    list_file = Path(list_file)
+    try:
+        text = list_file.read_text()
+    except OSError as exc:
+        raise ListFileError([f"{list_file}: cannot read list file: {exc.strerror or exc}"]) from None
+    records, problems = [], []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.rpartition(" ")
+        path = path.strip()
+        where = f"{list_file}:{number}"
+        if not path:
+            problems.append(f"{where}: expected 'relative/path.ext label': {raw!r}")
+            continue
+        try:
+            value = int(label)
+        except ValueError:
+            problems.append(f"{where}: label {label!r} is not an integer: {raw!r}")
+            continue
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            problems.append(f"{where}: label {value} outside 0..{(num_classes or 1) - 1}: {raw!r}")
+            continue
+        records.append(VideoRecord(str(Path(root) / path), value))
+    if not records and not problems:
+        problems.append(f"{list_file}: lists no video")
+    if problems:
+        raise ListFileError(problems)
+    return records
