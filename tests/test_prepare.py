@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import REPO, SHARED_CLIPS, make_video
 from tsmtrain.cli import app
-from tsmtrain.data.prepare import (MANIFEST, SHARDS_DIR, ManifestError, PrepareError, Settings, merge,
-                                   parse_shard, plan_videos, read_journal, read_manifest, run_shard, shard_videos)
+from tsmtrain.data.prepare import (MANIFEST, SHARDS_DIR, ManifestError, PrepareError, Settings, merge, parse_shard,
+                                   plan_videos, prepare, read_journal, read_manifest, run_shard, shard_videos)
 
 pytestmark = pytest.mark.video
 
@@ -274,8 +274,9 @@ def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path)
         merge(plan, Settings(short_side=128))
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sharded"), "--merge"])
     assert result.exit_code == 0, result.stderr
-    single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "single"), "--jobs", "2"])
-    assert single.exit_code == 0, single.stderr
+    summary, _ = prepare(plan_videos([root / "train.txt"], root, tmp_path / "single"), Settings(), jobs=2,
+                         progress=False)
+    assert (summary.ok, summary.failed, summary.done_before) == (5, 1, 0)
     for name in ("train.txt", MANIFEST):
         if name == MANIFEST:
             keep = ("output", "status", "reason", "frames", "width", "height", "bytes_out", "frame_mappings")
@@ -285,6 +286,11 @@ def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path)
             a, b = ((d / name).read_text() for d in (tmp_path / "sharded", tmp_path / "single"))
         assert a == b
     assert (tmp_path / "single/train.txt").read_text().count("\n") == 5
+    # failed videos are tried again only when asked
+    again = run_shard(plan, Settings(), (2, 3), jobs=2, progress=False)
+    assert (again.videos, again.done_before, again.failed) == (2, 2, 0)
+    again = run_shard(plan, Settings(), (2, 3), jobs=2, progress=False, retry_failed=True)
+    assert (again.done_before, again.failed, again.failures[0][0]) == (1, 1, str(root / "c1/bad.mp4"))
 
 
 def test_user_mistakes_are_one_error_line_and_exit_2(tmp_path):
@@ -329,3 +335,21 @@ def test_manifest_and_journal_errors_name_file_and_line(tmp_path):
     journal.write_text('{"source": 1}\n' + json.dumps(good) + "\n")
     with pytest.raises(ManifestError, match=r"j.jsonl:1: malformed"):
         read_journal(journal)
+
+
+def test_slurm_array_script_runs_its_shard(tmp_path):
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    stub.chmod(0o755)
+    script = REPO / "slurm" / "prepare.sbatch"
+    args = ["bash", str(script), "3", "--list", "a b/train.txt", "--root", "r", "--out", "o"]
+    env = {**os.environ, "TSMTRAIN_PYTHON": str(stub), "SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "16"}
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[1:] == ["-m", "tsmtrain", "prepare", "--list", "a b/train.txt", "--root", "r", "--out", "o",
+                       "--shard", "2/3", "--jobs", "16"]
+    del env["SLURM_CPUS_PER_TASK"]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-2:] == ["--shard", "2/3"]
+    del env["SLURM_ARRAY_TASK_ID"]
+    refused = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--array=0-(N-1)" in refused.stderr

@@ -43,17 +43,16 @@ Failed videos are not tried again unless ``retry_failed``.
 **On a cluster.** ``shard=(I, N)`` takes every N-th video (videos ``I, I+N, I+2N, ...`` of the
 de-duplicated list, 0-based) and writes only its journal; :func:`merge` then writes the list files
 and the manifest from all N journals. With Slurm, one array task per shard
-(``slurm/prepare.sbatch`` in the repository)::
+(``slurm/prepare.sbatch`` in the repository; its first argument is N)::
 
-    sbatch --array=0-99 --cpus-per-task=16 slurm/prepare.sbatch --list kinetics400/train.txt \\
-        --list kinetics400/val.txt --root kinetics400 --out k400-256
-    # after the array (sbatch --dependency=afterok:JOBID ... works too):
-    tsmtrain prepare --list kinetics400/train.txt --list kinetics400/val.txt --root kinetics400 \\
-        --out k400-256 --merge
+    JOB=$(sbatch --parsable --array=0-99 --cpus-per-task=16 slurm/prepare.sbatch 100 \\
+          --list k400/train.txt --list k400/val.txt --root k400 --out k400-256)
+    sbatch --dependency=afterok:$JOB --wrap "tsmtrain prepare --list k400/train.txt \\
+          --list k400/val.txt --root k400 --out k400-256 --merge"
 
-where ``slurm/prepare.sbatch`` runs ``tsmtrain prepare "$@" --shard
-$((SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN))/$SLURM_ARRAY_TASK_COUNT --jobs $SLURM_CPUS_PER_TASK``.
-A task that hits its time limit is resumed by submitting the same array index again.
+where each task runs ``tsmtrain prepare ARGS --shard $SLURM_ARRAY_TASK_ID/100 --jobs
+$SLURM_CPUS_PER_TASK``. A task stopped by its time limit continues where it stopped when the same
+index is submitted again (``--array=17``). A merge with a shard missing names it and writes nothing.
 
 Errors: :class:`PrepareError` (a problem the user can fix: a missing list file, a bad shard,
 ffmpeg missing, a shard journal missing at merge time; ``problems`` holds one line each) and
