@@ -293,7 +293,7 @@ def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path)
     assert (again.done_before, again.failed, again.failures[0][0]) == (1, 1, str(root / "c1/bad.mp4"))
 
 
-def test_user_mistakes_are_one_error_line_and_exit_2(tmp_path):
+def test_user_mistakes_are_one_error_line_and_exit_2(tmp_path, monkeypatch):
     (tmp_path / "l.txt").write_text("a.mp4 0\n")
     cases = {
         ("--list", tmp_path / "nope.txt", "--root", tmp_path): "nope.txt: cannot read list file",
@@ -310,6 +310,11 @@ def test_user_mistakes_are_one_error_line_and_exit_2(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert result.stderr.startswith("error: ") and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.output
+    (tmp_path / "a.mp4").write_bytes(b"")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    result = CliRunner().invoke(app, ["prepare", "--list", str(tmp_path / "l.txt"), "--root", str(tmp_path),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ffmpeg not found on PATH"), result.stderr
 
 
 def test_manifest_and_journal_errors_name_file_and_line(tmp_path):

@@ -159,10 +159,11 @@ def prepare(
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Re-encode every video of a recipe's lists (or of --list files) into OUT for training:
-    H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright.
+    H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright;
+    then write OUT's list files and manifest.jsonl.
 
-    Resumable (run it again to continue; finished videos are skipped). On a cluster, run
-    --shard I/N for I = 0..N-1 (a Slurm job array: slurm/prepare.sbatch), then --merge.
+    Run it again to continue after a stop: finished videos are skipped. On a cluster, run the
+    shards (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
     """
     from .data.prepare import (ManifestError, PrepareError, Settings, check_tools, merge as merge_shards,
                                parse_shard, plan_videos, run_shard)
