@@ -62,6 +62,7 @@ ffmpeg missing, a shard journal missing at merge time; ``problems`` holds one li
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import re
@@ -101,7 +102,10 @@ FALLBACK_FPS = Fraction(25)
 """Frame rate (frames/s) used when the source's cannot be trusted and no ``fps`` was given."""
 
 PROBE_TIMEOUT_S = 300
+"""Seconds after which an ffprobe of one file is given up (the video is recorded as failed)."""
+
 ENCODE_TIMEOUT_S = 3600
+"""Seconds after which the ffmpeg of one video is killed (the video is recorded as failed)."""
 
 _JOURNAL = re.compile(r"^manifest-(\d+)-of-(\d+)\.jsonl$")
 
@@ -305,15 +309,15 @@ def check_tools(decoder: str) -> None:
         encoders = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
         if "libx264" not in encoders:
             problems.append(f"{shutil.which('ffmpeg')} has no libx264 encoder: use an ffmpeg built with --enable-libx264")
-    from .decoding import BACKENDS, _import_backend
-
-    if decoder not in BACKENDS:
-        problems.append(f"--decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
+    modules = {"torchcodec": "torchcodec.decoders", "decord": "decord"}
+    if decoder not in modules:
+        problems.append(f"--decoder {decoder!r}: choose one of {', '.join(modules)}")
     else:
         try:
-            _import_backend(decoder)
+            importlib.import_module(modules[decoder])
         except ImportError as err:
-            problems.append(f"--decoder {decoder}: {err}")
+            problems.append(f"--decoder {decoder}: cannot import {modules[decoder]} ({err}); "
+                            f"pip install {decoder}, or choose the other decoder")
     if problems:
         raise PrepareError(problems)
 
