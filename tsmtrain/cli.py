@@ -8,6 +8,8 @@
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
 * ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.models` parameter and multiply-add counts
 * ``tsmtrain bench data RECIPE [--workers 1,2,4] [--json F]`` -> :mod:`tsmtrain.data.bench`
+* ``tsmtrain prepare RECIPE|--list FILE --root ROOT --out DIR [--shard I/N | --merge]`` ->
+  :mod:`tsmtrain.data.prepare` (re-encode the videos for training)
 * ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.sweep`
 * ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` -> :mod:`tsmtrain.report`,
   :mod:`tsmtrain.scaling`
@@ -202,6 +204,91 @@ def bench_data(
         Path(json_file).parent.mkdir(parents=True, exist_ok=True)
         Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
         console.print(f"wrote {json_file}")
+# --------------------------------------------------------------------------- data
+
+
+@app.command()
+def prepare(
+    recipe: Optional[str] = typer.Argument(None, help="YAML recipe: prepare its train and validation lists"),
+    lists: list[str] = typer.Option([], "--list", help="a list file instead of a recipe (repeatable)"),
+    root: Optional[str] = typer.Option(None, "--root", help="with --list: folder the list's paths are relative to"),
+    out: str = typer.Option(..., "--out", help="output folder: videos, new list files, manifest.jsonl"),
+    short_side: int = typer.Option(256, "--short-side", help="pixels of the shorter displayed side (even)"),
+    gop: int = typer.Option(16, "--gop", help="frames between keyframes"),
+    fps: Optional[str] = typer.Option(None, "--fps", help="output frame rate, e.g. 25 or 30000/1001 "
+                                                          "(default: each source's own average rate)"),
+    crf: int = typer.Option(23, "--crf", help="x264 constant rate factor (quality; lower is larger)"),
+    preset: str = typer.Option("fast", "--preset", help="x264 preset (ultrafast ... veryslow)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="ffmpeg processes at once (default: the cores "
+                                                                    "this process may use)"),
+    decoder: str = typer.Option("torchcodec", "--decoder", help="decoder that verifies each output "
+                                                                "(torchcodec or decord)"),
+    frame_mappings: bool = typer.Option(True, "--frame-mappings/--no-frame-mappings",
+                                        help="write OUTPUT.frames.json frame tables (torchcodec custom_frame_mappings)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: prepare every N-th video from the I-th "
+                                                              "(I from 0) and write only the shard's journal"),
+    merge: bool = typer.Option(False, "--merge", help="write the list files and manifest from the shard journals"),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="with --merge: N (default: found in OUT)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="try again the videos that failed before"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Re-encode every video of a recipe's lists (or of --list files) into OUT for training:
+    H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright;
+    then write OUT's list files and manifest.jsonl.
+
+    Run it again to continue after a stop: finished videos are skipped. On a cluster, run the
+    shards (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
+    """
+    from .data.prepare import (ManifestError, PrepareError, Settings, check_tools, merge as merge_shards,
+                               parse_shard, plan_videos, run_shard)
+
+    problems = []
+    if (recipe is None) == (not lists):
+        problems.append("give a recipe or --list files (with --root), not both" if recipe else
+                        "give a recipe, or --list FILE --root ROOT")
+    if lists and root is None:
+        problems.append("--list: give --root, the folder its paths are relative to")
+    if recipe is not None and root is not None:
+        problems.append("--root: the recipe's data.root is used; give --root only with --list")
+    if shard is not None and merge:
+        problems.append("--shard and --merge: run the shards first, then one --merge")
+    if shards is not None and not merge:
+        problems.append("--shards goes with --merge (a shard is chosen with --shard I/N)")
+    settings = Settings(short_side=short_side, gop=gop, fps=fps, crf=crf, preset=preset)
+    problems += settings.problems()
+    if problems:
+        _fail(problems)
+    if recipe is not None:
+        cfg = _load(recipe, sets)
+        root = cfg.data.root
+        lists = [cfg.data.train_list] + ([cfg.data.val_list] if cfg.data.val_list else [])
+    try:
+        where = parse_shard(shard) if shard is not None else (0, 1)
+        plan = plan_videos(lists, root, out)
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if not merge:
+            check_tools(decoder)
+            s = run_shard(plan, settings, where, jobs, decoder, frame_mappings, retry_failed)
+            label = "" if shard is None else f"shard {where[0]}/{where[1]}: "
+            rate = (f" in {s.seconds:.1f} s: {s.videos_per_s:.2f} videos/s, "
+                    f"{s.source_seconds / s.seconds if s.seconds else 0:.1f} s of video per s") if s.ok + s.failed else ""
+            print(f"{label}{s.videos} videos: {s.ok} prepared, {s.failed} failed, {s.done_before} already done"
+                  f"{rate}", file=sys.stderr)
+            for source, reason in s.failures[:20]:
+                print(f"failed: {source}: {reason}", file=sys.stderr)
+            if len(s.failures) > 20:
+                print(f"failed: ... {len(s.failures) - 20} more (reasons in the manifest)", file=sys.stderr)
+        if shard is None:
+            result = merge_shards(plan, settings, shards if merge else 1)
+            for path, kept, left in result.lists:
+                print(f"wrote {path}: {kept} videos" + (f" ({left} left out: failed)" if left else ""))
+            print(f"wrote {result.manifest}: {result.ok} ok, {result.failed} failed")
+    except (PrepareError, ManifestError) as err:
+        _fail(str(err).splitlines())
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        raise typer.Exit(130)
 
 
 # --------------------------------------------------------------------------- cluster
