@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from tsmtrain.data import ListFileError, ShardSampler, VideoClipDataset, VideoRecord, collate_clips, read_list
 from tests.conftest import make_video
+from tsmtrain.data.decoding import VideoDecodeError
 
 
 def test_read_list_with_comments_and_blank_lines(tmp_path):
@@ -74,3 +77,41 @@ def test_collate_refuses_mixed_sizes_with_advice(tmp_path):
     ds = VideoClipDataset([VideoRecord(str(a), 0), VideoRecord(str(b), 0)], 4, train=False)
     with pytest.raises(ValueError, match="data.frame_size"):
         collate_clips([ds[0], ds[1]])
+
+
+def test_prepared_videos_use_approximate_seeking_and_their_recorded_frame_counts(tmp_path, tiny_demo):
+    """A dataset over videos tsmtrain prepare wrote: seek mode per file from the manifest, same
+    frames as exact seeking, and a file changed after preparation is refused by name."""
+    import json
+
+    from tsmtrain.data import prepared_videos
+    from tsmtrain.data.prepare import MANIFEST, Settings, plan_videos, prepare
+
+    out = tmp_path / "prepared"
+    prepare(plan_videos([tiny_demo / "val.txt"], tiny_demo, out), Settings(short_side=32), jobs=1, progress=False)
+    prepared = prepared_videos(out)
+    records = read_list(out / "val.txt", out)
+    assert len(prepared) == len(records) == 8 and all(r.path in prepared for r in records)
+    assert all(Path(p["frame_mappings"]).is_file() for p in prepared.values())
+
+    auto = VideoClipDataset(records, 4, train=True, prepared=prepared, frame_size=(24, 24))
+    exact = VideoClipDataset(records, 4, train=True, prepared=prepared, seek_mode="exact", frame_size=(24, 24))
+    plain = VideoClipDataset(records, 4, train=True, frame_size=(24, 24))
+    assert auto.open(records[0].path).seek_mode == "approximate"
+    assert exact.open(records[0].path).seek_mode == "frame_mappings"
+    assert plain.open(records[0].path).seek_mode == "exact"
+    for key in [(0, 0), (3, 1), (7, 2)]:
+        a, b, c = auto[key]["frames"], exact[key]["frames"], plain[key]["frames"]
+        assert a.shape == (4, 24, 24, 3)
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+    # a prepared file whose frame count no longer matches its record is refused, naming it
+    changed = dict(prepared)
+    changed[records[1].path] = {**prepared[records[1].path], "frames": 999}
+    with pytest.raises(VideoDecodeError, match="recorded 999"):
+        VideoClipDataset(records, 4, train=True, prepared=changed).open(records[1].path)
+    assert prepared_videos(tmp_path) == {}  # no manifest: nothing prepared
+    (out / MANIFEST).write_text((out / MANIFEST).read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=f"{MANIFEST}:9"):
+        prepared_videos(out)
+    json.loads((out / MANIFEST).read_text().splitlines()[0])  # the good lines are untouched

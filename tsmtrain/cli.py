@@ -64,6 +64,7 @@ def run(
     Exits 0 when done, 2 on a user mistake, 75 when SIGUSR2 stopped it after a checkpoint.
     """
     from .data import ListFileError
+    from .data.prepare import ManifestError
     from .engine import launched_by_launcher
     from .launch import EXIT_PREEMPTED
     from .train import TrainingError, train
@@ -82,7 +83,7 @@ def run(
             _fail(str(err))
     try:
         result = train(cfg, resume=resume)
-    except (TrainingError, ListFileError) as err:
+    except (TrainingError, ListFileError, ManifestError) as err:
         _fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)
@@ -158,6 +159,7 @@ def bench_data(
 
     from .data import ListFileError
     from .data.bench import DataBenchError, bench_data as run_bench, load_data_bench
+    from .data.prepare import ManifestError
     from .sweep import parse_workers
 
     if split not in ("train", "val"):
@@ -186,7 +188,7 @@ def bench_data(
                   + f", {clips} clips per measurement")
     try:
         result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, on_result=show)
-    except (DataBenchError, ListFileError) as err:
+    except (DataBenchError, ListFileError, ManifestError) as err:
         _fail(str(err).splitlines())
     record = result.record()
     for line in result.failed:

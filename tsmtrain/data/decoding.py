@@ -126,6 +126,8 @@ class Video:
         num_frames: number of frames in the video (int).
         size: the requested ``(H, W)`` or None.
         device: the device frames are returned on (``torch.device``).
+        seek_mode: how frames are found: ``"exact"``, ``"approximate"`` or ``"frame_mappings"``
+            (torchcodec), ``"exact"`` (decord).
     """
 
     def __init__(self, path: str | Path, backend: str = "torchcodec", *, size: Sequence[int] | None = None,
@@ -140,6 +142,7 @@ class Video:
         module = _import_backend(backend)
         self.path = str(path)
         self.backend = backend
+        self.seek_mode = "exact" if backend == "decord" else ("frame_mappings" if frame_mappings else seek_mode)
         if not Path(path).is_file():
             raise VideoDecodeError(path, "file not found")
         try:
