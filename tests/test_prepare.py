@@ -107,8 +107,9 @@ def test_good_videos_are_h264_short_side_256_keyframes_16_apart(prepared):
         assert min(stream["width"], stream["height"]) == 256 and stream["width"] % 2 == stream["height"] % 2 == 0, rel
         assert not stream.get("side_data_list"), f"{rel}: rotation left in the output"
         assert (stream["width"], stream["height"]) == (record["width"], record["height"])
-        frames = _ffprobe(path, "-show_entries", "frame=pts,key_frame")["frames"]  # decoded, not packets
+        frames = _ffprobe(path, "-show_entries", "frame=pts,key_frame,pict_type")["frames"]  # decoded, not packets
         assert len(frames) == record["frames"] > 0
+        assert not [f for f in frames if f["pict_type"] == "B"], f"{rel}: B-frames despite fastdecode"
         keys = [i for i, f in enumerate(frames) if f["key_frame"]] + [len(frames)]
         assert keys[0] == 0 and max(np.diff(keys)) <= 16, f"{rel}: keyframes at {keys}"
         step = frames[1]["pts"] if len(frames) > 1 else 1

@@ -221,6 +221,9 @@ def prepare(
                                                           "(default: each source's own average rate)"),
     crf: int = typer.Option(23, "--crf", help="x264 constant rate factor (quality; lower is larger)"),
     preset: str = typer.Option("fast", "--preset", help="x264 preset (ultrafast ... veryslow)"),
+    fastdecode: bool = typer.Option(True, "--fastdecode/--no-fastdecode",
+                                    help="x264 -tune fastdecode and no B-frames: about 2x faster decoding, "
+                                         "about 12% larger files"),
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="ffmpeg processes at once (default: the cores "
                                                                     "this process may use)"),
     decoder: str = typer.Option("torchcodec", "--decoder", help="decoder that verifies each output "
@@ -256,7 +259,7 @@ def prepare(
         problems.append("--shard and --merge: run the shards first, then one --merge")
     if shards is not None and not merge:
         problems.append("--shards goes with --merge (a shard is chosen with --shard I/N)")
-    settings = Settings(short_side=short_side, gop=gop, fps=fps, crf=crf, preset=preset)
+    settings = Settings(short_side=short_side, gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode)
     problems += settings.problems()
     if problems:
         _fail(problems)

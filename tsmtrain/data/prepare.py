@@ -138,6 +138,11 @@ class Settings:
             source's average frame rate (:func:`choose_fps`).
         crf: x264 constant rate factor (quality; lower is better and larger; 23 is x264's default).
         preset: x264 preset (speed against size; ``veryfast`` ... ``slow``).
+        fastdecode: encode for fast decoding: x264's ``-tune fastdecode`` (CAVLC instead of
+            CABAC, no deblocking filter, no weighted prediction) and no B-frames (``-bf 0``: a
+            frame needs no later frame, so a seek decodes fewer frames). Measured on this
+            project's 2-core machine with torchcodec, 8 frames of a 640x360 clip prepared at
+            456x256, GOP 16: 84 ms per clip without, 40 ms with, for 12% larger files.
     """
 
     short_side: int = 256
@@ -145,6 +150,7 @@ class Settings:
     fps: str | None = None
     crf: int = 23
     preset: str = "fast"
+    fastdecode: bool = True
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, one line each (empty when they are usable)."""
@@ -465,7 +471,8 @@ def encode_command(source: str, stream: int, target: str, size: tuple[int, int],
     return ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-threads", "1", "-i", source,
             "-map", f"0:{stream}", "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
             "-filter_threads", "1", "-vf", chain, "-c:v", "libx264", "-preset", settings.preset,
-            "-crf", str(settings.crf), "-pix_fmt", "yuv420p", "-g", g, "-keyint_min", g, "-sc_threshold", "0",
+            "-crf", str(settings.crf), *(["-tune", "fastdecode", "-bf", "0"] if settings.fastdecode else []),
+            "-pix_fmt", "yuv420p", "-g", g, "-keyint_min", g, "-sc_threshold", "0",
             "-threads", "1", "-movflags", "+faststart", "-f", "mp4", target]
 
 
