@@ -17,7 +17,7 @@ pytestmark = pytest.mark.video
 def test_bench_data_measures_raw_loader_and_augmentation(tmp_path, tiny_demo):
     recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_demo, "bench"))
     stages = []
-    result = bench_data(recipe, "r.yaml", workers=[1, 2], clips=12, target=100.0,
+    result = bench_data(recipe, "r.yaml", workers=[1, 2], clips=12, target=100.0, rounds=2,
                         on_result=lambda stage, row: stages.append(stage))
     assert stages == ["raw", "loader", "loader", "augment"]
     assert result.clips == 12 and result.videos == 24 and not result.failed
@@ -27,6 +27,8 @@ def test_bench_data_measures_raw_loader_and_augmentation(tmp_path, tiny_demo):
         assert row["clips"] == 12  # the measured pass reads every clip once
         assert row["clips_per_s_per_worker"] == pytest.approx(row["clips_per_s"] / row["workers"])
         assert row["ratio_to_raw"] == pytest.approx(row["clips_per_s_per_worker"] / result.raw_clips_per_s)
+        assert len(row["rounds"]) == 2 and min(row["rounds"]) <= row["clips_per_s"] <= max(row["rounds"])
+    assert len(result.raw_rounds) == 2 and result.raw_clips_per_s == pytest.approx(sum(result.raw_rounds) / 2)
     assert result.seek_modes == {"exact": 12}  # not prepared: exact seeking
     record = result.record()
     assert record[CLIPS_PER_S_PER_CORE] == max(row["clips_per_s_per_worker"] for row in result.loader)
@@ -42,7 +44,7 @@ def test_bench_data_leaves_unreadable_videos_out_and_names_them(tmp_path, tiny_d
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(train[:3] + [f"{tmp_path / 'broken.mp4'} 0"]) + "\n")
     recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_demo, "bench", data={"train_list": str(lst)}))
-    result = bench_data(recipe, workers=[1], clips=8)
+    result = bench_data(recipe, workers=[1], clips=8, rounds=2)
     assert result.clips == 6  # 8 clips cycle over 4 videos: the broken one twice
     assert len(result.failed) == 1 and "broken.mp4" in result.failed[0]
 
@@ -53,6 +55,8 @@ def test_bench_data_refuses_bad_arguments(tmp_path, tiny_demo):
         bench_data(recipe, workers=[0])
     with pytest.raises(DataBenchError, match="at least 2 clips"):
         bench_data(recipe, clips=1)
+    with pytest.raises(DataBenchError, match="at least 1 round"):
+        bench_data(recipe, rounds=0)
     nothing = tmp_path / "nothing.txt"
     nothing.write_text(f"{tmp_path / 'missing.mp4'} 0\n")
     bad = load_recipe(tiny_recipe(tmp_path / "b.yaml", tiny_demo, "bench", data={"train_list": str(nothing)}))
@@ -80,12 +84,12 @@ def test_cli_bench_data_json_feeds_report_data_ceiling(tmp_path, tiny_demo):
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "bench")
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "tsmtrain", "bench", "data", str(recipe), "--workers", "1",
-                          "--clips", "6", "--target", "50", "--json", str(out)], capture_output=True, text=True)
+                          "--clips", "6", "--rounds", "1", "--target", "50", "--json", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "loader/raw" in run.stderr and "cores per GPU at 50 clips/s" in run.stderr
     record = load_data_bench(out)
     again = subprocess.run([sys.executable, "-m", "tsmtrain", "bench", "data", str(recipe), "--workers", "1",
-                            "--clips", "6", "--against", str(out)], capture_output=True, text=True)
+                            "--clips", "6", "--rounds", "1", "--against", str(out)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"against {out}" in again.stderr and "x" in again.stderr.split("ratio")[-1]
 

@@ -143,6 +143,7 @@ def bench_data(
     recipe: str = typer.Argument(..., help="YAML recipe whose videos to read"),
     workers: str = typer.Option("1,2", "--workers", help="loader worker counts to measure, e.g. 1,2,4"),
     clips: int = typer.Option(64, "--clips", help="clips per measurement (cycles through a shorter list)"),
+    rounds: int = typer.Option(3, "--rounds", help="alternating rounds of every measurement; figures are medians"),
     target: Optional[float] = typer.Option(None, "--target", help="clips/s one GPU trains at: print the cores "
                                                                   "per GPU it needs"),
     against: Optional[str] = typer.Option(None, "--against", help="an earlier --json record (e.g. of the source "
@@ -170,7 +171,7 @@ def bench_data(
     except (ValueError, DataBenchError) as err:
         _fail(str(err))
     cfg = _load(recipe, sets)
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def show(stage: str, row: dict) -> None:
         if stage == "raw":
@@ -185,9 +186,10 @@ def bench_data(
     d = cfg.data
     console.print(f"{recipe}: {d.decoder}, {d.num_segments} frames per clip"
                   + (f" at {d.frame_size[0]}x{d.frame_size[1]}" if d.frame_size else " at the stored size")
-                  + f", {clips} clips per measurement")
+                  + f", {clips} clips per measurement, {rounds} rounds (medians)")
     try:
-        result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, on_result=show)
+        result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, rounds=rounds,
+                           on_result=show)
     except (DataBenchError, ListFileError, ManifestError) as err:
         _fail(str(err).splitlines())
     record = result.record()

@@ -2,11 +2,12 @@
 
 "Training Kinetics in 15 Minutes" (Lin, Gan, Han 2019) names data loading as the first of its
 three bottlenecks. This benchmark measures the data path on the recipe's own videos, in one
-run, so that the figures can be compared with each other:
+run, in alternating rounds (medians), so that the figures can be compared with each other:
 
 * **raw decoder**: in this process, on one core, open each sampled video and decode the T
   frames that segment sampling picks (the same indices, size, seek mode and backend as the
-  loader): the ceiling of one loader worker, in clips/s.
+  loader): the ceiling of one loader worker, in clips/s. One video is opened first, untimed:
+  the first open loads the decoder's libraries.
 * **loader** at each worker count W: the recipe's DataLoader (workers, decoding, sampling,
   collate into ``(N, T, H, W, 3)`` batches) over the same clips; total clips/s and clips/s per
   worker, and the ratio of the latter to the raw decoder (1.0: the loader adds nothing).
@@ -53,9 +54,11 @@ class DataBench:
     """What :func:`bench_data` measured. ``record()`` gives the JSON record.
 
     Attributes:
-        raw_clips_per_s: raw decoder, clips/s on one core.
-        loader: one dict per worker count: ``workers``, ``clips``, ``seconds``, ``clips_per_s``,
-            ``clips_per_s_per_worker``, ``ratio_to_raw``.
+        raw_clips_per_s: raw decoder, clips/s on one core (median over the rounds).
+        raw_seconds: seconds of one raw pass over the clips (median).
+        loader: one dict per worker count: ``workers``, ``clips``, ``clips_per_s`` (median over
+            the rounds), ``clips_per_s_per_worker``, ``ratio_to_raw``, ``rounds`` (each round's
+            clips/s).
         augment_clips_per_s: batched augmentation on ``augment_device``, clips/s.
         failed: videos that could not be decoded (path and reason); left out of every figure.
     """
@@ -69,6 +72,8 @@ class DataBench:
     seek_modes: dict[str, int]
     raw_clips_per_s: float
     raw_seconds: float
+    rounds: int = 1
+    raw_rounds: list[float] = field(default_factory=list)
     loader: list[dict] = field(default_factory=list)
     augment_clips_per_s: float = 0.0
     augment_device: str = "cpu"
@@ -99,7 +104,8 @@ class DataBench:
             "recipe": self.recipe, "videos": self.videos, "clips": self.clips,
             "frames_per_clip": self.frames_per_clip, "frame_size": self.frame_size, "decoder": self.decoder,
             "seek_modes": self.seek_modes,
-            "raw": {"clips_per_s": self.raw_clips_per_s, "seconds": self.raw_seconds},
+            "rounds": self.rounds,
+            "raw": {"clips_per_s": self.raw_clips_per_s, "seconds": self.raw_seconds, "rounds": self.raw_rounds},
             "loader": self.loader,
             "augment": {"device": self.augment_device, "clips_per_s": self.augment_clips_per_s},
             CLIPS_PER_S_PER_CORE: self.clips_per_s_per_core,
@@ -136,7 +142,7 @@ class _Keys(list):
 
 
 def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ...] = (1, 2), clips: int = 64,
-               target: float | None = None, split: str = "train", on_result=None) -> DataBench:
+               target: float | None = None, split: str = "train", rounds: int = 3, on_result=None) -> DataBench:
     """Measure the data path of ``recipe`` (a :class:`tsmtrain.recipe.Recipe`) on its own videos.
 
     Args:
@@ -149,6 +155,8 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
             than videos cycle through the list with other sampled frames.
         target: clips/s one GPU trains at; adds the cores per GPU it needs.
         split: ``"train"`` (random offsets, as in training) or ``"val"`` (segment centres).
+        rounds: times the raw decoder and each worker count are measured, alternately; each
+            figure is the median over the rounds.
         on_result: called with ``(stage, dict)`` after each measurement (progress output).
 
     Returns:
@@ -164,6 +172,8 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
         raise DataBenchError(f"--workers: each worker count must be at least 1, got {list(workers)}")
     if clips < 2:
         raise DataBenchError(f"--clips: need at least 2 clips, got {clips}")
+    if rounds < 1:
+        raise DataBenchError(f"--rounds: need at least 1 round, got {rounds}")
     if split == "val" and not d.val_list:
         raise DataBenchError("the recipe has no data.val_list to benchmark")
     train = split == "train"
@@ -172,54 +182,73 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
     keys = _keys(len(records), clips, recipe.train.seed)
     report = on_result or (lambda stage, values: None)
 
-    # ---- raw decoder, one core, in this process
+    # Rounds: the raw decoder, then the loader at each worker count, over the same clips, again
+    # and again; each figure is the median over the rounds, so that a change in the machine's
+    # load during the benchmark touches all of them alike.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    good, failed, seek_modes, seconds = [], [], {}, []
+    good, failed, seek_modes = list(keys), [], {}
+    raw_rates, raw_seconds, loader_rates, loaders = [], [], {w: [] for w in workers}, {}
+    batch = max(1, min(recipe.train.batch_size, len(keys) // 2))
     try:
-        for index, epoch in keys:
-            path = records[index].path
-            rng = np.random.default_rng((recipe.train.seed, epoch, index)) if train else None
-            t0 = time.perf_counter()
-            try:
-                video = dataset.open(path)
-                video.frames(segment_indices(video.num_frames, d.num_segments, train, rng).tolist())
-            except VideoDecodeError as exc:
-                failed.append(str(exc))
-                continue
-            seconds.append(time.perf_counter() - t0)
-            good.append((index, epoch))
-            mode = ("decord" if d.decoder == "decord"
-                    else choose_seek_mode(d.seek_mode, path in dataset.prepared))
-            seek_modes[mode] = seek_modes.get(mode, 0) + 1
+        for r in range(rounds):
+            # ---- raw decoder, one core, in this process
+            torch.set_num_threads(1)
+            if r == 0:
+                try:  # warm-up, not counted: the first open loads the decoder's libraries (seconds)
+                    dataset.open(records[keys[0][0]].path).frames([0])
+                except VideoDecodeError:
+                    pass
+            seconds, decoded = 0.0, []
+            for index, epoch in good:
+                path = records[index].path
+                rng = np.random.default_rng((recipe.train.seed, epoch, index)) if train else None
+                t0 = time.perf_counter()
+                try:
+                    video = dataset.open(path)
+                    video.frames(segment_indices(video.num_frames, d.num_segments, train, rng).tolist())
+                except VideoDecodeError as exc:
+                    failed.append(str(exc))
+                    continue
+                seconds += time.perf_counter() - t0
+                decoded.append((index, epoch))
+                if r == 0:
+                    mode = ("decord" if d.decoder == "decord"
+                            else choose_seek_mode(d.seek_mode, path in dataset.prepared))
+                    seek_modes[mode] = seek_modes.get(mode, 0) + 1
+            torch.set_num_threads(threads)
+            if r == 0:
+                good = decoded
+                if len(good) < 2:
+                    raise DataBenchError(f"{d.train_list if train else d.val_list}: fewer than 2 of {len(keys)} "
+                                         f"clips could be decoded; first failure: {failed[0] if failed else 'none'}")
+                batch = max(1, min(recipe.train.batch_size, len(good) // 2))
+            raw_rates.append(len(decoded) / seconds)
+            raw_seconds.append(seconds)
+            # ---- the loader at each worker count, over the clips that decoded
+            for w in workers:
+                if w not in loaders:  # warm-up pass: starts the workers, loads the libraries
+                    sampler = _Keys(good[: w * batch])
+                    loaders[w] = (build_loader(dataset, sampler, batch, w, drop_last=False, persistent=True), sampler)
+                    for _ in loaders[w][0]:
+                        pass
+                    sampler[:] = good  # the measured passes, with the same (persistent) workers
+                count, t0 = 0, time.perf_counter()
+                for b in loaders[w][0]:
+                    count += len(b["label"])
+                loader_rates[w].append(count / (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(threads)
-    if len(good) < 2:
-        raise DataBenchError(f"{d.train_list if train else d.val_list}: fewer than 2 of {len(keys)} clips could be "
-                             f"decoded; first failure: {failed[0] if failed else 'none'}")
-    raw_seconds = sum(seconds)
+        loaders.clear()  # ends the worker processes
+    raw = statistics.median(raw_rates)
     result = DataBench(recipe=recipe_path, videos=len(records), clips=len(good), frames_per_clip=d.num_segments,
                        frame_size=list(d.frame_size) if d.frame_size else None, decoder=d.decoder,
-                       seek_modes=seek_modes, raw_clips_per_s=len(good) / raw_seconds, raw_seconds=raw_seconds,
-                       target_clips_per_s=target, failed=sorted(set(failed)))
-    report("raw", {"clips_per_s": result.raw_clips_per_s, "clips": len(good), "failed": len(failed)})
-
-    # ---- the loader at each worker count, over the clips that decoded
-    batch = max(1, min(recipe.train.batch_size, len(good) // 2))
+                       seek_modes=seek_modes, raw_clips_per_s=raw, raw_seconds=statistics.median(raw_seconds),
+                       rounds=rounds, raw_rounds=raw_rates, target_clips_per_s=target, failed=sorted(set(failed)))
+    report("raw", {"clips_per_s": raw, "clips": len(good), "failed": len(set(failed))})
     for w in workers:
-        keys = _Keys(good[: w * batch])  # warm-up pass: starts the workers, opens the libraries
-        loader = build_loader(dataset, keys, batch, w, drop_last=False, persistent=True)
-        for _ in loader:
-            pass
-        keys[:] = good  # the measured pass, with the same (persistent) workers
-        count, t0 = 0, time.perf_counter()
-        for b in loader:
-            count += len(b["label"])
-        elapsed = time.perf_counter() - t0
-        del loader
-        rate = count / elapsed
-        row = {"workers": w, "clips": count, "seconds": elapsed, "clips_per_s": rate,
-               "clips_per_s_per_worker": rate / w, "ratio_to_raw": rate / w / result.raw_clips_per_s}
+        rate = statistics.median(loader_rates[w])
+        row = {"workers": w, "clips": len(good), "clips_per_s": rate, "clips_per_s_per_worker": rate / w,
+               "ratio_to_raw": rate / w / raw, "rounds": loader_rates[w]}
         result.loader.append(row)
         report("loader", row)
 
