@@ -186,3 +186,35 @@ def test_sweep_as_a_job_array_then_report(cluster, tmp_path, tiny_demo):
         log = Path(record["log"]).read_text()
         assert f"rank {n - 1} of {n} (horovod)" in log and f"of {n + 1} (horovod)" not in log
     assert (sweep_dir / "report" / "throughput.png").exists()
+
+
+def test_prepare_as_a_job_array_then_merge(cluster, tmp_path, tiny_demo):
+    """slurm/prepare.sbatch as a 2-task job array (a shard each), then --merge: the README's
+    cluster-scale preparation, end to end."""
+    out = tmp_path / "prepared"
+    args = ["--list", str(tiny_demo / "train.txt"), "--root", str(tiny_demo), "--out", str(out), "--short-side", "32"]
+    done = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--time=10:00",
+                           f"--output={tmp_path}/prepare-%A_%a.out", str(REPO / "slurm" / "prepare.sbatch"), "2",
+                           *args], capture_output=True, text=True, cwd=REPO,
+                          env={**venv_env(), "TSMTRAIN_PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 600
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job])
+            pytest.fail(f"array job {job} still queued or running after 600 s")
+        time.sleep(1)
+    logs = sorted(tmp_path.glob("prepare-*.out"))
+    assert len(logs) == 2, logs
+    for log in logs:
+        assert "tsmtrain prepare: shard" in log.read_text()
+    journals = sorted(p.name for p in (out / ".shards").iterdir())
+    assert journals == ["manifest-0-of-2.jsonl", "manifest-1-of-2.jsonl"], [log.read_text() for log in logs]
+    merge = subprocess.run([sys.executable, "-m", "tsmtrain", "prepare", *args, "--merge"], capture_output=True,
+                           text=True, cwd=REPO)
+    assert merge.returncode == 0, merge.stderr
+    from tsmtrain.data.prepare import read_manifest
+
+    assert len(read_manifest(out)) == 24
+    assert len((out / "train.txt").read_text().splitlines()) == 24
