@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tests.conftest import venv_env
-from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.models import VideoNet
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]

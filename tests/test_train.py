@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.launch import PREEMPTED_FILE
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
@@ -121,16 +121,16 @@ def test_cli_run_reports_malformed_list_with_line(tmp_path):
 @pytest.fixture
 def stop_requested(monkeypatch):
     """A stop request (SIGUSR2) that is already there when training starts."""
-    from tsmtrain import train as train_module
+    from tsmtrain.train.runtime import StopRequest
 
-    enter = train_module._StopRequest.__enter__
+    enter = StopRequest.__enter__
 
     def requested(self):
         enter(self)
         self.requested = True
         return self
 
-    monkeypatch.setattr(train_module._StopRequest, "__enter__", requested)
+    monkeypatch.setattr(StopRequest, "__enter__", requested)
 
 
 def test_stop_request_checkpoints_after_the_current_step(tmp_path, tiny_demo, stop_requested):

@@ -1,15 +1,19 @@
 """The training loop: what ``tsmtrain run recipe.yaml`` does on every rank.
 
-Read top to bottom, :func:`train` is the whole run: set up the engine, data, model,
-optimizer and schedule; restore the latest checkpoint when resuming; broadcast rank 0's state;
-then for each epoch take optimizer steps (T-frame clips -> batched augmentation on the device ->
-forward -> loss -> backward with ring-allreduce -> LARS/SGD step at the scheduled rate),
-evaluate every ``eval_every`` epochs, and checkpoint. Rank 0 writes the run directory:
+Read top to bottom: :func:`train` sets the run up (:func:`_set_up`: engine, data, model, step,
+optimizer and schedule; the latest checkpoint when resuming; rank 0's state broadcast), then
+runs epochs (:func:`_run`). :func:`_train_epoch` is one optimizer step after another: T-frame
+clips -> batched augmentation on the device -> forward and loss under autocast -> backward with
+ring-allreduce -> LARS/SGD step at the scheduled rate (:class:`~tsmtrain.train.step.TrainStep`
+holds precision, channels_last and compile). Every ``eval_every`` epochs it evaluates
+(:mod:`~tsmtrain.train.evaluate`), every ``checkpoint_every`` it checkpoints
+(:mod:`~tsmtrain.train.checkpoint`). Rank 0 writes the run directory:
 
 * ``recipe.yaml``: the resolved recipe,
-* ``metrics.jsonl``: one JSON object per logging step and per evaluation,
+* ``metrics.jsonl``: one JSON object per logging interval and per evaluation
+  (:mod:`~tsmtrain.train.metrics`),
 * ``train.log``: the text log (also skipped videos, by path),
-* ``checkpoint-STEP.pt``: see :mod:`tsmtrain.checkpoint`.
+* ``checkpoint-STEP.pt``: see :mod:`tsmtrain.train.checkpoint`.
 
 A run that finds checkpoints in its run directory continues from the latest one. SIGUSR2
 (which Slurm sends before a time limit, ``sbatch --signal=USR2@SECONDS``, or on
@@ -20,111 +24,31 @@ stop together at the next optimizer step, rank 0 writes a checkpoint, and the ru
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import signal
 import socket
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from ..data import ShardSampler, build_loader, read_list
+from ..data.transforms import VideoTransform
+from ..engine import Engine
+from ..launch import EXIT_PREEMPTED, PREEMPTED_FILE
+from ..models import create_model
+from ..optim import LRSchedule, create_optimizer
+from ..recipe import Recipe, derived_values, dump_recipe
 from . import checkpoint as ckpt
-from .data import ShardSampler, VideoClipDataset, build_loader, read_list
-from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
-from .launch import EXIT_PREEMPTED, PREEMPTED_FILE
-from .models import create_model
-from .optim import LRSchedule, create_optimizer
-from .recipe import Recipe, derived_values, dump_recipe
-from .data.transforms import VideoTransform
+from .bench import benchmark_allreduce
+from .evaluate import evaluate_epoch
+from .metrics import Interval, MetricsWriter, PhaseClock
+from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, clip_dataset, log, prepare_dataset,
+                      progress_bar, set_threads, setup_logging)
+from .step import TrainStep
 
-__all__ = ["train", "evaluate", "predict", "clip_dataset", "benchmark_allreduce", "TrainingError", "RunResult",
-           "EXIT_PREEMPTED", "STOP_SIGNAL", "BREAKDOWN"]
-
-log = logging.getLogger("tsmtrain")
-
-STOP_SIGNAL = signal.SIGUSR2
-"""The signal that asks a run to checkpoint and stop. Not SIGUSR1, which NCCL may use."""
-
-
-class _StopRequest:
-    """Notes :data:`STOP_SIGNAL` in a flag; the training loop polls it once per optimizer step.
-
-    The handler only sets the flag (nothing else is safe inside a signal handler); the ranks
-    then agree through an allreduce, so that all of them stop after the same step.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(STOP_SIGNAL, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(STOP_SIGNAL, self._previous)
-
-
-class TrainingError(RuntimeError):
-    """A run cannot proceed for a reason the user can fix (named in the message)."""
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now, so rich's progress bar can redirect it."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def _setup_logging(rank: int, run_dir: Path) -> None:
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    console = _StderrHandler()
-    console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.addHandler(console)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-
-
-def _choose_engine(recipe: Recipe) -> Engine:
-    if recipe.dist.engine == "horovod" and not launched_by_launcher():
-        return LocalEngine()  # one process started by hand: nothing to allreduce
-    try:
-        return create_engine(recipe.dist.engine)
-    except ImportError as err:
-        raise TrainingError(f"dist.engine: {recipe.dist.engine}: cannot import it ({err}); run make setup") from None
-
-
-def _choose_device(setting: str, local_rank: int) -> torch.device:
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise TrainingError("train.device: cuda was asked for but no GPU is visible")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    torch.backends.cudnn.benchmark = True
-    return torch.device("cuda", torch.cuda.current_device())
+__all__ = ["train", "RunResult"]
 
 
 @dataclass
@@ -138,7 +62,7 @@ class RunResult:
             ``skipped_videos``); empty when nothing was evaluated.
         model: this rank's trained network.
         rank: this rank.
-        preempted: the run stopped early on :data:`STOP_SIGNAL`, after writing a checkpoint.
+        preempted: the run stopped early on :data:`~tsmtrain.train.STOP_SIGNAL`, after writing a checkpoint.
     """
 
     step: int
@@ -149,149 +73,76 @@ class RunResult:
     preempted: bool = False
 
 
-class _Metrics:
-    """Appends JSON records to metrics.jsonl on rank 0."""
+@dataclass
+class _Run:
+    """What one rank's run holds once it is set up."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    recipe: Recipe
+    engine: Engine
+    device: torch.device
+    run_dir: Path
+    model: torch.nn.Module  # the eager module: optimised, saved, broadcast, evaluated
+    step: TrainStep  # forward/backward and the optimizer step (precision, channels_last, compile)
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    loader: torch.utils.data.DataLoader
+    sampler: ShardSampler
+    train_tf: VideoTransform
+    val_tf: VideoTransform
+    val_records: list
+    transform_gen: torch.Generator
+    metrics: MetricsWriter
+    clock: PhaseClock
+    steps_per_epoch: int
+    stop_at: int  # the optimizer step the run ends at (last epoch's end, or train.stop_after_steps)
 
-    def write(self, **record) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    @property
+    def passes(self) -> int:
+        """Backward passes per optimizer step."""
+        return self.recipe.dist.backward_passes_per_step
 
-
-# what each rank sums over a logging interval (indices into one float64 tensor, allreduced at its end)
-_ACC = ("loss", "clips", "correct", "failed", "data", "augment", "forward_backward", "allreduce_wait", "optimizer",
-        "elapsed")
-_LOSS, _CLIPS, _CORRECT, _FAILED, _DATA, _AUGMENT, _FORWARD_BACKWARD, _ALLREDUCE_WAIT, _OPTIMIZER, _ELAPSED = range(len(_ACC))
-BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
-"""The phases of an optimizer step in ``metrics.jsonl``'s ``breakdown_s`` (seconds per step, mean
-over ranks): waiting for the DataLoader; host-to-device copy and batched augmentation; forward
-and backward (Horovod's gradient allreduce runs beside backward); waiting for that allreduce
-after backward, i.e. the part backward did not hide; the optimizer step; the rest (stop-request
-vote, bookkeeping). They add up to ``step_time_s``."""
-
-
-class _PhaseClock:
-    """Adds the seconds since a time mark to one entry of the interval sums.
-
-    Disabled (``train.breakdown: false``) it does nothing at all. Enabled on a GPU it
-    synchronises the device first, so that the asynchronous kernels of a phase count in it.
-    """
-
-    def __init__(self, acc: torch.Tensor | None, device: torch.device, enabled: bool):
-        self.acc, self.enabled, self.cuda = acc, enabled, device.type == "cuda"
-
-    def lap(self, index: int, since: float) -> float:
-        if not self.enabled:
-            return since
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.acc[index] += now - since
-        return now
-
-
-def _interval_record(tot: torch.Tensor, size: int, steps: int, breakdown: bool) -> dict:
-    """The metrics.jsonl fields of one logging interval from the sums over all ranks ``tot``
-    (indexed by ``_ACC``): clips/s use the mean over ranks of the interval's wall time."""
-    elapsed = tot[_ELAPSED].item() / size  # mean over ranks, seconds
-    clips = tot[_CLIPS].item()
-    record = dict(loss=tot[_LOSS].item() / clips, train_top1=100 * tot[_CORRECT].item() / clips,
-                  clips_per_s=clips / max(elapsed, 1e-9), clips_per_s_per_rank=clips / max(elapsed, 1e-9) / size,
-                  data_wait_fraction=tot[_DATA].item() / max(tot[_ELAPSED].item(), 1e-9),
-                  skipped_videos=int(tot[_FAILED].item()), interval_steps=steps, step_time_s=elapsed / steps)
-    if breakdown:
-        phases = {name: tot[i].item() / size / steps
-                  for name, i in zip(BREAKDOWN, (_DATA, _AUGMENT, _FORWARD_BACKWARD, _ALLREDUCE_WAIT, _OPTIMIZER))}
-        phases["other"] = max(0.0, elapsed / steps - sum(phases.values()))
-        record["breakdown_s"] = phases
-    return record
-
-
-def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp16: bool = False) -> dict:
-    """Time a gradient allreduce on its own, not overlapped with backward.
-
-    Every trainable parameter's gradient tensor (zeros where there is none) is allreduced the way
-    ``hvd.DistributedOptimizer`` does it during backward (one named asynchronous allreduce per
-    tensor, fused by Horovod), ``repeats`` times after a barrier each; the scaling model
-    (:mod:`tsmtrain.scaling`) compares this with the wait measured in training to find how much
-    of the allreduce backward hides.
-
-    Returns:
-        ``{"seconds": median over repeats of the mean over ranks, "times_s": [...], "repeats": R,
-        "bytes": bytes sent into one allreduce (2 per value with fp16 compression, else 4),
-        "parameters": number of parameters}``.
-    """
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-             for p in model.parameters() if p.requires_grad]
-    if fp16:
-        grads = [g.half() for g in grads]
-    times = []
-    for _ in range(repeats):
-        engine.barrier()
-        t0 = time.perf_counter()
-        handles = [engine.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
-        for h in handles:
-            engine.synchronize(h)
-        if grads and grads[0].is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times = engine.allreduce(torch.tensor(times, dtype=torch.float64), average=True).tolist()
-    return dict(seconds=sorted(times)[len(times) // 2], times_s=times, repeats=repeats,
-                bytes=sum(g.numel() * g.element_size() for g in grads),
-                parameters=sum(p.numel() for p in model.parameters()))
-
-
-def _progress(enabled: bool, total: int, completed: int):
-    """A rich progress bar with clips/s and ETA on an interactive rank 0; otherwise none."""
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[speed]:.1f} clips/s  loss {task.fields[loss]:.3f}"),
-                   TimeRemainingColumn(), transient=False)
-    bar.add_task("train", total=total, completed=completed, epoch=0, speed=0.0, loss=float("nan"))
-    return bar
+    def save(self, pos: ckpt.Position, stopping: bool = False) -> None:
+        self.sampler.set_epoch(pos.epoch, skip=pos.micro * self.recipe.train.batch_size)  # where a resumed run goes on
+        ckpt.save_run_checkpoint(self.engine, self.run_dir, self.model, self.optimizer, self.step, pos,
+                                 self.transform_gen, self.recipe, sampler=self.sampler.state_dict(), stopping=stopping)
 
 
 def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
     """Run a recipe on this rank until its last epoch, ``train.stop_after_steps``, or a stop
-    request (:data:`STOP_SIGNAL`).
+    request (:data:`~tsmtrain.train.STOP_SIGNAL`).
 
     Args:
         recipe: a validated recipe (:func:`tsmtrain.recipe.load_recipe`).
         resume: ``None`` (default): continue from the latest checkpoint in the run directory
             when there is one (same step, learning rate, position in the epoch's sample order,
-            random states, and every rank's BatchNorm statistics); ``True``: a checkpoint must
-            be there; ``False``: start afresh, which needs a run directory without checkpoints.
+            random states, gradient scaler, and every rank's BatchNorm statistics); ``True``: a
+            checkpoint must be there; ``False``: start afresh, which needs a run directory
+            without checkpoints.
 
     Returns:
         A :class:`RunResult`.
 
     Raises:
         TrainingError: nothing to resume from, a checkpoint of another model, a dataset
-            smaller than one global batch, ...
+            smaller than one global batch, torch.compile failing (``train.compile``), ...
         tsmtrain.data.ListFileError: a malformed list file.
     """
-    with _StopRequest() as stop:
-        return _train(recipe, resume, stop)
+    with StopRequest() as stop:
+        run, pos = _set_up(recipe, resume)
+        return _run(run, pos, stop)
 
 
-def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult:
-    engine = _choose_engine(recipe)
+def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
+    engine = choose_engine(recipe)
     rank0 = engine.rank == 0
     run_dir = Path(recipe.run.dir) / recipe.run.name
-    _setup_logging(engine.rank, run_dir)
+    setup_logging(engine.rank, run_dir)
     if rank0:
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # a stop of an earlier start is history now
-    slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) if "SLURM_JOB_ID" in os.environ else 0
-    torch.set_num_threads(recipe.train.threads or slurm_cpus or max(1, (os.cpu_count() or 1) // engine.local_size))
-    device = _choose_device(recipe.train.device, engine.local_rank)
+    threads = set_threads(recipe.train.threads, engine.local_size)
+    device = choose_device(recipe.train.device, engine.local_rank)
     print(f"[rank {engine.rank}] rank {engine.rank} of {engine.size} ({engine.name}) on {socket.gethostname()}, "
-          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {torch.get_num_threads()} threads",
+          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {threads} threads",
           file=sys.stderr, flush=True)
     d, t = recipe.data, recipe.train
     derived = derived_values(recipe, engine.size)
@@ -316,45 +167,34 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     train_tf = VideoTransform(train=True, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
                               mean=d.mean, std=d.std, generator=transform_gen)
     val_tf = VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std)
+    # one loader for the whole run: its workers persist across epochs (the sampler, which runs in
+    # this process, says which epoch and where in it)
+    loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
+                          pin_memory=device.type == "cuda", persistent=True)
 
-    # ---- model, optimizer, schedule
+    # ---- model, step, optimizer, schedule
     torch.manual_seed(t.seed)  # same initial weights everywhere (rank 0's are broadcast anyway)
     model = create_model(recipe.model, d.num_segments).to(device)
+    # before Horovod wraps the optimizer, so that compile's check fires no allreduce hooks
+    step = TrainStep(model, device, t.precision, t.channels_last, t.compile,
+                     batch_shape=(t.batch_size, d.num_segments, 3, d.input_size, d.input_size))
     optimizer = engine.wrap_optimizer(create_optimizer(model, recipe.optim), model,
                                       fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
     s = recipe.schedule
     schedule = LRSchedule(derived["lr"], steps_per_epoch, s.epochs, s.warmup_epochs,
                           s.warmup_start_lr if s.warmup_start_lr is not None else min(recipe.optim.base_lr, derived["lr"]),
                           s.decay, s.milestones, s.gamma)
-    step, epoch, micro_done, last_eval, pending_eval, rank_buffers = 0, 0, 0, {}, False, None
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
+
+    # ---- resume
+    pos, rank_buffers = ckpt.Position(), None
     path = ckpt.latest_checkpoint(run_dir)
     if resume and path is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir}")
     if resume is False and path is not None:
         raise TrainingError(f"{run_dir} already holds {path.name}: resume it, or choose another run.name")
     if path is not None:
-        state = ckpt.load_checkpoint(path)
-        if state["recipe"]["model"] != recipe.model.model_dump(mode="json"):
-            theirs, ours = state["recipe"]["model"], recipe.model.model_dump(mode="json")
-            diff = ", ".join(f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
-            raise TrainingError(f"{path} is a checkpoint of another model ({diff}); choose another run.name")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, micro_done = state["step"], state["epoch"], state["micro"]
-        last_eval, pending_eval = state.get("eval", {}), state.get("pending_eval", False)
-        saved_order = state.get("sampler")
-        if saved_order and (saved_order["size"], saved_order["seed"]) != (len(train_set), t.seed):
-            log.warning("the training list has %d videos (seed %d); the checkpoint's sample order was for %d "
-                        "(seed %d): the rest of this epoch follows a different order",
-                        len(train_set), t.seed, saved_order["size"], saved_order["seed"])
-        if state["world_size"] == engine.size:
-            ckpt.set_rng_state(state["rng"][engine.rank], transform_gen)
-            rank_buffers = (state.get("rank_buffers") or [None] * engine.size)[engine.rank]
-        else:
-            log.warning("checkpoint was written by %d ranks, this run has %d: random streams restart",
-                        state["world_size"], engine.size)
-        log.info("resuming from %s at step %d (epoch %d)", path, step, epoch)
+        pos, rank_buffers = ckpt.restore_run(path, engine, model, optimizer, step, transform_gen, recipe, len(train_set))
     engine.broadcast_state(model, optimizer)
     if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
         with torch.no_grad():
@@ -362,212 +202,114 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
                 if name in rank_buffers:
                     buf.copy_(rank_buffers[name])
 
-    metrics = _Metrics(run_dir / "metrics.jsonl" if rank0 else None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl" if rank0 else None)
     if rank0:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-        log.info("run %s: %s, %d ranks (%s), device %s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
-                 run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device,
+        log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
+                 run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
+                 ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
                  derived["global_batch"], derived["lr"], steps_per_epoch, s.epochs)
-
     total_steps = steps_per_epoch * s.epochs
-    stop_at = min(total_steps, t.stop_after_steps or total_steps)
-    bar = _progress(rank0, total_steps, step)
-    if pending_eval and val_records:  # the run stopped at an epoch's end before evaluating it
-        last_eval = _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step)
-    stopping = False
-    stop_flag = torch.zeros(1, dtype=torch.float64)
-    clock = _PhaseClock(acc=None, device=device, enabled=t.breakdown)
+    run = _Run(recipe, engine, device, run_dir, model, step, optimizer, schedule, loader, train_sampler, train_tf,
+               val_tf, val_records, transform_gen, metrics, PhaseClock(device, t.breakdown), steps_per_epoch,
+               stop_at=min(total_steps, t.stop_after_steps or total_steps))
+    return run, pos
 
-    # one loader for the whole run: its workers persist across epochs (the sampler, which runs in
-    # this process, says which epoch and where in it)
-    loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
-                          pin_memory=device.type == "cuda", persistent=True)
+
+def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
+    """Epochs until the last, ``stop_at`` or a stop request; evaluation and checkpoints."""
+    r, t, epochs = run, run.recipe.train, run.recipe.schedule.epochs
+    bar = progress_bar(r.engine.rank == 0, r.steps_per_epoch * epochs, pos.step)
+    if pos.pending_eval and r.val_records:  # the run stopped at an epoch's end before evaluating it
+        pos.eval = evaluate_epoch(r.model, r.val_records, r.recipe, r.engine, r.device, r.val_tf, r.metrics,
+                                  pos.epoch, pos.step)
+    pos.pending_eval = stopping = False
     with bar or nullcontext():
-        while epoch < s.epochs and step < stop_at and not stopping:
-            train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)
-            model.train()
-            # per logging interval, on each rank: the sums in _ACC (seconds, clips, ...); loss and
-            # correct accumulate on the device so that no step waits for a .item()
-            acc = torch.zeros(len(_ACC), dtype=torch.float64)
-            clock.acc = acc
-            on_device = torch.zeros(2, dtype=torch.float64, device=device)
-            interval_steps = 0
-            t_last = time.perf_counter()
-            t_ready = t_last
-            for batch in loader:
-                t_got = time.perf_counter()
-                acc[_DATA] += t_got - t_ready
-                if micro_done % bpps == 0:  # first pass of an optimizer step: vote on stopping after it
-                    stop_flag[0] = float(stop.requested)
-                    vote = engine.allreduce_async(stop_flag, name="stop_request")
-                for failed in batch["failed"]:
-                    log.warning("skipped unreadable video: %s", failed)
-                acc[_FAILED] += len(batch["failed"])
-                x = train_tf(batch["frames"].to(device, non_blocking=True))
-                y = batch["label"].to(device, non_blocking=True)
-                t_prev = clock.lap(_AUGMENT, t_got)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                (loss / bpps).backward()
-                on_device[0] += loss.detach() * len(y)
-                on_device[1] += (logits.argmax(1) == y).sum()
-                acc[_CLIPS] += len(y)
-                micro_done += 1
-                t_prev = clock.lap(_FORWARD_BACKWARD, t_prev)
-                if micro_done % bpps == 0:
-                    engine.wait_gradients(optimizer)
-                    t_prev = clock.lap(_ALLREDUCE_WAIT, t_prev)
-                    lr = schedule.apply(optimizer, step)
-                    engine.step(optimizer)
-                    optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
-                    clock.lap(_OPTIMIZER, t_prev)
-                    step += 1
-                    interval_steps += 1
-                    # (a request during the last step changes nothing: the run ends normally)
-                    stopping = engine.synchronize(vote).item() > 0 and step < stop_at
-                    if (step % t.log_every == 0 or step == stop_at or micro_done == steps_per_epoch * bpps
-                            or stopping):
-                        acc[_LOSS], acc[_CORRECT] = on_device.tolist()
-                        acc[_ELAPSED] = time.perf_counter() - t_last
-                        record = _interval_record(engine.allreduce(acc, average=False), engine.size,
-                                                  interval_steps, t.breakdown)
-                        record = dict(epoch=epoch, step=step, lr=lr, **record)
-                        metrics.write(**record)
-                        if bar is not None:
-                            bar.update(bar.task_ids[0], completed=step, epoch=epoch, speed=record["clips_per_s"],
-                                       loss=record["loss"])
-                        elif rank0:
-                            eta = (stop_at - step) * record["step_time_s"]
-                            log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f clips/s data wait %.0f%% eta %.0fs",
-                                     epoch, step, total_steps, record["loss"], lr, record["clips_per_s"],
-                                     100 * record["data_wait_fraction"], eta)
-                        acc.zero_()
-                        on_device.zero_()
-                        interval_steps = 0
-                        t_last = time.perf_counter()
-                    if step >= stop_at or micro_done == steps_per_epoch * bpps or stopping:
-                        break
-                t_ready = time.perf_counter()
-            epoch_done = micro_done == steps_per_epoch * bpps
-            if not epoch_done and step < stop_at and not stopping:  # cannot happen unless the sampler is wrong
-                raise RuntimeError(f"the loader ended after {micro_done} of {steps_per_epoch * bpps} batches")
+        while pos.epoch < epochs and pos.step < r.stop_at and not stopping:
+            stopping = _train_epoch(r, pos, stop, bar)
+            epoch_done = pos.micro == r.steps_per_epoch * r.passes
+            if not epoch_done and pos.step < r.stop_at and not stopping:  # cannot happen unless the sampler is wrong
+                raise RuntimeError(f"the loader ended after {pos.micro} of {r.steps_per_epoch * r.passes} batches")
             if epoch_done:
-                epoch, micro_done = epoch + 1, 0
-                engine.average_buffers(model)  # one model on every rank for evaluation and checkpoint
-            last = epoch == s.epochs
-            wants_eval = epoch_done and bool(val_records) and (epoch % t.eval_every == 0 or last)
+                pos.epoch, pos.micro = pos.epoch + 1, 0
+                r.engine.average_buffers(r.model)  # one model on every rank for evaluation and checkpoint
+            last = pos.epoch == epochs
+            wants_eval = epoch_done and bool(r.val_records) and (pos.epoch % t.eval_every == 0 or last)
             if wants_eval and not stopping:
-                last_eval = _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step)
-            if (epoch_done and (epoch % t.checkpoint_every == 0 or last)) or step >= stop_at or stopping:
-                train_sampler.set_epoch(epoch, skip=micro_done * t.batch_size)  # where a resumed run goes on
-                _save(engine, run_dir, model, optimizer, step, epoch, micro_done, transform_gen, recipe, last_eval,
-                      pending_eval=wants_eval and stopping, sampler=train_sampler.state_dict(), stopping=stopping)
+                pos.eval = evaluate_epoch(r.model, r.val_records, r.recipe, r.engine, r.device, r.val_tf, r.metrics,
+                                          pos.epoch, pos.step)
+            if (epoch_done and (pos.epoch % t.checkpoint_every == 0 or last)) or pos.step >= r.stop_at or stopping:
+                pos.pending_eval = wants_eval and stopping
+                r.save(pos, stopping=stopping)
     if t.allreduce_benchmark and not stopping:
-        metrics.write(step=step, allreduce_benchmark=benchmark_allreduce(engine, model, t.allreduce_benchmark,
-                                                                         fp16=recipe.dist.fp16_allreduce))
+        r.metrics.write(step=pos.step, allreduce_benchmark=benchmark_allreduce(
+            r.engine, r.model, t.allreduce_benchmark, fp16=r.recipe.dist.fp16_allreduce))
     if stopping:
         log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
-                 step, total_steps, EXIT_PREEMPTED)
-    return RunResult(step, epoch, last_eval, model, engine.rank, preempted=stopping)
+                 pos.step, r.steps_per_epoch * epochs, EXIT_PREEMPTED)
+    return RunResult(pos.step, pos.epoch, pos.eval, r.model, r.engine.rank, preempted=stopping)
 
 
-def _evaluate_epoch(model, val_records, recipe, engine, device, val_tf, metrics, epoch, step) -> dict:
-    """Evaluate after epoch ``epoch - 1``, log it and append it to metrics.jsonl."""
-    result = evaluate(model, val_records, recipe, engine, device, val_tf)
-    metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in result.items()})
-    log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)",
-             epoch - 1, result["top1"], result["top5"], result["loss"], result["clips"])
-    return result
+def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
+    """Optimizer steps from ``pos`` until the epoch ends, ``r.stop_at``, or the ranks agree on a
+    stop request; advances ``pos``. Returns whether the run is stopping on request."""
+    r.sampler.set_epoch(pos.epoch, skip=pos.micro * r.recipe.train.batch_size)
+    r.model.train()
+    interval = Interval(r.device)  # sums of this logging interval, on this rank
+    for batch in _timed(r.loader, interval):
+        r.clock.mark()
+        if pos.micro % r.passes == 0:  # first pass of an optimizer step: vote on stopping after it
+            vote = r.engine.allreduce_async(torch.tensor([float(stop.requested)], dtype=torch.float64),
+                                            name="stop_request")
+        for failed in batch["failed"]:
+            log.warning("skipped unreadable video: %s", failed)
+        interval.add("failed", len(batch["failed"]))
+        x = r.train_tf(batch["frames"].to(r.device, non_blocking=True))  # (N, T, 3, H, W) float
+        y = batch["label"].to(r.device, non_blocking=True)
+        r.clock.lap("augment")
+        logits, loss = r.step.forward_backward(x, y, passes=r.passes)  # Horovod allreduces during backward
+        interval.add_batch(loss, logits, y)
+        pos.micro += 1
+        r.clock.lap("forward_backward")
+        if pos.micro % r.passes:
+            continue  # accumulate another backward pass
+        r.engine.wait_gradients(r.optimizer)
+        r.clock.lap("allreduce_wait")
+        lr = r.schedule.apply(r.optimizer, pos.step)
+        r.step.apply(r.engine, r.optimizer)  # (fp16: unscale, step unless inf/NaN, update the scale)
+        r.clock.lap("optimizer")
+        pos.step += 1
+        interval.steps += 1
+        # (a request during the last step changes nothing: the run ends normally)
+        stopping = r.engine.synchronize(vote).item() > 0 and pos.step < r.stop_at
+        epoch_end = pos.micro == r.steps_per_epoch * r.passes
+        if pos.step % r.recipe.train.log_every == 0 or pos.step == r.stop_at or epoch_end or stopping:
+            _log_interval(r, pos, interval, lr, bar)
+        if pos.step >= r.stop_at or epoch_end or stopping:
+            return stopping
+    return False
 
 
-def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, recipe, last_eval,
-          pending_eval=False, sampler=None, stopping=False) -> None:
-    """Rank 0 writes the checkpoint; every rank returns only once it is on disk.
-
-    Mid-epoch (``micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
-    at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
-    When ``stopping`` (SIGUSR2), rank 0 then writes :data:`~tsmtrain.launch.PREEMPTED_FILE`, so
-    the launcher knows the stop was clean whatever status it sees.
-    """
-    rngs = engine.allgather_object(ckpt.rng_state(transform_gen), name="rng_states")  # every rank's streams
-    buffers = None
-    if micro and engine.size > 1:
-        own = {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
-        buffers = engine.allgather_object(own, name="rank_buffers")
-    if engine.rank == 0:
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-            "micro": micro, "world_size": engine.size, "rng": rngs, "rank_buffers": buffers, "sampler": sampler, "eval": last_eval,
-            "pending_eval": pending_eval, "recipe": recipe.model_dump(mode="json"),
-        }
-        path = ckpt.save_checkpoint(state, run_dir, step, keep=recipe.train.keep_checkpoints)
-        log.info("checkpoint %s", path)
-        if stopping:
-            ckpt.write_json(run_dir / PREEMPTED_FILE, {"step": step, "checkpoint": path.name,
-                                                       "job": os.environ.get("SLURM_JOB_ID"), "time": time.time()})
-    engine.barrier()  # no rank exits (and ends the job step) while the checkpoint is being written
-
-
-def prepare_dataset(recipe: Recipe) -> None:
-    """Build the dataset a recipe's ``data.generate`` names (``demo``: rendered with ffmpeg;
-    ``arrow_of_time``: cut from ``data.source``) in ``data.root``; nothing when it is not set.
-    Both builders skip what is already there."""
-    d = recipe.data
-    if d.generate is None:
-        return
-    log.info("preparing the %s dataset in %s", d.generate, d.root)
-    if d.generate == "demo":
-        from .data.synthetic import generate_demo_dataset
-
-        generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
-    else:
-        from .data.arrow import build_arrow_of_time
-
-        build_arrow_of_time(d.source, d.root)
-
-
-def clip_dataset(recipe: Recipe, records, train: bool) -> VideoClipDataset:
-    """The clip dataset a recipe's ``data`` section describes, for training or evaluation."""
-    d = recipe.data
-    return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
-                            max_retries=d.max_retries, seed=recipe.train.seed)
-
-
-@torch.no_grad()
-def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
-    """Run ``model`` in evaluation mode over this rank's shard of ``records``.
-
-    Yields ``(logits (N, K), labels (N,), failed paths)`` per batch, on ``device``; videos are
-    sampled at segment centres and centre-cropped by ``transform``.
-    """
-    dataset = clip_dataset(recipe, records, train=False)
-    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
-    loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False)
-    was_training = model.training
-    model.eval()
+def _timed(loader, interval: Interval):
+    """The loader's batches; the seconds spent waiting for each go to the interval's ``data``."""
+    t_ready = time.perf_counter()
     for batch in loader:
-        yield model(transform(batch["frames"].to(device))), batch["label"].to(device), batch["failed"]
-    model.train(was_training)
+        interval.add("data", time.perf_counter() - t_ready)
+        yield batch
+        t_ready = time.perf_counter()
 
 
-def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform) -> dict:
-    """Top-1, top-5 (percent) and mean cross-entropy loss on a list of videos, over all ranks.
-
-    Each rank evaluates its own shard (:func:`predict`); sums are allreduced, so every video
-    counts once whatever the number of ranks.
-    """
-    k = min(5, recipe.model.num_classes)
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, clips, failed
-    for logits, y, failed in predict(model, records, recipe, engine, device, transform):
-        for path in failed:
-            log.warning("skipped unreadable video: %s", path)
-        top = logits.topk(k, dim=1).indices
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums[1] += (top[:, 0] == y).sum().item()
-        sums[2] += (top == y[:, None]).any(1).sum().item()
-        sums[3] += len(y)
-        sums[4] += len(failed)
-    tot = engine.allreduce(sums, average=False)
-    n = max(tot[3].item(), 1)
-    return {"top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "loss": tot[0].item() / n,
-            "clips": int(tot[3].item()), "skipped_videos": int(tot[4].item())}
+def _log_interval(r: _Run, pos: ckpt.Position, interval: Interval, lr: float, bar) -> None:
+    """Close the logging interval (one allreduce), append its record to metrics.jsonl and show it."""
+    record = dict(epoch=pos.epoch, step=pos.step, lr=lr, **interval.close(r.engine, r.clock.collect()))
+    if r.step.scaler is not None:
+        record["loss_scale"] = r.step.loss_scale()
+    r.metrics.write(**record)
+    if bar is not None:
+        bar.update(bar.task_ids[0], completed=pos.step, epoch=pos.epoch, speed=record["clips_per_s"],
+                   loss=record["loss"])
+    elif r.engine.rank == 0:
+        eta = (r.stop_at - pos.step) * record["step_time_s"]
+        log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f clips/s data wait %.0f%% eta %.0fs",
+                 pos.epoch, pos.step, r.steps_per_epoch * r.recipe.schedule.epochs, record["loss"], lr,
+                 record["clips_per_s"], 100 * record["data_wait_fraction"], eta)
