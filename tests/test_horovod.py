@@ -76,25 +76,18 @@ def test_cli_np2_with_mpirun(tmp_path, tiny_demo):
     assert latest_checkpoint(run_dir) is not None
 
 
-@pytest.fixture(scope="module")
-def inductor_env(tmp_path_factory):
-    """The environment with an inductor cache of this module's own: the first compile is a real
-    one, and the second test that compiles the same network and batch reuses it (minutes on 2 cores)."""
-    return {**venv_env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
-
-
-def step_worker(tmp_path, mode, env):
+def step_worker(tmp_path, mode):
     out = tmp_path / mode
     horovodrun = Path(sys.executable).parent / "horovodrun"
     cmd = [str(horovodrun), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
            str(REPO / "tests" / "horovod_step_worker.py"), mode, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
 
 
 def test_fp16_step_with_inf_on_one_rank_is_skipped_on_both(tmp_path):
-    r0, r1 = step_worker(tmp_path, "fp16-inf", venv_env())
+    r0, r1 = step_worker(tmp_path, "fp16-inf")
     # step 1: only rank 1's gradients are infinite, but unscale_ sees the averaged ones: both skip
     assert not r0["moved1"] and not r1["moved1"]
     assert r0["scale1"] == r1["scale1"] == 1.0  # 2.0 halved on both
@@ -103,27 +96,24 @@ def test_fp16_step_with_inf_on_one_rank_is_skipped_on_both(tmp_path):
         assert torch.equal(a, r1["model"][name]), name
 
 
-def test_compiled_model_keeps_horovod_gradient_hooks(tmp_path, inductor_env):
-    compiled0, compiled1 = step_worker(tmp_path, "compile", inductor_env)
-    eager0, _ = step_worker(tmp_path, "eager", inductor_env)
+def test_compiled_model_keeps_horovod_gradient_hooks(tmp_path):
+    compiled0, compiled1 = step_worker(tmp_path, "compile")
+    eager0, _ = step_worker(tmp_path, "eager")
     # every parameter's allreduce was started by its hook during backward, as in eager mode
     assert compiled0["hooks_fired"] == compiled0["parameters"] == eager0["hooks_fired"]
     for name, a in compiled0["model"].items():
         assert torch.equal(a, compiled1["model"][name]), name  # the replicas agree
-        # and took the eager step (other kernels round differently; BatchNorm on small maps amplifies it)
-        update, eager_update = a - compiled0["initial"][name], eager0["model"][name] - eager0["initial"][name]
-        assert (update - eager_update).norm() <= 0.01 * eager_update.norm() + 1e-7, name
+        assert torch.equal(a, eager0["model"][name]), name  # and took the eager step
 
 
-def test_two_rank_run_with_compile(tmp_path, tiny_demo, inductor_env):
+def test_two_rank_run_with_compile(tmp_path, tiny_demo):
     path = recipe(tmp_path, tiny_demo, "compiled")
     doc = yaml.safe_load(path.read_text())
     doc["train"].update(compile=True, stop_after_steps=2)
-    doc["model"]["dropout"] = 0.0  # the network of horovod_step_worker.py compile
     doc["data"].pop("val_list")  # evaluation runs uncompiled; nothing to learn from it here
     path.write_text(yaml.safe_dump(doc))
     proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(path)], capture_output=True, text=True,
-                          timeout=900, env=inductor_env, cwd=REPO)
+                          timeout=900, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "compiled"
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
