@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tests.conftest import venv_env
-from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.models import VideoNet
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
@@ -74,3 +74,48 @@ def test_cli_np2_with_mpirun(tmp_path, tiny_demo):
     assert any("val_top1" in r and r["val_clips"] == 8 for r in records)  # both shards evaluated
     assert "final validation top-1" in proc.stdout and proc.stdout.count("final validation") == 1
     assert latest_checkpoint(run_dir) is not None
+
+
+def step_worker(tmp_path, mode):
+    out = tmp_path / mode
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    cmd = [str(horovodrun), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+           str(REPO / "tests" / "horovod_step_worker.py"), mode, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=venv_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+
+
+def test_fp16_step_with_inf_on_one_rank_is_skipped_on_both(tmp_path):
+    r0, r1 = step_worker(tmp_path, "fp16-inf")
+    # step 1: only rank 1's gradients are infinite, but unscale_ sees the averaged ones: both skip
+    assert not r0["moved1"] and not r1["moved1"]
+    assert r0["scale1"] == r1["scale1"] == 1.0  # 2.0 halved on both
+    assert r0["moved2"] and r1["moved2"] and r0["scale2"] == r1["scale2"] == 1.0
+    for name, a in r0["model"].items():
+        assert torch.equal(a, r1["model"][name]), name
+
+
+def test_compiled_model_keeps_horovod_gradient_hooks(tmp_path):
+    compiled0, compiled1 = step_worker(tmp_path, "compile")
+    eager0, _ = step_worker(tmp_path, "eager")
+    # every parameter's allreduce was started by its hook during backward, as in eager mode
+    assert compiled0["hooks_fired"] == compiled0["parameters"] == eager0["hooks_fired"]
+    for name, a in compiled0["model"].items():
+        assert torch.equal(a, compiled1["model"][name]), name  # the replicas agree
+        assert torch.equal(a, eager0["model"][name]), name  # and took the eager step
+
+
+def test_two_rank_run_with_compile(tmp_path, tiny_demo):
+    path = recipe(tmp_path, tiny_demo, "compiled")
+    doc = yaml.safe_load(path.read_text())
+    doc["train"].update(compile=True, stop_after_steps=2)
+    doc["data"].pop("val_list")  # evaluation runs uncompiled; nothing to learn from it here
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(path)], capture_output=True, text=True,
+                          timeout=900, env=venv_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "compiled"
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["loss"] > 0 for r in steps)
+    assert "compiled" in (run_dir / "train.log").read_text()

@@ -61,3 +61,26 @@ def test_pretrained_local_file(tmp_path):
     torch.save({"bogus": torch.zeros(1)}, path)
     with pytest.raises(RuntimeError, match="missing"):
         VideoNet("resnet18", 10, 4, pretrained=path)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_narrowest_shifted_layer_table_matches_the_network(arch):
+    from tsmtrain.recipe import NARROWEST_SHIFTED_LAYER
+
+    model = VideoNet(arch, 4, 4, shift=True)
+    widths = []
+    for m in model.modules():
+        if isinstance(m, TemporalShift):
+            first = next(c for c in m.net.modules() if isinstance(c, torch.nn.Conv2d))
+            widths.append(first.in_channels)
+    assert min(widths) == NARROWEST_SHIFTED_LAYER[arch]
+
+
+def test_channels_last_model_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = VideoNet("resnet18", 3, 4, shift=True).eval()
+    x = torch.randn(2, 4, 3, 32, 32)
+    ref = model(x)
+    model.to(memory_format=torch.channels_last)
+    frames = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    assert torch.allclose(model(frames), ref, atol=1e-5)

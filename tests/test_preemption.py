@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tests.conftest import steps_logged, tiny_recipe, venv_env
 from tsmtrain.launch import EXIT_PREEMPTED
 

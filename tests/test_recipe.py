@@ -118,3 +118,28 @@ def test_cli_validate_exit_codes(tmp_path):
 @pytest.mark.parametrize("name", ["demo.yaml", "tsm_r50_kinetics400.yaml", "arrow_of_time.yaml"])
 def test_shipped_recipes_are_valid(name):
     load_recipe(REPO / "configs" / name, check_files=False)
+
+
+def test_shift_div_that_shifts_no_channel_is_refused(tmp_path):
+    (p,) = problems(write(tmp_path, {"model": {"arch": "resnet50", "shift_div": 1000}}))
+    assert p.key == "model.shift_div" and p.value == "1000"
+    assert "64 channels" in p.message and "resnet50" in p.message and "at most 64" in p.message
+    load_recipe(write(tmp_path, {"model": {"arch": "resnet50", "shift_div": 64}}))  # one channel each way
+    load_recipe(write(tmp_path, {"model": {"shift": False, "shift_div": 1000}}))  # TSN: nothing shifts
+    (p,) = problems(write(tmp_path, {"model": {"arch": "mobilenet_v2", "shift_div": 32}}))
+    assert "24 channels" in p.message
+
+
+def test_training_step_settings(tmp_path):
+    r = load_recipe(write(tmp_path, {}))
+    assert (r.train.precision, r.train.channels_last, r.train.compile) == ("fp32", False, False)
+    r = load_recipe(write(tmp_path, {}), ["train.precision=bf16", "train.channels_last=true", "train.compile=true"])
+    assert (r.train.precision, r.train.channels_last, r.train.compile) == ("bf16", True, True)
+    (p,) = problems(write(tmp_path, {"train": {"precision": "fp8"}}))
+    assert p.key == "train.precision" and "fp16" in p.message
+
+
+def test_cli_refuses_shift_div_with_exit_2(tmp_path):
+    proc = cli("validate", str(write(tmp_path, {})), "--set", "model.shift_div=1000")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --set: model.shift_div = '1000': leaves no channel")

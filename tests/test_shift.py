@@ -63,3 +63,89 @@ def test_residual_placement_leaves_identity_path_unshifted():
     assert torch.allclose(out, expected, atol=1e-6)
     wrong = torch.relu(branch(block, temporal_shift(x, 4, 4)) + temporal_shift(x, 4, 4))
     assert not torch.allclose(out, wrong, atol=1e-3)
+
+
+def reference_shift(x, num_segments, shift_div):
+    """The first implementation: fill zeros, then copy three slices (autograd differentiates the copies)."""
+    nt, c, h, w = x.shape
+    x = x.view(nt // num_segments, num_segments, c, h, w)
+    fold = c // shift_div
+    out = torch.zeros_like(x)
+    out[:, :-1, :fold] = x[:, 1:, :fold]
+    out[:, 1:, fold : 2 * fold] = x[:, :-1, fold : 2 * fold]
+    out[:, :, 2 * fold :] = x[:, :, 2 * fold :]
+    return out.view(nt, c, h, w)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("t,c,shift_div", [(8, 64, 8), (3, 12, 4), (4, 10, 3), (1, 8, 2), (2, 7, 8)])
+def test_function_equals_reference_bitwise(t, c, shift_div, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2 * t, c, 5, 6)
+    g = torch.randn(2 * t, c, 5, 6)
+    if channels_last:
+        x, g = (v.contiguous(memory_format=torch.channels_last) for v in (x, g))
+    ref_x, new_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, new = reference_shift(ref_x, t, shift_div), temporal_shift(new_x, t, shift_div)
+    ref.backward(g)
+    new.backward(g)
+    assert torch.equal(new, ref)
+    assert torch.equal(new_x.grad, ref_x.grad)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_output_and_gradient_keep_the_memory_format(fmt):
+    x = torch.randn(8, 16, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+    out = temporal_shift(x, 4, 8)
+    assert out.is_contiguous(memory_format=fmt)
+    out.backward(torch.ones_like(out))  # ones_like keeps the format
+    assert x.grad.is_contiguous(memory_format=fmt)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    # the output starts from torch.empty_like: make "uninitialised" NaN, then none may be left
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t, **kw).fill_(float("nan")))
+    x = torch.randn(6, 8, 3, 3, requires_grad=True)
+    out = temporal_shift(x, 3, 4)
+    out.backward(torch.randn_like(out))
+    assert not out.isnan().any() and not x.grad.isnan().any()
+
+
+def test_backward_is_the_opposite_shift():
+    x = torch.randn(8, 16, 2, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    temporal_shift(x, 4, 4).backward(g)
+    # <shift(x), g> == <x, shift^T(g)>: the gradient is the transpose of the shift
+    assert torch.allclose((temporal_shift(x, 4, 4) * g).sum(), (x * x.grad).sum())
+
+
+def test_gradgradcheck():
+    x = torch.randn(2 * 3, 8, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: temporal_shift(t, 3, 4), (x,))
+
+
+def test_runs_under_autocast_in_the_input_dtype():
+    x = torch.randn(8, 16, 3, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = temporal_shift(x, 4, 8)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.float(), temporal_shift(x.float(), 4, 8))
+
+
+def test_traces_under_torch_compile():
+    # aot_eager: Dynamo and AOTAutograd trace the Function, forward and backward, without a C++ compiler
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: temporal_shift(v, 4, 8) * 2, backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = compiled(a)
+    out.sum().backward()
+    (temporal_shift(b, 4, 8) * 2).sum().backward()
+    assert torch.equal(out, temporal_shift(x, 4, 8) * 2)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_non_4d_input_is_refused():
+    with pytest.raises(ValueError, match=r"\(N\*T, C, H, W\)"):
+        temporal_shift(torch.zeros(4, 8, 2), 4)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import steps_logged, tiny_recipe, venv_env
-from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.launch import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
+from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.launch import PREEMPTED_FILE
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
@@ -121,16 +121,16 @@ def test_cli_run_reports_malformed_list_with_line(tmp_path):
 @pytest.fixture
 def stop_requested(monkeypatch):
     """A stop request (SIGUSR2) that is already there when training starts."""
-    from tsmtrain import train as train_module
+    from tsmtrain.train.runtime import StopRequest
 
-    enter = train_module._StopRequest.__enter__
+    enter = StopRequest.__enter__
 
     def requested(self):
         enter(self)
         self.requested = True
         return self
 
-    monkeypatch.setattr(train_module._StopRequest, "__enter__", requested)
+    monkeypatch.setattr(StopRequest, "__enter__", requested)
 
 
 def test_stop_request_checkpoints_after_the_current_step(tmp_path, tiny_demo, stop_requested):
@@ -193,3 +193,41 @@ def test_breakdown_off_records_no_phases(tmp_path, tiny_demo):
     train(tiny_recipe(tmp_path, tiny_demo, "plain", **{"train.breakdown": "false", "train.stop_after_steps": 2}))
     steps = [r for r in read_metrics(tmp_path / "runs" / "plain") if "loss" in r]
     assert len(steps) == 2 and all("breakdown_s" not in r and r["step_time_s"] > 0 for r in steps)
+
+
+def test_fp16_resume_is_bitwise_and_keeps_the_scaler(tmp_path, tiny_demo):
+    # fp16 on the CPU, tiny (half-precision convolutions are slow without AVX-512): the first steps
+    # overflow and are skipped while the scale comes down, so a resume that lost the scaler's state
+    # would skip other steps and end elsewhere
+    small = {"train.precision": "fp16", "data.input_size": 8, "data.num_segments": 2, "schedule.epochs": 1,
+             "schedule.warmup_epochs": 0}
+    full = train(tiny_recipe(tmp_path, tiny_demo, "fp16-ref", **small))
+    part = train(tiny_recipe(tmp_path, tiny_demo, "fp16-cut", **small, **{"train.stop_after_steps": 3}))
+    scaler = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "fp16-cut"))["scaler"]
+    assert part.step == 3 and scaler["scale"] < 65536.0  # steps were skipped
+    resumed = train(tiny_recipe(tmp_path, tiny_demo, "fp16-cut", **small), resume=True)
+    assert resumed.step == full.step == 6
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    records = [r for r in read_metrics(tmp_path / "runs" / "fp16-ref") if "loss" in r]
+    assert all(r["loss_scale"] > 0 for r in records)
+
+
+def test_compile_failure_stops_the_run_before_training(tmp_path, tiny_demo):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "compile.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"root": str(tiny_demo), "train_list": str(tiny_demo / "train.txt"), "num_segments": 4,
+                 "input_size": 32, "workers": 0},
+        "model": {"arch": "resnet18", "num_classes": 4}, "dist": {"engine": "none"},
+        "train": {"batch_size": 4, "compile": True, "threads": 1}, "run": {"name": "c", "dir": str(tmp_path / "runs")}}))
+    # no C++ compiler for inductor, and an empty cache so that nothing compiled earlier is reused
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: train.compile: true: torch.compile failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "set train.compile: false" in proc.stderr
+    assert not (tmp_path / "runs" / "c" / "metrics.jsonl").exists()  # no step was taken

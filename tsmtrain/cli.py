@@ -13,6 +13,7 @@
 * ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.sweep`
 * ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` -> :mod:`tsmtrain.report`,
   :mod:`tsmtrain.scaling`
+* ``tsmtrain bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.train.bench.bench_step`
 
 User mistakes (bad recipe, bad list file, missing launcher, impossible job) print one line per
 problem and exit with status 2, never a traceback. A run stopped by SIGUSR2 after its checkpoint
@@ -34,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Large-batch training of Temporal Shift Module video networks.")
 
 SET_HELP = "override a recipe field, e.g. --set optim.base_lr=0.02 (repeatable)"
+
 
 
 def _fail(lines: list[str] | str, code: int = 2) -> None:
@@ -208,6 +210,44 @@ def bench_data(
         Path(json_file).parent.mkdir(parents=True, exist_ok=True)
         Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
         console.print(f"wrote {json_file}")
+@bench_app.command("step")
+def bench_step(
+    recipe: str = typer.Argument(..., help="YAML recipe (its data files need not exist)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    json_file: Optional[str] = typer.Option(None, "--json", help="also write every measurement to this JSON file"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="comma-separated, e.g. fp32,bf16,"
+                                           "fp32+channels_last,fp32+compile (default: all that run on this device)"),
+    steps: int = typer.Option(10, "--steps", min=1, help="measured rounds per variant"),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="untimed steps per network and variant first"),
+) -> None:
+    """Time forward+backward+optimizer of the recipe's network as TSM and TSN, in every precision,
+    memory format and compile variant that runs here, on a synthetic batch; and the temporal
+    shift against a copy of its input."""
+    import json
+
+    from .train import TrainingError
+    from .train.bench import bench_step as run_bench
+    from .train.bench import format_step_report, parse_variants
+    from .train.runtime import choose_device
+
+    cfg = _load(recipe, sets, check_files=False)
+    try:
+        device = choose_device(cfg.train.device, 0)
+        chosen = parse_variants(variants, device) if variants is not None else None
+    except TrainingError as err:
+        _fail(str(err))
+    except ValueError as err:
+        _fail(f"--variants: {err}")
+    try:
+        result = run_bench(cfg, chosen, steps=steps, warmup=warmup, say=lambda line: print(line, file=sys.stderr, flush=True))
+    except TrainingError as err:
+        _fail(str(err).splitlines())
+    print(format_step_report(result))
+    if json_file:
+        Path(json_file).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_file}")
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -534,3 +574,4 @@ def report(
         _fail(str(err))
     for path in (getattr(files, name) for name in vars(files)):
         print(f"wrote {path}")
+

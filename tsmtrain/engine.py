@@ -61,9 +61,15 @@ class Engine:
         training loop can time the part of the allreduce that backward did not hide.
         """
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply the averaged gradients (after :meth:`wait_gradients`)."""
-        optimizer.step()
+    def step(self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None" = None) -> None:
+        """Apply the averaged gradients (after :meth:`wait_gradients`): ``optimizer.step()``, or
+        with a GradScaler (fp16) ``scaler.step(optimizer)``, which skips the step when a gradient
+        is inf/NaN; the caller has run ``scaler.unscale_(optimizer)`` after
+        :meth:`wait_gradients` and runs ``scaler.update()`` after this."""
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
 
     def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
         """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
@@ -146,9 +152,14 @@ class HorovodEngine(Engine):
     def wait_gradients(self, optimizer):
         optimizer.synchronize()
 
-    def step(self, optimizer):
-        with optimizer.skip_synchronize():  # synchronize() already ran in wait_gradients
-            optimizer.step()
+    def step(self, optimizer, scaler=None):
+        # synchronize() already ran in wait_gradients; with AMP this is Horovod's documented order
+        # (synchronize, scaler.unscale_, scaler.step under skip_synchronize, scaler.update)
+        with optimizer.skip_synchronize():
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
 
     def allreduce(self, values, average=True):
         op = self.hvd.Average if average else self.hvd.Sum

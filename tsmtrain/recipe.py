@@ -73,6 +73,14 @@ class DataConfig(_Section):
     max_retries: int = Field(10, ge=0, description="unreadable videos replaced in a row before the run stops")
 
 
+NARROWEST_SHIFTED_LAYER = {"resnet18": 64, "resnet50": 64, "mobilenet_v2": 24}
+"""Input channels of the narrowest layer that the temporal shift wraps, per backbone (ResNets:
+the first block's ``conv1``; MobileNetV2: the first residual block's expansion). A ``shift_div``
+above it shifts no channel there (``C // shift_div == 0``). Kept here, not computed from the
+network, so that checking a recipe needs no torch; tests/test_model.py checks it against the
+networks."""
+
+
 class ModelConfig(_Section):
     """The network: a 2D backbone run on every frame, with or without temporal shift."""
 
@@ -128,7 +136,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl records")
     breakdown: bool = Field(
         True, description="time each step's phases (data wait, augmentation, forward+backward, allreduce wait, "
-                          "optimizer) into metrics.jsonl; on a GPU this synchronises the device at each phase's end"
+                          "optimizer) into metrics.jsonl; on a GPU with CUDA events read once per logging interval, "
+                          "so steps do not wait for the device"
     )
     allreduce_benchmark: int = Field(
         0, ge=0, description="after the last step, time this many standalone allreduces of all gradients "
@@ -142,6 +151,15 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="random seed (sampling, augmentation, initialisation)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when there is one")
     threads: int | None = Field(None, ge=1, description="CPU threads per rank; none: cores / ranks on the host")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="forward and loss under autocast in this dtype (fp32: none); fp16 with a gradient "
+                            "scaler, for GPUs; bf16 also on CPUs"
+    )
+    channels_last: bool = Field(False, description="model and input in channels_last (NHWC) memory format")
+    compile: bool = Field(
+        False, description="torch.compile the model for training (evaluation runs it uncompiled); a compiler "
+                           "failure stops the run before its first step"
+    )
 
 
 class RunConfig(_Section):
@@ -284,6 +302,12 @@ class Recipe(_Section):
             problems.append(("schedule.milestones", s.milestones, f"must increase and lie in 1..{s.epochs - 1}"))
         if self.model.shift and self.data.num_segments < 2:
             problems.append(("model.shift", True, "temporal shift needs data.num_segments >= 2"))
+        narrowest = NARROWEST_SHIFTED_LAYER[self.model.arch]
+        if self.model.shift and self.model.shift_div > narrowest:
+            problems.append(("model.shift_div", self.model.shift_div,
+                             f"leaves no channel to shift in {self.model.arch}'s narrowest shifted layer "
+                             f"({narrowest} channels // {self.model.shift_div} = 0): that layer would train as TSN; "
+                             f"use at most {narrowest}"))
         if self.dist.engine == "none" and self.dist.np > 1:
             problems.append(("dist.np", self.dist.np, "several ranks need dist.engine: horovod"))
         if self.dist.engine == "none" and self.dist.fp16_allreduce:

@@ -38,9 +38,9 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from .checkpoint import write_json
 from .recipe import Recipe, derived_values, dump_recipe
 from .train import BREAKDOWN
+from .train.checkpoint import write_json
 
 __all__ = ["SweepError", "SweepPlan", "plan_sweep", "run_sweep", "collect", "measure_point", "parse_workers",
            "point_path", "RECORD_KEYS"]

@@ -1,0 +1,173 @@
+"""The training step's compute (tsmtrain.train.step) and the phase clock, on the CPU."""
+
+import pytest
+import torch
+
+from tsmtrain.engine import LocalEngine
+from tsmtrain.models import VideoNet
+from tsmtrain.optim import create_optimizer
+from tsmtrain.recipe import OptimConfig
+from tsmtrain.train import TrainingError, TrainStep
+from tsmtrain.train.metrics import PhaseClock
+
+CPU = torch.device("cpu")
+SHAPE = (2, 2, 3, 8, 8)  # tiny: half precision convolutions are slow on CPUs without AVX-512 (im2col, not oneDNN)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return VideoNet("resnet18", 3, SHAPE[1], shift=True, dropout=0.0)
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE, generator=g), torch.randint(0, 3, (SHAPE[0],), generator=g)
+
+
+def take_step(step, model, optimizer, x, y, loss_factor=1.0):
+    """Like TrainStep.forward_backward, with the loss multiplied by ``loss_factor`` (inf: inf gradients)."""
+    with step.autocast():
+        loss = torch.nn.functional.cross_entropy(step.forward_model(step.batch(x)), y) * loss_factor
+    step.scaler.scale(loss).backward() if step.scaler else loss.backward()
+    engine = LocalEngine()
+    engine.wait_gradients(optimizer)
+    step.apply(engine, optimizer)
+
+
+def test_fp16_step_with_infinite_gradients_is_skipped_and_the_scale_halves():
+    model = tiny()
+    step = TrainStep(model, CPU, "fp16")
+    optimizer = create_optimizer(model, OptimConfig(base_lr=0.1))
+    x, y = batch()
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    scale = step.loss_scale()
+    take_step(step, model, optimizer, x, y, loss_factor=float("inf"))
+    assert step.loss_scale() == scale / 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # zeroed for the next step
+    step.scaler.update(2.0)  # a scale small enough that this tiny network's fp16 gradients stay finite
+    take_step(step, model, optimizer, x, y)
+    assert step.loss_scale() == 2.0  # (growth only after 2000 good steps)
+    assert not torch.equal(before["fc.weight"], model.fc.weight)  # a finite step is taken
+
+
+def test_fp16_scaler_state_round_trips():
+    step = TrainStep(tiny(), CPU, "fp16")
+    step.scaler.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
+    step.scaler.update(1024.0)
+    other = TrainStep(tiny(), CPU, "fp16")
+    other.load_state_dict(step.state_dict())
+    assert other.loss_scale() == 1024.0
+    fp32 = TrainStep(tiny(), CPU, "fp32")
+    assert fp32.state_dict() is None and fp32.loss_scale() is None
+    fp32.load_state_dict(None)
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_the_loss_in_fp32():
+    step = TrainStep(tiny(), CPU, "bf16")
+    x, y = batch()
+    logits, loss = step.forward_backward(x, y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in step.model.parameters())
+
+
+def test_channels_last_step_equals_contiguous_step():
+    x, y = batch()
+    results = []
+    for channels_last in (False, True):
+        model = tiny()
+        step = TrainStep(model, CPU, channels_last=channels_last)
+        assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert step.batch(x).flatten(0, 1).is_contiguous(memory_format=torch.channels_last) == channels_last
+        logits, _ = step.forward_backward(x, y)
+        results.append((logits, [p.grad for p in model.parameters()]))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert torch.allclose(logits_a, logits_b, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):  # other convolution kernels: rounding differs, BatchNorm on 1x1 maps amplifies it
+        assert (a - b).norm() <= 1e-3 * a.norm() + 1e-6
+
+
+def test_gradient_accumulation_divides_the_loss():
+    x, y = batch()
+    one, two = TrainStep(tiny(), CPU), TrainStep(tiny(), CPU)
+    one.forward_backward(x, y)
+    two.forward_backward(x, y, passes=2)
+    two.forward_backward(x, y, passes=2)
+    for a, b in zip(one.model.parameters(), two.model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_compile_failure_names_the_setting(monkeypatch):
+    def broken(fn):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    with pytest.raises(TrainingError, match=r"^train.compile: true: torch.compile failed .*InvalidCxxCompiler.*"
+                                            r"set train.compile: false"):
+        TrainStep(tiny(), CPU, compile=True, batch_shape=SHAPE)
+
+
+def test_compile_check_leaves_no_trace(monkeypatch):
+    calls = []
+
+    def eager(model, **kw):  # a stand-in compiler: the check's forward and backward run eagerly
+        calls.append(kw)
+        return model
+
+    monkeypatch.setattr(torch, "compile", eager)
+    model = tiny()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, CPU, "fp16", compile=True, batch_shape=SHAPE)
+    assert calls == [{"dynamic": False}]
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    assert all(p.grad is None for p in model.parameters())
+    assert step.loss_scale() == 65536.0 and model.training
+
+
+class FakeEvent:
+    """A stand-in for torch.cuda.Event: the time it was recorded; elapsed_time in milliseconds."""
+
+    clock = [0.0]
+    synchronized = 0
+
+    def record(self):
+        self.t = FakeEvent.clock[0]
+
+    def synchronize(self):
+        FakeEvent.synchronized += 1
+
+    def elapsed_time(self, end):
+        return 1000.0 * (end.t - self.t)
+
+
+def test_phase_clock_on_events_reads_them_only_at_the_interval_end():
+    clock = PhaseClock(torch.device("cuda"), enabled=True, event=FakeEvent)
+    for step in range(3):
+        FakeEvent.clock[0] += 5.0  # data wait: not the clock's
+        clock.mark()
+        for phase, seconds in (("augment", 0.5), ("forward_backward", 2.0), ("allreduce_wait", 0.25),
+                               ("optimizer", 0.125)):
+            FakeEvent.clock[0] += seconds
+            clock.lap(phase)
+    assert FakeEvent.synchronized == 0  # no step waited for the device
+    assert clock.collect() == {"augment": 1.5, "forward_backward": 6.0, "allreduce_wait": 0.75, "optimizer": 0.375}
+    assert FakeEvent.synchronized == 1
+    spare = len(clock._spare)
+    clock.mark()
+    FakeEvent.clock[0] += 1.0
+    clock.lap("optimizer")
+    assert len(clock._spare) == spare - 2  # events are reused
+    assert clock.collect() == {"augment": 0.0, "forward_backward": 0.0, "allreduce_wait": 0.0, "optimizer": 1.0}
+
+
+def test_phase_clock_on_the_cpu_and_disabled():
+    clock = PhaseClock(CPU, enabled=True)
+    clock.mark()
+    clock.lap("augment")
+    clock.lap("optimizer")
+    sums = clock.collect()
+    assert set(sums) == {"augment", "forward_backward", "allreduce_wait", "optimizer"} and sums["augment"] >= 0
+    off = PhaseClock(CPU, enabled=False)
+    off.mark()
+    off.lap("augment")
+    assert off.collect() is None

@@ -1,0 +1,25 @@
+"""Training: the loop that ``tsmtrain run`` runs on every rank, and ``tsmtrain bench step``.
+
+Modules, from the top:
+
+* :mod:`.loop`: :func:`train`, the run: set-up, epochs, one readable optimizer step
+* :mod:`.step`: :class:`TrainStep`, the step's compute (autocast, GradScaler, channels_last,
+  torch.compile), shared by the loop and the benchmark
+* :mod:`.evaluate`: :func:`evaluate` and :func:`predict` over every rank's shard
+* :mod:`.metrics`: ``metrics.jsonl``, the logging interval's sums, the phase clock
+* :mod:`.checkpoint`: checkpoint files, and saving and restoring a run
+* :mod:`.runtime`: the error type, the stop request, logging, engine, device, embedded datasets
+* :mod:`.bench`: ``tsmtrain bench step`` and the standalone allreduce benchmark
+"""
+
+from ..launch import EXIT_PREEMPTED
+from .bench import benchmark_allreduce
+from .evaluate import evaluate, predict
+from .loop import RunResult, train
+from .metrics import BREAKDOWN
+from ..data import clip_dataset
+from .runtime import STOP_SIGNAL, TrainingError, prepare_dataset
+from .step import PRECISIONS, TrainStep
+
+__all__ = ["train", "evaluate", "predict", "clip_dataset", "prepare_dataset", "benchmark_allreduce", "TrainingError",
+           "RunResult", "EXIT_PREEMPTED", "STOP_SIGNAL", "BREAKDOWN", "TrainStep", "PRECISIONS"]

@@ -1,0 +1,176 @@
+"""What the training loop measures and writes: ``metrics.jsonl``, the per-interval sums, and the
+clock of the step's phases.
+
+Every ``train.log_every`` optimizer steps (a *logging interval*) each rank's sums (loss, clips,
+correct, skipped videos, seconds per phase, wall time) are allreduced once and rank 0 appends
+one record to ``metrics.jsonl`` (:meth:`Interval.close`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..engine import Engine
+
+__all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN"]
+
+BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
+"""The phases of an optimizer step in ``metrics.jsonl``'s ``breakdown_s`` (seconds per step, mean
+over ranks): waiting for the DataLoader; host-to-device copy and batched augmentation; forward
+and backward (Horovod's gradient allreduce runs beside backward); waiting for that allreduce
+after backward, i.e. the part backward did not hide; the optimizer step; the rest (stop-request
+vote, bookkeeping). They add up to ``step_time_s``."""
+
+# what each rank sums over a logging interval: one float64 tensor, allreduced at its end
+_SUMS = ("loss", "clips", "correct", "failed", "data", "augment", "forward_backward", "allreduce_wait", "optimizer",
+         "elapsed")
+_AT = {name: i for i, name in enumerate(_SUMS)}
+_TIMED = BREAKDOWN[1:-1]  # the phases PhaseClock times; data is always timed on the host
+
+
+class MetricsWriter:
+    """Appends JSON records to ``metrics.jsonl`` on rank 0 (``path`` None on the other ranks)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class PhaseClock:
+    """Seconds spent in each phase of the steps of one logging interval.
+
+    :meth:`mark` starts timing (the batch has arrived); :meth:`lap` ends a phase and starts the
+    next; :meth:`collect` returns the sums since the last collect, in seconds.
+
+    * CPU: laps of the host clock (``time.perf_counter``).
+    * GPU: a CUDA event on the current stream at every mark and lap; the spans between them are
+      read only in :meth:`collect`, after one wait for the last event, so that no step waits for
+      the device. A span is GPU time between two points of the stream, so a phase that only
+      queues work is charged when the device runs it.
+    * Disabled (``train.breakdown: false``): nothing at all; :meth:`collect` returns ``None``.
+
+    Args:
+        device: the training device.
+        enabled: time the phases.
+        event: makes an event (``torch.cuda.Event(enable_timing=True)`` on a GPU); with it the
+            clock works on events whatever the device, which lets a test drive the GPU path.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool, event: Callable[[], object] | None = None):
+        self.enabled = enabled
+        if event is None and device.type == "cuda":
+            event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        self._event = event
+        self._spare: list = []  # events read in an earlier collect, to reuse
+        self._spans: list[tuple[str, object, object]] = []
+        self._since: object = None
+        self._sums = dict.fromkeys(_TIMED, 0.0)
+
+    def _now(self):
+        if self._event is None:
+            return time.perf_counter()
+        e = self._spare.pop() if self._spare else self._event()
+        e.record()
+        return e
+
+    def mark(self) -> None:
+        """Start timing: the next :meth:`lap` counts from here."""
+        if self.enabled:
+            self._since = self._now()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last mark or lap to ``phase`` (one of ``augment``,
+        ``forward_backward``, ``allreduce_wait``, ``optimizer``)."""
+        if not self.enabled:
+            return
+        now = self._now()
+        if self._event is None:
+            self._sums[phase] += now - self._since
+        else:
+            self._spans.append((phase, self._since, now))
+        self._since = now
+
+    def collect(self) -> dict[str, float] | None:
+        """Seconds per phase since the last collect (``None`` when disabled); resets the sums."""
+        if not self.enabled:
+            return None
+        if self._spans:
+            self._spans[-1][2].synchronize()
+            for phase, start, end in self._spans:
+                self._sums[phase] += start.elapsed_time(end) / 1000.0  # ms -> s
+            used = {id(e): e for _, start, end in self._spans for e in (start, end)}
+            used.pop(id(self._since), None)  # still the start of the next span
+            self._spare.extend(used.values())
+            self._spans.clear()
+        sums, self._sums = self._sums, dict.fromkeys(_TIMED, 0.0)
+        return sums
+
+
+class Interval:
+    """One logging interval's sums on this rank, and its record in ``metrics.jsonl``.
+
+    Loss and correct predictions accumulate on the device (:meth:`add_batch`), so that no step
+    waits for a ``.item()``; the rest on the host (:meth:`add`). :meth:`close` allreduces them
+    once and starts the next interval.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        self.on_device = torch.zeros(2, dtype=torch.float64, device=device)  # loss * clips, correct
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, name: str, value: float) -> None:
+        """Add ``value`` to the sum ``name`` (``failed`` videos, ``data`` wait in seconds, ...)."""
+        self.sums[_AT[name]] += value
+
+    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one batch: mean ``loss``, ``logits (N, K)``, labels ``y (N,)``."""
+        self.on_device[0] += loss.detach() * len(y)
+        self.on_device[1] += (logits.argmax(1) == y).sum()
+        self.sums[_AT["clips"]] += len(y)
+
+    def close(self, engine: Engine, phases: dict[str, float] | None) -> dict:
+        """The interval's record, summed over all ranks (one allreduce); resets for the next.
+
+        Args:
+            engine: for the allreduce (every rank calls this at the same step).
+            phases: :meth:`PhaseClock.collect`, or ``None`` without the breakdown.
+
+        Returns:
+            ``loss`` (mean per clip), ``train_top1`` (%), ``clips_per_s`` (all ranks, by the mean
+            over ranks of the interval's wall time), ``clips_per_s_per_rank``,
+            ``data_wait_fraction``, ``skipped_videos``, ``interval_steps``, ``step_time_s`` and,
+            with ``phases``, ``breakdown_s``: seconds per step of each :data:`BREAKDOWN` phase,
+            mean over ranks, ``other`` being the rest of ``step_time_s``.
+        """
+        self.sums[_AT["loss"]], self.sums[_AT["correct"]] = self.on_device.tolist()
+        self.sums[_AT["elapsed"]] = time.perf_counter() - self.start
+        for name, seconds in (phases or {}).items():
+            self.sums[_AT[name]] = seconds
+        tot = engine.allreduce(self.sums, average=False)
+        size, steps = engine.size, self.steps
+        elapsed = tot[_AT["elapsed"]].item() / size  # mean over ranks, seconds
+        clips = tot[_AT["clips"]].item()
+        record = dict(loss=tot[_AT["loss"]].item() / clips, train_top1=100 * tot[_AT["correct"]].item() / clips,
+                      clips_per_s=clips / max(elapsed, 1e-9), clips_per_s_per_rank=clips / max(elapsed, 1e-9) / size,
+                      data_wait_fraction=tot[_AT["data"]].item() / max(tot[_AT["elapsed"]].item(), 1e-9),
+                      skipped_videos=int(tot[_AT["failed"]].item()), interval_steps=steps, step_time_s=elapsed / steps)
+        if phases is not None:
+            breakdown = {name: tot[_AT[name]].item() / size / steps for name in BREAKDOWN[:-1]}
+            breakdown["other"] = max(0.0, elapsed / steps - sum(breakdown.values()))
+            record["breakdown_s"] = breakdown
+        self.sums.zero_()
+        self.on_device.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
+        return record

@@ -1,0 +1,149 @@
+"""What a run needs around its training loop: the error type, the stop request (SIGUSR2),
+logging, the engine, the device and thread count, the progress bar, and the datasets a recipe
+describes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+import torch
+
+from ..engine import Engine, LocalEngine, create_engine, launched_by_launcher
+from ..recipe import Recipe
+
+__all__ = ["TrainingError", "STOP_SIGNAL", "StopRequest", "setup_logging", "choose_engine", "choose_device",
+           "set_threads", "progress_bar", "prepare_dataset", "log"]
+
+log = logging.getLogger("tsmtrain")
+
+STOP_SIGNAL = signal.SIGUSR2
+"""The signal that asks a run to checkpoint and stop. Not SIGUSR1, which NCCL may use."""
+
+
+class TrainingError(RuntimeError):
+    """A run cannot proceed for a reason the user can fix (named in the message)."""
+
+
+class StopRequest:
+    """Notes :data:`STOP_SIGNAL` in a flag; the training loop polls it once per optimizer step.
+
+    The handler only sets the flag (nothing else is safe inside a signal handler); the ranks
+    then agree through an allreduce, so that all of them stop after the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(STOP_SIGNAL, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(STOP_SIGNAL, self._previous)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, so rich's progress bar can redirect it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(rank: int, run_dir) -> None:
+    """Log INFO to stderr on rank 0 (WARNING on the others) and to ``run_dir/train.log`` on rank 0."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    console = _StderrHandler()
+    console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.addHandler(console)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def choose_engine(recipe: Recipe) -> Engine:
+    """The recipe's engine; a process that no launcher started gets :class:`LocalEngine`.
+
+    Raises:
+        TrainingError: the engine's library cannot be imported.
+    """
+    if recipe.dist.engine == "horovod" and not launched_by_launcher():
+        return LocalEngine()  # one process started by hand: nothing to allreduce
+    try:
+        return create_engine(recipe.dist.engine)
+    except ImportError as err:
+        raise TrainingError(f"dist.engine: {recipe.dist.engine}: cannot import it ({err}); run make setup") from None
+
+
+def choose_device(setting: str, local_rank: int) -> torch.device:
+    """``train.device`` resolved: ``auto`` is this rank's GPU (``local_rank`` modulo the GPUs)
+    when there is one, else the CPU.
+
+    Raises:
+        TrainingError: ``cuda`` asked for and no GPU visible.
+    """
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError("train.device: cuda was asked for but no GPU is visible")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def set_threads(threads: int | None, local_size: int = 1) -> int:
+    """Set torch's CPU threads: ``threads``, else Slurm's ``SLURM_CPUS_PER_TASK`` inside a job,
+    else the host's cores divided by the ranks on it. Returns the number set."""
+    slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) if "SLURM_JOB_ID" in os.environ else 0
+    torch.set_num_threads(threads or slurm_cpus or max(1, (os.cpu_count() or 1) // local_size))
+    return torch.get_num_threads()
+
+
+def progress_bar(enabled: bool, total: int, completed: int):
+    """A rich progress bar with clips/s and ETA on an interactive rank 0; otherwise none."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[speed]:.1f} clips/s  loss {task.fields[loss]:.3f}"),
+                   TimeRemainingColumn(), transient=False)
+    bar.add_task("train", total=total, completed=completed, epoch=0, speed=0.0, loss=float("nan"))
+    return bar
+
+
+def prepare_dataset(recipe: Recipe) -> None:
+    """Build the dataset a recipe's ``data.generate`` names (``demo``: rendered with ffmpeg;
+    ``arrow_of_time``: cut from ``data.source``) in ``data.root``; nothing when it is not set.
+    Both builders skip what is already there."""
+    d = recipe.data
+    if d.generate is None:
+        return
+    log.info("preparing the %s dataset in %s", d.generate, d.root)
+    if d.generate == "demo":
+        from ..data.synthetic import generate_demo_dataset
+
+        generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+    else:
+        from ..data.arrow import build_arrow_of_time
+
+        build_arrow_of_time(d.source, d.root)

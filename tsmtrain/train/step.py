@@ -1,0 +1,183 @@
+"""One optimizer step's compute, shared by the training loop and ``tsmtrain bench step``.
+
+:class:`TrainStep` holds what ``train.precision``, ``train.channels_last`` and
+``train.compile`` change, in plain PyTorch (as torchvision's ``references/video_classification``):
+
+* **precision** ``fp32 | bf16 | fp16``: forward and loss run under ``torch.autocast`` with that
+  dtype (none for fp32; Micikevicius et al., "Mixed Precision Training", ICLR 2018). fp16 adds a
+  ``torch.amp.GradScaler``: the loss is scaled before backward, and the optimizer step follows
+  the order Horovod documents for AMP (``horovod/docs/pytorch.rst``, "Mixed precision")::
+
+      scaler.scale(loss).backward()
+      optimizer.synchronize()            # Engine.wait_gradients: the allreduce is done
+      scaler.unscale_(optimizer)         # on the averaged gradients
+      with optimizer.skip_synchronize():
+          scaler.step(optimizer)         # Engine.step: skipped if a gradient is inf/NaN
+      scaler.update()
+
+  Since ``unscale_`` looks at gradients already averaged over all ranks, a step with an
+  infinite gradient on any rank is skipped on every rank, and the scale stays the same everywhere.
+* **channels_last**: the model's 4-D weights and each input batch in channels_last (NHWC)
+  memory format; the frames of a clip ``(N, T, C, H, W)`` are laid out so that the network's
+  ``(N*T, C, H, W)`` view is channels_last.
+* **compile**: ``torch.compile`` of the model for the training forward and backward (fixed
+  batch shape, ``dynamic=False``). Compilation happens on the first call, so the constructor
+  runs one forward and backward on a zero batch first (and then restores the BatchNorm buffers
+  and drops the gradients) so that a compiler failure stops the run before training starts.
+  The eager module stays the one whose parameters are optimised, saved and broadcast, and
+  evaluation runs it uncompiled (its batch sizes vary).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import Engine
+from .runtime import TrainingError
+
+__all__ = ["PRECISIONS", "TrainStep", "autocast", "as_memory_format"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``train.precision`` -> the autocast dtype (``None``: no autocast)."""
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context for ``precision`` on ``device`` (a no-op context for fp32)."""
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Clips ``(N, T, C, H, W)`` (or frames ``(N*T, C, H, W)``) in the layout the network
+    wants: unchanged when not ``channels_last``, else each frame in NHWC order (strides
+    ``(T*H*W*C, H*W*C, 1, W*C, C)``), so that ``x.flatten(0, 1)`` is channels_last."""
+    if not channels_last:
+        return x
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    frames = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    return frames.view(x.shape)
+
+
+class TrainStep:
+    """Forward, loss and backward of one batch, and the optimizer step, as a recipe's ``train``
+    section asks (``precision``, ``channels_last``, ``compile``).
+
+    Args:
+        model: the network, already on ``device``; converted to channels_last here if asked.
+            It stays the module to optimise, save and broadcast.
+        device: where it runs.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (:data:`PRECISIONS`).
+        channels_last: model and inputs in channels_last memory format.
+        compile: ``torch.compile`` the model for training.
+        batch_shape: ``(N, T, 3, H, W)`` of every training batch; needed with ``compile`` for the
+            compile-time check.
+
+    Attributes:
+        forward_model: what the training forward calls (the compiled model, or ``model``).
+        scaler: the ``torch.amp.GradScaler`` (fp16), else ``None``.
+
+    Raises:
+        TrainingError: ``compile`` and torch.compile fails on this model, device or compiler
+            (the message names ``train.compile``).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = False, compile: bool = False,
+                 batch_shape: tuple[int, ...] | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: the same Parameter objects
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.forward_model = model
+        if compile:
+            if batch_shape is None:
+                raise ValueError("compile needs batch_shape for its check before training")
+            self.forward_model = torch.compile(model, dynamic=False)
+            self._check_compile(batch_shape)
+
+    def autocast(self):
+        """The autocast context of this step's precision."""
+        return autocast(self.precision, self.device)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips ``(N, T, C, H, W)`` in this step's memory format (:func:`as_memory_format`)."""
+        return as_memory_format(x, self.channels_last)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, passes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and cross-entropy loss under autocast, then backward of ``loss / passes``
+        (gradient accumulation over ``passes`` backward passes), scaled with fp16.
+
+        Args:
+            x: clips ``(N, T, 3, H, W)`` float on the device.
+            y: labels ``(N,)`` int64.
+            passes: backward passes per optimizer step.
+
+        Returns:
+            ``(logits (N, K), loss)``: the loss is the unscaled mean over the batch (fp32).
+        """
+        with self.autocast():
+            logits = self.forward_model(self.batch(x))
+            loss = F.cross_entropy(logits, y)
+        scaled = loss / passes
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return logits, loss
+
+    def apply(self, engine: Engine, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step after :meth:`Engine.wait_gradients`, then zero the gradients.
+
+        With fp16: unscale the (averaged) gradients, step unless one is inf/NaN, update the
+        scale; the order Horovod documents for AMP (see the module docstring).
+        """
+        if self.scaler is None:
+            engine.step(optimizer)
+        else:
+            self.scaler.unscale_(optimizer)
+            engine.step(optimizer, self.scaler)
+            self.scaler.update()
+        optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
+
+    def loss_scale(self) -> float | None:
+        """The fp16 loss scale now (``None`` without a scaler); reading it waits for the device."""
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint keeps of this step: the scaler's state (``None`` without one)."""
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore :meth:`state_dict` (nothing to do without a scaler or a saved state)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def _check_compile(self, batch_shape: tuple[int, ...]) -> None:
+        """Compile now, on a zero batch of the training shape, forward and backward, instead of
+        at the first training step; restore the buffers (BatchNorm statistics) and drop the
+        gradients, so that training starts from the same state as without the check. Uses the
+        global RNG (dropout), which the training loop seeds afterwards."""
+        model = self.model
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        x = torch.zeros(batch_shape, device=self.device)
+        y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
+        was_training = model.training
+        model.train()
+        try:
+            self.forward_backward(x, y)
+        except Exception as err:  # dynamo, AOTAutograd, inductor and the C++/Triton compilers raise many kinds
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise TrainingError(f"train.compile: true: torch.compile failed on this model and device "
+                                f"({type(err).__name__}: {first}); set train.compile: false to train uncompiled") from err
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    buf.copy_(buffers[name])
+            for p in model.parameters():
+                p.grad = None
+        if self.scaler is not None:  # the check's backward must not count for the scaler
+            self.scaler = torch.amp.GradScaler(self.device.type)
