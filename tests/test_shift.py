@@ -77,9 +77,14 @@ def reference_shift(x, num_segments, shift_div):
     return out.view(nt, c, h, w)
 
 
+@pytest.mark.parametrize("writer", ["strided", "sliced"])  # eager, and what torch.compile traces
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("t,c,shift_div", [(8, 64, 8), (3, 12, 4), (4, 10, 3), (1, 8, 2), (2, 7, 8)])
-def test_function_equals_reference_bitwise(t, c, shift_div, channels_last):
+def test_function_equals_reference_bitwise(t, c, shift_div, channels_last, writer, monkeypatch):
+    from tsmtrain.models import shift
+
+    if writer == "sliced":
+        monkeypatch.setattr(shift, "_write_strided", shift._write_sliced)
     torch.manual_seed(0)
     x = torch.randn(2 * t, c, 5, 6)
     g = torch.randn(2 * t, c, 5, 6)
@@ -110,6 +115,16 @@ def test_every_output_element_is_written(monkeypatch):
     out = temporal_shift(x, 3, 4)
     out.backward(torch.randn_like(out))
     assert not out.isnan().any() and not x.grad.isnan().any()
+
+
+def test_expanded_gradient_and_a_view_as_input():
+    base = torch.randn(3, 8, 16, 2, 2)
+    x = base[1].requires_grad_()  # a view with a storage offset
+    temporal_shift(x, 4, 8).sum().backward()  # the gradient arrives expanded (stride 0)
+    ref = x.detach().clone().requires_grad_()
+    reference_shift(ref, 4, 8).sum().backward()
+    assert torch.equal(temporal_shift(x, 4, 8), reference_shift(x.detach(), 4, 8))
+    assert torch.equal(x.grad, ref.grad)
 
 
 def test_backward_is_the_opposite_shift():

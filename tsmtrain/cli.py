@@ -219,6 +219,8 @@ def bench_step(
                                            "fp32+channels_last,fp32+compile (default: all that run on this device)"),
     steps: int = typer.Option(10, "--steps", min=1, help="measured rounds per variant"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed steps per network and variant first"),
+    budget: float = typer.Option(300.0, "--budget", min=0, help="seconds per variant after which it stops early "
+                                                                "(with at least 3 rounds)"),
 ) -> None:
     """Time forward+backward+optimizer of the recipe's network as TSM and TSN, in every precision,
     memory format and compile variant that runs here, on a synthetic batch; and the temporal
@@ -239,7 +241,8 @@ def bench_step(
     except ValueError as err:
         _fail(f"--variants: {err}")
     try:
-        result = run_bench(cfg, chosen, steps=steps, warmup=warmup, say=lambda line: print(line, file=sys.stderr, flush=True))
+        result = run_bench(cfg, chosen, steps=steps, warmup=warmup, budget_s=budget,
+                           say=lambda line: print(line, file=sys.stderr, flush=True))
     except TrainingError as err:
         _fail(str(err).splitlines())
     print(format_step_report(result))
@@ -574,4 +577,3 @@ def report(
         _fail(str(err))
     for path in (getattr(files, name) for name in vars(files)):
         print(f"wrote {path}")
-

@@ -87,7 +87,8 @@ class ModelConfig(_Section):
     arch: Literal["resnet18", "resnet50", "mobilenet_v2"] = Field("resnet50", description="torchvision 2D backbone")
     num_classes: int = Field(400, ge=2, description="number of action classes")
     shift: bool = Field(True, description="residual temporal shift (TSM); false gives the TSN baseline")
-    shift_div: int = Field(8, ge=2, description="1/shift_div of the channels shift each way in time")
+    shift_div: int = Field(8, ge=2, description="1/shift_div of the channels shift each way in time; at most the "
+                                                "narrowest shifted layer's width (64 in the ResNets, 24 in MobileNetV2)")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the new classifier")
     pretrained: str | None = Field(None, description="local torchvision state_dict (.pth) to start from; never downloaded")
 

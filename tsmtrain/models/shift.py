@@ -30,22 +30,62 @@ from torch import nn
 __all__ = ["temporal_shift", "TemporalShift"]
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is contiguous or channels_last, else a contiguous copy (a gradient may come
+    expanded, e.g. from ``sum()``)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
 def _shift_into(x: torch.Tensor, num_segments: int, fold: int, reverse: bool) -> torch.Tensor:
     """The shifted copy of ``x`` ``(N*T, C, H, W)``; ``reverse`` shifts the other way (the
-    gradient of the forward shift). Every output element is written once; same memory format."""
-    nt, c, h, w = x.shape
-    out = torch.empty_like(x)  # keeps x's memory format (contiguous or channels_last)
-    src = x.view(nt // num_segments, num_segments, c, h, w)
-    dst = out.view(nt // num_segments, num_segments, c, h, w)
-    back, fwd = slice(0, fold), slice(fold, 2 * fold)
-    if reverse:  # the adjoint: what went from t+1 to t goes back from t to t+1, and vice versa
-        back, fwd = fwd, back
-    dst[:, :-1, back] = src[:, 1:, back]  # frame t <- frame t+1
-    dst[:, -1, back] = 0  # ... past the clip's last frame
-    dst[:, 1:, fwd] = src[:, :-1, fwd]  # frame t <- frame t-1
-    dst[:, 0, fwd] = 0  # ... before the clip's first frame
-    dst[:, :, 2 * fold:] = src[:, :, 2 * fold:]
+    gradient of the forward shift). Same memory format as ``x``; every element written once."""
+    x = _dense(x)
+    out = torch.empty_like(x)  # a dense input keeps its strides, so its memory format
+    write = _write_sliced if torch.compiler.is_compiling() else _write_strided
+    write(out, x, num_segments, fold, reverse)
     return out
+
+
+def _write_strided(out: torch.Tensor, x: torch.Tensor, t: int, fold: int, reverse: bool) -> None:
+    """Eager: four kernels, three copies (the group from frame t+1, the group from frame t-1,
+    the unshifted rest) between strided views of ``x`` and ``out``, and one fill of the zeros on
+    the clip borders. Each view is one ``as_strided`` call built from the tensor's own strides
+    (so contiguous and channels_last take the same code); Python's slicing takes several calls
+    per view, which is most of the shift's time on small activations."""
+    nt, c, h, w = x.shape
+    n = nt // t
+    back, fwd = (fold, 0) if reverse else (0, fold)  # first channel of the group from t+1, from t-1
+
+    def view(v: torch.Tensor, size: tuple, frame: int, channel: int) -> torch.Tensor:
+        """``v`` as (clips, frames, channels, H, W) of ``size`` from (frame, channel) of clip 0."""
+        sf, sc, sh, sw = v.stride()
+        return v.as_strided(size, (t * sf, sf, sc, sh, sw), v.storage_offset() + frame * sf + channel * sc)
+
+    group = (n, t - 1, fold, h, w)
+    view(out, group, 0, back).copy_(view(x, group, 1, back))  # frame t <- frame t+1
+    view(out, group, 1, fwd).copy_(view(x, group, 0, fwd))  # frame t <- frame t-1
+    rest = (n, t, c - 2 * fold, h, w)
+    view(out, rest, 0, 2 * fold).copy_(view(x, rest, 0, 2 * fold))
+    # zeros: the group from t+1 at each clip's last frame and the group from t-1 at its first,
+    # one view of both (the one further into memory is the other plus a step)
+    sf, sc, sh, sw = out.stride()
+    last, first = (t - 1) * sf + back * sc, fwd * sc
+    out.as_strided((2, n, fold, h, w), (abs(last - first), t * sf, sc, sh, sw),
+                   out.storage_offset() + min(last, first)).zero_()
+
+
+def _write_sliced(out: torch.Tensor, x: torch.Tensor, t: int, fold: int, reverse: bool) -> None:
+    """The same writes by slicing, which torch.compile traces (``storage_offset`` it cannot)."""
+    nt, c, h, w = x.shape
+    src, dst = x.view(nt // t, t, c, h, w), out.view(nt // t, t, c, h, w)
+    back, fwd = (slice(fold, 2 * fold), slice(0, fold)) if reverse else (slice(0, fold), slice(fold, 2 * fold))
+    dst[:, :-1, back] = src[:, 1:, back]  # frame t <- frame t+1
+    dst[:, -1, back] = 0
+    dst[:, 1:, fwd] = src[:, :-1, fwd]  # frame t <- frame t-1
+    dst[:, 0, fwd] = 0
+    dst[:, :, 2 * fold:] = src[:, :, 2 * fold:]
 
 
 class _TemporalShift(torch.autograd.Function):

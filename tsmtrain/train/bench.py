@@ -31,7 +31,7 @@ from ..models.shift import TemporalShift, temporal_shift
 from ..optim import create_optimizer
 from ..recipe import Recipe
 from .runtime import choose_device, set_threads
-from .step import TrainStep
+from .step import TrainStep, half_precision_note
 
 __all__ = ["benchmark_allreduce", "Variant", "available_variants", "parse_variants", "bench_step", "bench_shift",
            "format_step_report"]
@@ -165,7 +165,9 @@ class _Case:
 
     def __init__(self, recipe: Recipe, shift: bool, variant: Variant, device: torch.device, shape: tuple):
         torch.manual_seed(recipe.train.seed)
-        self.model = create_model(recipe.model.model_copy(update={"shift": shift}), shape[1]).to(device)
+        # (random weights: a pretrained file changes nothing in the timing and need not exist here)
+        self.model = create_model(recipe.model.model_copy(update={"shift": shift, "pretrained": None}),
+                                  shape[1]).to(device)
         t0 = time.perf_counter()
         self.step = TrainStep(self.model, device, variant.precision, variant.channels_last, variant.compile,
                               batch_shape=shape)
@@ -181,7 +183,7 @@ class _Case:
 
 
 def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int = 10, warmup: int = 3,
-               shift_repeats: int = 50, say: Callable[[str], None] = lambda s: None) -> dict:
+               budget_s: float = 300.0, shift_repeats: int = 30, say: Callable[[str], None] = lambda s: None) -> dict:
     """Time the training step of ``recipe``'s network as TSM and as TSN in each variant.
 
     The batch is ``train.batch_size`` synthetic clips ``(N, T, 3, S, S)`` (T =
@@ -193,15 +195,18 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
         recipe: a recipe; its data files need not exist.
         variants: what to time (default :func:`available_variants`). fp32 without channels_last
             or compile is always timed: its TSN is the reference.
-        steps: measured rounds per variant; each round times the variant's TSM, its TSN and the
-            reference once.
-        warmup: untimed steps of each case first (after compilation).
+        steps: measured rounds per variant at most; each round times the variant's TSM, its TSN
+            and the reference once, back to back, in an order that changes every round.
+        warmup: untimed steps of each case first (after compilation), at most.
+        budget_s: seconds a variant may take (warm-up and rounds, not compilation); past it the
+            variant stops after at least 1 warm-up step and 3 rounds, so that a variant that is
+            many times slower here (bf16 on a CPU without AVX-512) does not take hours.
         shift_repeats: rounds of the shift microbenchmark (:func:`bench_shift`).
         say: called with a line of progress now and then.
 
     Returns:
         ``{"environment": {...}, "input": {...}, "steps": S, "warmup": W, "variants": [{"name",
-        "tsm_s", "tsn_s" (median seconds per step), "tsm_clips_per_s", "tsn_clips_per_s",
+        "rounds", "tsm_s", "tsn_s" (median seconds per step), "tsm_clips_per_s", "tsn_clips_per_s",
         "tsm_over_tsn", "tsm_over_ref", "tsn_over_ref" (medians of per-round ratios),
         "ref_clips_per_s" (the reference during this variant's rounds), "compile_s", "times"},
         ...], "shift": bench_shift(...)}``.
@@ -215,6 +220,7 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
     y = torch.randint(0, recipe.model.num_classes, (t.batch_size,), generator=gen).to(device)
     variants = list(dict.fromkeys([Variant()] + list(variants or available_variants(device))))
     env = _environment(device, threads)
+    env["notes"] = [n for n in dict.fromkeys(half_precision_note(v.precision, device) for v in variants) if n]
     say(f"bench step on {env['device_name']} ({device}, {threads} threads): {recipe.model.arch}, "
         f"{t.batch_size} clips x {d.num_segments} frames x {d.input_size}x{d.input_size}, variants "
         f"{', '.join(v.name for v in variants)}")
@@ -227,89 +233,106 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
         say(f"{variant.name}: building TSM and TSN{' (compiling)' if variant.compile else ''}")
         tsm = _Case(recipe, True, variant, device, shape)
         tsn = ref if variant == Variant() else _Case(recipe, False, variant, device, shape)
-        cases = {"tsm": tsm, "tsn": tsn, "ref": ref}
-        for case in (tsm, tsn):
-            for _ in range(warmup):
-                case(x, y)
-        times = {k: [] for k in cases}
-        order = list(cases)
-        rng = random.Random(len(rows))
-        for _ in range(steps):
-            rng.shuffle(order)
-            seen = {}
-            for key in order:
-                if cases[key] not in seen:  # the fp32 variant's TSN is the reference: timed once
-                    seen[cases[key]] = _seconds(lambda: cases[key](x, y), device)
-                times[key].append(seen[cases[key]])
-        med = {k: statistics.median(v) for k, v in times.items()}
-        ratio = {f"{a}_over_{b}": statistics.median(p / q for p, q in zip(times[a], times[b]))
-                 for a, b in (("tsm", "tsn"), ("tsm", "ref"), ("tsn", "ref"))}
-        rows.append(dict(name=variant.name, precision=variant.precision, channels_last=variant.channels_last,
-                         compile=variant.compile, tsm_s=med["tsm"], tsn_s=med["tsn"],
-                         tsm_clips_per_s=t.batch_size / med["tsm"], tsn_clips_per_s=t.batch_size / med["tsn"],
-                         ref_clips_per_s=t.batch_size / med["ref"], **ratio,
-                         compile_s={"tsm": tsm.compile_s, "tsn": tsn.compile_s} if variant.compile else None,
-                         times=times))
-        say(f"{variant.name}: TSM {rows[-1]['tsm_clips_per_s']:.2f} clips/s, TSN {rows[-1]['tsn_clips_per_s']:.2f} "
-            f"clips/s, TSM/TSN {rows[-1]['tsm_over_tsn']:.3f}")
-        del tsm, tsn, cases
+        rows.append(_time_variant(variant, {"tsm": tsm, "tsn": tsn, "ref": ref}, x, y, device, steps, warmup,
+                                  budget_s, len(rows)))
+        r = rows[-1]
+        say(f"{variant.name}: TSM {r['tsm_clips_per_s']:.2f} clips/s, TSN {r['tsn_clips_per_s']:.2f} clips/s, "
+            f"TSM/TSN {r['tsm_over_tsn']:.3f} ({r['rounds']} rounds)")
+        del tsm, tsn
     say("shift microbenchmark")
-    shift = bench_shift(_first_shift_input(recipe, shape), recipe.model.shift_div, device, shift_repeats,
+    shift = bench_shift(_shift_inputs(recipe, shape), recipe.model.shift_div, device, shift_repeats,
                         num_segments=d.num_segments)
     return {"environment": env, "input": {"arch": recipe.model.arch, "shape": list(shape), "shift_div":
             recipe.model.shift_div, "optimizer": recipe.optim.name, "num_classes": recipe.model.num_classes},
-            "steps": steps, "warmup": warmup, "variants": rows, "shift": shift}
+            "steps": steps, "warmup": warmup, "budget_s": budget_s, "variants": rows, "shift": shift}
 
 
-def _first_shift_input(recipe: Recipe, shape: tuple) -> tuple[int, ...]:
-    """``(N*T, C, H, W)`` of the input of the network's first temporal shift for batch ``shape``."""
+def _time_variant(variant: Variant, cases: dict, x, y, device, steps: int, warmup: int, budget_s: float,
+                  seed: int) -> dict:
+    """Warm up the variant's TSM and TSN, then time rounds of (TSM, TSN, reference) until
+    ``steps`` rounds or ``budget_s`` (at least 1 warm-up step each and 3 rounds)."""
+    start = time.perf_counter()
+    for case in (cases["tsm"], cases["tsn"]):
+        for i in range(warmup):
+            if i and time.perf_counter() - start > budget_s / 4:
+                break
+            case(x, y)
+    times = {k: [] for k in cases}
+    order = list(cases)
+    rng = random.Random(seed)
+    while len(times["tsm"]) < steps and (len(times["tsm"]) < 3 or time.perf_counter() - start < budget_s):
+        rng.shuffle(order)
+        seen = {}
+        for key in order:
+            if cases[key] not in seen:  # the fp32 variant's TSN is the reference: timed once
+                seen[cases[key]] = _seconds(lambda: cases[key](x, y), device)
+            times[key].append(seen[cases[key]])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {f"{a}_over_{b}": statistics.median(p / q for p, q in zip(times[a], times[b]))
+             for a, b in (("tsm", "tsn"), ("tsm", "ref"), ("tsn", "ref"))}
+    n = x.shape[0]
+    compiled = {"tsm": cases["tsm"].compile_s, "tsn": cases["tsn"].compile_s} if variant.compile else None
+    return dict(name=variant.name, precision=variant.precision, channels_last=variant.channels_last,
+                compile=variant.compile, rounds=len(times["tsm"]), tsm_s=med["tsm"], tsn_s=med["tsn"],
+                tsm_clips_per_s=n / med["tsm"], tsn_clips_per_s=n / med["tsn"], ref_clips_per_s=n / med["ref"],
+                **ratio, compile_s=compiled, times=times)
+
+
+def _shift_inputs(recipe: Recipe, shape: tuple) -> list[tuple[int, ...]]:
+    """``(N*T, C, H, W)`` of the input of every temporal shift of the network, in forward order,
+    for batch ``shape``."""
     model = create_model(recipe.model.model_copy(update={"shift": True, "pretrained": None}), shape[1]).eval()
     found = []
-    first = next(m for m in model.modules() if isinstance(m, TemporalShift))
-    handle = first.register_forward_pre_hook(lambda m, args: found.append(tuple(args[0].shape)))
+    hooks = [m.register_forward_pre_hook(lambda m, args: found.append(tuple(args[0].shape)))
+             for m in model.modules() if isinstance(m, TemporalShift)]
     with torch.no_grad():
         model(torch.zeros(1, *shape[1:]))
-    handle.remove()
-    return (shape[0] * found[0][0],) + found[0][1:]
+    for h in hooks:
+        h.remove()
+    return [(shape[0] * s[0],) + s[1:] for s in found]
 
 
-def bench_shift(shape: tuple[int, ...], shift_div: int, device: torch.device, repeats: int = 50,
-                num_segments: int | None = None) -> dict:
-    """The temporal shift against ``x.clone()`` on the same fp32 tensor ``shape = (N*T, C, H, W)``,
-    contiguous and channels_last.
+def bench_shift(shapes: list[tuple[int, ...]], shift_div: int, device: torch.device, repeats: int = 30,
+                num_segments: int = 8) -> dict:
+    """The temporal shift against ``x.clone()`` on the same fp32 tensors, contiguous and
+    channels_last: one tensor per shape in ``shapes`` (``(N*T, C, H, W)``; a network's shifted
+    layers, :func:`_shift_inputs`).
 
     Forward: ``temporal_shift(x)`` vs ``x.clone()``. Forward+backward: ``f(x).backward(g)`` into
     ``x.grad`` (set to ``None`` before each), ``x`` a leaf that requires grad and ``g`` a gradient
     the benchmark keeps: the clone's backward hands ``g`` through and autograd copies it into
     ``x.grad`` (it cannot adopt a tensor the caller still holds), the shift's backward writes the
     opposite shift into a new tensor that ``x.grad`` adopts, so each side reads and writes the
-    tensor once per direction, which is the least any operation that moves data can do.
-    Each round times the four calls of a memory format in a rotating order.
+    tensor once per direction, the least any operation that moves the data can do.
+    Every round times each call on each tensor once, in an order that changes every round.
 
     Returns:
-        ``{"shape": [...], "num_segments": T, "repeats": R, "contiguous": {...},
-        "channels_last": {...}}``, each with median seconds ``shift_s``, ``clone_s``,
-        ``shift_fb_s``, ``clone_fb_s`` and the medians of the per-round ratios
+        ``{"shapes": [...], "num_segments": T, "repeats": R, "contiguous": {...},
+        "channels_last": {...}}``; each layout has ``first`` (the first shape) and ``network``
+        (all shapes, their times summed per round), each with median seconds ``shift_s``,
+        ``clone_s``, ``shift_fb_s``, ``clone_fb_s`` and the medians of the per-round ratios
         ``forward`` (shift/clone) and ``forward_backward``.
     """
-    t = num_segments or 8
-    out = {"shape": list(shape), "num_segments": t, "repeats": repeats}
+    out = {"shapes": [list(s) for s in shapes], "num_segments": num_segments, "repeats": repeats}
     gen = torch.Generator().manual_seed(0)
     for layout, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        x = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
-        g = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
-        leaf = x.clone().requires_grad_()
+        calls = {}
+        for i, shape in enumerate(shapes):
+            x = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
+            g = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
+            leaf = x.clone().requires_grad_()
 
-        def fb(fn):
-            leaf.grad = None
-            fn(leaf).backward(g)
+            def fb(fn, leaf=leaf, g=g):
+                leaf.grad = None
+                fn(leaf).backward(g)
 
-        calls = {"shift_s": lambda: temporal_shift(x, t, shift_div), "clone_s": lambda: x.clone(),
-                 "shift_fb_s": lambda: fb(lambda v: temporal_shift(v, t, shift_div)),
-                 "clone_fb_s": lambda: fb(lambda v: v.clone())}
+            calls[i, "shift_s"] = lambda x=x: temporal_shift(x, num_segments, shift_div)
+            calls[i, "clone_s"] = lambda x=x: x.clone()
+            calls[i, "shift_fb_s"] = lambda fb=fb: fb(lambda v: temporal_shift(v, num_segments, shift_div))
+            calls[i, "clone_fb_s"] = lambda fb=fb: fb(lambda v: v.clone())
         for fn in calls.values():  # warm-up
-            for _ in range(3):
-                fn()
+            fn()
+            fn()
         times = {k: [] for k in calls}
         order = list(calls)
         rng = random.Random(0)
@@ -317,11 +340,18 @@ def bench_shift(shape: tuple[int, ...], shift_div: int, device: torch.device, re
             rng.shuffle(order)
             for key in order:
                 times[key].append(_seconds(calls[key], device))
-        row = {k: statistics.median(v) for k, v in times.items()}
-        row["forward"] = statistics.median(a / b for a, b in zip(times["shift_s"], times["clone_s"]))
-        row["forward_backward"] = statistics.median(a / b for a, b in zip(times["shift_fb_s"], times["clone_fb_s"]))
-        out[layout] = row
+        kinds = ("shift_s", "clone_s", "shift_fb_s", "clone_fb_s")
+        first = {k: times[0, k] for k in kinds}
+        network = {k: [sum(times[i, k][r] for i in range(len(shapes))) for r in range(repeats)] for k in kinds}
+        out[layout] = {name: _shift_summary(per_kind) for name, per_kind in (("first", first), ("network", network))}
     return out
+
+
+def _shift_summary(times: dict[str, list[float]]) -> dict:
+    row = {k: statistics.median(v) for k, v in times.items()}
+    row["forward"] = statistics.median(a / b for a, b in zip(times["shift_s"], times["clone_s"]))
+    row["forward_backward"] = statistics.median(a / b for a, b in zip(times["shift_fb_s"], times["clone_fb_s"]))
+    return row
 
 
 def format_step_report(result: dict) -> str:
@@ -334,27 +364,31 @@ def format_step_report(result: dict) -> str:
         f"device {env['device']} ({env['device_name']}), {env['threads']} threads of {env['cores']} cores; "
         f"torch {env['torch']}, torchvision {env['torchvision']}, Python {env['python']}"
         + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}" if "cuda" in env else ""),
-        f"median of {result['steps']} rounds after {result['warmup']} warm-up steps; ratios are medians of "
-        f"per-round ratios (TSM, TSN and fp32 TSN timed back to back)",
+        f"medians of up to {result['steps']} rounds (a variant stops after {result['budget_s']:.0f} s, with at least "
+        f"3) after up to {result['warmup']} warm-up steps; a round times TSM, TSN and ref = fp32 TSN back to back,",
+        "and the ratios (of seconds per step; below 1 is faster) are medians of the rounds' ratios",
         "",
-        f"{'variant':<28}{'TSM clips/s':>12}{'TSN clips/s':>12}{'TSM/TSN':>9}{'TSM/ref':>9}{'TSN/ref':>9}"
-        f"{'ref clips/s':>13}",
+        f"{'variant':<28}{'rounds':>7}{'TSM clips/s':>12}{'TSN clips/s':>12}{'TSM/TSN':>9}{'TSM/ref':>9}"
+        f"{'TSN/ref':>9}{'ref clips/s':>13}",
     ]
     for r in result["variants"]:
-        lines.append(f"{r['name']:<28}{r['tsm_clips_per_s']:>12.2f}{r['tsn_clips_per_s']:>12.2f}"
+        lines.append(f"{r['name']:<28}{r['rounds']:>7}{r['tsm_clips_per_s']:>12.2f}{r['tsn_clips_per_s']:>12.2f}"
                      f"{r['tsm_over_tsn']:>9.3f}{r['tsm_over_ref']:>9.3f}{r['tsn_over_ref']:>9.3f}"
                      f"{r['ref_clips_per_s']:>13.2f}"
                      + (f"   (compiled in {r['compile_s']['tsm']:.0f} s / {r['compile_s']['tsn']:.0f} s)"
                         if r["compile_s"] else ""))
-    lines.append("ratios are of seconds per step (below 1: faster); ref = fp32 TSN, timed in every round "
-                 "(its clips/s per variant shows the machine's drift)")
+    lines.append("(ref clips/s is the reference during each variant's rounds: how much the machine drifted)")
+    lines += [f"note: {note}" for note in env.get("notes", [])]
     sh = result["shift"]
-    lines += ["", f"temporal shift vs clone of the same fp32 tensor {tuple(sh['shape'])} (the first shifted layer's "
-                  f"input, T={sh['num_segments']}), median of {sh['repeats']} rounds:",
-              f"{'layout':<16}{'shift ms':>10}{'clone ms':>10}{'shift/clone':>13}{'fwd+bwd ms':>12}{'clone ms':>10}"
-              f"{'shift/clone':>13}"]
+    lines += ["", f"temporal shift vs clone of the same fp32 tensors (T={sh['num_segments']}), medians of "
+                  f"{sh['repeats']} rounds; first: {tuple(sh['shapes'][0])}, the first shifted layer's input; "
+                  f"network: all {len(sh['shapes'])} shifted layers' inputs, summed per round",
+              f"{'layout':<16}{'tensors':<9}{'shift ms':>10}{'clone ms':>10}{'shift/clone':>13}{'fwd+bwd ms':>12}"
+              f"{'clone ms':>10}{'shift/clone':>13}"]
     for layout in ("contiguous", "channels_last"):
-        r = sh[layout]
-        lines.append(f"{layout:<16}{1e3 * r['shift_s']:>10.3f}{1e3 * r['clone_s']:>10.3f}{r['forward']:>13.3f}"
-                     f"{1e3 * r['shift_fb_s']:>12.3f}{1e3 * r['clone_fb_s']:>10.3f}{r['forward_backward']:>13.3f}")
+        for part in ("first", "network"):
+            r = sh[layout][part]
+            lines.append(f"{layout:<16}{part:<9}{1e3 * r['shift_s']:>10.3f}{1e3 * r['clone_s']:>10.3f}"
+                         f"{r['forward']:>13.3f}{1e3 * r['shift_fb_s']:>12.3f}{1e3 * r['clone_fb_s']:>10.3f}"
+                         f"{r['forward_backward']:>13.3f}")
     return "\n".join(lines)

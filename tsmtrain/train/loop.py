@@ -47,7 +47,7 @@ from .evaluate import evaluate_epoch
 from .metrics import Interval, MetricsWriter, PhaseClock
 from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, log, prepare_dataset,
                       progress_bar, set_threads, setup_logging)
-from .step import TrainStep
+from .step import TrainStep, half_precision_note
 
 __all__ = ["train", "RunResult"]
 
@@ -205,6 +205,9 @@ def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
                     buf.copy_(rank_buffers[name])
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl" if rank0 else None)
+    note = half_precision_note(t.precision, device)
+    if rank0 and note:
+        log.warning("%s", note)
     if rank0:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..engine import Engine
 from .runtime import TrainingError
 
-__all__ = ["PRECISIONS", "TrainStep", "autocast", "as_memory_format"]
+__all__ = ["PRECISIONS", "TrainStep", "autocast", "as_memory_format", "half_precision_note"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``train.precision`` -> the autocast dtype (``None``: no autocast)."""
@@ -48,6 +48,24 @@ def autocast(precision: str, device: torch.device):
     """The autocast context for ``precision`` on ``device`` (a no-op context for fp32)."""
     dtype = PRECISIONS[precision]
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def half_precision_note(precision: str, device: torch.device) -> str | None:
+    """A warning when ``precision`` runs on a CPU whose PyTorch build has no oneDNN kernels for it
+    (bf16 needs AVX-512 or AMX, fp16 AVX-512-FP16 or AMX-FP16): its convolutions then take
+    PyTorch's reference im2col path, many times slower than fp32. ``None`` otherwise."""
+    if device.type != "cpu" or precision == "fp32":
+        return None
+    try:
+        supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if precision == "bf16"
+                     else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a private query; without it, say nothing
+        return None
+    if supported:
+        return None
+    needs = "AVX-512 or AMX" if precision == "bf16" else "AVX-512-FP16 or AMX-FP16"
+    return (f"train.precision: {precision}: PyTorch has no oneDNN {precision} convolutions for this CPU (they need "
+            f"{needs}); its slow reference path runs them, expect steps many times slower than fp32")
 
 
 def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""tsmtrain bench step: runs on a recipe whose data files are absent, prints and writes its figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tsmtrain.train.bench import Variant, available_variants, parse_variants
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"root": str(tmp_path / "absent"), "train_list": str(tmp_path / "absent.txt"), "num_segments": 2,
+                 "input_size": 16},
+        "model": {"arch": "resnet18", "num_classes": 4, "pretrained": str(tmp_path / "absent.pth")},
+        "train": {"batch_size": 1, "threads": 1}}))
+    return path
+
+
+def test_variants_on_the_cpu_and_their_names():
+    names = [v.name for v in available_variants(torch.device("cpu"))]
+    assert names == ["fp32", "bf16", "fp32+channels_last", "bf16+channels_last", "fp32+compile"]
+    assert parse_variants("fp32, bf16+channels_last,fp32", torch.device("cpu")) == [
+        Variant(), Variant("bf16", channels_last=True)]
+    with pytest.raises(ValueError, match="'fp64' is not a variant; on cpu they are: fp32, bf16"):
+        parse_variants("fp64", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_bench_step_prints_and_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "bench", "step", str(recipe(tmp_path)), "--variants",
+                           "fp32+channels_last", "--steps", "1", "--warmup", "0", "--json", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "device cpu" in text and "1 threads" in text and f"torch {torch.__version__}" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith(("fp32 ", "fp32+channels_last "))]
+    assert [r[0] for r in rows] == ["fp32", "fp32+channels_last"]  # fp32 (the reference) is always timed
+    assert all(float(r[4]) > 0 for r in rows)  # TSM/TSN
+    shift_rows = [line.split()[:2] for line in text.splitlines() if line.startswith(("contiguous ", "channels_last "))]
+    assert shift_rows == [["contiguous", "first"], ["contiguous", "network"], ["channels_last", "first"],
+                          ["channels_last", "network"]]
+    result = json.loads(out.read_text())
+    assert result["input"]["shape"] == [1, 2, 3, 16, 16]
+    assert len(result["shift"]["shapes"]) == 8 and result["shift"]["shapes"][0] == [2, 64, 4, 4]  # ResNet-18: 8 blocks
+    for row in result["variants"]:
+        assert row["rounds"] == 1 and row["tsm_s"] > 0 and row["tsn_s"] > 0
+
+
+def test_bench_step_refuses_an_unknown_variant(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "bench", "step", str(recipe(tmp_path)),
+                           "--variants", "fp32,int8"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --variants: 'int8' is not a variant")
