@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import steps_logged, tiny_recipe, venv_env
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.launch import EXIT_PREEMPTED
+from tsmtrain.dist.local import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[1]

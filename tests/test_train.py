@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tsmtrain.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.launch import PREEMPTED_FILE
+from tsmtrain.dist.local import PREEMPTED_FILE
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train import TrainingError, train

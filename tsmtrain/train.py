@@ -13,9 +13,10 @@ evaluate every ``eval_every`` epochs, and checkpoint. Rank 0 writes the run dire
 
 A run that finds checkpoints in its run directory continues from the latest one. SIGUSR2
 (which Slurm sends before a time limit, ``sbatch --signal=USR2@SECONDS``, or on
-``scancel --signal=USR2``) asks for a clean stop: the ranks agree on it through an allreduce,
-stop together at the next optimizer step, rank 0 writes a checkpoint, and the run ends with
-:data:`EXIT_PREEMPTED`, on which the job script requeues itself (:mod:`tsmtrain.launch`).
+``scancel --signal=USR2``) or SIGTERM (``scancel``, Slurm's preemption, ``kill``) asks for a
+clean stop: the ranks agree on it through an allreduce, stop together at the next optimizer
+step, rank 0 writes a checkpoint, and the run ends with :data:`EXIT_PREEMPTED`, on which the job
+script requeues itself (:mod:`tsmtrain.dist.slurm`).
 """
 
 from __future__ import annotations
@@ -38,24 +39,30 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .data import ShardSampler, build_loader, clip_dataset, read_list
 from .data.decoding import cuda_decoding_device
-from .engine import Engine, LocalEngine, create_engine, launched_by_launcher
-from .launch import EXIT_PREEMPTED, PREEMPTED_FILE
+from .dist import DistError, create_engine, launched_by_launcher
+from .dist.base import Engine, LocalEngine
+from .dist.local import EXIT_PREEMPTED, PREEMPTED_FILE
 from .models import create_model
 from .optim import LRSchedule, create_optimizer
 from .recipe import Recipe, derived_values, dump_recipe
 from .data.transforms import VideoTransform
 
 __all__ = ["train", "evaluate", "predict", "clip_dataset", "benchmark_allreduce", "TrainingError", "RunResult",
-           "EXIT_PREEMPTED", "STOP_SIGNAL", "BREAKDOWN"]
+           "EXIT_PREEMPTED", "STOP_SIGNAL", "STOP_SIGNALS", "BREAKDOWN"]
 
 log = logging.getLogger("tsmtrain")
 
 STOP_SIGNAL = signal.SIGUSR2
-"""The signal that asks a run to checkpoint and stop. Not SIGUSR1, which NCCL may use."""
+"""The signal that asks a run to checkpoint and stop (Slurm's ``--signal=USR2@SECONDS``). Not
+SIGUSR1, which NCCL may use."""
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+"""Every signal that asks a run to checkpoint and stop: :data:`STOP_SIGNAL`, and SIGTERM, which
+``scancel`` and Slurm's preemption send (SIGKILL follows after ``KillWait``, 30 s by default)."""
 
 
 class _StopRequest:
-    """Notes :data:`STOP_SIGNAL` in a flag; the training loop polls it once per optimizer step.
+    """Notes any of :data:`STOP_SIGNALS` in a flag; the training loop polls it once per optimizer step.
 
     The handler only sets the flag (nothing else is safe inside a signal handler); the ranks
     then agree through an allreduce, so that all of them stop after the same step.
@@ -63,19 +70,21 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __enter__(self) -> "_StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(STOP_SIGNAL, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(STOP_SIGNAL, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class TrainingError(RuntimeError):
@@ -110,12 +119,15 @@ def _setup_logging(rank: int, run_dir: Path) -> None:
 
 
 def _choose_engine(recipe: Recipe) -> Engine:
-    if recipe.dist.engine == "horovod" and not launched_by_launcher():
+    if recipe.dist.engine != "none" and not launched_by_launcher():
         return LocalEngine()  # one process started by hand: nothing to allreduce
+    cuda = recipe.train.device != "cpu" and torch.cuda.is_available()
     try:
-        return create_engine(recipe.dist.engine)
+        return create_engine(recipe.dist.engine, recipe.dist, cuda=cuda)
     except ImportError as err:
         raise TrainingError(f"dist.engine: {recipe.dist.engine}: cannot import it ({err}); run make setup") from None
+    except DistError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _choose_device(setting: str, local_rank: int) -> torch.device:
@@ -169,8 +181,10 @@ _LOSS, _CLIPS, _CORRECT, _FAILED, _DATA, _AUGMENT, _FORWARD_BACKWARD, _ALLREDUCE
 BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
 """The phases of an optimizer step in ``metrics.jsonl``'s ``breakdown_s`` (seconds per step, mean
 over ranks): waiting for the DataLoader; host-to-device copy and batched augmentation; forward
-and backward (Horovod's gradient allreduce runs beside backward); waiting for that allreduce
-after backward, i.e. the part backward did not hide; the optimizer step; the rest (stop-request
+and backward (the gradient allreduce runs beside backward); waiting for that allreduce after
+backward, i.e. the part backward did not hide (Horovod: ``optimizer.synchronize()``; DDP, which
+waits inside ``backward()``: from the last gradient computed to the last bucket averaged,
+:meth:`~tsmtrain.dist.base.Engine.hidden_wait_s`); the optimizer step; the rest (stop-request
 vote, bookkeeping). They add up to ``step_time_s``."""
 
 
@@ -215,8 +229,9 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
     """Time a gradient allreduce on its own, not overlapped with backward.
 
     Every trainable parameter's gradient tensor (zeros where there is none) is allreduced the way
-    ``hvd.DistributedOptimizer`` does it during backward (one named asynchronous allreduce per
-    tensor, fused by Horovod), ``repeats`` times after a barrier each; the scaling model
+    the engine does it during backward (:meth:`~tsmtrain.dist.base.Engine.allreduce_gradients`:
+    Horovod's named asynchronous allreduces fused by its background thread, DDP's 25 MB
+    buckets), ``repeats`` times after a barrier each; the scaling model
     (:mod:`tsmtrain.scaling`) compares this with the wait measured in training to find how much
     of the allreduce backward hides.
 
@@ -225,7 +240,7 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
         "bytes": bytes sent into one allreduce (2 per value with fp16 compression, else 4),
         "parameters": number of parameters}``.
     """
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
              for p in model.parameters() if p.requires_grad]
     if fp16:
         grads = [g.half() for g in grads]
@@ -233,9 +248,7 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
     for _ in range(repeats):
         engine.barrier()
         t0 = time.perf_counter()
-        handles = [engine.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
-        for h in handles:
-            engine.synchronize(h)
+        engine.allreduce_gradients(grads)
         if grads and grads[0].is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -322,6 +335,9 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
     # ---- model, optimizer, schedule
     torch.manual_seed(t.seed)  # same initial weights everywhere (rank 0's are broadcast anyway)
     model = create_model(recipe.model, d.num_segments).to(device)
+    if recipe.model.sync_bn:
+        model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
+    net = engine.wrap_model(model, fp16=recipe.dist.fp16_allreduce)  # trains through it; `model` is saved
     optimizer = engine.wrap_optimizer(create_optimizer(model, recipe.optim), model,
                                       fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
     s = recipe.schedule
@@ -337,8 +353,10 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
         raise TrainingError(f"{run_dir} already holds {path.name}: resume it, or choose another run.name")
     if path is not None:
         state = ckpt.load_checkpoint(path)
-        if state["recipe"]["model"] != recipe.model.model_dump(mode="json"):
-            theirs, ours = state["recipe"]["model"], recipe.model.model_dump(mode="json")
+        # (sync_bn changes how statistics are computed, not the weights: a run may switch it)
+        theirs = {k: v for k, v in state["recipe"]["model"].items() if k != "sync_bn"}
+        ours = recipe.model.model_dump(mode="json", exclude={"sync_bn"})
+        if theirs != ours:
             diff = ", ".join(f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
             raise TrainingError(f"{path} is a checkpoint of another model ({diff}); choose another run.name")
         model.load_state_dict(state["model"])
@@ -408,9 +426,10 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
                 x = train_tf(batch["frames"].to(device, non_blocking=True))
                 y = batch["label"].to(device, non_blocking=True)
                 t_prev = clock.lap(_AUGMENT, t_got)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                (loss / bpps).backward()
+                with engine.accumulate(net, last=(micro_done + 1) % bpps == 0):  # DDP: no_sync() until the last
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y)
+                    (loss / bpps).backward()
                 on_device[0] += loss.detach() * len(y)
                 on_device[1] += (logits.argmax(1) == y).sum()
                 acc[_CLIPS] += len(y)
@@ -419,6 +438,10 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
                 if micro_done % bpps == 0:
                     engine.wait_gradients(optimizer)
                     t_prev = clock.lap(_ALLREDUCE_WAIT, t_prev)
+                    if clock.enabled:  # DDP waited inside backward(): count that as allreduce wait
+                        hidden = min(engine.hidden_wait_s(), acc[_FORWARD_BACKWARD].item())
+                        acc[_FORWARD_BACKWARD] -= hidden
+                        acc[_ALLREDUCE_WAIT] += hidden
                     lr = schedule.apply(optimizer, step)
                     engine.step(optimizer)
                     optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
@@ -468,8 +491,8 @@ def _train(recipe: Recipe, resume: bool | None, stop: _StopRequest) -> RunResult
         metrics.write(step=step, allreduce_benchmark=benchmark_allreduce(engine, model, t.allreduce_benchmark,
                                                                          fp16=recipe.dist.fp16_allreduce))
     if stopping:
-        log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
-                 step, total_steps, EXIT_PREEMPTED)
+        log.info("stop requested (%s): stopped at step %d of %d with a checkpoint; exit status %d",
+                 stop.signal_name or "another rank's signal", step, total_steps, EXIT_PREEMPTED)
     return RunResult(step, epoch, last_eval, model, engine.rank, preempted=stopping)
 
 
@@ -488,7 +511,7 @@ def _save(engine, run_dir, model, optimizer, step, epoch, micro, transform_gen, 
 
     Mid-epoch (``micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
     at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
-    When ``stopping`` (SIGUSR2), rank 0 then writes :data:`~tsmtrain.launch.PREEMPTED_FILE`, so
+    When ``stopping`` (a stop signal), rank 0 then writes :data:`~tsmtrain.dist.local.PREEMPTED_FILE`, so
     the launcher knows the stop was clean whatever status it sees.
     """
     rngs = engine.allgather_object(ckpt.rng_state(transform_gen), name="rng_states")  # every rank's streams

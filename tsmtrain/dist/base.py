@@ -1,35 +1,36 @@
-"""Distributed engines: who am I, how are gradients and metrics combined.
+"""The interface between the training loop and data parallelism, and the single-process engine.
 
-The training loop talks to a small interface, :class:`Engine`, with two implementations:
+The training loop talks to :class:`Engine` only. Its implementations:
 
-* :class:`LocalEngine` for ``dist.engine: none``: one process, nothing to combine.
-* :class:`HorovodEngine`: Horovod (Sergeev and Del Balso 2018) data parallelism with
-  ring-allreduce of the gradients. Ranks come from whatever started the processes:
-  ``horovodrun`` (Gloo), ``mpirun``, or ``srun --mpi=pmix`` (MPI).
+* :class:`LocalEngine` for ``dist.engine: none`` (or one process started by hand): nothing to
+  combine.
+* :class:`tsmtrain.dist.horovod.HorovodEngine`: Horovod (Sergeev and Del Balso 2018)
+  ring-allreduce inside ``hvd.DistributedOptimizer``.
+* :class:`tsmtrain.dist.ddp.DDPEngine`: ``torch.distributed`` with ``DistributedDataParallel``
+  (Li et al., VLDB 2020), bucketed allreduce during backward.
 
-Every rank runs the same loop; gradients are averaged by ``hvd.DistributedOptimizer`` during
-the backward pass, and rank 0's initial parameters and optimizer state are broadcast so that all
-ranks start identical.
+Every rank runs the same loop. A step is::
+
+    with engine.accumulate(net, last=...):     # DDP: no_sync() on all but the last backward pass
+        loss(net(x)).backward()                # gradients are averaged during backward
+    engine.wait_gradients(optimizer)           # whatever of the allreduce backward did not hide
+    engine.step(optimizer)
+
+where ``net = engine.wrap_model(model)``; ``model`` itself stays the plain network that is
+evaluated and checkpointed. Rank 0's initial state is broadcast (:meth:`Engine.broadcast_state`),
+so all ranks start identical; metrics are summed with :meth:`Engine.allreduce`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
-__all__ = ["Engine", "LocalEngine", "HorovodEngine", "create_engine", "launched_by_launcher", "describe_rank"]
-
-LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
-def launched_by_launcher() -> bool:
-    """True when this process is one rank of a job started by horovodrun, mpirun or srun."""
-    if any(v in os.environ for v in LAUNCHER_VARIABLES):
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+__all__ = ["Engine", "LocalEngine", "describe_rank"]
 
 
 class Engine:
@@ -40,11 +41,29 @@ class Engine:
         size: the world size (number of ranks).
         local_rank: index among the ranks on this host (selects the GPU).
         local_size: ranks on this host.
-        name: ``"none"`` or ``"horovod"``.
+        name: ``"none"``, ``"horovod"`` or ``"ddp"``.
     """
 
     name = "none"
     rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """``model`` with every BatchNorm layer synchronized over all ranks (``model.sync_bn``):
+        in training, each layer normalizes with the mean and variance of the global batch, not
+        of this rank's share. Parameters and buffers are kept. One process: ``model`` as it is."""
+        return model
+
+    def wrap_model(self, model: nn.Module, fp16: bool = False) -> nn.Module:
+        """The module the training step runs forward and backward through (DDP's wrapper, which
+        averages the gradients during backward; ``fp16``: compressed to float16 for the
+        allreduce). Evaluation and checkpoints use ``model`` itself."""
+        return model
+
+    def accumulate(self, net: nn.Module, last: bool) -> ContextManager:
+        """Context for one forward and backward pass of gradient accumulation
+        (``dist.backward_passes_per_step``): when not ``last``, the gradients stay local
+        (DDP's ``no_sync()``); Horovod's optimizer counts the passes itself."""
+        return nullcontext()
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool = False,
                        backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
@@ -60,6 +79,13 @@ class Engine:
         Together with :meth:`step` this is ``optimizer.step()`` split in two, so that the
         training loop can time the part of the allreduce that backward did not hide.
         """
+
+    def hidden_wait_s(self) -> float:
+        """Seconds of the last step's allreduce that ran after the last gradient was computed
+        but that backward itself waited for (DDP finishes its allreduce before ``backward()``
+        returns, so :meth:`wait_gradients` finds nothing left). The training loop moves them
+        from the forward-backward time to the allreduce wait. 0 for Horovod and one process."""
+        return 0.0
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Apply the averaged gradients (after :meth:`wait_gradients`)."""
@@ -79,6 +105,15 @@ class Engine:
     def synchronize(self, handle: Any) -> torch.Tensor:
         """The sum started by :meth:`allreduce_async`."""
         return handle
+
+    def allreduce_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Average ``grads`` over all ranks in place, the way this engine does it in training
+        (Horovod: one named asynchronous allreduce per tensor, fused by its background thread;
+        DDP: flat buckets of 25 MB), and wait for the result. Used by
+        :func:`tsmtrain.train.benchmark_allreduce` to time the allreduce on its own."""
+        handles = [self.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
+        for h in handles:
+            self.synchronize(h)
 
     def average_buffers(self, model: nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running mean and variance) over all ranks.
@@ -104,86 +139,15 @@ class LocalEngine(Engine):
     """A single process: gradients and metrics are used as they are."""
 
 
-class HorovodEngine(Engine):
-    """Horovod data parallelism. ``hvd.init()`` is called on construction.
-
-    Raises:
-        ImportError: Horovod with PyTorch support is not installed.
-    """
-
-    name = "horovod"
-
-    def __init__(self):
-        import horovod.torch as hvd
-
-        self.hvd = hvd
-        hvd.init()
-        self.rank, self.size = hvd.rank(), hvd.size()
-        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
-
-    def wrap_optimizer(self, optimizer, model, fp16=False, backward_passes_per_step=1):
-        hvd = self.hvd
-        return hvd.DistributedOptimizer(
-            optimizer,
-            named_parameters=model.named_parameters(),
-            compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
-            backward_passes_per_step=backward_passes_per_step,
-            op=hvd.Average,
-        )
-
-    def broadcast_state(self, model, optimizer):
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        # hvd.broadcast_optimizer_state would first take a dummy step on an empty state, which
-        # applies weight decay and seeds the momentum buffers; sending rank 0's state_dict
-        # keeps a fresh optimizer fresh and a resumed one exact.
-        # (the name must be given: by default Horovod names the collective after the object's
-        # type, which differs between rank 0 and the others and deadlocks)
-        state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None, root_rank=0,
-                                          name="optimizer_state")
-        if self.rank != 0:
-            optimizer.load_state_dict(state)
-
-    def wait_gradients(self, optimizer):
-        optimizer.synchronize()
-
-    def step(self, optimizer):
-        with optimizer.skip_synchronize():  # synchronize() already ran in wait_gradients
-            optimizer.step()
-
-    def allreduce(self, values, average=True):
-        op = self.hvd.Average if average else self.hvd.Sum
-        return self.hvd.allreduce(values, op=op, name=None)
-
-    def allreduce_async(self, values, name):
-        return self.hvd.allreduce_async(values, op=self.hvd.Sum, name=name)
-
-    def synchronize(self, handle):
-        return self.hvd.synchronize(handle)
-
-    @torch.no_grad()
-    def average_buffers(self, model):
-        for name, buf in model.named_buffers():
-            if buf.is_floating_point():
-                buf.copy_(self.hvd.allreduce(buf, op=self.hvd.Average, name=f"buffer.{name}"))
-
-    def allgather_object(self, obj, name="object"):
-        return self.hvd.allgather_object(obj, name=name)
-
-    def barrier(self):
-        self.hvd.barrier()
-
-    def shutdown(self):
-        self.hvd.shutdown()
-
-
 def describe_rank(engine: Engine) -> dict[str, Any]:
     """What this process sees of the job: rank, local rank, world size, host, engine, devices,
-    and the launcher's own variables (``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``, ...)."""
+    and the launcher's own variables (``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``, ``RANK``, ...)."""
     import socket
 
     env_keys = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID",
                 "SLURM_CPUS_PER_TASK", "SLURM_RESTART_COUNT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
-                "PMIX_RANK", "HOROVOD_RANK", "CUDA_VISIBLE_DEVICES")
+                "PMIX_RANK", "HOROVOD_RANK", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "CUDA_VISIBLE_DEVICES")
     cuda = torch.cuda.is_available()
     return {
         "rank": engine.rank, "local_rank": engine.local_rank, "size": engine.size, "local_size": engine.local_size,
@@ -192,12 +156,3 @@ def describe_rank(engine: Engine) -> dict[str, Any]:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "launcher_env": {k: os.environ[k] for k in env_keys if k in os.environ},
     }
-
-
-def create_engine(name: str) -> Engine:
-    """``"none"`` gives :class:`LocalEngine`, ``"horovod"`` :class:`HorovodEngine`."""
-    if name == "none":
-        return LocalEngine()
-    if name == "horovod":
-        return HorovodEngine()
-    raise ValueError(f"unknown engine {name!r}; choose horovod or none")
