@@ -234,3 +234,22 @@ def test_horovod_was_built_with_nccl_where_nvcc_exists():
     hvd = pytest.importorskip("horovod.torch")
     assert hvd.nccl_built(), "nvcc is here but Horovod was built without NCCL: run make setup"
     assert hvd.cuda_built() and hvd.gloo_built() and hvd.mpi_built()
+
+
+def test_sweep_keeps_ddp_in_its_own_directory(tmp_path, tiny_demo):
+    from tests.conftest import tiny_recipe
+    from tsmtrain.recipe import load_recipe
+    from tsmtrain.sweep import _comparable, plan_sweep
+
+    path = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "r")
+    ddp = load_recipe(path, ["dist.engine=ddp"])
+    plan = plan_sweep(ddp, str(path), [1, 2], steps=2, warmup=1)
+    assert plan.sweep_dir == tmp_path / "runs" / "sweeps" / "r-ddp-weak"
+    assert {n: r.dist.engine for n, r in plan.recipes.items()} == {1: "ddp", 2: "ddp"}
+    horovod = load_recipe(path)
+    assert plan_sweep(horovod, str(path), [2], steps=2, warmup=1).sweep_dir.name == "r-weak"
+    assert _comparable(ddp) != _comparable(horovod)
+    # where the ranks meet does not make points incomparable; the launcher does
+    assert _comparable(load_recipe(path, ["dist.master_port=29400", "dist.engine=ddp"])) == _comparable(ddp)
+    assert _comparable(load_recipe(path, ["dist.launcher=gloo"])) == _comparable(horovod)
+    assert _comparable(load_recipe(path, ["dist.launcher=mpi"])) != _comparable(horovod)
