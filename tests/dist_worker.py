@@ -1,10 +1,11 @@
 """Engine-level checks run on every rank by tests/test_ddp.py (under torchrun or horovodrun).
 
-usage: python tests/dist_worker.py accumulate|syncbn ENGINE OUT_DIR
+usage: python tests/dist_worker.py accumulate|accumulate-fp16|syncbn ENGINE OUT_DIR
 
 * ``accumulate``: 3 optimizer steps of a small network, 2 backward passes per step through the
   engine (DDP: ``no_sync()`` on the first); this rank's micro-batches are rows
-  ``[rank, size + rank]`` of each step's 4 micro-batches (:func:`micro_batches`).
+  ``[rank, size + rank]`` of each step's 4 micro-batches (:func:`micro_batches`);
+  ``accumulate-fp16`` with the gradients compressed to float16 for the allreduce.
 * ``syncbn``: one forward and backward pass of conv + synchronized BatchNorm on this rank's
   rows of one global batch of 6 (2 on rank 0, 4 on rank 1).
 """
@@ -51,10 +52,11 @@ def main() -> None:
     what, engine_name, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     engine = create_engine(engine_name)
     out.mkdir(parents=True, exist_ok=True)
-    if what == "accumulate":
+    if what.startswith("accumulate"):
+        fp16 = what.endswith("fp16")
         model = small_net()
-        net = engine.wrap_model(model)
-        opt = engine.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+        net = engine.wrap_model(model, fp16=fp16)
+        opt = engine.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, fp16=fp16,
                                     backward_passes_per_step=PASSES)
         engine.broadcast_state(model, opt)
         for step in range(STEPS):
