@@ -125,7 +125,9 @@ if ! "$VENV/bin/python" -c "import sys, horovod.torch as h; sys.exit(0 if bool(h
             fi
             export MAKEFLAGS="-j$(nproc)"
             "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -w "$cache" . \
-                > "$build/build.log" 2>&1 || { tail -n 60 "$build/build.log"; exit 1; }
+                > "$build/build.log" 2>&1 || { tail -n 60 "$build/build.log"
+                    [ "$want_nccl" = 1 ] && log "the NCCL build failed; TSMTRAIN_HOROVOD_GPU=none builds Horovod without NCCL"
+                    exit 1; }
         )
         whl=$(ls "$cache"/horovod-$HOROVOD_VERSION-*.whl | head -n1)
         rm -rf "$build"
