@@ -87,9 +87,15 @@ class Engine:
         from the forward-backward time to the allreduce wait. 0 for Horovod and one process."""
         return 0.0
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply the averaged gradients (after :meth:`wait_gradients`)."""
-        optimizer.step()
+    def step(self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None" = None) -> None:
+        """Apply the averaged gradients (after :meth:`wait_gradients`): ``optimizer.step()``, or
+        with a GradScaler (fp16) ``scaler.step(optimizer)``, which skips the step when a gradient
+        is inf/NaN; the caller has run ``scaler.unscale_(optimizer)`` after
+        :meth:`wait_gradients` and runs ``scaler.update()`` after this."""
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
 
     def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
         """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
