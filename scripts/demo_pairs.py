@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.data import read_list
-from tsmtrain.engine import LocalEngine
+from tsmtrain.dist.base import LocalEngine
 from tsmtrain.models import create_model
 from tsmtrain.recipe import Recipe
 from tsmtrain.train import predict

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tsmtrain.engine import HorovodEngine
+from tsmtrain.dist.horovod import HorovodEngine
 from tsmtrain.models import VideoNet
 from tsmtrain.optim import create_optimizer
 from tsmtrain.recipe import OptimConfig

@@ -1,4 +1,5 @@
-"""Run under horovodrun/mpirun by tests/test_horovod.py: train a recipe, save this rank's weights.
+"""Run under horovodrun, mpirun or torchrun by tests/test_horovod.py and tests/test_ddp.py: train a
+recipe, save this rank's weights.
 
 usage: python tests/horovod_worker.py RECIPE OUT_DIR
 """

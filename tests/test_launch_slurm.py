@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsmtrain.launch import EXIT_PREEMPTED, PREEMPTED_FILE, prepare_job, preempted_status, render_sbatch
+from tsmtrain.dist.local import EXIT_PREEMPTED, PREEMPTED_FILE, preempted_status
+from tsmtrain.dist.slurm import prepare_job, render_sbatch
 from tsmtrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

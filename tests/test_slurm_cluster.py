@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import steps_logged, tiny_recipe, venv_env
+from tsmtrain.dist.local import EXIT_PREEMPTED
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.launch import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +218,38 @@ def test_prepare_as_a_job_array_then_merge(cluster, tmp_path, tiny_demo):
 
     assert len(read_manifest(out)) == 24
     assert len((out / "train.txt").read_text().splitlines()) == 24
+
+
+def test_ddp_job_on_scancel_term_checkpoints_requeues_and_equals_uninterrupted(cluster, tmp_path, tiny_demo):
+    """dist.engine: ddp under srun: the ranks meet at the job script's MASTER_ADDR:MASTER_PORT;
+    scancel --signal=TERM (what Slurm's preemption and scancel send the ranks) stops them with a
+    checkpoint, the script requeues the job, and the resumed run ends with exactly the weights of
+    an uninterrupted one."""
+    ref_job = submit(write_recipe(tmp_path, tiny_demo, "ddp-ref"), "--set", "dist.engine=ddp")
+    ref_dir = tmp_path / "runs" / "ddp-ref"
+    ref_log = ref_dir / f"slurm-{ref_job}.out"
+    assert wait_for(ref_job, ref_log) in ("COMPLETED", "GONE")
+    text = ref_log.read_text()
+    assert "rank 0 of 2 (ddp)" in text and "rank 1 of 2 (ddp)" in text, text
+    assert "tsmtrain: DDP ranks meet at " in text and "tsmtrain: run finished" in text
+
+    job = submit(write_recipe(tmp_path, tiny_demo, "ddp-cut"), "--set", "dist.engine=ddp")
+    run_dir = tmp_path / "runs" / "ddp-cut"
+    log = run_dir / f"slurm-{job}.out"
+    deadline = time.monotonic() + 300
+    while steps_logged(run_dir) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert steps_logged(run_dir) >= 3, log.read_text() if log.exists() else "no log"
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    state = wait_for(job, log)
+    text = log.read_text()
+    assert state in ("COMPLETED", "GONE"), f"job {job} ended {state}; log:\n{text}"
+    stopped = re.search(r"stop requested \(SIGTERM\): stopped at step (\d+) of 12", text)
+    assert stopped and 3 <= int(stopped.group(1)) < 12, text
+    assert "requeueing job" in text and "start 2 on" in text, text
+    assert "resuming from" in text and "tsmtrain: run finished" in text
+
+    ref, cut = load_checkpoint(latest_checkpoint(ref_dir)), load_checkpoint(latest_checkpoint(run_dir))
+    assert cut["step"] == ref["step"] == 12
+    for name, a in ref["model"].items():
+        assert torch.equal(a, cut["model"][name]), name

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tsmtrain.engine import LocalEngine
+from tsmtrain.dist.base import LocalEngine
 from tsmtrain.models import VideoNet
 from tsmtrain.optim import create_optimizer
 from tsmtrain.recipe import OptimConfig

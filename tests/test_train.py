@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.launch import PREEMPTED_FILE
+from tsmtrain.dist.local import PREEMPTED_FILE
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train import TrainingError, train
@@ -156,9 +156,32 @@ def test_stop_request_in_the_last_step_lets_the_run_finish(tmp_path, tiny_demo, 
 def test_stop_signal_handler_is_restored(tmp_path, tiny_demo):
     import signal
 
-    before = signal.getsignal(signal.SIGUSR2)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
     train(tiny_recipe(tmp_path, tiny_demo, "restore", **{"train.stop_after_steps": 1}))
-    assert signal.getsignal(signal.SIGUSR2) is before
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("name", ["SIGUSR2", "SIGTERM"])
+def test_sigterm_and_sigusr2_are_stop_requests(name):
+    import os
+    import signal
+    import time
+
+    from tsmtrain.train.runtime import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), getattr(signal, name))
+        deadline = time.monotonic() + 10
+        while not stop.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.requested and stop.signal_name == name
+
+
+def test_sync_bn_alone_and_switched_on_resume(tmp_path, tiny_demo):
+    # one process: nothing to synchronize; the checkpoint's weights fit either way
+    assert train(tiny_recipe(tmp_path, tiny_demo, "sbn", **{"model.sync_bn": True,
+                                                           "train.stop_after_steps": 1})).step == 1
+    assert train(tiny_recipe(tmp_path, tiny_demo, "sbn", **{"train.stop_after_steps": 2})).step == 2
 
 
 def test_resume_refuses_another_model_and_no_resume_refuses_checkpoints(tmp_path, tiny_demo):

@@ -1,10 +1,11 @@
 """The ``tsmtrain`` command. It parses arguments and delegates; the work is in the modules.
 
 * ``tsmtrain run RECIPE [--set k=v] [--np N] [--resume/--no-resume]`` -> :func:`tsmtrain.train.train`
-  (through :mod:`tsmtrain.launch` when N ranks must be started on this host)
-* ``tsmtrain render RECIPE [cluster flags]`` -> :func:`tsmtrain.launch.render_sbatch`
-* ``tsmtrain submit RECIPE [cluster flags] [--dry-run]`` -> :func:`tsmtrain.launch.submit`
-* ``tsmtrain env`` -> :func:`tsmtrain.engine.describe_rank` on every rank
+  (through :mod:`tsmtrain.dist.local` when N ranks must be started on this host)
+* ``tsmtrain render RECIPE [cluster flags]`` -> :func:`tsmtrain.dist.slurm.render_sbatch`
+* ``tsmtrain submit RECIPE [cluster flags] [--dry-run]`` -> :func:`tsmtrain.dist.slurm.submit`
+* ``tsmtrain env [RECIPE]`` -> :func:`tsmtrain.dist.base.describe_rank` on every rank, and what
+  Horovod was built with
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
 * ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.models` parameter and multiply-add counts
 * ``tsmtrain bench data RECIPE [--workers 1,2,4] [--json F]`` -> :mod:`tsmtrain.data.bench`
@@ -16,8 +17,8 @@
 * ``tsmtrain bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.train.bench.bench_step`
 
 User mistakes (bad recipe, bad list file, missing launcher, impossible job) print one line per
-problem and exit with status 2, never a traceback. A run stopped by SIGUSR2 after its checkpoint
-exits with :data:`tsmtrain.train.EXIT_PREEMPTED` (75).
+problem and exit with status 2, never a traceback. A run stopped by SIGUSR2 or SIGTERM after its
+checkpoint exits with :data:`tsmtrain.train.EXIT_PREEMPTED` (75).
 """
 
 from __future__ import annotations
@@ -63,23 +64,23 @@ def run(
 ) -> None:
     """Train a recipe: on this host, or as one rank of an srun/mpirun job.
 
-    Exits 0 when done, 2 on a user mistake, 75 when SIGUSR2 stopped it after a checkpoint.
+    Exits 0 when done, 2 on a user mistake, 75 when SIGUSR2 or SIGTERM stopped it after a checkpoint.
     """
     from .data import ListFileError
     from .data.prepare import ManifestError
-    from .engine import launched_by_launcher
-    from .launch import EXIT_PREEMPTED
+    from .dist import launched_by_launcher
+    from .dist.local import EXIT_PREEMPTED, default_launcher
     from .train import TrainingError, train
 
     sets = list(sets) + ([f"dist.np={np}"] if np is not None else [])
     cfg = _load(recipe, sets)
     if cfg.dist.np > 1 and not launched_by_launcher():
-        from .launch import launch_local
+        from .dist.local import launch_local
 
         args = ["run", recipe, *(a for s in sets for a in ("--set", s))]
         args += [] if resume is None else ["--resume" if resume else "--no-resume"]
         try:
-            raise typer.Exit(launch_local(cfg.dist.np, cfg.dist.launcher, args,
+            raise typer.Exit(launch_local(cfg.dist.np, default_launcher(cfg.dist.engine, cfg.dist.launcher), args,
                                           run_dir=Path(cfg.run.dir) / cfg.run.name))
         except FileNotFoundError as err:
             _fail(str(err))
@@ -374,7 +375,7 @@ def _with_cluster_flags(command):
 
 
 def _job(recipe: str, sets, template, flags: dict, dry_run: bool | None):
-    from .launch import LaunchError, prepare_job, render_sbatch, submit
+    from .dist.slurm import LaunchError, prepare_job, render_sbatch, submit
 
     # rendering may happen away from the cluster's file system; submitting happens beside it
     cfg = _load(recipe, sets, check_files=dry_run is not None, flags=flags)
@@ -422,22 +423,32 @@ def submit(
 @app.command()
 def env(
     recipe: Optional[str] = typer.Argument(None, help="recipe whose dist.engine to use (default horovod)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Print what each rank sees: rank, local rank, world size, host, engine, devices.
+    """Print what each rank sees: rank, local rank, world size, host, engine, devices; and what
+    Horovod and torch.distributed were built with (NCCL, MPI, Gloo, CUDA).
 
-    Run it the way the job runs ``tsmtrain run``, e.g. ``srun --mpi=pmix tsmtrain env``.
+    Run it the way the job runs ``tsmtrain run``, e.g. ``srun --mpi=pmix tsmtrain env``, or
+    ``srun tsmtrain env recipe.yaml`` for a DDP recipe.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from .engine import LocalEngine, create_engine, describe_rank, launched_by_launcher
+    from .dist import DistError, create_engine, launched_by_launcher
+    from .dist.base import LocalEngine, describe_rank
 
-    name = _load(recipe, [], check_files=False).dist.engine if recipe else "horovod"
+    cfg = _load(recipe, sets, check_files=False) if recipe else None
+    name = cfg.dist.engine if cfg else "horovod"
     launched = launched_by_launcher()
+    import torch
+
     try:
-        engine = create_engine(name) if launched else LocalEngine()
+        cuda = cfg is not None and cfg.train.device != "cpu" and torch.cuda.is_available()
+        engine = create_engine(name, cfg.dist if cfg else None, cuda=cuda) if launched else LocalEngine()
     except ImportError as err:
         _fail(f"dist.engine: {name}: cannot import it ({err}); run make setup")
+    except DistError as err:
+        _fail(str(err))
     rows = engine.allgather_object(describe_rank(engine), name="describe_rank")
     if engine.rank == 0:
         table = Table(title=f"{engine.size} rank(s), engine {engine.name}"
@@ -449,6 +460,33 @@ def env(
                           ", ".join(r["devices"]), str(r["cpus"]),
                           " ".join(f"{k}={v}" for k, v in r["launcher_env"].items()))
         Console(width=200).print(table)
+        for line in _build_lines():
+            print(line)
+
+
+def _build_lines() -> list[str]:
+    """What the communication libraries were built with, one line each."""
+    import torch
+    import torch.distributed as tdist
+
+    def yes(flag) -> str:
+        return "yes" if flag else "no"
+
+    lines = []
+    try:
+        from .dist.horovod import build_info
+
+        info = build_info()
+        nccl = info["nccl"]
+        lines.append(f"horovod {info['version']}: NCCL {f'yes ({nccl // 10000}.{nccl // 100 % 100}.{nccl % 100})' if nccl else 'no'}, "
+                     f"CUDA {yes(info['cuda'])}, MPI {yes(info['mpi'])}, Gloo {yes(info['gloo'])}")
+    except ImportError as err:
+        lines.append(f"horovod: not installed ({err}); make setup builds it")
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if tdist.is_nccl_available() and torch.version.cuda else ""
+    lines.append(f"torch {torch.__version__} distributed: NCCL {f'yes ({nccl})' if nccl else 'no'}, "
+                 f"CUDA {torch.version.cuda or 'no'}, MPI {yes(tdist.is_mpi_available())}, "
+                 f"Gloo {yes(tdist.is_gloo_available())}; GPUs visible: {torch.cuda.device_count()}")
+    return lines
 
 
 # --------------------------------------------------------------------------- scaling
@@ -480,7 +518,7 @@ def sweep(
     from rich.console import Console
 
     from .data import ListFileError
-    from .launch import LaunchError
+    from .dist.slurm import LaunchError
     from .sweep import SweepError, parse_workers, plan_sweep, run_sweep
 
     if array and local:

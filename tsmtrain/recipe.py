@@ -91,6 +91,9 @@ class ModelConfig(_Section):
                                                 "narrowest shifted layer's width (64 in the ResNets, 24 in MobileNetV2)")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the new classifier")
     pretrained: str | None = Field(None, description="local torchvision state_dict (.pth) to start from; never downloaded")
+    sync_bn: bool = Field(
+        False, description="synchronized BatchNorm: normalize with the statistics of the global batch, not each "
+                           "rank's (advised below 8 clips per GPU)")
 
 
 class OptimConfig(_Section):
@@ -120,13 +123,30 @@ class ScheduleConfig(_Section):
 
 
 class DistConfig(_Section):
-    """Data parallelism (Horovod ring-allreduce)."""
+    """Data parallelism: Horovod ring-allreduce, or torch.distributed's DistributedDataParallel."""
 
-    engine: Literal["horovod", "none"] = Field("horovod", description="horovod, or none for a single process")
+    engine: Literal["horovod", "ddp", "none"] = Field(
+        "horovod", description="horovod, ddp (torch.distributed DistributedDataParallel: NCCL on GPUs, Gloo on "
+                               "CPUs), or none for a single process")
     np: int = Field(1, ge=1, description="ranks to start on this host when not already under srun/mpirun")
-    launcher: Literal["gloo", "mpi"] = Field("gloo", description="how --np starts ranks: horovodrun --gloo, or mpirun")
+    launcher: Literal["gloo", "mpi", "torchrun"] | None = Field(
+        None, description="how --np starts ranks on this host: gloo (horovodrun --gloo) or mpi (mpirun) for horovod, "
+                          "torchrun for ddp; none: the engine's own (gloo, torchrun)")
     fp16_allreduce: bool = Field(False, description="compress gradients to fp16 for the allreduce")
     backward_passes_per_step: int = Field(1, ge=1, description="gradient accumulation: backward passes per optimizer step")
+    master_addr: str | None = Field(
+        None, description="ddp under srun/mpirun: host where rank 0 listens; none: MASTER_ADDR, else the first host "
+                          "of the Slurm allocation")
+    master_port: int | None = Field(
+        None, ge=1024, le=65535, description="ddp under srun/mpirun: port where rank 0 listens; none: MASTER_PORT, "
+                                             "else 20000 + Slurm job id % 12000")
+
+    @field_validator("master_addr")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.:%-]+", v):
+            raise ValueError("not a host name or IP address")
+        return v
 
 
 class TrainConfig(_Section):
@@ -310,7 +330,12 @@ class Recipe(_Section):
                              f"({narrowest} channels // {self.model.shift_div} = 0): that layer would train as TSN; "
                              f"use at most {narrowest}"))
         if self.dist.engine == "none" and self.dist.np > 1:
-            problems.append(("dist.np", self.dist.np, "several ranks need dist.engine: horovod"))
+            problems.append(("dist.np", self.dist.np, "several ranks need dist.engine: horovod or ddp"))
+        launchers = {"horovod": ("gloo", "mpi"), "ddp": ("torchrun",), "none": ("gloo", "mpi", "torchrun")}
+        if self.dist.launcher is not None and self.dist.launcher not in launchers[self.dist.engine]:
+            problems.append(("dist.launcher", self.dist.launcher,
+                             f"dist.engine: {self.dist.engine} starts its ranks with "
+                             f"{' or '.join(launchers[self.dist.engine])}"))
         if self.dist.engine == "none" and self.dist.fp16_allreduce:
             problems.append(("dist.fp16_allreduce", True, "there is no allreduce with dist.engine: none"))
         if any(not 0 < x <= 1 for x in self.data.scales) or not self.data.scales:
@@ -325,10 +350,11 @@ class Recipe(_Section):
         c = self.cluster
         if c.gpus_per_node and c.tasks_per_node and c.tasks_per_node > c.gpus_per_node:
             problems.append(("cluster.tasks_per_node", c.tasks_per_node,
-                             f"more ranks than GPUs per node ({c.gpus_per_node}); Horovod runs one rank per GPU"))
+                             f"more ranks than GPUs per node ({c.gpus_per_node}); each rank drives one GPU"))
         ranks = c.nodes * c.ranks_per_node()
         if ranks > 1 and self.dist.engine == "none":
-            problems.append(("dist.engine", "none", f"the cluster section asks for {ranks} ranks; use dist.engine: horovod"))
+            problems.append(("dist.engine", "none", f"the cluster section asks for {ranks} ranks; use dist.engine: "
+                                                   "horovod or ddp"))
         if c.gpus_per_node and self.train.device == "cpu":
             problems.append(("cluster.gpus_per_node", c.gpus_per_node, "train.device is cpu: the GPUs would sit idle"))
         if c.signal_seconds >= time_limit_seconds(c.time):

@@ -13,7 +13,7 @@ point in a sweep directory::
 N and the learning rate follows the linear scaling rule (Goyal et al. 2017); *strong scaling*
 (``strong=True``) keeps the global batch and divides it among the ranks. A point runs here
 (``launch="local"``: ``tsmtrain run --np N``) or as a Slurm job (``launch="submit"``: the job
-script of :mod:`tsmtrain.launch`, one job per point, or one job array per node count). Running
+script of :mod:`tsmtrain.dist.slurm`, one job per point, or one job array per node count). Running
 the sweep again with the same directory skips the points already measured, retries failed
 ones, collects finished jobs, and adds new worker counts: a sweep can be resumed and extended.
 A point that fails is recorded with its reason, never dropped. The table, plots and the
@@ -105,8 +105,14 @@ class SweepPlan:
 def _comparable(recipe: Recipe) -> str:
     """A digest of what makes two sweeps' points comparable (data, model, optimizer, dist except
     np, clips per rank): extending a sweep with another recipe is refused."""
+    from .dist.local import default_launcher
+
     doc = recipe.model_dump(mode="json")
-    doc["dist"].pop("np")
+    for key in ("np", "master_addr", "master_port"):  # where ranks meet changes nothing measured
+        doc["dist"].pop(key)
+    doc["dist"]["launcher"] = default_launcher(recipe.dist.engine, recipe.dist.launcher)
+    if not doc["model"]["sync_bn"]:  # keys added later at their defaults: earlier sweeps stay comparable
+        doc["model"].pop("sync_bn")
     keep = {k: doc[k] for k in ("data", "model", "optim", "dist")}
     keep["batch_size"] = doc["train"]["batch_size"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
@@ -138,7 +144,7 @@ def benchmark_recipe(recipe: Recipe, workers: int, batch_size: int, steps: int, 
     doc["schedule"]["epochs"] = epochs
     doc["data"]["val_list"] = None
     doc["dist"]["np"] = workers
-    if workers > 1:
+    if workers > 1 and doc["dist"]["engine"] == "none":
         doc["dist"]["engine"] = "horovod"
     doc["train"].update(batch_size=batch_size, stop_after_steps=warmup + steps,
                         log_every=math.gcd(warmup, steps) if warmup else steps, breakdown=True,
@@ -163,7 +169,8 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
         recipe: the validated recipe.
         recipe_file: its path (recorded in ``sweep.json``).
         workers: worker counts (ranks).
-        sweep_dir: default ``RUN.DIR/sweeps/RUN.NAME-weak`` (or ``-strong``).
+        sweep_dir: default ``RUN.DIR/sweeps/RUN.NAME-weak`` (or ``-strong``; ``RUN.NAME-ddp-weak``
+            for ``dist.engine: ddp``).
         strong: keep the global batch (default: ``train.batch_size`` x ``dist.np`` x
             ``backward_passes_per_step`` of the recipe, or ``global_batch``) instead of the
             batch per rank.
@@ -184,7 +191,9 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
     bpps = recipe.dist.backward_passes_per_step
     if strong:
         global_batch = global_batch or recipe.train.batch_size * recipe.dist.np * bpps
-    sweep_dir = Path(sweep_dir) if sweep_dir else Path(recipe.run.dir) / "sweeps" / f"{recipe.run.name}-{mode}"
+    engine = "" if recipe.dist.engine in ("horovod", "none") else f"-{recipe.dist.engine}"
+    sweep_dir = (Path(sweep_dir) if sweep_dir
+                 else Path(recipe.run.dir) / "sweeps" / f"{recipe.run.name}{engine}-{mode}")
     meta = dict(recipe=str(Path(recipe_file).resolve()), mode=mode, steps=steps, warmup_steps=warmup,
                 batch_per_rank=None if strong else recipe.train.batch_size,
                 global_batch=global_batch if strong else None,
@@ -411,7 +420,7 @@ bash "${{RUN_DIRS[$i]}}/job.sbatch" >> "${{RUN_DIRS[$i]}}/slurm-${{SLURM_ARRAY_J
 
 def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, array: bool, template,
                    sbatch: str = "sbatch") -> list[dict]:
-    from .launch import LaunchError, prepare_job, render_sbatch, submit
+    from .dist.slurm import LaunchError, prepare_job, render_sbatch, submit
 
     records = []
     groups: dict[int, list[int]] = {}

@@ -237,10 +237,12 @@ def collate_clips(items: list[dict]) -> dict:
 
 
 def _ignore_stop_signal(worker_id: int) -> None:
-    # Slurm signals every process of a job step, loader workers included; the stop request is
-    # the training process's business (tsmtrain.train), and SIGUSR2's default action would kill
-    # the worker.
+    # Slurm signals every process of a job step, loader workers included (SIGUSR2 before the time
+    # limit, SIGTERM on scancel or preemption); the stop request is the training process's
+    # business (tsmtrain.train), and either signal's default action would kill the worker. A
+    # worker still ends with its training process (DataLoader's watchdog) or on SIGKILL.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,

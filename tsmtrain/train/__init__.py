@@ -12,14 +12,14 @@ Modules, from the top:
 * :mod:`.bench`: ``tsmtrain bench step`` and the standalone allreduce benchmark
 """
 
-from ..launch import EXIT_PREEMPTED
+from ..dist.local import EXIT_PREEMPTED
 from .bench import benchmark_allreduce
 from .evaluate import evaluate, predict
 from .loop import RunResult, train
 from .metrics import BREAKDOWN
 from ..data import clip_dataset
-from .runtime import STOP_SIGNAL, TrainingError, prepare_dataset
+from .runtime import STOP_SIGNAL, STOP_SIGNALS, TrainingError, prepare_dataset
 from .step import PRECISIONS, TrainStep
 
 __all__ = ["train", "evaluate", "predict", "clip_dataset", "prepare_dataset", "benchmark_allreduce", "TrainingError",
-           "RunResult", "EXIT_PREEMPTED", "STOP_SIGNAL", "BREAKDOWN", "TrainStep", "PRECISIONS"]
+           "RunResult", "EXIT_PREEMPTED", "STOP_SIGNAL", "STOP_SIGNALS", "BREAKDOWN", "TrainStep", "PRECISIONS"]

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..engine import Engine, LocalEngine
+from ..dist.base import Engine, LocalEngine
 from ..models import create_model
 from ..models.shift import TemporalShift, temporal_shift
 from ..optim import create_optimizer
@@ -41,8 +41,9 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
     """Time a gradient allreduce on its own, not overlapped with backward.
 
     Every trainable parameter's gradient tensor (zeros where there is none) is allreduced the way
-    ``hvd.DistributedOptimizer`` does it during backward (one named asynchronous allreduce per
-    tensor, fused by Horovod), ``repeats`` times after a barrier each; the scaling model
+    the engine does it during backward (:meth:`~tsmtrain.dist.base.Engine.allreduce_gradients`:
+    Horovod's named asynchronous allreduces fused by its background thread, DDP's 25 MB
+    buckets), ``repeats`` times after a barrier each; the scaling model
     (:mod:`tsmtrain.scaling`) compares this with the wait measured in training to find how much
     of the allreduce backward hides.
 
@@ -51,7 +52,7 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
         "bytes": bytes sent into one allreduce (2 per value with fp16 compression, else 4),
         "parameters": number of parameters}``.
     """
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
              for p in model.parameters() if p.requires_grad]
     if fp16:
         grads = [g.half() for g in grads]
@@ -59,9 +60,7 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
     for _ in range(repeats):
         engine.barrier()
         t0 = time.perf_counter()
-        handles = [engine.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
-        for h in handles:
-            engine.synchronize(h)
+        engine.allreduce_gradients(grads)
         if grads and grads[0].is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

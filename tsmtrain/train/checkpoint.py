@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..launch import PREEMPTED_FILE
+from ..dist.local import PREEMPTED_FILE
 from .runtime import TrainingError, log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "write_json",
@@ -133,7 +133,7 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
 
     Mid-epoch (``pos.micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
     at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
-    When ``stopping`` (SIGUSR2), rank 0 then writes :data:`~tsmtrain.launch.PREEMPTED_FILE`, so
+    When ``stopping`` (a stop signal), rank 0 then writes :data:`~tsmtrain.dist.local.PREEMPTED_FILE`, so
     the launcher knows the stop was clean whatever status it sees. Every rank must call it.
     """
     rngs = engine.allgather_object(rng_state(transform_gen), name="rng_states")  # every rank's streams
@@ -170,7 +170,9 @@ def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen,
         TrainingError: the checkpoint is of another model (names the differing ``model.*`` keys).
     """
     state = load_checkpoint(path)
-    theirs, ours = state["recipe"]["model"], recipe.model.model_dump(mode="json")
+    # (sync_bn changes how statistics are computed, not the weights: a run may switch it)
+    theirs = {k: v for k, v in state["recipe"]["model"].items() if k != "sync_bn"}
+    ours = recipe.model.model_dump(mode="json", exclude={"sync_bn"})
     if theirs != ours:
         diff = ", ".join(f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
         raise TrainingError(f"{path} is a checkpoint of another model ({diff}); choose another run.name")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..data import ShardSampler, build_loader, clip_dataset
 from ..data.decoding import cuda_decoding_device
-from ..engine import Engine
+from ..dist.base import Engine
 from ..recipe import Recipe
 from .metrics import MetricsWriter
 from .runtime import log

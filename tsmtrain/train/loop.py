@@ -19,7 +19,7 @@ A run that finds checkpoints in its run directory continues from the latest one.
 (which Slurm sends before a time limit, ``sbatch --signal=USR2@SECONDS``, or on
 ``scancel --signal=USR2``) asks for a clean stop: the ranks agree on it through an allreduce,
 stop together at the next optimizer step, rank 0 writes a checkpoint, and the run ends with
-:data:`EXIT_PREEMPTED`, on which the job script requeues itself (:mod:`tsmtrain.launch`).
+:data:`EXIT_PREEMPTED`, on which the job script requeues itself (:mod:`tsmtrain.dist.slurm`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 from ..data import ShardSampler, build_loader, clip_dataset, read_list
 from ..data.decoding import cuda_decoding_device
 from ..data.transforms import VideoTransform
-from ..engine import Engine
-from ..launch import EXIT_PREEMPTED, PREEMPTED_FILE
+from ..dist.base import Engine
+from ..dist.local import EXIT_PREEMPTED, PREEMPTED_FILE
 from ..models import create_model
 from ..optim import LRSchedule, create_optimizer
 from ..recipe import Recipe, derived_values, dump_recipe
@@ -177,9 +177,13 @@ def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
     # ---- model, step, optimizer, schedule
     torch.manual_seed(t.seed)  # same initial weights everywhere (rank 0's are broadcast anyway)
     model = create_model(recipe.model, d.num_segments).to(device)
-    # before Horovod wraps the optimizer, so that compile's check fires no allreduce hooks
+    if recipe.model.sync_bn:
+        model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
+    # before Horovod wraps the optimizer, so that compile's check fires no allreduce hooks; the
+    # step trains through the engine's wrapper (DDP), and `model` is what is evaluated and saved
     step = TrainStep(model, device, t.precision, t.channels_last, t.compile,
-                     batch_shape=(t.batch_size, d.num_segments, 3, d.input_size, d.input_size))
+                     batch_shape=(t.batch_size, d.num_segments, 3, d.input_size, d.input_size),
+                     wrap=lambda m: engine.wrap_model(m, fp16=recipe.dist.fp16_allreduce))
     optimizer = engine.wrap_optimizer(create_optimizer(model, recipe.optim), model,
                                       fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
     s = recipe.schedule
@@ -250,8 +254,8 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
         r.metrics.write(step=pos.step, allreduce_benchmark=benchmark_allreduce(
             r.engine, r.model, t.allreduce_benchmark, fp16=r.recipe.dist.fp16_allreduce))
     if stopping:
-        log.info("stop requested (SIGUSR2): stopped at step %d of %d with a checkpoint; exit status %d",
-                 pos.step, r.steps_per_epoch * epochs, EXIT_PREEMPTED)
+        log.info("stop requested (%s): stopped at step %d of %d with a checkpoint; exit status %d",
+                 stop.signal_name or "another rank's signal", pos.step, r.steps_per_epoch * epochs, EXIT_PREEMPTED)
     return RunResult(pos.step, pos.epoch, pos.eval, r.model, r.engine.rank, preempted=stopping)
 
 
@@ -272,7 +276,8 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
         x = r.train_tf(batch["frames"].to(r.device, non_blocking=True))  # (N, T, 3, H, W) float
         y = batch["label"].to(r.device, non_blocking=True)
         r.clock.lap("augment")
-        logits, loss = r.step.forward_backward(x, y, passes=r.passes)  # Horovod allreduces during backward
+        with r.engine.accumulate(r.step.forward_model, last=(pos.micro + 1) % r.passes == 0):  # DDP: no_sync()
+            logits, loss = r.step.forward_backward(x, y, passes=r.passes)  # the allreduce runs during backward
         interval.add_batch(loss, logits, y)
         pos.micro += 1
         r.clock.lap("forward_backward")
@@ -280,6 +285,7 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
             continue  # accumulate another backward pass
         r.engine.wait_gradients(r.optimizer)
         r.clock.lap("allreduce_wait")
+        r.clock.move("forward_backward", "allreduce_wait", r.engine.hidden_wait_s())  # DDP waited in backward()
         lr = r.schedule.apply(r.optimizer, pos.step)
         r.step.apply(r.engine, r.optimizer)  # (fp16: unscale, step unless inf/NaN, update the scale)
         r.clock.lap("optimizer")

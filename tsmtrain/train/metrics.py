@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..engine import Engine
+from ..dist.base import Engine
 
 __all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN"]
 
@@ -74,6 +74,7 @@ class PhaseClock:
         self._spans: list[tuple[str, object, object]] = []
         self._since: object = None
         self._sums = dict.fromkeys(_TIMED, 0.0)
+        self._moves: list[tuple[str, str, float]] = []
 
     def _now(self):
         if self._event is None:
@@ -99,6 +100,13 @@ class PhaseClock:
             self._spans.append((phase, self._since, now))
         self._since = now
 
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Count ``seconds`` (host seconds) of ``source``'s time as ``target``'s instead, at most
+        all of ``source``'s: DDP finishes its allreduce inside ``backward()``, and the part after
+        the last gradient (:meth:`~tsmtrain.dist.base.Engine.hidden_wait_s`) is allreduce wait."""
+        if self.enabled and seconds > 0:
+            self._moves.append((source, target, seconds))
+
     def collect(self) -> dict[str, float] | None:
         """Seconds per phase since the last collect (``None`` when disabled); resets the sums."""
         if not self.enabled:
@@ -111,6 +119,11 @@ class PhaseClock:
             used.pop(id(self._since), None)  # still the start of the next span
             self._spare.extend(used.values())
             self._spans.clear()
+        for source, target, seconds in self._moves:
+            moved = min(seconds, self._sums[source])
+            self._sums[source] -= moved
+            self._sums[target] += moved
+        self._moves.clear()
         sums, self._sums = self._sums, dict.fromkeys(_TIMED, 0.0)
         return sums
 

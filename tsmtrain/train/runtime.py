@@ -1,4 +1,4 @@
-"""What a run needs around its training loop: the error type, the stop request (SIGUSR2),
+"""What a run needs around its training loop: the error type, the stop request (SIGUSR2, SIGTERM),
 logging, the engine, the device and thread count, the progress bar, and the datasets a recipe
 describes."""
 
@@ -12,16 +12,22 @@ import threading
 
 import torch
 
-from ..engine import Engine, LocalEngine, create_engine, launched_by_launcher
+from ..dist import DistError, create_engine, launched_by_launcher
+from ..dist.base import Engine, LocalEngine
 from ..recipe import Recipe
 
-__all__ = ["TrainingError", "STOP_SIGNAL", "StopRequest", "setup_logging", "choose_engine", "choose_device",
+__all__ = ["TrainingError", "STOP_SIGNAL", "STOP_SIGNALS", "StopRequest", "setup_logging", "choose_engine", "choose_device",
            "set_threads", "progress_bar", "prepare_dataset", "log"]
 
 log = logging.getLogger("tsmtrain")
 
 STOP_SIGNAL = signal.SIGUSR2
-"""The signal that asks a run to checkpoint and stop. Not SIGUSR1, which NCCL may use."""
+"""The signal that asks a run to checkpoint and stop (Slurm's ``--signal=USR2@SECONDS``). Not
+SIGUSR1, which NCCL may use."""
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+"""Every signal that asks a run to checkpoint and stop: :data:`STOP_SIGNAL`, and SIGTERM, which
+``scancel`` and Slurm's preemption send (SIGKILL follows after ``KillWait``, 30 s by default)."""
 
 
 class TrainingError(RuntimeError):
@@ -29,27 +35,31 @@ class TrainingError(RuntimeError):
 
 
 class StopRequest:
-    """Notes :data:`STOP_SIGNAL` in a flag; the training loop polls it once per optimizer step.
+    """Notes any of :data:`STOP_SIGNALS` in a flag; the training loop polls it once per optimizer
+    step.
 
     The handler only sets the flag (nothing else is safe inside a signal handler); the ranks
     then agree through an allreduce, so that all of them stop after the same step.
+    ``signal_name`` is the first signal that arrived (for the log).
     """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(STOP_SIGNAL, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(STOP_SIGNAL, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -84,14 +94,18 @@ def choose_engine(recipe: Recipe) -> Engine:
     """The recipe's engine; a process that no launcher started gets :class:`LocalEngine`.
 
     Raises:
-        TrainingError: the engine's library cannot be imported.
+        TrainingError: the engine's library cannot be imported, or its ranks cannot meet (the
+            message names the recipe key).
     """
-    if recipe.dist.engine == "horovod" and not launched_by_launcher():
+    if recipe.dist.engine != "none" and not launched_by_launcher():
         return LocalEngine()  # one process started by hand: nothing to allreduce
+    cuda = recipe.train.device != "cpu" and torch.cuda.is_available()
     try:
-        return create_engine(recipe.dist.engine)
+        return create_engine(recipe.dist.engine, recipe.dist, cuda=cuda)
     except ImportError as err:
         raise TrainingError(f"dist.engine: {recipe.dist.engine}: cannot import it ({err}); run make setup") from None
+    except DistError as err:
+        raise TrainingError(str(err)) from None
 
 
 def choose_device(setting: str, local_rank: int) -> torch.device:

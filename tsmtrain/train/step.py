@@ -35,7 +35,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ..engine import Engine
+from ..dist.base import Engine
 from .runtime import TrainingError
 
 __all__ = ["PRECISIONS", "TrainStep", "autocast", "as_memory_format", "half_precision_note"]
@@ -93,9 +93,12 @@ class TrainStep:
         compile: ``torch.compile`` the model for training.
         batch_shape: ``(N, T, 3, H, W)`` of every training batch; needed with ``compile`` for the
             compile-time check.
+        wrap: the engine's wrapper for training (:meth:`~tsmtrain.dist.base.Engine.wrap_model`,
+            DDP's), applied after the memory format and before compiling; None: the model as it is.
 
     Attributes:
-        forward_model: what the training forward calls (the compiled model, or ``model``).
+        forward_model: what the training forward calls: the model, wrapped, then compiled, as
+            asked.
         scaler: the ``torch.amp.GradScaler`` (fp16), else ``None``.
 
     Raises:
@@ -105,18 +108,19 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
                  channels_last: bool = False, compile: bool = False,
-                 batch_shape: tuple[int, ...] | None = None):
+                 batch_shape: tuple[int, ...] | None = None, wrap=None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place: the same Parameter objects
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.forward_model = model
+        # the engine's wrapper (DDP) around the model in its memory format, compiled around that
+        self.forward_model = wrap(model) if wrap is not None else model
         if compile:
             if batch_shape is None:
                 raise ValueError("compile needs batch_shape for its check before training")
-            self.forward_model = torch.compile(model, dynamic=False)
+            self.forward_model = torch.compile(self.forward_model, dynamic=False)
             self._check_compile(batch_shape)
 
     def autocast(self):

@@ -1,29 +1,34 @@
-"""Starting ranks: on this host (``tsmtrain run --np N``), or as a Slurm job (``tsmtrain render``,
-``tsmtrain submit``).
+"""Slurm jobs: the sbatch script (``tsmtrain render``, ``tsmtrain submit``), and where DDP ranks
+meet under srun.
 
-**On this host.** When ``tsmtrain run`` is not already one rank of a job (no horovodrun, mpirun or multi-task
-srun around it) and more than one rank is asked for, it re-runs itself under a launcher:
+:func:`render_sbatch` fills a Jinja2 template (``slurm/job.sbatch.j2`` in the repository, or the
+user's own) from the recipe's ``cluster`` section: the ``#SBATCH`` header, the set-up lines, the
+launch line and the requeue logic. The launch line depends on the engine:
 
-* ``gloo``: ``horovodrun --gloo -np N -H localhost:N python -m tsmtrain run ...``
-* ``mpi``: ``mpirun -np N --oversubscribe --bind-to none python -m tsmtrain run ...``
+* Horovod: ``srun --mpi=pmix --kill-on-bad-exit=1 python -m tsmtrain run RECIPE`` (the ranks find
+  each other through PMIx), or ``mpirun ...`` inside the allocation;
+* DDP: ``srun --kill-on-bad-exit=1 python -m tsmtrain run RECIPE`` (no MPI: each rank reads
+  ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``), or ``mpirun -x MASTER_ADDR -x
+  MASTER_PORT ...``; the script exports ``MASTER_ADDR``, the first host of the allocation, and
+  ``MASTER_PORT``, :data:`MASTER_PORT_BASE` + job id mod :data:`MASTER_PORT_SPAN`
+  (``dist.master_addr`` / ``dist.master_port`` override both); rank 0 listens there.
 
-The children see the launcher's environment and join the job (:mod:`tsmtrain.engine`).
-On a cluster, srun or mpirun starts the same command and no relaunch happens.
+Values that reach the shell are quoted with :func:`shlex.quote`; values in ``#SBATCH`` lines
+(which sbatch, not the shell, reads) are double-quoted when they hold anything but plain
+characters, and line breaks are refused by the recipe schema, so no value can add a line or a
+command. :func:`submit` writes the script and the resolved recipe into the run directory and
+calls ``sbatch``.
 
-**On a Slurm cluster.** :func:`render_sbatch` fills a Jinja2 template (``slurm/job.sbatch.j2``
-in the repository, or the user's own) from the recipe's ``cluster`` section: the ``#SBATCH``
-header, the set-up lines, the launch line (``srun --mpi=pmix ... tsmtrain run RECIPE`` or
-``mpirun ...``) and the requeue logic. Values that reach the shell are quoted with
-:func:`shlex.quote`; values in ``#SBATCH`` lines (which sbatch, not the shell, reads) are
-double-quoted when they hold anything but plain characters, and line breaks are refused by the
-recipe schema, so no value can add a line or a command. :func:`submit` writes the script and the
-resolved recipe into the run directory and calls ``sbatch``.
+Stopping (the protocol between the script and :mod:`tsmtrain.train`): the job asks for
+``--signal=USR2@SECONDS`` and ``--requeue``; on SIGUSR2, or SIGTERM (``scancel``, preemption),
+the ranks checkpoint and exit with :data:`~tsmtrain.dist.local.EXIT_PREEMPTED`; after a SIGUSR2
+(or a SIGTERM sent to the ranks alone, ``scancel --signal=TERM``) the script runs
+``scontrol requeue`` while ``SLURM_RESTART_COUNT`` is under ``cluster.max_requeues``; the requeued
+job's ``tsmtrain run`` resumes from the run directory's latest checkpoint. A SIGTERM that reaches
+the script itself (``scancel JOB``, preemption) ends the job with the checkpoint written; Slurm
+requeues a preempted job by itself (``PreemptMode=REQUEUE``), a cancelled one stays cancelled.
 
-Preemption and time limits (the protocol between the script and :mod:`tsmtrain.train`):
-the job asks for ``--signal=USR2@SECONDS`` and ``--requeue``; the ranks checkpoint and exit with
-:data:`tsmtrain.train.EXIT_PREEMPTED`; the script then runs ``scontrol requeue`` while
-``SLURM_RESTART_COUNT`` is under ``cluster.max_requeues``; the requeued job's ``tsmtrain run``
-resumes from the run directory's latest checkpoint.
+This module imports neither torch nor Horovod.
 """
 
 from __future__ import annotations
@@ -37,94 +42,87 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recipe import Recipe, derived_values, dump_recipe, with_absolute_paths
+from ..recipe import Recipe, derived_values, dump_recipe, with_absolute_paths
+from .local import EXIT_PREEMPTED, PREEMPTED_FILE
 
-__all__ = ["local_command", "launch_local", "LaunchError", "render_sbatch", "submit", "SubmitResult",
-           "TEMPLATE_DIR", "job_ranks", "prepare_job", "EXIT_PREEMPTED", "PREEMPTED_FILE", "preempted_status"]
+__all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
+           "expand_nodelist", "tasks_on_node", "default_master_port", "MASTER_PORT_BASE", "MASTER_PORT_SPAN"]
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
 """The repository's ``slurm/`` folder of job templates."""
 
 DEFAULT_TEMPLATE = "job.sbatch.j2"
 
-EXIT_PREEMPTED = 75
-"""Exit status of ``tsmtrain run`` after SIGUSR2 made it write a checkpoint and stop (75 is
-``EX_TEMPFAIL``: try again later). The job script requeues itself on it."""
-
-PREEMPTED_FILE = "preempted.json"
-"""Written by rank 0 in the run directory once a SIGUSR2 stop's checkpoint is on disk, before any
-rank exits. The ranks then exit :data:`EXIT_PREEMPTED`, but the launcher may report another
-status: ``srun --kill-on-bad-exit`` (and mpirun) kill the ranks still exiting as soon as the
-first one has exited non-zero, and srun then returns 128 + signal. The job script and
-:func:`launch_local` read this file instead of trusting the status alone."""
+MASTER_PORT_BASE, MASTER_PORT_SPAN = 20000, 12000
+"""DDP's default rendezvous port under Slurm is ``MASTER_PORT_BASE + job id % MASTER_PORT_SPAN``:
+20000..31999, below Linux's ephemeral ports (32768 and up), and different for jobs that share a
+node unless their ids are 12000 apart."""
 
 
-def preempted_status(status: int, run_dir: str | Path, since: float) -> int:
-    """The exit status to act on: :data:`EXIT_PREEMPTED` when the launcher returned any non-zero
-    ``status`` but ``run_dir/preempted.json`` was written at or after ``since`` (seconds since
-    the epoch, the launch time), else ``status`` itself."""
-    marker = Path(run_dir) / PREEMPTED_FILE
-    try:
-        if status != 0 and marker.stat().st_mtime >= since:
-            return EXIT_PREEMPTED
-    except OSError:
-        pass
-    return status
-
-
-def _tool(name: str) -> str:
-    beside = Path(sys.executable).parent / name  # the venv's own horovodrun
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found: install Horovod / OpenMPI (make setup), or use dist.launcher")
-    return found
-
-
-def local_command(np: int, launcher: str, run_args: list[str]) -> list[str]:
-    """The command line that starts ``np`` ranks of ``python -m tsmtrain run_args...`` here.
+def default_master_port(job_id: int | str) -> int:
+    """The rendezvous port of Slurm job ``job_id`` (:data:`MASTER_PORT_BASE` + id mod
+    :data:`MASTER_PORT_SPAN`).
 
     Raises:
-        FileNotFoundError: the launcher program is not installed.
-        ValueError: unknown launcher.
+        ValueError: ``job_id`` is not a whole number.
     """
-    child = [sys.executable, "-m", "tsmtrain", *run_args]
-    if launcher == "gloo":
-        return [_tool("horovodrun"), "--gloo", "-np", str(np), "-H", f"localhost:{np}", *child]
-    if launcher == "mpi":
-        cmd = [_tool("mpirun"), "-np", str(np), "--oversubscribe", "--bind-to", "none"]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd.append("--allow-run-as-root")
-        return [*cmd, "-x", "PATH", "-x", "PYTHONPATH", *child]
-    raise ValueError(f"unknown launcher {launcher!r}; choose gloo or mpi")
+    return MASTER_PORT_BASE + int(job_id) % MASTER_PORT_SPAN
 
 
-def launch_local(np: int, launcher: str, run_args: list[str], run_dir: str | Path | None = None) -> int:
-    """Run :func:`local_command` in the foreground; returns its exit status.
+_NODELIST_ITEM = re.compile(r"([^,\[]+)(?:\[([^\]]*)\])?([^,]*)")
 
-    SIGUSR2 sent to this process is passed on to the launcher, so that the ranks checkpoint and
-    stop as under Slurm (mpirun passes it on to every rank). When ``run_dir`` is given and the
-    ranks stopped that way (:data:`PREEMPTED_FILE`), the status is :data:`EXIT_PREEMPTED` even if
-    the launcher killed a rank that was still exiting.
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list, in order, as ``scontrol show hostnames`` prints them:
+    ``"gpu[01-03,7],login1"`` -> ``["gpu01", "gpu02", "gpu03", "gpu7", "login1"]`` (zero padding
+    kept). One bracket group per name.
+
+    Raises:
+        ValueError: a malformed list (unbalanced brackets, a bad range).
     """
-    import signal
-    import time
+    hosts: list[str] = []
+    text = nodelist.strip()
+    pos = 0
+    while pos < len(text):
+        match = _NODELIST_ITEM.match(text, pos)
+        if not match or match.end() == pos:
+            raise ValueError(f"not a Slurm node list: {nodelist!r}")
+        prefix, ranges, suffix = match.groups()
+        if ranges is None:
+            if any(b in prefix + suffix for b in "[]"):
+                raise ValueError(f"not a Slurm node list: {nodelist!r}")
+            hosts.append(prefix + suffix)
+        else:
+            for part in ranges.split(","):
+                lo, sep, hi = part.partition("-")
+                if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+                    raise ValueError(f"not a Slurm node list: {nodelist!r} (range {part!r})")
+                for i in range(int(lo), int(hi if sep else lo) + 1):
+                    hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+        pos = match.end()
+        if pos < len(text):
+            if text[pos] != ",":
+                raise ValueError(f"not a Slurm node list: {nodelist!r}")
+            pos += 1
+    return hosts
 
-    cmd = local_command(np, launcher, run_args)
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    started = time.time() - 1  # file times may be rounded to the second
-    child = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: child.send_signal(signal.SIGUSR2))
-    try:
-        status = child.wait()
-        return status if run_dir is None else preempted_status(status, run_dir, started)
-    except KeyboardInterrupt:
-        child.wait()
-        return 130
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
 
+def tasks_on_node(tasks_per_node: str, node_index: int) -> int:
+    """Tasks on node ``node_index`` from Slurm's compressed ``SLURM_TASKS_PER_NODE``
+    (``"2(x3),1"`` -> 2, 2, 2, 1).
 
-# --------------------------------------------------------------------------- Slurm
+    Raises:
+        ValueError: a malformed value, or fewer nodes than ``node_index + 1``.
+    """
+    counts: list[int] = []
+    for item in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not match:
+            raise ValueError(f"not a Slurm tasks-per-node value: {tasks_per_node!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if not 0 <= node_index < len(counts):
+        raise ValueError(f"node {node_index} is not in {tasks_per_node!r}")
+    return counts[node_index]
 
 
 class LaunchError(Exception):
@@ -171,7 +169,10 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
         template: a Jinja2 template file; default ``slurm/job.sbatch.j2``. It sees ``recipe``,
             ``cluster``, ``run_dir``, ``recipe_file``, ``log_file``, ``python``, ``ranks``,
             ``tasks_per_node``, ``signal_spec``, ``launcher``, ``max_requeues``,
-            ``exit_preempted`` and the filters ``q`` (shell quoting) and ``sbatch``.
+            ``exit_preempted``, ``engine`` (``dist.engine``), ``master_addr`` and ``master_port``
+            (``dist.master_addr`` / ``dist.master_port``, none when not set),
+            ``master_port_base`` and ``master_port_span``, and the filters ``q`` (shell quoting)
+            and ``sbatch``.
 
     Returns:
         The script text.
@@ -195,16 +196,20 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
     ranks, per_node = job_ranks(recipe), c.ranks_per_node()
     derived = derived_values(recipe, ranks)
     gpus = f" x {c.gpus_per_node} GPUs" if c.gpus_per_node else " (CPU only)"
+    dist = recipe.dist
     context = dict(
         recipe=recipe, cluster=c, run_dir=str(run_dir), recipe_file=str(run_dir / "recipe.yaml"),
         log_file=str(run_dir).replace("%", "%%") + "/slurm-%j.out", python=c.python or sys.executable,
         ranks=ranks, tasks_per_node=per_node, launcher=c.launcher, max_requeues=c.max_requeues,
         signal_spec=("" if c.launcher == "srun" else "B:") + f"USR2@{c.signal_seconds}",
         signal_seconds=c.signal_seconds, exit_preempted=EXIT_PREEMPTED, preempted_file=PREEMPTED_FILE, job_name=c.job_name or recipe.run.name,
-        command=command, template_name=path.name,
+        command=command, template_name=path.name, engine=dist.engine,
+        master_addr=dist.master_addr, master_port=dist.master_port, master_port_base=MASTER_PORT_BASE,
+        master_port_span=MASTER_PORT_SPAN,
         title=f"tsmtrain job: run {recipe.run.name!r} ({'TSM' if recipe.model.shift else 'TSN'}-{recipe.model.arch})",
         summary=(f"{c.nodes} node(s){gpus}, {per_node} rank(s) per node = {ranks} rank(s); global batch "
-                 f"{derived['global_batch']} clips ({recipe.train.batch_size} per rank), lr {derived['lr']:.4g}"),
+                 f"{derived['global_batch']} clips ({recipe.train.batch_size} per rank), lr {derived['lr']:.4g}; "
+                 f"engine {dist.engine}"),
     )
     try:
         return env.from_string(source).render(**context)

@@ -1,0 +1,164 @@
+"""The interface between the training loop and data parallelism, and the single-process engine.
+
+The training loop talks to :class:`Engine` only. Its implementations:
+
+* :class:`LocalEngine` for ``dist.engine: none`` (or one process started by hand): nothing to
+  combine.
+* :class:`tsmtrain.dist.horovod.HorovodEngine`: Horovod (Sergeev and Del Balso 2018)
+  ring-allreduce inside ``hvd.DistributedOptimizer``.
+* :class:`tsmtrain.dist.ddp.DDPEngine`: ``torch.distributed`` with ``DistributedDataParallel``
+  (Li et al., VLDB 2020), bucketed allreduce during backward.
+
+Every rank runs the same loop. A step is::
+
+    with engine.accumulate(net, last=...):     # DDP: no_sync() on all but the last backward pass
+        loss(net(x)).backward()                # gradients are averaged during backward
+    engine.wait_gradients(optimizer)           # whatever of the allreduce backward did not hide
+    engine.step(optimizer)
+
+where ``net = engine.wrap_model(model)``; ``model`` itself stays the plain network that is
+evaluated and checkpointed. Rank 0's initial state is broadcast (:meth:`Engine.broadcast_state`),
+so all ranks start identical; metrics are summed with :meth:`Engine.allreduce`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+__all__ = ["Engine", "LocalEngine", "describe_rank"]
+
+
+class Engine:
+    """What the training loop needs from data parallelism.
+
+    Attributes:
+        rank: this process's index in ``0 .. size-1``.
+        size: the world size (number of ranks).
+        local_rank: index among the ranks on this host (selects the GPU).
+        local_size: ranks on this host.
+        name: ``"none"``, ``"horovod"`` or ``"ddp"``.
+    """
+
+    name = "none"
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """``model`` with every BatchNorm layer synchronized over all ranks (``model.sync_bn``):
+        in training, each layer normalizes with the mean and variance of the global batch, not
+        of this rank's share. Parameters and buffers are kept. One process: ``model`` as it is."""
+        return model
+
+    def wrap_model(self, model: nn.Module, fp16: bool = False) -> nn.Module:
+        """The module the training step runs forward and backward through (DDP's wrapper, which
+        averages the gradients during backward; ``fp16``: compressed to float16 for the
+        allreduce). Evaluation and checkpoints use ``model`` itself."""
+        return model
+
+    def accumulate(self, net: nn.Module, last: bool) -> ContextManager:
+        """Context for one forward and backward pass of gradient accumulation
+        (``dist.backward_passes_per_step``): when not ``last``, the gradients stay local
+        (DDP's ``no_sync()``); Horovod's optimizer counts the passes itself."""
+        return nullcontext()
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool = False,
+                       backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
+        """Return an optimizer whose ``step`` uses gradients averaged over all ranks."""
+        return optimizer
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Make every rank's parameters, buffers and optimizer state equal to rank 0's."""
+
+    def wait_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait until the gradient allreduce started during backward has finished.
+
+        Together with :meth:`step` this is ``optimizer.step()`` split in two, so that the
+        training loop can time the part of the allreduce that backward did not hide.
+        """
+
+    def hidden_wait_s(self) -> float:
+        """Seconds of the last step's allreduce that ran after the last gradient was computed
+        but that backward itself waited for (DDP finishes its allreduce before ``backward()``
+        returns, so :meth:`wait_gradients` finds nothing left). The training loop moves them
+        from the forward-backward time to the allreduce wait. 0 for Horovod and one process."""
+        return 0.0
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None" = None) -> None:
+        """Apply the averaged gradients (after :meth:`wait_gradients`): ``optimizer.step()``, or
+        with a GradScaler (fp16) ``scaler.step(optimizer)``, which skips the step when a gradient
+        is inf/NaN; the caller has run ``scaler.unscale_(optimizer)`` after
+        :meth:`wait_gradients` and runs ``scaler.update()`` after this."""
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
+        """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
+        return values.clone()
+
+    def allreduce_async(self, values: torch.Tensor, name: str) -> Any:
+        """Start summing a tensor over all ranks; :meth:`synchronize` gives the
+        result. Horovod runs it in its background thread, fused with the gradient allreduces of
+        the same step, so waiting for it at the end of the step costs nothing extra. Every rank
+        must start the same ``name`` in the same order, and finish it before starting it again."""
+        return values.clone()
+
+    def synchronize(self, handle: Any) -> torch.Tensor:
+        """The sum started by :meth:`allreduce_async`."""
+        return handle
+
+    def allreduce_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Average ``grads`` over all ranks in place, the way this engine does it in training
+        (Horovod: one named asynchronous allreduce per tensor, fused by its background thread;
+        DDP: flat buckets of 25 MB), and wait for the result. Used by
+        :func:`tsmtrain.train.benchmark_allreduce` to time the allreduce on its own."""
+        handles = [self.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
+        for h in handles:
+            self.synchronize(h)
+
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running mean and variance) over all ranks.
+
+        Each rank's BatchNorm statistics come from its own shard; averaging them before
+        evaluation and checkpointing makes every rank hold the same model (as timm's
+        ``distribute_bn(reduce=True)``).
+        """
+
+    def allgather_object(self, obj: Any, name: str = "object") -> list[Any]:
+        """Gather one picklable object from every rank, in rank order. ``name`` must be the same
+        on every rank (Horovod matches collectives by name)."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def shutdown(self) -> None:
+        """Release the communication library."""
+
+
+class LocalEngine(Engine):
+    """A single process: gradients and metrics are used as they are."""
+
+
+def describe_rank(engine: Engine) -> dict[str, Any]:
+    """What this process sees of the job: rank, local rank, world size, host, engine, devices,
+    and the launcher's own variables (``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``, ``RANK``, ...)."""
+    import socket
+
+    env_keys = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID",
+                "SLURM_CPUS_PER_TASK", "SLURM_RESTART_COUNT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+                "PMIX_RANK", "HOROVOD_RANK", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "CUDA_VISIBLE_DEVICES")
+    cuda = torch.cuda.is_available()
+    return {
+        "rank": engine.rank, "local_rank": engine.local_rank, "size": engine.size, "local_size": engine.local_size,
+        "host": socket.gethostname(), "pid": os.getpid(), "engine": engine.name,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "launcher_env": {k: os.environ[k] for k in env_keys if k in os.environ},
+    }

@@ -1,0 +1,119 @@
+"""``dist.engine: horovod``: Horovod data parallelism (Sergeev and Del Balso 2018).
+
+Gradients are averaged by ``hvd.DistributedOptimizer`` (named parameters, ring-allreduce fused
+by Horovod's background thread, optional fp16 compression, ``backward_passes_per_step`` for
+gradient accumulation); rank 0's parameters and optimizer state are broadcast at start. Ranks
+come from whatever started the processes: ``horovodrun`` (Gloo), ``mpirun``, or
+``srun --mpi=pmix`` (MPI). Built by ``make setup`` with NCCL where nvcc is found
+(``tsmtrain env`` prints what it was built with).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Engine
+
+__all__ = ["HorovodEngine", "build_info"]
+
+
+def build_info() -> dict[str, object]:
+    """What the installed Horovod was built with: ``{"version", "nccl" (NCCL version code, 0 when
+    built without), "cuda", "mpi", "gloo"}`` (no ``hvd.init()`` needed).
+
+    Raises:
+        ImportError: Horovod with PyTorch support is not installed.
+    """
+    import horovod
+    import horovod.torch as hvd
+
+    return {"version": horovod.__version__, "nccl": int(hvd.nccl_built()), "cuda": bool(hvd.cuda_built()),
+            "mpi": bool(hvd.mpi_built()), "gloo": bool(hvd.gloo_built())}
+
+
+class HorovodEngine(Engine):
+    """Horovod data parallelism. ``hvd.init()`` is called on construction.
+
+    Raises:
+        ImportError: Horovod with PyTorch support is not installed.
+    """
+
+    name = "horovod"
+
+    def __init__(self):
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+
+    def sync_batchnorm(self, model):
+        """``hvd.SyncBatchNorm`` on GPUs; on CPUs (which it refuses)
+        :class:`tsmtrain.dist.syncbn.SyncBatchNorm` over Horovod's allreduce."""
+        from .syncbn import convert_sync_batchnorm
+
+        if next(model.parameters()).is_cuda:
+            return convert_sync_batchnorm(model, lambda bn: self.hvd.SyncBatchNorm(
+                bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats))
+        hvd = self.hvd
+        return convert_sync_batchnorm(model, reduce=lambda t: hvd.allreduce(t, op=hvd.Sum, name="sync_bn"))
+
+    def wrap_optimizer(self, optimizer, model, fp16=False, backward_passes_per_step=1):
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
+            backward_passes_per_step=backward_passes_per_step,
+            op=hvd.Average,
+        )
+
+    def broadcast_state(self, model, optimizer):
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # hvd.broadcast_optimizer_state would first take a dummy step on an empty state, which
+        # applies weight decay and seeds the momentum buffers; sending rank 0's state_dict
+        # keeps a fresh optimizer fresh and a resumed one exact.
+        # (the name must be given: by default Horovod names the collective after the object's
+        # type, which differs between rank 0 and the others and deadlocks)
+        state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None, root_rank=0,
+                                          name="optimizer_state")
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
+
+    def wait_gradients(self, optimizer):
+        optimizer.synchronize()
+
+    def step(self, optimizer, scaler=None):
+        # synchronize() already ran in wait_gradients; with AMP this is Horovod's documented order
+        # (synchronize, scaler.unscale_, scaler.step under skip_synchronize, scaler.update)
+        with optimizer.skip_synchronize():
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+
+    def allreduce(self, values, average=True):
+        op = self.hvd.Average if average else self.hvd.Sum
+        return self.hvd.allreduce(values, op=op, name=None)
+
+    def allreduce_async(self, values, name):
+        return self.hvd.allreduce_async(values, op=self.hvd.Sum, name=name)
+
+    def synchronize(self, handle):
+        return self.hvd.synchronize(handle)
+
+    @torch.no_grad()
+    def average_buffers(self, model):
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(self.hvd.allreduce(buf, op=self.hvd.Average, name=f"buffer.{name}"))
+
+    def allgather_object(self, obj, name="object"):
+        return self.hvd.allgather_object(obj, name=name)
+
+    def barrier(self):
+        self.hvd.barrier()
+
+    def shutdown(self):
+        self.hvd.shutdown()
