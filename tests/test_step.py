@@ -1,4 +1,8 @@
-"""The training step's compute (tsmtrain.train.step) and the phase clock, on the CPU."""
+"""The training step's compute (tsmtrain.train.step), the phase clock and the host allocator, on the CPU."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ from tsmtrain.recipe import OptimConfig
 from tsmtrain.train import TrainingError, TrainStep
 from tsmtrain.train.metrics import PhaseClock
 
+REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SHAPE = (2, 2, 3, 8, 8)  # tiny: half precision convolutions are slow on CPUs without AVX-512 (im2col, not oneDNN)
 
@@ -171,3 +176,28 @@ def test_phase_clock_on_the_cpu_and_disabled():
     off.mark()
     off.lap("augment")
     assert off.collect() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_kept_for_the_next_step():
+    # in a fresh process: by default glibc unmaps a freed 64 MiB block at once; after
+    # keep_freed_memory the process keeps it (and the next step's blocks come from it)
+    script = """
+import torch
+from tsmtrain.train.runtime import keep_freed_memory
+
+def resident_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+def after_free():
+    before = resident_mib()
+    big = torch.ones(16 * 2**20)  # 64 MiB, touched
+    del big
+    return resident_mib() - before
+
+print(after_free(), keep_freed_memory(), after_free())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    default, applied, kept = out.stdout.split()
+    assert float(default) < 16 and applied == "True" and float(kept) > 48, out.stdout

@@ -30,7 +30,7 @@ from ..models import create_model
 from ..models.shift import TemporalShift, temporal_shift
 from ..optim import create_optimizer
 from ..recipe import Recipe
-from .runtime import choose_device, set_threads
+from .runtime import choose_device, keep_freed_memory, set_threads
 from .step import TrainStep, half_precision_note
 
 __all__ = ["benchmark_allreduce", "Variant", "available_variants", "parse_variants", "bench_step", "bench_shift",
@@ -213,12 +213,14 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
     t, d = recipe.train, recipe.data
     device = choose_device(t.device, 0)
     threads = set_threads(t.threads, 1)
+    kept = keep_freed_memory()  # as tsmtrain run does
     shape = (t.batch_size, d.num_segments, 3, d.input_size, d.input_size)
     gen = torch.Generator().manual_seed(t.seed)
     x = torch.randn(shape, generator=gen).to(device)
     y = torch.randint(0, recipe.model.num_classes, (t.batch_size,), generator=gen).to(device)
     variants = list(dict.fromkeys([Variant()] + list(variants or available_variants(device))))
     env = _environment(device, threads)
+    env["freed_memory_kept"] = kept
     env["notes"] = [n for n in dict.fromkeys(half_precision_note(v.precision, device) for v in variants) if n]
     say(f"bench step on {env['device_name']} ({device}, {threads} threads): {recipe.model.arch}, "
         f"{t.batch_size} clips x {d.num_segments} frames x {d.input_size}x{d.input_size}, variants "
@@ -362,7 +364,8 @@ def format_step_report(result: dict) -> str:
         f"{inp['num_classes']} classes, synthetic batch (no data loading), one process",
         f"device {env['device']} ({env['device_name']}), {env['threads']} threads of {env['cores']} cores; "
         f"torch {env['torch']}, torchvision {env['torchvision']}, Python {env['python']}"
-        + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}" if "cuda" in env else ""),
+        + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}" if "cuda" in env else "")
+        + ("; freed memory kept (glibc mallopt), as in tsmtrain run" if env.get("freed_memory_kept") else ""),
         f"medians of up to {result['steps']} rounds (a variant stops after {result['budget_s']:.0f} s, with at least "
         f"3) after up to {result['warmup']} warm-up steps; a round times TSM, TSN and ref = fp32 TSN back to back,",
         "and the ratios (of seconds per step; below 1 is faster) are medians of the rounds' ratios",

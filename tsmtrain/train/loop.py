@@ -45,8 +45,8 @@ from . import checkpoint as ckpt
 from .bench import benchmark_allreduce
 from .evaluate import evaluate_epoch
 from .metrics import Interval, MetricsWriter, PhaseClock
-from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, log, prepare_dataset,
-                      progress_bar, set_threads, setup_logging)
+from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, keep_freed_memory, log,
+                      prepare_dataset, progress_bar, set_threads, setup_logging)
 from .step import TrainStep, half_precision_note
 
 __all__ = ["train", "RunResult"]
@@ -141,9 +141,11 @@ def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
     if rank0:
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # a stop of an earlier start is history now
     threads = set_threads(recipe.train.threads, engine.local_size)
+    kept = keep_freed_memory()  # steps reuse freed activations instead of page-faulting fresh ones
     device = choose_device(recipe.train.device, engine.local_rank)
     print(f"[rank {engine.rank}] rank {engine.rank} of {engine.size} ({engine.name}) on {socket.gethostname()}, "
-          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {threads} threads",
+          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {threads} threads"
+          + (", freed memory kept (glibc mallopt)" if kept else ""),
           file=sys.stderr, flush=True)
     d, t = recipe.data, recipe.train
     derived = derived_values(recipe, engine.size)
