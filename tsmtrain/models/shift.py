@@ -41,10 +41,11 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 def _shift_into(x: torch.Tensor, num_segments: int, fold: int, reverse: bool) -> torch.Tensor:
     """The shifted copy of ``x`` ``(N*T, C, H, W)``; ``reverse`` shifts the other way (the
     gradient of the forward shift). Same memory format as ``x``; every element written once."""
+    if torch.compiler.is_compiling():
+        return _shifted_by_cat(x, num_segments, fold, reverse)
     x = _dense(x)
     out = torch.empty_like(x)  # a dense input keeps its strides, so its memory format
-    write = _write_sliced if torch.compiler.is_compiling() else _write_strided
-    write(out, x, num_segments, fold, reverse)
+    _write_strided(out, x, num_segments, fold, reverse)
     return out
 
 
@@ -76,16 +77,18 @@ def _write_strided(out: torch.Tensor, x: torch.Tensor, t: int, fold: int, revers
                    out.storage_offset() + min(last, first)).zero_()
 
 
-def _write_sliced(out: torch.Tensor, x: torch.Tensor, t: int, fold: int, reverse: bool) -> None:
-    """The same writes by slicing, which torch.compile traces (``storage_offset`` it cannot)."""
+def _shifted_by_cat(x: torch.Tensor, t: int, fold: int, reverse: bool) -> torch.Tensor:
+    """The same result without writes into a tensor, for torch.compile: a zero frame padded
+    before and after each clip, and one concatenation of the three channel groups read from it
+    at frame t+1, t-1 and t. Inductor turns this into one kernel that reads ``x`` once and never
+    makes the padded tensor (writes into views would become one full-size scatter per write)."""
     nt, c, h, w = x.shape
-    src, dst = x.view(nt // t, t, c, h, w), out.view(nt // t, t, c, h, w)
-    back, fwd = (slice(fold, 2 * fold), slice(0, fold)) if reverse else (slice(0, fold), slice(fold, 2 * fold))
-    dst[:, :-1, back] = src[:, 1:, back]  # frame t <- frame t+1
-    dst[:, -1, back] = 0
-    dst[:, 1:, fwd] = src[:, :-1, fwd]  # frame t <- frame t-1
-    dst[:, 0, fwd] = 0
-    dst[:, :, 2 * fold:] = src[:, :, 2 * fold:]
+    clips = x.view(nt // t, t, c, h, w)
+    padded = nn.functional.pad(clips, (0, 0, 0, 0, 0, 0, 1, 1))  # (N, T+2, C, H, W)
+    after, before = padded[:, 2:], padded[:, :-2]  # frame t+1, frame t-1 (zero past the clip)
+    first, second = (before, after) if reverse else (after, before)
+    parts = [first[:, :, :fold], second[:, :, fold:2 * fold], clips[:, :, 2 * fold:]]
+    return torch.cat(parts, dim=2).view(nt, c, h, w)
 
 
 class _TemporalShift(torch.autograd.Function):
