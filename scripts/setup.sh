@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything tsmtrain needs on a fresh Debian machine (Python 3.11):
-#   * Debian packages: ffmpeg (video encode/decode), OpenMPI (mpirun + headers for mpi4py/Horovod)
+#   * Debian packages: ffmpeg (video encode/decode), OpenMPI (mpirun + headers for mpi4py/Horovod),
+#     g++ and ninja (the Horovod build, and the native temporal-shift operator)
 #   * a virtual environment in .venv with torch, torchvision, decoders and the CLI libraries
 #   * Horovod 0.28.1 built from its PyPI sdist with the C++20 fix; the built wheel is cached in
 #     $TSMTRAIN_WHEEL_CACHE (default ~/.cache/tsmtrain/wheels) so a second set-up skips the build.
@@ -12,7 +13,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 WHEELS=${TSMTRAIN_WHEEL_CACHE:-$HOME/.cache/tsmtrain/wheels}
 HOROVOD_VERSION=0.28.1
-APT_PACKAGES=(ffmpeg openmpi-bin libopenmpi-dev)
+APT_PACKAGES=(ffmpeg openmpi-bin libopenmpi-dev g++ ninja-build)
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -144,3 +145,7 @@ fi
 # 4. tsmtrain itself, editable.
 "${PIP[@]}" install --no-deps -e .
 "$VENV/bin/python" -c "import horovod.torch, torch, decord, torchcodec; print('[setup] ok: torch', torch.__version__)"
+
+# 5. The native CPU temporal shift (tsmtrain/models/csrc), built now so that the first run does
+#    not wait for it; torch caches it in ~/.cache/torch_extensions and rebuilds when it changes.
+"$VENV/bin/python" -c "from tsmtrain.models.shift import native_shift as n; print('[setup] native temporal shift:', 'built' if n() else 'not built, the PyTorch shift is used')"

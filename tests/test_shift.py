@@ -2,7 +2,21 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock
 
-from tsmtrain.models.shift import TemporalShift, temporal_shift
+from tsmtrain.models import shift as shift_module
+from tsmtrain.models.shift import TemporalShift, native_shift, temporal_shift
+
+PATHS = ["native", "function", "compile"]  # the C++ operator, the autograd Function, what torch.compile traces
+
+
+def use_path(path, monkeypatch):
+    """Make temporal_shift take one implementation: the native operator on CPU (the default),
+    the PyTorch autograd Function (no native operator), or the torch.compile code run eagerly."""
+    if path == "native" and native_shift() is None:
+        pytest.skip("the native temporal-shift operator could not be built here (see the warning logged)")
+    if path == "function":
+        monkeypatch.setattr(shift_module, "native_shift", lambda: None)
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
 
 def test_shift_matches_hand_computed_example():
@@ -77,12 +91,12 @@ def reference_shift(x, num_segments, shift_div):
     return out.view(nt, c, h, w)
 
 
-@pytest.mark.parametrize("path", ["eager", "compile"])  # the strided writes, and what torch.compile traces
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("t,c,shift_div", [(8, 64, 8), (3, 12, 4), (4, 10, 3), (1, 8, 2), (2, 7, 8)])
+@pytest.mark.parametrize("t,c,shift_div", [(8, 64, 8), (3, 12, 4), (4, 10, 3), (1, 8, 2), (2, 7, 8), (2, 512, 8),
+                                           (3, 100, 8)])
 def test_function_equals_reference_bitwise(t, c, shift_div, channels_last, path, monkeypatch):
-    if path == "compile":  # the code torch.compile traces, run eagerly
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    use_path(path, monkeypatch)
     torch.manual_seed(0)
     x = torch.randn(2 * t, c, 5, 6)
     g = torch.randn(2 * t, c, 5, 6)
@@ -96,8 +110,10 @@ def test_function_equals_reference_bitwise(t, c, shift_div, channels_last, path,
     assert torch.equal(new_x.grad, ref_x.grad)
 
 
+@pytest.mark.parametrize("path", PATHS[:2])  # under torch.compile, inductor chooses the layouts
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
-def test_output_and_gradient_keep_the_memory_format(fmt):
+def test_output_and_gradient_keep_the_memory_format(fmt, path, monkeypatch):
+    use_path(path, monkeypatch)
     x = torch.randn(8, 16, 4, 4).contiguous(memory_format=fmt).requires_grad_()
     out = temporal_shift(x, 4, 8)
     assert out.is_contiguous(memory_format=fmt)
@@ -107,6 +123,7 @@ def test_output_and_gradient_keep_the_memory_format(fmt):
 
 def test_every_output_element_is_written(monkeypatch):
     # the output starts from torch.empty_like: make "uninitialised" NaN, then none may be left
+    use_path("function", monkeypatch)
     real = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t, **kw).fill_(float("nan")))
     x = torch.randn(6, 8, 3, 3, requires_grad=True)
@@ -115,7 +132,9 @@ def test_every_output_element_is_written(monkeypatch):
     assert not out.isnan().any() and not x.grad.isnan().any()
 
 
-def test_expanded_gradient_and_a_view_as_input():
+@pytest.mark.parametrize("path", PATHS)
+def test_expanded_gradient_and_a_view_as_input(path, monkeypatch):
+    use_path(path, monkeypatch)
     base = torch.randn(3, 8, 16, 2, 2)
     x = base[1].requires_grad_()  # a view with a storage offset
     temporal_shift(x, 4, 8).sum().backward()  # the gradient arrives expanded (stride 0)
@@ -133,12 +152,16 @@ def test_backward_is_the_opposite_shift():
     assert torch.allclose((temporal_shift(x, 4, 4) * g).sum(), (x * x.grad).sum())
 
 
-def test_gradgradcheck():
+@pytest.mark.parametrize("path", PATHS)
+def test_gradgradcheck(path, monkeypatch):
+    use_path(path, monkeypatch)
     x = torch.randn(2 * 3, 8, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: temporal_shift(t, 3, 4), (x,))
 
 
-def test_runs_under_autocast_in_the_input_dtype():
+@pytest.mark.parametrize("path", PATHS)
+def test_runs_under_autocast_in_the_input_dtype(path, monkeypatch):
+    use_path(path, monkeypatch)
     x = torch.randn(8, 16, 3, 3).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = temporal_shift(x, 4, 8)
@@ -162,3 +185,39 @@ def test_traces_under_torch_compile():
 def test_non_4d_input_is_refused():
     with pytest.raises(ValueError, match=r"\(N\*T, C, H, W\)"):
         temporal_shift(torch.zeros(4, 8, 2), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_native_operator_equals_the_function_in_every_dtype(dtype, reverse, fmt):
+    op = native_shift()
+    if op is None:
+        pytest.skip("the native temporal-shift operator could not be built here (see the warning logged)")
+    for c in (16, 48, 80, 2048):  # folds 2 (the generic loop), 6, 10 and 256 (a compile-time run length)
+        x = torch.randn(12, c, 3, 2).to(dtype).contiguous(memory_format=fmt)
+        ref = shift_module._TemporalShift.apply(x, 4, c // 8, reverse)
+        out = op(x, 4, c // 8, reverse)
+        assert torch.equal(out, ref) and out.stride() == ref.stride() and out.dtype == dtype
+
+
+def test_native_operator_is_built_where_a_compiler_and_ninja_are():
+    # setup.sh installs g++ and ninja: there the build must succeed, never fall back in silence
+    import shutil
+    if not (shutil.which("c++") and shutil.which("ninja")):
+        pytest.skip("no C++ compiler or ninja on this machine: the PyTorch shift is used")
+    assert native_shift() is not None
+    x = torch.randn(8, 16, 2, 2, requires_grad=True)
+    out = temporal_shift(x, 4, 8)
+    assert "TemporalShift" in out.grad_fn.name()
+
+
+def test_native_operator_can_be_switched_off():
+    import subprocess
+    import sys
+    code = ("import torch; from tsmtrain.models.shift import native_shift, temporal_shift; "
+            "x = torch.randn(8, 16, 2, 2, requires_grad=True); "
+            "print(native_shift() is None, type(temporal_shift(x, 4, 8).grad_fn).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "TSMTRAIN_NATIVE_SHIFT": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "_TemporalShiftBackward"]

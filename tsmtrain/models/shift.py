@@ -13,21 +13,71 @@ with ``fold = C // shift_div`` and zeros where the shift runs past the clip's fi
 frame. The *residual* shift (paper section 3.3) puts it on the residual branch of a block,
 before its first convolution, so the identity path keeps the unshifted activations.
 
-The shift is an autograd Function so that it costs what a copy of its input costs: the forward
-writes every output element exactly once (the two shifted channel groups, the unshifted rest,
-and zeros only on the clip borders, into an uninitialised tensor), and the backward is the
-opposite shift of the incoming gradient, written the same way. Autograd's own backward of the
-slice copies would allocate and zero a full-size tensor per slice instead. It keeps the memory
-format of its input (contiguous or channels_last) and dtype (so it runs unchanged under
-autocast), and torch.compile traces through it.
+The shift is written to cost what a copy of its input costs: the forward writes every output
+element exactly once (the two shifted channel groups, the unshifted rest, and zeros only on the
+clip borders, into an uninitialised tensor), and the backward is the opposite shift of the
+incoming gradient, written the same way. Autograd's own backward of slice copies would
+allocate and zero a full-size tensor per slice instead. It keeps the memory format of its input
+(contiguous or channels_last) and dtype (so it runs unchanged under autocast). Three
+implementations give bitwise the same result:
+
+* on CPU tensors, the native operator ``torch.ops.tsmtrain.temporal_shift`` (``csrc/temporal_shift.cpp``,
+  built with the system C++ compiler on first use by :func:`native_shift`, cached by torch in
+  ``~/.cache/torch_extensions``): one pass over the output in memory order on torch's intra-op
+  threads, with its autograd in C++, so a call costs no more Python than ``x.clone()``;
+* elsewhere (CUDA, or where the operator cannot be built), :class:`_TemporalShift`, an autograd
+  Function of three strided copies and one fill;
+* under torch.compile, a padded concatenation that inductor fuses into one kernel.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
-__all__ = ["temporal_shift", "TemporalShift"]
+__all__ = ["temporal_shift", "TemporalShift", "native_shift"]
+
+log = logging.getLogger(__name__)
+NATIVE_SOURCE = Path(__file__).with_name("csrc") / "temporal_shift.cpp"
+NATIVE_ENV = "TSMTRAIN_NATIVE_SHIFT"  # "0": never build or use the native operator
+
+
+@functools.cache
+def native_shift():
+    """The native CPU operator ``torch.ops.tsmtrain.temporal_shift(x, num_segments, fold,
+    reverse)``, built from ``csrc/temporal_shift.cpp`` on the first call of a process (about a
+    minute the first time on a machine, then loaded from torch's extension cache in
+    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; ranks that start together wait
+    for one build), or None where it cannot be built (no C++ compiler or ninja; the reason is
+    logged once) or ``TSMTRAIN_NATIVE_SHIFT=0`` is set. Never raises.
+
+    The operator takes ``(N*T, C, H, W)`` CPU tensors of a 2-, 4- or 8-byte dtype, contiguous or
+    channels_last, and returns the shifted copy in the same memory format, as
+    :func:`temporal_shift` with ``fold = C // shift_div``; ``reverse`` shifts the other way.
+    """
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "No CUDA runtime is found" at import: not needed here
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="tsmtrain_temporal_shift", sources=[str(NATIVE_SOURCE)],
+                           extra_cflags=["-O3", "-fopenmp"], is_python_module=False, verbose=False)
+        return torch.ops.tsmtrain.temporal_shift
+    except Exception as exc:  # a missing compiler or ninja, a failed build: the PyTorch shift still works
+        reason = str(exc).strip().splitlines()
+        log.warning("temporal shift: the native CPU operator could not be built (%s); using the PyTorch "
+                    "shift, which gives the same results more slowly", reason[-1] if reason else type(exc).__name__)
+        return None
+    finally:
+        quiet.setLevel(level)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +179,10 @@ def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> to
     nt, c = x.shape[:2]
     if nt % num_segments:
         raise ValueError(f"temporal_shift: leading dimension {nt} is not a multiple of num_segments={num_segments}")
+    if x.device.type == "cpu" and x.element_size() in (2, 4, 8) and not torch.compiler.is_compiling():
+        native = native_shift()
+        if native is not None:
+            return native(x, num_segments, c // shift_div, False)
     return _TemporalShift.apply(x, num_segments, c // shift_div, False)
 
 
