@@ -76,6 +76,44 @@ def test_bf16_autocast_runs_the_network_in_bf16_and_the_loss_in_fp32():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in step.model.parameters())
 
 
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_reduced_precision_convolutions_round_like_the_precision(precision, dtype):
+    # what a CPU without oneDNN bf16/fp16 kernels runs: an fp32 convolution of rounded operands
+    from tsmtrain.train.step import ReducedPrecisionConvolutions
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype), ReducedPrecisionConvolutions(dtype):
+        out = conv(x)
+        other = torch.nn.functional.linear(torch.randn(2, 8), torch.randn(4, 8))  # left to autocast
+    rounded = [v.detach().to(dtype).float() for v in (x, conv.weight, conv.bias)]
+    expected = torch.nn.functional.conv2d(*rounded, padding=1).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.detach(), expected)
+    assert not torch.equal(expected.float(), torch.nn.functional.conv2d(x.detach(), conv.weight.detach(),
+                                                                        conv.bias.detach(), padding=1))
+    assert other.dtype == torch.bfloat16 if dtype == torch.bfloat16 else other.dtype == torch.float16
+    with torch.autocast("cpu", dtype=dtype):  # PyTorch's own reduced-precision convolution (slow path here)
+        native = conv(x)
+    assert torch.allclose(out.float(), native.float(), rtol=1e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x.grad.to(dtype).float())  # rounded gradient
+    with ReducedPrecisionConvolutions(dtype):  # outside autocast: untouched
+        assert conv(x).dtype == torch.float32
+
+
+def test_autocast_uses_fp32_kernels_only_where_the_cpu_lacks_them(monkeypatch):
+    from tsmtrain.train import step as step_module
+    monkeypatch.setattr(step_module, "cpu_has_kernels", lambda precision: False)
+    with step_module.autocast("bf16", CPU):
+        assert isinstance(torch.overrides._get_current_function_mode(), step_module.ReducedPrecisionConvolutions)
+    assert step_module.half_precision_note("bf16", CPU) is not None
+    monkeypatch.setattr(step_module, "cpu_has_kernels", lambda precision: True)
+    with step_module.autocast("bf16", CPU):
+        assert torch.overrides._get_current_function_mode() is None
+        assert torch.is_autocast_enabled("cpu")
+    assert step_module.half_precision_note("bf16", CPU) is None
+
+
 def test_channels_last_step_equals_contiguous_step():
     x, y = batch()
     results = []
