@@ -160,6 +160,10 @@ class TrainConfig(_Section):
                           "optimizer) into metrics.jsonl; on a GPU with CUDA events read once per logging interval, "
                           "so steps do not wait for the device"
     )
+    tensorboard: bool = Field(
+        True, description="rank 0 also writes metrics.jsonl's numbers (loss, lr, clips/s, data wait, step "
+                          "breakdown, validation) as TensorBoard scalars into the run directory's tensorboard/"
+    )
     allreduce_benchmark: int = Field(
         0, ge=0, description="after the last step, time this many standalone allreduces of all gradients "
                              "(benchmark runs of tsmtrain sweep; 0: none)"

@@ -7,6 +7,7 @@ Modules, from the top:
   torch.compile), shared by the loop and the benchmark
 * :mod:`.evaluate`: :func:`evaluate` and :func:`predict` over every rank's shard
 * :mod:`.metrics`: ``metrics.jsonl``, the logging interval's sums, the phase clock
+* :mod:`.tensorboard`: the same records as TensorBoard scalars (``train.tensorboard``)
 * :mod:`.checkpoint`: checkpoint files, and saving and restoring a run
 * :mod:`.runtime`: the error type, the stop request, logging, engine, device, embedded datasets
 * :mod:`.bench`: ``tsmtrain bench step`` and the standalone allreduce benchmark

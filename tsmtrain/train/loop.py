@@ -12,6 +12,8 @@ holds precision, channels_last and compile). Every ``eval_every`` epochs it eval
 * ``recipe.yaml``: the resolved recipe,
 * ``metrics.jsonl``: one JSON object per logging interval and per evaluation
   (:mod:`~tsmtrain.train.metrics`),
+* ``tensorboard/``: the same numbers as TensorBoard scalars (``train.tensorboard``,
+  :mod:`~tsmtrain.train.tensorboard`),
 * ``train.log``: the text log (also skipped videos, by path),
 * ``checkpoint-STEP.pt``: see :mod:`tsmtrain.train.checkpoint`.
 
@@ -48,6 +50,7 @@ from .metrics import Interval, MetricsWriter, PhaseClock
 from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, keep_freed_memory, log,
                       prepare_dataset, progress_bar, set_threads, setup_logging)
 from .step import TrainStep, half_precision_note
+from .tensorboard import check_tensorboard
 
 __all__ = ["train", "RunResult"]
 
@@ -130,10 +133,12 @@ def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
     """
     with StopRequest() as stop:
         run, pos = _set_up(recipe, resume)
-        return _run(run, pos, stop)
+        with run.metrics:  # closes the TensorBoard event file however the run ends
+            return _run(run, pos, stop)
 
 
 def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
+    check_tensorboard(recipe.train.tensorboard)  # on every rank, before any collective
     engine = choose_engine(recipe)
     rank0 = engine.rank == 0
     run_dir = Path(recipe.run.dir) / recipe.run.name
@@ -210,7 +215,7 @@ def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
                 if name in rank_buffers:
                     buf.copy_(rank_buffers[name])
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl" if rank0 else None)
+    metrics = MetricsWriter.for_rank(run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
     note = half_precision_note(t.precision, device)
     if rank0 and note:
         log.warning("%s", note)
@@ -252,6 +257,8 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
             if (epoch_done and (pos.epoch % t.checkpoint_every == 0 or last)) or pos.step >= r.stop_at or stopping:
                 pos.pending_eval = wants_eval and stopping
                 r.save(pos, stopping=stopping)
+            if epoch_done:
+                r.metrics.flush()  # TensorBoard shows the epoch and its evaluation now
     if t.allreduce_benchmark and not stopping:
         r.metrics.write(step=pos.step, allreduce_benchmark=benchmark_allreduce(
             r.engine, r.model, t.allreduce_benchmark, fp16=r.recipe.dist.fp16_allreduce))

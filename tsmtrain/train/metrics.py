@@ -1,5 +1,6 @@
-"""What the training loop measures and writes: ``metrics.jsonl``, the per-interval sums, and the
-clock of the step's phases.
+"""What the training loop measures and writes: ``metrics.jsonl`` (and the same records as
+TensorBoard scalars, :mod:`~tsmtrain.train.tensorboard`), the per-interval sums, and the clock
+of the step's phases.
 
 Every ``train.log_every`` optimizer steps (a *logging interval*) each rank's sums (loss, clips,
 correct, skipped videos, seconds per phase, wall time) are allreduced once and rank 0 appends
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..dist.base import Engine
+from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
 __all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN"]
 
@@ -34,15 +36,69 @@ _TIMED = BREAKDOWN[1:-1]  # the phases PhaseClock times; data is always timed on
 
 
 class MetricsWriter:
-    """Appends JSON records to ``metrics.jsonl`` on rank 0 (``path`` None on the other ranks)."""
+    """Appends JSON records to ``metrics.jsonl`` on rank 0 (``path`` None on the other ranks),
+    and the same records as TensorBoard scalars when given a ``tensorboard`` sink.
 
-    def __init__(self, path: Path | None):
+    A context manager: leaving it closes the sink, whether the run ended, stopped on request or
+    failed.
+
+    Args:
+        path: ``RUN_DIR/metrics.jsonl``, or ``None`` (ranks other than 0: nothing written).
+        tensorboard: a :class:`~tsmtrain.train.tensorboard.TensorBoardSink`, or ``None``.
+    """
+
+    def __init__(self, path: Path | None, tensorboard: TensorBoardSink | None = None):
         self.path = path
+        self.tensorboard = tensorboard
+
+    @classmethod
+    def for_rank(cls, run_dir: Path, rank: int, tensorboard: bool, resumed_at: int = 0) -> "MetricsWriter":
+        """The writer of rank ``rank``: rank 0 writes ``run_dir/metrics.jsonl`` and, with
+        ``tensorboard`` (``train.tensorboard``), ``run_dir/tensorboard/``; other ranks write
+        nothing and never import tensorboard.
+
+        Args:
+            run_dir: the run directory.
+            rank: this rank.
+            tensorboard: ``train.tensorboard``.
+            resumed_at: the checkpoint's optimizer step when resuming (0 on a fresh start):
+                TensorBoard hides what an earlier start of the run logged after it (steps from
+                ``resumed_at + 1`` on, which this start logs again).
+
+        Raises:
+            TrainingError: rank 0, ``tensorboard`` on, and tensorboard cannot be imported.
+        """
+        if rank != 0:
+            return cls(None)
+        sink = None
+        if tensorboard:
+            sink = TensorBoardSink(run_dir / TENSORBOARD_DIR, purge_step=resumed_at + 1)
+        return cls(run_dir / "metrics.jsonl", sink)
 
     def write(self, **record) -> None:
+        """Append ``record`` (a JSON-serialisable dict with ``step``) to metrics.jsonl and the sink."""
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
+
+    def flush(self) -> None:
+        """Write the TensorBoard events queued so far (metrics.jsonl is written at once)."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard sink (idempotent)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class PhaseClock:
