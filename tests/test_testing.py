@@ -2,6 +2,7 @@
 label maps, and prediction on demo clips."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_recipe
+from tests.conftest import REPO, tiny_recipe, venv_env
 from tsmtrain.data import read_list
 from tsmtrain.data.sampling import multi_clip_indices, segment_indices
 from tsmtrain.data.transforms import TestViews, VideoTransform, view_boxes, view_side
@@ -300,3 +301,28 @@ def test_predict_command_prints_class_names(recipe, tmp_path):
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "no checkpoint in the run directory" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_two_ddp_ranks_count_each_video_once(recipe, tmp_path):
+    """tsmtrain test --np 2 (torchrun, DDP over Gloo) on 7 videos, one of them unreadable: the
+    same predictions as one process, each video once."""
+    root = Path(recipe.data.root)
+    lines = (root / "val.txt").read_text().split("\n")[:6] + ["videos/val/missing.mp4 2"]
+    (tmp_path / "seven.txt").write_text("\n".join(lines) + "\n")
+    _checkpoint(recipe)
+    out = {}
+    for np_ in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "tsmtrain", "test", str(tmp_path / "r.yaml"), "--list",
+                               str(tmp_path / "seven.txt"), "--clips", "2", "--np", str(np_), "--set", "dist.engine=ddp"],
+                              capture_output=True, text=True, cwd=REPO, env=venv_env(), timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "7 videos, 1 unreadable" in done.stdout and "missing.mp4" in done.stderr
+        folder = Path(recipe.run.dir) / "t" / "test" / "test-2clips-1crop-seven"
+        out[np_] = list(csv.DictReader((folder / "predictions.csv").open()))
+        assert json.loads((folder / "summary.json").read_text())["ranks"] == np_
+    assert [r["video"] for r in out[2]] == [line.split()[0] for line in lines]  # each once, in list order
+    assert [r["top1_class"] for r in out[2]] == [r["top1_class"] for r in out[1]]
+    assert np.allclose([float(r["top1_score"]) for r in out[2][:6]], [float(r["top1_score"]) for r in out[1][:6]],
+                       atol=1e-5)

@@ -158,8 +158,8 @@ def test(
           f"(counted as wrong), checkpoint {report.checkpoint}")
     for path, reason in report.unreadable:
         print(f"unreadable: {reason}", file=sys.stderr)
-    k = min(5, cfg.model.num_classes)
-    print(f"top-1 {s['top1']:.2f}%  top-{k} {s['top5']:.2f}%  mean class accuracy {s['mean_class_accuracy']:.2f}%")
+    few = f" (of {cfg.model.num_classes} classes)" if cfg.model.num_classes < 5 else ""
+    print(f"top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%{few}  mean class accuracy {s['mean_class_accuracy']:.2f}%")
     if cfg.model.num_classes <= 20:
         for p in s["per_class"]:
             name = names[p["class"]] if names else str(p["class"])
