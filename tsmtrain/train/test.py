@@ -360,6 +360,14 @@ def _class_names(recipe: Recipe) -> list[str] | None:
         raise TrainingError(f"data.classes: {err}") from None
 
 
+def _warn_flips(recipe: Recipe, protocol: Protocol) -> None:
+    """10 crops include mirrored views; a recipe trained without flips (``data.flip: false``,
+    left and right matter) scores mirrored motion as the opposite class."""
+    if protocol.crops == 10 and not recipe.data.flip:
+        log.warning("data.flip is false (left and right matter for this data): 5 of the 10 crops are mirrored, "
+                    "which turns left-to-right motion into right-to-left; prefer --crops 1 or 3")
+
+
 def _console_logging(rank: int) -> None:
     """Messages to stderr: INFO on rank 0, WARNING on the others (no file: a test does not
     write into train.log)."""
@@ -398,6 +406,8 @@ def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None =
     if list_file is None:
         raise TrainingError("data.val_list is not set: give the videos to test with --list FILE")
     names = _class_names(recipe)
+    if engine.rank == 0:
+        _warn_flips(recipe, protocol)
     set_threads(recipe.train.threads, engine.local_size)
     device = choose_device(recipe.train.device, engine.local_rank)
     records = read_list(list_file, recipe.data.root, recipe.model.num_classes)
@@ -441,6 +451,7 @@ def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protoc
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
     names = _class_names(recipe)
+    _warn_flips(recipe, protocol)
     device = torch.device(device)
     model, path = load_model(recipe, checkpoint, device)
     records = [VideoRecord(str(p), 0) for p in paths]
