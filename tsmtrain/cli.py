@@ -6,6 +6,9 @@
 * ``tsmtrain submit RECIPE [cluster flags] [--dry-run]`` -> :func:`tsmtrain.dist.slurm.submit`
 * ``tsmtrain env [RECIPE]`` -> :func:`tsmtrain.dist.base.describe_rank` on every rank, and what
   Horovod was built with
+* ``tsmtrain test RECIPE [--checkpoint PATH] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
+  :func:`tsmtrain.train.test.run_test`
+* ``tsmtrain predict RECIPE VIDEO... [--checkpoint PATH] [--top K]`` -> :func:`tsmtrain.train.test.predict_videos`
 * ``tsmtrain validate RECIPE`` -> :func:`tsmtrain.recipe.load_recipe`, prints the resolved recipe
 * ``tsmtrain model-info RECIPE`` -> :mod:`tsmtrain.models` parameter and multiply-add counts
 * ``tsmtrain bench data RECIPE [--workers 1,2,4] [--json F]`` -> :mod:`tsmtrain.data.bench`
@@ -95,6 +98,113 @@ def run(
     if result.eval and result.rank == 0:
         print(f"final validation top-1: {result.eval['top1']:.2f}% (top-5 {result.eval['top5']:.2f}%, "
               f"{result.eval['clips']} clips, step {result.step})")
+
+
+def _protocol(clips: int, crops: int):
+    from .train.test import Protocol
+
+    try:
+        return Protocol(clips, crops)
+    except ValueError as err:
+        _fail(str(err))
+
+
+@app.command()
+def test(
+    recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint file (default: the run "
+                                                                      "directory's latest)"),
+    clips: int = typer.Option(1, "--clips", help="K: clips per video, spread evenly over it"),
+    crops: int = typer.Option(1, "--crops", help="crops per clip: 1 (centre), 3 (along the long side, at the resize "
+                                                 "size), 10 (corners, centre and their flips)"),
+    list_file: Optional[str] = typer.Option(None, "--list", help="list file of the videos to test (default: "
+                                                                 "data.val_list), paths under data.root"),
+    np: Optional[int] = typer.Option(None, "--np", min=1, help="ranks to start on this host (sets dist.np)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Test a checkpoint under a view protocol: top-1, top-5 and mean class accuracy; per-class
+    table, confusion matrix and predictions in RUN_DIR/test/."""
+    from .data import ListFileError
+    from .data.prepare import ManifestError
+    from .dist import launched_by_launcher
+    from .train import TrainingError
+
+    protocol = _protocol(clips, crops)
+    if list_file is not None and not Path(list_file).is_file():
+        _fail(f"--list {list_file}: list file not found")
+    sets = list(sets) + ([f"dist.np={np}"] if np is not None else [])
+    cfg = _load(recipe, sets)
+    if cfg.dist.np > 1 and not launched_by_launcher():
+        from .dist.local import default_launcher, launch_local
+
+        args = ["test", recipe, *(a for s in sets for a in ("--set", s)), "--clips", str(clips), "--crops", str(crops)]
+        args += (["--checkpoint", checkpoint] if checkpoint else []) + (["--list", list_file] if list_file else [])
+        try:
+            raise typer.Exit(launch_local(cfg.dist.np, default_launcher(cfg.dist.engine, cfg.dist.launcher), args))
+        except FileNotFoundError as err:
+            _fail(str(err))
+    from .train.test import run_test
+
+    try:
+        report = run_test(cfg, protocol, checkpoint=checkpoint, list_file=list_file)
+    except (TrainingError, ListFileError, ManifestError) as err:
+        _fail(str(err).splitlines())
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if report.rank != 0:
+        return
+    s, names = report.summary, report.names
+    print(f"{protocol.describe(cfg.data.input_size)}, {s['videos']} videos, {s['unreadable']} unreadable "
+          f"(counted as wrong), checkpoint {report.checkpoint}")
+    for path, reason in report.unreadable:
+        print(f"unreadable: {reason}", file=sys.stderr)
+    few = f" (of {cfg.model.num_classes} classes)" if cfg.model.num_classes < 5 else ""
+    print(f"top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%{few}  mean class accuracy {s['mean_class_accuracy']:.2f}%")
+    if cfg.model.num_classes <= 20:
+        for p in s["per_class"]:
+            name = names[p["class"]] if names else str(p["class"])
+            acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.2f}%"
+            print(f"  {p['class']:>3} {name:<30} {acc:>8}  ({p['correct']}/{p['videos']}"
+                  + (f", {p['unreadable']} unreadable)" if p["unreadable"] else ")"))
+    for path in report.files.values():
+        print(f"wrote {path}")
+
+
+@app.command()
+def predict(
+    recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
+    videos: list[str] = typer.Argument(..., help="video files"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint file (default: the run "
+                                                                      "directory's latest)"),
+    top: int = typer.Option(5, "--top", min=1, help="classes to print per video"),
+    clips: int = typer.Option(1, "--clips", help="K: clips per video (as tsmtrain test)"),
+    crops: int = typer.Option(1, "--crops", help="crops per clip: 1, 3 or 10 (as tsmtrain test)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print the top classes, with their averaged softmax scores, of each video file (on the CPU)."""
+    from .train import TrainingError
+    from .train.test import predict_videos
+
+    protocol = _protocol(clips, crops)
+    cfg = _load(recipe, sets, check_files=False)
+    if cfg.data.classes is not None and not Path(cfg.data.classes).is_file():
+        _fail(f"data.classes = {cfg.data.classes!r}: label map file not found")
+    try:
+        results, path, names = predict_videos(cfg, videos, protocol, checkpoint=checkpoint, top=top)
+    except TrainingError as err:
+        _fail(str(err).splitlines())
+    print(f"checkpoint {path}, {protocol.describe(cfg.data.input_size)}")
+    failed = 0
+    for r in results:
+        if r["error"] is not None:
+            print(f"{r['path']}: unreadable: {r['error']}")
+            failed += 1
+            continue
+        print(f"{r['path']}:")
+        for c, score in zip(r["top"], r["scores"]):
+            print(f"  {score:7.4f}  {c:>4}  {names[c] if names else ''}".rstrip())
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

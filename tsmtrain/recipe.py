@@ -32,6 +32,8 @@ __all__ = [
     "with_absolute_paths",
     "dump_recipe",
     "time_limit_seconds",
+    "read_class_names",
+    "ClassNamesError",
 ]
 
 
@@ -45,6 +47,9 @@ class DataConfig(_Section):
     root: str = Field(".", description="folder that the paths in the list files are relative to")
     train_list: str = Field(..., description="training list file: one `relative/path.ext label` per line")
     val_list: str | None = Field(None, description="validation list file (same format); none: no evaluation")
+    classes: str | None = Field(
+        None, description="label map: one class name per line, line i naming label i-1 (as mmaction2's "
+                          "label_map_k400.txt); as many as model.num_classes; none: classes shown by index")
     generate: Literal["demo", "arrow_of_time"] | None = Field(
         None, description="build this dataset into `root` on first use: demo (rendered) or arrow_of_time (from `source`)"
     )
@@ -368,6 +373,52 @@ class Recipe(_Section):
         return self
 
 
+# --------------------------------------------------------------------------- class names
+
+
+class ClassNamesError(ValueError):
+    """A label map (``data.classes``) cannot be read, is malformed, or does not match
+    ``model.num_classes``; the message names the file (and line)."""
+
+
+def read_class_names(path: str | os.PathLike, num_classes: int | None = None) -> list[str]:
+    """Read a label map: one class name per line, line ``i`` (1-based) naming label ``i - 1``, as
+    mmaction2's ``tools/data/kinetics/label_map_k400.txt``. Surrounding spaces are stripped;
+    blank lines at the end are ignored.
+
+    Args:
+        path: the file.
+        num_classes: when given, the number of names it must hold (``model.num_classes``).
+
+    Returns:
+        The class names, in label order.
+
+    Raises:
+        ClassNamesError: the file cannot be read; a blank line or a repeated name before the
+            end (``FILE:LINE``); no name at all; or its length differs from ``num_classes``
+            (the message names both numbers and the file).
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClassNamesError(f"{path}: cannot read label map: {getattr(exc, 'strerror', None) or exc}") from None
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if not name:
+            raise ClassNamesError(f"{path}:{number}: blank line inside the label map (line i names label i-1)")
+        if name in seen:
+            raise ClassNamesError(f"{path}:{number}: class name {name!r} repeats line {seen[name]}")
+        seen[name] = number
+    if not names:
+        raise ClassNamesError(f"{path}: label map names no class")
+    if num_classes is not None and len(names) != num_classes:
+        raise ClassNamesError(f"{path} names {len(names)} classes but model.num_classes is {num_classes}")
+    return names
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -616,6 +667,20 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[s
                 missing(key, get(key), "list file")
     if get("model.pretrained") and not Path(get("model.pretrained")).is_file():
         missing("model.pretrained", get("model.pretrained"), "checkpoint file")
+    classes = get("data.classes")
+    if classes is not None:
+        if not Path(classes).is_file():
+            missing("data.classes", classes, "label map file")
+        else:
+            num_classes = (doc.get("model") or {}).get("num_classes") if isinstance(doc.get("model"), dict) else None
+            if num_classes is None:
+                num_classes = ModelConfig.model_fields["num_classes"].default
+            try:
+                read_class_names(classes, num_classes if isinstance(num_classes, int) else None)
+            except ClassNamesError as err:
+                src = overridden.get("data.classes", file)
+                problems.append(Problem(src, "data.classes", classes, str(err),
+                                        lines.get("data.classes") if src == file else None))
     return problems
 
 
@@ -639,7 +704,8 @@ def derived_values(recipe: Recipe, world_size: int | None = None) -> dict[str, A
     }
 
 
-PATH_FIELDS = ("data.root", "data.train_list", "data.val_list", "data.source", "model.pretrained", "run.dir")
+PATH_FIELDS = ("data.root", "data.train_list", "data.val_list", "data.classes", "data.source", "model.pretrained",
+               "run.dir")
 
 
 def with_absolute_paths(recipe: Recipe, base: str | os.PathLike | None = None) -> Recipe:

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .decoding import Video, VideoDecodeError, choose_seek_mode, open_video
 from .lists import VideoRecord
-from .sampling import segment_indices
+from .sampling import multi_clip_indices, segment_indices
 
-__all__ = ["VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "clip_dataset"]
+__all__ = ["VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "clip_dataset",
+           "MultiClipDataset", "multi_clip_dataset", "collate_views"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,80 @@ def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device:
                             prepared=prepared_videos(d.root), device=decode_device)
 
 
+class MultiClipDataset(VideoClipDataset):
+    """K test clips of T frames from each video of a list, for ``tsmtrain test`` and ``predict``.
+
+    Item ``i`` is video ``i``, never another one: a test set must not change. The K*T frame
+    indices (:func:`~tsmtrain.data.sampling.multi_clip_indices`) are decoded in one call, each
+    distinct frame once. Each item is a dict: ``frames`` uint8 ``(K, T, H, W, 3)``, or ``None``
+    when the video cannot be opened or decoded; ``label`` int; ``index`` int; ``error`` ``None``
+    or the reason (path included) the video could not be read.
+
+    Args:
+        records: the videos.
+        num_segments: T.
+        num_clips: K.
+        decoder, frame_size, seek_mode, prepared, device: as :class:`VideoClipDataset`.
+    """
+
+    def __init__(self, records: list[VideoRecord], num_segments: int, num_clips: int = 1, decoder: str = "torchcodec",
+                 frame_size: tuple[int, int] | None = None, seek_mode: str = "auto",
+                 prepared: dict[str, dict] | None = None, device: str = "cpu"):
+        super().__init__(records, num_segments, train=False, decoder=decoder, frame_size=frame_size, max_retries=0,
+                         seek_mode=seek_mode, prepared=prepared, device=device)
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        self.num_clips = num_clips
+
+    def __getitem__(self, key) -> dict:
+        index = key[0] if isinstance(key, tuple) else key
+        record = self.records[index]
+        try:
+            video = self.open(record.path)
+            idx = multi_clip_indices(video.num_frames, self.num_segments, self.num_clips)  # (K, T)
+            distinct, where = np.unique(idx, return_inverse=True)
+            frames = video.frames(distinct.tolist())[torch.as_tensor(where.reshape(-1))]
+            frames = frames.reshape(*idx.shape, *frames.shape[1:])  # (K, T, H, W, 3)
+            return {"frames": frames, "label": record.label, "index": index, "error": None}
+        except VideoDecodeError as exc:
+            return {"frames": None, "label": record.label, "index": index, "error": str(exc)}
+
+
+def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decode_device: str = "cpu") -> MultiClipDataset:
+    """The :class:`MultiClipDataset` of a recipe's ``data`` section (decoder, frame size, seek mode,
+    prepared videos in ``data.root``) with K = ``num_clips``."""
+    d = recipe.data
+    return MultiClipDataset(records, d.num_segments, num_clips, decoder=d.decoder, frame_size=d.frame_size,
+                            seek_mode=d.seek_mode, prepared=prepared_videos(d.root), device=decode_device)
+
+
+def collate_views(items: list[dict]) -> dict:
+    """Batch :class:`MultiClipDataset` items: ``frames`` uint8 ``(N, K, T, H, W, 3)`` of the N
+    readable videos (``None`` when there is none), ``index`` and ``label`` int64 ``(N,)`` of
+    those, and ``failed``: ``(index, label, error)`` of each unreadable one.
+
+    Raises:
+        ValueError: videos differ in frame size; the message names two of them and asks for
+            ``data.frame_size``.
+    """
+    ok = [it for it in items if it["frames"] is not None]
+    failed = [(it["index"], it["label"], it["error"]) for it in items if it["frames"] is None]
+    shapes = {tuple(it["frames"].shape) for it in ok}
+    if len(shapes) > 1:
+        a, b = ok[0], next(it for it in ok if it["frames"].shape != ok[0]["frames"].shape)
+        raise ValueError(
+            f"videos of different frame sizes cannot be batched: video #{a['index']} is "
+            f"{tuple(a['frames'].shape[2:4])}, video #{b['index']} is {tuple(b['frames'].shape[2:4])}; set "
+            f"data.frame_size: [H, W] in the recipe"
+        )
+    return {
+        "frames": torch.stack([it["frames"] for it in ok]) if ok else None,
+        "index": torch.tensor([it["index"] for it in ok], dtype=torch.int64),
+        "label": torch.tensor([it["label"] for it in ok], dtype=torch.int64),
+        "failed": failed,
+    }
+
+
 class ShardSampler(Sampler):
     """This rank's share of an epoch, as ``(index, epoch)`` pairs.
 
@@ -246,13 +321,14 @@ def _ignore_stop_signal(worker_id: int) -> None:
 
 
 def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,
-                 drop_last: bool, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+                 drop_last: bool, pin_memory: bool = False, persistent: bool = False, collate=collate_clips) -> DataLoader:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.
 
     Each worker keeps ``prefetch_factor`` = 4 batches in flight. With ``persistent`` the worker
     processes (and their open decoders' libraries) live as long as the loader, so a new epoch
     starts without forking and warming up new workers: iterate the same loader again after
-    ``sampler.set_epoch``. Items depend only on ``(index, epoch)``, not on the worker that
+    ``sampler.set_epoch``. ``collate`` batches the items (:func:`collate_views` for a
+    :class:`MultiClipDataset`). Items depend only on ``(index, epoch)``, not on the worker that
     loads them, so persistence changes no clip. ``pin_memory`` puts batches in page-locked
     host memory for asynchronous copies to a GPU.
 
@@ -270,7 +346,7 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_clips,
+        collate_fn=collate,
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=persistent and workers > 0,

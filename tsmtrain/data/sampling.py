@@ -4,13 +4,17 @@ A video of F frames is cut into T segments of equal length F/T and one frame is 
 each: at a random offset inside the segment for training, at the segment's centre for
 evaluation. A video with fewer than T frames still gives T indices (some repeat), so every
 clip has exactly T frames whatever its length.
+
+For testing with several clips per video (:func:`multi_clip_indices`), clip k of K takes, in
+every segment, the frame at ``(k + 1/2) / K`` of the segment: the K clips together are TSN's
+centre sampling with K*T segments, dealt out in turn (see that function for the sources).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["segment_indices"]
+__all__ = ["segment_indices", "multi_clip_indices"]
 
 
 def segment_indices(num_frames: int, num_segments: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -39,3 +43,45 @@ def segment_indices(num_frames: int, num_segments: int, train: bool, rng: np.ran
         offsets = np.full(num_segments, seg / 2)
     idx = np.floor(starts + offsets).astype(np.int64)
     return np.clip(idx, 0, num_frames - 1)
+
+
+def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int) -> np.ndarray:
+    """Frame indices of K test clips of T segments each, spread evenly over the video.
+
+    The video is cut into T segments of length ``seg = F / T``; clip ``k`` (0-based) takes, in
+    segment ``t``, frame ``floor(t * seg + seg * (k + 1/2) / K)``. So every clip covers the
+    whole video as TSN's evaluation sampling does, and the K clips are shifted against each
+    other by ``seg / K``: together they are the centre sampling of K*T segments, dealt out in
+    turn. K=1 gives exactly :func:`segment_indices` with ``train=False`` (the segment centres:
+    TSM's ``ops/dataset.py`` ``_get_test_indices``, ``int(tick / 2.0 + tick * x)``, and
+    mmaction2's ``SampleFrames(clip_len=1, num_clips=T, test_mode=True)``).
+
+    For K=2 the TSM repository's ``--twice_sample`` (and mmaction2's ``twice_sample=True``)
+    takes the segment centres and the segment starts instead (fractions 1/2 and 0 of each
+    segment, here 1/4 and 3/4); its ``--dense_sample`` (the 10-clip result in its README) takes
+    T frames 64/T apart in a 64-frame window at 10 evenly spaced starts, a different scheme
+    that this function does not implement.
+
+    Args:
+        num_frames: F, frames in the video (>= 1).
+        num_segments: T.
+        num_clips: K (>= 1).
+
+    Returns:
+        int64 array ``(K, T)`` of indices in ``[0, F)``, each row non-decreasing. A video with
+        fewer than K*T frames repeats some.
+
+    Raises:
+        ValueError: ``num_frames``, ``num_segments`` or ``num_clips`` below 1.
+    """
+    if num_frames < 1 or num_segments < 1 or num_clips < 1:
+        raise ValueError(f"need num_frames, num_segments and num_clips >= 1, got {num_frames}, {num_segments} "
+                         f"and {num_clips}")
+    seg = num_frames / num_segments
+    starts = np.arange(num_segments) * seg
+    rows = []
+    for k in range(num_clips):
+        # for K=1, seg * 0.5 / 1 == seg / 2 exactly: the same floats as segment_indices(train=False)
+        idx = np.floor(starts + seg * (k + 0.5) / num_clips).astype(np.int64)
+        rows.append(np.clip(idx, 0, num_frames - 1))
+    return np.stack(rows)

@@ -205,17 +205,172 @@ class VideoTransform(torch.nn.Module):
         """Resize the shorter side to int(S * 256 / 224), keep the centre S x S crop."""
         n, t, h, w, _ = clips.shape
         s = self.input_size
-        short = eval_resize_size(s)
-        # Long side as torchvision's Resize(int): int(short * long / shorter).
-        if h <= w:
-            new_h, new_w = short, int(short * w / h)
-        else:
-            new_h, new_w = int(short * h / w), short
-        frames = clips.reshape(n * t, h, w, 3).permute(0, 3, 1, 2).float()
-        if (new_h, new_w) != (h, w):
-            frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
-        # Offsets as torchvision's center_crop.
-        top = int(round((new_h - s) / 2.0))
-        left = int(round((new_w - s) / 2.0))
+        new_h, new_w = short_side_size(h, w, eval_resize_size(s))
+        frames = _resize_frames(clips.reshape(n * t, h, w, 3), new_h, new_w)
+        top, left, _, _ = centre_crop_box(new_h, new_w, s)
         out = frames[:, :, top : top + s, left : left + s]
         return out.reshape(n, t, 3, s, s).contiguous()
+
+
+# --------------------------------------------------------------------------- test views
+
+TEST_CROPS = (1, 3, 10)
+"""The spatial test protocols: 1 centre crop, 3 crops along the long side, 10 crops (5 + flips)."""
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """``(new_h, new_w)`` of a frame of ``h x w`` resized so that its shorter side is ``short``;
+    the longer side as torchvision's ``Resize(int)`` computes it, ``int(short * long / shorter)``."""
+    if h <= w:
+        return short, int(short * w / h)
+    return int(short * h / w), short
+
+
+def _resize_frames(frames: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
+    """uint8 ``(M, H, W, 3)`` -> float32 ``(M, 3, new_h, new_w)`` (bilinear, as :class:`VideoTransform`)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    if (new_h, new_w) != tuple(frames.shape[1:3]):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+    return x
+
+
+def centre_crop_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """The centre ``size x size`` box of an ``h x w`` frame, ``(top, left, size, size)``, with
+    torchvision's ``center_crop`` offsets ``round((h - size) / 2)``, ``round((w - size) / 2)``."""
+    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size, size
+
+
+def three_crop_boxes(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
+    """Three ``size x size`` boxes along the longer side of an ``h x w`` frame whose shorter side
+    is ``size``: at the start, the centre and the end, ``(top, left, size, size)`` each.
+
+    The offsets along the longer side L are ``0, step, 2 * step`` with ``step = (L - size) // 2``,
+    as mmaction2's ``ThreeCrop(crop_size=size)`` (``mmaction/datasets/transforms/processing.py``;
+    it lists them left, right, middle), so the last box may stop one pixel short of the end. The
+    TSM repository's ``GroupFullResSample`` (``ops/transforms.py``, used by ``test_models.py
+    --test_crops 3 --full_res``) takes ``0, 2 * q, 4 * q`` with ``q = (L - size) // 4`` instead,
+    up to 3 pixels from the centre and the end.
+
+    Raises:
+        ValueError: ``size`` is not the shorter side (a square crop of the shorter side is the
+            point of the protocol).
+    """
+    if size != min(h, w):
+        raise ValueError(f"three crops take squares of the shorter side: size {size}, frame {h}x{w}")
+    step = (max(h, w) - size) // 2
+    if w >= h:
+        return [(0, i * step, size, size) for i in range(3)]
+    return [(i * step, 0, size, size) for i in range(3)]
+
+
+def ten_crop_boxes(h: int, w: int, size: int) -> list[tuple[int, int, int, int, bool]]:
+    """Ten ``size x size`` views of an ``h x w`` frame: the four corners and the centre, each
+    also flipped horizontally, as ``(top, left, size, size, flipped)``.
+
+    Offsets are those of the TSM repository's ``GroupOverSample`` (``ops/transforms.py``,
+    ``GroupMultiScaleCrop.fill_fix_offset(False, ...)``) and mmaction2's ``TenCrop``: with
+    ``ws = (w - size) // 4`` and ``hs = (h - size) // 4``, (left, top) = (0, 0), (4 ws, 0),
+    (0, 4 hs), (4 ws, 4 hs), (2 ws, 2 hs); each box is followed by its flip (mmaction2's order;
+    TSM's is the same). The corners may stop up to 3 pixels short of the frame's edges, and the
+    centre box may differ by up to 2 pixels from :func:`centre_crop_box`.
+
+    Raises:
+        ValueError: ``size`` larger than the frame.
+    """
+    if size > min(h, w):
+        raise ValueError(f"crop size {size} larger than the frame {h}x{w}")
+    ws, hs = (w - size) // 4, (h - size) // 4
+    boxes = []
+    for left, top in ((0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs)):
+        boxes += [(top, left, size, size, False), (top, left, size, size, True)]
+    return boxes
+
+
+def view_boxes(h: int, w: int, input_size: int, crops: int) -> tuple[tuple[int, int], list[tuple[int, int, int, int, bool]]]:
+    """The geometry of a test protocol's crops for frames of ``h x w``.
+
+    Every protocol first resizes the shorter side to ``R = eval_resize_size(input_size)`` (256
+    for 224, TSM's ``scale_size``), then:
+
+    * ``crops=1``: the centre ``S x S`` box (:func:`centre_crop_box`; exactly the evaluation
+      crop of :class:`VideoTransform`, ``train=False``);
+    * ``crops=3``: three ``R x R`` boxes along the longer side (:func:`three_crop_boxes`); the
+      network sees ``R x R`` views (256 x 256 for 224), as in TSM's ``--full_res`` test and
+      mmaction2's ``ThreeCrop(crop_size=256)`` configurations: the network ends in global
+      average pooling, so it takes any size;
+    * ``crops=10``: four corners and the centre at ``S x S``, and their flips (:func:`ten_crop_boxes`).
+
+    Returns:
+        ``((new_h, new_w), boxes)``: the resized frame size and ``(top, left, crop_h, crop_w,
+        flipped)`` per crop, in the resized frame.
+
+    Raises:
+        ValueError: ``crops`` not in :data:`TEST_CROPS`.
+    """
+    if crops not in TEST_CROPS:
+        raise ValueError(f"crops must be one of {', '.join(map(str, TEST_CROPS))}, got {crops}")
+    r = eval_resize_size(input_size)
+    new_h, new_w = short_side_size(h, w, r)
+    if crops == 1:
+        boxes = [(*centre_crop_box(new_h, new_w, input_size), False)]
+    elif crops == 3:
+        boxes = [(*b, False) for b in three_crop_boxes(new_h, new_w, r)]
+    else:
+        boxes = ten_crop_boxes(new_h, new_w, input_size)
+    return (new_h, new_w), boxes
+
+
+def view_side(input_size: int, crops: int) -> int:
+    """Side in pixels of the views a protocol feeds the network: ``eval_resize_size(S)`` for 3
+    crops, ``S`` otherwise."""
+    return eval_resize_size(input_size) if crops == 3 else input_size
+
+
+class TestViews(torch.nn.Module):
+    """All test views of a batch of multi-clip videos, normalised, on the clips' device.
+
+    Call with uint8 ``(N, K, T, H, W, 3)`` (K clips of T frames per video, RGB, channels last);
+    returns float32 ``(N, K * C, T, 3, V, V)``, view ``k * C + c`` being crop ``c`` of clip ``k``
+    (C = ``crops``, V = :func:`view_side`). Geometry: :func:`view_boxes`. With
+    ``crops=1`` the views equal :class:`VideoTransform` (``train=False``) of each clip.
+
+    Args:
+        input_size: S.
+        crops: 1, 3 or 10.
+        mean, std: per-channel RGB normalisation, in [0, 1] units.
+
+    Raises:
+        ValueError: ``crops`` not 1, 3 or 10, or input not uint8 ``(N, K, T, H, W, 3)``.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, input_size: int = 224, crops: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        if crops not in TEST_CROPS:
+            raise ValueError(f"crops must be one of {', '.join(map(str, TEST_CROPS))}, got {crops}")
+        self.input_size, self.crops = int(input_size), int(crops)
+        self.register_buffer("_mean255", torch.tensor(mean, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.register_buffer("_std255", torch.tensor(std, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255,
+                             persistent=False)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, K, T, H, W, 3)`` -> float32 ``(N, K * C, T, 3, V, V)``."""
+        if not isinstance(clips, torch.Tensor) or clips.dtype != torch.uint8 or clips.dim() != 6 or clips.shape[-1] != 3:
+            raise ValueError("expected uint8 clips of shape (N, K, T, H, W, 3), got "
+                             + (f"{clips.dtype} {tuple(clips.shape)}" if isinstance(clips, torch.Tensor)
+                                else type(clips).__name__))
+        n, k, t, h, w, _ = clips.shape
+        (new_h, new_w), boxes = view_boxes(h, w, self.input_size, self.crops)
+        frames = _resize_frames(clips.reshape(n * k * t, h, w, 3), new_h, new_w)  # (N*K*T, 3, h', w')
+        views = []
+        for top, left, ch, cw, flipped in boxes:
+            v = frames[:, :, top : top + ch, left : left + cw]
+            views.append(v.flip(-1) if flipped else v)
+        c, side = len(boxes), boxes[0][2]
+        out = torch.stack(views, 1).reshape(n, k, t, c, 3, side, side).permute(0, 1, 3, 2, 4, 5, 6)
+        out = out.reshape(n * k * c, t, 3, side, side)
+        out = (out - self._mean255.to(out.device)) / self._std255.to(out.device)
+        return out.reshape(n, k * c, t, 3, side, side)

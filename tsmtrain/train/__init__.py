@@ -1,4 +1,5 @@
-"""Training: the loop that ``tsmtrain run`` runs on every rank, and ``tsmtrain bench step``.
+"""Training: the loop that ``tsmtrain run`` runs on every rank, ``tsmtrain test`` / ``predict``, and
+``tsmtrain bench step``.
 
 Modules, from the top:
 
@@ -6,6 +7,8 @@ Modules, from the top:
 * :mod:`.step`: :class:`TrainStep`, the step's compute (autocast, GradScaler, channels_last,
   torch.compile), shared by the loop and the benchmark
 * :mod:`.evaluate`: :func:`evaluate` and :func:`predict` over every rank's shard
+* :mod:`.test`: ``tsmtrain test`` and ``tsmtrain predict``: a checkpoint under a K clips x C
+  crops protocol, per-video softmax averages, accuracy figures and report files
 * :mod:`.metrics`: ``metrics.jsonl``, the logging interval's sums, the phase clock
 * :mod:`.tensorboard`: the same records as TensorBoard scalars (``train.tensorboard``)
 * :mod:`.checkpoint`: checkpoint files, and saving and restoring a run

@@ -1,0 +1,471 @@
+"""``tsmtrain test`` and ``tsmtrain predict``: a checkpoint under a named test protocol.
+
+A protocol is K clips x C crops per video (:class:`Protocol`): K clips of T frames spread evenly
+over the video (:func:`tsmtrain.data.sampling.multi_clip_indices`), each cut into C spatial crops
+(:func:`tsmtrain.data.transforms.view_boxes`: 1 centre crop, 3 crops along the long side, or 10
+crops: corners, centre and their flips). The network scores each of the K*C views; the softmax
+scores of all views are averaged per video (:func:`average_view_scores`). The TSM repository's
+``test_models.py`` averages the views' logits instead (its ``--softmax`` applies softmax after
+the average); mmaction2's ``average_clips='prob'`` (its default for TSM) averages softmax
+scores, as here.
+
+Each rank tests its own shard of the list (:class:`~tsmtrain.data.ShardSampler` without
+padding: rank r takes videos r, r + world size, ...), and rank 0 gathers the per-video results
+(:meth:`~tsmtrain.dist.base.Engine.allgather_object`), checks that every video of the list came
+back exactly once, and computes the figures (:func:`summarise`): top-1, top-5 and mean class
+accuracy (per-class accuracy averaged over the classes present, as ``test_models.py``'s "Class
+Accuracy"). A video that cannot be decoded is never replaced by another one (the test set must
+not change): it is reported with its path and counted as a wrong prediction in every figure.
+
+Files (rank 0, in ``RUN_DIR/test/test-KclipsxCcrops[-LIST]/``, :func:`write_reports`):
+``summary.json``, ``per_class.csv``, ``confusion.png`` and ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
+from ..data.decoding import cuda_decoding_device
+from ..data.transforms import TEST_CROPS, TestViews, view_side
+from ..dist.base import Engine
+from ..models import create_model
+from ..recipe import ClassNamesError, Recipe, read_class_names
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
+from .step import as_memory_format, autocast
+
+__all__ = ["Protocol", "average_view_scores", "load_model", "score_shard", "gather_results", "summarise",
+           "write_reports", "run_test", "predict_videos", "TestReport"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A test protocol: ``clips`` clips x ``crops`` crops per video.
+
+    Raises (on creation):
+        ValueError: ``clips < 1`` or ``crops`` not 1, 3 or 10.
+    """
+
+    clips: int = 1
+    crops: int = 1
+
+    def __post_init__(self):
+        if self.clips < 1:
+            raise ValueError(f"--clips must be at least 1, got {self.clips}")
+        if self.crops not in TEST_CROPS:
+            raise ValueError(f"--crops must be 1, 3 or 10, got {self.crops}")
+
+    @property
+    def views(self) -> int:
+        """Views per video, K * C."""
+        return self.clips * self.crops
+
+    @property
+    def name(self) -> str:
+        """e.g. ``test-2clips-3crops`` (the output folder's name)."""
+        return f"test-{self.clips}clip{'s' if self.clips > 1 else ''}-{self.crops}crop{'s' if self.crops > 1 else ''}"
+
+    def describe(self, input_size: int) -> str:
+        """e.g. ``2 clips x 3 crops (6 views of 73x73)``."""
+        side = view_side(input_size, self.crops)
+        return (f"{self.clips} clip{'s' if self.clips > 1 else ''} x {self.crops} crop{'s' if self.crops > 1 else ''} "
+                f"({self.views} view{'s' if self.views > 1 else ''} of {side}x{side})")
+
+
+def average_view_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Per-video class scores from the logits of its views: the softmax of each view, averaged.
+
+    Args:
+        logits: ``(N, V, K)``: N videos, V views each, K classes.
+
+    Returns:
+        float32 ``(N, K)``, each row summing to 1.
+
+    Raises:
+        ValueError: ``logits`` is not 3-dimensional or has no view.
+    """
+    if logits.dim() != 3 or logits.shape[1] < 1:
+        raise ValueError(f"expected logits (N, V, K) with V >= 1, got shape {tuple(logits.shape)}")
+    return logits.float().softmax(dim=-1).mean(dim=1)
+
+
+def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
+    """The recipe's network with a checkpoint's weights, in evaluation mode on ``device``.
+
+    Args:
+        recipe: the recipe (its ``model`` section must be the checkpoint's).
+        checkpoint: a checkpoint file; None: the latest in the run directory
+            (``run.dir/run.name``, :func:`~tsmtrain.train.checkpoint.latest_checkpoint`).
+
+    Returns:
+        ``(model, checkpoint path)``.
+
+    Raises:
+        TrainingError: no checkpoint in the run directory (the message names it), the file is
+            missing or unreadable, or it holds another model (names the differing keys).
+    """
+    run_dir = Path(recipe.run.dir) / recipe.run.name
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise TrainingError(f"no checkpoint in the run directory {run_dir}: train the recipe first "
+                                f"(tsmtrain run) or give --checkpoint PATH")
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise TrainingError(f"--checkpoint {path}: no such file")
+    try:
+        state = load_checkpoint(path)
+        weights, saved = state["model"], state.get("recipe", {})
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise TrainingError(f"{path}: not a tsmtrain checkpoint ({type(exc).__name__}: {exc})") from None
+    keys = ("arch", "num_classes", "shift", "shift_div")
+    theirs, ours = saved.get("model", {}), recipe.model.model_dump(mode="json")
+    diff = [f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in keys if k in theirs and theirs[k] != ours[k]]
+    if diff:
+        raise TrainingError(f"{path} is a checkpoint of another model ({', '.join(diff)})")
+    segments = saved.get("data", {}).get("num_segments")
+    if segments is not None and segments != recipe.data.num_segments:
+        log.warning("%s was trained with %d segments; testing with data.num_segments = %d", path, segments,
+                    recipe.data.num_segments)
+    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise TrainingError(f"{path}: weights do not fit the recipe's model: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), path
+
+
+@torch.no_grad()
+def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Recipe, protocol: Protocol,
+               engine: Engine, device: torch.device, top: int = 5, videos_per_batch: int | None = None) -> list[dict]:
+    """Score this rank's shard of ``records`` under ``protocol``.
+
+    Rank r takes videos r, r + world size, ... (no padding: every video on exactly one rank).
+    Each batch's views (``(N, K*C, T, 3, V, V)``, :class:`~tsmtrain.data.transforms.TestViews`)
+    run through ``model`` as ``N*K*C`` clips under the recipe's precision and memory format.
+
+    Args:
+        videos_per_batch: videos decoded and scored together; None: ``train.batch_size``
+            clips' worth, at least one video.
+
+    Returns:
+        One dict per video of the shard: ``index`` (in ``records``), ``label``, ``top`` (the
+        ``min(top, classes)`` best classes, best first), ``scores`` (their averaged softmax
+        scores), ``error`` (None, or why the video could not be read).
+    """
+    d = recipe.data
+    dataset = multi_clip_dataset(recipe, records, protocol.clips,
+                                 decode_device=cuda_decoding_device(d.decode_device, torch.device(device)))
+    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
+    n = videos_per_batch or max(1, recipe.train.batch_size // protocol.views)
+    loader = build_loader(dataset, sampler, n, d.workers, drop_last=False, collate=collate_views)
+    views = TestViews(d.input_size, protocol.crops, d.mean, d.std).to(device)
+    model.eval()
+    k = min(top, recipe.model.num_classes)
+    results = []
+    for batch in loader:
+        for index, label, error in batch["failed"]:
+            log.warning("unreadable video, counted as wrong: %s", error)
+            results.append({"index": index, "label": label, "top": [], "scores": [], "error": error})
+        if batch["frames"] is None:
+            continue
+        x = views(batch["frames"].to(device))  # (N, V, T, 3, S, S)
+        nv = x.shape[:2]
+        with autocast(recipe.train.precision, device):
+            logits = model(as_memory_format(x.flatten(0, 1), recipe.train.channels_last))
+        probs = average_view_scores(logits.float().view(*nv, -1))  # (N, K)
+        best = probs.topk(k, dim=1)
+        for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
+            results.append({"index": index, "label": label, "top": best.indices[i].tolist(),
+                            "scores": best.values[i].tolist(), "error": None})
+    return results
+
+
+def gather_results(engine: Engine, results: list[dict], total: int) -> list[dict] | None:
+    """Every rank's :func:`score_shard` results on rank 0, in list order; None on the other ranks.
+
+    Raises:
+        RuntimeError: a video came back twice or not at all (the sharding is broken).
+    """
+    shards = engine.allgather_object(results, name="test_results")
+    if engine.rank != 0:
+        return None
+    merged = sorted((r for shard in shards for r in shard), key=lambda r: r["index"])
+    indices = [r["index"] for r in merged]
+    if indices != list(range(total)):
+        seen = set(indices)
+        twice = sorted({i for i in indices if indices.count(i) > 1})[:5]
+        missing = [i for i in range(total) if i not in seen][:5]
+        raise RuntimeError(f"test results: {len(indices)} for {total} videos (twice: {twice}, missing: {missing})")
+    return merged
+
+
+def summarise(results: list[dict], num_classes: int) -> dict:
+    """The figures of a test from its per-video results (:func:`score_shard`, gathered).
+
+    An unreadable video counts as a wrong prediction (in top-1, top-5, its class's accuracy);
+    it is left out of the confusion matrix and counted in ``unreadable`` instead.
+
+    Returns:
+        dict: ``videos``, ``unreadable``, ``top1``, ``top5`` (percent; top-5 is top-``min(5, K)``),
+        ``mean_class_accuracy`` (percent: the mean over the classes that have videos of the
+        fraction of their videos predicted right), ``per_class`` (one dict per class: ``class``,
+        ``videos``, ``correct``, ``unreadable``, ``accuracy`` in percent or None without videos),
+        ``confusion`` (``(K, K)`` int64 numpy array: rows the true class, columns the predicted
+        one, readable videos only).
+    """
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    videos = np.zeros(num_classes, dtype=np.int64)
+    unreadable = np.zeros(num_classes, dtype=np.int64)
+    top1 = top5 = 0
+    for r in results:
+        videos[r["label"]] += 1
+        if r["error"] is not None:
+            unreadable[r["label"]] += 1
+            continue
+        confusion[r["label"], r["top"][0]] += 1
+        top1 += r["top"][0] == r["label"]
+        top5 += r["label"] in r["top"]
+    correct = np.diag(confusion)
+    per_class = [{"class": c, "videos": int(videos[c]), "correct": int(correct[c]), "unreadable": int(unreadable[c]),
+                  "accuracy": 100.0 * correct[c] / videos[c] if videos[c] else None} for c in range(num_classes)]
+    present = [p["accuracy"] for p in per_class if p["accuracy"] is not None]
+    n = len(results)
+    return {"videos": n, "unreadable": int(unreadable.sum()),
+            "top1": 100.0 * top1 / n if n else math.nan, "top5": 100.0 * top5 / n if n else math.nan,
+            "mean_class_accuracy": float(np.mean(present)) if present else math.nan,
+            "per_class": per_class, "confusion": confusion}
+
+
+def _name(names: list[str] | None, c: int) -> str:
+    return names[c] if names else str(c)
+
+
+def write_reports(out_dir: Path, summary: dict, results: list[dict], records: list[VideoRecord], root: str,
+                  names: list[str] | None, meta: dict) -> dict[str, Path]:
+    """Write a test's files into ``out_dir`` (created):
+
+    * ``summary.json``: ``meta`` (protocol, checkpoint, list, ...) and the figures;
+    * ``per_class.csv``: class, name, videos, correct, unreadable, accuracy (%);
+    * ``confusion.png``: the confusion matrix, each row divided by its class's readable videos
+      (matplotlib, Agg backend);
+    * ``predictions.csv``: per video, its path (relative to ``data.root`` where it lies under
+      it), label, label name, status (``ok`` or the decoding error), then the top-5 classes,
+      their names and averaged softmax scores, best first.
+
+    Returns:
+        ``{"summary": path, "per_class": path, "confusion": path, "predictions": path}``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {k: out_dir / f for k, f in (("summary", "summary.json"), ("per_class", "per_class.csv"),
+                                         ("confusion", "confusion.png"), ("predictions", "predictions.csv"))}
+    doc = {**meta, **{k: v for k, v in summary.items() if k not in ("per_class", "confusion")},
+           "per_class": [{**p, "name": _name(names, p["class"])} for p in summary["per_class"]]}
+    files["summary"].write_text(json.dumps(doc, indent=1) + "\n")
+    with files["per_class"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "name", "videos", "correct", "unreadable", "accuracy"])
+        for p in summary["per_class"]:
+            w.writerow([p["class"], _name(names, p["class"]), p["videos"], p["correct"], p["unreadable"],
+                        "" if p["accuracy"] is None else f"{p['accuracy']:.2f}"])
+    k = max((len(r["top"]) for r in results), default=0)
+    with files["predictions"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "label", "label_name", "status"]
+                   + [f"top{i}_{x}" for i in range(1, k + 1) for x in ("class", "name", "score")])
+        root_path = Path(root)
+        for r in results:
+            path = Path(records[r["index"]].path)
+            video = path.relative_to(root_path) if path.is_relative_to(root_path) else path
+            row = [str(video), r["label"], _name(names, r["label"]), "ok" if r["error"] is None else r["error"]]
+            for c, s in zip(r["top"], r["scores"]):
+                row += [c, _name(names, c), f"{s:.6f}"]
+            w.writerow(row)
+    _plot_confusion(files["confusion"], summary["confusion"], names, meta.get("title", ""))
+    return files
+
+
+def _plot_confusion(path: Path, confusion: np.ndarray, names: list[str] | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = confusion.shape[0]
+    rows = confusion.sum(axis=1, keepdims=True)
+    frac = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
+    side = min(4 + 0.45 * k, 40)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's videos")
+    if k <= 40:
+        labels = [_name(names, c) for c in range(k)]
+        ax.set_xticks(range(k), labels, rotation=90 if names else 0, fontsize=8)
+        ax.set_yticks(range(k), labels, fontsize=8)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class TestReport:
+    """What :func:`run_test` ends with on rank 0 (figures empty on the others).
+
+    Attributes:
+        rank: this rank.
+        summary: :func:`summarise`'s figures (rank 0).
+        files: the files written (rank 0).
+        checkpoint: the checkpoint tested.
+        protocol: the protocol.
+        unreadable: ``(path, reason)`` of each unreadable video (rank 0).
+    """
+
+    __test__ = False  # not a pytest class
+
+    rank: int
+    checkpoint: Path
+    protocol: Protocol
+    summary: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    unreadable: list = field(default_factory=list)
+    names: list | None = None
+
+
+def _class_names(recipe: Recipe) -> list[str] | None:
+    if recipe.data.classes is None:
+        return None
+    try:
+        return read_class_names(recipe.data.classes, recipe.model.num_classes)
+    except ClassNamesError as err:
+        raise TrainingError(f"data.classes: {err}") from None
+
+
+def _warn_flips(recipe: Recipe, protocol: Protocol) -> None:
+    """10 crops include mirrored views; a recipe trained without flips (``data.flip: false``,
+    left and right matter) scores mirrored motion as the opposite class."""
+    if protocol.crops == 10 and not recipe.data.flip:
+        log.warning("data.flip is false (left and right matter for this data): 5 of the 10 crops are mirrored, "
+                    "which turns left-to-right motion into right-to-left; prefer --crops 1 or 3")
+
+
+def _console_logging(rank: int) -> None:
+    """Messages to stderr: INFO on rank 0, WARNING on the others (no file: a test does not
+    write into train.log)."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.addHandler(handler)
+
+
+def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None = None,
+             list_file: str | Path | None = None, engine: Engine | None = None) -> TestReport:
+    """``tsmtrain test``, on every rank: score the list under ``protocol``, gather, write files.
+
+    Args:
+        recipe: the recipe (model, data settings, run directory).
+        protocol: clips x crops.
+        checkpoint: the checkpoint; None: the run directory's latest.
+        list_file: the videos (``path label`` lines under ``data.root``); None: ``data.val_list``.
+        engine: the engine; None: the recipe's (:func:`~tsmtrain.train.runtime.choose_engine`).
+
+    Returns:
+        A :class:`TestReport`; rank 0's has the figures and the files, written into
+        ``RUN_DIR/test/PROTOCOL[-LIST]/``.
+
+    Raises:
+        TrainingError: no list to test, no checkpoint, a checkpoint of another model, a label
+            map that does not fit ``model.num_classes``.
+        tsmtrain.data.ListFileError: a malformed list file.
+    """
+    engine = engine or choose_engine(recipe)
+    _console_logging(engine.rank)
+    list_file = list_file or recipe.data.val_list
+    if list_file is None:
+        raise TrainingError("data.val_list is not set: give the videos to test with --list FILE")
+    names = _class_names(recipe)
+    if engine.rank == 0:
+        _warn_flips(recipe, protocol)
+    set_threads(recipe.train.threads, engine.local_size)
+    device = choose_device(recipe.train.device, engine.local_rank)
+    records = read_list(list_file, recipe.data.root, recipe.model.num_classes)
+    model, path = load_model(recipe, checkpoint, device)
+    if engine.rank == 0:
+        log.info("testing %s on %s (%d videos), %s, %d rank(s), device %s", path, list_file, len(records),
+                 protocol.describe(recipe.data.input_size), engine.size, device)
+    results = score_shard(model, records, recipe, protocol, engine, device)
+    merged = gather_results(engine, results, len(records))
+    report = TestReport(engine.rank, path, protocol, names=names)
+    if merged is None:
+        return report
+    report.summary = summarise(merged, recipe.model.num_classes)
+    report.unreadable = [(records[r["index"]].path, r["error"]) for r in merged if r["error"] is not None]
+    run_dir = Path(recipe.run.dir) / recipe.run.name
+    folder = protocol.name if list_file == recipe.data.val_list else f"{protocol.name}-{Path(list_file).stem}"
+    meta = {"protocol": {"clips": protocol.clips, "crops": protocol.crops, "views": protocol.views,
+                         "view_side": view_side(recipe.data.input_size, protocol.crops)},
+            "checkpoint": str(path), "list": str(list_file), "ranks": engine.size,
+            "title": f"{run_dir.name}: {protocol.describe(recipe.data.input_size)}, {list_file}"}
+    report.files = write_reports(run_dir / "test" / folder, report.summary, merged, records, recipe.data.root, names,
+                                 meta)
+    return report
+
+
+@torch.no_grad()
+def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protocol(), checkpoint: str | Path | None = None,
+                   top: int = 5, device: str | torch.device = "cpu") -> tuple[list[dict], Path, list[str] | None]:
+    """``tsmtrain predict``: the best classes of each video file under a test protocol, in this
+    process (on the CPU by default).
+
+    Returns:
+        ``(predictions, checkpoint path, class names or None)``; one prediction per path, in
+        order: ``path``, ``top`` (class indices, best first), ``scores`` (averaged softmax
+        scores), ``error`` (None, or why the file could not be read; then ``top`` is empty).
+
+    Raises:
+        TrainingError: as :func:`load_model`, or a label map that does not fit.
+        ValueError: ``top < 1``.
+    """
+    if top < 1:
+        raise ValueError(f"--top must be at least 1, got {top}")
+    names = _class_names(recipe)
+    _warn_flips(recipe, protocol)
+    device = torch.device(device)
+    model, path = load_model(recipe, checkpoint, device)
+    records = [VideoRecord(str(p), 0) for p in paths]
+    dataset = multi_clip_dataset(recipe, records, protocol.clips)
+    views = TestViews(recipe.data.input_size, protocol.crops, recipe.data.mean, recipe.data.std).to(device)
+    k = min(top, recipe.model.num_classes)
+    out = []
+    for i, p in enumerate(paths):
+        item = dataset[i]
+        if item["frames"] is None:
+            out.append({"path": p, "top": [], "scores": [], "error": item["error"]})
+            continue
+        x = views(item["frames"][None].to(device))  # (1, V, T, 3, S, S)
+        probs = average_view_scores(model(x.flatten(0, 1)).view(1, x.shape[1], -1))[0]
+        best = probs.topk(k)
+        out.append({"path": p, "top": best.indices.tolist(), "scores": best.values.tolist(), "error": None})
+    return out, path, names
