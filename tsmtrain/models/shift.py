@@ -56,7 +56,7 @@ def native_shift():
     for one build), or None where it cannot be built (no C++ compiler or ninja; the reason is
     logged once) or ``TSMTRAIN_NATIVE_SHIFT=0`` is set. Never raises.
 
-    The operator takes ``(N*T, C, H, W)`` CPU tensors of a 2-, 4- or 8-byte dtype, contiguous or
+    The operator takes ``(N*T, C, H, W)`` CPU tensors of a 1-, 2-, 4- or 8-byte dtype, contiguous or
     channels_last, and returns the shifted copy in the same memory format, as
     :func:`temporal_shift` with ``fold = C // shift_div``; ``reverse`` shifts the other way.
     """
@@ -78,6 +78,15 @@ def native_shift():
         return None
     finally:
         quiet.setLevel(level)
+
+
+_native = None  # the native operator once looked up, False where there is none; None: not yet looked up
+
+
+def _look_up_native():
+    global _native
+    _native = native_shift() or False
+    return _native
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -176,13 +185,15 @@ def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> to
     """
     if x.dim() != 4:
         raise ValueError(f"temporal_shift: expected (N*T, C, H, W) activations, got shape {tuple(x.shape)}")
-    nt, c = x.shape[:2]
+    nt, c, _, _ = x.shape
     if nt % num_segments:
         raise ValueError(f"temporal_shift: leading dimension {nt} is not a multiple of num_segments={num_segments}")
-    if x.device.type == "cpu" and x.element_size() in (2, 4, 8) and not torch.compiler.is_compiling():
-        native = native_shift()
-        if native is not None:
-            return native(x, num_segments, c // shift_div, False)
+    # the per-call Python is kept to a few attribute reads: on small activations it is a visible
+    # part of the cost (x.device.type alone takes longer than x.is_cpu and x.element_size())
+    if x.is_cpu and x.element_size() <= 8 and not torch.compiler.is_compiling():
+        op = _native if _native is not None else _look_up_native()
+        if op:
+            return op(x, num_segments, c // shift_div, False)
     return _TemporalShift.apply(x, num_segments, c // shift_div, False)
 
 

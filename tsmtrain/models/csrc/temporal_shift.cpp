@@ -2,7 +2,7 @@
 //
 //   tsmtrain::temporal_shift(Tensor x, int num_segments, int fold, bool reverse) -> Tensor
 //
-// x is (N*T, C, H, W), contiguous or channels_last, of any 2-, 4- or 8-byte dtype. The result has
+// x is (N*T, C, H, W), contiguous or channels_last, of any 1-, 2-, 4- or 8-byte dtype. The result has
 // x's shape, dtype and memory format:
 //   channels [a, a+fold): frame t takes frame t+1 (zero at each clip's last frame)
 //   channels [b, b+fold): frame t takes frame t-1 (zero at each clip's first frame)
@@ -131,6 +131,7 @@ Tensor temporal_shift_cpu(const Tensor& input, int64_t t, int64_t fold, bool rev
   Tensor y = at::empty_like(x);  // keeps x's (dense) strides, so its memory format
   if (x.numel() == 0) return y;
   switch (x.element_size()) {
+    case 1: shift_dense<uint8_t>(x, y, t, fold, reverse, channels_last); break;
     case 2: shift_dense<uint16_t>(x, y, t, fold, reverse, channels_last); break;
     case 4: shift_dense<uint32_t>(x, y, t, fold, reverse, channels_last); break;
     case 8: shift_dense<uint64_t>(x, y, t, fold, reverse, channels_last); break;
