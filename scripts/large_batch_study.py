@@ -30,6 +30,10 @@ optimizers, schedule and accumulation), ``--parallel`` at a time. Writes, under 
 
     python scripts/large_batch_study.py                       # the full study (README: Large-batch study)
     python scripts/large_batch_study.py --batches 1,4 --methods lars-warmup --epochs 1 --clips 48
+    python scripts/large_batch_study.py --batches 16 && python scripts/large_batch_study.py --report-only
+
+Runs go in the order of ``--batches``, then ``--methods``; a second invocation with other
+``--batches`` adds runs beside the earlier ones (``--report-only`` then tabulates them all).
 
 Exit status 2 with one line on a bad option or recipe; a failed run stops the study with the
 tail of its log.
@@ -113,7 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clips", type=int, default=1536, help="training clips rendered (divided evenly among classes)")
     p.add_argument("--val-clips", type=int, default=480, help="validation clips rendered")
     p.add_argument("--data", default=None, help="folder to render the dataset into (default: the recipe's data.root)")
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (each with the recipe's train.threads)")
+    p.add_argument("--parallel", type=int, default=3, help="runs at a time (each with the recipe's train.threads)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the table and plot from the finished runs under --out")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override for every run")
     args = p.parse_args(argv)
     args.batches = _ints(args.batches, "--batches")
@@ -199,12 +205,28 @@ def train_one(run: Run, recipe_path: str, out: Path) -> Run:
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(True)[-15:])
         raise RuntimeError(f"{run.name} failed (exit status {proc.returncode}); the end of {log_path}:\n{tail}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    (out / "logs" / f"{run.name}.json").write_text(json.dumps({"wall_s": run.wall_s}))
+    return read_run(run, out)
+
+
+def read_run(run: Run, out: Path) -> Run:
+    """Fill ``run`` from its finished run directory under ``out`` (``metrics.jsonl``, and the wall
+    time that :func:`train_one` wrote next to its log).
+
+    Raises:
+        RuntimeError: no metrics.jsonl, or no validation record in it.
+    """
+    metrics = out / "runs" / run.name / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RuntimeError(f"{run.name}: {metrics} not found (not run yet?)")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     run.top1 = [r["val_top1"] for r in records if "val_top1" in r]
     run.steps = max((r["step"] for r in records), default=0)
     if not run.top1:
-        raise RuntimeError(f"{run.name}: no validation record in {run_dir / 'metrics.jsonl'} (does the recipe "
-                           "have data.val_list?)")
+        raise RuntimeError(f"{run.name}: no validation record in {metrics} (does the recipe have data.val_list?)")
+    timing = out / "logs" / f"{run.name}.json"
+    if timing.is_file():
+        run.wall_s = json.loads(timing.read_text())["wall_s"]
     return run
 
 
@@ -298,10 +320,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
     recipe = info["recipe"]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    render_s = render(recipe, data_root, args.clips, args.val_clips)
-    print(f"dataset: {data_root} ({args.clips // recipe.model.num_classes * recipe.model.num_classes} train, "
-          f"{args.val_clips // recipe.model.num_classes * recipe.model.num_classes} val clips), "
-          f"{render_s:.0f} s to render", flush=True)
+    render_s = 0.0 if args.report_only else render(recipe, data_root, args.clips, args.val_clips)
+    if not args.report_only:
+        print(f"dataset: {data_root} ({args.clips // recipe.model.num_classes * recipe.model.num_classes} train, "
+              f"{args.val_clips // recipe.model.num_classes * recipe.model.num_classes} val clips), "
+              f"{render_s:.0f} s to render", flush=True)
 
     def one(run: Run) -> Run:
         print(f"start {run.name}: global batch {run.global_batch}, lr {run.lr:.4g}, warmup {run.warmup_epochs:g} "
@@ -310,11 +333,14 @@ def main(argv: list[str] | None = None) -> list[Run]:
         print(f"done  {run.name}: top-1 {run.top1[-1]:.2f}% after {run.steps} steps, {run.wall_s:.0f} s", flush=True)
         return run
 
-    # the slowest runs (most optimizer steps per clip: the smallest batches) first
-    order = sorted(runs, key=lambda r: r.multiple)
+    # in the order of --batches, then --methods
+    order = sorted(runs, key=lambda r: args.batches.index(r.multiple))
     try:
-        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            list(pool.map(one, order))
+        if args.report_only:
+            runs = [read_run(r, out) for r in runs]
+        else:
+            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+                list(pool.map(one, order))
     except RuntimeError as err:
         raise SystemExit(f"error: {err}") from None
     write_csv(runs, out / "study.csv")
@@ -323,8 +349,9 @@ def main(argv: list[str] | None = None) -> list[Run]:
     total = time.perf_counter() - t_start
     print((out / "study.md").read_text())
     print("per run: " + ", ".join(f"{r.name} {r.wall_s:.0f} s" for r in runs))
-    print(f"total {total:.0f} s ({total / 60:.1f} min; rendering {render_s:.0f} s); wrote {out / 'study.csv'}, "
-          f"{out / 'study.md'}, {out / 'study.png'}")
+    if not args.report_only:
+        print(f"total {total:.0f} s ({total / 60:.1f} min; rendering {render_s:.0f} s)")
+    print(f"wrote {out / 'study.csv'}, {out / 'study.md'}, {out / 'study.png'}")
     return runs
 
 

@@ -48,6 +48,12 @@ def test_tiny_study_writes_table_and_plot(tmp_path):
     assert float(rows[1]["delta_vs_b0"]) == pytest.approx(finals[2] - finals[1], abs=0.01)
     assert float(rows[1]["lr"]) == pytest.approx(2 * float(rows[0]["lr"]))  # linear scaling rule
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --report-only rebuilds the same table from the run directories, training nothing
+    table = (out / "study.csv").read_text()
+    (out / "study.csv").unlink()
+    study_module().main(["--out", str(out), "--batches", "1,2", "--methods", "lars-warmup", "--epochs", "1",
+                         "--report-only", "--set", "train.batch_size=2", "--set", "data.num_segments=2"])
+    assert (out / "study.csv").read_text() == table
 
 
 def test_bad_options_name_the_option(tmp_path, capsys):
@@ -72,3 +78,10 @@ def test_plan_scales_lr_and_sets_accumulation(tmp_path):
         assert r.lr == pytest.approx(recipe.optim.base_lr * r.global_batch / recipe.optim.base_batch)
         assert f"dist.backward_passes_per_step={r.multiple}" in r.overrides
         assert (r.warmup_epochs == 0) == (r.method == "sgd")
+
+
+def test_report_only_names_a_missing_run(tmp_path):
+    study = study_module()
+    with pytest.raises(SystemExit, match=r"error: sgd-x1: .*metrics.jsonl not found \(not run yet\?\)"):
+        study.main(["--out", str(tmp_path), "--data", str(tmp_path / "d"), "--methods", "sgd", "--batches", "1",
+                    "--report-only"])
