@@ -77,6 +77,16 @@ def test_generated_dataset_needs_no_list_but_its_source(tmp_path):
     load_recipe(write(tmp_path, {"data": {"train_list": "later.txt", "generate": "demo"}}, "demo.yaml"))
 
 
+def test_rendered_datasets_bound_the_class_count(tmp_path):
+    load_recipe(write(tmp_path, {"data": {"train_list": "later.txt", "generate": "study"}, "model": {"num_classes": 12}}))
+    (p,) = problems(write(tmp_path, {"data": {"train_list": "later.txt", "generate": "study"},
+                                     "model": {"num_classes": 14}}))
+    assert p.key == "model.num_classes" and "2..12" in p.message
+    (p,) = problems(write(tmp_path, {"data": {"train_list": "later.txt", "generate": "demo"},
+                                     "model": {"num_classes": 8}}))
+    assert p.key == "model.num_classes" and "2..6" in p.message
+
+
 def test_impossible_combinations(tmp_path):
     path = write(tmp_path, {"schedule": {"epochs": 5, "warmup_epochs": 6, "decay": "step"},
                             "dist": {"engine": "none", "np": 2}})
@@ -115,7 +125,7 @@ def test_cli_validate_exit_codes(tmp_path):
     assert out.returncode == 2 and "absent.yaml" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tsm_r50_kinetics400.yaml", "arrow_of_time.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "tsm_r50_kinetics400.yaml", "arrow_of_time.yaml", "large_batch_study.yaml"])
 def test_shipped_recipes_are_valid(name):
     load_recipe(REPO / "configs" / name, check_files=False)
 

@@ -254,3 +254,34 @@ def test_compile_failure_stops_the_run_before_training(tmp_path, tiny_demo):
     assert "error: train.compile: true: torch.compile failed" in proc.stderr and "Traceback" not in proc.stderr
     assert "set train.compile: false" in proc.stderr
     assert not (tmp_path / "runs" / "c" / "metrics.jsonl").exists()  # no step was taken
+
+
+class _NoBatchNorm(torch.nn.Module):
+    """Clips ``(N, T, 3, H, W)`` -> logits ``(N, K)`` from each frame's mean colour: no
+    BatchNorm and no dropout, so a batch's gradient does not depend on how it is split."""
+
+    def __init__(self, num_classes, num_segments):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * num_segments, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((-1, -2)).flatten(1))
+
+
+def test_accumulation_on_one_process_averages_the_passes(tmp_path, tiny_demo, monkeypatch):
+    """dist.engine none, 2 backward passes of 2 clips per step = 1 pass of 4 clips: same lr (linear
+    scaling on the global batch), same steps, same weights (the loop averages, not sums)."""
+    from tsmtrain.train import loop
+
+    monkeypatch.setattr(loop, "create_model", lambda cfg, t: _NoBatchNorm(cfg.num_classes, t))
+    common = {"optim.name": "sgd", "data.scales": "[1.0]", "schedule.epochs": 1}
+    whole = train(tiny_recipe(tmp_path, tiny_demo, "whole", **common, **{"train.batch_size": 4}))
+    split = train(tiny_recipe(tmp_path, tiny_demo, "split", **common, **{"train.batch_size": 2,
+                                                                          "dist.backward_passes_per_step": 2}))
+    assert whole.step == split.step == 6  # 24 clips / global batch 4
+    lrs = [[r["lr"] for r in read_metrics(tmp_path / "runs" / n) if "loss" in r] for n in ("whole", "split")]
+    assert lrs[0] == pytest.approx(lrs[1])
+    moved = (whole.model.fc.weight - _NoBatchNorm(4, 4).fc.weight).abs().max()
+    assert moved > 1e-3
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)

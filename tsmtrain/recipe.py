@@ -50,8 +50,9 @@ class DataConfig(_Section):
     classes: str | None = Field(
         None, description="label map: one class name per line, line i naming label i-1 (as mmaction2's "
                           "label_map_k400.txt); as many as model.num_classes; none: classes shown by index")
-    generate: Literal["demo", "arrow_of_time"] | None = Field(
-        None, description="build this dataset into `root` on first use: demo (rendered) or arrow_of_time (from `source`)"
+    generate: Literal["demo", "study", "arrow_of_time"] | None = Field(
+        None, description="build this dataset into `root` on first use: demo or study (rendered; study: the harder "
+                          "one of the large-batch study) or arrow_of_time (from `source`)"
     )
     source: str = Field("../shared/clips", description="folder of the real clips that generate: arrow_of_time cuts")
     decoder: Literal["torchcodec", "decord"] = Field(
@@ -332,6 +333,11 @@ class Recipe(_Section):
             problems.append(("schedule.milestones", s.milestones, f"must increase and lie in 1..{s.epochs - 1}"))
         if self.model.shift and self.data.num_segments < 2:
             problems.append(("model.shift", True, "temporal shift needs data.num_segments >= 2"))
+        rendered = {"demo": 6, "study": 12}.get(self.data.generate or "")
+        k = self.model.num_classes
+        if rendered and (k % 2 or k > rendered):
+            problems.append(("model.num_classes", k, f"data.generate: {self.data.generate} renders an even number "
+                                                     f"of classes, 2..{rendered}"))
         narrowest = NARROWEST_SHIFTED_LAYER[self.model.arch]
         if self.model.shift and self.model.shift_div > narrowest:
             problems.append(("model.shift_div", self.model.shift_div,

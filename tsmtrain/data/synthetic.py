@@ -12,6 +12,14 @@ are identically distributed: a network that averages per-frame scores (TSN) cann
 than chance within a pair, while one that relates frames in time (TSM) can. Colours,
 background texture, start position, speed and size are random, so no single frame tells the
 class either. Frames are rendered with NumPy and encoded by ffmpeg (libx264, yuv420p).
+
+The *study* dataset (:func:`generate_study_dataset`, ``data.generate: study``, used by
+``scripts/large_batch_study.py``) is a harder one of the same kind, so that a small network does
+not reach 100%: six order-only pairs (the three above, plus moving down / up, a colour turning
+from warm to cool / cool to warm, fading in / fading out), distractor objects that drift in
+random directions, and Gaussian pixel noise on every frame (:func:`render_study_clip`). Every
+random choice is made once per clip and the clip of class ``2k+1`` is again exactly the clip of
+class ``2k`` played backwards, distractors and noise included.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["render_clip", "generate_demo_dataset"]
+__all__ = ["render_clip", "generate_demo_dataset", "render_study_clip", "generate_study_dataset", "STUDY_PAIRS"]
 
 log = logging.getLogger(__name__)
 PAIRS = ("left-to-right / right-to-left", "growing / shrinking", "counter-clockwise / clockwise")
@@ -89,6 +97,106 @@ def render_clip(cls: int, rng: np.random.Generator, frames: int = 16, size: int 
     return clip[::-1].copy() if backwards else clip
 
 
+STUDY_PAIRS = PAIRS + ("down / up", "warm-to-cool / cool-to-warm colour", "fading in / fading out")
+
+
+def render_study_clip(cls: int, rng: np.random.Generator, frames: int = 16, size: int = 32,
+                      distractors: int = 2, noise: float = 20.0) -> np.ndarray:
+    """Render one clip of class ``cls`` of the study dataset (12 classes, 6 order-only pairs).
+
+    One object carries the class (pairs as in :data:`STUDY_PAIRS`: left-to-right / right-to-left,
+    growing / shrinking, counter-clockwise / clockwise, down / up, warm-to-cool / cool-to-warm
+    colour, fading in / fading out); ``distractors`` other objects, as bright, drift along
+    straight lines in random directions (so motion alone does not give the class), and every
+    frame gets Gaussian pixel noise.
+
+    Args:
+        cls: class index, 0 .. 11.
+        rng: random generator; the same state gives the same clip, and class ``2k+1`` with a
+            given state is exactly class ``2k`` with that state reversed in time.
+        frames: frames in the clip.
+        size: frame side in pixels.
+        distractors: distractor objects per clip.
+        noise: standard deviation of the pixel noise, in 8-bit levels (0: none).
+
+    Returns:
+        uint8 array ``(frames, size, size, 3)``, RGB.
+
+    Raises:
+        ValueError: ``cls`` outside 0 .. 11, or a negative ``distractors`` or ``noise``.
+    """
+    if not 0 <= cls < 2 * len(STUDY_PAIRS):
+        raise ValueError(f"class {cls} outside 0..{2 * len(STUDY_PAIRS) - 1}")
+    if distractors < 0 or noise < 0:
+        raise ValueError(f"distractors ({distractors}) and noise ({noise}) must not be negative")
+    pair, backwards = divmod(cls, 2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    t = np.linspace(0.0, 1.0, frames, dtype=np.float32)
+    background = rng.uniform(10, 70) + rng.uniform(-10, 10, 3).astype(np.float32)
+    texture = rng.normal(0, 5, (size, size, 1)).astype(np.float32)
+    frame = np.broadcast_to(background + texture, (frames, size, size, 3)).copy()
+
+    def disc(xc, yc, r):
+        return (xx - xc) ** 2 + (yy - yc) ** 2 <= r * r
+
+    def square(xc, yc, r):
+        return np.maximum(abs(xx - xc), abs(yy - yc)) <= r
+
+    # distractors first, the class's object over them
+    for _ in range(distractors):
+        r = rng.uniform(0.07, 0.14) * size
+        start = rng.uniform(r, size - r, 2)
+        angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5) * size
+        end = np.clip(start + speed * np.array([np.cos(angle), np.sin(angle)]), r, size - r)
+        colour = rng.uniform(150, 240) + rng.uniform(-40, 40, 3).astype(np.float32)
+        shape = square if rng.random() < 0.5 else disc
+        for i, ti in enumerate(t):
+            xc, yc = start + (end - start) * ti
+            frame[i][shape(xc, yc, r)] = colour
+
+    colour = rng.uniform(170, 240) + rng.uniform(-15, 15, 3).astype(np.float32)
+    colours = np.broadcast_to(colour, (frames, 3))
+    alpha = np.ones(frames, dtype=np.float32)
+    if pair in (0, 3):  # moving shape: horizontal (pair 0) or vertical (pair 3)
+        r = rng.uniform(0.10, 0.18) * size
+        a0, a1 = rng.uniform(r, 0.45 * size), rng.uniform(0.55 * size, size - r)
+        along = a0 + (a1 - a0) * t
+        across = rng.uniform(r, size - r) + rng.uniform(-0.15, 0.15) * size * (t - 0.5)
+        shape = square if rng.random() < 0.5 else disc
+        masks = [shape(a, c, r) if pair == 0 else shape(c, a, r) for a, c in zip(along, across)]
+    elif pair == 1:  # growing disc
+        xc, yc = rng.uniform(0.35, 0.65, 2) * size
+        r0, r1 = rng.uniform(0.05, 0.12) * size, rng.uniform(0.25, 0.38) * size
+        masks = [disc(xc, yc, rad) for rad in r0 + (r1 - r0) * t]
+    elif pair == 2:  # turning bar
+        xc, yc = rng.uniform(0.4, 0.6, 2) * size
+        a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
+        half_len, half_width = rng.uniform(0.3, 0.42) * size, rng.uniform(0.06, 0.1) * size
+        masks = []
+        for a in a0 + sweep * t:  # counter-clockwise on screen (y grows downwards)
+            u = (xx - xc) * np.cos(a) - (yy - yc) * np.sin(a)
+            v = (xx - xc) * np.sin(a) + (yy - yc) * np.cos(a)
+            masks.append((abs(u) <= half_len) & (abs(v) <= half_width))
+    else:  # a still shape changing colour (pair 4) or opacity (pair 5)
+        r = rng.uniform(0.14, 0.24) * size
+        xc, yc = rng.uniform(r, size - r, 2)
+        shape = square if rng.random() < 0.5 else disc
+        masks = [shape(xc, yc, r)] * frames
+        if pair == 4:  # warm (red-dominant) to cool (blue-dominant)
+            level = rng.uniform(170, 240)
+            warm = np.array([level, 0.55 * level, 0.3 * level], dtype=np.float32)
+            cool = warm[::-1].copy()
+            colours = warm + (cool - warm) * t[:, None]
+        else:  # fading in
+            alpha = 0.1 + 0.9 * t
+    for i, mask in enumerate(masks):
+        frame[i][mask] = (1 - alpha[i]) * frame[i][mask] + alpha[i] * colours[i]
+    if noise:
+        frame += rng.normal(0, noise, frame.shape).astype(np.float32)
+    clip = np.clip(frame, 0, 255).astype(np.uint8)
+    return clip[::-1].copy() if backwards else clip
+
+
 def _encode(clip: np.ndarray, path: Path, fps: int) -> None:
     frames, h, w, _ = clip.shape
     cmd = ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
@@ -139,6 +247,59 @@ def generate_demo_dataset(root: str | Path, num_classes: int = 4, train_per_clas
     def work(job):
         _, rel, cls, seq = job
         _encode(render_clip(cls, np.random.default_rng(seq), frames, size), root / rel, fps)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(work, jobs))
+    for split, path in (("train", train_list), ("val", val_list)):
+        path.write_text("".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
+    marker.write_text(json.dumps(params))
+    return train_list, val_list
+
+
+def generate_study_dataset(root: str | Path, num_classes: int = 12, train_per_class: int = 128,
+                           val_per_class: int = 40, frames: int = 16, size: int = 32, fps: int = 8,
+                           distractors: int = 2, noise: float = 20.0, seed: int = 0) -> tuple[Path, Path]:
+    """Render the large-batch study's dataset (:func:`render_study_clip`) into ``root`` unless it
+    is already there with these parameters.
+
+    Layout and marker as :func:`generate_demo_dataset`: ``root/videos/{train,val}/CLASS_INDEX.mp4``,
+    ``root/train.txt``, ``root/val.txt``, ``root/.complete.json`` written last.
+
+    Returns:
+        ``(train_list, val_list)``.
+
+    Raises:
+        ValueError: ``num_classes`` odd or outside 2 .. 12, or fewer than one clip per class.
+        RuntimeError: ffmpeg is missing or fails (the message names the file).
+    """
+    if num_classes % 2 or not 2 <= num_classes <= 2 * len(STUDY_PAIRS):
+        raise ValueError(f"num_classes must be even and in 2..{2 * len(STUDY_PAIRS)}, got {num_classes}")
+    if train_per_class < 1 or val_per_class < 1:
+        raise ValueError(f"train_per_class ({train_per_class}) and val_per_class ({val_per_class}) must be >= 1")
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError("ffmpeg not found: the study dataset is encoded with it (apt-get install ffmpeg)")
+    root = Path(root)
+    params = dict(kind="study", num_classes=num_classes, train_per_class=train_per_class,
+                  val_per_class=val_per_class, frames=frames, size=size, fps=fps, distractors=distractors,
+                  noise=noise, seed=seed, version=1)
+    marker = root / ".complete.json"
+    train_list, val_list = root / "train.txt", root / "val.txt"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return train_list, val_list
+    marker.unlink(missing_ok=True)
+    jobs = []
+    for split, per_class, split_seed in (("train", train_per_class, 0), ("val", val_per_class, 1)):
+        (root / "videos" / split).mkdir(parents=True, exist_ok=True)
+        for cls in range(num_classes):
+            for i in range(per_class):
+                rel = f"videos/{split}/{cls}_{i:04d}.mp4"
+                jobs.append((split, rel, cls, np.random.SeedSequence([seed, split_seed, cls, i])))
+    log.info("rendering %d study clips into %s", len(jobs), root)
+
+    def work(job):
+        _, rel, cls, seq = job
+        clip = render_study_clip(cls, np.random.default_rng(seq), frames, size, distractors, noise)
+        _encode(clip, root / rel, fps)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(work, jobs))

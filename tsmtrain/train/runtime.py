@@ -173,7 +173,7 @@ def progress_bar(enabled: bool, total: int, completed: int):
 
 
 def prepare_dataset(recipe: Recipe) -> None:
-    """Build the dataset a recipe's ``data.generate`` names (``demo``: rendered with ffmpeg;
+    """Build the dataset a recipe's ``data.generate`` names (``demo``, ``study``: rendered with ffmpeg;
     ``arrow_of_time``: cut from ``data.source``) in ``data.root``; nothing when it is not set.
     Both builders skip what is already there."""
     d = recipe.data
@@ -184,6 +184,10 @@ def prepare_dataset(recipe: Recipe) -> None:
         from ..data.synthetic import generate_demo_dataset
 
         generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+    elif d.generate == "study":
+        from ..data.synthetic import generate_study_dataset
+
+        generate_study_dataset(d.root, num_classes=recipe.model.num_classes)
     else:
         from ..data.arrow import build_arrow_of_time
 

@@ -1,0 +1,359 @@
+"""The large-batch study: does a larger global batch keep its accuracy with the large-batch
+machinery (linear scaling rule, gradual warmup, LARS) and lose it without?
+
+One recipe (default ``configs/large_batch_study.yaml``: TSM-ResNet18 from scratch on the
+project's rendered study dataset, :func:`tsmtrain.data.synthetic.generate_study_dataset`) is
+trained at global batches B0, 4xB0 and 16xB0 (``--batches 1,4,16``: multiples of B0 =
+``train.batch_size``), all for the same epochs and from the same seed. The larger batches
+accumulate gradients on one process (``dist.engine: none``, ``dist.backward_passes_per_step``
+= the multiple, ``train.batch_size`` unchanged), which is the arithmetic of that many ranks with
+per-rank BatchNorm. The learning rate follows the recipe's linear scaling rule
+(``lr = optim.base_lr * global_batch / optim.base_batch``, Goyal et al. 2017, section 2.1).
+Three methods (``--methods``):
+
+* ``sgd``: SGD with the linear scaling rule and no warmup (``schedule.warmup_epochs = 0``),
+* ``sgd-warmup``: SGD with linear scaling and the recipe's gradual warmup (Goyal et al. 2017,
+  section 2.2),
+* ``lars-warmup``: LARS (You et al. 2017) with the recipe's warmup and trust coefficient.
+
+Every run is a ``tsmtrain run`` of the recipe in a subprocess (the project's own training loop,
+optimizers, schedule and accumulation), ``--parallel`` at a time. Writes, under ``--out``
+(default ``runs/large_batch_study``):
+
+* ``runs/METHOD-xK/``: each run's directory (``metrics.jsonl``, ``train.log``, ``recipe.yaml``),
+* ``study.csv``: one row per run (method, global batch, learning rate, optimizer steps, final
+  and best validation top-1 in percent, difference to the method's B0 in points, top-1 after
+  every epoch, wall seconds),
+* ``study.md``: the table of final top-1, method x global batch, with the difference to B0,
+* ``study.png``: left, final top-1 against the global batch, one line per method; right, the
+  validation top-1 after every epoch of every run.
+
+    python scripts/large_batch_study.py                       # the full study (README: Large-batch study)
+    python scripts/large_batch_study.py --batches 1,4 --methods lars-warmup --epochs 1 --clips 48
+    python scripts/large_batch_study.py --batches 16 && python scripts/large_batch_study.py --report-only
+
+Runs go in the order of ``--batches``, then ``--methods``; a second invocation with other
+``--batches`` adds runs beside the earlier ones (``--report-only`` then tabulates them all).
+
+Exit status 2 with one line on a bad option or recipe; a failed run stops the study with the
+tail of its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tsmtrain.recipe import RecipeError, derived_values, load_recipe  # noqa: E402
+
+METHODS = {
+    # name: (label, recipe overrides); warmup and trust coefficient come from the recipe
+    "sgd": ("SGD, linear scaling, no warmup", ["optim.name=sgd", "schedule.warmup_epochs=0"]),
+    "sgd-warmup": ("SGD, linear scaling + warmup (Goyal et al.)", ["optim.name=sgd"]),
+    "lars-warmup": ("LARS + warmup (You et al.)", ["optim.name=lars"]),
+}
+
+
+@dataclass
+class Run:
+    """One training run of the study and, once done, what it measured.
+
+    Attributes:
+        method: a key of :data:`METHODS`.
+        multiple: global batch / B0, which is ``dist.backward_passes_per_step``.
+        global_batch: clips per optimizer step.
+        lr: peak learning rate by the linear scaling rule.
+        warmup_epochs: gradual warmup length in epochs (0 for ``sgd``).
+        overrides: the ``--set`` values of its ``tsmtrain run``.
+        top1: validation top-1 in percent after every evaluated epoch.
+        steps: optimizer steps taken.
+        wall_s: seconds the run took.
+    """
+
+    method: str
+    multiple: int
+    global_batch: int
+    lr: float
+    warmup_epochs: float
+    overrides: list[str]
+    top1: list[float] = field(default_factory=list)
+    steps: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-x{self.multiple}"
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {what}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SystemExit(f"error: {what}: expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=str(REPO / "configs" / "large_batch_study.yaml"), help="the B0 recipe")
+    p.add_argument("--out", default="runs/large_batch_study", help="folder for the runs, table and plot")
+    p.add_argument("--batches", default="1,4,16", help="global batches as multiples of B0 (train.batch_size)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the recipe's)")
+    p.add_argument("--clips", type=int, default=1536, help="training clips rendered (divided evenly among classes)")
+    p.add_argument("--val-clips", type=int, default=480, help="validation clips rendered")
+    p.add_argument("--data", default=None, help="folder to render the dataset into (default: the recipe's data.root)")
+    p.add_argument("--parallel", type=int, default=3, help="runs at a time (each with the recipe's train.threads)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the table and plot from the finished runs under --out")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override for every run")
+    args = p.parse_args(argv)
+    args.batches = _ints(args.batches, "--batches")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    for name in ("epochs", "clips", "val_clips", "parallel"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')}: must be at least 1, got {value}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Run], Path, dict]:
+    """The runs of the study (after rendering nothing); returns ``(runs, data_root, base_overrides)``.
+
+    Raises:
+        SystemExit: the recipe or an override is invalid (one line per problem).
+    """
+    try:
+        recipe = load_recipe(args.recipe, args.sets, check_files=False)
+    except RecipeError as err:
+        raise SystemExit("\n".join(f"error: {p}" for p in err.problems)) from None
+    data_root = Path(args.data or recipe.data.root).resolve()
+    out = Path(args.out).resolve()
+    base = list(args.sets) + [
+        f"data.root={data_root}", f"data.train_list={data_root / 'train.txt'}",
+        f"data.val_list={data_root / 'val.txt'}", "data.generate=null",  # rendered here, with --clips
+        "dist.engine=none", "dist.np=1", f"run.dir={out / 'runs'}",
+    ]
+    if args.epochs is not None:
+        base.append(f"schedule.epochs={args.epochs}")
+    runs = []
+    for method in args.methods:
+        for k in args.batches:
+            overrides = base + METHODS[method][1] + [f"dist.backward_passes_per_step={k}", f"run.name={method}-x{k}"]
+            try:
+                r = load_recipe(args.recipe, overrides, check_files=False)
+            except RecipeError as err:
+                raise SystemExit("\n".join(f"error: {method} x{k}: {p}" for p in err.problems)) from None
+            d = derived_values(r, 1)
+            runs.append(Run(method, k, d["global_batch"], d["lr"], r.schedule.warmup_epochs, overrides))
+    return runs, data_root, {"recipe": recipe}
+
+
+def render(recipe, data_root: Path, clips: int, val_clips: int) -> float:
+    """Render the study dataset for ``recipe.model.num_classes`` classes; returns seconds taken."""
+    from tsmtrain.data.synthetic import generate_study_dataset
+
+    k = recipe.model.num_classes
+    if clips < k or val_clips < k:
+        raise SystemExit(f"error: --clips ({clips}) and --val-clips ({val_clips}) must give every one of the {k} "
+                         "classes at least one clip")
+    t0 = time.perf_counter()
+    try:
+        generate_study_dataset(data_root, num_classes=k, train_per_class=clips // k, val_per_class=val_clips // k)
+    except ValueError as err:
+        raise SystemExit(f"error: model.num_classes = {k}: {err}") from None
+    return time.perf_counter() - t0
+
+
+def train_one(run: Run, recipe_path: str, out: Path) -> Run:
+    """Train one run with ``tsmtrain run`` in a subprocess and read its metrics.jsonl.
+
+    Raises:
+        RuntimeError: the run failed (with the tail of its log) or recorded no evaluation.
+    """
+    run_dir = out / "runs" / run.name
+    if run_dir.exists():  # a study starts its runs afresh
+        import shutil
+
+        shutil.rmtree(run_dir)
+    log_path = out / "logs" / f"{run.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "tsmtrain", "run", recipe_path, "--no-resume"]
+    cmd += [a for s in run.overrides for a in ("--set", s)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    run.wall_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(True)[-15:])
+        raise RuntimeError(f"{run.name} failed (exit status {proc.returncode}); the end of {log_path}:\n{tail}")
+    (out / "logs" / f"{run.name}.json").write_text(json.dumps({"wall_s": run.wall_s}))
+    return read_run(run, out)
+
+
+def read_run(run: Run, out: Path) -> Run:
+    """Fill ``run`` from its finished run directory under ``out`` (``metrics.jsonl``, and the wall
+    time that :func:`train_one` wrote next to its log).
+
+    Raises:
+        RuntimeError: no metrics.jsonl, or no validation record in it.
+    """
+    metrics = out / "runs" / run.name / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RuntimeError(f"{run.name}: {metrics} not found (not run yet?)")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    run.top1 = [r["val_top1"] for r in records if "val_top1" in r]
+    run.steps = max((r["step"] for r in records), default=0)
+    if not run.top1:
+        raise RuntimeError(f"{run.name}: no validation record in {metrics} (does the recipe have data.val_list?)")
+    timing = out / "logs" / f"{run.name}.json"
+    if timing.is_file():
+        run.wall_s = json.loads(timing.read_text())["wall_s"]
+    return run
+
+
+def _b0(runs: list[Run], run: Run) -> Run | None:
+    """The same method's run at the smallest global batch."""
+    same = [r for r in runs if r.method == run.method]
+    return min(same, key=lambda r: r.global_batch) if same else None
+
+
+def write_csv(runs: list[Run], path: Path) -> None:
+    """One row per run; top-1 in percent, differences in points."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "multiple", "global_batch", "lr", "warmup_epochs", "steps", "final_top1",
+                    "delta_vs_b0", "best_top1", "top1_by_epoch", "wall_s"])
+        for r in runs:
+            b0 = _b0(runs, r)
+            w.writerow([r.method, r.multiple, r.global_batch, f"{r.lr:.6g}", f"{r.warmup_epochs:g}", r.steps,
+                        f"{r.top1[-1]:.2f}", f"{r.top1[-1] - b0.top1[-1]:+.2f}", f"{max(r.top1):.2f}",
+                        ";".join(f"{x:.2f}" for x in r.top1), f"{r.wall_s:.0f}"])
+
+
+def write_markdown(runs: list[Run], path: Path, b0: int) -> None:
+    """Method x global batch table of final validation top-1 (difference to the method's B0 in
+    points), then the learning rates and optimizer steps."""
+    batches = sorted({(r.multiple, r.global_batch) for r in runs})
+    head = ["method"] + [f"{'B0' if m == 1 else f'{m}xB0'} = {g}" for m, g in batches]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in dict.fromkeys(r.method for r in runs):
+        cells = [METHODS[method][0]]
+        for m, _ in batches:
+            r = next((x for x in runs if x.method == method and x.multiple == m), None)
+            if r is None:
+                cells.append("")
+                continue
+            ref = _b0(runs, r)
+            delta = "" if r is ref else f" ({r.top1[-1] - ref.top1[-1]:+.1f})"
+            cells.append(f"{r.top1[-1]:.1f}%{delta}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Final validation top-1 after the same epochs; in brackets the difference in points to the same "
+                 f"method at its smallest batch. B0 = {b0} clips.")
+    lines.append("")
+    lines.append("| run | global batch | peak lr | warmup epochs | optimizer steps | top-1 by epoch | wall s |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in runs:
+        lines.append(f"| {r.name} | {r.global_batch} | {r.lr:.4g} | {r.warmup_epochs:g} | {r.steps} | "
+                     f"{', '.join(f'{x:.1f}' for x in r.top1)} | {r.wall_s:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    """Left: final top-1 against the global batch (log scale), one line per method; right: the
+    validation top-1 after every epoch, colour by method, line style by batch."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    colours = {"sgd": "tab:red", "sgd-warmup": "tab:blue", "lars-warmup": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+    multiples = sorted({r.multiple for r in runs})
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = sorted((r for r in runs if r.method == method), key=lambda r: r.global_batch)
+        left.plot([r.global_batch for r in mine], [r.top1[-1] for r in mine], "o-", color=colours[method],
+                  label=METHODS[method][0])
+        for r in mine:
+            right.plot(range(1, len(r.top1) + 1), r.top1, styles[multiples.index(r.multiple) % len(styles)],
+                       color=colours[method], label=f"{method} x{r.multiple}")
+    globals_ = sorted({r.global_batch for r in runs})
+    left.set_xscale("log", base=2)
+    left.set_xticks(globals_, [str(g) for g in globals_])
+    left.set_xlabel("global batch (clips)")
+    left.set_ylabel("final validation top-1 (%)")
+    left.set_title("top-1 at equal epochs")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation top-1 (%)")
+    right.set_title("curves (line style: batch multiple)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[Run]:
+    """Run the study; returns its runs with their results (see the module docstring)."""
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    runs, data_root, info = plan(args)
+    recipe = info["recipe"]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    render_s = 0.0 if args.report_only else render(recipe, data_root, args.clips, args.val_clips)
+    if not args.report_only:
+        print(f"dataset: {data_root} ({args.clips // recipe.model.num_classes * recipe.model.num_classes} train, "
+              f"{args.val_clips // recipe.model.num_classes * recipe.model.num_classes} val clips), "
+              f"{render_s:.0f} s to render", flush=True)
+
+    def one(run: Run) -> Run:
+        print(f"start {run.name}: global batch {run.global_batch}, lr {run.lr:.4g}, warmup {run.warmup_epochs:g} "
+              "epochs", flush=True)
+        train_one(run, args.recipe, out)
+        print(f"done  {run.name}: top-1 {run.top1[-1]:.2f}% after {run.steps} steps, {run.wall_s:.0f} s", flush=True)
+        return run
+
+    # in the order of --batches, then --methods
+    order = sorted(runs, key=lambda r: args.batches.index(r.multiple))
+    try:
+        if args.report_only:
+            runs = [read_run(r, out) for r in runs]
+        else:
+            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+                list(pool.map(one, order))
+    except RuntimeError as err:
+        raise SystemExit(f"error: {err}") from None
+    write_csv(runs, out / "study.csv")
+    write_markdown(runs, out / "study.md", recipe.train.batch_size)
+    plot(runs, out / "study.png")
+    total = time.perf_counter() - t_start
+    print((out / "study.md").read_text())
+    print("per run: " + ", ".join(f"{r.name} {r.wall_s:.0f} s" for r in runs))
+    if not args.report_only:
+        print(f"total {total:.0f} s ({total / 60:.1f} min; rendering {render_s:.0f} s)")
+    print(f"wrote {out / 'study.csv'}, {out / 'study.md'}, {out / 'study.png'}")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
