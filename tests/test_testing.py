@@ -319,6 +319,8 @@ def test_two_ddp_ranks_count_each_video_once(recipe, tmp_path):
                               capture_output=True, text=True, cwd=REPO, env=venv_env(), timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "7 videos, 1 unreadable" in done.stdout and "missing.mp4" in done.stderr
+        assert "top-1 " in done.stdout and "top-5 " in done.stdout and "mean class accuracy " in done.stdout
+        assert "wrote " in done.stdout and "confusion.png" in done.stdout
         folder = Path(recipe.run.dir) / "t" / "test" / "test-2clips-1crop-seven"
         out[np_] = list(csv.DictReader((folder / "predictions.csv").open()))
         assert json.loads((folder / "summary.json").read_text())["ranks"] == np_

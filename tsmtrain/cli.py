@@ -143,7 +143,7 @@ def test(
             raise typer.Exit(launch_local(cfg.dist.np, default_launcher(cfg.dist.engine, cfg.dist.launcher), args))
         except FileNotFoundError as err:
             _fail(str(err))
-    from .train.test import run_test
+    from .train.test import format_report, run_test
 
     try:
         report = run_test(cfg, protocol, checkpoint=checkpoint, list_file=list_file)
@@ -153,21 +153,9 @@ def test(
         raise typer.Exit(130)
     if report.rank != 0:
         return
-    s, names = report.summary, report.names
-    print(f"{protocol.describe(cfg.data.input_size)}, {s['videos']} videos, {s['unreadable']} unreadable "
-          f"(counted as wrong), checkpoint {report.checkpoint}")
     for path, reason in report.unreadable:
         print(f"unreadable: {reason}", file=sys.stderr)
-    few = f" (of {cfg.model.num_classes} classes)" if cfg.model.num_classes < 5 else ""
-    print(f"top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%{few}  mean class accuracy {s['mean_class_accuracy']:.2f}%")
-    if cfg.model.num_classes <= 20:
-        for p in s["per_class"]:
-            name = names[p["class"]] if names else str(p["class"])
-            acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.2f}%"
-            print(f"  {p['class']:>3} {name:<30} {acc:>8}  ({p['correct']}/{p['videos']}"
-                  + (f", {p['unreadable']} unreadable)" if p["unreadable"] else ")"))
-    for path in report.files.values():
-        print(f"wrote {path}")
+    print(format_report(report, cfg.model.num_classes, cfg.data.input_size))
 
 
 @app.command()

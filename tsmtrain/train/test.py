@@ -45,7 +45,7 @@ from .runtime import TrainingError, choose_device, choose_engine, log, set_threa
 from .step import as_memory_format, autocast
 
 __all__ = ["Protocol", "average_view_scores", "load_model", "score_shard", "gather_results", "summarise",
-           "write_reports", "run_test", "predict_videos", "TestReport"]
+           "write_reports", "run_test", "predict_videos", "TestReport", "format_report"]
 
 
 @dataclass(frozen=True)
@@ -349,6 +349,26 @@ class TestReport:
     files: dict = field(default_factory=dict)
     unreadable: list = field(default_factory=list)
     names: list | None = None
+
+
+def format_report(report: TestReport, num_classes: int, input_size: int) -> str:
+    """Rank 0's report as the lines ``tsmtrain test`` prints: the protocol and checkpoint, top-1,
+    top-5 and mean class accuracy (percent), a per-class table when there are at most 20
+    classes, and the files written. Unreadable videos are listed by :func:`run_test`'s caller."""
+    s, names = report.summary, report.names
+    lines = [f"{report.protocol.describe(input_size)}, {s['videos']} videos, {s['unreadable']} unreadable "
+             f"(counted as wrong), checkpoint {report.checkpoint}"]
+    few = f" (of {num_classes} classes)" if num_classes < 5 else ""
+    lines.append(f"top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%{few}  "
+                 f"mean class accuracy {s['mean_class_accuracy']:.2f}%")
+    if num_classes <= 20:
+        for p in s["per_class"]:
+            name = names[p["class"]] if names else str(p["class"])
+            acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.2f}%"
+            lines.append(f"  {p['class']:>3} {name:<30} {acc:>8}  ({p['correct']}/{p['videos']}"
+                         + (f", {p['unreadable']} unreadable)" if p["unreadable"] else ")"))
+    lines += [f"wrote {path}" for path in report.files.values()]
+    return "\n".join(lines)
 
 
 def _class_names(recipe: Recipe) -> list[str] | None:
