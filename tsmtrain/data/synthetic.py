@@ -207,6 +207,43 @@ def _encode(clip: np.ndarray, path: Path, fps: int) -> None:
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
 
 
+def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, Path]:
+    """Render ``params["train_per_class"]`` and ``params["val_per_class"]`` clips of each of
+    ``params["num_classes"]`` classes with ``render(cls, rng)`` (uint8 ``(frames, H, W, 3)``) into
+    ``root/videos/{train,val}/CLASS_INDEX.mp4``, encoded at ``params["fps"]``; write
+    ``train.txt``, ``val.txt`` and, last, ``.complete.json`` holding ``params``. Skipped when that
+    marker already holds the same ``params``. Clip ``i`` of class ``cls`` is drawn from
+    ``SeedSequence([seed, split, cls, i])``, so it does not depend on the other clips.
+
+    Returns:
+        ``(train_list, val_list)``.
+    """
+    marker = root / ".complete.json"
+    train_list, val_list = root / "train.txt", root / "val.txt"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return train_list, val_list
+    marker.unlink(missing_ok=True)
+    jobs = []
+    for split, per_class, split_seed in (("train", params["train_per_class"], 0), ("val", params["val_per_class"], 1)):
+        (root / "videos" / split).mkdir(parents=True, exist_ok=True)
+        for cls in range(params["num_classes"]):
+            for i in range(per_class):
+                rel = f"videos/{split}/{cls}_{i:04d}.mp4"
+                jobs.append((split, rel, cls, np.random.SeedSequence([params["seed"], split_seed, cls, i])))
+    log.info("rendering %d %s clips into %s", len(jobs), kind, root)
+
+    def work(job):
+        _, rel, cls, seq = job
+        _encode(render(cls, np.random.default_rng(seq)), root / rel, params["fps"])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(work, jobs))
+    for split, path in (("train", train_list), ("val", val_list)):
+        path.write_text("".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
+    marker.write_text(json.dumps(params))
+    return train_list, val_list
+
+
 def generate_demo_dataset(root: str | Path, num_classes: int = 4, train_per_class: int = 200,
                           val_per_class: int = 50, frames: int = 16, size: int = 64, fps: int = 8,
                           seed: int = 0) -> tuple[Path, Path]:
@@ -230,30 +267,7 @@ def generate_demo_dataset(root: str | Path, num_classes: int = 4, train_per_clas
     root = Path(root)
     params = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
                   frames=frames, size=size, fps=fps, seed=seed, version=2)
-    marker = root / ".complete.json"
-    train_list, val_list = root / "train.txt", root / "val.txt"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return train_list, val_list
-    marker.unlink(missing_ok=True)
-    jobs = []
-    for split, per_class, split_seed in (("train", train_per_class, 0), ("val", val_per_class, 1)):
-        (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-        for cls in range(num_classes):
-            for i in range(per_class):
-                rel = f"videos/{split}/{cls}_{i:04d}.mp4"
-                jobs.append((split, rel, cls, np.random.SeedSequence([seed, split_seed, cls, i])))
-    log.info("rendering %d demo clips into %s", len(jobs), root)
-
-    def work(job):
-        _, rel, cls, seq = job
-        _encode(render_clip(cls, np.random.default_rng(seq), frames, size), root / rel, fps)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        list(pool.map(work, jobs))
-    for split, path in (("train", train_list), ("val", val_list)):
-        path.write_text("".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
-    marker.write_text(json.dumps(params))
-    return train_list, val_list
+    return _render_dataset(root, params, "demo", lambda cls, rng: render_clip(cls, rng, frames, size))
 
 
 def generate_study_dataset(root: str | Path, num_classes: int = 12, train_per_class: int = 128,
@@ -282,28 +296,5 @@ def generate_study_dataset(root: str | Path, num_classes: int = 12, train_per_cl
     params = dict(kind="study", num_classes=num_classes, train_per_class=train_per_class,
                   val_per_class=val_per_class, frames=frames, size=size, fps=fps, distractors=distractors,
                   noise=noise, seed=seed, version=1)
-    marker = root / ".complete.json"
-    train_list, val_list = root / "train.txt", root / "val.txt"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return train_list, val_list
-    marker.unlink(missing_ok=True)
-    jobs = []
-    for split, per_class, split_seed in (("train", train_per_class, 0), ("val", val_per_class, 1)):
-        (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-        for cls in range(num_classes):
-            for i in range(per_class):
-                rel = f"videos/{split}/{cls}_{i:04d}.mp4"
-                jobs.append((split, rel, cls, np.random.SeedSequence([seed, split_seed, cls, i])))
-    log.info("rendering %d study clips into %s", len(jobs), root)
-
-    def work(job):
-        _, rel, cls, seq = job
-        clip = render_study_clip(cls, np.random.default_rng(seq), frames, size, distractors, noise)
-        _encode(clip, root / rel, fps)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        list(pool.map(work, jobs))
-    for split, path in (("train", train_list), ("val", val_list)):
-        path.write_text("".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
-    marker.write_text(json.dumps(params))
-    return train_list, val_list
+    return _render_dataset(root, params, "study",
+                           lambda cls, rng: render_study_clip(cls, rng, frames, size, distractors, noise))
