@@ -57,7 +57,9 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda t: temporal_shift(t, 3, 4), (x,))
 
 
-def test_bad_leading_dimension():
+@pytest.mark.parametrize("path", PATHS[:2])
+def test_bad_leading_dimension(path, monkeypatch):
+    use_path(path, monkeypatch)
     with pytest.raises(ValueError, match="multiple of num_segments"):
         temporal_shift(torch.zeros(5, 8, 1, 1), 4)
 
@@ -182,23 +184,58 @@ def test_traces_under_torch_compile():
     assert torch.equal(a.grad, b.grad)
 
 
-def test_non_4d_input_is_refused():
+@pytest.mark.parametrize("path", PATHS[:2])
+def test_non_4d_input_is_refused(path, monkeypatch):
+    use_path(path, monkeypatch)
     with pytest.raises(ValueError, match=r"\(N\*T, C, H, W\)"):
         temporal_shift(torch.zeros(4, 8, 2), 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def native_operator():
+    """torch.ops.tsmtrain.temporal_shift(x, num_segments, fold, reverse), or a skip."""
+    if native_shift() is None:
+        pytest.skip("the native temporal-shift operator could not be built here (see the warning logged)")
+    return torch.ops.tsmtrain.temporal_shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
+                                   torch.complex128])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_native_operator_equals_the_function_in_every_dtype(dtype, reverse, fmt):
-    op = native_shift()
-    if op is None:
-        pytest.skip("the native temporal-shift operator could not be built here (see the warning logged)")
+    op = native_operator()
     for c in (16, 48, 80, 2048):  # folds 2 (the generic loop), 6, 10 and 256 (a compile-time run length)
-        x = torch.randn(12, c, 3, 2).to(dtype).contiguous(memory_format=fmt)
+        x = (torch.randn(12, c, 3, 2) * 50).to(dtype).contiguous(memory_format=fmt)
         ref = shift_module._TemporalShift.apply(x, 4, c // 8, reverse)
         out = op(x, 4, c // 8, reverse)
         assert torch.equal(out, ref) and out.stride() == ref.stride() and out.dtype == dtype
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,t,fold", [((15, 24, 37, 41), 5, 3), ((16, 64, 28, 28), 8, 8), ((6, 7, 101, 53), 3, 1)])
+def test_native_operator_split_over_threads(shape, t, fold, fmt):
+    # more than 32768 elements: the output is split over 2 threads by element, and a thread's
+    # range begins and ends inside a frame (contiguous) or a pixel (channels_last)
+    op = native_operator()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        for reverse in (False, True):
+            ref = shift_module._TemporalShift.apply(x, t, fold, reverse)
+            assert torch.equal(op(x, t, fold, reverse), ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_operator_records_a_graph_node_only_for_a_gradient():
+    native_operator()
+    x = torch.randn(8, 16, 2, 2)
+    assert temporal_shift(x, 4, 8).grad_fn is None
+    with torch.no_grad():
+        assert temporal_shift(x.requires_grad_(), 4, 8).grad_fn is None
+    out = temporal_shift(x, 4, 8)
+    assert out.requires_grad and "TemporalShift" in out.grad_fn.name()
 
 
 def test_native_operator_is_built_where_a_compiler_and_ninja_are():
