@@ -53,6 +53,13 @@ def test_bench_step_prints_and_writes_every_figure(tmp_path):
     assert len(result["shift"]["shapes"]) == 8 and result["shift"]["shapes"][0] == [2, 64, 4, 4]  # ResNet-18: 8 blocks
     for row in result["variants"]:
         assert row["rounds"] == 1 and row["tsm_s"] > 0 and row["tsn_s"] > 0
+        q1, q3 = row["tsm_over_tsn_quartiles"]
+        assert q1 == q3 == row["tsm_over_tsn"]  # one round: its ratio is every quartile
+    # the A/A twin runs in the fp32 rounds only, and the report prints its ratio
+    twin = {row["name"]: row.get("ref_over_twin") for row in result["variants"]}
+    assert twin["fp32"] > 0 and twin["fp32+channels_last"] is None
+    assert f"noise floor (A/A): fp32 TSN against an identical fp32 TSN, timed in the same rounds: median " \
+           f"{twin['fp32']:.3f}" in text
 
 
 def test_bench_step_refuses_an_unknown_variant(tmp_path):

@@ -316,7 +316,7 @@ def bench_step(
     json_file: Optional[str] = typer.Option(None, "--json", help="also write every measurement to this JSON file"),
     variants: Optional[str] = typer.Option(None, "--variants", help="comma-separated, e.g. fp32,bf16,"
                                            "fp32+channels_last,fp32+compile (default: all that run on this device)"),
-    steps: int = typer.Option(10, "--steps", min=1, help="measured rounds per variant"),
+    steps: int = typer.Option(20, "--steps", min=1, help="measured rounds per variant"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed steps per network and variant first"),
     budget: float = typer.Option(300.0, "--budget", min=0, help="seconds per variant after which it stops early "
                                                                 "(with at least 3 rounds)"),

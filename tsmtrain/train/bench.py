@@ -10,7 +10,10 @@
 Timing on a shared machine drifts, so nothing is compared across minutes: every measured
 round times each case of a variant once, back to back, in an order that rotates from round to
 round, and the ratios (TSM/TSN, to fp32 TSN, shift/clone) are medians of the per-round ratios.
-fp32 TSN is the reference and is timed in every round of every variant.
+fp32 TSN is the reference and is timed in every round of every variant. In the fp32 rounds a
+second fp32 TSN with the same weights (the *twin*) is timed too: the reference against its twin
+(an A/A comparison, 1 in exact arithmetic) is the noise floor of the machine, printed next to the
+ratios, with the quartiles of each variant's per-round TSM/TSN.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ class _Case:
         self.step.apply(self.engine, self.optimizer)
 
 
-def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int = 10, warmup: int = 3,
+def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int = 20, warmup: int = 3,
                budget_s: float = 300.0, shift_repeats: int = 30, say: Callable[[str], None] = lambda s: None) -> dict:
     """Time the training step of ``recipe``'s network as TSM and as TSN in each variant.
 
@@ -207,6 +210,8 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
         ``{"environment": {...}, "input": {...}, "steps": S, "warmup": W, "variants": [{"name",
         "rounds", "tsm_s", "tsn_s" (median seconds per step), "tsm_clips_per_s", "tsn_clips_per_s",
         "tsm_over_tsn", "tsm_over_ref", "tsn_over_ref" (medians of per-round ratios),
+        "tsm_over_tsn_quartiles" ([Q1, Q3] of the per-round TSM/TSN); fp32 also "ref_over_twin"
+        and "ref_over_twin_quartiles", the A/A noise floor),
         "ref_clips_per_s" (the reference during this variant's rounds), "compile_s", "times"},
         ...], "shift": bench_shift(...)}``.
     """
@@ -234,12 +239,15 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
         say(f"{variant.name}: building TSM and TSN{' (compiling)' if variant.compile else ''}")
         tsm = _Case(recipe, True, variant, device, shape)
         tsn = ref if variant == Variant() else _Case(recipe, False, variant, device, shape)
-        rows.append(_time_variant(variant, {"tsm": tsm, "tsn": tsn, "ref": ref}, x, y, device, steps, warmup,
-                                  budget_s, len(rows)))
+        cases = {"tsm": tsm, "tsn": tsn, "ref": ref}
+        if variant == Variant():  # the A/A twin: the same network with the same weights
+            cases["twin"] = _Case(recipe, False, Variant(), device, shape)
+        rows.append(_time_variant(variant, cases, x, y, device, steps, warmup, budget_s, len(rows)))
         r = rows[-1]
         say(f"{variant.name}: TSM {r['tsm_clips_per_s']:.2f} clips/s, TSN {r['tsn_clips_per_s']:.2f} clips/s, "
-            f"TSM/TSN {r['tsm_over_tsn']:.3f} ({r['rounds']} rounds)")
-        del tsm, tsn
+            f"TSM/TSN {r['tsm_over_tsn']:.3f} ({r['rounds']} rounds)"
+            + (f", A/A {r['ref_over_twin']:.3f}" if "ref_over_twin" in r else ""))
+        del tsm, tsn, cases
     say("shift microbenchmark")
     shift = bench_shift(_shift_inputs(recipe, shape), recipe.model.shift_div, device, shift_repeats,
                         num_segments=d.num_segments)
@@ -250,10 +258,11 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
 
 def _time_variant(variant: Variant, cases: dict, x, y, device, steps: int, warmup: int, budget_s: float,
                   seed: int) -> dict:
-    """Warm up the variant's TSM and TSN, then time rounds of (TSM, TSN, reference) until
-    ``steps`` rounds or ``budget_s`` (at least 1 warm-up step each and 3 rounds)."""
+    """Warm up the variant's TSM and TSN (and the twin), then time rounds of (TSM, TSN, reference,
+    twin if given) until ``steps`` rounds or ``budget_s`` (at least 1 warm-up step each and 3
+    rounds)."""
     start = time.perf_counter()
-    for case in (cases["tsm"], cases["tsn"]):
+    for case in [cases["tsm"], cases["tsn"]] + ([cases["twin"]] if "twin" in cases else []):
         for i in range(warmup):
             if i and time.perf_counter() - start > budget_s / 4:
                 break
@@ -269,14 +278,24 @@ def _time_variant(variant: Variant, cases: dict, x, y, device, steps: int, warmu
                 seen[cases[key]] = _seconds(lambda: cases[key](x, y), device)
             times[key].append(seen[cases[key]])
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = {f"{a}_over_{b}": statistics.median(p / q for p, q in zip(times[a], times[b]))
-             for a, b in (("tsm", "tsn"), ("tsm", "ref"), ("tsn", "ref"))}
+    pairs = (("tsm", "tsn"), ("tsm", "ref"), ("tsn", "ref")) + ((("ref", "twin"),) if "twin" in cases else ())
+    per_round = {f"{a}_over_{b}": [p / q for p, q in zip(times[a], times[b])] for a, b in pairs}
+    ratio = {k: statistics.median(v) for k, v in per_round.items()}
+    quartiles = {f"{k}_quartiles": _quartiles(v) for k, v in per_round.items() if k in ("tsm_over_tsn", "ref_over_twin")}
     n = x.shape[0]
     compiled = {"tsm": cases["tsm"].compile_s, "tsn": cases["tsn"].compile_s} if variant.compile else None
     return dict(name=variant.name, precision=variant.precision, channels_last=variant.channels_last,
                 compile=variant.compile, rounds=len(times["tsm"]), tsm_s=med["tsm"], tsn_s=med["tsn"],
                 tsm_clips_per_s=n / med["tsm"], tsn_clips_per_s=n / med["tsn"], ref_clips_per_s=n / med["ref"],
-                **ratio, compile_s=compiled, times=times)
+                **ratio, **quartiles, compile_s=compiled, times=times)
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """First and third quartile (the median of a single value is both)."""
+    if len(values) < 2:
+        return [values[0], values[0]] if values else []
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
 
 
 def _shift_inputs(recipe: Recipe, shape: tuple) -> list[tuple[int, ...]]:
@@ -370,16 +389,23 @@ def format_step_report(result: dict) -> str:
         f"3) after up to {result['warmup']} warm-up steps; a round times TSM, TSN and ref = fp32 TSN back to back,",
         "and the ratios (of seconds per step; below 1 is faster) are medians of the rounds' ratios",
         "",
-        f"{'variant':<28}{'rounds':>7}{'TSM clips/s':>12}{'TSN clips/s':>12}{'TSM/TSN':>9}{'TSM/ref':>9}"
+        f"{'variant':<28}{'rounds':>7}{'TSM clips/s':>12}{'TSN clips/s':>12}{'TSM/TSN':>9}{'Q1-Q3':>13}{'TSM/ref':>9}"
         f"{'TSN/ref':>9}{'ref clips/s':>13}",
     ]
     for r in result["variants"]:
+        q1, q3 = r.get("tsm_over_tsn_quartiles") or (float("nan"), float("nan"))
         lines.append(f"{r['name']:<28}{r['rounds']:>7}{r['tsm_clips_per_s']:>12.2f}{r['tsn_clips_per_s']:>12.2f}"
-                     f"{r['tsm_over_tsn']:>9.3f}{r['tsm_over_ref']:>9.3f}{r['tsn_over_ref']:>9.3f}"
+                     f"{r['tsm_over_tsn']:>9.3f}{f'{q1:.3f}-{q3:.3f}':>13}{r['tsm_over_ref']:>9.3f}{r['tsn_over_ref']:>9.3f}"
                      f"{r['ref_clips_per_s']:>13.2f}"
                      + (f"   (compiled in {r['compile_s']['tsm']:.0f} s / {r['compile_s']['tsn']:.0f} s)"
                         if r["compile_s"] else ""))
     lines.append("(ref clips/s is the reference during each variant's rounds: how much the machine drifted)")
+    lines.append("(Q1-Q3: the quartiles of the rounds' TSM/TSN)")
+    twin = next((r for r in result["variants"] if "ref_over_twin" in r), None)
+    if twin:
+        q1, q3 = twin["ref_over_twin_quartiles"]
+        lines.append(f"noise floor (A/A): fp32 TSN against an identical fp32 TSN, timed in the same rounds: median "
+                     f"{twin['ref_over_twin']:.3f}, quartiles {q1:.3f}-{q3:.3f} (exactly 1 on a quiet machine)")
     lines += [f"note: {note}" for note in env.get("notes", [])]
     sh = result["shift"]
     lines += ["", f"temporal shift vs clone of the same fp32 tensors (T={sh['num_segments']}), medians of "
