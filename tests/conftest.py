@@ -70,3 +70,18 @@ def steps_logged(run_dir: Path) -> int:
     if not path.exists():
         return 0
     return max([json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line] or [0])
+
+
+@pytest.fixture
+def stop_requested(monkeypatch):
+    """A stop request (SIGUSR2) that is already there when training starts."""
+    from tsmtrain.train.runtime import StopRequest
+
+    enter = StopRequest.__enter__
+
+    def requested(self):
+        enter(self)
+        self.requested = True
+        return self
+
+    monkeypatch.setattr(StopRequest, "__enter__", requested)

@@ -147,17 +147,7 @@ def test_a_failing_run_closes_the_event_file(tmp_path, tiny_demo, monkeypatch, c
 
 
 @pytest.mark.slow
-def test_a_stopped_run_closes_the_event_file(tmp_path, tiny_demo, monkeypatch, closes):
-    from tsmtrain.train.runtime import StopRequest
-
-    enter = StopRequest.__enter__
-
-    def requested(self):
-        enter(self)
-        self.requested = True
-        return self
-
-    monkeypatch.setattr(StopRequest, "__enter__", requested)
+def test_a_stopped_run_closes_the_event_file(tmp_path, tiny_demo, stop_requested, closes):
     _, recipe = tiny_recipe(tmp_path, tiny_demo, "stop")
     result = train(recipe)
     assert result.preempted and result.step == 1

@@ -118,21 +118,6 @@ def test_cli_run_reports_malformed_list_with_line(tmp_path):
     assert f"{listing}:2" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.fixture
-def stop_requested(monkeypatch):
-    """A stop request (SIGUSR2) that is already there when training starts."""
-    from tsmtrain.train.runtime import StopRequest
-
-    enter = StopRequest.__enter__
-
-    def requested(self):
-        enter(self)
-        self.requested = True
-        return self
-
-    monkeypatch.setattr(StopRequest, "__enter__", requested)
-
-
 def test_stop_request_checkpoints_after_the_current_step(tmp_path, tiny_demo, stop_requested):
     result = train(tiny_recipe(tmp_path, tiny_demo, "stop"))
     assert result.preempted and result.step == 1

@@ -203,6 +203,18 @@ def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decod
                             seek_mode=d.seek_mode, prepared=prepared_videos(d.root), device=decode_device)
 
 
+def _check_one_frame_size(items: list[dict], what: str, hw: slice) -> None:
+    """Raise ValueError naming two videos if ``items``' frames differ in shape (``hw``: where
+    H and W sit in a frames tensor's shape), asking for ``data.frame_size``."""
+    if len({tuple(it["frames"].shape) for it in items}) > 1:
+        a, b = items[0], next(it for it in items if it["frames"].shape != items[0]["frames"].shape)
+        raise ValueError(
+            f"{what} of different frame sizes cannot be batched: video #{a['index']} is "
+            f"{tuple(a['frames'].shape[hw])}, video #{b['index']} is {tuple(b['frames'].shape[hw])}; set "
+            f"data.frame_size: [H, W] in the recipe"
+        )
+
+
 def collate_views(items: list[dict]) -> dict:
     """Batch :class:`MultiClipDataset` items: ``frames`` uint8 ``(N, K, T, H, W, 3)`` of the N
     readable videos (``None`` when there is none), ``index`` and ``label`` int64 ``(N,)`` of
@@ -214,14 +226,7 @@ def collate_views(items: list[dict]) -> dict:
     """
     ok = [it for it in items if it["frames"] is not None]
     failed = [(it["index"], it["label"], it["error"]) for it in items if it["frames"] is None]
-    shapes = {tuple(it["frames"].shape) for it in ok}
-    if len(shapes) > 1:
-        a, b = ok[0], next(it for it in ok if it["frames"].shape != ok[0]["frames"].shape)
-        raise ValueError(
-            f"videos of different frame sizes cannot be batched: video #{a['index']} is "
-            f"{tuple(a['frames'].shape[2:4])}, video #{b['index']} is {tuple(b['frames'].shape[2:4])}; set "
-            f"data.frame_size: [H, W] in the recipe"
-        )
+    _check_one_frame_size(ok, "videos", slice(2, 4))
     return {
         "frames": torch.stack([it["frames"] for it in ok]) if ok else None,
         "index": torch.tensor([it["index"] for it in ok], dtype=torch.int64),
@@ -290,13 +295,7 @@ def collate_clips(items: list[dict]) -> dict:
         ValueError: clips differ in frame size; the message names two of the videos and asks
             for ``data.frame_size``.
     """
-    shapes = {tuple(it["frames"].shape) for it in items}
-    if len(shapes) > 1:
-        a, b = items[0], next(it for it in items if it["frames"].shape != items[0]["frames"].shape)
-        raise ValueError(
-            f"clips of different frame sizes cannot be batched: video #{a['index']} is {tuple(a['frames'].shape[1:3])}, "
-            f"video #{b['index']} is {tuple(b['frames'].shape[1:3])}; set data.frame_size: [H, W] in the recipe"
-        )
+    _check_one_frame_size(items, "clips", slice(1, 3))
     frames = [it["frames"] for it in items]
     out = None
     if torch.utils.data.get_worker_info() is not None and frames[0].device.type == "cpu":
