@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsmtrain.data import ListFileError, ShardSampler, VideoClipDataset, VideoRecord, collate_clips, read_list
+from tsmtrain.data import DataError, ListFileError, ShardSampler, VideoClipDataset, VideoRecord, collate_clips, read_list
 from tests.conftest import make_video
 from tsmtrain.data.decoding import VideoDecodeError
 
@@ -29,6 +29,23 @@ def test_read_list_reports_every_bad_line(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ListFileError, match="lists no video"):
         read_list(tmp_path / "empty.txt", ".")
+
+
+def test_non_utf8_list_file_is_one_line_with_the_byte_offset(tmp_path):
+    f = tmp_path / "l.txt"
+    f.write_bytes(b"ok.mp4 0\ncaf\xe9.mp4 1\n")
+    with pytest.raises(ListFileError) as info:
+        read_list(f, ".")
+    assert info.value.problems == [f"{f}: not UTF-8 text: byte 0xe9 at offset 12 (line 2)"]
+
+
+def test_a_huge_bad_line_gives_a_short_message(tmp_path):
+    f = tmp_path / "l.txt"
+    f.write_text("ok.mp4 0\n" + "x" * 100_000 + "\n")
+    with pytest.raises(ListFileError) as info:
+        read_list(f, ".")
+    (line,) = info.value.problems
+    assert line.startswith(f"{f}:2: expected 'relative/path.ext label': 'xxx") and len(line) < len(str(f)) + 200
 
 
 def test_shard_sampler_partitions_and_pads():
@@ -67,7 +84,7 @@ def test_corrupt_and_missing_videos_are_replaced_and_counted(tmp_path):
     batch = collate_clips([ds[1], ds[2]])
     assert batch["frames"].shape == (2, 4, 32, 32, 3) and any("missing.mp4" in f for f in batch["failed"])
     broken = VideoClipDataset(recs[:2], num_segments=4, train=True, max_retries=3)
-    with pytest.raises(RuntimeError, match="could not be decoded"):
+    with pytest.raises(DataError, match="could not be decoded"):
         broken[0]
 
 

@@ -69,7 +69,7 @@ def run(
 
     Exits 0 when done, 2 on a user mistake, 75 when SIGUSR2 or SIGTERM stopped it after a checkpoint.
     """
-    from .data import ListFileError
+    from .data import DataError, ListFileError
     from .data.prepare import ManifestError
     from .dist import launched_by_launcher
     from .dist.local import EXIT_PREEMPTED, default_launcher
@@ -89,7 +89,7 @@ def run(
             _fail(str(err))
     try:
         result = train(cfg, resume=resume)
-    except (TrainingError, ListFileError, ManifestError) as err:
+    except (TrainingError, ListFileError, ManifestError, DataError) as err:
         _fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)
@@ -124,7 +124,7 @@ def test(
 ) -> None:
     """Test a checkpoint under a view protocol: top-1, top-5 and mean class accuracy; per-class
     table, confusion matrix and predictions in RUN_DIR/test/."""
-    from .data import ListFileError
+    from .data import DataError, ListFileError
     from .data.prepare import ManifestError
     from .dist import launched_by_launcher
     from .train import TrainingError
@@ -147,7 +147,7 @@ def test(
 
     try:
         report = run_test(cfg, protocol, checkpoint=checkpoint, list_file=list_file)
-    except (TrainingError, ListFileError, ManifestError) as err:
+    except (TrainingError, ListFileError, ManifestError, DataError) as err:
         _fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)
@@ -177,9 +177,11 @@ def predict(
     cfg = _load(recipe, sets, check_files=False)
     if cfg.data.classes is not None and not Path(cfg.data.classes).is_file():
         _fail(f"data.classes = {cfg.data.classes!r}: label map file not found")
+    from .data import DataError
+
     try:
         results, path, names = predict_videos(cfg, videos, protocol, checkpoint=checkpoint, top=top)
-    except TrainingError as err:
+    except (TrainingError, DataError) as err:
         _fail(str(err).splitlines())
     print(f"checkpoint {path}, {protocol.describe(cfg.data.input_size)}")
     failed = 0
@@ -259,7 +261,7 @@ def bench_data(
 
     from rich.console import Console
 
-    from .data import ListFileError
+    from .data import DataError, ListFileError
     from .data.bench import DataBenchError, bench_data as run_bench, load_data_bench
     from .data.prepare import ManifestError
     from .sweep import parse_workers
@@ -291,7 +293,7 @@ def bench_data(
     try:
         result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, rounds=rounds,
                            on_result=show)
-    except (DataBenchError, ListFileError, ManifestError) as err:
+    except (DataBenchError, ListFileError, ManifestError, DataError) as err:
         _fail(str(err).splitlines())
     record = result.record()
     for line in result.failed:
@@ -615,7 +617,7 @@ def sweep(
     directory; run it again to resume or extend it. Then: tsmtrain report SWEEP_DIR."""
     from rich.console import Console
 
-    from .data import ListFileError
+    from .data import DataError, ListFileError
     from .dist.slurm import LaunchError
     from .sweep import SweepError, parse_workers, plan_sweep, run_sweep
 

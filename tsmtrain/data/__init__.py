@@ -14,9 +14,9 @@ This package never imports :mod:`tsmtrain.models`.
 """
 
 from .lists import ListFileError, VideoRecord, read_list
-from .loader import (MultiClipDataset, ShardSampler, VideoClipDataset, build_loader, clip_dataset, collate_clips,
+from .loader import (DataError, MultiClipDataset, ShardSampler, VideoClipDataset, build_loader, clip_dataset, collate_clips,
                      collate_views, multi_clip_dataset, prepared_videos)
 
-__all__ = ["ListFileError", "VideoRecord", "read_list", "ShardSampler", "VideoClipDataset", "build_loader",
+__all__ = ["DataError", "ListFileError", "VideoRecord", "read_list", "ShardSampler", "VideoClipDataset", "build_loader",
            "clip_dataset", "collate_clips", "prepared_videos", "MultiClipDataset", "multi_clip_dataset",
            "collate_views"]

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["BACKENDS", "SEEK_MODES", "VideoDecodeError", "Video", "open_video", "num_frames", "decode_frames",
+__all__ = ["BACKENDS", "SEEK_MODES", "VideoDecodeError", "Video", "open_video", "num_frames", "probe_size", "decode_frames",
            "choose_seek_mode", "cuda_decoding_device"]
 
 BACKENDS = ("torchcodec", "decord")
@@ -250,6 +250,31 @@ def num_frames(path: str | Path, backend: str = "torchcodec") -> int:
         VideoDecodeError, ImportError, ValueError: as :func:`open_video`.
     """
     return open_video(path, backend).num_frames
+
+
+def probe_size(path: str | Path, backend: str = "torchcodec") -> tuple[int, int]:
+    """``(H, W)`` in pixels of the frames ``backend`` decodes from ``path`` at its stored size.
+
+    torchcodec reads it from the stream's header (an approximate-mode open: no scan, no frame
+    decoded); decord decodes the first frame, having no header API.
+
+    Raises:
+        VideoDecodeError, ImportError, ValueError: as :func:`open_video`.
+    """
+    if backend == "decord":
+        return tuple(Video(path, backend).frames([0]).shape[1:3])
+    _check_backend(backend)
+    if not Path(path).is_file():
+        raise VideoDecodeError(path, "file not found")
+    module = _import_backend(backend)
+    try:
+        meta = module.VideoDecoder(str(path), seek_mode="approximate", num_ffmpeg_threads=1).metadata
+        size = (int(meta.height), int(meta.width))
+    except Exception as e:  # backends raise many different types
+        raise VideoDecodeError(path, f"{type(e).__name__}: {e}") from e
+    if min(size) < 1:
+        raise VideoDecodeError(path, f"the header gives no frame size ({size[1]}x{size[0]})")
+    return size
 
 
 def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "torchcodec", **options) -> np.ndarray:

@@ -5,28 +5,73 @@ decoded from the video file (only those frames; :mod:`tsmtrain.data.decoding`) a
 ``(T, H, W, 3)``. Augmentation happens later, batched on the training device
 (:mod:`tsmtrain.data.transforms`). A video that cannot be opened or decoded is logged by path,
 counted, and replaced by another video of the list, so one bad file never stops training.
+
+Videos of different sizes and aspect ratios batch together: without ``data.frame_size`` the
+decoder resizes each video so that its short side is ``data.short_side`` (``input_size * 256 /
+224`` by default, as TSM and mmaction2 do), and a square of that side is cropped from it (at a
+random place along the long side in training, in the centre otherwise).
+
+A loader never outlives its training process and never hangs it: its worker processes die with
+the process (``PR_SET_PDEATHSIG``), are killed (not merely sent SIGTERM, which they ignore) when
+the loader shuts them down, and every loader still running when the process exits, for example
+after an exception, is shut down before :mod:`multiprocessing` joins its children. A data
+mistake found in a worker (too many unreadable videos in a row, clips that cannot be batched)
+reaches the training process as a :class:`DataError` with the worker's own message.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import functools
 import logging
 import math
+import multiprocessing.context
+import os
 import signal
+import sys
+import weakref
 import zlib
+from multiprocessing.popen_fork import Popen as _ForkPopen
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decoding import Video, VideoDecodeError, choose_seek_mode, open_video
+from .decoding import Video, VideoDecodeError, choose_seek_mode, open_video, probe_size
 from .lists import VideoRecord
 from .sampling import multi_clip_indices, segment_indices
 
-__all__ = ["VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "clip_dataset",
+__all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views"]
 
 log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A mistake in the data or in how the recipe reads it, found while loading clips: too many
+    unreadable videos in a row, or clips that cannot be batched. The message names the culprit
+    (video path, recipe key); the CLI prints it as one line and exits with status 2.
+
+    Raised in a loader worker, it reaches the training process through the DataLoader, which
+    re-raises it as ``DataError("Caught DataError in DataLoader worker process 0. Original
+    Traceback ...")``; the constructor keeps only the worker's own message.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught DataError"):  # re-raised by torch's DataLoader from a worker
+            message = message.rsplit("DataError: ", 1)[-1].strip()
+        super().__init__(message)
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """``(H, W)`` of a ``height`` x ``width`` frame resized so its short side is ``short_side``
+    pixels, keeping the aspect ratio (the long side rounded to the nearest pixel, never below
+    ``short_side``)."""
+    if height <= width:
+        return short_side, max(short_side, round(width * short_side / height))
+    return max(short_side, round(height * short_side / width)), short_side
 
 
 class VideoClipDataset(Dataset):
@@ -46,8 +91,10 @@ class VideoClipDataset(Dataset):
         num_segments: T.
         train: random (True) or central (False) frame in each segment.
         decoder: ``"torchcodec"`` or ``"decord"``.
-        frame_size: ``(H, W)`` in pixels that the decoder resizes every frame to (needed when
-            videos differ in size); None: frames as stored.
+        frame_size: ``(H, W)`` in pixels that the decoder resizes every frame to.
+        short_side: S in pixels, used when ``frame_size`` is None: the decoder resizes each video
+            to short side S and the ``(S, S)`` square is cropped from it, so videos of any size
+            batch together. None (and no ``frame_size``): frames as stored.
         max_retries: unreadable videos replaced in a row before giving up.
         seed: base seed for the sampling offsets.
         seek_mode: torchcodec's seek mode setting, ``"auto"`` (approximate for the videos in
@@ -60,15 +107,18 @@ class VideoClipDataset(Dataset):
             :func:`build_loader` then uses no worker processes).
 
     Raises (from ``__getitem__``):
-        RuntimeError: ``max_retries + 1`` videos in a row could not be decoded.
+        DataError: ``max_retries + 1`` videos in a row could not be decoded.
     """
 
     def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0,
-                 seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu"):
+                 seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu",
+                 short_side: int | None = None):
         self.records, self.num_segments, self.train = records, num_segments, train
         self.decoder, self.frame_size, self.max_retries, self.seed = decoder, frame_size, max_retries, seed
         self.seek_mode, self.prepared, self.device = seek_mode, prepared or {}, device
+        self.short_side = short_side
+        self._stored_sizes: dict[str, tuple[int, int]] = {}  # (H, W) as stored, per path (this process)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,7 +135,7 @@ class VideoClipDataset(Dataset):
                 failed.append(str(exc))
                 # deterministic replacement, spread over the list
                 index = (index + 1 + zlib.crc32(f"{index}:{attempt}".encode()) % max(1, len(self) - 1)) % len(self)
-        raise RuntimeError(
+        raise DataError(
             f"{len(failed)} videos in a row could not be decoded (data.max_retries={self.max_retries}); last: {failed[-1]}"
         )
 
@@ -96,8 +146,9 @@ class VideoClipDataset(Dataset):
             VideoDecodeError: the file cannot be opened, or a prepared file's frame count
                 differs from its manifest record (it was changed after ``tsmtrain prepare``).
         """
-        options = {"size": self.frame_size}
         entry = self.prepared.get(path)
+        options = {"size": self.frame_size if self.frame_size or not self.short_side
+                   else self._short_side_size(path, entry)}
         if self.decoder == "torchcodec":
             options["device"] = self.device
             mode = choose_seek_mode(self.seek_mode, entry is not None)
@@ -111,11 +162,35 @@ class VideoClipDataset(Dataset):
                                          f"prepare it again")
         return video
 
+    def _short_side_size(self, path: str, entry: dict | None) -> tuple[int, int] | None:
+        """The ``(H, W)`` to decode ``path`` at so its short side is :attr:`short_side`; None when
+        it is stored at that size already (no resize at all)."""
+        stored = self._stored_sizes.get(path)
+        if stored is None:
+            if entry and entry.get("width") and entry.get("height"):
+                stored = (int(entry["height"]), int(entry["width"]))  # tsmtrain prepare recorded it
+            else:
+                stored = probe_size(path, self.decoder)  # the header only
+            self._stored_sizes[path] = stored
+        size = short_side_size(*stored, self.short_side)
+        return None if size == stored else size
+
+    def crop_square(self, frames: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+        """Without ``frame_size``: the ``(S, S)`` square of ``(..., H, W, 3)`` frames resized to
+        short side S, at ``rng``'s place along the long side (the centre when ``rng`` is None)."""
+        if self.frame_size is not None or not self.short_side:
+            return frames
+        h, w = frames.shape[-3], frames.shape[-2]
+        s = min(h, w)
+        spare = max(h, w) - s
+        at = int(rng.integers(0, spare + 1)) if rng is not None and spare else spare // 2
+        return frames[..., at:at + s, :, :] if h > w else frames[..., :, at:at + s, :]
+
     def _load(self, record: VideoRecord, index: int, epoch: int) -> torch.Tensor:
         video = self.open(record.path)
         rng = np.random.default_rng((self.seed, epoch, index)) if self.train else None
         idx = segment_indices(video.num_frames, self.num_segments, self.train, rng)
-        return video.frames(idx.tolist())  # (T, H, W, 3) uint8
+        return self.crop_square(video.frames(idx.tolist()), rng).contiguous()  # (T, H, W, 3) uint8
 
 
 def prepared_videos(root: str | Path) -> dict[str, dict]:
@@ -153,7 +228,14 @@ def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device:
     d = recipe.data
     return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
                             max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
-                            prepared=prepared_videos(d.root), device=decode_device)
+                            prepared=prepared_videos(d.root), device=decode_device, short_side=short_side(d))
+
+
+def short_side(data) -> int:
+    """The short side S in pixels that a recipe's ``data`` section resizes videos to when it sets no
+    ``frame_size``: ``data.short_side``, else ``input_size * 256 / 224`` rounded (the 256-pixel
+    resize before a 224-pixel crop of TSM and mmaction2)."""
+    return getattr(data, "short_side", None) or round(data.input_size * 256 / 224)
 
 
 class MultiClipDataset(VideoClipDataset):
@@ -169,14 +251,15 @@ class MultiClipDataset(VideoClipDataset):
         records: the videos.
         num_segments: T.
         num_clips: K.
-        decoder, frame_size, seek_mode, prepared, device: as :class:`VideoClipDataset`.
+        decoder, frame_size, seek_mode, prepared, device, short_side: as :class:`VideoClipDataset`
+            (without ``frame_size``, the centre square of each video resized to ``short_side``).
     """
 
     def __init__(self, records: list[VideoRecord], num_segments: int, num_clips: int = 1, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, seek_mode: str = "auto",
-                 prepared: dict[str, dict] | None = None, device: str = "cpu"):
+                 prepared: dict[str, dict] | None = None, device: str = "cpu", short_side: int | None = None):
         super().__init__(records, num_segments, train=False, decoder=decoder, frame_size=frame_size, max_retries=0,
-                         seek_mode=seek_mode, prepared=prepared, device=device)
+                         seek_mode=seek_mode, prepared=prepared, device=device, short_side=short_side)
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         self.num_clips = num_clips
@@ -189,7 +272,7 @@ class MultiClipDataset(VideoClipDataset):
             idx = multi_clip_indices(video.num_frames, self.num_segments, self.num_clips)  # (K, T)
             distinct, where = np.unique(idx, return_inverse=True)
             frames = video.frames(distinct.tolist())[torch.as_tensor(where.reshape(-1))]
-            frames = frames.reshape(*idx.shape, *frames.shape[1:])  # (K, T, H, W, 3)
+            frames = self.crop_square(frames.reshape(*idx.shape, *frames.shape[1:]), None)  # (K, T, H, W, 3)
             return {"frames": frames, "label": record.label, "index": index, "error": None}
         except VideoDecodeError as exc:
             return {"frames": None, "label": record.label, "index": index, "error": str(exc)}
@@ -200,15 +283,16 @@ def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decod
     prepared videos in ``data.root``) with K = ``num_clips``."""
     d = recipe.data
     return MultiClipDataset(records, d.num_segments, num_clips, decoder=d.decoder, frame_size=d.frame_size,
-                            seek_mode=d.seek_mode, prepared=prepared_videos(d.root), device=decode_device)
+                            seek_mode=d.seek_mode, prepared=prepared_videos(d.root), device=decode_device,
+                            short_side=short_side(d))
 
 
 def _check_one_frame_size(items: list[dict], what: str, hw: slice) -> None:
-    """Raise ValueError naming two videos if ``items``' frames differ in shape (``hw``: where
+    """Raise DataError naming two videos if ``items``' frames differ in shape (``hw``: where
     H and W sit in a frames tensor's shape), asking for ``data.frame_size``."""
     if len({tuple(it["frames"].shape) for it in items}) > 1:
         a, b = items[0], next(it for it in items if it["frames"].shape != items[0]["frames"].shape)
-        raise ValueError(
+        raise DataError(
             f"{what} of different frame sizes cannot be batched: video #{a['index']} is "
             f"{tuple(a['frames'].shape[hw])}, video #{b['index']} is {tuple(b['frames'].shape[hw])}; set "
             f"data.frame_size: [H, W] in the recipe"
@@ -221,7 +305,7 @@ def collate_views(items: list[dict]) -> dict:
     those, and ``failed``: ``(index, label, error)`` of each unreadable one.
 
     Raises:
-        ValueError: videos differ in frame size; the message names two of them and asks for
+        DataError: videos differ in frame size; the message names two of them and asks for
             ``data.frame_size``.
     """
     ok = [it for it in items if it["frames"] is not None]
@@ -292,7 +376,7 @@ def collate_clips(items: list[dict]) -> dict:
     worker the frames are stacked into shared memory, so the batch is copied once, not twice.
 
     Raises:
-        ValueError: clips differ in frame size; the message names two of the videos and asks
+        DataError: clips differ in frame size; the message names two of the videos and asks
             for ``data.frame_size``.
     """
     _check_one_frame_size(items, "clips", slice(1, 3))
@@ -310,13 +394,81 @@ def collate_clips(items: list[dict]) -> dict:
     }
 
 
-def _ignore_stop_signal(worker_id: int) -> None:
-    # Slurm signals every process of a job step, loader workers included (SIGUSR2 before the time
-    # limit, SIGTERM on scancel or preemption); the stop request is the training process's
-    # business (tsmtrain.train), and either signal's default action would kill the worker. A
-    # worker still ends with its training process (DataLoader's watchdog) or on SIGKILL.
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _worker_init(parent: int, worker_id: int) -> None:
+    """Run in each loader worker as it starts.
+
+    Slurm signals every process of a job step, loader workers included (SIGUSR2 before the time
+    limit, SIGTERM on scancel or preemption); the stop request is the training process's business
+    (:mod:`tsmtrain.train`), and either signal's default action would kill the worker, so both
+    are ignored here. The worker still ends with its training process: the kernel sends it
+    SIGKILL when the process that started it dies (``PR_SET_PDEATHSIG``; checked against
+    ``parent`` in case that happened before the call), and a loader shutting its workers down
+    kills them (:class:`_WorkerContext`).
+    """
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the training process died before the prctl
+        os._exit(1)
+
+
+class _KillingPopen(_ForkPopen):
+    """A forked process whose ``terminate()`` is SIGKILL: loader workers ignore SIGTERM (see
+    :func:`_worker_init`), so the SIGTERM that DataLoader's shutdown and multiprocessing's exit
+    handler send would leave them, and the exit handler joining them, waiting for ever."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+class _WorkerProcess(multiprocessing.context.ForkProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _KillingPopen(process_obj)
+
+
+class _WorkerContext(multiprocessing.context.ForkContext):
+    """The ``fork`` start method, with workers that :class:`_KillingPopen` ends."""
+
+    Process = _WorkerProcess
+
+
+_live_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose multi-process iterators :func:`shutdown_loaders` can find."""
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if hasattr(iterator, "_shutdown_workers"):
+            _live_iterators.add(iterator)
+        return iterator
+
+
+def shutdown_loaders() -> None:
+    """Shut down the workers of every loader iterator still alive in this process (each is
+    asked to stop, given a moment, then killed; see torch's ``_shutdown_workers``).
+
+    Registered with :mod:`atexit` after :mod:`multiprocessing`, so it runs before
+    multiprocessing's exit handler joins the workers: after an exception an iterator can stay
+    referenced by the traceback, and its workers would otherwise never be told to stop.
+    """
+    for iterator in list(_live_iterators):
+        try:
+            iterator._shutdown_workers()
+        except Exception:  # shutting down: nothing to report to
+            pass
+
+
+atexit.register(shutdown_loaders)
 
 
 def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,
@@ -336,11 +488,16 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
 
     It seeds its workers from a private generator, never from the global torch RNG, so that
     creating a loader does not shift the random stream that dropout draws from (exact resume).
+
+    Workers ignore SIGUSR2 and SIGTERM (Slurm's stop request is the training process's) but die
+    with the training process, and are killed when the loader shuts down or the process exits
+    (see the module's docstring); so an exception, in a worker or in the training process,
+    ends the process instead of leaving it waiting for its workers.
     """
     if str(getattr(dataset, "device", "cpu")) != "cpu":
         # a CUDA context created before fork cannot be used in a worker: decode in this process
         workers, pin_memory = 0, False
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -351,5 +508,6 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
         persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator(),
-        worker_init_fn=_ignore_stop_signal,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
+        multiprocessing_context=_WorkerContext() if workers else None,
     )
