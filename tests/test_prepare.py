@@ -1,8 +1,11 @@
 """tsmtrain prepare: re-encoding real clips (rotated, 10-bit, HEVC, AV1, VP9, VFR, non-square
 pixels) and broken files, checked with ffprobe and the decoders; resuming after SIGKILL; shards."""
 
+import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -223,6 +226,139 @@ def test_sigkill_mid_run_then_restart_gives_the_same_outputs(prepared, sources, 
     strip = lambda records: [{k: v for k, v in r.items() if k not in volatile} for r in records]  # noqa: E731
     assert strip(_manifest(out)) == strip(_manifest(reference))
 
+
+
+def _proc(pid):
+    """``(state, ppid, pgid, start time)`` of a process from /proc; None when there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _children(parent, name):
+    """``{pid: start time}`` of the live processes whose parent is ``parent`` and command ``name``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc(entry.name)
+            with contextlib.suppress(OSError):
+                if stat and stat[1] == parent and stat[0] not in "ZX" and (entry / "comm").read_text().strip() == name:
+                    found[int(entry.name)] = stat[3]
+    return found
+
+
+def _alive(pid, started):
+    """Whether the process ``pid`` that started at ``started`` still runs (not gone, not a zombie)."""
+    stat = _proc(pid)
+    return stat is not None and stat[3] == started and stat[0] not in "ZX"
+
+
+def _group(pgid):
+    """Live (not zombie) processes of the process group ``pgid``."""
+    return [int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and (stat := _proc(e.name)) and stat[2] == pgid and stat[0] not in "ZX"]
+
+
+def _survivors(pgid, seen, within):
+    """Poll up to ``within`` s until none of ``seen`` (``{pid: start}``) nor of the group runs;
+    returns those still running then."""
+    deadline = time.monotonic() + within
+    while True:
+        left = sorted({p for p, t in seen.items() if _alive(p, t)} | set(_group(pgid)))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+
+
+@linux_only
+def test_a_child_started_by_a_pool_thread_dies_with_the_process_on_sigkill():
+    """The helper every ffmpeg/ffprobe goes through: its child gets SIGKILL when the process dies."""
+    code = ("from concurrent.futures import ThreadPoolExecutor\nfrom tsmtrain.data.prepare import _run\n"
+            "with ThreadPoolExecutor(1) as pool:\n    pool.submit(_run, ['sleep', '120']).result()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, seen = time.monotonic() + 60, {}
+        while not seen and child.poll() is None and time.monotonic() < deadline:
+            seen = _children(child.pid, "sleep")
+            time.sleep(0.02)
+        assert seen, f"no sleep child within 60 s (exit {child.poll()})"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        assert not _survivors(child.pid, seen, within=10), "the child outlived its parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # what a failure left behind
+        child.kill()
+        child.wait(timeout=10)
+
+
+@pytest.mark.slow
+@linux_only
+def test_sigkill_kills_the_ffmpeg_children_and_a_rerun_prepares_everything(tmp_path):
+    """kill -9 of `tsmtrain prepare` (only it, not its process group) while two ffmpeg encode:
+    the ffmpeg die too (PR_SET_PDEATHSIG), within 10 s; the same command then finishes the job."""
+    real = shutil.which("ffmpeg")
+    if real is None or shutil.which("ffprobe") is None:
+        pytest.skip("ffmpeg is not installed (make setup installs it)")
+    pytest.importorskip("torchcodec")
+    root, out = tmp_path / "root", tmp_path / "out"
+    names = [f"c{i}/long{i}.mp4" for i in range(3)]
+    for name in names:  # 30 s each at 10 frames/s, 64x48: cheap to make and to encode
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([real, "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10", "-frames:v",
+                        "300", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(root / name)],
+                       check=True, timeout=60)
+    (root / "train.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    # For the killed run only, an ffmpeg that reads its input at the input's own rate (-re): each
+    # encode lasts 30 s, so an ffmpeg that outlived its parent would still be running at the check.
+    stub = tmp_path / "bin/ffmpeg"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\ncase " $* " in *" -i "*) exec {shlex.quote(real)} -re "$@";; esac\n'
+                    f'exec {shlex.quote(real)} "$@"\n')
+    stub.chmod(0o755)
+    args = [sys.executable, "-m", "tsmtrain", "prepare", "--list", str(root / "train.txt"), "--root", str(root),
+            "--out", str(out), "--jobs", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = tmp_path / "killed.log"
+    with open(log, "w") as err:
+        child = subprocess.Popen(args, cwd=REPO, env={**env, "PATH": f"{stub.parent}:{env['PATH']}"},
+                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline, seen = time.monotonic() + 60, {}
+        while len(seen) < 2 and child.poll() is None and time.monotonic() < deadline:
+            for pid, started in _children(child.pid, "ffmpeg").items():
+                with contextlib.suppress(OSError):
+                    if b"-i" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:]:  # an encode
+                        seen[pid] = started
+            time.sleep(0.02)
+        assert seen and child.poll() is None, f"no ffmpeg encoding within 60 s (exit {child.poll()}): " \
+                                              f"{log.read_text()[-2000:]}"
+        os.kill(child.pid, signal.SIGKILL)  # the process alone: its group is left as it is
+        child.wait(timeout=10)
+        left = _survivors(child.pid, seen, within=10)
+        assert not left, f"{len(left)} process(es) of the killed prepare still run 10 s later: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # what a failure left behind
+        child.kill()
+        child.wait(timeout=10)
+    assert not (out / MANIFEST).exists()
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    match = re.search(r"(\d+) videos: (\d+) prepared, (\d+) failed, (\d+) already done", rerun.stderr)
+    assert match, rerun.stderr
+    total, prepared, failed, done = map(int, match.groups())
+    assert (total, failed, prepared + done) == (3, 0, 3), rerun.stderr
+    assert sorted(read_manifest(out)) == sorted(names)
+    assert (out / "train.txt").read_text() == (root / "train.txt").read_text()
+    assert not [p for p in out.rglob(".*part*")], "temporary files left behind"
 
 def test_shards_partition_the_list_exactly(tmp_path):
     root = tmp_path / "root"
