@@ -106,13 +106,13 @@ def test_mpirun_job(tmp_path):
 
 def test_hostile_names_are_quoted(tmp_path):
     evil = "a b; rm -rf x"
-    runs = tmp_path / "my runs $(touch pwned)"
+    runs = tmp_path / "my runs $(touch pwned)" / "run `touch pwned3`"  # run.name must be a plain name
     path = write_recipe(tmp_path, name="r", cluster={"job_name": evil, "env": {"NOTE": "it's $(touch pwned2)"}},
-                        run={"name": "run `touch pwned3`", "dir": str(runs)})
+                        run={"name": "run", "dir": str(runs)})
     script = render(path)
     h = header(script)
     assert h["--job-name"] == f'"{evil}"'
-    run_dir = runs / "run `touch pwned3`"
+    run_dir = runs / "run"
     assert h["--output"] == f'"{run_dir}/slurm-%j.out"'
     # run the script's shell part with stand-ins that record what they were given
     bin_dir = tmp_path / "bin"

@@ -153,3 +153,168 @@ def test_cli_refuses_shift_div_with_exit_2(tmp_path):
     proc = cli("validate", str(write(tmp_path, {})), "--set", "model.shift_div=1000")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: --set: model.shift_div = '1000': leaves no channel")
+
+
+# --------------------------------------------------------------------------- hardened input
+
+
+def alias_bomb(path, levels):
+    """A recipe whose key ``x`` is an alias bomb: ``levels`` levels, each naming the previous one 9 times
+    (9 ** levels values once expanded, a few hundred bytes of text)."""
+    lines = ["data:", f"  root: {path.parent}", f"  train_list: {path.parent / 'train.txt'}", "x:",
+             '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    (path.parent / "train.txt").write_text("a.mp4 0\n")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def limited_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 2 GiB of address space
+
+
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    lists = write(tmp_path, {}).parent / "train.txt"
+    path.write_text(f"data:\n  root: {tmp_path}\n  train_list: {lists}\n"  # lines 1-3
+                    "model:\n  arch: resnet18\n  num_classes: 4\n"          # lines 4-6
+                    "optim:\n  base_lr: 0.1\n  momentum: 0.8\n  base_lr: 0.2\n"  # lines 7-10
+                    "model:\n  num_classes: 6\n")                           # lines 11-12
+    found = problems(path)
+    assert [(p.key, p.line) for p in found] == [("optim.base_lr", 10), ("model", 11)]
+    assert all(p.file == str(path) for p in found)
+    assert "duplicate key (first at line 8)" in found[0].message
+    assert str(found[1]) == f"{path}:11: model: duplicate key (first at line 4); a recipe names each key once"
+    out = cli("validate", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [f"error: {p}" for p in found]
+
+
+def test_duplicate_key_in_an_override_value_is_refused(tmp_path):
+    (p,) = problems(write(tmp_path, {}), ["cluster.env={A: '1', A: '2'}"])
+    assert p.file == "--set" and p.key == "cluster.env" and "duplicate key" in p.message
+
+
+@pytest.mark.parametrize("levels", [6, 9])
+def test_alias_bomb_is_refused_quickly_in_bounded_memory(tmp_path, levels):
+    path = alias_bomb(tmp_path / "bomb.yaml", levels)
+    out = subprocess.run([sys.executable, "-m", "tsmtrain", "validate", str(path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=20, preexec_fn=limited_memory)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(out.stderr) < 300
+    (line,) = out.stderr.splitlines()
+    # the first level that expands past 10,000 values: l4 (1 + 9 * (1 + 9 * (1 + 9 * (1 + 9 * 10)))), on line 9
+    assert line.startswith(f"error: {path}:9: (yaml): aliases (*name) expand this to more than 10,000 values")
+
+
+def test_alias_bomb_leaves_the_line_index_empty(tmp_path):
+    from tsmtrain.recipe import _line_index
+
+    assert _line_index(alias_bomb(tmp_path / "bomb.yaml", 9).read_text()) == {}
+
+
+@pytest.mark.parametrize("text, why", [
+    ("x: &a [*a]\n", "inside the node it names"),
+    ("x: " + "[" * 60 + "]" * 60 + "\n", "nested more than 50 levels"),
+    ("a: &a 1\nx: [" + ", ".join(["*a"] * 101) + "]\n", "more than 100 aliases"),
+])
+def test_recursive_deep_or_alias_heavy_yaml_is_refused(tmp_path, text, why):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    (p,) = problems(path)
+    assert p.key == "(yaml)" and why in p.message and p.line is not None
+
+
+def test_small_anchors_and_merge_keys_still_work(tmp_path):
+    from tsmtrain.recipe import _yaml_load
+
+    lists = write(tmp_path, {}).parent / "train.txt"
+    path = tmp_path / "anchors.yaml"
+    text = (f"data:\n  root: {tmp_path}\n  train_list: {lists}\n  mean: &m [0.5, 0.5, 0.5]\n  std: *m\n"
+            "model: &model {num_classes: 4, arch: resnet18}\n"
+            "train:\n  <<: {batch_size: 4, seed: 3}\n  batch_size: 2\n")  # a merged key named again: no duplicate
+    path.write_text(text)
+    r = load_recipe(path)
+    assert r.data.mean == r.data.std == (0.5, 0.5, 0.5)
+    assert (r.train.batch_size, r.train.seed, r.model.arch) == (2, 3, "resnet18")
+    path.write_text(text.replace("seed: 3", "seed: -3"))
+    (p,) = problems(path)
+    assert (p.key, p.line) == ("train.seed", 8)  # where the merged mapping names it
+    assert _yaml_load("base: &base {a: 1, b: 2}\nx:\n  <<: *base\n  b: 3\n")["x"] == {"a": 1, "b": 3}
+
+
+WRONG_VALUES = [
+    ("optim", {"base_lr": float("inf")}, "optim.base_lr", "finite"),
+    ("optim", {"base_lr": float("nan")}, "optim.base_lr", "finite"),
+    ("optim", {"base_lr": 0}, "optim.base_lr", "greater than 0"),
+    ("optim", {"momentum": float("nan")}, "optim.momentum", "finite"),
+    ("data", {"std": [0, 0, 0]}, "data.std", "greater than 0"),
+    ("data", {"std": [0.2, -0.1, 0.2]}, "data.std", "greater than 0"),
+    ("data", {"mean": [0.5, float("inf"), 0.5]}, "data.mean", "finite"),
+    ("data", {"scales": [1.0, float("nan")]}, "data.scales", "finite"),
+    ("train", {"seed": -1}, "train.seed", "greater than or equal to 0"),
+    ("data", {"frame_size": [0, 0]}, "data.frame_size", "greater than or equal to 1"),
+    ("data", {"frame_size": [112, 300], "input_size": 224}, "data.frame_size", "smaller than data.input_size (224)"),
+    ("data", {"short_side": 200, "input_size": 224}, "data.short_side", "smaller than data.input_size (224)"),
+    ("data", {"short_side": 4}, "data.short_side", "greater than or equal to 8"),
+    ("schedule", {"epochs": True}, "schedule.epochs", "a boolean is not a number"),
+    ("schedule", {"warmup_epochs": False}, "schedule.warmup_epochs", "a boolean is not a number"),
+    ("train", {"threads": True}, "train.threads", "a boolean is not a number"),
+    ("data", {"frame_size": [True, 224]}, "data.frame_size", "a boolean is not a number"),
+    ("schedule", {"milestones": [True]}, "schedule.milestones", "a boolean is not a number"),
+    ("run", {"name": "../../x"}, "run.name", "not a plain name"),
+    ("run", {"name": ".."}, "run.name", "not a plain name"),
+    ("run", {"name": "a/b"}, "run.name", "'/'"),
+]
+
+
+@pytest.mark.parametrize("section, values, key, why", WRONG_VALUES,
+                         ids=[f"{key}={values[key.split('.')[1]]}" for _, values, key, _ in WRONG_VALUES])
+def test_wrong_values_are_refused_naming_the_key(tmp_path, section, values, key, why):
+    path = write(tmp_path, {section: values})
+    found = problems(path)
+    assert [p.key for p in found] == [key]
+    assert why in found[0].message
+    assert key.rsplit(".", 1)[1] in path.read_text().splitlines()[found[0].line - 1]
+
+
+def test_values_at_the_bounds_are_accepted(tmp_path):
+    r = load_recipe(write(tmp_path, {"data": {"frame_size": [224, 398], "short_side": 224, "std": [1, 1, 1]},
+                                     "train": {"seed": 0}, "run": {"name": "tsm_r50-k400.v2"}}))
+    assert r.data.frame_size == (224, 398) and r.data.short_side == 224 and r.run.name == "tsm_r50-k400.v2"
+    assert load_recipe(write(tmp_path, {})).data.short_side is None
+
+
+def test_run_name_outside_run_dir_is_refused_by_the_cli(tmp_path):
+    out = cli("validate", str(write(tmp_path, {})), "--set", "run.name=../../x")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: --set: run.name = '../../x': not a plain name")
+
+
+def test_a_huge_value_gives_a_short_message(tmp_path):
+    (p,) = problems(write(tmp_path, {"train": {"batch_size": "x" * 100_000}}))
+    assert p.key == "train.batch_size" and len(str(p)) < len(str(p.file)) + 300
+    assert "'xxx" in str(p) and "..." in str(p)
+
+
+def test_non_utf8_recipe_is_one_line_with_the_byte_offset(tmp_path):
+    path = write(tmp_path, {})
+    text = path.read_bytes()
+    path.write_bytes(text + b"# caf\xe9\n")
+    out = cli("validate", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = len(text.splitlines()) + 1
+    assert out.stderr == f"error: {path}: not UTF-8 text: byte 0xe9 at offset {len(text) + 5} (line {lines})\n"
+
+
+def test_non_utf8_label_map_names_the_byte(tmp_path):
+    from tsmtrain.recipe import ClassNamesError, read_class_names
+
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(b"run\njump\n\xffsit\n")
+    with pytest.raises(ClassNamesError, match=r"classes.txt: not UTF-8 text: byte 0xff at offset 9 \(line 3\)$"):
+        read_class_names(classes)
+    (p,) = problems(write(tmp_path, {"data": {"classes": str(classes)}}))
+    assert p.key == "data.classes" and "byte 0xff at offset 9" in p.message

@@ -9,15 +9,23 @@ Loading goes through :func:`load_recipe`, which collects *every* problem (unknow
 type, missing file, impossible combination) before raising one :class:`RecipeError`; each
 problem names the file, the key path, the line in the YAML file where it can be found, and the
 offending value. The CLI prints them one per line and exits with status 2.
+
+The YAML itself is read strictly: UTF-8 text only, each key once per mapping (a second
+``model:`` section is an error, not a silent replacement), and anchors/aliases within a small
+bound (an alias bomb is refused before it is expanded); no float is infinite or NaN, and no
+boolean stands for a number.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import reprlib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,8 +45,45 @@ __all__ = [
 ]
 
 
+def _takes_number(annotation: Any) -> bool:
+    """Whether a field of this type takes an int or a float (alone, or in a union with None)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _takes_number(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_number(a) for a in typing.get_args(annotation))
+    return annotation in (int, float)
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field of this type takes a list or tuple of ints or floats."""
+    if typing.get_origin(annotation) is Annotated:
+        return _takes_numbers(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_numbers(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (list, tuple) and any(
+        _takes_number(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no .inf or .nan in any float field (nested in tuples and lists too)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info) -> Any:
+        """pydantic reads ``true`` as 1 in an int or float field; a recipe that says ``epochs: true``
+        means something else, so a boolean is refused wherever a number (or numbers) go."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _takes_number(annotation):
+            raise ValueError("a boolean is not a number")
+        if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+                and _takes_numbers(annotation)):
+            raise ValueError("a boolean is not a number")
+        return value
+
+
+_Positive = Annotated[float, Field(gt=0)]
+_Pixels = Annotated[int, Field(ge=1)]
 
 
 class DataConfig(_Section):
@@ -65,16 +110,21 @@ class DataConfig(_Section):
         "cpu", description="cpu: decode in the loader workers; cuda: torchcodec decodes with NVDEC into the rank's "
                            "GPU, in the training process (falls back to cpu with a warning)")
     num_segments: int = Field(8, ge=1, description="T: segments per clip, one frame sampled from each (TSN)")
-    frame_size: tuple[int, int] | None = Field(
+    frame_size: tuple[_Pixels, _Pixels] | None = Field(
         None, description="[H, W] the decoder resizes every frame to, so clips of any size batch together"
     )
+    short_side: int | None = Field(
+        None, ge=8, description="short side in pixels the decoder resizes each video to when data.frame_size is not "
+                                "set (videos of any size and aspect ratio then batch together after a crop to "
+                                "short_side x short_side); none: input_size * 256 / 224 (TSM, mmaction2)")
     input_size: int = Field(224, ge=8, description="side in pixels of the square crop fed to the network")
     scales: list[float] = Field(
         [1.0, 0.875, 0.75, 0.66], description="multi-scale crop: crop sides as fractions of the shorter side"
     )
     flip: bool = Field(True, description="random horizontal flip in training (turn off when left/right matters)")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel normalisation mean (RGB, 0..1)")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per-channel normalisation std (RGB, 0..1)")
+    std: tuple[_Positive, _Positive, _Positive] = Field(
+        (0.229, 0.224, 0.225), description="per-channel normalisation std (RGB, 0..1; each > 0)")
     workers: int = Field(2, ge=0, description="data-loading worker processes per rank")
     max_retries: int = Field(10, ge=0, description="unreadable videos replaced in a row before the run stops")
 
@@ -179,7 +229,7 @@ class TrainConfig(_Section):
     stop_after_steps: int | None = Field(
         None, ge=1, description="stop with a checkpoint after this many optimizer steps (schedule unchanged)"
     )
-    seed: int = Field(0, description="random seed (sampling, augmentation, initialisation)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (sampling, augmentation, initialisation)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the rank's GPU when there is one")
     threads: int | None = Field(None, ge=1, description="CPU threads per rank; none: cores / ranks on the host")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -196,8 +246,17 @@ class TrainConfig(_Section):
 class RunConfig(_Section):
     """Where the run's files go."""
 
-    name: str = Field("run", min_length=1, description="run name: the run directory is dir/name")
+    name: str = Field("run", min_length=1, description="run name: the run directory is dir/name (letters, digits, "
+                                                        "'.', '_' and '-')")
     dir: str = Field("runs", description="folder holding run directories")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if v in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError("not a plain name (letters, digits, '.', '_', '-'; not '.' or '..'): the run directory "
+                             "is run.dir/run.name, and a '/' or '..' would put it somewhere else")
+        return v
 
 
 _TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
@@ -286,7 +345,7 @@ class ClusterConfig(_Section):
         for line in v:
             _one_line(line, "each extra #SBATCH option")
             if not line.startswith("-"):
-                raise ValueError(f"{line!r}: an #SBATCH option starts with - (e.g. --exclusive)")
+                raise ValueError(f"{_shown(line)}: an #SBATCH option starts with - (e.g. --exclusive)")
         return v
 
     @field_validator("setup")
@@ -301,7 +360,7 @@ class ClusterConfig(_Section):
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
             if not _ENV_NAME.match(name):
-                raise ValueError(f"{name!r} is not an environment variable name")
+                raise ValueError(f"{_shown(name)} is not an environment variable name")
         return v
 
     def ranks_per_node(self) -> int:
@@ -353,6 +412,15 @@ class Recipe(_Section):
                              f"{' or '.join(launchers[self.dist.engine])}"))
         if self.dist.engine == "none" and self.dist.fp16_allreduce:
             problems.append(("dist.fp16_allreduce", True, "there is no allreduce with dist.engine: none"))
+        d = self.data
+        if d.frame_size is not None and min(d.frame_size) < d.input_size:
+            problems.append(("data.frame_size", list(d.frame_size),
+                             f"smaller than data.input_size ({d.input_size}): the {d.input_size}x{d.input_size} "
+                             "crop would not fit in the frame"))
+        if d.short_side is not None and d.short_side < d.input_size:
+            problems.append(("data.short_side", d.short_side,
+                             f"smaller than data.input_size ({d.input_size}): the {d.input_size}x{d.input_size} "
+                             "crop would not fit in the frame"))
         if any(not 0 < x <= 1 for x in self.data.scales) or not self.data.scales:
             problems.append(("data.scales", self.data.scales, "each scale must lie in (0, 1]"))
         if self.data.decode_device == "cuda" and self.data.decoder != "torchcodec":
@@ -400,14 +468,19 @@ def read_class_names(path: str | os.PathLike, num_classes: int | None = None) ->
         The class names, in label order.
 
     Raises:
-        ClassNamesError: the file cannot be read; a blank line or a repeated name before the
+        ClassNamesError: the file cannot be read or is not UTF-8 text (the message names the
+            byte, its offset and line); a blank line or a repeated name before the
             end (``FILE:LINE``); no name at all; or its length differs from ``num_classes``
             (the message names both numbers and the file).
     """
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClassNamesError(f"{path}: cannot read label map: {getattr(exc, 'strerror', None) or exc}") from None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ClassNamesError(f"{path}: cannot read label map: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClassNamesError(f"{path}: {_not_utf8(data, exc)}") from None
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
@@ -416,7 +489,7 @@ def read_class_names(path: str | os.PathLike, num_classes: int | None = None) ->
         if not name:
             raise ClassNamesError(f"{path}:{number}: blank line inside the label map (line i names label i-1)")
         if name in seen:
-            raise ClassNamesError(f"{path}:{number}: class name {name!r} repeats line {seen[name]}")
+            raise ClassNamesError(f"{path}:{number}: class name {_shown(name)} repeats line {seen[name]}")
         seen[name] = number
     if not names:
         raise ClassNamesError(f"{path}: label map names no class")
@@ -425,12 +498,44 @@ def read_class_names(path: str | os.PathLike, num_classes: int | None = None) ->
     return names
 
 
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Why ``data`` is not UTF-8 text, in one line: the byte, its offset and its line."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    return f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})"
+
+
 # --------------------------------------------------------------------------- errors
+
+
+_SHOWN = 100
+"""Characters of a value that a :class:`Problem` shows at most."""
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 2 * _SHOWN
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 20
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to :data:`_SHOWN` characters (``...`` at the end when cut), so that
+    no message about a huge value is huge itself."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # an int too long for str(), a failing __repr__: say what it is
+        text = f"<{type(value).__name__}>"
+    return _cut(text)
+
+
+def _cut(text: str, limit: int = _SHOWN) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` at the end when cut."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a recipe: where it is and why."""
+    """One thing wrong with a recipe: where it is and why. ``str()`` gives
+    ``FILE:LINE: KEY = VALUE: why`` (no ``:LINE`` without a line, no ``KEY`` for a problem with
+    the file as a whole, no ``= VALUE`` without a value; a long value is cut to 100 characters)."""
 
     file: str
     key: str
@@ -440,8 +545,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        value = "" if self.value is _MISSING else f" = {self.value!r}"
-        return f"{where}: {self.key}{value}: {self.message}"
+        value = "" if self.value is _MISSING else f" = {_shown(self.value)}"
+        what = f"{self.key}{value}: " if self.key else ""
+        return f"{where}: {what}{self.message}"
 
 
 _MISSING = object()
@@ -458,9 +564,67 @@ class RecipeError(Exception):
 # --------------------------------------------------------------------------- loading
 
 
+_MAX_ALIASES = 100
+"""Aliases (``*name``) one YAML document may use: a recipe needs a handful."""
+_MAX_DEPTH = 50
+"""Levels of nesting, aliases expanded: a recipe has three or four."""
+_MAX_NODES = 10_000
+"""Nodes (mappings, sequences, scalars) of one YAML document once its aliases are expanded. An
+alias bomb (each level naming the previous one many times) stays a few lines of text but
+expands exponentially; it is measured on the composed node graph, in time linear in the text,
+and refused before anything is expanded."""
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but that tsmtrain refuses to read: too many aliases, nesting too deep,
+    a recursive alias, more than :data:`_MAX_NODES` nodes once expanded, or a duplicate key.
+    ``why`` says which, ``key`` is the dotted key path where there is one, ``line`` is 1-based."""
+
+    def __init__(self, why: str, mark: yaml.Mark, key: str = ""):
+        super().__init__(problem=f"{key}: {why}" if key else why, problem_mark=mark)
+        self.why, self.key, self.line = why, key, mark.line + 1
+
+
 class _RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader without base-60 numbers: YAML 1.1 reads ``time: 1:30:00`` as the
-    integer 5400, which would turn a Slurm time limit into seconds. Here it stays a string."""
+    integer 5400, which would turn a Slurm time limit into seconds. Here it stays a string.
+
+    While composing, it refuses (:class:`_Refused`) more than :data:`_MAX_ALIASES` aliases and
+    nesting deeper than :data:`_MAX_DEPTH`; a value that cannot be built (a timestamp with
+    month 13, an integer of 5,000 digits) is a ``ConstructorError`` naming its line, not a
+    ``ValueError``. Use it through :func:`_compose` and :func:`_construct`."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > _MAX_ALIASES:
+                raise _Refused(f"more than {_MAX_ALIASES} aliases (*name); refused, as an alias bomb would exhaust "
+                               "memory (a recipe needs a handful)",
+                               self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        if self._depth >= _MAX_DEPTH:
+            raise _Refused(f"nested more than {_MAX_DEPTH} levels deep (a recipe needs three or four)",
+                           self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_shown(value)} as {node.tag.rsplit(':', 1)[-1]}: {_cut(str(exc))}",
+                node.start_mark) from None
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -481,28 +645,170 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+def _compose(text: str) -> yaml.Node | None:
+    """The node graph of the one YAML document in ``text`` (None when it is empty), aliases
+    still shared, checked by :func:`_check_expansion`.
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or (:class:`_Refused`) too many aliases, too deep, or
+            too large once expanded.
+    """
+    loader = _RecipeLoader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if root is not None:
+        _check_expansion(root)
+    return root
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph that aliases would expand to more than :data:`_MAX_NODES` nodes or
+    :data:`_MAX_DEPTH` levels, or that contains itself. Each distinct node's expanded size is
+    computed once (memoised, iteratively), so a bomb is measured in time linear in its text.
+
+    Raises:
+        _Refused: naming the line of the first (innermost) node over a bound.
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes whose children are being measured: the path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, measured = stack.pop()
+        kids = _children(node)
+        if measured:
+            open_nodes.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            depth[id(node)] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[id(node)] > _MAX_NODES:
+                raise _Refused(f"aliases (*name) expand this to more than {_MAX_NODES:,} values (an alias bomb?); "
+                               "refused before expanding, as expanding would exhaust memory",
+                               node.start_mark)
+            if depth[id(node)] > _MAX_DEPTH:
+                raise _Refused(f"aliases (*name) nest this more than {_MAX_DEPTH} levels deep (a recipe needs "
+                               "three or four)", node.start_mark)
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_nodes:
+            raise _Refused("an alias (*name) inside the node it names: a recursive structure",
+                           node.start_mark)
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
+
+
+def _scan(root: yaml.Node) -> tuple[dict[str, int], list[tuple[str, yaml.Node, int]]]:
+    """Walk a graph that :func:`_compose` checked (so at most :data:`_MAX_NODES` nodes expanded).
+
+    Returns:
+        The 1-based line of every dotted key path (merged keys, ``<<: *base``, at the line
+        where the base names them, unless the mapping names them itself), and every duplicate
+        key as ``(key path, key node, line of its first occurrence)``, each mapping checked once.
+    """
+    index: dict[str, int] = {}
+    duplicates: list[tuple[str, yaml.Node, int]] = []
+    checked: set[int] = set()
+    keys = _RecipeLoader("")
+
+    def identity(key: yaml.Node) -> Any:
+        """What the key becomes in the dict (``1`` and ``0x1`` collide; ``1`` and ``'1'`` do not)."""
+        if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE:
+            try:
+                value = keys.construct_object(key)
+                hash(value)
+                return ("value", value)
+            except Exception:
+                return ("text", key.tag, key.value)
+        return ("node", id(key)) if key.tag != _MERGE else ("merge",)
+
+    def name(key: yaml.Node) -> str:
+        return str(key.value) if isinstance(key, yaml.ScalarNode) else "(complex key)"
+
+    def walk(node: yaml.Node, prefix: str, indexed: bool) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}{i}.", False)
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        if id(node) not in checked:
+            checked.add(id(node))
+            first: dict[Any, int] = {}
+            for key, _ in node.value:
+                ident = identity(key)
+                if ident in first:
+                    duplicates.append((prefix + name(key), key, first[ident]))
+                else:
+                    first[ident] = key.start_mark.line + 1
+        for key, value in node.value:  # merged keys first: the mapping's own keys override them
+            if key.tag == _MERGE:
+                for base in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                    walk(base, prefix, indexed)
+        for key, value in node.value:
+            if key.tag != _MERGE:
+                path = prefix + name(key)
+                if indexed:
+                    index[path] = key.start_mark.line + 1
+                walk(value, path + ".", indexed)
+
+    try:
+        walk(root, "", True)
+    finally:
+        keys.dispose()
+    duplicates.sort(key=lambda d: d[1].start_mark.index)
+    return index, duplicates
+
+
+def _construct(root: yaml.Node) -> Any:
+    """The Python value of a node graph that :func:`_compose` checked.
+
+    Raises:
+        yaml.YAMLError: a value that cannot be built (unhashable key, impossible timestamp).
+    """
+    loader = _RecipeLoader("")
+    try:
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)
+    """Read one YAML document as recipes are read (no base-60 numbers; aliases, nesting and
+    expanded size bounded; duplicate keys refused).
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or refused (:class:`_Refused`, naming the first
+            duplicate key or the bound exceeded and its line).
+    """
+    root = _compose(text)
+    if root is None:
+        return None
+    _, duplicates = _scan(root)
+    if duplicates:
+        key, node, first = duplicates[0]
+        raise _Refused(f"duplicate key (first at line {first})", node.start_mark, key)
+    return _construct(root)
 
 
 def _line_index(text: str) -> dict[str, int]:
-    """Map dotted key paths of a YAML document to their 1-based line numbers."""
-    index: dict[str, int] = {}
+    """Map dotted key paths of a YAML document to their 1-based line numbers ({} when the text
+    is not YAML that :func:`_yaml_load` reads; never expands more than :data:`_MAX_NODES` nodes)."""
     try:
-        root = yaml.compose(text, Loader=_RecipeLoader)
+        root = _compose(text)
     except yaml.YAMLError:
-        return index
-
-    def walk(node: yaml.Node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                path = f"{prefix}{key.value}"
-                index[path] = key.start_mark.line + 1
-                walk(value, path + ".")
-
-    if root is not None:
-        walk(root, "")
-    return index
+        return {}
+    return _scan(root)[0] if root is not None else {}
 
 
 def _set_path(doc: dict, path: str, value: Any) -> None:
@@ -521,8 +827,9 @@ def _set_path(doc: dict, path: str, value: Any) -> None:
 def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> list[Problem]:
     """Apply ``a.b=value`` overrides to a raw recipe dict in place.
 
-    Values are parsed as YAML (``8`` is an int, ``false`` a bool, ``[1,2]`` a list).
-    Returns the malformed overrides as problems; unknown keys are caught by validation.
+    Values are parsed as YAML (``8`` is an int, ``false`` a bool, ``[1,2]`` a list; text that is
+    not YAML stays a string). Returns the malformed overrides as problems (no ``=``, a value
+    with a duplicate key or too many aliases); unknown keys are caught by validation.
     """
     problems = []
     for item in overrides:
@@ -533,6 +840,9 @@ def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> l
             continue
         try:
             value = _yaml_load(raw) if raw.strip() else None
+        except _Refused as exc:
+            problems.append(Problem(source, key, _MISSING, f"value refused: {exc.problem}"))
+            continue
         except yaml.YAMLError:
             value = raw
         try:
@@ -566,12 +876,14 @@ def _from_validation_error(err: ValidationError, file: str, lines: dict[str, int
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
         value = _MISSING if e["type"] == "missing" else e.get("input", _MISSING)
         if isinstance(value, dict):
             value = _MISSING
         src = overridden.get(key, file)
-        problems.append(Problem(src, key, value, msg, lines.get(key) if src == file else None))
+        problem = Problem(src, key, value, msg, lines.get(key) if src == file else None)
+        if problem not in problems:  # std: [0, 0, 0] is one problem, not three
+            problems.append(problem)
     return problems
 
 
@@ -609,15 +921,31 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
 
     Raises:
         RecipeError: with one :class:`Problem` per unknown key, wrong type, missing file or
-            impossible combination, all collected before raising.
+            impossible combination, all collected before raising. Before any of those: one
+            problem when the file cannot be read, is not UTF-8 text (the byte, its offset and
+            line), is not valid YAML, or uses aliases (``*name``) beyond a small bound (more than
+            100, or expanding to more than 10,000 values: an alias bomb); one per duplicate key
+            (naming both lines).
     """
     file = str(path)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise RecipeError([Problem(file, "(file)", _MISSING, f"cannot read recipe: {exc.strerror or exc}")]) from None
     try:
-        doc = _yaml_load(text) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem(file, "", _MISSING, _not_utf8(data, exc))]) from None
+    try:
+        root = _compose(text)
+        lines, duplicates = _scan(root) if root is not None else ({}, [])
+        if duplicates:
+            raise RecipeError([Problem(file, key, _MISSING, f"duplicate key (first at line {first}); a recipe "
+                                                            "names each key once", node.start_mark.line + 1)
+                               for key, node, first in duplicates])
+        doc = (_construct(root) if root is not None else None) or {}
+    except _Refused as exc:
+        raise RecipeError([Problem(file, "(yaml)", _MISSING, exc.why, exc.line)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -625,7 +953,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, che
         raise RecipeError([Problem(file, "(yaml)", _MISSING, f"not valid YAML: {reason}", line)]) from None
     if not isinstance(doc, dict):
         raise RecipeError([Problem(file, "(top level)", _MISSING, "a recipe is a mapping of sections")])
-    lines = _line_index(text)
     overrides = list(overrides or [])
     problems = apply_overrides(doc, overrides)
     overridden = {o.partition("=")[0].strip(): "--set" for o in overrides}

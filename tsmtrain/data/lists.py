@@ -29,6 +29,12 @@ class VideoRecord:
     label: int
 
 
+def _quoted(text: str, limit: int = 100) -> str:
+    """``repr(text)`` cut to ``limit`` characters, so that a message about a huge line is not huge."""
+    shown = repr(text[:limit])
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
+
+
 def read_list(list_file: str | Path, root: str | Path, num_classes: int | None = None) -> list[VideoRecord]:
     """Parse a list file.
 
@@ -36,15 +42,22 @@ def read_list(list_file: str | Path, root: str | Path, num_classes: int | None =
         One :class:`VideoRecord` per video line, paths joined onto ``root``.
 
     Raises:
-        ListFileError: the file cannot be read, a line is not ``path label``, a label is not a
+        ListFileError: the file cannot be read or is not UTF-8 text (one line naming the byte,
+            its offset and line), a line is not ``path label``, a label is not a
             non-negative integer (or is >= ``num_classes``), or the file lists no video. Every
             bad line is reported as ``FILE:LINE: reason: 'text'``.
     """
     list_file = Path(list_file)
     try:
-        text = list_file.read_text()
+        data = list_file.read_bytes()
     except OSError as exc:
         raise ListFileError([f"{list_file}: cannot read list file: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ListFileError([f"{list_file}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                             f"(line {line})"]) from None
     records, problems = [], []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -54,15 +67,15 @@ def read_list(list_file: str | Path, root: str | Path, num_classes: int | None =
         path = path.strip()
         where = f"{list_file}:{number}"
         if not path:
-            problems.append(f"{where}: expected 'relative/path.ext label': {raw!r}")
+            problems.append(f"{where}: expected 'relative/path.ext label': {_quoted(raw)}")
             continue
         try:
             value = int(label)
         except ValueError:
-            problems.append(f"{where}: label {label!r} is not an integer: {raw!r}")
+            problems.append(f"{where}: label {_quoted(label)} is not an integer: {_quoted(raw)}")
             continue
         if value < 0 or (num_classes is not None and value >= num_classes):
-            problems.append(f"{where}: label {value} outside 0..{(num_classes or 1) - 1}: {raw!r}")
+            problems.append(f"{where}: label {value} outside 0..{(num_classes or 1) - 1}: {_quoted(raw)}")
             continue
         records.append(VideoRecord(str(Path(root) / path), value))
     if not records and not problems:
