@@ -40,7 +40,8 @@ def tiny_recipe(path: Path, root: Path, name: str, **sections) -> Path:
 
     doc = {
         "data": {"root": str(root), "train_list": str(root / "train.txt"), "val_list": str(root / "val.txt"),
-                 "num_segments": 4, "input_size": 32, "flip": False, "workers": 1},
+                 "num_segments": 4, "input_size": 32, "short_side": 32, "flip": False,
+                 "workers": 1},
         "model": {"arch": "resnet18", "num_classes": 4, "dropout": 0.3},
         "optim": {"name": "sgd", "base_lr": 0.05, "base_batch": 4},
         "schedule": {"epochs": 2, "warmup_epochs": 1},

@@ -213,3 +213,39 @@ def test_an_all_unreadable_list_ends_with_one_line_and_status_2(tmp_path, comman
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and ("could not be decoded" in errors[0] or "fewer than 2" in errors[0]), errors
     assert "bad/v" in errors[0] and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- several ranks
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@pytest.mark.parametrize("engine", ["horovod", "ddp"])
+def test_a_rank_whose_data_fails_ends_the_whole_job(tmp_path, tiny_demo, engine):
+    """Two ranks; the first clips of rank 1's shard are unreadable (data.max_retries: 0), rank 0's
+    are fine: rank 1 exits 2 with the data error, rank 0, waiting in an allreduce, learns that its
+    peer left and exits with one line, and the launcher returns non-zero: nothing waits."""
+    import shutil
+
+    from tsmtrain.data import read_list
+
+    if engine == "horovod":
+        pytest.importorskip("horovod.torch")
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root)
+    records = read_list(root / "train.txt", root)
+    rank1 = ShardSampler(len(records), 1, 2, seed=0).shard()
+    rank0 = ShardSampler(len(records), 0, 2, seed=0).shard()
+    for i in rank1[:4]:
+        if i not in rank0[:4]:
+            Path(records[i].path).write_bytes(b"\0" * 2000)
+    recipe = tiny_recipe(tmp_path / "r.yaml", root, f"fail-{engine}", dist={"engine": engine, "np": 2},
+                         data={"max_retries": 0})
+    t0 = time.monotonic()
+    proc = subprocess.run([*TSMTRAIN, "run", str(recipe)], capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env=venv_env())
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 150
+    assert "could not be decoded (data.max_retries=0)" in proc.stderr, proc.stderr[-3000:]
+    assert "another rank failed or left" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "runs" / f"fail-{engine}" / "checkpoint-00000001.pt").exists()

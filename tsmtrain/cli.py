@@ -48,6 +48,16 @@ def _fail(lines: list[str] | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _fail_if_peer_failed(err: Exception) -> None:
+    """Exit 1 with one line when ``err`` only says that another rank failed (that rank printed
+    the cause); otherwise return, and the caller re-raises (an internal error: traceback, 1)."""
+    from .dist import peer_failure
+
+    line = peer_failure(err)
+    if line:
+        _fail(line, code=1)
+
+
 def _load(recipe: str, sets: list[str], check_files: bool = True, flags: dict | None = None) -> Recipe:
     try:
         return load_recipe(recipe, sets, check_files=check_files, flags=flags)
@@ -93,6 +103,9 @@ def run(
         _fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)
+    except Exception as err:
+        _fail_if_peer_failed(err)
+        raise
     if result.preempted:
         raise typer.Exit(EXIT_PREEMPTED)
     if result.eval and result.rank == 0:
@@ -151,6 +164,9 @@ def test(
         _fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)
+    except Exception as err:
+        _fail_if_peer_failed(err)
+        raise
     if report.rank != 0:
         return
     for path, reason in report.unreadable:

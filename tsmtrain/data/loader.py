@@ -235,7 +235,7 @@ def short_side(data) -> int:
     """The short side S in pixels that a recipe's ``data`` section resizes videos to when it sets no
     ``frame_size``: ``data.short_side``, else ``input_size * 256 / 224`` rounded (the 256-pixel
     resize before a 224-pixel crop of TSM and mmaction2)."""
-    return getattr(data, "short_side", None) or round(data.input_size * 256 / 224)
+    return data.short_side or round(data.input_size * 256 / 224)
 
 
 class MultiClipDataset(VideoClipDataset):

@@ -25,13 +25,30 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Engine
 
-__all__ = ["ENGINES", "DistError", "create_engine", "launched_by_launcher", "LAUNCHER_VARIABLES"]
+__all__ = ["ENGINES", "DistError", "create_engine", "launched_by_launcher", "LAUNCHER_VARIABLES", "peer_failure"]
 
 ENGINES = ("horovod", "ddp", "none")
 """The values of ``dist.engine``."""
 
 LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "TORCHELASTIC_RUN_ID")
 """Variables that only a launcher's children have: horovodrun, mpirun, srun --mpi=pmix, torchrun."""
+
+
+_PEER_GONE = ("Horovod has been shut down", "Connection closed by peer", "Connection reset by peer",
+              "Broken pipe", "NCCL communicator was aborted", "Socket Timeout")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """One line saying that another rank failed, when ``exc`` is how this rank learnt it (a
+    collective that broke because a peer exited or aborted: Horovod's ``HorovodInternalError``
+    after its shutdown, Gloo's "Connection closed by peer", an aborted NCCL communicator);
+    ``None`` for any other exception. The failing rank prints its own error; the others print
+    this line instead of a traceback of the collective they were waiting in."""
+    text = str(exc)
+    if type(exc).__name__ == "HorovodInternalError" or any(s in text for s in _PEER_GONE):
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        return f"another rank failed or left (its own error is above), so this rank stops too: {first[:200]}"
+    return None
 
 
 class DistError(RuntimeError):
