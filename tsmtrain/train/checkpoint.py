@@ -6,21 +6,33 @@ seed, list size), every rank's random-number-generator states, every rank's Batc
 statistics when it was written mid-epoch (``rank_buffers``; they are averaged at epoch ends),
 whether the epoch's evaluation is still due (``pending_eval``), the fp16 gradient scaler's state
 (``scaler``), and the recipe. Rank 0 writes it atomically: into a temporary file in the run
-directory, flushed and fsync'ed, then renamed over the final name, so a job killed mid-write
-leaves the previous checkpoint intact and never a truncated one.
+directory (``.checkpoint-*.tmp``), flushed and fsync'ed, then renamed over the final name, so a
+job killed mid-write leaves the previous checkpoint intact and never a truncated one; the next
+start removes the temporary file such a kill leaves (:func:`remove_stale_temporaries`). A write
+that fails (a full disk) removes its temporary file and stops every rank with one line naming
+the file and the cause (:class:`CheckpointWriteError`).
 
-:func:`save_run_checkpoint` and :func:`restore_run` are what the training loop calls; the
-functions before them only handle files and random states.
+Files are checked before ``torch.load`` sees them (:func:`check_checkpoint`: not empty, a
+complete zip archive whose members all pass their CRC check): a truncated file, which a disk
+or filesystem failure can still leave, makes ``torch.load`` raise a long traceback, and an
+empty one aborts the interpreter. A run resumes from the newest intact checkpoint and says
+which newer ones it skipped (:func:`resume_checkpoint`).
+
+:func:`resume_checkpoint`, :func:`save_run_checkpoint` and :func:`restore_run` are what the
+training loop calls; the functions before them only handle files and random states.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,35 +43,154 @@ import torch
 from ..dist.local import PREEMPTED_FILE
 from .runtime import TrainingError, log
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "write_json",
-           "Position", "save_run_checkpoint", "restore_run"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
+           "remove_stale_temporaries", "rng_state", "set_rng_state", "write_json", "Position", "resume_checkpoint",
+           "save_run_checkpoint", "restore_run", "CheckpointError", "CheckpointWriteError", "CORRUPT_SUFFIX"]
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_TEMPORARY = ".checkpoint-*.tmp"  # tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp")
+_NEARLY_FULL = 64 * 2**20  # bytes: less free space than this after a failed write means the disk is full
+
+CORRUPT_SUFFIX = ".corrupt"
+"""Appended to the name of a damaged checkpoint a resumed run skipped (``checkpoint-00000050.pt.corrupt``):
+kept for inspection, no longer taken for a checkpoint, counted among the kept ones, or resumed."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint file that cannot be loaded: empty, truncated, corrupt, or not a checkpoint.
+
+    Attributes:
+        path: the file.
+        reason: why, in a few words (``truncated (not a complete zip archive)``).
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (the message names the file, the cause, and the previous
+    checkpoint, which is intact); its temporary file is removed."""
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 2) -> Path:
     """Write ``state`` as ``run_dir/checkpoint-STEP.pt`` atomically; keep the newest ``keep``.
 
-    Returns the path written. Raises ``OSError`` if the file cannot be written (the previous
-    checkpoints are then untouched).
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointWriteError: the file cannot be written (a full disk, a quota, an I/O error;
+            torch's ``RuntimeError`` on a short write included). The message is one line naming
+            the file and the cause; the temporary file is removed and the earlier checkpoints
+            are untouched.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
+    previous = latest_checkpoint(run_dir)
+    tmp, sink = None, None
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            sink = _Sink(f)
+            torch.save(state, sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        tmp = None
+    except (OSError, RuntimeError) as exc:
+        cause = _write_cause(exc, sink.error if sink else None, run_dir)  # while the temporary file fills the disk
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = (f"the previous checkpoint {previous.name} is intact" if previous is not None
+                else "no earlier checkpoint was written")
+        raise CheckpointWriteError(f"cannot write checkpoint {final}: {cause}; {kept}") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(run_dir)  # the rename itself survives a crash of the host
     for old in sorted(run_dir.glob("checkpoint-*.pt"))[:-keep]:
         if _NAME.match(old.name):
             old.unlink(missing_ok=True)
     return final
+
+
+class _Sink:
+    """The file torch.save writes into, noting the ``OSError`` of a failed write: torch turns it
+    into a ``RuntimeError`` (``unexpected pos``) that no longer says why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_cause(exc: BaseException, noted: OSError | None, run_dir: Path) -> str:
+    """A failed write's cause in a few words: the ``OSError``'s (``no space left on device``); for
+    torch's ``RuntimeError``, no space left when the disk is (nearly) full, else its first line."""
+    err = exc if isinstance(exc, OSError) else noted
+    if err is not None:
+        if err.errno == errno.ENOSPC:
+            return "no space left on device"
+        if err.errno == errno.EDQUOT:
+            return "disk quota exceeded"
+        text = err.strerror or str(err) or type(err).__name__
+        return text[:1].lower() + text[1:]
+    try:
+        if shutil.disk_usage(run_dir).free < _NEARLY_FULL:
+            return "no space left on device"
+    except OSError:
+        pass
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary files (``.checkpoint-*.tmp``) of checkpoint writes that were killed
+    (``kill -9``, a node failure) from ``run_dir``, saying so in the log. Call it only while
+    holding the run directory (:mod:`~tsmtrain.train.rundir`): a running run's file would go too.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in sorted(Path(run_dir).glob(_TEMPORARY)):
+        try:
+            size = tmp.stat().st_size
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        log.info("removed %s (%.1f MB), left by a checkpoint write that was killed", tmp, size / 1e6)
+        removed.append(tmp)
+    return removed
 
 
 def write_json(path: str | Path, doc: dict[str, Any]) -> None:
@@ -69,19 +200,78 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step in ``run_dir``, or ``None``."""
+    """The checkpoint with the highest step in ``run_dir``, or ``None``; it is not checked
+    (:func:`check_checkpoint`)."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints (``checkpoint-STEP.pt``) in ``run_dir``, highest step first; ``[]`` when
+    there are none or no such directory."""
     found = [p for p in Path(run_dir).glob("checkpoint-*.pt") if _NAME.match(p.name)]
-    return max(found, key=lambda p: int(_NAME.match(p.name).group(1))) if found else None
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def check_checkpoint(path: str | Path, crc: bool = True) -> str | None:
+    """Why ``path`` is not an intact checkpoint file, or ``None`` when it is one: not empty, a
+    complete zip archive (what ``torch.save`` writes) and, with ``crc``, every member passing its
+    CRC-32 check (this reads the whole file; without it only the archive's directory at its end
+    is read). Never calls ``torch.load``, which aborts the interpreter on an empty file.
+
+    Returns:
+        ``None``, or the reason in a few words: ``empty (0 bytes)``, ``truncated (not a complete
+        zip archive)``, ``corrupt (...)``, ``unreadable (...)``.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty (0 bytes)"
+        if not zipfile.is_zipfile(path):
+            return "truncated (not a complete zip archive)"
+        if crc:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"corrupt (member {bad} fails its CRC check)"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    except Exception as err:  # noqa: BLE001 - zipfile raises BadZipFile, EOFError, struct.error, ...
+        return f"corrupt ({_first_line(err)})"
+    return None
+
+
+def load_checkpoint(path: str | Path, crc: bool = True) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` onto the CPU, after checking the file
+    (:func:`check_checkpoint`; ``crc``: all of it).
+
+    Returns:
+        The state dictionary.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated, corrupt, or torch cannot load it
+            (``reason`` says which).
+    """
+    reason = check_checkpoint(path, crc=crc)
+    if reason is not None:
+        raise CheckpointError(path, reason)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling raises anything
+        raise CheckpointError(path, f"unreadable by torch.load ({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"not a checkpoint (holds a {type(state).__name__})")
+    return state
 
 
 def rng_state(extra: torch.Generator | None = None) -> dict[str, Any]:
@@ -127,6 +317,75 @@ class Position:
     pending_eval: bool = False
 
 
+def resume_checkpoint(engine, run_dir: Path, resume: bool | None) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run continues from: rank 0 picks the newest intact one in ``run_dir`` and
+    every rank gets its path (one ``allgather_object``), so that all load the same file. Every
+    rank must call it.
+
+    Damaged checkpoints newer than the one picked are skipped with a warning naming each and why
+    (``skipped checkpoint-00000050.pt: truncated (not a complete zip archive)``) and renamed with
+    :data:`CORRUPT_SUFFIX`: the run continues from an earlier step, and they are no longer taken
+    for checkpoints (nor counted among the kept ones). Call it only while holding the run
+    directory (:mod:`~tsmtrain.train.rundir`).
+
+    Args:
+        engine: the run's engine.
+        run_dir: the run directory.
+        resume: ``None``: the newest intact checkpoint if there is any checkpoint; ``True``: there
+            must be one; ``False``: there must be none (a fresh start).
+
+    Returns:
+        ``(path, state)``: the checkpoint (``None``: start afresh) and, on rank 0, its state as
+        loaded (:func:`load_checkpoint`; ``None`` on other ranks, which load it themselves).
+
+    Raises:
+        TrainingError: on every rank: ``resume`` and no checkpoint; ``resume is False`` and a
+            checkpoint; checkpoints but none intact (the message names each and why).
+    """
+    choice, state = (None, None), None
+    if engine.rank == 0:
+        try:
+            path, state = _pick_checkpoint(Path(run_dir), resume)
+            choice = (None if path is None else str(path), None)
+        except TrainingError as err:
+            choice = (None, str(err))
+    path, refusal = engine.allgather_object(choice, name="resume_checkpoint")[0]
+    if refusal is not None:
+        raise TrainingError(refusal)
+    return (None if path is None else Path(path)), state
+
+
+def _pick_checkpoint(run_dir: Path, resume: bool | None) -> tuple[Path | None, dict | None]:
+    """Rank 0's part of :func:`resume_checkpoint`."""
+    found = checkpoints(run_dir)
+    if not found:
+        if resume:
+            raise TrainingError(f"--resume: no checkpoint in {run_dir}")
+        return None, None
+    if resume is False:
+        raise TrainingError(f"{run_dir} already holds {found[0].name}: resume it, or choose another run.name")
+    skipped = []
+    for path in found:
+        try:
+            state = load_checkpoint(path)
+            if not {"model", "step", "recipe"} <= state.keys():
+                raise CheckpointError(path, "not a checkpoint of a run (no model, step or recipe)")
+        except CheckpointError as err:
+            skipped.append((path, err.reason))
+            continue
+        for bad, reason in skipped:
+            kept = bad.with_name(bad.name + CORRUPT_SUFFIX)
+            try:
+                os.replace(bad, kept)
+                log.warning("skipped %s: %s; kept as %s", bad.name, reason, kept.name)
+            except OSError as err:
+                log.warning("skipped %s: %s (cannot rename it: %s)", bad.name, reason, err.strerror or err)
+        return path, state
+    listed = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+    raise TrainingError(f"no intact checkpoint to resume from in {run_dir} ({listed}): move them out of the run "
+                        f"directory to start afresh, or choose another run.name")
+
+
 def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos: Position, transform_gen,
                         recipe, sampler: dict | None = None, stopping: bool = False) -> None:
     """Rank 0 writes the run's checkpoint; every rank returns only once it is on disk.
@@ -134,32 +393,63 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
     Mid-epoch (``pos.micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
     at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
     When ``stopping`` (a stop signal), rank 0 then writes :data:`~tsmtrain.dist.local.PREEMPTED_FILE`, so
-    the launcher knows the stop was clean whatever status it sees. Every rank must call it.
+    the launcher knows the stop was clean whatever status it sees. Every rank must call it: the
+    ranks end it with one ``allgather_object`` that carries rank 0's outcome, so that none waits
+    for a rank 0 that failed.
+
+    Raises:
+        TrainingError: on every rank, when rank 0 could not write the checkpoint or the stop
+            marker (one line: the file and the cause, e.g. ``no space left on device``; the
+            previous checkpoint is intact). Rank 0 raises an unexpected error (a bug) as it is,
+            after telling the other ranks.
     """
     rngs = engine.allgather_object(rng_state(transform_gen), name="rng_states")  # every rank's streams
     buffers = None
     if pos.micro and engine.size > 1:
         own = {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
         buffers = engine.allgather_object(own, name="rank_buffers")
+    failure, unexpected = None, None
     if engine.rank == 0:
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": train_step.state_dict(),
-            "step": pos.step, "epoch": pos.epoch, "micro": pos.micro, "world_size": engine.size, "rng": rngs,
-            "rank_buffers": buffers, "sampler": sampler, "eval": pos.eval, "pending_eval": pos.pending_eval,
-            "recipe": recipe.model_dump(mode="json"),
-        }
-        path = save_checkpoint(state, run_dir, pos.step, keep=recipe.train.keep_checkpoints)
-        log.info("checkpoint %s", path)
-        if stopping:
-            write_json(run_dir / PREEMPTED_FILE, {"step": pos.step, "checkpoint": path.name,
-                                                  "job": os.environ.get("SLURM_JOB_ID"), "time": time.time()})
-    engine.barrier()  # no rank exits (and ends the job step) while the checkpoint is being written
+        try:
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": train_step.state_dict(),
+                "step": pos.step, "epoch": pos.epoch, "micro": pos.micro, "world_size": engine.size, "rng": rngs,
+                "rank_buffers": buffers, "sampler": sampler, "eval": pos.eval, "pending_eval": pos.pending_eval,
+                "recipe": recipe.model_dump(mode="json"),
+            }
+            path = save_checkpoint(state, run_dir, pos.step, keep=recipe.train.keep_checkpoints)
+            log.info("checkpoint %s", path)
+            if stopping:
+                marker = run_dir / PREEMPTED_FILE
+                try:
+                    write_json(marker, {"step": pos.step, "checkpoint": path.name,
+                                        "job": os.environ.get("SLURM_JOB_ID"), "time": time.time()})
+                except OSError as err:
+                    raise TrainingError(f"cannot write {marker}: {_write_cause(err, None, run_dir)}; "
+                                        f"the checkpoint {path.name} is intact") from err
+        except TrainingError as err:
+            failure = str(err)
+        except Exception as err:  # noqa: BLE001 - told to every rank below, then raised as it is
+            failure = f"rank 0 failed while writing the checkpoint ({type(err).__name__}: {_first_line(err)})"
+            unexpected = err
+    # no rank exits (and ends the job step) while the checkpoint is being written, and every rank
+    # learns whether it was
+    failure = engine.allgather_object(failure, name="checkpoint_written")[0]
+    if unexpected is not None:
+        raise unexpected
+    if failure is not None:
+        raise TrainingError(failure)
 
 
 def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen, recipe,
-                dataset_size: int) -> tuple[Position, dict | None]:
+                dataset_size: int, state: dict | None = None) -> tuple[Position, dict | None]:
     """Load a checkpoint written by :func:`save_run_checkpoint` into this rank's model, optimizer,
     gradient scaler and random streams.
+
+    Args:
+        path: the checkpoint (:func:`resume_checkpoint`'s choice).
+        state: its contents when already loaded (rank 0's :func:`resume_checkpoint`); ``None``:
+            read ``path`` (checked without the CRC pass, which rank 0 has made).
 
     Returns:
         ``(position, rank_buffers)``: this rank's own BatchNorm statistics when the checkpoint
@@ -168,8 +458,10 @@ def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen,
 
     Raises:
         TrainingError: the checkpoint is of another model (names the differing ``model.*`` keys).
+        CheckpointError: ``path`` cannot be loaded.
     """
-    state = load_checkpoint(path)
+    if state is None:
+        state = load_checkpoint(path, crc=False)
     # (sync_bn changes how statistics are computed, not the weights: a run may switch it)
     theirs = {k: v for k, v in state["recipe"]["model"].items() if k != "sync_bn"}
     ours = recipe.model.model_dump(mode="json", exclude={"sync_bn"})

@@ -47,6 +47,7 @@ from . import checkpoint as ckpt
 from .bench import benchmark_allreduce
 from .evaluate import evaluate_epoch
 from .metrics import Interval, MetricsWriter, PhaseClock
+from .rundir import RunLock, claim_run_dir
 from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, keep_freed_memory, log,
                       prepare_dataset, progress_bar, set_threads, setup_logging)
 from .step import TrainStep, half_precision_note
@@ -140,10 +141,27 @@ def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
 def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
     check_tensorboard(recipe.train.tensorboard)  # on every rank, before any collective
     engine = choose_engine(recipe)
-    rank0 = engine.rank == 0
     run_dir = Path(recipe.run.dir) / recipe.run.name
+    # one run per run directory: rank 0 locks it before writing anything there, every rank raises
+    # if another run holds it; run.metrics releases the lock when train() ends
+    lock = claim_run_dir(engine, run_dir)
+    try:
+        return _set_up_locked(recipe, resume, engine, run_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _set_up_locked(recipe: Recipe, resume: bool | None, engine: Engine, run_dir: Path,
+                   lock: RunLock | None) -> tuple[_Run, ckpt.Position]:
+    """The rest of :func:`_set_up`, once rank 0 holds the run directory (``lock``)."""
+    rank0 = engine.rank == 0
     setup_logging(engine.rank, run_dir)
     if rank0:
+        if lock.note:
+            log.warning("%s", lock.note)
+        ckpt.remove_stale_temporaries(run_dir)  # killed checkpoint writes (no run writes here now)
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # a stop of an earlier start is history now
     threads = set_threads(recipe.train.threads, engine.local_size)
     kept = keep_freed_memory()  # steps reuse freed activations instead of page-faulting fresh ones
@@ -201,13 +219,11 @@ def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
 
     # ---- resume
     pos, rank_buffers = ckpt.Position(), None
-    path = ckpt.latest_checkpoint(run_dir)
-    if resume and path is None:
-        raise TrainingError(f"--resume: no checkpoint in {run_dir}")
-    if resume is False and path is not None:
-        raise TrainingError(f"{run_dir} already holds {path.name}: resume it, or choose another run.name")
+    path, state = ckpt.resume_checkpoint(engine, run_dir, resume)  # rank 0's choice: the newest intact one
     if path is not None:
-        pos, rank_buffers = ckpt.restore_run(path, engine, model, optimizer, step, transform_gen, recipe, len(train_set))
+        pos, rank_buffers = ckpt.restore_run(path, engine, model, optimizer, step, transform_gen, recipe, len(train_set),
+                                             state=state)
+        del state
     engine.broadcast_state(model, optimizer)
     if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
         with torch.no_grad():
@@ -215,7 +231,7 @@ def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
                 if name in rank_buffers:
                     buf.copy_(rank_buffers[name])
 
-    metrics = MetricsWriter.for_rank(run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
+    metrics = MetricsWriter.for_rank(run_dir, engine.rank, t.tensorboard, resumed_at=pos.step, run_lock=lock)
     note = half_precision_note(t.precision, device)
     if rank0 and note:
         log.warning("%s", note)

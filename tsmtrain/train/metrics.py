@@ -5,11 +5,16 @@ of the step's phases.
 Every ``train.log_every`` optimizer steps (a *logging interval*) each rank's sums (loss, clips,
 correct, skipped videos, seconds per phase, wall time) are allreduced once and rank 0 appends
 one record to ``metrics.jsonl`` (:meth:`Interval.close`).
+
+A run that resumes from the checkpoint of step S logs steps S+1, ... again, so rank 0 first
+drops what an earlier start logged after S (:func:`truncate_metrics`), and every step appears
+once, as TensorBoard's ``purge_step`` does for the event files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,9 +22,10 @@ from typing import Callable
 import torch
 
 from ..dist.base import Engine
+from .runtime import TrainingError, log
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
-__all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN"]
+__all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN", "truncate_metrics"]
 
 BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
 """The phases of an optimizer step in ``metrics.jsonl``'s ``breakdown_s`` (seconds per step, mean
@@ -40,40 +46,52 @@ class MetricsWriter:
     and the same records as TensorBoard scalars when given a ``tensorboard`` sink.
 
     A context manager: leaving it closes the sink, whether the run ended, stopped on request or
-    failed.
+    failed, and releases ``run_lock``.
 
     Args:
         path: ``RUN_DIR/metrics.jsonl``, or ``None`` (ranks other than 0: nothing written).
         tensorboard: a :class:`~tsmtrain.train.tensorboard.TensorBoardSink`, or ``None``.
+        run_lock: the run directory's lock (:class:`~tsmtrain.train.rundir.RunLock`, rank 0),
+            held as long as this writer writes there and released by :meth:`close`; or ``None``.
     """
 
-    def __init__(self, path: Path | None, tensorboard: TensorBoardSink | None = None):
+    def __init__(self, path: Path | None, tensorboard: TensorBoardSink | None = None, run_lock=None):
         self.path = path
         self.tensorboard = tensorboard
+        self.run_lock = run_lock
 
     @classmethod
-    def for_rank(cls, run_dir: Path, rank: int, tensorboard: bool, resumed_at: int = 0) -> "MetricsWriter":
+    def for_rank(cls, run_dir: Path, rank: int, tensorboard: bool, resumed_at: int = 0,
+                 run_lock=None) -> "MetricsWriter":
         """The writer of rank ``rank``: rank 0 writes ``run_dir/metrics.jsonl`` and, with
         ``tensorboard`` (``train.tensorboard``), ``run_dir/tensorboard/``; other ranks write
         nothing and never import tensorboard.
+
+        Rank 0 first drops the records an earlier start logged after ``resumed_at``
+        (:func:`truncate_metrics`), which this start logs again.
 
         Args:
             run_dir: the run directory.
             rank: this rank.
             tensorboard: ``train.tensorboard``.
             resumed_at: the checkpoint's optimizer step when resuming (0 on a fresh start):
-                TensorBoard hides what an earlier start of the run logged after it (steps from
-                ``resumed_at + 1`` on, which this start logs again).
+                metrics.jsonl keeps what an earlier start logged up to it, and TensorBoard hides
+                what it logged after it (steps from ``resumed_at + 1`` on, which this start logs
+                again).
+            run_lock: the run directory's lock, which the writer releases when closed (rank 0).
 
         Raises:
-            TrainingError: rank 0, ``tensorboard`` on, and tensorboard cannot be imported.
+            TrainingError: rank 0, ``tensorboard`` on, and tensorboard cannot be imported; or
+                metrics.jsonl cannot be rewritten.
         """
         if rank != 0:
-            return cls(None)
+            return cls(None, run_lock=run_lock)
+        path = run_dir / "metrics.jsonl"
+        truncate_metrics(path, resumed_at)
         sink = None
         if tensorboard:
             sink = TensorBoardSink(run_dir / TENSORBOARD_DIR, purge_step=resumed_at + 1)
-        return cls(run_dir / "metrics.jsonl", sink)
+        return cls(path, sink, run_lock)
 
     def write(self, **record) -> None:
         """Append ``record`` (a JSON-serialisable dict with ``step``) to metrics.jsonl and the sink."""
@@ -89,16 +107,76 @@ class MetricsWriter:
             self.tensorboard.flush()
 
     def close(self) -> None:
-        """Close the TensorBoard sink (idempotent)."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
+        """Close the TensorBoard sink, then release the run directory's lock (idempotent)."""
+        try:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Make ``path`` (``metrics.jsonl``) hold only records with ``step <= last_step``: a run that
+    resumes from the checkpoint of ``last_step`` logs the later steps again. Lines that are not a
+    JSON object (the last one, cut short by a kill mid-write) go too. The file is rewritten
+    atomically (a temporary file beside it, then a rename), and only when it changes.
+
+    Returns:
+        The number of lines removed (0 also when there is no such file).
+
+    Raises:
+        TrainingError: the file cannot be read or rewritten (names it and the cause).
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        return 0
+    except OSError as err:
+        raise TrainingError(f"cannot read {path}: {err.strerror or err}") from None
+    ends_cut = lines[-1] != b""  # no newline after the last line: the write was cut short
+    if not ends_cut:
+        lines.pop()
+    keep, later, malformed = [], 0, 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError
+        except ValueError:
+            malformed += 1
+            continue
+        if isinstance(record.get("step"), (int, float)) and record["step"] > last_step:
+            later += 1
+        else:
+            keep.append(line)
+    if not (later or malformed or ends_cut):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(line + b"\n" for line in keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(f"cannot rewrite {path}: {err.strerror or err}") from None
+    if later:
+        log.info("%s: dropped %d records of steps after %d, logged by an earlier start after its checkpoint",
+                 path, later, last_step)
+    if malformed:
+        log.warning("%s: dropped %d malformed lines (a write cut short)", path, malformed)
+    return later + malformed
 
 
 class PhaseClock:
