@@ -239,7 +239,7 @@ def test_horovod_was_built_with_nccl_where_nvcc_exists():
 def test_sweep_keeps_ddp_in_its_own_directory(tmp_path, tiny_demo):
     from tests.conftest import tiny_recipe
     from tsmtrain.recipe import load_recipe
-    from tsmtrain.sweep import _comparable, plan_sweep
+    from tsmtrain.scaling.sweep import _comparable, plan_sweep
 
     path = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "r")
     ddp = load_recipe(path, ["dist.engine=ddp"])

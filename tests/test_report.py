@@ -1,20 +1,20 @@
-"""tsmtrain.report: sweep directories built by hand, checked in the CSV, Markdown, rich output and plots."""
+"""tsmtrain.scaling.report: sweep directories built by hand, checked in the CSV, Markdown, rich output and plots."""
 
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict
 
 import pytest
 
-from tsmtrain.report import SweepError, load_sweep, print_report, table_rows, write_report
-
-BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
+from tsmtrain.scaling.model import Prediction
+from tsmtrain.scaling.records import BREAKDOWN, RECORD_KEYS, SweepError
+from tsmtrain.scaling.report import load_sweep, print_report, table_rows, write_report
 
 
 def point(workers: int, mode: str = "weak", status: str = "ok", error: str | None = None,
           batch: int = 8, global_batch: int = 64) -> dict:
-    """A point record as tsmtrain.sweep writes it, with consistent made-up numbers: the
+    """A point record as tsmtrain.scaling.sweep writes it, with consistent made-up numbers: the
     compute per step scales with the clips per rank, the allreduce wait grows with log2(workers)."""
     per_rank = batch if mode == "weak" else global_batch // workers
     record = dict(workers=workers, status=status, error=error, launch="local", nodes=1, ranks_per_node=workers,
@@ -30,6 +30,7 @@ def point(workers: int, mode: str = "weak", status: str = "ok", error: str | Non
         record.update(warmup_steps=5, steps=20, step_time_s=step, clips_per_s=per_rank * workers / step,
                       clips_per_s_per_rank=per_rank / step, breakdown_s=breakdown,
                       allreduce_s=0.04 * math.log2(workers) if workers > 1 else 0.0)
+    assert tuple(record) == RECORD_KEYS  # every key, in the order the sweep writes them
     return record
 
 
@@ -53,13 +54,14 @@ def weak_sweep(tmp_path):
                                            point(8, status="failed", error=FAILED_ERROR)])
 
 
-def prediction(workers: int, efficiency: float) -> dict:
-    """A dict shaped like dataclasses.asdict(tsmtrain.scaling.Prediction)."""
+def prediction(workers: int, efficiency: float) -> Prediction:
+    """A model prediction with made-up numbers: 0.6 s of compute and data per step, the rest of
+    the step an exposed allreduce."""
     step = 0.6 / efficiency
-    return dict(workers=workers, nodes=workers // 4, global_batch=8 * workers, batch_per_rank=8.0,
-                step_time_s=step, clips_per_s=8 * workers / step, clips_per_s_per_rank=8 / step,
-                efficiency=efficiency, breakdown_s=dict(compute=0.55, data=0.05, allreduce_exposed=step - 0.6),
-                allreduce_s=0.2, limited_by="network")
+    return Prediction(workers=workers, nodes=workers // 4, global_batch=8 * workers, batch_per_rank=8.0,
+                      step_time_s=step, clips_per_s=8 * workers / step, clips_per_s_per_rank=8 / step,
+                      efficiency=efficiency, breakdown_s=dict(compute=0.55, data=0.05, allreduce_exposed=step - 0.6),
+                      allreduce_s=0.2, limited_by="network")
 
 
 def read_csv(path):
@@ -169,26 +171,11 @@ def test_strong_scaling_speedup_is_step_time_ratio(tmp_path):
     assert "strong" in files.markdown.read_text().splitlines()[0]
 
 
-@dataclass
-class FakePrediction:
-    workers: int
-    nodes: int
-    global_batch: int
-    batch_per_rank: float
-    step_time_s: float
-    clips_per_s: float
-    clips_per_s_per_rank: float
-    efficiency: float
-    breakdown_s: dict = field(default_factory=dict)
-    allreduce_s: float = 0.0
-    limited_by: str = "compute"
-
-
 def test_predicted_rows(tmp_path):
     from matplotlib.image import imread
 
     sweep = weak_sweep(tmp_path)
-    predictions = [prediction(64, 0.71), prediction(16, 0.83)]
+    predictions = [asdict(prediction(64, 0.71)), asdict(prediction(16, 0.83))]  # as tsmtrain report passes them
     files = write_report(sweep, predictions)
     rows = read_csv(files.csv)
     predicted = [r for r in rows if r["kind"] == "predicted"]
@@ -214,9 +201,10 @@ def test_predicted_rows(tmp_path):
     for png in (files.throughput, files.efficiency, files.breakdown):
         assert imread(png).shape[0] > 100
 
-    # Prediction dataclasses are accepted as they are
-    as_objects = table_rows(*load_sweep(sweep), [FakePrediction(**prediction(16, 0.83))])
+    # Prediction dataclasses are accepted as they are, and give the rows their asdict gives
+    as_objects = table_rows(*load_sweep(sweep), [prediction(16, 0.83)])
     assert as_objects[-1]["kind"] == "predicted" and as_objects[-1]["model_efficiency"] == pytest.approx(0.83)
+    assert as_objects == table_rows(*load_sweep(sweep), [asdict(prediction(16, 0.83))])
     # without a measured baseline a prediction keeps the model's own efficiency
     alone = table_rows(load_sweep(sweep)[0], [], [prediction(16, 0.83)])
     assert alone[0]["efficiency"] == pytest.approx(0.83) and alone[0]["speedup"] == pytest.approx(16 * 0.83)
@@ -266,7 +254,7 @@ def test_sweep_errors(tmp_path):
     sweep = weak_sweep(tmp_path)
     bad = sweep / "points" / "workers-0002.json"
     bad.write_text('{\n "workers": 2,\n "status": "ok",,\n}\n')
-    with pytest.raises(SweepError, match=r"workers-0002\.json: line 3"):
+    with pytest.raises(SweepError, match=r"workers-0002\.json:3: not valid JSON .*; remove the file"):
         load_sweep(sweep)
 
     record = point(2)
@@ -277,6 +265,43 @@ def test_sweep_errors(tmp_path):
 
     bad.write_text(json.dumps(point(2)))
     (sweep / "sweep.json").write_text('{"recipe": "x.yaml", "mode": "weak"\n')
-    with pytest.raises(SweepError, match=r"sweep\.json: line"):
+    with pytest.raises(SweepError, match=r"sweep\.json:\d+: not valid JSON"):
         load_sweep(sweep)
     assert issubclass(SweepError, ValueError)
+
+
+def test_one_record_schema(tmp_path):
+    """The reader's checks come from tsmtrain.scaling.records: an unknown status, an ok point
+    without a measured value or a phase, and two files of one worker count are refused."""
+    sweep = weak_sweep(tmp_path)
+    bad = sweep / "points" / "workers-0002.json"
+    bad.write_text(json.dumps(point(2, status="running")))
+    with pytest.raises(SweepError, match=r"workers-0002\.json: status 'running' is not one of ok, failed, submitted"):
+        load_sweep(sweep)
+    record = point(2)
+    record["step_time_s"] = None
+    del record["breakdown_s"]["allreduce_wait"]
+    bad.write_text(json.dumps(record))
+    with pytest.raises(SweepError, match=r"status ok but no value for step_time_s, breakdown_s\.allreduce_wait$"):
+        load_sweep(sweep)
+    bad.write_text(json.dumps(point(2, status="failed", error="exit status 1")))  # a failed point needs no values
+    assert load_sweep(sweep)[1][1]["status"] == "failed"
+    (sweep / "points" / "workers-0099.json").write_text(json.dumps(point(4)))
+    with pytest.raises(SweepError, match=r"workers-0099\.json: workers = 4 again \(also in .*workers-0004\.json\)"):
+        load_sweep(sweep)
+    (sweep / "points" / "workers-0099.json").write_text("[1, 2]")
+    with pytest.raises(SweepError, match=r"workers-0099\.json: expected a JSON object, found list"):
+        load_sweep(sweep)
+
+
+def test_write_json_is_atomic(tmp_path):
+    from tsmtrain.scaling.records import read_json, write_json
+
+    path = tmp_path / "sub" / "doc.json"
+    write_json(path, {"a": 1})
+    assert read_json(path) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})  # JSON cannot hold it: the old file stays, no temporary is left
+    assert read_json(path) == {"a": 1} and sorted(p.name for p in path.parent.iterdir()) == ["doc.json"]
+    with pytest.raises(SweepError, match=r"missing\.json: cannot be read \(No such file"):
+        read_json(tmp_path / "missing.json")

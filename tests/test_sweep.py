@@ -10,9 +10,8 @@ import pytest
 
 from tests.conftest import tiny_recipe, venv_env
 from tsmtrain.recipe import load_recipe
-from tsmtrain.sweep import SweepError, measure_point, parse_workers, plan_sweep, point_path
-
-BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
+from tsmtrain.scaling.records import BREAKDOWN, SweepError, point_path
+from tsmtrain.scaling.sweep import measure_point, parse_workers, plan_sweep
 
 
 def test_parse_workers():

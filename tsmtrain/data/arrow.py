@@ -8,17 +8,19 @@ the usual format (``relative/path.mp4 label``). Built by ``scripts/make_arrow_of
 by ``tsmtrain run`` itself for a recipe with ``data.generate: arrow_of_time``.
 
 Idempotent: a marker file with the parameters is written last; a second run with the same
-parameters does nothing.
+parameters does nothing (the marker of :func:`tsmtrain.data.synthetic.is_complete`, shared with
+the rendered datasets).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .synthetic import is_complete, mark_complete
 
 __all__ = ["REAL_SOURCES", "SAME_FOOTAGE", "footage", "build_arrow_of_time"]
 
@@ -117,11 +119,9 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
     if missing:
         raise FileNotFoundError(f"missing in {clips_dir}: {', '.join(missing)}")
     params = dict(window=window, short_side=short_side, val_sources=val_sources, seed=seed, sources=names, version=3)
-    marker = out_dir / ".complete.json"
     train_list, val_list = out_dir / "train.txt", out_dir / "val.txt"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    if is_complete(out_dir, params):
         return train_list, val_list
-    marker.unlink(missing_ok=True)
     groups = sorted({footage(n) for n in names})
     if not 0 < val_sources < len(groups):
         raise ValueError(f"val_sources={val_sources}: must lie in 1..{len(groups) - 1} ({len(groups)} footage groups)")
@@ -147,5 +147,5 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
         rows = {k: [r for r in v if r.split()[0].rsplit("_", 1)[0] not in stems] for k, v in rows.items()}
     train_list.write_text("\n".join(rows["train"]) + "\n")
     val_list.write_text("\n".join(rows["val"]) + "\n")
-    marker.write_text(json.dumps(params))
+    mark_complete(out_dir, params)
     return train_list, val_list

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["render_clip", "generate_demo_dataset", "render_study_clip", "generate_study_dataset", "STUDY_PAIRS"]
+__all__ = ["render_clip", "generate_demo_dataset", "render_study_clip", "generate_study_dataset", "STUDY_PAIRS",
+           "COMPLETE_MARKER", "is_complete", "mark_complete"]
 
 log = logging.getLogger(__name__)
 PAIRS = ("left-to-right / right-to-left", "growing / shrinking", "counter-clockwise / clockwise")
@@ -197,6 +198,31 @@ def render_study_clip(cls: int, rng: np.random.Generator, frames: int = 16, size
     return clip[::-1].copy() if backwards else clip
 
 
+COMPLETE_MARKER = ".complete.json"
+"""The file a generated dataset's directory gets last, holding the parameters it was built with."""
+
+
+def is_complete(root: str | Path, params: dict) -> bool:
+    """Whether ``root`` already holds a dataset built with ``params``: its
+    :data:`COMPLETE_MARKER` (written last, by :func:`mark_complete`) holds the same ``params``.
+    When it does not, a marker left by other parameters is removed, so that a build stopped
+    before its end is never taken for complete.
+
+    Raises:
+        json.JSONDecodeError: the marker is not valid JSON.
+    """
+    marker = Path(root) / COMPLETE_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return True
+    marker.unlink(missing_ok=True)
+    return False
+
+
+def mark_complete(root: str | Path, params: dict) -> None:
+    """Write ``root``'s :data:`COMPLETE_MARKER` with ``params``: the last step of a build."""
+    (Path(root) / COMPLETE_MARKER).write_text(json.dumps(params))
+
+
 def _encode(clip: np.ndarray, path: Path, fps: int) -> None:
     frames, h, w, _ = clip.shape
     cmd = ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
@@ -218,11 +244,9 @@ def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, 
     Returns:
         ``(train_list, val_list)``.
     """
-    marker = root / ".complete.json"
     train_list, val_list = root / "train.txt", root / "val.txt"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    if is_complete(root, params):
         return train_list, val_list
-    marker.unlink(missing_ok=True)
     jobs = []
     for split, per_class, split_seed in (("train", params["train_per_class"], 0), ("val", params["val_per_class"], 1)):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
@@ -240,7 +264,7 @@ def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, 
         list(pool.map(work, jobs))
     for split, path in (("train", train_list), ("val", val_list)):
         path.write_text("".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
-    marker.write_text(json.dumps(params))
+    mark_complete(root, params)
     return train_list, val_list
 
 

@@ -1,8 +1,8 @@
 """A scaling model: predict step time and efficiency at any worker count from one sweep.
 
-Inputs are what a scaling sweep measured (compute time per step, the exposed allreduce wait,
-a standalone allreduce, the gradient size) and a network description (:class:`NetworkSpec`,
-read from YAML by :func:`load_network`). The model, point by point:
+Inputs are what a scaling sweep measured (:mod:`tsmtrain.scaling.sweep`: compute time per step,
+the exposed allreduce wait, a standalone allreduce, the gradient size) and a network description
+(:class:`NetworkSpec`, read from YAML by :func:`load_network`). The model, point by point:
 
 * allreduce time ``A(N)``: the ring algorithm's alpha-beta cost (Patarasuk & Yuan 2009, the
   algorithm Horovod uses: Sergeev & Del Balso 2018), flat or hierarchical (within a node, then
@@ -321,7 +321,8 @@ def _field(record: dict, key: str, where: str) -> Any:
 
 
 def basis_from_sweep(meta: dict, records: list[dict]) -> ScalingBasis:
-    """Reduce a sweep (``sweep.json`` and its point records) to a :class:`ScalingBasis`.
+    """Reduce a sweep (``sweep.json`` and its point records, as
+    :func:`tsmtrain.scaling.report.load_sweep` returns them) to a :class:`ScalingBasis`.
 
     * reference point: the ok point with the most workers; compute per clip =
       ``(augment + forward_backward + optimizer + other) / batch_per_rank`` seconds from its

@@ -1,10 +1,11 @@
 """Reports of a scaling sweep: a table, a CSV file and three plots from ``SWEEP_DIR``.
 
-A sweep directory (written by :mod:`tsmtrain.sweep`) holds ``sweep.json`` and one record per
-point, ``points/workers-NNNN.json``. :func:`load_sweep` reads them, :func:`table_rows` turns them
-into one row per point (plus model predictions, if any), :func:`write_report` writes
-``SWEEP_DIR/report/`` (``report.md``, ``report.csv``, ``throughput.png``, ``efficiency.png``,
-``breakdown.png``) and :func:`print_report` prints the table on the terminal.
+A sweep directory (written by :mod:`tsmtrain.scaling.sweep`) holds ``sweep.json`` and one record
+per point, ``points/workers-NNNN.json`` (:mod:`tsmtrain.scaling.records`). :func:`load_sweep`
+reads them, :func:`table_rows` turns them into one row per point (plus model predictions, if
+any), :func:`write_report` writes ``SWEEP_DIR/report/`` (``report.md``, ``report.csv``,
+``throughput.png``, ``efficiency.png``, ``breakdown.png``) and :func:`print_report` prints the
+table on the terminal.
 
 Speed-up and efficiency of a measured point are relative to the *baseline*: the ok point with the
 fewest workers, N0, with throughput X(N0) in clips/s. For N workers with throughput X(N)::
@@ -17,7 +18,7 @@ global batch) the throughput is global batch / step time, so the same ratio is t
 ratio. Predicted rows use the same baseline, so that a predicted point reads against the measured
 ones (``efficiency`` then includes whatever the baseline had that the model's reference point
 lacked, e.g. a rank alone on a shared host); ``model_efficiency`` is the model's own, against its
-one-worker rate without communication (:func:`tsmtrain.scaling.predict`). Without an ok point
+one-worker rate without communication (:func:`tsmtrain.scaling.model.predict`). Without an ok point
 predicted rows give the model's efficiency and speedup = efficiency * N.
 
 Plots use matplotlib's object API (no pyplot), so no display is needed.
@@ -27,17 +28,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SweepError", "ReportFiles", "COLUMNS", "load_sweep", "table_rows", "write_report", "print_report"]
+from .records import BREAKDOWN, SweepError, point_files, read_meta, read_record
 
-MEASURED_BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
-"""Phases of a measured step (``breakdown_s`` of a point record), seconds per optimizer step."""
+__all__ = ["ReportFiles", "COLUMNS", "load_sweep", "table_rows", "write_report", "print_report"]
+
 PREDICTED_BREAKDOWN = ("compute", "data", "allreduce_exposed")
-"""Phases of a predicted step (``breakdown_s`` of a :class:`tsmtrain.scaling.Prediction`)."""
+"""Phases of a predicted step (``breakdown_s`` of a :class:`tsmtrain.scaling.model.Prediction`).
+A measured step has the phases of :data:`tsmtrain.scaling.records.BREAKDOWN`."""
 LABELS = {"data": "data", "augment": "augment", "forward_backward": "forward+backward",
           "allreduce_wait": "allreduce wait", "optimizer": "optimizer", "other": "other",
           "compute": "compute", "allreduce_exposed": "exposed allreduce"}
@@ -46,7 +47,7 @@ COLORS = {"data": "C0", "augment": "C1", "forward_backward": "C2", "compute": "C
 
 COLUMNS = ("kind", "workers", "nodes", "global_batch", "batch_per_rank", "status", "clips_per_s",
            "clips_per_s_per_rank", "step_time_s", "speedup", "efficiency", "model_efficiency",
-           *(f"{k}_s" for k in MEASURED_BREAKDOWN), "compute_s", "allreduce_exposed_s", "allreduce_s",
+           *(f"{k}_s" for k in BREAKDOWN), "compute_s", "allreduce_exposed_s", "allreduce_s",
            "limited_by", "error")
 """Keys of a :func:`table_rows` row, in table order (``*_s``: seconds per optimizer step)."""
 TIME_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_s") and not c.startswith("clips"))
@@ -56,16 +57,6 @@ SHORT = {"workers": "N", "global_batch": "batch", "batch_per_rank": "b/rank", "c
          "forward_backward_s": "fwd+bwd", "allreduce_wait_s": "ar wait", "optimizer_s": "optim",
          "allreduce_exposed_s": "ar exp.", "allreduce_s": "ar alone", "limited_by": "limit"}
 """Terminal headers (the table's caption says the times are ms per step)."""
-
-META_KEYS = ("recipe", "mode", "steps", "warmup_steps")
-RECORD_KEYS = ("workers", "status", "error", "nodes", "global_batch", "batch_per_rank", "step_time_s",
-               "clips_per_s", "clips_per_s_per_rank", "breakdown_s")
-STATUSES = ("ok", "failed", "submitted")
-
-
-class SweepError(ValueError):
-    """A sweep directory that cannot be reported; the message names the directory or file."""
-
 
 @dataclass
 class ReportFiles:
@@ -78,18 +69,6 @@ class ReportFiles:
     breakdown: Path
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SweepError(f"{path}: line {err.lineno} column {err.colno}: malformed JSON ({err.msg})") from None
-    except OSError as err:
-        raise SweepError(f"{path}: cannot be read ({err.strerror})") from None
-    if not isinstance(doc, dict):
-        raise SweepError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    return doc
-
-
 def load_sweep(sweep_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     """Read a sweep directory: ``sweep.json`` and every ``points/workers-*.json``.
 
@@ -98,9 +77,10 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
         workers (an empty list while no point has been written).
     Raises:
         SweepError: ``sweep_dir`` or its ``sweep.json`` is missing ("not a sweep directory: ..."),
-            a file is not valid JSON (file, line and column named), ``sweep.json`` or a record
-            lacks a key, a record has an unknown status, an ok record lacks a measured value, or
-            two records have the same worker count (both files named).
+            a file is not valid JSON (file and line named), ``sweep.json`` or a record lacks a
+            key, a record has an unknown status, an ok record lacks a measured value
+            (:func:`tsmtrain.scaling.records.check_record`), or two records have the same
+            worker count (both files named).
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -108,23 +88,10 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     meta_file = sweep_dir / "sweep.json"
     if not meta_file.is_file():
         raise SweepError(f"not a sweep directory: {sweep_dir} (no sweep.json; make one with tsmtrain sweep)")
-    meta = _read_json(meta_file)
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise SweepError(f"{meta_file}: missing key(s) {', '.join(missing)}")
+    meta = read_meta(meta_file)
     records, seen = [], {}
-    for path in sorted((sweep_dir / "points").glob("workers-*.json")):
-        record = _read_json(path)
-        missing = [k for k in RECORD_KEYS if k not in record]
-        if missing:
-            raise SweepError(f"{path}: missing key(s) {', '.join(missing)}")
-        if record["status"] not in STATUSES:
-            raise SweepError(f"{path}: status {record['status']!r} is not one of {', '.join(STATUSES)}")
-        if record["status"] == "ok":
-            empty = [k for k in RECORD_KEYS[3:] if record[k] is None]
-            empty += [f"breakdown_s.{k}" for k in MEASURED_BREAKDOWN if k not in (record["breakdown_s"] or {})]
-            if empty:
-                raise SweepError(f"{path}: status ok but no value for {', '.join(empty)}")
+    for path in point_files(sweep_dir):
+        record = read_record(path)
         if record["workers"] in seen:
             raise SweepError(f"{path}: workers = {record['workers']} again (also in {seen[record['workers']]})")
         seen[record["workers"]] = path
@@ -152,7 +119,7 @@ def table_rows(meta: dict, records: list[dict], predictions: list | None = None)
     Args:
         meta: the contents of ``sweep.json`` (unused today; kept for symmetry with the report).
         records: point records as :func:`load_sweep` returns them.
-        predictions: :class:`tsmtrain.scaling.Prediction` objects or their ``dataclasses.asdict``.
+        predictions: :class:`tsmtrain.scaling.model.Prediction` objects or their ``dataclasses.asdict``.
     """
     ok = [r for r in records if r["status"] == "ok"]
     base = min(ok, key=lambda r: r["workers"]) if ok else None
@@ -163,7 +130,7 @@ def table_rows(meta: dict, records: list[dict], predictions: list | None = None)
                                                              "status", "error", "allreduce_s")})
         if r["status"] == "ok":
             row.update({k: r[k] for k in ("clips_per_s", "clips_per_s_per_rank", "step_time_s")})
-            row.update({f"{k}_s": r["breakdown_s"][k] for k in MEASURED_BREAKDOWN})
+            row.update({f"{k}_s": r["breakdown_s"][k] for k in BREAKDOWN})
             if base is not None and base["clips_per_s"] > 0:
                 ratio = r["clips_per_s"] / base["clips_per_s"]
                 row["speedup"] = ratio * base["workers"]
@@ -335,7 +302,7 @@ def _breakdown_plot(meta: dict, rows: list[dict], path: Path) -> None:
 
     fig = Figure(figsize=(max(8, 0.7 * len(rows) + 4), 4.5), layout="constrained")
     ax = fig.add_subplot()
-    totals = [sum(r[f"{k}_s"] or 0 for k in (*MEASURED_BREAKDOWN, *PREDICTED_BREAKDOWN)) * 1000 for r in rows]
+    totals = [sum(r[f"{k}_s"] or 0 for k in (*BREAKDOWN, *PREDICTED_BREAKDOWN)) * 1000 for r in rows]
     top = max(totals, default=0) or 1.0
     labelled = set()
     for x, r in enumerate(rows):
@@ -345,7 +312,7 @@ def _breakdown_plot(meta: dict, rows: list[dict], path: Path) -> None:
             ax.text(x, top / 2, r["status"], rotation=90, ha="center", va="center", color="red")
             continue
         bottom = 0.0
-        for k in PREDICTED_BREAKDOWN if predicted else MEASURED_BREAKDOWN:
+        for k in PREDICTED_BREAKDOWN if predicted else BREAKDOWN:
             height = (r[f"{k}_s"] or 0) * 1000
             label = f"{LABELS[k]} (predicted)" if predicted else LABELS[k]
             ax.bar(x, height, bottom=bottom, color=COLORS[k], hatch="//" if predicted else None,
@@ -378,7 +345,7 @@ def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None) 
 
     Args:
         sweep_dir: a directory made by ``tsmtrain sweep``.
-        predictions: :class:`tsmtrain.scaling.Prediction` objects (or their ``asdict``) to add
+        predictions: :class:`tsmtrain.scaling.model.Prediction` objects (or their ``asdict``) to add
             as predicted rows, points and hatched bars.
     Raises:
         SweepError: as :func:`load_sweep`.

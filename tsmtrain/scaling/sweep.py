@@ -5,7 +5,7 @@ fixed number of optimizer steps after a warm-up, without evaluation, and keeps o
 point in a sweep directory::
 
     SWEEP_DIR/sweep.json                  what was swept (recipe, mode, steps, batch)
-    SWEEP_DIR/points/workers-0004.json    one record per point (see :func:`measure_point`)
+    SWEEP_DIR/points/workers-0004.json    one record per point (:mod:`tsmtrain.scaling.records`)
     SWEEP_DIR/runs/workers-0004/          the point's run directory (recipe.yaml, metrics.jsonl,
                                           train.log, point.log or slurm-JOBID.out)
 
@@ -17,7 +17,11 @@ script of :mod:`tsmtrain.dist.slurm`, one job per point, or one job array per no
 the sweep again with the same directory skips the points already measured, retries failed
 ones, collects finished jobs, and adds new worker counts: a sweep can be resumed and extended.
 A point that fails is recorded with its reason, never dropped. The table, plots and the
-scaling model are in :mod:`tsmtrain.report` and :mod:`tsmtrain.scaling`.
+scaling model are in :mod:`tsmtrain.scaling.report` and :mod:`tsmtrain.scaling.model`.
+
+Importing this module loads neither torch nor the training code: what only running a point needs
+(the dataset, the launchers) is imported inside the functions that run one, so ``tsmtrain report``
+(which settles submitted points with :func:`collect`) stays light.
 """
 
 from __future__ import annotations
@@ -38,25 +42,16 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from .recipe import Recipe, derived_values, dump_recipe
-from .train import BREAKDOWN
-from .train.checkpoint import write_json
+from ..optim import linear_scaling
+from ..recipe import Recipe, dump_recipe
+from .records import (BREAKDOWN, SweepError, new_record, point_files, point_path, read_json, read_meta, read_record,
+                      write_json)
 
-__all__ = ["SweepError", "SweepPlan", "plan_sweep", "run_sweep", "collect", "measure_point", "parse_workers",
-           "point_path", "RECORD_KEYS"]
-
-RECORD_KEYS = ("workers", "status", "error", "launch", "nodes", "ranks_per_node", "global_batch", "batch_per_rank",
-               "lr", "warmup_steps", "steps", "step_time_s", "clips_per_s", "clips_per_s_per_rank", "breakdown_s",
-               "allreduce_s", "gradient_bytes", "parameters", "run_dir", "log", "job_id", "seconds")
-"""The keys of every point record; measured values are ``None`` for failed or submitted points."""
+__all__ = ["SweepPlan", "plan_sweep", "run_sweep", "collect", "measure_point", "parse_workers", "benchmark_recipe",
+           "ALLREDUCE_REPEATS"]
 
 ALLREDUCE_REPEATS = 5
 """Standalone gradient allreduces timed at the end of each benchmark run (``train.allreduce_benchmark``)."""
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as asked (bad worker list, a directory of another sweep, a
-    global batch that does not divide); the message names the option, point or file."""
 
 
 def parse_workers(text: str, option: str = "--workers") -> list[int]:
@@ -74,11 +69,6 @@ def parse_workers(text: str, option: str = "--workers") -> list[int]:
             raise SweepError(f"{option}: {item!r} is not a positive whole number of workers")
         workers.add(int(item))
     return sorted(workers)
-
-
-def point_path(sweep_dir: str | os.PathLike, workers: int) -> Path:
-    """``SWEEP_DIR/points/workers-NNNN.json``."""
-    return Path(sweep_dir) / "points" / f"workers-{workers:04d}.json"
 
 
 def _run_dir(sweep_dir: Path, workers: int) -> Path:
@@ -105,7 +95,7 @@ class SweepPlan:
 def _comparable(recipe: Recipe) -> str:
     """A digest of what makes two sweeps' points comparable (data, model, optimizer, dist except
     np, clips per rank): extending a sweep with another recipe is refused."""
-    from .dist.local import default_launcher
+    from ..dist.local import default_launcher
 
     doc = recipe.model_dump(mode="json")
     for key in ("np", "master_addr", "master_port"):  # where ranks meet changes nothing measured
@@ -119,7 +109,7 @@ def _comparable(recipe: Recipe) -> str:
 
 
 def _steps_per_epoch(recipe: Recipe, workers: int) -> int:
-    from .data import read_list
+    from ..data import read_list  # only to plan a sweep: not loaded by tsmtrain report
 
     videos = len(read_list(recipe.data.train_list, recipe.data.root, recipe.model.num_classes))
     return math.ceil(videos / workers) // recipe.train.batch_size // recipe.dist.backward_passes_per_step
@@ -202,10 +192,7 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
                 digest=_comparable(recipe), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     meta_file = sweep_dir / "sweep.json"
     if meta_file.exists():
-        try:
-            old = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise SweepError(f"{meta_file}: unreadable ({err}); remove it or choose another --out") from None
+        old = read_json(meta_file, "; remove it or choose another --out")
         for key, what in (("mode", "mode"), ("steps", "--steps"), ("warmup_steps", "--warmup"),
                           ("batch_per_rank", "train.batch_size"), ("global_batch", "--global-batch"),
                           ("digest", "recipe (data, model, optim, dist or batch)")):
@@ -214,13 +201,14 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
                                  f"gives {meta[key]!r} ({what}); use the same settings or another --out")
         meta["created"] = old.get("created", meta["created"])
         collect(sweep_dir)  # jobs of an earlier --submit that have ended count as measured or failed now
-    from .train import prepare_dataset
+    from ..train import prepare_dataset  # loads torch: only to plan a sweep, never to report one
 
     prepare_dataset(recipe)  # a generated dataset is built once here, before the points share it
     per_node = recipe.cluster.ranks_per_node()
     recipes, skipped = {}, []
     for n in workers:
-        record = _read_record(point_path(sweep_dir, n))
+        path = point_path(sweep_dir, n)
+        record = read_record(path) if path.exists() else None
         if record and not rerun and record["status"] in ("ok", "submitted"):
             skipped.append(n)
             continue
@@ -242,24 +230,15 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
     return SweepPlan(sweep_dir, meta, recipes, skipped)
 
 
-def _read_record(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SweepError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); remove the file to measure it again") from None
-
-
 def _base_record(recipe: Recipe, launch: str) -> dict:
     n = recipe.dist.np
-    derived = derived_values(recipe, n)
+    scaling = linear_scaling(recipe, n)
     per_node = recipe.cluster.ranks_per_node() if launch == "submit" else n
-    record = dict.fromkeys(RECORD_KEYS)
+    record = new_record()
     record.update(workers=n, launch=launch, nodes=max(1, n // per_node) if launch == "submit" else 1,
-                  ranks_per_node=min(n, per_node), global_batch=derived["global_batch"],
-                  batch_per_rank=recipe.train.batch_size, lr=derived["lr"],
-                  warmup_steps=None, steps=None, run_dir=derived["run_dir"])
+                  ranks_per_node=min(n, per_node), global_batch=scaling.global_batch,
+                  batch_per_rank=recipe.train.batch_size, lr=scaling.lr,
+                  warmup_steps=None, steps=None, run_dir=str(recipe.run_dir))
     return record
 
 
@@ -268,7 +247,7 @@ def measure_point(run_dir: str | os.PathLike, warmup: int, steps: int) -> dict:
 
     Only the logging intervals after the first ``warmup`` optimizer steps count. Throughput is
     the clips of those intervals over their mean wall time across ranks; the breakdown is the
-    mean over ranks of each phase per step (:data:`tsmtrain.train.BREAKDOWN`).
+    mean over ranks of each phase per step (:data:`tsmtrain.scaling.records.BREAKDOWN`).
 
     Returns:
         ``step_time_s`` (seconds per optimizer step), ``clips_per_s``, ``clips_per_s_per_rank``,
@@ -376,12 +355,16 @@ def collect(sweep_dir: str | os.PathLike) -> list[dict]:
 
     Returns:
         The records that changed.
+
+    Raises:
+        SweepError: ``sweep.json`` or a point record cannot be read or lacks a key
+            (:func:`tsmtrain.scaling.records.read_meta`, :func:`~tsmtrain.scaling.records.read_record`).
     """
     sweep_dir = Path(sweep_dir)
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    meta = read_meta(sweep_dir / "sweep.json")
     changed = []
-    for path in sorted((sweep_dir / "points").glob("workers-*.json")):
-        record = _read_record(path)
+    for path in point_files(sweep_dir):
+        record = read_record(path)
         if record["status"] != "submitted":
             continue
         run_dir = Path(record["run_dir"])
@@ -420,7 +403,7 @@ bash "${{RUN_DIRS[$i]}}/job.sbatch" >> "${{RUN_DIRS[$i]}}/slurm-${{SLURM_ARRAY_J
 
 def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, array: bool, template,
                    sbatch: str = "sbatch") -> list[dict]:
-    from .dist.slurm import LaunchError, prepare_job, render_sbatch, submit
+    from ..dist.slurm import LaunchError, prepare_job, render_sbatch, submit
 
     records = []
     groups: dict[int, list[int]] = {}

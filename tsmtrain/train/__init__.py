@@ -20,7 +20,7 @@ from ..dist.local import EXIT_PREEMPTED
 from .bench import benchmark_allreduce
 from .evaluate import evaluate, predict
 from .loop import RunResult, train
-from .metrics import BREAKDOWN
+from ..scaling.records import BREAKDOWN
 from ..data import clip_dataset
 from .runtime import STOP_SIGNAL, STOP_SIGNALS, TrainingError, prepare_dataset
 from .step import PRECISIONS, TrainStep

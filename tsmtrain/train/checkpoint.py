@@ -25,7 +25,6 @@ training loop calls; the functions before them only handle files and random stat
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import re
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from ..dist.local import PREEMPTED_FILE
+from ..scaling.records import write_json  # the atomic JSON writer (re-exported here)
 from .runtime import TrainingError, log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
@@ -191,21 +191,6 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
         log.info("removed %s (%.1f MB), left by a checkpoint write that was killed", tmp, size / 1e6)
         removed.append(tmp)
     return removed
-
-
-def write_json(path: str | Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` as JSON to ``path`` atomically (a temporary file beside it, then a rename), so
-    a reader sees the old file or the new one, never half of one. Creates the parent folder.
-    Raises ``OSError`` if it cannot be written and ``TypeError`` for values JSON cannot hold."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

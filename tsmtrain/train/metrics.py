@@ -22,17 +22,11 @@ from typing import Callable
 import torch
 
 from ..dist.base import Engine
+from ..scaling.records import BREAKDOWN  # the phases of breakdown_s, defined once for the scaling study
 from .runtime import TrainingError, log
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
 __all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN", "truncate_metrics"]
-
-BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
-"""The phases of an optimizer step in ``metrics.jsonl``'s ``breakdown_s`` (seconds per step, mean
-over ranks): waiting for the DataLoader; host-to-device copy and batched augmentation; forward
-and backward (Horovod's gradient allreduce runs beside backward); waiting for that allreduce
-after backward, i.e. the part backward did not hide; the optimizer step; the rest (stop-request
-vote, bookkeeping). They add up to ``step_time_s``."""
 
 # what each rank sums over a logging interval: one float64 tensor, allreduced at its end
 _SUMS = ("loss", "clips", "correct", "failed", "data", "augment", "forward_backward", "allreduce_wait", "optimizer",
