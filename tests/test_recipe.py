@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsmtrain.recipe import RecipeError, derived_values, load_recipe
+from tsmtrain.optim import LinearScaling, linear_scaling
+from tsmtrain.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,22 @@ def problems(path, overrides=()):
     return info.value.problems
 
 
-def test_defaults_and_derived_values(tmp_path):
+def test_defaults_and_linear_scaling(tmp_path):
     r = load_recipe(write(tmp_path, {"train": {"batch_size": 8}, "dist": {"np": 4, "backward_passes_per_step": 2},
                                      "optim": {"base_lr": 0.1, "base_batch": 32}}))
     assert r.model.shift_div == 8 and r.data.num_segments == 8
-    d = derived_values(r)
-    assert d["global_batch"] == 8 * 4 * 2
-    assert d["lr"] == pytest.approx(0.1 * 64 / 32)
+    scaling = linear_scaling(r)  # world size: dist.np
+    assert isinstance(scaling, LinearScaling)
+    assert scaling.world_size == 4 and scaling.global_batch == 8 * 4 * 2
+    assert scaling.lr == pytest.approx(0.1 * 64 / 32)
+    assert scaling.warmup_steps is None  # no steps per epoch given
+
+
+def test_run_dir_is_run_dir_slash_name(tmp_path):
+    r = load_recipe(write(tmp_path, {"run": {"dir": str(tmp_path / "runs"), "name": "tsm-8"}}))
+    assert r.run_dir == tmp_path / "runs" / "tsm-8"
+    assert load_recipe(write(tmp_path, {})).run_dir == Path("runs") / "run"  # the defaults, relative
+    assert "run_dir" not in r.model_dump()  # computed, not a recipe key
 
 
 def test_typo_key_names_path_and_line(tmp_path):
@@ -117,6 +127,8 @@ def test_cli_validate_exit_codes(tmp_path):
     assert out.returncode == 0, out.stderr
     doc = yaml.safe_load(out.stdout)
     assert doc["derived"]["global_batch"] == 16 and doc["derived"]["world_size"] == 2
+    assert list(doc["derived"]) == ["world_size", "global_batch", "lr", "run_dir"]  # as before the typed rule
+    assert doc["derived"]["lr"] == pytest.approx(0.01 * 16 / 64) and doc["derived"]["run_dir"] == "runs/run"
     bad = write(tmp_path, {"train": {"bach_size": 4}}, "bad.yaml")
     out = cli("validate", str(bad))
     assert out.returncode == 2
@@ -310,7 +322,7 @@ def test_non_utf8_recipe_is_one_line_with_the_byte_offset(tmp_path):
 
 
 def test_non_utf8_label_map_names_the_byte(tmp_path):
-    from tsmtrain.recipe import ClassNamesError, read_class_names
+    from tsmtrain.data.classes import ClassNamesError, read_class_names
 
     classes = tmp_path / "classes.txt"
     classes.write_bytes(b"run\njump\n\xffsit\n")
@@ -318,3 +330,43 @@ def test_non_utf8_label_map_names_the_byte(tmp_path):
         read_class_names(classes)
     (p,) = problems(write(tmp_path, {"data": {"classes": str(classes)}}))
     assert p.key == "data.classes" and "byte 0xff at offset 9" in p.message
+
+
+# --------------------------------------------------------------------------- no torch
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("module", ["tsmtrain.recipe", "tsmtrain.data.classes", "tsmtrain.data.lists",
+                                    "tsmtrain.dist.slurm"])
+def test_recipe_check_imports_no_torch(module):
+    """validate, render and submit run on login nodes without torch: what they import must not load it."""
+    out = _fresh(f"import sys, {module}\n"
+                 "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_recipe_check_of_a_label_map_loads_no_torch(tmp_path):
+    path = write(tmp_path, {"data": {"classes": str(tmp_path / "classes.txt")}})
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
+    out = _fresh(f"import sys\nfrom tsmtrain.recipe import load_recipe\nfrom tsmtrain.data import read_class_names\n"
+                 f"r = load_recipe({str(path)!r})\nprint(read_class_names(r.data.classes, r.model.num_classes))\n"
+                 f"assert 'torch' not in sys.modules")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['a', 'b', 'c', 'd']"
+
+
+def test_data_package_names_load_on_first_use():
+    """tsmtrain.data's loader names (which need torch) still import from the package."""
+    code = ("import sys, tsmtrain.data\nassert 'torch' not in sys.modules\n"
+            "from tsmtrain.data import VideoClipDataset, build_loader\nimport tsmtrain.data.loader as loader\n"
+            "assert 'torch' in sys.modules\n"
+            "assert VideoClipDataset is loader.VideoClipDataset and build_loader is loader.build_loader\n"
+            "assert set(tsmtrain.data.__all__) <= set(dir(tsmtrain.data))\n"
+            "assert all(getattr(tsmtrain.data, n) is not None for n in tsmtrain.data.__all__)\n"
+            "try:\n    tsmtrain.data.nothing_here\nexcept AttributeError as e:\n    print(e)\n")
+    out = _fresh(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "module 'tsmtrain.data' has no attribute 'nothing_here'"

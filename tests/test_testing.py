@@ -17,7 +17,8 @@ from tsmtrain.data import read_list
 from tsmtrain.data.sampling import multi_clip_indices, segment_indices
 from tsmtrain.data.transforms import TestViews, VideoTransform, view_boxes, view_side
 from tsmtrain.models import create_model
-from tsmtrain.recipe import ClassNamesError, RecipeError, load_recipe, read_class_names
+from tsmtrain.data.classes import ClassNamesError, read_class_names
+from tsmtrain.recipe import RecipeError, load_recipe
 from tsmtrain.train.checkpoint import save_checkpoint
 from tsmtrain.train.evaluate import predict as eval_predict
 from tsmtrain.train.runtime import TrainingError
@@ -134,7 +135,7 @@ def _checkpoint(recipe) -> Path:
     model = create_model(recipe.model, recipe.data.num_segments)
     with torch.no_grad():  # an untrained but not uniform classifier
         model.fc.weight.normal_(0, 0.5)
-    run_dir = Path(recipe.run.dir) / recipe.run.name
+    run_dir = recipe.run_dir
     return save_checkpoint({"model": model.state_dict(), "recipe": recipe.model_dump(mode="json")}, run_dir, 1)
 
 

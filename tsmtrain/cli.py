@@ -14,9 +14,9 @@
 * ``tsmtrain bench data RECIPE [--workers 1,2,4] [--json F]`` -> :mod:`tsmtrain.data.bench`
 * ``tsmtrain prepare RECIPE|--list FILE --root ROOT --out DIR [--shard I/N | --merge]`` ->
   :mod:`tsmtrain.data.prepare` (re-encode the videos for training)
-* ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.sweep`
-* ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` -> :mod:`tsmtrain.report`,
-  :mod:`tsmtrain.scaling`
+* ``tsmtrain sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` -> :mod:`tsmtrain.scaling.sweep`
+* ``tsmtrain report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` ->
+  :mod:`tsmtrain.scaling.report`, :mod:`tsmtrain.scaling.model`
 * ``tsmtrain bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.train.bench.bench_step`
 
 User mistakes (bad recipe, bad list file, missing launcher, impossible job) print one line per
@@ -33,7 +33,7 @@ from typing import Optional
 import typer
 import yaml
 
-from .recipe import Recipe, RecipeError, derived_values, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Large-batch training of Temporal Shift Module video networks.")
@@ -94,7 +94,7 @@ def run(
         args += [] if resume is None else ["--resume" if resume else "--no-resume"]
         try:
             raise typer.Exit(launch_local(cfg.dist.np, default_launcher(cfg.dist.engine, cfg.dist.launcher), args,
-                                          run_dir=Path(cfg.run.dir) / cfg.run.name))
+                                          run_dir=cfg.run_dir))
         except FileNotFoundError as err:
             _fail(str(err))
     try:
@@ -221,8 +221,12 @@ def validate(
 ) -> None:
     """Check a recipe and print it resolved, with derived values (global batch, scaled lr)."""
     cfg = _load(recipe, list(sets) + ([f"dist.np={np}"] if np is not None else []))
+    from .optim import linear_scaling
+
     doc = cfg.model_dump(mode="json")
-    doc["derived"] = derived_values(cfg)
+    scaling = linear_scaling(cfg)
+    doc["derived"] = {"world_size": scaling.world_size, "global_batch": scaling.global_batch, "lr": scaling.lr,
+                      "run_dir": str(cfg.run_dir)}
     print(yaml.safe_dump(doc, sort_keys=False), end="")
 
 
@@ -280,7 +284,7 @@ def bench_data(
     from .data import DataError, ListFileError
     from .data.bench import DataBenchError, bench_data as run_bench, load_data_bench
     from .data.prepare import ManifestError
-    from .sweep import parse_workers
+    from .scaling.sweep import parse_workers
 
     if split not in ("train", "val"):
         _fail(f"--split: {split!r}: use train or val")
@@ -635,7 +639,8 @@ def sweep(
 
     from .data import DataError, ListFileError
     from .dist.slurm import LaunchError
-    from .sweep import SweepError, parse_workers, plan_sweep, run_sweep
+    from .scaling.records import SweepError
+    from .scaling.sweep import parse_workers, plan_sweep, run_sweep
 
     if array and local:
         _fail("--array: job arrays are for --submit")
@@ -682,9 +687,9 @@ def report(
 ) -> None:
     """Write the sweep's table (Markdown, CSV) and plots into SWEEP_DIR/report and print the table;
     with --predict, add the scaling model's points."""
-    from .report import SweepError as ReportError
-    from .report import load_sweep, print_report, table_rows, write_report
-    from .sweep import SweepError, collect, parse_workers
+    from .scaling.records import SweepError
+    from .scaling.report import load_sweep, print_report, table_rows, write_report
+    from .scaling.sweep import collect, parse_workers
 
     if (predict is None) != (network is None):
         _fail("--predict and --network go together: the model needs worker counts and a network")
@@ -697,8 +702,8 @@ def report(
         if predict is not None:
             from dataclasses import asdict
 
-            from .scaling import NetworkError, basis_from_sweep, load_network
-            from .scaling import predict as model_predict
+            from .scaling.model import NetworkError, basis_from_sweep, load_network
+            from .scaling.model import predict as model_predict
 
             counts = parse_workers(predict, "--predict")
             try:
@@ -727,7 +732,7 @@ def report(
 
         # a pipe or log file gets the whole table rather than 80 squeezed columns
         print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220))
-    except (SweepError, ReportError) as err:
+    except SweepError as err:
         _fail(str(err))
     for path in (getattr(files, name) for name in vars(files)):
         print(f"wrote {path}")

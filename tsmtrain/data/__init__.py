@@ -4,19 +4,54 @@ video preparation, the data benchmark and the embedded datasets.
 Modules, in the order a clip travels through them:
 
 * :mod:`.lists`: list files (``relative/path.ext label``) -> :class:`VideoRecord`
+* :mod:`.classes`: label maps (one class name per line) -> class names
 * :mod:`.sampling`: TSN segment sampling -> frame indices
 * :mod:`.decoding`: decode only those frames (torchcodec or decord)
 * :mod:`.loader`: the clip dataset, the per-rank shard sampler, the DataLoader
 * :mod:`.transforms`: batched augmentation on the training device
 * :mod:`.synthetic`, :mod:`.arrow`: the embedded datasets (rendered demo, arrow of time)
 
-This package never imports :mod:`tsmtrain.models`.
+This package never imports :mod:`tsmtrain.models`. The names of :mod:`.loader` (which imports
+torch) are loaded lazily, on first use (PEP 562 ``__getattr__``), so that the torch-free modules
+(:mod:`.lists`, :mod:`.classes`) import without torch: the recipe check and ``tsmtrain submit``
+need them on a login node.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .classes import ClassNamesError, read_class_names
 from .lists import ListFileError, VideoRecord, read_list
-from .loader import (DataError, MultiClipDataset, ShardSampler, VideoClipDataset, build_loader, clip_dataset, collate_clips,
-                     collate_views, multi_clip_dataset, prepared_videos)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .loader import (DataError, MultiClipDataset, ShardSampler, VideoClipDataset, build_loader, clip_dataset,
+                         collate_clips, collate_views, multi_clip_dataset, prepared_videos)
 
 __all__ = ["DataError", "ListFileError", "VideoRecord", "read_list", "ShardSampler", "VideoClipDataset", "build_loader",
            "clip_dataset", "collate_clips", "prepared_videos", "MultiClipDataset", "multi_clip_dataset",
-           "collate_views"]
+           "collate_views", "ClassNamesError", "read_class_names"]
+
+_LAZY = {name: ".loader" for name in ("DataError", "MultiClipDataset", "ShardSampler", "VideoClipDataset",
+                                      "build_loader", "clip_dataset", "collate_clips", "collate_views",
+                                      "multi_clip_dataset", "prepared_videos")}
+"""Public names imported on first use, each with the submodule that defines it."""
+
+
+def __getattr__(name: str) -> Any:
+    """``tsmtrain.data.NAME`` for a name of :data:`_LAZY`: import its submodule (and torch) now.
+
+    Raises:
+        AttributeError: ``name`` is not a name of this package.
+    """
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

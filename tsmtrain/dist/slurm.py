@@ -42,7 +42,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..recipe import Recipe, derived_values, dump_recipe, with_absolute_paths
+from ..optim import linear_scaling
+from ..recipe import Recipe, dump_recipe, with_absolute_paths
 from .local import EXIT_PREEMPTED, PREEMPTED_FILE
 
 __all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
@@ -148,10 +149,6 @@ def job_ranks(recipe: Recipe) -> int:
     return recipe.cluster.nodes * recipe.cluster.ranks_per_node()
 
 
-def _run_dir(recipe: Recipe) -> Path:
-    return Path(recipe.run.dir) / recipe.run.name
-
-
 def prepare_job(recipe: Recipe) -> Recipe:
     """The recipe the job runs: absolute paths (the job may start in another directory) and
     ``dist.np`` set to the job's ranks, so that derived values read right. (Cluster values that
@@ -192,9 +189,9 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
     env.filters["q"] = lambda v: shlex.quote(str(v))
     env.filters["sbatch"] = _sbatch_value
     c = recipe.cluster
-    run_dir = _run_dir(recipe)
+    run_dir = recipe.run_dir
     ranks, per_node = job_ranks(recipe), c.ranks_per_node()
-    derived = derived_values(recipe, ranks)
+    scaling = linear_scaling(recipe, ranks)
     gpus = f" x {c.gpus_per_node} GPUs" if c.gpus_per_node else " (CPU only)"
     dist = recipe.dist
     context = dict(
@@ -208,7 +205,7 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
         master_port_span=MASTER_PORT_SPAN,
         title=f"tsmtrain job: run {recipe.run.name!r} ({'TSM' if recipe.model.shift else 'TSN'}-{recipe.model.arch})",
         summary=(f"{c.nodes} node(s){gpus}, {per_node} rank(s) per node = {ranks} rank(s); global batch "
-                 f"{derived['global_batch']} clips ({recipe.train.batch_size} per rank), lr {derived['lr']:.4g}; "
+                 f"{scaling.global_batch} clips ({recipe.train.batch_size} per rank), lr {scaling.lr:.4g}; "
                  f"engine {dist.engine}"),
     )
     try:
@@ -249,7 +246,7 @@ def submit(recipe: Recipe, template: str | os.PathLike | None = None, dry_run: b
     """
     job = prepare_job(recipe)
     text = render_sbatch(job, template, command="submit")
-    run_dir = _run_dir(job)
+    run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_file, script = run_dir / "recipe.yaml", run_dir / "job.sbatch"
     recipe_file.write_text(dump_recipe(job))

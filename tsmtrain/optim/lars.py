@@ -1,23 +1,17 @@
-"""Optimizers and the learning-rate schedule for large-batch training.
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg, "Large Batch Training of
+Convolutional Networks", 2017, Algorithm 1), with momentum.
 
-* SGD with momentum, and LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg,
-  "Large Batch Training of Convolutional Networks", 2017, Algorithm 1).
-* The linear scaling rule and gradual warmup (Goyal et al., "Accurate, Large Minibatch SGD:
-  Training ImageNet in 1 Hour", 2017, sections 2.1 and 2.2), updated every iteration, then
-  cosine (Loshchilov and Hutter 2017) or step decay.
-
-Biases and normalisation parameters (every parameter with fewer than two dimensions) get no
-weight decay and, with LARS, no trust ratio, as in the large-batch literature.
+Each weight tensor's step is scaled by a trust ratio ``eta * ||w|| / (||g|| + wd * ||w||)``, so
+that every layer moves by about the same fraction of its norm however large the batch and the
+learning rate; biases and normalisation parameters (the ``lars=False`` group of
+:func:`tsmtrain.optim.param_groups`) take plain SGD steps without weight decay.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-__all__ = ["LARS", "param_groups", "create_optimizer", "LRSchedule"]
+__all__ = ["LARS"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -75,79 +69,3 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(mom).add_(update, alpha=lr)
                 p.sub_(buf)
         return loss
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into a decayed group (weights) and a plain group (biases, norms).
-
-    Returns two param groups; the second has ``weight_decay=0`` and ``lars=False``.
-    """
-    decay, plain = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else plain).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": plain, "weight_decay": 0.0, "lars": False},
-    ]
-
-
-def create_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """The optimizer a recipe's ``optim`` section asks for (``tsmtrain.recipe.OptimConfig``).
-
-    The learning rate is set by :class:`LRSchedule` before every step.
-    """
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "lars":
-        return LARS(groups, lr=cfg.base_lr, momentum=cfg.momentum,
-                    trust_coefficient=cfg.trust_coefficient, eps=cfg.lars_eps)
-    for g in groups:
-        g.pop("lars")
-    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-class LRSchedule:
-    """Learning rate as a function of the optimizer step.
-
-    ``peak_lr`` is the linearly scaled rate (``base_lr * global_batch / base_batch``). During the
-    first ``warmup_epochs`` it rises linearly, every iteration, from ``warmup_start_lr`` to
-    ``peak_lr`` (Goyal et al. 2017, section 2.2); then it follows
-
-    * ``cosine``: ``peak_lr * (1 + cos(pi * p)) / 2`` with p the fraction of post-warmup steps done,
-    * ``step``: ``peak_lr * gamma ** (milestones passed)``, milestones in epochs,
-    * ``none``: ``peak_lr``.
-
-    The schedule has no state but the step, so a resumed run at step N gets the same rate.
-    """
-
-    def __init__(self, peak_lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0,
-                 warmup_start_lr: float | None = None, decay: str = "cosine",
-                 milestones: list[int] | tuple[int, ...] = (), gamma: float = 0.1):
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.peak_lr = peak_lr
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = epochs * steps_per_epoch
-        self.warmup_steps = round(warmup_epochs * steps_per_epoch)
-        self.start_lr = peak_lr if warmup_start_lr is None else warmup_start_lr
-        self.decay, self.milestones, self.gamma = decay, list(milestones), gamma
-
-    def __call__(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.start_lr + (self.peak_lr - self.start_lr) * step / self.warmup_steps
-        if self.decay == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            progress = min(1.0, (step - self.warmup_steps) / span)
-            return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.decay == "step":
-            epoch = step / self.steps_per_epoch
-            return self.peak_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
-        return self.peak_lr
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set the rate for ``step`` in every param group; returns it."""
-        lr = self(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr

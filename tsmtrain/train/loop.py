@@ -41,8 +41,8 @@ from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.local import EXIT_PREEMPTED, PREEMPTED_FILE
 from ..models import create_model
-from ..optim import LRSchedule, create_optimizer
-from ..recipe import Recipe, derived_values, dump_recipe
+from ..optim import LRSchedule, create_optimizer, create_schedule, linear_scaling
+from ..recipe import Recipe, dump_recipe
 from . import checkpoint as ckpt
 from .bench import benchmark_allreduce
 from .evaluate import evaluate_epoch
@@ -141,7 +141,7 @@ def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
 def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
     check_tensorboard(recipe.train.tensorboard)  # on every rank, before any collective
     engine = choose_engine(recipe)
-    run_dir = Path(recipe.run.dir) / recipe.run.name
+    run_dir = recipe.run_dir
     # one run per run directory: rank 0 locks it before writing anything there, every rank raises
     # if another run holds it; run.metrics releases the lock when train() ends
     lock = claim_run_dir(engine, run_dir)
@@ -171,7 +171,7 @@ def _set_up_locked(recipe: Recipe, resume: bool | None, engine: Engine, run_dir:
           + (", freed memory kept (glibc mallopt)" if kept else ""),
           file=sys.stderr, flush=True)
     d, t = recipe.data, recipe.train
-    derived = derived_values(recipe, engine.size)
+    scaling = linear_scaling(recipe, engine.size)
 
     # ---- data
     if d.generate is not None:
@@ -187,7 +187,7 @@ def _set_up_locked(recipe: Recipe, resume: bool | None, engine: Engine, run_dir:
     steps_per_epoch = len(train_sampler.shard()) // t.batch_size // bpps
     if steps_per_epoch < 1:
         raise TrainingError(
-            f"{d.train_list}: {len(train_set)} videos give no full global batch of {derived['global_batch']} clips "
+            f"{d.train_list}: {len(train_set)} videos give no full global batch of {scaling.global_batch} clips "
             f"(train.batch_size x ranks x dist.backward_passes_per_step); lower train.batch_size"
         )
     transform_gen = torch.Generator().manual_seed(t.seed * 1009 + engine.rank)
@@ -212,9 +212,7 @@ def _set_up_locked(recipe: Recipe, resume: bool | None, engine: Engine, run_dir:
     optimizer = engine.wrap_optimizer(create_optimizer(model, recipe.optim), model,
                                       fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
     s = recipe.schedule
-    schedule = LRSchedule(derived["lr"], steps_per_epoch, s.epochs, s.warmup_epochs,
-                          s.warmup_start_lr if s.warmup_start_lr is not None else min(recipe.optim.base_lr, derived["lr"]),
-                          s.decay, s.milestones, s.gamma)
+    schedule = create_schedule(recipe, scaling, steps_per_epoch)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
 
     # ---- resume
@@ -240,7 +238,7 @@ def _set_up_locked(recipe: Recipe, resume: bool | None, engine: Engine, run_dir:
         log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
                  run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
                  ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
-                 derived["global_batch"], derived["lr"], steps_per_epoch, s.epochs)
+                 scaling.global_batch, scaling.lr, steps_per_epoch, s.epochs)
     total_steps = steps_per_epoch * s.epochs
     run = _Run(recipe, engine, device, run_dir, model, step, optimizer, schedule, loader, train_sampler, train_tf,
                val_tf, val_records, transform_gen, metrics, PhaseClock(device, t.breakdown), steps_per_epoch,

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
+from ..data.classes import ClassNamesError, read_class_names
 from ..data.decoding import cuda_decoding_device
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
 from ..models import create_model
-from ..recipe import ClassNamesError, Recipe, read_class_names
+from ..recipe import Recipe
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
 from .step import as_memory_format, autocast
@@ -114,7 +115,7 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
         TrainingError: no checkpoint in the run directory (the message names it), the file is
             missing or unreadable, or it holds another model (names the differing keys).
     """
-    run_dir = Path(recipe.run.dir) / recipe.run.name
+    run_dir = recipe.run_dir
     if checkpoint is None:
         path = latest_checkpoint(run_dir)
         if path is None:
@@ -442,7 +443,7 @@ def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None =
         return report
     report.summary = summarise(merged, recipe.model.num_classes)
     report.unreadable = [(records[r["index"]].path, r["error"]) for r in merged if r["error"] is not None]
-    run_dir = Path(recipe.run.dir) / recipe.run.name
+    run_dir = recipe.run_dir
     folder = protocol.name if list_file == recipe.data.val_list else f"{protocol.name}-{Path(list_file).stem}"
     meta = {"protocol": {"clips": protocol.clips, "crops": protocol.crops, "views": protocol.views,
                          "view_side": view_side(recipe.data.input_size, protocol.crops)},

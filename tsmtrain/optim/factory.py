@@ -1,0 +1,89 @@
+"""The optimizer and the schedule a recipe asks for, built in one place (as timm's
+``create_optimizer_v2`` and ``create_scheduler``).
+
+Biases and normalisation parameters (every parameter with fewer than two dimensions) get no
+weight decay and, with LARS, no trust ratio, as in the large-batch literature.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .lars import LARS
+from .scaling_rule import LinearScaling
+from .schedule import LRSchedule
+
+if TYPE_CHECKING:
+    from ..recipe import OptimConfig, Recipe
+
+__all__ = ["param_groups", "create_optimizer", "create_schedule"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed group (weights) and a plain group (biases, norms).
+
+    Args:
+        model: the network; parameters with ``requires_grad=False`` are left out.
+        weight_decay: L2 penalty of the decayed group.
+
+    Returns:
+        Two param groups: weights (``ndim >= 2``: convolution kernels, linear matrices) with
+        ``weight_decay`` and ``lars=True``; biases and norm parameters (``ndim < 2``) with
+        ``weight_decay=0`` and ``lars=False``.
+    """
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else plain).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True},
+        {"params": plain, "weight_decay": 0.0, "lars": False},
+    ]
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer a recipe's ``optim`` section asks for.
+
+    Args:
+        model: the network (its parameters split by :func:`param_groups`).
+        cfg: the recipe's ``optim`` section (:class:`tsmtrain.recipe.OptimConfig`).
+
+    Returns:
+        :class:`~tsmtrain.optim.lars.LARS` (``optim.name: lars``, You et al. 2017) or
+        ``torch.optim.SGD`` with momentum (``sgd``), at ``optim.base_lr``: the schedule
+        (:func:`create_schedule`) sets the rate before every step.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.base_lr, momentum=cfg.momentum,
+                    trust_coefficient=cfg.trust_coefficient, eps=cfg.lars_eps)
+    for g in groups:
+        g.pop("lars")
+    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def create_schedule(recipe: Recipe, scaling: LinearScaling, steps_per_epoch: int) -> LRSchedule:
+    """The learning-rate schedule of a recipe's ``schedule`` section, peaking at the linearly
+    scaled rate.
+
+    Args:
+        recipe: the recipe (its ``schedule`` and ``optim.base_lr`` are read).
+        scaling: the linear scaling rule for the run's ranks (:func:`~tsmtrain.optim.linear_scaling`):
+            ``scaling.lr`` is the peak rate.
+        steps_per_epoch: optimizer steps per epoch (each of ``scaling.global_batch`` clips).
+
+    Returns:
+        An :class:`~tsmtrain.optim.schedule.LRSchedule` that warms up linearly over
+        ``schedule.warmup_epochs`` from ``schedule.warmup_start_lr`` (default: ``optim.base_lr``, or
+        ``scaling.lr`` when that is lower: Goyal et al. 2017, section 2.2, start at the rate of the
+        small batch) to ``scaling.lr``, then decays as ``schedule.decay`` says.
+
+    Raises:
+        ValueError: ``steps_per_epoch`` is below 1.
+    """
+    s = recipe.schedule
+    start = s.warmup_start_lr if s.warmup_start_lr is not None else min(recipe.optim.base_lr, scaling.lr)
+    return LRSchedule(scaling.lr, steps_per_epoch, s.epochs, s.warmup_epochs, start, s.decay, s.milestones, s.gamma)
