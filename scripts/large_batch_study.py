@@ -28,7 +28,7 @@ optimizers, schedule and accumulation), ``--parallel`` at a time. Writes, under 
 * ``study.png``: left, final top-1 against the global batch, one line per method; right, the
   validation top-1 after every epoch of every run.
 
-    python scripts/large_batch_study.py                       # the full study (README: Large-batch study)
+    python scripts/large_batch_study.py                       # the full study (docs/scaling.md: Large-batch study)
     python scripts/large_batch_study.py --batches 1,4 --methods lars-warmup --epochs 1 --clips 48
     python scripts/large_batch_study.py --batches 16 && python scripts/large_batch_study.py --report-only
 
@@ -56,7 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tsmtrain.recipe import RecipeError, derived_values, load_recipe  # noqa: E402
+from tsmtrain.optim import linear_scaling  # noqa: E402
+from tsmtrain.recipe import RecipeError, load_recipe  # noqa: E402
 
 METHODS = {
     # name: (label, recipe overrides); warmup and trust coefficient come from the recipe
@@ -161,8 +162,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], Path, dict]:
                 r = load_recipe(args.recipe, overrides, check_files=False)
             except RecipeError as err:
                 raise SystemExit("\n".join(f"error: {method} x{k}: {p}" for p in err.problems)) from None
-            d = derived_values(r, 1)
-            runs.append(Run(method, k, d["global_batch"], d["lr"], r.schedule.warmup_epochs, overrides))
+            scaling = linear_scaling(r, 1)
+            runs.append(Run(method, k, scaling.global_batch, scaling.lr, r.schedule.warmup_epochs, overrides))
     return runs, data_root, {"recipe": recipe}
 
 

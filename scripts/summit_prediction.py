@@ -1,13 +1,14 @@
-"""Print the README's worked example of the scaling model: TSM-ResNet50 on Summit, the setting of
-"Training Kinetics in 15 Minutes" (Lin, Gan, Han, arXiv:1910.00932, 2019). README.md's table is
-this output:
+"""Print the worked example of the scaling model in docs/scaling.md: TSM-ResNet50 on Summit, the
+setting of "Training Kinetics in 15 Minutes" (Lin, Gan, Han, arXiv:1910.00932, 2019).
+docs/scaling.md's tables are this output (tests/test_scaling.py checks it):
 
     python scripts/summit_prediction.py
 
 The model's inputs are written out below with their sources; the ones marked "assumption" were
 not measured on Summit. The last part adds a data ceiling per node from loader rates per core
 measured by ``tsmtrain bench data`` on this project's real clips, before and after
-``tsmtrain prepare`` (the JSON records in ``benchmarks/``; see the README's "Preparing Kinetics").
+``tsmtrain prepare`` (the JSON records in ``benchmarks/``; see docs/data.md, "Preparing Kinetics", and
+docs/performance.md, "Data speed").
 """
 
 import json

@@ -265,14 +265,15 @@ def test_missing_file_names_file(tmp_path):
         load_network(tmp_path / "nope.yaml")
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs/scaling.md
 
 
-def test_readme_contains_the_summit_prediction():
+def test_scaling_page_contains_the_summit_prediction():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "summit_prediction.py")],
                          capture_output=True, text=True, check=True).stdout
     assert "| hierarchical | 1536 | 256 |" in out
-    assert out.strip() in (REPO / "README.md").read_text(), "run scripts/summit_prediction.py and paste it into README.md"
+    assert out.strip() in (REPO / "docs" / "scaling.md").read_text(), (
+        "run scripts/summit_prediction.py and paste it into docs/scaling.md (Worked example)")
 
 
 # --------------------------------------------------------------------------- data ceiling from a measured rate
