@@ -39,7 +39,8 @@ from .loader import build_loader, clip_dataset
 from .sampling import segment_indices
 from .transforms import VideoTransform
 
-__all__ = ["DataBenchError", "DataBench", "bench_data", "CLIPS_PER_S_PER_CORE"]
+__all__ = ["DataBenchError", "DataBench", "bench_data", "load_data_bench", "check_split", "header_line",
+           "progress_line", "summary_lines", "CLIPS_PER_S_PER_CORE", "SPLITS"]
 
 CLIPS_PER_S_PER_CORE = "clips_per_s_per_core"
 """The key of the JSON record that ``tsmtrain report --data-bench`` reads."""
@@ -47,6 +48,16 @@ CLIPS_PER_S_PER_CORE = "clips_per_s_per_core"
 
 class DataBenchError(ValueError):
     """The benchmark cannot run: no readable video, a bad worker count, ..."""
+
+
+SPLITS = ("train", "val")
+"""The lists :func:`bench_data` can read: ``train`` (random offsets) or ``val`` (segment centres)."""
+
+
+def check_split(split: str) -> None:
+    """Raises :class:`DataBenchError` when ``split`` is not one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise DataBenchError(f"--split: {split!r}: use train or val")
 
 
 @dataclass
@@ -61,6 +72,8 @@ class DataBench:
             clips/s).
         augment_clips_per_s: batched augmentation on ``augment_device``, clips/s.
         failed: videos that could not be decoded (path and reason); left out of every figure.
+        against: set by :meth:`compare`: the earlier record's file, its clips/s per core, and
+            the ratio of this run's to it.
     """
 
     recipe: str
@@ -79,6 +92,7 @@ class DataBench:
     augment_device: str = "cpu"
     target_clips_per_s: float | None = None
     failed: list[str] = field(default_factory=list)
+    against: dict | None = None
 
     @property
     def clips_per_s_per_core(self) -> float:
@@ -117,7 +131,57 @@ class DataBench:
         if self.target_clips_per_s:
             rec["target_clips_per_s"] = self.target_clips_per_s
             rec["cores_per_gpu"] = self.cores_per_gpu(self.target_clips_per_s)
+        if self.against is not None:
+            rec["against"] = self.against
         return rec
+
+    def compare(self, baseline: dict, path: str) -> float:
+        """Compare with an earlier record (:func:`load_data_bench` of ``path``, e.g. of the source
+        videos before ``tsmtrain prepare``); returns the ratio of the clips/s per core, this run's
+        to the earlier one's, and notes it in :attr:`against` (and so in the record)."""
+        ratio = self.clips_per_s_per_core / baseline[CLIPS_PER_S_PER_CORE]
+        self.against = {"file": path, CLIPS_PER_S_PER_CORE: baseline[CLIPS_PER_S_PER_CORE], "ratio": ratio}
+        return ratio
+
+    def write(self, path: str | Path) -> None:
+        """Write :meth:`record` to ``path`` as JSON (the folders it needs are made)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.record(), indent=2) + "\n")
+
+
+def header_line(recipe_path: str, data, clips: int, rounds: int) -> str:
+    """The line ``tsmtrain bench data`` prints first: what is read (the recipe's ``data``
+    section: decoder, frames per clip, frame size) and how often."""
+    return (f"{recipe_path}: {data.decoder}, {data.num_segments} frames per clip"
+            + (f" at {data.frame_size[0]}x{data.frame_size[1]}" if data.frame_size else " at the stored size")
+            + f", {clips} clips per measurement, {rounds} rounds (medians)")
+
+
+def progress_line(stage: str, row: dict) -> str:
+    """One line for a measurement that :func:`bench_data` reports to ``on_result``."""
+    if stage == "raw":
+        return (f"raw decoder, 1 core: {row['clips_per_s']:.2f} clips/s ({row['clips']} clips"
+                + (f", {row['failed']} failed" if row["failed"] else "") + ")")
+    if stage == "loader":
+        return (f"loader, {row['workers']} worker(s): {row['clips_per_s']:.2f} clips/s, "
+                f"{row['clips_per_s_per_worker']:.2f} per worker, loader/raw {row['ratio_to_raw']:.2f}")
+    return f"augmentation on {row['device']}: {row['clips_per_s']:.1f} clips/s"
+
+
+def summary_lines(result: DataBench) -> list[str]:
+    """The lines ``tsmtrain bench data`` prints after the measurements (rich markup): the videos
+    left out, the seek modes, clips/s per core, the cores per GPU at the target, and the ratio to
+    an earlier record (:meth:`DataBench.compare`)."""
+    lines = [f"[yellow]unreadable, left out:[/yellow] {line}" for line in result.failed]
+    lines.append("seek modes: " + ", ".join(f"{k} {v}" for k, v in sorted(result.seek_modes.items())))
+    lines.append(f"clips/s per core: {result.clips_per_s_per_core:.2f}")
+    if result.target_clips_per_s:
+        target = result.target_clips_per_s
+        lines.append(f"cores per GPU at {target:g} clips/s: {result.cores_per_gpu(target):.1f}")
+    if result.against is not None:
+        lines.append(f"against {result.against['file']}: {result.against[CLIPS_PER_S_PER_CORE]:.2f} clips/s per "
+                     f"core there, ratio {result.against['ratio']:.2f}x")
+    return lines
 
 
 def _cpu_model() -> str:
@@ -163,11 +227,12 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
         A :class:`DataBench`.
 
     Raises:
-        DataBenchError: bad arguments, no validation list for ``split="val"``, or no video of the
-            list could be decoded.
+        DataBenchError: bad arguments (a ``split`` not in :data:`SPLITS`, ...), no validation list
+            for ``split="val"``, or no video of the list could be decoded.
         tsmtrain.data.ListFileError: a malformed list file.
     """
     d = recipe.data
+    check_split(split)
     if not workers or any(w < 1 for w in workers):
         raise DataBenchError(f"--workers: each worker count must be at least 1, got {list(workers)}")
     if clips < 2:

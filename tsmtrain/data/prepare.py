@@ -89,7 +89,8 @@ from .lists import ListFileError, read_list
 __all__ = ["MANIFEST", "SHARDS_DIR", "FRAMES_SUFFIX", "PrepareError", "ManifestError", "Settings", "Video",
            "Plan", "plan_videos", "parse_shard", "shard_videos", "default_jobs", "check_tools", "probe_source",
            "choose_fps", "output_size", "encode_command", "prepare_video", "run_shard", "merge", "prepare",
-           "read_manifest", "read_journal", "ShardSummary", "MergeResult"]
+           "read_manifest", "read_journal", "ShardSummary", "MergeResult", "check_options", "summary_lines",
+           "merge_lines"]
 
 MANIFEST = "manifest.jsonl"
 """The merged manifest in the output folder: one JSON record per video."""
@@ -292,6 +293,31 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise PrepareError(f"--shard {text}: I must be in 0..N-1 (shards are counted from 0)")
     return i, n
+
+
+def check_options(recipe: str | None, lists: Sequence[str], root: str | None, shard: str | None, merge: bool,
+                  shards: int | None, settings: Settings) -> None:
+    """Check the options of ``tsmtrain prepare`` together, before anything is read: a recipe or
+    list files (with their ``root``), ``shard`` or ``merge``, and the encoding ``settings``.
+
+    Raises:
+        PrepareError: one line per problem, each naming the option.
+    """
+    problems = []
+    if (recipe is None) == (not lists):
+        problems.append("give a recipe or --list files (with --root), not both" if recipe else
+                        "give a recipe, or --list FILE --root ROOT")
+    if lists and root is None:
+        problems.append("--list: give --root, the folder its paths are relative to")
+    if recipe is not None and root is not None:
+        problems.append("--root: the recipe's data.root is used; give --root only with --list")
+    if shard is not None and merge:
+        problems.append("--shard and --merge: run the shards first, then one --merge")
+    if shards is not None and not merge:
+        problems.append("--shards goes with --merge (a shard is chosen with --shard I/N)")
+    problems += settings.problems()
+    if problems:
+        raise PrepareError(problems)
 
 
 def shard_videos(videos: Sequence[Video], shard: tuple[int, int]) -> list[Video]:
@@ -981,6 +1007,26 @@ def run_shard(plan: Plan, settings: Settings, shard: tuple[int, int] = (0, 1), j
     return summary
 
 
+def summary_lines(summary: ShardSummary, sharded: bool, failures: int = 20) -> list[str]:
+    """What ``tsmtrain prepare`` prints (on stderr) after :func:`run_shard`: the counts, the rate
+    when videos were prepared now, and the first ``failures`` failures with their reasons.
+
+    Args:
+        summary: from :func:`run_shard`.
+        sharded: the run was one shard of several (``--shard I/N``): the line names the shard.
+        failures: failures listed by name; the others are counted (their reasons are in the journal).
+    """
+    s = summary
+    label = f"shard {s.shard[0]}/{s.shard[1]}: " if sharded else ""
+    rate = (f" in {s.seconds:.1f} s: {s.videos_per_s:.2f} videos/s, "
+            f"{s.source_seconds / s.seconds if s.seconds else 0:.1f} s of video per s") if s.ok + s.failed else ""
+    lines = [f"{label}{s.videos} videos: {s.ok} prepared, {s.failed} failed, {s.done_before} already done{rate}"]
+    lines += [f"failed: {source}: {reason}" for source, reason in s.failures[:failures]]
+    if len(s.failures) > failures:
+        lines.append(f"failed: ... {len(s.failures) - failures} more (reasons in the manifest)")
+    return lines
+
+
 # --------------------------------------------------------------------------- merge
 
 
@@ -1057,6 +1103,14 @@ def merge(plan: Plan, settings: Settings, shards: int | None = None) -> MergeRes
     _write_atomic(out_dir / MANIFEST, text)
     ok = sum(r["status"] == "ok" for r in records)
     return MergeResult(out_dir / MANIFEST, lists, ok, len(records) - ok, shards)
+
+
+def merge_lines(result: MergeResult) -> list[str]:
+    """What ``tsmtrain prepare`` prints after :func:`merge`: each list file written with its
+    videos (and those left out because they failed), then the manifest's counts."""
+    lines = [f"wrote {path}: {kept} videos" + (f" ({left} left out: failed)" if left else "")
+             for path, kept, left in result.lists]
+    return lines + [f"wrote {result.manifest}: {result.ok} ok, {result.failed} failed"]
 
 
 def prepare(plan: Plan, settings: Settings, jobs: int | None = None, decoder: str = "torchcodec",

@@ -1,0 +1,109 @@
+"""``tsmtrain bench data`` and ``tsmtrain bench step``: the data path and the training step.
+
+* ``bench data RECIPE [--workers 1,2,4] [--json F]`` -> :func:`tsmtrain.data.bench.bench_data`,
+  printed by :func:`~tsmtrain.data.bench.progress_line` and :func:`~tsmtrain.data.bench.summary_lines`
+* ``bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.train.bench.bench_step`, printed by
+  :func:`tsmtrain.train.bench.format_step_report`
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import SET_HELP, fail, load
+
+__all__ = ["bench_app", "bench_data", "bench_step"]
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the data path and the training step.")
+
+
+@bench_app.command("data")
+def bench_data(
+    recipe: str = typer.Argument(..., help="YAML recipe whose videos to read"),
+    workers: str = typer.Option("1,2", "--workers", help="loader worker counts to measure, e.g. 1,2,4"),
+    clips: int = typer.Option(64, "--clips", help="clips per measurement (cycles through a shorter list)"),
+    rounds: int = typer.Option(3, "--rounds", help="alternating rounds of every measurement; figures are medians"),
+    target: Optional[float] = typer.Option(None, "--target", help="clips/s one GPU trains at: print the cores "
+                                                                  "per GPU it needs"),
+    against: Optional[str] = typer.Option(None, "--against", help="an earlier --json record (e.g. of the source "
+                                                                  "videos before tsmtrain prepare): print the ratio"),
+    split: str = typer.Option("train", "--split", help="train (random offsets) or val (segment centres)"),
+    json_file: Optional[str] = typer.Option(None, "--json", help="write the figures to this JSON file"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Measure clips/s of the recipe's loader per worker next to the raw decoder on the same
+    frames, and the batched augmentation on the device."""
+    from rich.console import Console
+
+    from ..data import DataError, ListFileError
+    from ..data.bench import DataBenchError, check_split, header_line, load_data_bench, progress_line, summary_lines
+    from ..data.bench import bench_data as run_bench
+    from ..data.prepare import ManifestError
+    from ..scaling.sweep import parse_workers
+
+    try:
+        check_split(split)
+        counts = parse_workers(workers, "--workers")
+        baseline = load_data_bench(against) if against else None
+    except ValueError as err:  # DataBenchError and SweepError among them
+        fail(str(err))
+    cfg = load(recipe, sets)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(header_line(recipe, cfg.data, clips, rounds))
+    try:
+        result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, rounds=rounds,
+                           on_result=lambda stage, row: console.print(progress_line(stage, row)))
+    except (DataBenchError, ListFileError, ManifestError, DataError) as err:
+        fail(str(err).splitlines())
+    if baseline is not None:
+        result.compare(baseline, against)
+    for line in summary_lines(result):
+        console.print(line)
+    if json_file:
+        result.write(json_file)
+        console.print(f"wrote {json_file}")
+
+
+@bench_app.command("step")
+def bench_step(
+    recipe: str = typer.Argument(..., help="YAML recipe (its data files need not exist)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    json_file: Optional[str] = typer.Option(None, "--json", help="also write every measurement to this JSON file"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="comma-separated, e.g. fp32,bf16,"
+                                           "fp32+channels_last,fp32+compile (default: all that run on this device)"),
+    steps: int = typer.Option(20, "--steps", min=1, help="measured rounds per variant"),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="untimed steps per network and variant first"),
+    budget: float = typer.Option(300.0, "--budget", min=0, help="seconds per variant after which it stops early "
+                                                                "(with at least 3 rounds)"),
+) -> None:
+    """Time forward+backward+optimizer of the recipe's network as TSM and TSN, in every precision,
+    memory format and compile variant that runs here, on a synthetic batch; and the temporal
+    shift against a copy of its input."""
+    import json
+
+    from ..train import TrainingError
+    from ..train.bench import bench_step as run_bench
+    from ..train.bench import format_step_report, parse_variants
+    from ..train.runtime import choose_device
+
+    cfg = load(recipe, sets, check_files=False)
+    try:
+        device = choose_device(cfg.train.device, 0)
+        chosen = parse_variants(variants, device) if variants is not None else None
+    except TrainingError as err:
+        fail(str(err))
+    except ValueError as err:
+        fail(f"--variants: {err}")
+    try:
+        result = run_bench(cfg, chosen, steps=steps, warmup=warmup, budget_s=budget,
+                           say=lambda line: print(line, file=sys.stderr, flush=True))
+    except TrainingError as err:
+        fail(str(err).splitlines())
+    print(format_step_report(result))
+    if json_file:
+        Path(json_file).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_file}")

@@ -1,0 +1,88 @@
+"""``tsmtrain prepare``: re-encode a recipe's (or list files') videos for training.
+
+``prepare RECIPE|--list FILE --root ROOT --out DIR [--shard I/N | --merge]`` ->
+:func:`tsmtrain.data.prepare.check_options`, :func:`~tsmtrain.data.prepare.run_shard` and
+:func:`~tsmtrain.data.prepare.merge`, printed by :func:`~tsmtrain.data.prepare.summary_lines` and
+:func:`~tsmtrain.data.prepare.merge_lines`. Ctrl-C exits 130 (run it again to continue).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from . import SET_HELP, fail, load
+
+__all__ = ["prepare"]
+
+
+def prepare(
+    recipe: Optional[str] = typer.Argument(None, help="YAML recipe: prepare its train and validation lists"),
+    lists: list[str] = typer.Option([], "--list", help="a list file instead of a recipe (repeatable)"),
+    root: Optional[str] = typer.Option(None, "--root", help="with --list: folder the list's paths are relative to"),
+    out: str = typer.Option(..., "--out", help="output folder: videos, new list files, manifest.jsonl"),
+    short_side: int = typer.Option(256, "--short-side", help="pixels of the shorter displayed side (even)"),
+    gop: int = typer.Option(16, "--gop", help="frames between keyframes"),
+    fps: Optional[str] = typer.Option(None, "--fps", help="output frame rate, e.g. 25 or 30000/1001 "
+                                                          "(default: each source's own average rate)"),
+    crf: int = typer.Option(23, "--crf", help="x264 constant rate factor (quality; lower is larger)"),
+    preset: str = typer.Option("fast", "--preset", help="x264 preset (ultrafast ... veryslow)"),
+    fastdecode: bool = typer.Option(True, "--fastdecode/--no-fastdecode",
+                                    help="x264 -tune fastdecode and no B-frames: about 2x faster decoding, "
+                                         "about 12% larger files"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="ffmpeg processes at once (default: the cores "
+                                                                    "this process may use)"),
+    decoder: str = typer.Option("torchcodec", "--decoder", help="decoder that verifies each output "
+                                                                "(torchcodec or decord)"),
+    frame_mappings: bool = typer.Option(True, "--frame-mappings/--no-frame-mappings",
+                                        help="write OUTPUT.frames.json frame tables (torchcodec custom_frame_mappings)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: prepare every N-th video from the I-th "
+                                                              "(I from 0) and write only the shard's journal"),
+    merge: bool = typer.Option(False, "--merge", help="write the list files and manifest from the shard journals"),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="with --merge: N (default: found in OUT)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="try again the videos that failed before"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Re-encode every video of a recipe's lists (or of --list files) into OUT for training:
+    H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright;
+    then write OUT's list files and manifest.jsonl.
+
+    Run it again to continue after a stop: finished videos are skipped. On a cluster, run the
+    shards (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
+    """
+    from ..data.prepare import (ManifestError, PrepareError, Settings, check_options, check_tools, merge_lines,
+                                parse_shard, plan_videos, run_shard, summary_lines)
+    from ..data.prepare import merge as merge_shards
+
+    settings = Settings(short_side=short_side, gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode)
+    try:
+        check_options(recipe, lists, root, shard, merge, shards, settings)
+    except PrepareError as err:
+        fail(err.problems)
+    if recipe is not None:
+        d = load(recipe, sets).data
+        root, lists = d.root, [d.train_list] + ([d.val_list] if d.val_list else [])
+    try:
+        where = parse_shard(shard) if shard is not None else (0, 1)
+        plan = plan_videos(lists, root, out)
+        _say([f"warning: {warning}" for warning in plan.warnings])
+        if not merge:
+            check_tools(decoder)
+            summary = run_shard(plan, settings, where, jobs, decoder, frame_mappings, retry_failed)
+            _say(summary_lines(summary, sharded=shard is not None))
+        if shard is None:
+            for line in merge_lines(merge_shards(plan, settings, shards if merge else 1)):
+                print(line)
+    except (PrepareError, ManifestError) as err:
+        fail(str(err).splitlines())
+    except KeyboardInterrupt:
+        _say(["interrupted: run the same command again to continue"])
+        raise typer.Exit(130)
+
+
+def _say(lines: list[str]) -> None:
+    """Print ``lines`` on stderr (progress, warnings and summaries; stdout gets what was written)."""
+    for line in lines:
+        print(line, file=sys.stderr)

@@ -1,0 +1,157 @@
+"""``tsmtrain sweep`` and ``tsmtrain report``: the scaling study.
+
+* ``sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` ->
+  :func:`tsmtrain.scaling.sweep.plan_sweep`, :func:`~tsmtrain.scaling.sweep.run_sweep`; exits 1
+  when a point failed
+* ``report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` ->
+  :func:`tsmtrain.scaling.report.write_report`, with the points of :func:`tsmtrain.scaling.model.predict`
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import SET_HELP, fail, load
+from .cluster import TEMPLATE_HELP, with_cluster_flags
+
+__all__ = ["sweep", "report", "point_line"]
+
+
+@with_cluster_flags
+def sweep(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    workers: str = typer.Option(..., "--workers", help="worker counts (ranks), e.g. 1,2,4,8"),
+    strong: bool = typer.Option(False, "--strong", help="strong scaling: keep the global batch (default: weak "
+                                                        "scaling, keep the clips per rank)"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1,
+                                               help="with --strong: the global batch (default: the recipe's)"),
+    local: bool = typer.Option(True, "--local/--submit", help="run each point here (tsmtrain run --np N), or "
+                                                               "submit one Slurm job per point"),
+    array: bool = typer.Option(False, "--array", help="with --submit: one job array per node count"),
+    steps: int = typer.Option(20, "--steps", help="measured optimizer steps per point"),
+    warmup: int = typer.Option(5, "--warmup", help="optimizer steps before measuring"),
+    out: Optional[str] = typer.Option(None, "--out", help="sweep directory (default RUN_DIR/sweeps/NAME-weak|strong)"),
+    rerun: bool = typer.Option(False, "--rerun", help="measure points again that the sweep directory already has"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds after which a local point is killed"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help=TEMPLATE_HELP),
+    cluster: dict = None,
+) -> None:
+    """Benchmark a recipe at several worker counts (short runs, no evaluation) into a sweep
+    directory; run it again to resume or extend it. Then: tsmtrain report SWEEP_DIR."""
+    from rich.console import Console
+
+    from ..data import ListFileError
+    from ..dist.slurm import LaunchError
+    from ..scaling.records import SweepError
+    from ..scaling.sweep import parse_workers, plan_sweep, run_sweep
+
+    if array and local:
+        fail("--array: job arrays are for --submit")
+    cfg = load(recipe, sets, flags=cluster)
+    console = Console(stderr=True, soft_wrap=True)
+    launch = "local" if local else "submit"
+    try:
+        plan = plan_sweep(cfg, recipe, parse_workers(workers), out, strong=strong, global_batch=global_batch,
+                          launch=launch, steps=steps, warmup=warmup, rerun=rerun)
+    except (SweepError, ListFileError) as err:
+        fail(str(err))
+    console.print(f"sweep {plan.sweep_dir}: {plan.meta['mode']} scaling of {plan.meta['model']}, "
+                  f"{warmup} warm-up + {steps} measured steps per point")
+    if plan.skipped:
+        console.print(f"kept from earlier: workers {', '.join(map(str, plan.skipped))} (--rerun measures them again)")
+    try:
+        records = run_sweep(plan, launch=launch, array=array, timeout=timeout, template=template,
+                            on_point=lambda r: console.print(point_line(r), highlight=False if r["status"] == "failed"
+                                                             else None))
+    except (SweepError, LaunchError) as err:
+        fail(str(err))
+    console.print(f"records in {plan.sweep_dir / 'points'}; table and plots: tsmtrain report {plan.sweep_dir}")
+    if any(r["status"] == "failed" for r in records):
+        raise typer.Exit(1)
+
+
+def point_line(r: dict) -> str:
+    """The line ``sweep`` prints when a point is measured, submitted or failed (rich markup: a
+    failure in red, printed without highlighting)."""
+    if r["status"] == "ok":
+        return (f"workers {r['workers']:>5}: {r['clips_per_s']:.1f} clips/s, {r['step_time_s']:.3f} s/step "
+                f"(global batch {r['global_batch']}) in {r['seconds']:.0f} s")
+    if r["status"] == "submitted":
+        return f"workers {r['workers']:>5}: submitted job {r['job_id']}"
+    return f"workers {r['workers']:>5}: [red]failed[/red]: {r['error']}"
+
+
+def report(
+    sweep_dir: str = typer.Argument(..., help="a directory written by tsmtrain sweep"),
+    predict: Optional[str] = typer.Option(None, "--predict", help="worker counts to predict, e.g. 256,1536"),
+    network: Optional[str] = typer.Option(None, "--network", help="network description (YAML) for --predict, "
+                                                                 "e.g. configs/networks/summit.yaml"),
+    data_bench: Optional[str] = typer.Option(None, "--data-bench", help="a tsmtrain bench data --json record: its "
+                                             "clips/s per core x the network's cores per node is the data ceiling"),
+) -> None:
+    """Write the sweep's table (Markdown, CSV) and plots into SWEEP_DIR/report and print the table;
+    with --predict, add the scaling model's points."""
+    from rich.console import Console
+
+    from ..scaling.records import SweepError
+    from ..scaling.report import load_sweep, print_report, table_rows, write_report
+    from ..scaling.sweep import collect
+
+    if (predict is None) != (network is None):
+        fail("--predict and --network go together: the model needs worker counts and a network")
+    if data_bench is not None and predict is None:
+        fail("--data-bench goes with --predict and --network: it sets the model's data ceiling")
+    try:
+        collect(sweep_dir) if (Path(sweep_dir) / "sweep.json").exists() else None
+        meta, records = load_sweep(sweep_dir)
+        predictions = None if predict is None else _predictions(meta, records, predict, network, data_bench)
+        files = write_report(sweep_dir, predictions)
+        # a pipe or log file gets the whole table rather than 80 squeezed columns
+        print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220))
+    except SweepError as err:
+        fail(str(err))
+    for path in (getattr(files, name) for name in vars(files)):
+        print(f"wrote {path}")
+
+
+def _predictions(meta: dict, records: list[dict], predict: str, network: str, data_bench: str | None) -> list[dict]:
+    """The scaling model's points for ``--predict`` on ``--network`` (with ``--data-bench``'s
+    ceiling), its notes on stderr; a bad network, benchmark record or basis exits 2.
+
+    Raises:
+        SweepError: ``--predict`` is not a list of worker counts.
+    """
+    from dataclasses import asdict
+
+    from ..scaling.model import NetworkError, basis_from_sweep, load_network
+    from ..scaling.model import predict as model_predict
+    from ..scaling.sweep import parse_workers
+
+    counts = parse_workers(predict, "--predict")
+    try:
+        net = load_network(network)
+        if data_bench is not None:
+            from ..data.bench import DataBenchError, load_data_bench  # torch: only with --data-bench
+
+            try:
+                rate = load_data_bench(data_bench)["clips_per_s_per_core"]
+            except DataBenchError as err:
+                fail(str(err))
+            net = net.with_data_ceiling(rate)
+            print(f"model: data ceiling {net.data_clips_per_s_per_node:.0f} clips/s per node = {rate:.2f} "
+                  f"clips/s per core ({data_bench}) x {net.cores_per_node - net.ranks_per_node} loader cores",
+                  file=sys.stderr)
+        basis = basis_from_sweep(meta, records)
+    except NetworkError as err:
+        fail(str(err))
+    except ValueError as err:
+        fail(f"--predict: {err}")
+    predictions = [asdict(p) for p in model_predict(basis, net, counts)]
+    for note in basis.notes:
+        print(f"model: {note}", file=sys.stderr)
+    return predictions

@@ -1,0 +1,108 @@
+"""``tsmtrain test`` and ``tsmtrain predict``: a trained checkpoint under a view protocol.
+
+* ``test RECIPE [--checkpoint PATH] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
+  :func:`tsmtrain.train.testing.run_test` (through :func:`tsmtrain.cli.relaunch` when N ranks
+  must be started on this host), printed by :func:`tsmtrain.train.testing.format_report`
+* ``predict RECIPE VIDEO... [--checkpoint PATH] [--top K]`` ->
+  :func:`tsmtrain.train.testing.predict_videos`; exits 1 when a video is unreadable
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
+
+__all__ = ["test", "predict", "prediction_lines"]
+
+CHECKPOINT_HELP = "checkpoint file (default: the run directory's latest)"
+
+
+def _protocol(clips: int, crops: int):
+    """The :class:`tsmtrain.train.testing.Protocol` of ``--clips`` and ``--crops``; exits 2 on
+    one that does not exist."""
+    from ..train.testing import Protocol
+
+    try:
+        return Protocol(clips, crops)
+    except ValueError as err:
+        fail(str(err))
+
+
+def test(
+    recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    clips: int = typer.Option(1, "--clips", help="K: clips per video, spread evenly over it"),
+    crops: int = typer.Option(1, "--crops", help="crops per clip: 1 (centre), 3 (along the long side, at the resize "
+                                                 "size), 10 (corners, centre and their flips)"),
+    list_file: Optional[str] = typer.Option(None, "--list", help="list file of the videos to test (default: "
+                                                                 "data.val_list), paths under data.root"),
+    np: Optional[int] = typer.Option(None, "--np", min=1, help="ranks to start on this host (sets dist.np)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Test a checkpoint under a view protocol: top-1, top-5 and mean class accuracy; per-class
+    table, confusion matrix and predictions in RUN_DIR/test/."""
+    protocol = _protocol(clips, crops)
+    if list_file is not None and not Path(list_file).is_file():
+        fail(f"--list {list_file}: list file not found")
+    sets = with_np(sets, np)
+    cfg = load(recipe, sets)
+    relaunch(cfg, ["test", recipe, *set_args(sets), "--clips", str(clips), "--crops", str(crops),
+                   *(["--checkpoint", checkpoint] if checkpoint else []),
+                   *(["--list", list_file] if list_file else [])])
+    from ..train.testing import format_report, run_test
+
+    with user_errors():
+        report = run_test(cfg, protocol, checkpoint=checkpoint, list_file=list_file)
+    if report.rank != 0:
+        return
+    for path, reason in report.unreadable:
+        print(f"unreadable: {reason}", file=sys.stderr)
+    print(format_report(report, cfg.model.num_classes, cfg.data.input_size))
+
+
+def predict(
+    recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
+    videos: list[str] = typer.Argument(..., help="video files"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    top: int = typer.Option(5, "--top", min=1, help="classes to print per video"),
+    clips: int = typer.Option(1, "--clips", help="K: clips per video (as tsmtrain test)"),
+    crops: int = typer.Option(1, "--crops", help="crops per clip: 1, 3 or 10 (as tsmtrain test)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print the top classes, with their averaged softmax scores, of each video file (on the CPU)."""
+    from ..data import DataError
+    from ..train import TrainingError
+    from ..train.testing import predict_videos
+
+    protocol = _protocol(clips, crops)
+    cfg = load(recipe, sets, check_files=False)
+    if cfg.data.classes is not None and not Path(cfg.data.classes).is_file():
+        fail(f"data.classes = {cfg.data.classes!r}: label map file not found")
+    try:
+        results, path, names = predict_videos(cfg, videos, protocol, checkpoint=checkpoint, top=top)
+    except (TrainingError, DataError) as err:
+        fail(str(err).splitlines())
+    print(f"checkpoint {path}, {protocol.describe(cfg.data.input_size)}")
+    for line in prediction_lines(results, names):
+        print(line)
+    if any(r["error"] is not None for r in results):
+        raise typer.Exit(1)
+
+
+def prediction_lines(results: list[dict], names: list[str] | None) -> list[str]:
+    """The lines ``predict`` prints per video of :func:`tsmtrain.train.testing.predict_videos`:
+    ``PATH: unreadable: REASON``, or ``PATH:`` then one ``SCORE  CLASS  NAME`` line per top class."""
+    lines = []
+    for r in results:
+        if r["error"] is not None:
+            lines.append(f"{r['path']}: unreadable: {r['error']}")
+            continue
+        lines.append(f"{r['path']}:")
+        lines += [f"  {score:7.4f}  {c:>4}  {names[c] if names else ''}".rstrip()
+                  for c, score in zip(r["top"], r["scores"])]
+    return lines

@@ -1,0 +1,89 @@
+"""``tsmtrain run``, ``tsmtrain validate`` and ``tsmtrain model-info``.
+
+* ``run RECIPE [--set k=v] [--np N] [--resume/--no-resume]`` -> :func:`tsmtrain.train.train`
+  (through :func:`tsmtrain.cli.relaunch` when N ranks must be started on this host)
+* ``validate RECIPE [--set k=v] [--np N]`` -> :func:`tsmtrain.recipe.load_recipe`, printed resolved
+  with the derived values of :func:`tsmtrain.optim.linear_scaling`
+* ``model-info RECIPE`` -> :func:`tsmtrain.models.count_parameters`, :func:`tsmtrain.models.count_macs`
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from . import SET_HELP, load, relaunch, set_args, user_errors, with_np
+
+__all__ = ["run", "validate", "model_info"]
+
+
+def run(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    np: Optional[int] = typer.Option(None, "--np", min=1, help="ranks to start on this host (sets dist.np)"),
+    resume: Optional[bool] = typer.Option(
+        None, "--resume/--no-resume",
+        help="default: continue from the run directory's latest checkpoint if there is one; "
+             "--resume: there must be one; --no-resume: there must be none"),
+) -> None:
+    """Train a recipe: on this host, or as one rank of an srun/mpirun job.
+
+    Exits 0 when done, 2 on a user mistake, 75 when SIGUSR2 or SIGTERM stopped it after a checkpoint.
+    """
+    from ..dist.stop import EXIT_PREEMPTED
+    from ..train import train
+
+    sets = with_np(sets, np)
+    cfg = load(recipe, sets)
+    flag = [] if resume is None else ["--resume" if resume else "--no-resume"]
+    relaunch(cfg, ["run", recipe, *set_args(sets), *flag], run_dir=cfg.run_dir)
+    with user_errors():
+        result = train(cfg, resume=resume)
+    if result.preempted:
+        raise typer.Exit(EXIT_PREEMPTED)
+    if result.eval and result.rank == 0:
+        print(f"final validation top-1: {result.eval['top1']:.2f}% (top-5 {result.eval['top5']:.2f}%, "
+              f"{result.eval['clips']} clips, step {result.step})")
+
+
+def validate(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    np: Optional[int] = typer.Option(None, "--np", min=1, help="world size for the derived values"),
+) -> None:
+    """Check a recipe and print it resolved, with derived values (global batch, scaled lr)."""
+    import yaml
+
+    from ..optim import linear_scaling
+
+    cfg = load(recipe, with_np(sets, np))
+    doc = cfg.model_dump(mode="json")
+    scaling = linear_scaling(cfg)
+    doc["derived"] = {"world_size": scaling.world_size, "global_batch": scaling.global_batch, "lr": scaling.lr,
+                      "run_dir": str(cfg.run_dir)}
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+
+
+def model_info(
+    recipe: str = typer.Argument(..., help="YAML recipe"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print the network's parameters and multiply-accumulates per clip."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..models import count_macs, count_parameters, create_model
+
+    cfg = load(recipe, sets, check_files=False)
+    model = create_model(cfg.model, cfg.data.num_segments)
+    params, macs = count_parameters(model), count_macs(model, cfg.data.input_size)
+    name = f"{'TSM' if cfg.model.shift else 'TSN'}-{cfg.model.arch}"
+    table = Table(title=f"{name}, {cfg.model.num_classes} classes")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("input per clip", f"{cfg.data.num_segments} x 3 x {cfg.data.input_size} x {cfg.data.input_size}")
+    table.add_row("parameters", f"{params / 1e6:.2f} M ({params:,})")
+    table.add_row("multiply-adds per clip", f"{macs / 1e9:.2f} G")
+    table.add_row("multiply-adds per frame", f"{macs / cfg.data.num_segments / 1e9:.3f} G")
+    Console().print(table)
