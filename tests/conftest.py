@@ -76,7 +76,7 @@ def steps_logged(run_dir: Path) -> int:
 @pytest.fixture
 def stop_requested(monkeypatch):
     """A stop request (SIGUSR2) that is already there when training starts."""
-    from tsmtrain.train.runtime import StopRequest
+    from tsmtrain.dist.stop import StopRequest
 
     enter = StopRequest.__enter__
 

@@ -1,4 +1,5 @@
-"""Run under horovodrun by tests/test_horovod.py: training steps of TrainStep on 2 ranks.
+"""Run under horovodrun by tests/test_horovod.py: training steps of TrainStep on 2 ranks (its forward and
+backward, then its optimizer step: the gradient wait, fp16 unscaling, the step under skip_synchronize).
 
 usage: python tests/horovod_step_worker.py MODE OUT_DIR
 
@@ -34,8 +35,9 @@ cpu = torch.device("cpu")
 shape = (2, 2, 3, 8, 8) if mode == "fp16-inf" else (4, 4, 3, 32, 32)
 torch.manual_seed(0)
 model = VideoNet("resnet18", 4, shape[1], shift=True, dropout=0.0)
-step = TrainStep(model, cpu, "fp16" if mode == "fp16-inf" else "fp32", compile=mode == "compile", batch_shape=shape)
-optimizer = engine.wrap_optimizer(create_optimizer(model, OptimConfig(base_lr=0.1)), model)
+step = TrainStep(model, cpu, "fp16" if mode == "fp16-inf" else "fp32", compile=mode == "compile", batch_shape=shape,
+                 optimizer=create_optimizer(model, OptimConfig(base_lr=0.1)), engine=engine)
+optimizer = step.optimizer  # Horovod's DistributedOptimizer, wrapped after the compile check
 engine.broadcast_state(model, optimizer)
 gen = torch.Generator().manual_seed(100 + engine.rank)  # each rank its own batch
 x, y = torch.randn(shape, generator=gen), torch.randint(0, 4, (shape[0],), generator=gen)
@@ -48,16 +50,14 @@ if mode == "fp16-inf":
         with step.autocast():
             loss = torch.nn.functional.cross_entropy(step.forward_model(step.batch(x)), y) * factor
         step.scaler.scale(loss).backward()
-        engine.wait_gradients(optimizer)
-        step.apply(engine, optimizer)
+        step.optimizer_step()
         result[f"scale{k}"] = step.loss_scale()
         result[f"moved{k}"] = not torch.equal(before, model.fc.weight)
 else:
     step.forward_backward(x, y)
     result["hooks_fired"] = len(optimizer._handles)  # Horovod's per-parameter allreduces started in backward
     result["parameters"] = sum(p.requires_grad for p in model.parameters())
-    engine.wait_gradients(optimizer)
-    step.apply(engine, optimizer)
+    step.optimizer_step()
 result["model"] = {k: v.detach().clone() for k, v in model.named_parameters()}  # (BatchNorm statistics differ by rank)
 out.mkdir(parents=True, exist_ok=True)
 torch.save(result, out / f"rank{engine.rank}.pt")

@@ -21,7 +21,7 @@ from tests import dist_worker
 from tests.conftest import steps_logged, tiny_recipe, venv_env
 from tests.test_horovod import recipe as horovod_recipe
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.dist.local import EXIT_PREEMPTED
+from tsmtrain.dist.stop import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from torch import nn
 from tests.test_launch_slurm import header, render, write_recipe
 from tsmtrain.dist import DistError, launched_by_launcher
 from tsmtrain.dist.ddp import rendezvous
-from tsmtrain.dist.local import EXIT_PREEMPTED, default_launcher, local_command
+from tsmtrain.dist.local import default_launcher, local_command
+from tsmtrain.dist.stop import EXIT_PREEMPTED
 from tsmtrain.dist.slurm import default_master_port, expand_nodelist, tasks_on_node
 from tsmtrain.dist.syncbn import SyncBatchNorm, convert_sync_batchnorm
 from tsmtrain.recipe import DistConfig

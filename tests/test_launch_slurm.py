@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsmtrain.dist.local import EXIT_PREEMPTED, PREEMPTED_FILE, preempted_status
+from tsmtrain.dist.stop import EXIT_PREEMPTED, PREEMPTED_FILE, preempted_status
 from tsmtrain.dist.slurm import prepare_job, render_sbatch
 from tsmtrain.recipe import load_recipe
 

@@ -16,7 +16,7 @@ import torch
 
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tests.conftest import steps_logged, tiny_recipe, venv_env
-from tsmtrain.dist.local import EXIT_PREEMPTED
+from tsmtrain.dist.stop import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 

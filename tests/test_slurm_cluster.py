@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import steps_logged, tiny_recipe, venv_env
-from tsmtrain.dist.local import EXIT_PREEMPTED
+from tsmtrain.dist.stop import EXIT_PREEMPTED
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -189,7 +189,7 @@ def test_sweep_as_a_job_array_then_report(cluster, tmp_path, tiny_demo):
 
 
 def test_prepare_as_a_job_array_then_merge(cluster, tmp_path, tiny_demo):
-    """slurm/prepare.sbatch as a 2-task job array (a shard each), then --merge: the README's
+    """slurm/prepare.sbatch as a 2-task job array (a shard each), then --merge: docs/data.md's
     cluster-scale preparation, end to end."""
     out = tmp_path / "prepared"
     args = ["--list", str(tiny_demo / "train.txt"), "--root", str(tiny_demo), "--out", str(out), "--short-side", "32"]

@@ -29,29 +29,30 @@ def batch(seed=1):
     return torch.randn(SHAPE, generator=g), torch.randint(0, 3, (SHAPE[0],), generator=g)
 
 
-def take_step(step, model, optimizer, x, y, loss_factor=1.0):
-    """Like TrainStep.forward_backward, with the loss multiplied by ``loss_factor`` (inf: inf gradients)."""
+def take_step(step, x, y, loss_factor=1.0):
+    """Like calling the step, with the loss multiplied by ``loss_factor`` (inf: inf gradients)."""
     with step.autocast():
         loss = torch.nn.functional.cross_entropy(step.forward_model(step.batch(x)), y) * loss_factor
     step.scaler.scale(loss).backward() if step.scaler else loss.backward()
-    engine = LocalEngine()
-    engine.wait_gradients(optimizer)
-    step.apply(engine, optimizer)
+    step.optimizer_step()
+
+
+def with_optimizer(model, precision="fp32", **kwargs):
+    return TrainStep(model, CPU, precision, optimizer=create_optimizer(model, OptimConfig(base_lr=0.1)), **kwargs)
 
 
 def test_fp16_step_with_infinite_gradients_is_skipped_and_the_scale_halves():
     model = tiny()
-    step = TrainStep(model, CPU, "fp16")
-    optimizer = create_optimizer(model, OptimConfig(base_lr=0.1))
+    step = with_optimizer(model, "fp16")
     x, y = batch()
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
     scale = step.loss_scale()
-    take_step(step, model, optimizer, x, y, loss_factor=float("inf"))
+    take_step(step, x, y, loss_factor=float("inf"))
     assert step.loss_scale() == scale / 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # zeroed for the next step
     step.scaler.update(2.0)  # a scale small enough that this tiny network's fp16 gradients stay finite
-    take_step(step, model, optimizer, x, y)
+    take_step(step, x, y)
     assert step.loss_scale() == 2.0  # (growth only after 2000 good steps)
     assert not torch.equal(before["fc.weight"], model.fc.weight)  # a finite step is taken
 
@@ -132,12 +133,54 @@ def test_channels_last_step_equals_contiguous_step():
 
 def test_gradient_accumulation_divides_the_loss():
     x, y = batch()
-    one, two = TrainStep(tiny(), CPU), TrainStep(tiny(), CPU)
+    one, two = TrainStep(tiny(), CPU), TrainStep(tiny(), CPU, passes=2)
     one.forward_backward(x, y)
-    two.forward_backward(x, y, passes=2)
-    two.forward_backward(x, y, passes=2)
+    two.forward_backward(x, y)
+    two.forward_backward(x, y)
     for a, b in zip(one.model.parameters(), two.model.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+class Recorder(LocalEngine):
+    """One process that notes what the step asks of it, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def accumulate(self, net, last):
+        self.calls.append(f"accumulate(last={last})")
+        return super().accumulate(net, last)
+
+    def wait_gradients(self, optimizer):
+        self.calls.append("wait_gradients")
+
+    def skip_synchronize(self, optimizer):
+        self.calls.append("skip_synchronize")
+        return super().skip_synchronize(optimizer)
+
+
+def test_a_step_is_passes_backward_passes_then_the_wait_the_rate_and_the_optimizer_step():
+    from tsmtrain.optim import LRSchedule
+
+    x, y = batch()
+    engine, clock = Recorder(), PhaseClock(CPU, enabled=True)
+    model = tiny()
+    step = with_optimizer(model, engine=engine, passes=2, schedule=LRSchedule(0.5, 10, 1), clock=clock)
+    before = model.fc.weight.detach().clone()
+    clock.mark()  # (the loop marks each batch's arrival)
+    first = step(x, y, step=3)
+    assert not first.stepped and first.lr is None and first.logits.shape == (2, 3) and first.loss.dim() == 0
+    assert engine.calls == ["accumulate(last=False)"] and torch.equal(before, model.fc.weight)
+    clock.mark()
+    second = step(x, y, step=3)
+    assert second.stepped and second.lr == LRSchedule(0.5, 10, 1)(3)
+    assert engine.calls == ["accumulate(last=False)", "accumulate(last=True)", "wait_gradients", "skip_synchronize"]
+    assert all(g["lr"] == second.lr for g in step.optimizer.param_groups)
+    assert not torch.equal(before, model.fc.weight)
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # zeroed for the next step
+    assert set(clock.collect()) == {"augment", "forward_backward", "allreduce_wait", "optimizer"}
+    clock.mark()
+    assert not step(x, y, step=4).stepped  # the next step starts over
 
 
 def test_compile_failure_names_the_setting(monkeypatch):

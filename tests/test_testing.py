@@ -22,7 +22,7 @@ from tsmtrain.recipe import RecipeError, load_recipe
 from tsmtrain.train.checkpoint import save_checkpoint
 from tsmtrain.train.evaluate import predict as eval_predict
 from tsmtrain.train.runtime import TrainingError
-from tsmtrain.train.test import (Protocol, average_view_scores, gather_results, load_model, predict_videos,
+from tsmtrain.train.testing import (Protocol, average_view_scores, gather_results, load_model, predict_videos,
                                  run_test, score_shard, summarise)
 from tsmtrain.dist.base import LocalEngine
 

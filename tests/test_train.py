@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.dist.local import PREEMPTED_FILE
+from tsmtrain.dist.stop import PREEMPTED_FILE
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train import TrainingError, train
@@ -152,7 +152,7 @@ def test_sigterm_and_sigusr2_are_stop_requests(name):
     import signal
     import time
 
-    from tsmtrain.train.runtime import StopRequest
+    from tsmtrain.dist.stop import StopRequest
 
     with StopRequest() as stop:
         os.kill(os.getpid(), getattr(signal, name))
@@ -256,9 +256,9 @@ class _NoBatchNorm(torch.nn.Module):
 def test_accumulation_on_one_process_averages_the_passes(tmp_path, tiny_demo, monkeypatch):
     """dist.engine none, 2 backward passes of 2 clips per step = 1 pass of 4 clips: same lr (linear
     scaling on the global batch), same steps, same weights (the loop averages, not sums)."""
-    from tsmtrain.train import loop
+    from tsmtrain.train import factory
 
-    monkeypatch.setattr(loop, "create_model", lambda cfg, t: _NoBatchNorm(cfg.num_classes, t))
+    monkeypatch.setattr(factory, "create_model", lambda cfg, t: _NoBatchNorm(cfg.num_classes, t))
     common = {"optim.name": "sgd", "data.scales": "[1.0]", "schedule.epochs": 1}
     whole = train(tiny_recipe(tmp_path, tiny_demo, "whole", **common, **{"train.batch_size": 4}))
     split = train(tiny_recipe(tmp_path, tiny_demo, "split", **common, **{"train.batch_size": 2,

@@ -8,8 +8,9 @@
   (``torch.distributed`` with ``DistributedDataParallel``; NCCL on GPUs, Gloo on CPUs).
 * :mod:`tsmtrain.dist.syncbn`: synchronized BatchNorm (``model.sync_bn``) for both engines.
 * :mod:`tsmtrain.dist.local`: ``tsmtrain run --np N`` on this host (horovodrun, mpirun or
-  torchrun), and the stop protocol (:data:`~tsmtrain.dist.local.EXIT_PREEMPTED`,
-  ``preempted.json``).
+  torchrun).
+* :mod:`tsmtrain.dist.stop`: the stop protocol every launch shares (the stop signals,
+  :data:`~tsmtrain.dist.stop.EXIT_PREEMPTED`, ``preempted.json``); no torch.
 * :mod:`tsmtrain.dist.slurm`: the sbatch script (``slurm/job.sbatch.j2``), ``tsmtrain submit``,
   and where DDP ranks meet under srun. It never imports torch, so rendering a job is fast and
   works on a login node without it.

@@ -1,6 +1,7 @@
 """The interface between the training loop and data parallelism, and the single-process engine.
 
-The training loop talks to :class:`Engine` only. Its implementations:
+The training loop and its step (:class:`tsmtrain.train.step.TrainStep`) talk to :class:`Engine` only.
+Its implementations:
 
 * :class:`LocalEngine` for ``dist.engine: none`` (or one process started by hand): nothing to
   combine.
@@ -9,16 +10,19 @@ The training loop talks to :class:`Engine` only. Its implementations:
 * :class:`tsmtrain.dist.ddp.DDPEngine`: ``torch.distributed`` with ``DistributedDataParallel``
   (Li et al., VLDB 2020), bucketed allreduce during backward.
 
-Every rank runs the same loop. A step is::
+Every rank runs the same loop. A step is (:class:`tsmtrain.train.step.TrainStep`, which also
+holds the learning rate and fp16's gradient scaler)::
 
     with engine.accumulate(net, last=...):     # DDP: no_sync() on all but the last backward pass
         loss(net(x)).backward()                # gradients are averaged during backward
     engine.wait_gradients(optimizer)           # whatever of the allreduce backward did not hide
-    engine.step(optimizer)
+    with engine.skip_synchronize(optimizer):   # Horovod: the step must not wait again
+        optimizer.step()
 
-where ``net = engine.wrap_model(model)``; ``model`` itself stays the plain network that is
-evaluated and checkpointed. Rank 0's initial state is broadcast (:meth:`Engine.broadcast_state`),
-so all ranks start identical; metrics are summed with :meth:`Engine.allreduce`.
+where ``net = engine.wrap_model(model)`` and ``optimizer = engine.wrap_optimizer(...)``;
+``model`` itself stays the plain network that is evaluated and checkpointed. Rank 0's initial
+state is broadcast (:meth:`Engine.broadcast_state`), so all ranks start identical; metrics are
+summed with :meth:`Engine.allreduce`.
 """
 
 from __future__ import annotations
@@ -74,28 +78,26 @@ class Engine:
         """Make every rank's parameters, buffers and optimizer state equal to rank 0's."""
 
     def wait_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Wait until the gradient allreduce started during backward has finished.
+        """Wait until the gradient allreduce started during backward has finished (Horovod:
+        ``optimizer.synchronize()``).
 
-        Together with :meth:`step` this is ``optimizer.step()`` split in two, so that the
-        training loop can time the part of the allreduce that backward did not hide.
+        Together with the step under :meth:`skip_synchronize` this is ``optimizer.step()`` split
+        in two, so that the training step can time the part of the allreduce that backward did
+        not hide, and unscale fp16 gradients after they are averaged.
         """
 
     def hidden_wait_s(self) -> float:
         """Seconds of the last step's allreduce that ran after the last gradient was computed
         but that backward itself waited for (DDP finishes its allreduce before ``backward()``
-        returns, so :meth:`wait_gradients` finds nothing left). The training loop moves them
+        returns, so :meth:`wait_gradients` finds nothing left). The training step moves them
         from the forward-backward time to the allreduce wait. 0 for Horovod and one process."""
         return 0.0
 
-    def step(self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None" = None) -> None:
-        """Apply the averaged gradients (after :meth:`wait_gradients`): ``optimizer.step()``, or
-        with a GradScaler (fp16) ``scaler.step(optimizer)``, which skips the step when a gradient
-        is inf/NaN; the caller has run ``scaler.unscale_(optimizer)`` after
-        :meth:`wait_gradients` and runs ``scaler.update()`` after this."""
-        if scaler is not None:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
+    def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> ContextManager:
+        """Context for the optimizer step after :meth:`wait_gradients`: the step uses the
+        gradients averaged already and starts no allreduce of its own (Horovod:
+        ``optimizer.skip_synchronize()``; a no-op for the other engines)."""
+        return nullcontext()
 
     def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
         """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""

@@ -84,14 +84,8 @@ class HorovodEngine(Engine):
     def wait_gradients(self, optimizer):
         optimizer.synchronize()
 
-    def step(self, optimizer, scaler=None):
-        # synchronize() already ran in wait_gradients; with AMP this is Horovod's documented order
-        # (synchronize, scaler.unscale_, scaler.step under skip_synchronize, scaler.update)
-        with optimizer.skip_synchronize():
-            if scaler is not None:
-                scaler.step(optimizer)
-            else:
-                optimizer.step()
+    def skip_synchronize(self, optimizer):
+        return optimizer.skip_synchronize()
 
     def allreduce(self, values, average=True):
         op = self.hvd.Average if average else self.hvd.Sum

@@ -1,5 +1,4 @@
-"""Starting ranks on this host (``tsmtrain run --np N``), and the stop protocol every launch
-shares.
+"""Starting ranks on this host (``tsmtrain run --np N``).
 
 When ``tsmtrain run`` is not already one rank of a job (no horovodrun, mpirun, torchrun or
 multi-task srun around it) and more than one rank is asked for, it re-runs itself under a
@@ -13,11 +12,9 @@ launcher (``dist.launcher``; by default the engine's own):
 The children see the launcher's environment and join the job (:mod:`tsmtrain.dist`). On a
 cluster, srun or mpirun starts the same command and no relaunch happens (:mod:`tsmtrain.dist.slurm`).
 
-**Stopping.** SIGUSR2 (Slurm's ``--signal=USR2@SECONDS``, ``scancel --signal=USR2``) and SIGTERM
-(``scancel``, Slurm's preemption, ``kill``) ask a run to stop: the ranks agree on it at the next
-optimizer step, rank 0 writes a checkpoint and then :data:`PREEMPTED_FILE`, and every rank exits
-with :data:`EXIT_PREEMPTED`. The job script requeues itself on that status; running the same
-command again resumes from the checkpoint.
+**Stopping** follows :mod:`tsmtrain.dist.stop`: SIGUSR2 or SIGTERM sent to the launching process is
+passed on to the ranks as a stop request, and :func:`launch_local` returns
+:data:`~tsmtrain.dist.stop.EXIT_PREEMPTED` when they stopped that way.
 """
 
 from __future__ import annotations
@@ -28,20 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["local_command", "launch_local", "default_launcher", "EXIT_PREEMPTED", "PREEMPTED_FILE",
-           "preempted_status", "LAUNCHERS"]
+from .stop import STOP_SIGNALS, preempted_status
 
-EXIT_PREEMPTED = 75
-"""Exit status of ``tsmtrain run`` after a stop request (SIGUSR2 or SIGTERM) made it write a
-checkpoint and stop (75 is ``EX_TEMPFAIL``: try again later). The job script requeues itself on
-it."""
-
-PREEMPTED_FILE = "preempted.json"
-"""Written by rank 0 in the run directory once a stop request's checkpoint is on disk, before any
-rank exits. The ranks then exit :data:`EXIT_PREEMPTED`, but the launcher may report another
-status: ``srun --kill-on-bad-exit`` (and mpirun, torchrun) kill the ranks still exiting as soon as
-the first one has exited non-zero, and then return 128 + signal or 1. The job script and
-:func:`launch_local` read this file instead of trusting the status alone."""
+__all__ = ["local_command", "launch_local", "default_launcher", "LAUNCHERS"]
 
 LAUNCHERS = {"horovod": ("gloo", "mpi"), "ddp": ("torchrun",), "none": ()}
 """The ``dist.launcher`` values each engine can use on this host; the first is the default."""
@@ -53,19 +39,6 @@ def default_launcher(engine: str, launcher: str | None) -> str | None:
     if launcher is not None:
         return launcher
     return (LAUNCHERS.get(engine) or (None,))[0]
-
-
-def preempted_status(status: int, run_dir: str | Path, since: float) -> int:
-    """The exit status to act on: :data:`EXIT_PREEMPTED` when the launcher returned any non-zero
-    ``status`` but ``run_dir/preempted.json`` was written at or after ``since`` (seconds since
-    the epoch, the launch time), else ``status`` itself."""
-    marker = Path(run_dir) / PREEMPTED_FILE
-    try:
-        if status != 0 and marker.stat().st_mtime >= since:
-            return EXIT_PREEMPTED
-    except OSError:
-        pass
-    return status
 
 
 _MISSING = {
@@ -129,8 +102,8 @@ def launch_local(np: int, launcher: str, run_args: list[str], run_dir: str | Pat
     SIGUSR2 or SIGTERM sent to this process becomes a stop request of the ranks, as under Slurm:
     mpirun passes SIGUSR2 on to every rank itself; horovodrun and torchrun would die of it (or
     kill the ranks on SIGTERM), so there it goes straight to the ranks. When ``run_dir`` is
-    given and the ranks stopped that way (:data:`PREEMPTED_FILE`), the status is
-    :data:`EXIT_PREEMPTED` even if the launcher killed a rank that was still exiting.
+    given and the ranks stopped that way (:data:`~tsmtrain.dist.stop.PREEMPTED_FILE`), the status is
+    :data:`~tsmtrain.dist.stop.EXIT_PREEMPTED` even if the launcher killed a rank that was still exiting.
 
     Raises:
         FileNotFoundError: the launcher program is not installed.
@@ -153,7 +126,7 @@ def launch_local(np: int, launcher: str, run_args: list[str], run_dir: str | Pat
             except OSError:
                 pass
 
-    previous = {sig: signal.signal(sig, stop_request) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop_request) for sig in STOP_SIGNALS}
     try:
         status = child.wait()
         return status if run_dir is None else preempted_status(status, run_dir, started)

@@ -19,9 +19,9 @@ characters, and line breaks are refused by the recipe schema, so no value can ad
 command. :func:`submit` writes the script and the resolved recipe into the run directory and
 calls ``sbatch``.
 
-Stopping (the protocol between the script and :mod:`tsmtrain.train`): the job asks for
-``--signal=USR2@SECONDS`` and ``--requeue``; on SIGUSR2, or SIGTERM (``scancel``, preemption),
-the ranks checkpoint and exit with :data:`~tsmtrain.dist.local.EXIT_PREEMPTED`; after a SIGUSR2
+Stopping (the protocol between the script and :mod:`tsmtrain.train`, :mod:`tsmtrain.dist.stop`):
+the job asks for ``--signal=USR2@SECONDS`` and ``--requeue``; on SIGUSR2, or SIGTERM (``scancel``, preemption),
+the ranks checkpoint and exit with :data:`~tsmtrain.dist.stop.EXIT_PREEMPTED`; after a SIGUSR2
 (or a SIGTERM sent to the ranks alone, ``scancel --signal=TERM``) the script runs
 ``scontrol requeue`` while ``SLURM_RESTART_COUNT`` is under ``cluster.max_requeues``; the requeued
 job's ``tsmtrain run`` resumes from the run directory's latest checkpoint. A SIGTERM that reaches
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..optim import linear_scaling
 from ..recipe import Recipe, dump_recipe, with_absolute_paths
-from .local import EXIT_PREEMPTED, PREEMPTED_FILE
+from .stop import EXIT_PREEMPTED, PREEMPTED_FILE
 
 __all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
            "expand_nodelist", "tasks_on_node", "default_master_port", "MASTER_PORT_BASE", "MASTER_PORT_SPAN"]

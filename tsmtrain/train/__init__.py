@@ -3,26 +3,28 @@
 
 Modules, from the top:
 
-* :mod:`.loop`: :func:`train`, the run: set-up, epochs, one readable optimizer step
-* :mod:`.step`: :class:`TrainStep`, the step's compute (autocast, GradScaler, channels_last,
-  torch.compile), shared by the loop and the benchmark
+* :mod:`.loop`: :func:`train`, the run: set-up, epochs, one call of the step per batch
+* :mod:`.factory`: the parts of a run that :func:`train` builds (device, loaders, network,
+  resuming from a checkpoint)
+* :mod:`.step`: :class:`TrainStep`, one optimizer step (passes, gradient wait, learning rate,
+  autocast, GradScaler, channels_last, torch.compile), shared by the loop and the benchmark
 * :mod:`.evaluate`: :func:`evaluate` and :func:`predict` over every rank's shard
-* :mod:`.test`: ``tsmtrain test`` and ``tsmtrain predict``: a checkpoint under a K clips x C
+* :mod:`.testing`: ``tsmtrain test`` and ``tsmtrain predict``: a checkpoint under a K clips x C
   crops protocol, per-video softmax averages, accuracy figures and report files
 * :mod:`.metrics`: ``metrics.jsonl``, the logging interval's sums, the phase clock
 * :mod:`.tensorboard`: the same records as TensorBoard scalars (``train.tensorboard``)
 * :mod:`.checkpoint`: checkpoint files, and saving and restoring a run
-* :mod:`.runtime`: the error type, the stop request, logging, engine, device, embedded datasets
+* :mod:`.runtime`: the error type, logging, engine, device, embedded datasets
 * :mod:`.bench`: ``tsmtrain bench step`` and the standalone allreduce benchmark
 """
 
-from ..dist.local import EXIT_PREEMPTED
+from ..dist.stop import EXIT_PREEMPTED, STOP_SIGNAL, STOP_SIGNALS  # the stop protocol, re-exported
 from .bench import benchmark_allreduce
 from .evaluate import evaluate, predict
 from .loop import RunResult, train
 from ..scaling.records import BREAKDOWN
 from ..data import clip_dataset
-from .runtime import STOP_SIGNAL, STOP_SIGNALS, TrainingError, prepare_dataset
+from .runtime import TrainingError, prepare_dataset
 from .step import PRECISIONS, TrainStep
 
 __all__ = ["train", "evaluate", "predict", "clip_dataset", "prepare_dataset", "benchmark_allreduce", "TrainingError",

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ..dist.base import Engine, LocalEngine
+from ..dist.base import Engine
 from ..models import create_model
 from ..models.shift import TemporalShift, temporal_shift
 from ..optim import create_optimizer
@@ -170,18 +170,16 @@ class _Case:
         # (random weights: a pretrained file changes nothing in the timing and need not exist here)
         self.model = create_model(recipe.model.model_copy(update={"shift": shift, "pretrained": None}),
                                   shape[1]).to(device)
+        optimizer = create_optimizer(self.model, recipe.optim)
         t0 = time.perf_counter()
         self.step = TrainStep(self.model, device, variant.precision, variant.channels_last, variant.compile,
-                              batch_shape=shape)
+                              batch_shape=shape, optimizer=optimizer)
         self.compile_s = time.perf_counter() - t0 if variant.compile else None
-        self.optimizer = create_optimizer(self.model, recipe.optim)
-        self.engine = LocalEngine()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One optimizer step, as in the training loop (one rank, one backward pass)."""
-        self.step.forward_backward(x, y)
-        self.engine.wait_gradients(self.optimizer)
-        self.step.apply(self.engine, self.optimizer)
+        """One optimizer step, as in the training loop (one rank, one backward pass, the optimizer's
+        own learning rate)."""
+        self.step(x, y)
 
 
 def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int = 20, warmup: int = 3,
@@ -231,6 +229,21 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
         f"{t.batch_size} clips x {d.num_segments} frames x {d.input_size}x{d.input_size}, variants "
         f"{', '.join(v.name for v in variants)}")
 
+    rows = _bench_variants(recipe, variants, x, y, device, steps, warmup, budget_s, say)
+    say("shift microbenchmark")
+    shift = bench_shift(_shift_inputs(recipe, shape), recipe.model.shift_div, device, shift_repeats,
+                        num_segments=d.num_segments)
+    return {"environment": env, "input": {"arch": recipe.model.arch, "shape": list(shape), "shift_div":
+            recipe.model.shift_div, "optimizer": recipe.optim.name, "num_classes": recipe.model.num_classes},
+            "steps": steps, "warmup": warmup, "budget_s": budget_s, "variants": rows, "shift": shift}
+
+
+def _bench_variants(recipe: Recipe, variants: list[Variant], x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    steps: int, warmup: int, budget_s: float, say: Callable[[str], None]) -> list[dict]:
+    """:func:`bench_step`'s rows: the reference (fp32 TSN) warmed up once, then each variant's TSM
+    and TSN (and in fp32 the A/A twin) timed against it (:func:`_time_variant`). ``x`` are the
+    clips ``(N, T, 3, S, S)``, ``y`` the labels ``(N,)``."""
+    shape = tuple(x.shape)
     ref = _Case(recipe, False, Variant(), device, shape)
     for _ in range(warmup):
         ref(x, y)
@@ -248,12 +261,7 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
             f"TSM/TSN {r['tsm_over_tsn']:.3f} ({r['rounds']} rounds)"
             + (f", A/A {r['ref_over_twin']:.3f}" if "ref_over_twin" in r else ""))
         del tsm, tsn, cases
-    say("shift microbenchmark")
-    shift = bench_shift(_shift_inputs(recipe, shape), recipe.model.shift_div, device, shift_repeats,
-                        num_segments=d.num_segments)
-    return {"environment": env, "input": {"arch": recipe.model.arch, "shape": list(shape), "shift_div":
-            recipe.model.shift_div, "optimizer": recipe.optim.name, "num_classes": recipe.model.num_classes},
-            "steps": steps, "warmup": warmup, "budget_s": budget_s, "variants": rows, "shift": shift}
+    return rows
 
 
 def _time_variant(variant: Variant, cases: dict, x, y, device, steps: int, warmup: int, budget_s: float,

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..dist.local import PREEMPTED_FILE
+from ..dist.stop import PREEMPTED_FILE
 from ..scaling.records import write_json  # the atomic JSON writer (re-exported here)
 from .runtime import TrainingError, log
 
@@ -377,7 +377,7 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
 
     Mid-epoch (``pos.micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
     at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
-    When ``stopping`` (a stop signal), rank 0 then writes :data:`~tsmtrain.dist.local.PREEMPTED_FILE`, so
+    When ``stopping`` (a stop signal), rank 0 then writes :data:`~tsmtrain.dist.stop.PREEMPTED_FILE`, so
     the launcher knows the stop was clean whatever status it sees. Every rank must call it: the
     ranks end it with one ``allgather_object`` that carries rank 0's outcome, so that none waits
     for a rank 0 that failed.

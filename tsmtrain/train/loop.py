@@ -1,13 +1,15 @@
 """The training loop: what ``tsmtrain run recipe.yaml`` does on every rank.
 
-Read top to bottom: :func:`train` sets the run up (:func:`_set_up`: engine, data, model, step,
-optimizer and schedule; the latest checkpoint when resuming; rank 0's state broadcast), then
-runs epochs (:func:`_run`). :func:`_train_epoch` is one optimizer step after another: T-frame
-clips -> batched augmentation on the device -> forward and loss under autocast -> backward with
-ring-allreduce -> LARS/SGD step at the scheduled rate (:class:`~tsmtrain.train.step.TrainStep`
-holds precision, channels_last and compile). Every ``eval_every`` epochs it evaluates
-(:mod:`~tsmtrain.train.evaluate`), every ``checkpoint_every`` it checkpoints
-(:mod:`~tsmtrain.train.checkpoint`). Rank 0 writes the run directory:
+Read top to bottom: :func:`train` claims the run directory, sets the run up (:func:`_set_up`:
+factory calls of :mod:`~tsmtrain.train.factory` for the device, the data and the network, then
+the :class:`~tsmtrain.train.step.TrainStep` with its optimizer and schedule, and the latest
+checkpoint when resuming), then runs epochs (:func:`_run`). :func:`_train_epoch` reads like
+torchvision's ``train_one_epoch``: for each batch, the augmentation on the device, one call of
+the step (forward and loss under autocast, backward with the ring-allreduce, and after the
+last of ``dist.backward_passes_per_step`` passes the LARS/SGD step at the scheduled rate), and
+the metrics out. Every ``eval_every`` epochs it evaluates (:mod:`~tsmtrain.train.evaluate`),
+every ``checkpoint_every`` it checkpoints (:mod:`~tsmtrain.train.checkpoint`). Rank 0 writes
+the run directory:
 
 * ``recipe.yaml``: the resolved recipe,
 * ``metrics.jsonl``: one JSON object per logging interval and per evaluation
@@ -19,15 +21,14 @@ holds precision, channels_last and compile). Every ``eval_every`` epochs it eval
 
 A run that finds checkpoints in its run directory continues from the latest one. SIGUSR2
 (which Slurm sends before a time limit, ``sbatch --signal=USR2@SECONDS``, or on
-``scancel --signal=USR2``) asks for a clean stop: the ranks agree on it through an allreduce,
-stop together at the next optimizer step, rank 0 writes a checkpoint, and the run ends with
-:data:`EXIT_PREEMPTED`, on which the job script requeues itself (:mod:`tsmtrain.dist.slurm`).
+``scancel --signal=USR2``) or SIGTERM asks for a clean stop (:mod:`tsmtrain.dist.stop`): the
+ranks agree on it through an allreduce, stop together at the next optimizer step, rank 0 writes
+a checkpoint, and the run ends with :data:`~tsmtrain.dist.stop.EXIT_PREEMPTED`, on which the
+job script requeues itself (:mod:`tsmtrain.dist.slurm`).
 """
 
 from __future__ import annotations
 
-import socket
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,22 +36,18 @@ from pathlib import Path
 
 import torch
 
-from ..data import ShardSampler, build_loader, clip_dataset, read_list
-from ..data.decoding import cuda_decoding_device
-from ..data.transforms import VideoTransform
 from ..dist.base import Engine
-from ..dist.local import EXIT_PREEMPTED, PREEMPTED_FILE
-from ..models import create_model
-from ..optim import LRSchedule, create_optimizer, create_schedule, linear_scaling
-from ..recipe import Recipe, dump_recipe
+from ..dist.stop import EXIT_PREEMPTED, StopRequest
+from ..optim import create_optimizer, create_schedule, linear_scaling
+from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .bench import benchmark_allreduce
 from .evaluate import evaluate_epoch
+from .factory import Loaders, announce_run, create_loaders, create_network, resume_run, start_rank
 from .metrics import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
-from .runtime import (StopRequest, TrainingError, choose_device, choose_engine, keep_freed_memory, log,
-                      prepare_dataset, progress_bar, set_threads, setup_logging)
-from .step import TrainStep, half_precision_note
+from .runtime import choose_engine, log, progress_bar
+from .step import TrainStep
 from .tensorboard import check_tensorboard
 
 __all__ = ["train", "RunResult"]
@@ -67,7 +64,7 @@ class RunResult:
             ``skipped_videos``); empty when nothing was evaluated.
         model: this rank's trained network.
         rank: this rank.
-        preempted: the run stopped early on :data:`~tsmtrain.train.STOP_SIGNAL`, after writing a checkpoint.
+        preempted: the run stopped early on a stop request (:mod:`tsmtrain.dist.stop`), after writing a checkpoint.
     """
 
     step: int
@@ -80,41 +77,53 @@ class RunResult:
 
 @dataclass
 class _Run:
-    """What one rank's run holds once it is set up."""
+    """What one rank's run holds once it is set up (:func:`_set_up`)."""
 
     recipe: Recipe
     engine: Engine
     device: torch.device
-    run_dir: Path
     model: torch.nn.Module  # the eager module: optimised, saved, broadcast, evaluated
-    step: TrainStep  # forward/backward and the optimizer step (precision, channels_last, compile)
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    loader: torch.utils.data.DataLoader
-    sampler: ShardSampler
-    train_tf: VideoTransform
-    val_tf: VideoTransform
-    val_records: list
-    transform_gen: torch.Generator
+    step: TrainStep  # one optimizer step: passes, gradient wait, learning rate, fp16 scaler, optimizer
+    data: Loaders
     metrics: MetricsWriter
     clock: PhaseClock
-    steps_per_epoch: int
     stop_at: int  # the optimizer step the run ends at (last epoch's end, or train.stop_after_steps)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory."""
+        return self.recipe.run_dir
 
     @property
     def passes(self) -> int:
         """Backward passes per optimizer step."""
-        return self.recipe.dist.backward_passes_per_step
+        return self.step.passes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch."""
+        return self.data.steps_per_epoch
 
     def save(self, pos: ckpt.Position, stopping: bool = False) -> None:
-        self.sampler.set_epoch(pos.epoch, skip=pos.micro * self.recipe.train.batch_size)  # where a resumed run goes on
-        ckpt.save_run_checkpoint(self.engine, self.run_dir, self.model, self.optimizer, self.step, pos,
-                                 self.transform_gen, self.recipe, sampler=self.sampler.state_dict(), stopping=stopping)
+        """Checkpoint the run at ``pos`` (every rank calls it; ``stopping``: a stop request's)."""
+        # where a resumed run goes on
+        self.data.sampler.set_epoch(pos.epoch, skip=pos.micro * self.recipe.train.batch_size)
+        ckpt.save_run_checkpoint(self.engine, self.run_dir, self.model, self.step.optimizer, self.step, pos,
+                                 self.data.transform_gen, self.recipe, sampler=self.data.sampler.state_dict(),
+                                 stopping=stopping)
+
+    def evaluate(self, pos: ckpt.Position) -> dict:
+        """Evaluate the model on the validation list and log the result at ``pos.step``."""
+        return evaluate_epoch(self.model, self.data.val_records, self.recipe, self.engine, self.device,
+                              self.data.val_tf, self.metrics, pos.epoch, pos.step)
 
 
 def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
     """Run a recipe on this rank until its last epoch, ``train.stop_after_steps``, or a stop
-    request (:data:`~tsmtrain.train.STOP_SIGNAL`).
+    request (:data:`~tsmtrain.dist.stop.STOP_SIGNALS`).
+
+    Rank 0 holds the run directory's lock (:func:`~tsmtrain.train.rundir.claim_run_dir`) from
+    before it writes anything there until the run ends, however it ends.
 
     Args:
         recipe: a validated recipe (:func:`tsmtrain.recipe.load_recipe`).
@@ -129,120 +138,45 @@ def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
 
     Raises:
         TrainingError: nothing to resume from, a checkpoint of another model, a dataset
-            smaller than one global batch, torch.compile failing (``train.compile``), ...
+            smaller than one global batch, torch.compile failing (``train.compile``), another
+            run holding the run directory (:class:`~tsmtrain.train.rundir.RunDirInUse`), ...
         tsmtrain.data.ListFileError: a malformed list file.
     """
     with StopRequest() as stop:
-        run, pos = _set_up(recipe, resume)
-        with run.metrics:  # closes the TensorBoard event file however the run ends
-            return _run(run, pos, stop)
+        check_tensorboard(recipe.train.tensorboard)  # on every rank, before any collective
+        engine = choose_engine(recipe)
+        # one run per run directory: rank 0 locks it before writing anything there (other ranks: None)
+        with claim_run_dir(engine, recipe.run_dir) or nullcontext() as lock:
+            run, pos = _set_up(recipe, engine, lock, resume)
+            with run.metrics:  # closes the TensorBoard event file however the run ends
+                return _run(run, pos, stop)
 
 
-def _set_up(recipe: Recipe, resume: bool | None) -> tuple[_Run, ckpt.Position]:
-    check_tensorboard(recipe.train.tensorboard)  # on every rank, before any collective
-    engine = choose_engine(recipe)
-    run_dir = recipe.run_dir
-    # one run per run directory: rank 0 locks it before writing anything there, every rank raises
-    # if another run holds it; run.metrics releases the lock when train() ends
-    lock = claim_run_dir(engine, run_dir)
-    try:
-        return _set_up_locked(recipe, resume, engine, run_dir, lock)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def _set_up_locked(recipe: Recipe, resume: bool | None, engine: Engine, run_dir: Path,
-                   lock: RunLock | None) -> tuple[_Run, ckpt.Position]:
-    """The rest of :func:`_set_up`, once rank 0 holds the run directory (``lock``)."""
-    rank0 = engine.rank == 0
-    setup_logging(engine.rank, run_dir)
-    if rank0:
-        if lock.note:
-            log.warning("%s", lock.note)
-        ckpt.remove_stale_temporaries(run_dir)  # killed checkpoint writes (no run writes here now)
-        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # a stop of an earlier start is history now
-    threads = set_threads(recipe.train.threads, engine.local_size)
-    kept = keep_freed_memory()  # steps reuse freed activations instead of page-faulting fresh ones
-    device = choose_device(recipe.train.device, engine.local_rank)
-    print(f"[rank {engine.rank}] rank {engine.rank} of {engine.size} ({engine.name}) on {socket.gethostname()}, "
-          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {threads} threads"
-          + (", freed memory kept (glibc mallopt)" if kept else ""),
-          file=sys.stderr, flush=True)
-    d, t = recipe.data, recipe.train
+def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
+            wanted: bool | None) -> tuple[_Run, ckpt.Position]:
+    """Build this rank's run in the run directory that rank 0 holds (``lock``): device, data,
+    network, the training step with its optimizer and learning rate schedule, and the position
+    to start from (``wanted``: :func:`train`'s ``resume``)."""
+    t = recipe.train
     scaling = linear_scaling(recipe, engine.size)
-
-    # ---- data
-    if d.generate is not None:
-        if rank0:
-            prepare_dataset(recipe)
-        engine.barrier()
-    train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
-    val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
-    train_set = clip_dataset(recipe, train_records, train=True,
-                             decode_device=cuda_decoding_device(d.decode_device, device))
-    train_sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
-    bpps = recipe.dist.backward_passes_per_step
-    steps_per_epoch = len(train_sampler.shard()) // t.batch_size // bpps
-    if steps_per_epoch < 1:
-        raise TrainingError(
-            f"{d.train_list}: {len(train_set)} videos give no full global batch of {scaling.global_batch} clips "
-            f"(train.batch_size x ranks x dist.backward_passes_per_step); lower train.batch_size"
-        )
-    transform_gen = torch.Generator().manual_seed(t.seed * 1009 + engine.rank)
-    train_tf = VideoTransform(train=True, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
-                              mean=d.mean, std=d.std, generator=transform_gen)
-    val_tf = VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std)
-    # one loader for the whole run: its workers persist across epochs (the sampler, which runs in
-    # this process, says which epoch and where in it)
-    loader = build_loader(train_set, train_sampler, t.batch_size, d.workers, drop_last=True,
-                          pin_memory=device.type == "cuda", persistent=True)
-
-    # ---- model, step, optimizer, schedule
-    torch.manual_seed(t.seed)  # same initial weights everywhere (rank 0's are broadcast anyway)
-    model = create_model(recipe.model, d.num_segments).to(device)
-    if recipe.model.sync_bn:
-        model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
-    # before Horovod wraps the optimizer, so that compile's check fires no allreduce hooks; the
-    # step trains through the engine's wrapper (DDP), and `model` is what is evaluated and saved
-    step = TrainStep(model, device, t.precision, t.channels_last, t.compile,
-                     batch_shape=(t.batch_size, d.num_segments, 3, d.input_size, d.input_size),
-                     wrap=lambda m: engine.wrap_model(m, fp16=recipe.dist.fp16_allreduce))
-    optimizer = engine.wrap_optimizer(create_optimizer(model, recipe.optim), model,
-                                      fp16=recipe.dist.fp16_allreduce, backward_passes_per_step=bpps)
-    s = recipe.schedule
-    schedule = create_schedule(recipe, scaling, steps_per_epoch)
+    device = start_rank(recipe, engine, lock)
+    data = create_loaders(recipe, engine, device, scaling)
+    model = create_network(recipe, engine, device)
+    clock = PhaseClock(device, t.breakdown)
+    # the step wraps the model for the engine (DDP), compiles it, and only then wraps the optimizer
+    # (Horovod), so that compile's check fires no allreduce hooks; `model` is what is evaluated and saved
+    step = TrainStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                     batch_shape=data.batch_shape, optimizer=create_optimizer(model, recipe.optim), engine=engine,
+                     schedule=create_schedule(recipe, scaling, data.steps_per_epoch),
+                     passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
+                     clock=clock)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
-
-    # ---- resume
-    pos, rank_buffers = ckpt.Position(), None
-    path, state = ckpt.resume_checkpoint(engine, run_dir, resume)  # rank 0's choice: the newest intact one
-    if path is not None:
-        pos, rank_buffers = ckpt.restore_run(path, engine, model, optimizer, step, transform_gen, recipe, len(train_set),
-                                             state=state)
-        del state
-    engine.broadcast_state(model, optimizer)
-    if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name in rank_buffers:
-                    buf.copy_(rank_buffers[name])
-
-    metrics = MetricsWriter.for_rank(run_dir, engine.rank, t.tensorboard, resumed_at=pos.step, run_lock=lock)
-    note = half_precision_note(t.precision, device)
-    if rank0 and note:
-        log.warning("%s", note)
-    if rank0:
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-        log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
-                 run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
-                 ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
-                 scaling.global_batch, scaling.lr, steps_per_epoch, s.epochs)
-    total_steps = steps_per_epoch * s.epochs
-    run = _Run(recipe, engine, device, run_dir, model, step, optimizer, schedule, loader, train_sampler, train_tf,
-               val_tf, val_records, transform_gen, metrics, PhaseClock(device, t.breakdown), steps_per_epoch,
-               stop_at=min(total_steps, t.stop_after_steps or total_steps))
+    pos = resume_run(recipe, engine, step, data, wanted)
+    metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
+    announce_run(recipe, engine, device, scaling, data.steps_per_epoch)
+    total_steps = data.steps_per_epoch * recipe.schedule.epochs
+    run = _Run(recipe=recipe, engine=engine, device=device, model=model, step=step, data=data, metrics=metrics,
+               clock=clock, stop_at=min(total_steps, t.stop_after_steps or total_steps))
     return run, pos
 
 
@@ -250,9 +184,8 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
     """Epochs until the last, ``stop_at`` or a stop request; evaluation and checkpoints."""
     r, t, epochs = run, run.recipe.train, run.recipe.schedule.epochs
     bar = progress_bar(r.engine.rank == 0, r.steps_per_epoch * epochs, pos.step)
-    if pos.pending_eval and r.val_records:  # the run stopped at an epoch's end before evaluating it
-        pos.eval = evaluate_epoch(r.model, r.val_records, r.recipe, r.engine, r.device, r.val_tf, r.metrics,
-                                  pos.epoch, pos.step)
+    if pos.pending_eval and r.data.val_records:  # the run stopped at an epoch's end before evaluating it
+        pos.eval = r.evaluate(pos)
     pos.pending_eval = stopping = False
     with bar or nullcontext():
         while pos.epoch < epochs and pos.step < r.stop_at and not stopping:
@@ -264,10 +197,9 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
                 r.engine.average_buffers(r.model)  # one model on every rank for evaluation and checkpoint
             last = pos.epoch == epochs
-            wants_eval = epoch_done and bool(r.val_records) and (pos.epoch % t.eval_every == 0 or last)
+            wants_eval = epoch_done and bool(r.data.val_records) and (pos.epoch % t.eval_every == 0 or last)
             if wants_eval and not stopping:
-                pos.eval = evaluate_epoch(r.model, r.val_records, r.recipe, r.engine, r.device, r.val_tf, r.metrics,
-                                          pos.epoch, pos.step)
+                pos.eval = r.evaluate(pos)
             if (epoch_done and (pos.epoch % t.checkpoint_every == 0 or last)) or pos.step >= r.stop_at or stopping:
                 pos.pending_eval = wants_eval and stopping
                 r.save(pos, stopping=stopping)
@@ -285,43 +217,42 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
 def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
     """Optimizer steps from ``pos`` until the epoch ends, ``r.stop_at``, or the ranks agree on a
     stop request; advances ``pos``. Returns whether the run is stopping on request."""
-    r.sampler.set_epoch(pos.epoch, skip=pos.micro * r.recipe.train.batch_size)
+    r.data.sampler.set_epoch(pos.epoch, skip=pos.micro * r.recipe.train.batch_size)
     r.model.train()
     interval = Interval(r.device)  # sums of this logging interval, on this rank
-    for batch in _timed(r.loader, interval):
+    for batch in _timed(r.data.train, interval):
         r.clock.mark()
         if pos.micro % r.passes == 0:  # first pass of an optimizer step: vote on stopping after it
             vote = r.engine.allreduce_async(torch.tensor([float(stop.requested)], dtype=torch.float64),
                                             name="stop_request")
-        for failed in batch["failed"]:
-            log.warning("skipped unreadable video: %s", failed)
-        interval.add("failed", len(batch["failed"]))
-        x = r.train_tf(batch["frames"].to(r.device, non_blocking=True))  # (N, T, 3, H, W) float
-        y = batch["label"].to(r.device, non_blocking=True)
-        r.clock.lap("augment")
-        with r.engine.accumulate(r.step.forward_model, last=(pos.micro + 1) % r.passes == 0):  # DDP: no_sync()
-            logits, loss = r.step.forward_backward(x, y, passes=r.passes)  # the allreduce runs during backward
-        interval.add_batch(loss, logits, y)
+        x, y = _augment(r, batch, interval)  # (N, T, 3, H, W) float, (N,) on the device
+        out = r.step(x, y, step=pos.step)  # forward, backward; after the last pass the optimizer step
+        interval.add_batch(out.loss, out.logits, y)
         pos.micro += 1
-        r.clock.lap("forward_backward")
-        if pos.micro % r.passes:
+        if not out.stepped:
             continue  # accumulate another backward pass
-        r.engine.wait_gradients(r.optimizer)
-        r.clock.lap("allreduce_wait")
-        r.clock.move("forward_backward", "allreduce_wait", r.engine.hidden_wait_s())  # DDP waited in backward()
-        lr = r.schedule.apply(r.optimizer, pos.step)
-        r.step.apply(r.engine, r.optimizer)  # (fp16: unscale, step unless inf/NaN, update the scale)
-        r.clock.lap("optimizer")
         pos.step += 1
         interval.steps += 1
         # (a request during the last step changes nothing: the run ends normally)
         stopping = r.engine.synchronize(vote).item() > 0 and pos.step < r.stop_at
         epoch_end = pos.micro == r.steps_per_epoch * r.passes
         if pos.step % r.recipe.train.log_every == 0 or pos.step == r.stop_at or epoch_end or stopping:
-            _log_interval(r, pos, interval, lr, bar)
+            _log_interval(r, pos, interval, out.lr, bar)
         if pos.step >= r.stop_at or epoch_end or stopping:
             return stopping
     return False
+
+
+def _augment(r: _Run, batch: dict, interval: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch on the device, augmented: clips ``(N, T, 3, H, W)`` float and labels ``(N,)``;
+    logs and counts the videos that could not be decoded. Laps ``augment`` on the clock."""
+    for failed in batch["failed"]:
+        log.warning("skipped unreadable video: %s", failed)
+    interval.add("failed", len(batch["failed"]))
+    x = r.data.train_tf(batch["frames"].to(r.device, non_blocking=True))
+    y = batch["label"].to(r.device, non_blocking=True)
+    r.clock.lap("augment")
+    return x, y
 
 
 def _timed(loader, interval: Interval):

@@ -40,23 +40,19 @@ class MetricsWriter:
     and the same records as TensorBoard scalars when given a ``tensorboard`` sink.
 
     A context manager: leaving it closes the sink, whether the run ended, stopped on request or
-    failed, and releases ``run_lock``.
+    failed.
 
     Args:
         path: ``RUN_DIR/metrics.jsonl``, or ``None`` (ranks other than 0: nothing written).
         tensorboard: a :class:`~tsmtrain.train.tensorboard.TensorBoardSink`, or ``None``.
-        run_lock: the run directory's lock (:class:`~tsmtrain.train.rundir.RunLock`, rank 0),
-            held as long as this writer writes there and released by :meth:`close`; or ``None``.
     """
 
-    def __init__(self, path: Path | None, tensorboard: TensorBoardSink | None = None, run_lock=None):
+    def __init__(self, path: Path | None, tensorboard: TensorBoardSink | None = None):
         self.path = path
         self.tensorboard = tensorboard
-        self.run_lock = run_lock
 
     @classmethod
-    def for_rank(cls, run_dir: Path, rank: int, tensorboard: bool, resumed_at: int = 0,
-                 run_lock=None) -> "MetricsWriter":
+    def for_rank(cls, run_dir: Path, rank: int, tensorboard: bool, resumed_at: int = 0) -> "MetricsWriter":
         """The writer of rank ``rank``: rank 0 writes ``run_dir/metrics.jsonl`` and, with
         ``tensorboard`` (``train.tensorboard``), ``run_dir/tensorboard/``; other ranks write
         nothing and never import tensorboard.
@@ -72,20 +68,19 @@ class MetricsWriter:
                 metrics.jsonl keeps what an earlier start logged up to it, and TensorBoard hides
                 what it logged after it (steps from ``resumed_at + 1`` on, which this start logs
                 again).
-            run_lock: the run directory's lock, which the writer releases when closed (rank 0).
 
         Raises:
             TrainingError: rank 0, ``tensorboard`` on, and tensorboard cannot be imported; or
                 metrics.jsonl cannot be rewritten.
         """
         if rank != 0:
-            return cls(None, run_lock=run_lock)
+            return cls(None)
         path = run_dir / "metrics.jsonl"
         truncate_metrics(path, resumed_at)
         sink = None
         if tensorboard:
             sink = TensorBoardSink(run_dir / TENSORBOARD_DIR, purge_step=resumed_at + 1)
-        return cls(path, sink, run_lock)
+        return cls(path, sink)
 
     def write(self, **record) -> None:
         """Append ``record`` (a JSON-serialisable dict with ``step``) to metrics.jsonl and the sink."""
@@ -101,15 +96,10 @@ class MetricsWriter:
             self.tensorboard.flush()
 
     def close(self) -> None:
-        """Close the TensorBoard sink, then release the run directory's lock (idempotent)."""
-        try:
-            if self.tensorboard is not None:
-                self.tensorboard.close()
-                self.tensorboard = None
-        finally:
-            if self.run_lock is not None:
-                self.run_lock.release()
-                self.run_lock = None
+        """Close the TensorBoard sink (idempotent)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def __enter__(self) -> "MetricsWriter":
         return self

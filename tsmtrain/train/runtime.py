@@ -1,15 +1,13 @@
-"""What a run needs around its training loop: the error type, the stop request (SIGUSR2, SIGTERM),
-logging, the engine, the device and thread count, the host allocator, the progress bar, and the
-datasets a recipe describes."""
+"""What a run needs around its training loop: the error type, logging, the engine, the device and
+thread count, the host allocator, the progress bar, and the datasets a recipe describes. The stop
+request (SIGUSR2, SIGTERM) is :class:`tsmtrain.dist.stop.StopRequest`."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-import signal
 import sys
-import threading
 
 import torch
 
@@ -17,50 +15,14 @@ from ..dist import DistError, create_engine, launched_by_launcher
 from ..dist.base import Engine, LocalEngine
 from ..recipe import Recipe
 
-__all__ = ["TrainingError", "STOP_SIGNAL", "STOP_SIGNALS", "StopRequest", "setup_logging", "choose_engine", "choose_device",
+__all__ = ["TrainingError", "setup_logging", "choose_engine", "choose_device",
            "set_threads", "keep_freed_memory", "progress_bar", "prepare_dataset", "log"]
 
 log = logging.getLogger("tsmtrain")
 
-STOP_SIGNAL = signal.SIGUSR2
-"""The signal that asks a run to checkpoint and stop (Slurm's ``--signal=USR2@SECONDS``). Not
-SIGUSR1, which NCCL may use."""
-
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-"""Every signal that asks a run to checkpoint and stop: :data:`STOP_SIGNAL`, and SIGTERM, which
-``scancel`` and Slurm's preemption send (SIGKILL follows after ``KillWait``, 30 s by default)."""
-
 
 class TrainingError(RuntimeError):
     """A run cannot proceed for a reason the user can fix (named in the message)."""
-
-
-class StopRequest:
-    """Notes any of :data:`STOP_SIGNALS` in a flag; the training loop polls it once per optimizer
-    step.
-
-    The handler only sets the flag (nothing else is safe inside a signal handler); the ranks
-    then agree through an allreduce, so that all of them stop after the same step.
-    ``signal_name`` is the first signal that arrived (for the log).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -1,6 +1,30 @@
-"""One optimizer step's compute, shared by the training loop and ``tsmtrain bench step``.
+"""One optimizer step, read in one place: :class:`TrainStep`, shared by the training loop and
+``tsmtrain bench step``.
 
-:class:`TrainStep` holds what ``train.precision``, ``train.channels_last`` and
+A step is ``dist.backward_passes_per_step`` forward and backward passes (one per batch the
+loop hands in, each under the engine's :meth:`~tsmtrain.dist.base.Engine.accumulate`: DDP's
+``no_sync()`` on all but the last), then the gradient wait, the scheduled learning rate and the
+optimizer step. The engines (:mod:`tsmtrain.dist`) add only what differs between them: the
+model's and the optimizer's wrappers, the wait (Horovod's ``optimizer.synchronize()``) and the
+context of the optimizer step (Horovod's ``optimizer.skip_synchronize()``). The order of one
+step, with fp16's ``torch.amp.GradScaler``, is the one Horovod documents for AMP
+(``horovod/docs/pytorch.rst``, "Mixed precision"), written once, in
+:meth:`TrainStep.optimizer_step`::
+
+    scaler.scale(loss).backward()        # each pass; the allreduce runs during the last one
+    optimizer.synchronize()              # Engine.wait_gradients: the allreduce is done
+    schedule.apply(optimizer, step)      # the learning rate of this step
+    scaler.unscale_(optimizer)           # on the averaged gradients
+    with optimizer.skip_synchronize():   # Engine.skip_synchronize
+        scaler.step(optimizer)           # skipped if a gradient is inf/NaN
+    scaler.update()
+    optimizer.zero_grad()
+
+Since ``unscale_`` looks at gradients already averaged over all ranks, a step with an infinite
+gradient on any rank is skipped on every rank, and the scale stays the same everywhere. Without
+fp16 the same order holds with ``optimizer.step()`` and no scaler.
+
+:class:`TrainStep` also holds what ``train.precision``, ``train.channels_last`` and
 ``train.compile`` change, in plain PyTorch (as torchvision's ``references/video_classification``):
 
 * **precision** ``fp32 | bf16 | fp16``: forward and loss run under ``torch.autocast`` with that
@@ -9,19 +33,8 @@
   would run the convolutions on its reference im2col path, over 10x slower than fp32; there the
   convolutions run as fp32 convolutions of operands rounded to the dtype, with the output rounded
   back (:class:`ReducedPrecisionConvolutions`): the numerics of a bf16 convolution with fp32
-  accumulation, at fp32's speed. fp16 adds a
-  ``torch.amp.GradScaler``: the loss is scaled before backward, and the optimizer step follows
-  the order Horovod documents for AMP (``horovod/docs/pytorch.rst``, "Mixed precision")::
-
-      scaler.scale(loss).backward()
-      optimizer.synchronize()            # Engine.wait_gradients: the allreduce is done
-      scaler.unscale_(optimizer)         # on the averaged gradients
-      with optimizer.skip_synchronize():
-          scaler.step(optimizer)         # Engine.step: skipped if a gradient is inf/NaN
-      scaler.update()
-
-  Since ``unscale_`` looks at gradients already averaged over all ranks, a step with an
-  infinite gradient on any rank is skipped on every rank, and the scale stays the same everywhere.
+  accumulation, at fp32's speed. fp16 adds the GradScaler above: the loss is scaled before
+  backward.
 * **channels_last**: the model's 4-D weights and each input batch in channels_last (NHWC)
   memory format; the frames of a clip ``(N, T, C, H, W)`` are laid out so that the network's
   ``(N*T, C, H, W)`` view is channels_last.
@@ -31,21 +44,28 @@
   and drops the gradients) so that a compiler failure stops the run before training starts.
   The eager module stays the one whose parameters are optimised, saved and broadcast, and
   evaluation runs it uncompiled (its batch sizes vary).
+
+The phases of a step are timed on the run's :class:`~tsmtrain.train.metrics.PhaseClock`
+(``forward_backward``, ``allreduce_wait``, ``optimizer``; the loop times the data and the
+augmentation).
 """
 
 from __future__ import annotations
 
 import functools
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..dist.base import Engine
+from ..dist.base import Engine, LocalEngine
+from ..optim import LRSchedule
+from .metrics import PhaseClock
 from .runtime import TrainingError
 
-__all__ = ["PRECISIONS", "TrainStep", "autocast", "as_memory_format", "half_precision_note",
+__all__ = ["PRECISIONS", "TrainStep", "StepOutput", "autocast", "as_memory_format", "half_precision_note",
            "ReducedPrecisionConvolutions", "cpu_has_kernels"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,48 +158,116 @@ def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return frames.view(x.shape)
 
 
+@dataclass
+class StepOutput:
+    """What one call of :class:`TrainStep` gives back.
+
+    Attributes:
+        logits: ``(N, K)`` of the batch (autocast's dtype).
+        loss: the batch's mean cross-entropy, unscaled, a 0-d fp32 tensor on the device.
+        stepped: this call ended an optimizer step (its last backward pass); ``False`` while
+            gradients accumulate.
+        lr: the learning rate of the optimizer step taken in this call (the schedule's; ``None``
+            without a schedule or when no step was taken).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+    stepped: bool = False
+    lr: float | None = None
+
+
 class TrainStep:
-    """Forward, loss and backward of one batch, and the optimizer step, as a recipe's ``train``
-    section asks (``precision``, ``channels_last``, ``compile``).
+    """One optimizer step: ``passes`` forward and backward passes, the gradient wait, the learning
+    rate, fp16 unscaling and the optimizer step, in the order of the module docstring, as a
+    recipe's ``train`` and ``dist`` sections ask (``precision``, ``channels_last``, ``compile``,
+    ``backward_passes_per_step``, ``fp16_allreduce``).
+
+    Call it with each batch (:meth:`__call__`); the call that completes ``passes`` backward passes
+    also takes the optimizer step.
 
     Args:
         model: the network, already on ``device``; converted to channels_last here if asked.
-            It stays the module to optimise, save and broadcast.
+            It stays the module to optimise, save, broadcast and evaluate.
         device: where it runs.
         precision: ``fp32``, ``bf16`` or ``fp16`` (:data:`PRECISIONS`).
         channels_last: model and inputs in channels_last memory format.
         compile: ``torch.compile`` the model for training.
         batch_shape: ``(N, T, 3, H, W)`` of every training batch; needed with ``compile`` for the
             compile-time check.
-        wrap: the engine's wrapper for training (:meth:`~tsmtrain.dist.base.Engine.wrap_model`,
-            DDP's), applied after the memory format and before compiling; None: the model as it is.
+        optimizer: the optimizer of ``model``'s parameters (:func:`tsmtrain.optim.create_optimizer`),
+            not yet wrapped: the engine wraps it here, after the compile check, so that the
+            check's backward fires none of Horovod's allreduce hooks. ``None``: a step that only
+            runs forward and backward (:meth:`forward_backward`).
+        engine: the data-parallel engine (default: one process,
+            :class:`~tsmtrain.dist.base.LocalEngine`); it wraps the model for the training forward
+            (:meth:`~tsmtrain.dist.base.Engine.wrap_model`, DDP's) and the optimizer.
+        schedule: the learning rate schedule applied before every optimizer step; ``None``: the
+            optimizer's own rate.
+        passes: backward passes per optimizer step (``dist.backward_passes_per_step``); each
+            pass's loss is divided by it, so the step averages them.
+        fp16_allreduce: compress the gradient allreduce to float16 (``dist.fp16_allreduce``).
+        clock: the run's phase clock (default: one that times nothing).
 
     Attributes:
-        forward_model: what the training forward calls: the model, wrapped, then compiled, as
-            asked.
+        forward_model: what the training forward calls: the model, wrapped by the engine, then
+            compiled, as asked.
+        optimizer: the engine's wrapper of ``optimizer`` (``None`` without one).
         scaler: the ``torch.amp.GradScaler`` (fp16), else ``None``.
 
     Raises:
+        ValueError: an unknown precision; ``compile`` without ``batch_shape``.
         TrainingError: ``compile`` and torch.compile fails on this model, device or compiler
             (the message names ``train.compile``).
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
-                 channels_last: bool = False, compile: bool = False,
-                 batch_shape: tuple[int, ...] | None = None, wrap=None):
+                 channels_last: bool = False, compile: bool = False, batch_shape: tuple[int, ...] | None = None,
+                 *, optimizer: torch.optim.Optimizer | None = None, engine: Engine | None = None,
+                 schedule: LRSchedule | None = None, passes: int = 1, fp16_allreduce: bool = False,
+                 clock: PhaseClock | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
+        self.engine = engine if engine is not None else LocalEngine()
+        self.schedule, self.passes = schedule, passes
+        self.clock = clock if clock is not None else PhaseClock(device, enabled=False)
+        self._passes_done = 0  # backward passes of the optimizer step in progress
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place: the same Parameter objects
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         # the engine's wrapper (DDP) around the model in its memory format, compiled around that
-        self.forward_model = wrap(model) if wrap is not None else model
+        self.forward_model = self.engine.wrap_model(model, fp16=fp16_allreduce)
         if compile:
             if batch_shape is None:
                 raise ValueError("compile needs batch_shape for its check before training")
             self.forward_model = torch.compile(self.forward_model, dynamic=False)
             self._check_compile(batch_shape)
+        self.optimizer = None if optimizer is None else self.engine.wrap_optimizer(
+            optimizer, model, fp16=fp16_allreduce, backward_passes_per_step=passes)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int = 0) -> StepOutput:
+        """One backward pass of ``(x, y)``, and when it is the step's ``passes``-th, the optimizer
+        step (:meth:`optimizer_step`).
+
+        Args:
+            x: clips ``(N, T, 3, H, W)`` float on the device.
+            y: labels ``(N,)`` int64 on the device.
+            step: the number of the optimizer step this pass belongs to (optimizer steps done
+                before it), for the learning rate schedule.
+
+        Returns:
+            A :class:`StepOutput`.
+        """
+        self._passes_done += 1
+        last = self._passes_done == self.passes
+        with self.engine.accumulate(self.forward_model, last=last):  # DDP: no_sync() but on the last pass
+            logits, loss = self.forward_backward(x, y)  # the allreduce runs during the last backward
+        self.clock.lap("forward_backward")
+        if not last:
+            return StepOutput(logits, loss)
+        self._passes_done = 0
+        return StepOutput(logits, loss, stepped=True, lr=self.optimizer_step(step))
 
     def autocast(self):
         """The autocast context of this step's precision."""
@@ -189,14 +277,14 @@ class TrainStep:
         """Clips ``(N, T, C, H, W)`` in this step's memory format (:func:`as_memory_format`)."""
         return as_memory_format(x, self.channels_last)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, passes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and cross-entropy loss under autocast, then backward of ``loss / passes``
-        (gradient accumulation over ``passes`` backward passes), scaled with fp16.
+        (gradient accumulation over ``passes`` backward passes), scaled with fp16. The engine's
+        :meth:`~tsmtrain.dist.base.Engine.accumulate` context is the caller's (:meth:`__call__`).
 
         Args:
             x: clips ``(N, T, 3, H, W)`` float on the device.
             y: labels ``(N,)`` int64.
-            passes: backward passes per optimizer step.
 
         Returns:
             ``(logits (N, K), loss)``: the loss is the unscaled mean over the batch (fp32).
@@ -204,23 +292,41 @@ class TrainStep:
         with self.autocast():
             logits = self.forward_model(self.batch(x))
             loss = F.cross_entropy(logits, y)
-        scaled = loss / passes
+        scaled = loss / self.passes
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return logits, loss
 
-    def apply(self, engine: Engine, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer step after :meth:`Engine.wait_gradients`, then zero the gradients.
+    def optimizer_step(self, step: int = 0) -> float | None:
+        """The optimizer step once the passes' backward has run, in the order of the module
+        docstring: wait for the averaged gradients, set the learning rate of ``step``, (fp16)
+        unscale them, step (fp16: unless one is inf/NaN), (fp16) update the scale, zero the
+        gradients. Laps ``allreduce_wait`` and ``optimizer`` on the clock.
 
-        With fp16: unscale the (averaged) gradients, step unless one is inf/NaN, update the
-        scale; the order Horovod documents for AMP (see the module docstring).
+        Returns:
+            The learning rate set (``None`` without a schedule).
+
+        Raises:
+            ValueError: the step was built without an optimizer.
         """
-        if self.scaler is None:
-            engine.step(optimizer)
-        else:
-            self.scaler.unscale_(optimizer)
-            engine.step(optimizer, self.scaler)
-            self.scaler.update()
+        optimizer, scaler = self.optimizer, self.scaler
+        if optimizer is None:
+            raise ValueError("this TrainStep has no optimizer")
+        self.engine.wait_gradients(optimizer)  # Horovod: optimizer.synchronize()
+        self.clock.lap("allreduce_wait")
+        self.clock.move("forward_backward", "allreduce_wait", self.engine.hidden_wait_s())  # DDP waited in backward()
+        lr = self.schedule.apply(optimizer, step) if self.schedule is not None else None
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        with self.engine.skip_synchronize(optimizer):  # Horovod: the allreduce is done already
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped if a gradient is inf/NaN
+            else:
+                optimizer.step()
+        if scaler is not None:
+            scaler.update()
         optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
+        self.clock.lap("optimizer")
+        return lr
 
     def loss_scale(self) -> float | None:
         """The fp16 loss scale now (``None`` without a scaler); reading it waits for the device."""

@@ -1,0 +1,205 @@
+"""The parts of a run, built by :func:`tsmtrain.train.loop.train` in this order on every rank.
+
+* :func:`start_rank`: logging, the run directory's leftovers, threads, the device;
+* :func:`create_loaders`: the training loader, its sampler and augmentation, the validation
+  list (:class:`Loaders`);
+* :func:`create_network`: the network with the recipe's initial weights, on the device,
+  SyncBN if asked;
+* then the loop builds the :class:`~tsmtrain.train.step.TrainStep` from the optimizer
+  (:func:`tsmtrain.optim.create_optimizer`) and the schedule
+  (:func:`tsmtrain.optim.create_schedule`);
+* :func:`resume_run`: the latest checkpoint, if any, and rank 0's state broadcast;
+* :func:`announce_run`: rank 0 writes ``recipe.yaml`` and logs what runs.
+
+The order matters for exact runs: the global random generator is seeded before the network is
+built and again, per rank, before the first step (:func:`tsmtrain.train.loop.train`).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..data import ShardSampler, build_loader, clip_dataset, read_list
+from ..data.decoding import cuda_decoding_device
+from ..data.transforms import VideoTransform
+from ..dist.base import Engine
+from ..dist.stop import PREEMPTED_FILE
+from ..models import create_model
+from ..optim import LinearScaling
+from ..recipe import Recipe, dump_recipe
+from . import checkpoint as ckpt
+from .rundir import RunLock
+from .runtime import (TrainingError, choose_device, keep_freed_memory, log, prepare_dataset, set_threads,
+                      setup_logging)
+from .step import TrainStep, half_precision_note
+
+__all__ = ["start_rank", "Loaders", "create_loaders", "create_network", "resume_run", "announce_run"]
+
+
+def start_rank(recipe: Recipe, engine: Engine, lock: RunLock | None) -> torch.device:
+    """Start this rank in the run directory, which rank 0 holds (``lock``): logging (rank 0 also
+    to ``train.log``); on rank 0, the lock's note, and the removal of killed checkpoint writes
+    and of an earlier start's ``preempted.json``; the thread count, the host allocator, and one
+    line per rank on stderr (rank, host, device, threads).
+
+    Returns:
+        This rank's training device (``train.device``).
+    """
+    t, run_dir = recipe.train, recipe.run_dir
+    setup_logging(engine.rank, run_dir)
+    if engine.rank == 0:
+        if lock is not None and lock.note:
+            log.warning("%s", lock.note)
+        ckpt.remove_stale_temporaries(run_dir)  # killed checkpoint writes (no run writes here now)
+        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # a stop of an earlier start is history now
+    threads = set_threads(t.threads, engine.local_size)
+    kept = keep_freed_memory()  # steps reuse freed activations instead of page-faulting fresh ones
+    device = choose_device(t.device, engine.local_rank)
+    print(f"[rank {engine.rank}] rank {engine.rank} of {engine.size} ({engine.name}) on {socket.gethostname()}, "
+          f"local rank {engine.local_rank} of {engine.local_size}, device {device}, {threads} threads"
+          + (", freed memory kept (glibc mallopt)" if kept else ""),
+          file=sys.stderr, flush=True)
+    return device
+
+
+@dataclass
+class Loaders:
+    """This rank's data of a run (:func:`create_loaders`).
+
+    Attributes:
+        train: the training loader: batches of ``frames`` uint8 ``(N, T, H, W, 3)``, ``label``
+            int64 ``(N,)``, ``failed`` (videos that could not be decoded), N = ``train.batch_size``.
+        sampler: its :class:`~tsmtrain.data.ShardSampler` (this rank's shard, the epoch and the
+            position in it).
+        train_tf: the training augmentation, on the device: uint8 ``(N, T, H, W, 3)`` -> float32
+            ``(N, T, 3, S, S)``.
+        val_tf: the evaluation transform (resize, centre crop, normalise).
+        val_records: the validation videos (``data.val_list``; empty without one).
+        transform_gen: the random generator of ``train_tf`` (saved in checkpoints).
+        train_size: videos in the training list.
+        steps_per_epoch: optimizer steps per epoch.
+        batch_shape: ``(N, T, 3, S, S)`` of every augmented training batch.
+    """
+
+    train: torch.utils.data.DataLoader
+    sampler: ShardSampler
+    train_tf: VideoTransform
+    val_tf: VideoTransform
+    val_records: list
+    transform_gen: torch.Generator
+    train_size: int
+    steps_per_epoch: int
+    batch_shape: tuple[int, int, int, int, int]
+
+
+def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling: LinearScaling) -> Loaders:
+    """The training loader, sampler and augmentation, and the validation list, of ``recipe`` on
+    this rank. With ``data.generate`` rank 0 first builds the dataset (every rank waits). One
+    loader serves the whole run: its workers persist across epochs (the sampler, which runs in
+    this process, says which epoch and where in it).
+
+    Args:
+        recipe: the run's recipe (``data``, ``train.batch_size``, ``train.seed``).
+        engine: this rank's place (the shard) and the barrier.
+        device: the training device (pinned memory on a GPU; GPU decoding if asked).
+        scaling: the run's linear scaling (the global batch, for the error message).
+
+    Raises:
+        TrainingError: the training list gives no full global batch.
+        tsmtrain.data.ListFileError: a malformed list file.
+    """
+    d, t = recipe.data, recipe.train
+    if d.generate is not None:
+        if engine.rank == 0:
+            prepare_dataset(recipe)
+        engine.barrier()
+    train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
+    val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
+    train_set = clip_dataset(recipe, train_records, train=True,
+                             decode_device=cuda_decoding_device(d.decode_device, device))
+    sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
+    steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"{d.train_list}: {len(train_set)} videos give no full global batch of {scaling.global_batch} clips "
+            f"(train.batch_size x ranks x dist.backward_passes_per_step); lower train.batch_size"
+        )
+    transform_gen = torch.Generator().manual_seed(t.seed * 1009 + engine.rank)
+    return Loaders(
+        train=build_loader(train_set, sampler, t.batch_size, d.workers, drop_last=True,
+                           pin_memory=device.type == "cuda", persistent=True),
+        sampler=sampler,
+        train_tf=VideoTransform(train=True, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
+                                mean=d.mean, std=d.std, generator=transform_gen),
+        val_tf=VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std),
+        val_records=val_records, transform_gen=transform_gen, train_size=len(train_set),
+        steps_per_epoch=steps_per_epoch,
+        batch_shape=(t.batch_size, d.num_segments, 3, d.input_size, d.input_size),
+    )
+
+
+def create_network(recipe: Recipe, engine: Engine, device: torch.device) -> torch.nn.Module:
+    """The recipe's network (:func:`tsmtrain.models.create_model`) on ``device``, its BatchNorm
+    layers synchronized over all ranks with ``model.sync_bn``. Seeds the global generator with
+    ``train.seed`` first: the same initial weights on every rank (rank 0's are broadcast anyway).
+    """
+    torch.manual_seed(recipe.train.seed)
+    model = create_model(recipe.model, recipe.data.num_segments).to(device)
+    if recipe.model.sync_bn:
+        model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
+    return model
+
+
+def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders, wanted: bool | None) -> ckpt.Position:
+    """Continue from the run directory's latest intact checkpoint when there is one (rank 0's
+    choice, :func:`~tsmtrain.train.checkpoint.resume_checkpoint`): the step's model, optimizer
+    and gradient scaler, the augmentation's random stream and the position; then broadcast rank
+    0's model and optimizer state, and (a checkpoint written mid-epoch by as many ranks) put back
+    this rank's own BatchNorm statistics.
+
+    Args:
+        wanted: ``train(resume=...)``: ``None`` if there is one, ``True`` there must be one,
+            ``False`` there must be none.
+
+    Returns:
+        Where the run continues (step 0 of epoch 0 on a fresh start).
+
+    Raises:
+        TrainingError: see :func:`~tsmtrain.train.checkpoint.resume_checkpoint` and
+            :func:`~tsmtrain.train.checkpoint.restore_run`.
+    """
+    pos, rank_buffers = ckpt.Position(), None
+    path, state = ckpt.resume_checkpoint(engine, recipe.run_dir, wanted)  # rank 0's choice: the newest intact one
+    if path is not None:
+        pos, rank_buffers = ckpt.restore_run(path, engine, step.model, step.optimizer, step, loaders.transform_gen,
+                                             recipe, loaders.train_size, state=state)
+        del state
+    engine.broadcast_state(step.model, step.optimizer)
+    if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
+        with torch.no_grad():
+            for name, buf in step.model.named_buffers():
+                if name in rank_buffers:
+                    buf.copy_(rank_buffers[name])
+    return pos
+
+
+def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: LinearScaling,
+                 steps_per_epoch: int) -> None:
+    """On rank 0: warn when the precision is slow on this CPU, write ``RUN_DIR/recipe.yaml`` (the
+    resolved recipe) and log one line of what runs (network, ranks, device, precision, global
+    batch, learning rate, steps)."""
+    if engine.rank != 0:
+        return
+    t = recipe.train
+    note = half_precision_note(t.precision, device)
+    if note:
+        log.warning("%s", note)
+    (recipe.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
+             recipe.run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
+             ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
+             scaling.global_batch, scaling.lr, steps_per_epoch, recipe.schedule.epochs)
