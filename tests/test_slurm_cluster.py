@@ -70,11 +70,16 @@ def wait_for(job_id: str, log: Path, timeout: float = 600) -> str:
 
 def test_two_rank_job_runs_to_completion(cluster, tmp_path, tiny_demo):
     # hostile names reach the real sbatch: a job name with shell syntax, a run directory with
-    # spaces and command substitutions
+    # spaces and command substitutions (in run.dir: run.name must be a plain name)
+    import yaml
+
     evil = "a b; touch x"
-    recipe = write_recipe(tmp_path, tiny_demo, "run $(touch pwned) `touch pwned2`", epochs=1, job_name=evil)
+    recipe = write_recipe(tmp_path, tiny_demo, "run", epochs=1, job_name=evil)
+    doc = yaml.safe_load(recipe.read_text())
+    doc["run"]["dir"] = str(tmp_path / "runs $(touch pwned) `touch pwned2`")
+    recipe.write_text(yaml.safe_dump(doc))
     job = submit(recipe)
-    run_dir = tmp_path / "runs" / "run $(touch pwned) `touch pwned2`"
+    run_dir = tmp_path / "runs $(touch pwned) `touch pwned2`" / "run"
     log = run_dir / f"slurm-{job}.out"
     shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
     assert f"JobName={evil} " in shown
