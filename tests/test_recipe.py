@@ -222,9 +222,9 @@ def test_alias_bomb_is_refused_quickly_in_bounded_memory(tmp_path, levels):
 
 
 def test_alias_bomb_leaves_the_line_index_empty(tmp_path):
-    from tsmtrain.recipe import _line_index
+    from tsmtrain.recipe import line_index
 
-    assert _line_index(alias_bomb(tmp_path / "bomb.yaml", 9).read_text()) == {}
+    assert line_index(alias_bomb(tmp_path / "bomb.yaml", 9).read_text()) == {}
 
 
 @pytest.mark.parametrize("text, why", [
@@ -240,7 +240,7 @@ def test_recursive_deep_or_alias_heavy_yaml_is_refused(tmp_path, text, why):
 
 
 def test_small_anchors_and_merge_keys_still_work(tmp_path):
-    from tsmtrain.recipe import _yaml_load
+    from tsmtrain.recipe import yaml_load
 
     lists = write(tmp_path, {}).parent / "train.txt"
     path = tmp_path / "anchors.yaml"
@@ -254,7 +254,7 @@ def test_small_anchors_and_merge_keys_still_work(tmp_path):
     path.write_text(text.replace("seed: 3", "seed: -3"))
     (p,) = problems(path)
     assert (p.key, p.line) == ("train.seed", 8)  # where the merged mapping names it
-    assert _yaml_load("base: &base {a: 1, b: 2}\nx:\n  <<: *base\n  b: 3\n")["x"] == {"a": 1, "b": 3}
+    assert yaml_load("base: &base {a: 1, b: 2}\nx:\n  <<: *base\n  b: 3\n")["x"] == {"a": 1, "b": 3}
 
 
 WRONG_VALUES = [

@@ -19,8 +19,9 @@ need them on a login node.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 from .classes import ClassNamesError, read_class_names
 from .lists import ListFileError, VideoRecord, read_list
@@ -39,19 +40,4 @@ _LAZY = {name: ".loader" for name in ("DataError", "MultiClipDataset", "ShardSam
 """Public names imported on first use, each with the submodule that defines it."""
 
 
-def __getattr__(name: str) -> Any:
-    """``tsmtrain.data.NAME`` for a name of :data:`_LAZY`: import its submodule (and torch) now.
-
-    Raises:
-        AttributeError: ``name`` is not a name of this package.
-    """
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups do not come back here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

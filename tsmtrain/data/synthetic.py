@@ -40,6 +40,23 @@ log = logging.getLogger(__name__)
 PAIRS = ("left-to-right / right-to-left", "growing / shrinking", "counter-clockwise / clockwise")
 
 
+def _turning_bar(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int, t: np.ndarray,
+                 widths: tuple[float, float]) -> list[np.ndarray]:
+    """Masks ``(size, size)`` bool, one per time in ``t`` (0..1), of a bar turning counter-clockwise
+    on screen (y grows downwards) about a random centre; its half width is drawn from ``widths``
+    (fractions of ``size``). Draws from ``rng`` in a fixed order: centre, start angle and sweep,
+    half length and half width."""
+    xc, yc = rng.uniform(0.4, 0.6, 2) * size
+    a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
+    half_len, half_width = rng.uniform(0.3, 0.42) * size, rng.uniform(*widths) * size
+    masks = []
+    for a in a0 + sweep * t:
+        u = (xx - xc) * np.cos(a) - (yy - yc) * np.sin(a)
+        v = (xx - xc) * np.sin(a) + (yy - yc) * np.cos(a)
+        masks.append((abs(u) <= half_len) & (abs(v) <= half_width))
+    return masks
+
+
 def render_clip(cls: int, rng: np.random.Generator, frames: int = 16, size: int = 64) -> np.ndarray:
     """Render one clip of class ``cls``.
 
@@ -83,14 +100,7 @@ def render_clip(cls: int, rng: np.random.Generator, frames: int = 16, size: int 
         radii = r0 + (r1 - r0) * t
         masks = [(xx - xc) ** 2 + (yy - yc) ** 2 <= rad * rad for rad in radii]
     else:  # turning bar
-        xc, yc = rng.uniform(0.4, 0.6, 2) * size
-        a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
-        half_len, half_width = rng.uniform(0.3, 0.42) * size, rng.uniform(0.05, 0.09) * size
-        masks = []
-        for a in a0 + sweep * t:  # counter-clockwise on screen (y grows downwards)
-            u = (xx - xc) * np.cos(a) - (yy - yc) * np.sin(a)
-            v = (xx - xc) * np.sin(a) + (yy - yc) * np.cos(a)
-            masks.append((abs(u) <= half_len) & (abs(v) <= half_width))
+        masks = _turning_bar(rng, xx, yy, size, t, widths=(0.05, 0.09))
     clip = np.empty((frames, size, size, 3), dtype=np.uint8)
     for i, mask in enumerate(masks):
         frame = np.where(mask[..., None], colour, background) + texture
@@ -113,10 +123,7 @@ def render_study_clip(cls: int, rng: np.random.Generator, frames: int = 16, size
 
     Args:
         cls: class index, 0 .. 11.
-        rng: random generator; the same state gives the same clip, and class ``2k+1`` with a
-            given state is exactly class ``2k`` with that state reversed in time.
-        frames: frames in the clip.
-        size: frame side in pixels.
+        rng, frames, size: as :func:`render_clip` (class ``2k+1`` is class ``2k`` reversed in time).
         distractors: distractor objects per clip.
         noise: standard deviation of the pixel noise, in 8-bit levels (0: none).
 
@@ -170,14 +177,7 @@ def render_study_clip(cls: int, rng: np.random.Generator, frames: int = 16, size
         r0, r1 = rng.uniform(0.05, 0.12) * size, rng.uniform(0.25, 0.38) * size
         masks = [disc(xc, yc, rad) for rad in r0 + (r1 - r0) * t]
     elif pair == 2:  # turning bar
-        xc, yc = rng.uniform(0.4, 0.6, 2) * size
-        a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
-        half_len, half_width = rng.uniform(0.3, 0.42) * size, rng.uniform(0.06, 0.1) * size
-        masks = []
-        for a in a0 + sweep * t:  # counter-clockwise on screen (y grows downwards)
-            u = (xx - xc) * np.cos(a) - (yy - yc) * np.sin(a)
-            v = (xx - xc) * np.sin(a) + (yy - yc) * np.cos(a)
-            masks.append((abs(u) <= half_len) & (abs(v) <= half_width))
+        masks = _turning_bar(rng, xx, yy, size, t, widths=(0.06, 0.1))
     else:  # a still shape changing colour (pair 4) or opacity (pair 5)
         r = rng.uniform(0.14, 0.24) * size
         xc, yc = rng.uniform(r, size - r, 2)

@@ -19,8 +19,9 @@ use (PEP 562 ``__getattr__``), so that the scaling rule and the schedule import 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 from .scaling_rule import LinearScaling, linear_scaling
 from .schedule import LRSchedule
@@ -36,19 +37,4 @@ _LAZY = {"LARS": ".lars", "param_groups": ".factory", "create_optimizer": ".fact
 """Public names imported on first use (with torch), each with the submodule that defines it."""
 
 
-def __getattr__(name: str) -> Any:
-    """``tsmtrain.optim.NAME`` for a name of :data:`_LAZY`: import its submodule (and torch) now.
-
-    Raises:
-        AttributeError: ``name`` is not a name of this package.
-    """
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups do not come back here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

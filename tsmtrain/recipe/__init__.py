@@ -17,37 +17,11 @@ This package imports no torch: ``tsmtrain validate``, ``render`` and ``submit`` 
 """
 
 from .loader import apply_overrides, line_index, load_recipe, yaml_load
-from .problems import Problem, RecipeError, closest
+from .problems import Problem, RecipeError, closest, validation_problems
 from .schema import (NARROWEST_SHIFTED_LAYER, PATH_FIELDS, ClusterConfig, DataConfig, DistConfig, ModelConfig,
                      OptimConfig, Recipe, RunConfig, ScheduleConfig, TrainConfig, dump_recipe, time_limit_seconds,
                      with_absolute_paths)
 
-# The names tsmtrain.scaling imported before the loader's helpers had public names; kept so that
-# `from tsmtrain.recipe import _closest, _line_index, _yaml_load` still works.
-_closest = closest
-_line_index = line_index
-_yaml_load = yaml_load
+from . import loader, problems, schema
 
-__all__ = [
-    "Recipe",
-    "RecipeError",
-    "Problem",
-    "load_recipe",
-    "apply_overrides",
-    "with_absolute_paths",
-    "dump_recipe",
-    "time_limit_seconds",
-    "yaml_load",
-    "line_index",
-    "closest",
-    "DataConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ScheduleConfig",
-    "DistConfig",
-    "TrainConfig",
-    "RunConfig",
-    "ClusterConfig",
-    "NARROWEST_SHIFTED_LAYER",
-    "PATH_FIELDS",
-]
+__all__ = [*schema.__all__, *problems.__all__, *loader.__all__]

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tsmtrain.recipe import _closest, _line_index, _yaml_load
+from tsmtrain.recipe import closest, line_index, yaml_load
 
 __all__ = [
     "LinkSpec",
@@ -151,7 +151,7 @@ def load_network(path: str | os.PathLike) -> NetworkSpec:
     except OSError as exc:
         raise NetworkError(f"{file}: cannot read network file: {exc.strerror or exc}") from None
     try:
-        doc = _yaml_load(text)
+        doc = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark else file
@@ -159,7 +159,7 @@ def load_network(path: str | os.PathLike) -> NetworkSpec:
         raise NetworkError(f"{where}: not valid YAML: {reason}") from None
     if not isinstance(doc, dict):
         raise NetworkError(f"{file}: a network file is a mapping of keys (name, ranks_per_node, intra_node, inter_node, ...)")
-    lines = _line_index(text)
+    lines = line_index(text)
     try:
         return NetworkSpec.model_validate(doc)
     except ValidationError as err:
@@ -170,7 +170,7 @@ def load_network(path: str | os.PathLike) -> NetworkSpec:
             line = lines.get(key)
             if e["type"] == "extra_forbidden":
                 why = "unknown key"
-                close = _closest(loc[-1], _network_keys(loc[:-1]))
+                close = closest(loc[-1], _network_keys(loc[:-1]))
                 if close:
                     why += f" (did you mean {close!r}?)"
             elif e["type"] == "missing":
