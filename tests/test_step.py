@@ -127,8 +127,10 @@ def test_channels_last_step_equals_contiguous_step():
         results.append((logits, [p.grad for p in model.parameters()]))
     (logits_a, grads_a), (logits_b, grads_b) = results
     assert torch.allclose(logits_a, logits_b, atol=1e-5)
-    for a, b in zip(grads_a, grads_b):  # other convolution kernels: rounding differs, BatchNorm on 1x1 maps amplifies it
-        assert (a - b).norm() <= 1e-3 * a.norm() + 1e-6
+    # other convolution kernels: rounding differs, BatchNorm on 1x1 maps amplifies it; with one
+    # thread (as after an in-process run with train.threads: 1) oneDNN's kernels differ by 3e-3
+    for a, b in zip(grads_a, grads_b):
+        assert (a - b).norm() <= 1e-2 * a.norm() + 1e-6
 
 
 def test_gradient_accumulation_divides_the_loss():
