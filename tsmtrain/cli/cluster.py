@@ -20,7 +20,7 @@ import typer
 
 from . import SET_HELP, fail, load
 
-__all__ = ["render", "submit", "env", "with_cluster_flags", "build_lines", "CLUSTER_FLAGS", "TEMPLATE_HELP"]
+__all__ = ["render", "submit", "env", "with_cluster_flags", "CLUSTER_FLAGS", "TEMPLATE_HELP"]
 
 CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "partition", "account",
                  "qos", "constraint", "reservation", "job_name", "launcher", "max_requeues", "signal_seconds", "python")
@@ -108,7 +108,7 @@ def env(
     from rich.table import Table
 
     from ..dist import launched_by_launcher
-    from ..dist.base import describe_rank
+    from ..dist.base import describe_builds, describe_rank
 
     cfg = load(recipe, sets, check_files=False) if recipe else None
     launched = launched_by_launcher()
@@ -125,7 +125,7 @@ def env(
                       ", ".join(r["devices"]), str(r["cpus"]),
                       " ".join(f"{k}={v}" for k, v in r["launcher_env"].items()))
     Console(width=200).print(table)
-    for line in build_lines():
+    for line in describe_builds():
         print(line)
 
 
@@ -142,30 +142,3 @@ def _engine(cfg):
         return choose_engine(cfg)
     except TrainingError as err:
         fail(str(err))
-
-
-def build_lines() -> list[str]:
-    """What the communication libraries were built with, one line each: Horovod (NCCL, CUDA,
-    MPI, Gloo) and torch.distributed (NCCL, CUDA, MPI, Gloo, the GPUs visible)."""
-    import torch
-    import torch.distributed as tdist
-
-    def yes(flag) -> str:
-        return "yes" if flag else "no"
-
-    lines = []
-    try:
-        from ..dist.horovod import build_info
-
-        info = build_info()
-        nccl = info["nccl"]
-        version = f"yes ({nccl // 10000}.{nccl // 100 % 100}.{nccl % 100})" if nccl else "no"
-        lines.append(f"horovod {info['version']}: NCCL {version}, "
-                     f"CUDA {yes(info['cuda'])}, MPI {yes(info['mpi'])}, Gloo {yes(info['gloo'])}")
-    except ImportError as err:
-        lines.append(f"horovod: not installed ({err}); make setup builds it")
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if tdist.is_nccl_available() and torch.version.cuda else ""
-    lines.append(f"torch {torch.__version__} distributed: NCCL {f'yes ({nccl})' if nccl else 'no'}, "
-                 f"CUDA {torch.version.cuda or 'no'}, MPI {yes(tdist.is_mpi_available())}, "
-                 f"Gloo {yes(tdist.is_gloo_available())}; GPUs visible: {torch.cuda.device_count()}")
-    return lines

@@ -34,7 +34,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-__all__ = ["Engine", "LocalEngine", "describe_rank"]
+__all__ = ["Engine", "LocalEngine", "describe_rank", "describe_builds"]
 
 
 class Engine:
@@ -164,3 +164,29 @@ def describe_rank(engine: Engine) -> dict[str, Any]:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "launcher_env": {k: os.environ[k] for k in env_keys if k in os.environ},
     }
+
+
+def describe_builds() -> list[str]:
+    """What the communication libraries were built with, one line each: Horovod (NCCL, CUDA,
+    MPI, Gloo) and torch.distributed (NCCL, CUDA, MPI, Gloo, the GPUs visible)."""
+    import torch.distributed as tdist
+
+    def yes(flag) -> str:
+        return "yes" if flag else "no"
+
+    lines = []
+    try:
+        from .horovod import build_info
+
+        info = build_info()
+        nccl = info["nccl"]
+        version = f"yes ({nccl // 10000}.{nccl // 100 % 100}.{nccl % 100})" if nccl else "no"
+        lines.append(f"horovod {info['version']}: NCCL {version}, "
+                     f"CUDA {yes(info['cuda'])}, MPI {yes(info['mpi'])}, Gloo {yes(info['gloo'])}")
+    except ImportError as err:
+        lines.append(f"horovod: not installed ({err}); make setup builds it")
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if tdist.is_nccl_available() and torch.version.cuda else ""
+    lines.append(f"torch {torch.__version__} distributed: NCCL {f'yes ({nccl})' if nccl else 'no'}, "
+                 f"CUDA {torch.version.cuda or 'no'}, MPI {yes(tdist.is_mpi_available())}, "
+                 f"Gloo {yes(tdist.is_gloo_available())}; GPUs visible: {torch.cuda.device_count()}")
+    return lines
