@@ -308,18 +308,10 @@ def test_stale_temporary_file_is_removed_at_start(tmp_path, tiny_demo):
 
 
 def _disk_full(monkeypatch):
-    """Checkpoint writes go to /dev/full: the kernel answers ENOSPC, as on a full disk."""
-    real = ckpt.tempfile.mkstemp
-
-    def mkstemp(*args, **kwargs):
-        fd, name = real(*args, **kwargs)
-        if os.path.basename(name).startswith(".checkpoint-"):
-            full = os.open("/dev/full", os.O_WRONLY)
-            os.dup2(full, fd)
-            os.close(full)
-        return fd, name
-
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", mkstemp)
+    """Checkpoint writes go to /dev/full: the kernel answers ENOSPC, as on a full disk (the same
+    patch the CLI tests install in the child process, :data:`SITECUSTOMIZE`)."""
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", ckpt.tempfile.mkstemp)  # restored after the test
+    exec(SITECUSTOMIZE, {})
 
 
 STATE = {"model": {"w": torch.zeros(500_000)}, "step": 5}  # 2 MB: more than a write buffer

@@ -244,11 +244,11 @@ def test_sweep_keeps_ddp_in_its_own_directory(tmp_path, tiny_demo):
 
     path = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "r")
     ddp = load_recipe(path, ["dist.engine=ddp"])
-    plan = plan_sweep(ddp, str(path), [1, 2], steps=2, warmup=1)
+    plan = plan_sweep(ddp, str(path), [1, 2], steps=2, warmup=1, videos=24)
     assert plan.sweep_dir == tmp_path / "runs" / "sweeps" / "r-ddp-weak"
     assert {n: r.dist.engine for n, r in plan.recipes.items()} == {1: "ddp", 2: "ddp"}
     horovod = load_recipe(path)
-    assert plan_sweep(horovod, str(path), [2], steps=2, warmup=1).sweep_dir.name == "r-weak"
+    assert plan_sweep(horovod, str(path), [2], steps=2, warmup=1, videos=24).sweep_dir.name == "r-weak"
     assert _comparable(ddp) != _comparable(horovod)
     # where the ranks meet does not make points incomparable; the launcher does
     assert _comparable(load_recipe(path, ["dist.master_port=29400", "dist.engine=ddp"])) == _comparable(ddp)

@@ -51,39 +51,40 @@ def test_measure_point_counts_only_steps_after_the_warmup(tmp_path):
 def test_plan_refuses_what_cannot_run(tmp_path, tiny_demo):
     cfg = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_demo, "r", train={"batch_size": 2}))
     with pytest.raises(SweepError, match="--workers 3: a global batch of 8 clips does not divide"):
-        plan_sweep(cfg, "r.yaml", [1, 3], strong=True, global_batch=8)
+        plan_sweep(cfg, "r.yaml", [1, 3], strong=True, global_batch=8, videos=24)
     with pytest.raises(SweepError, match="--global-batch is for strong scaling"):
-        plan_sweep(cfg, "r.yaml", [1], global_batch=8)
-    plan = plan_sweep(cfg, "r.yaml", [1, 2, 4], strong=True, global_batch=8)
+        plan_sweep(cfg, "r.yaml", [1], global_batch=8, videos=24)
+    plan = plan_sweep(cfg, "r.yaml", [1, 2, 4], strong=True, global_batch=8, videos=24)
     assert {n: r.train.batch_size for n, r in plan.recipes.items()} == {1: 8, 2: 4, 4: 2}
     one = plan.recipes[2]
     assert (one.dist.np, one.data.val_list, one.train.stop_after_steps, one.train.allreduce_benchmark) == (2, None, 25, 5)
     assert 20 % one.train.log_every == 0 and 5 % one.train.log_every == 0  # a record at the warm-up's end
     assert one.schedule.epochs * 24 // 8 >= 25  # enough epochs (24 clips / 8 per step) for the steps
-    weak = plan_sweep(cfg, "r.yaml", [1, 2])
+    weak = plan_sweep(cfg, "r.yaml", [1, 2], videos=24)
     assert [r.train.batch_size for r in weak.recipes.values()] == [2, 2]
     assert weak.sweep_dir == tmp_path / "runs" / "sweeps" / "r-weak"
     with pytest.raises(SweepError, match="--workers 3: more ranks than one node's 2"):
-        plan_sweep(load_recipe(tmp_path / "r.yaml", ["cluster.tasks_per_node=2"]), "r.yaml", [1, 3], launch="submit")
+        plan_sweep(load_recipe(tmp_path / "r.yaml", ["cluster.tasks_per_node=2"]), "r.yaml", [1, 3], launch="submit",
+                   videos=24)
     nodes = plan_sweep(load_recipe(tmp_path / "r.yaml", ["cluster.tasks_per_node=2"]), "r.yaml", [1, 4],
-                       launch="submit").recipes
+                       launch="submit", videos=24).recipes
     assert [(r.cluster.nodes, r.cluster.tasks_per_node) for r in nodes.values()] == [(1, 1), (2, 2)]
 
 
 def test_extending_with_other_settings_is_refused(tmp_path, tiny_demo):
     cfg = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_demo, "r"))
-    plan = plan_sweep(cfg, "r.yaml", [1], steps=4)
+    plan = plan_sweep(cfg, "r.yaml", [1], steps=4, videos=24)
     plan.sweep_dir.mkdir(parents=True)
     (plan.sweep_dir / "sweep.json").write_text(json.dumps(plan.meta))
     with pytest.raises(SweepError, match="steps = 4, this call gives 6"):
-        plan_sweep(cfg, "r.yaml", [2], steps=6)
+        plan_sweep(cfg, "r.yaml", [2], steps=6, videos=24)
     other = load_recipe(tmp_path / "r.yaml", ["model.shift_div=4"])
     with pytest.raises(SweepError, match=r"digest .*recipe"):
-        plan_sweep(other, "r.yaml", [2], steps=4)
+        plan_sweep(other, "r.yaml", [2], steps=4, videos=24)
     point_path(plan.sweep_dir, 1).parent.mkdir()
     point_path(plan.sweep_dir, 1).write_text("{not json")
     with pytest.raises(SweepError, match=r"workers-0001.json:1: not valid JSON"):
-        plan_sweep(cfg, "r.yaml", [1], steps=4)
+        plan_sweep(cfg, "r.yaml", [1], steps=4, videos=24)
 
 
 def tsmtrain(*args, cwd):

@@ -49,6 +49,7 @@ def sweep(
     from ..dist.slurm import LaunchError
     from ..scaling.records import SweepError
     from ..scaling.sweep import parse_workers, plan_sweep, run_sweep
+    from ..train.runtime import prepare_sweep_data
 
     if array and local:
         fail("--array: job arrays are for --submit")
@@ -57,7 +58,7 @@ def sweep(
     launch = "local" if local else "submit"
     try:
         plan = plan_sweep(cfg, recipe, parse_workers(workers), out, strong=strong, global_batch=global_batch,
-                          launch=launch, steps=steps, warmup=warmup, rerun=rerun)
+                          launch=launch, steps=steps, warmup=warmup, rerun=rerun, videos=prepare_sweep_data(cfg))
     except (SweepError, ListFileError) as err:
         fail(str(err))
     console.print(f"sweep {plan.sweep_dir}: {plan.meta['mode']} scaling of {plan.meta['model']}, "

@@ -108,28 +108,25 @@ def _comparable(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _steps_per_epoch(recipe: Recipe, workers: int) -> int:
-    from ..data import read_list  # only to plan a sweep: not loaded by tsmtrain report
-
-    videos = len(read_list(recipe.data.train_list, recipe.data.root, recipe.model.num_classes))
+def _steps_per_epoch(recipe: Recipe, workers: int, videos: int) -> int:
     return math.ceil(videos / workers) // recipe.train.batch_size // recipe.dist.backward_passes_per_step
 
 
 def benchmark_recipe(recipe: Recipe, workers: int, batch_size: int, steps: int, warmup: int, run_dir: Path,
-                     launch: str, nodes: int, ranks_per_node: int) -> Recipe:
+                     launch: str, nodes: int, ranks_per_node: int, videos: int) -> Recipe:
     """The recipe of one sweep point: ``workers`` ranks of ``batch_size`` clips, stopping after
     ``warmup + steps`` optimizer steps, no evaluation, one metrics record at the end of the
     warm-up (``log_every`` divides both counts), the step-time breakdown on and
     :data:`ALLREDUCE_REPEATS` standalone allreduces at the end. The schedule gets enough epochs
     for those steps (with checkpoints only at the stop); its learning rate follows the linear
-    scaling rule for the point's global batch.
+    scaling rule for the point's global batch. ``videos``: the training list's length.
 
     Raises:
         SweepError: the values do not make a valid recipe (the message names the point).
     """
     doc = recipe.model_dump(mode="json")
     per_epoch = max(1, _steps_per_epoch(recipe.model_copy(update={"train": recipe.train.model_copy(
-        update={"batch_size": batch_size})}), workers))
+        update={"batch_size": batch_size})}), workers, videos))
     epochs = max(doc["schedule"]["epochs"], math.ceil((warmup + steps) / per_epoch))
     doc["schedule"]["epochs"] = epochs
     doc["data"]["val_list"] = None
@@ -152,11 +149,13 @@ def benchmark_recipe(recipe: Recipe, workers: int, batch_size: int, steps: int, 
 
 def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: str | os.PathLike | None = None,
                strong: bool = False, global_batch: int | None = None, launch: str = "local", steps: int = 20,
-               warmup: int = 5, rerun: bool = False) -> SweepPlan:
+               warmup: int = 5, rerun: bool = False, *, videos: int) -> SweepPlan:
     """Check a sweep request against the recipe and an existing sweep directory.
 
     Args:
-        recipe: the validated recipe.
+        recipe: the validated recipe; a dataset it generates (``data.generate``) must be built
+            already (:func:`tsmtrain.train.runtime.prepare_sweep_data`), once, before the points
+            share it.
         recipe_file: its path (recorded in ``sweep.json``).
         workers: worker counts (ranks).
         sweep_dir: default ``RUN.DIR/sweeps/RUN.NAME-weak`` (or ``-strong``; ``RUN.NAME-ddp-weak``
@@ -167,6 +166,8 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
         launch: ``"local"`` or ``"submit"``.
         steps: measured optimizer steps per point, after ``warmup`` steps.
         rerun: measure again points already measured.
+        videos: the number of videos in the recipe's training list (for the epochs each point
+            needs).
 
     Raises:
         SweepError: bad counts, a global batch that the ranks cannot share evenly, more
@@ -201,9 +202,6 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
                                  f"gives {meta[key]!r} ({what}); use the same settings or another --out")
         meta["created"] = old.get("created", meta["created"])
         collect(sweep_dir)  # jobs of an earlier --submit that have ended count as measured or failed now
-    from ..train import prepare_dataset  # loads torch: only to plan a sweep, never to report one
-
-    prepare_dataset(recipe)  # a generated dataset is built once here, before the points share it
     per_node = recipe.cluster.ranks_per_node()
     recipes, skipped = {}, []
     for n in workers:
@@ -226,7 +224,8 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
             nodes, rpn = max(1, n // per_node), min(n, per_node)
         else:
             nodes, rpn = 1, n
-        recipes[n] = benchmark_recipe(recipe, n, batch, steps, warmup, _run_dir(sweep_dir, n), launch, nodes, rpn)
+        recipes[n] = benchmark_recipe(recipe, n, batch, steps, warmup, _run_dir(sweep_dir, n), launch, nodes, rpn,
+                                      videos)
     return SweepPlan(sweep_dir, meta, recipes, skipped)
 
 

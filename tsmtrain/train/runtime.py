@@ -16,7 +16,7 @@ from ..dist.base import Engine, LocalEngine
 from ..recipe import Recipe
 
 __all__ = ["TrainingError", "setup_logging", "choose_engine", "choose_device",
-           "set_threads", "keep_freed_memory", "progress_bar", "prepare_dataset", "log"]
+           "set_threads", "keep_freed_memory", "progress_bar", "prepare_dataset", "prepare_sweep_data", "log"]
 
 log = logging.getLogger("tsmtrain")
 
@@ -154,3 +154,17 @@ def prepare_dataset(recipe: Recipe) -> None:
         from ..data.arrow import build_arrow_of_time
 
         build_arrow_of_time(d.source, d.root)
+
+
+def prepare_sweep_data(recipe: Recipe) -> int:
+    """What a scaling sweep needs of the data before it plans its points: the dataset that
+    ``data.generate`` names, built once (:func:`prepare_dataset`), and the number of videos in
+    the training list, returned.
+
+    Raises:
+        tsmtrain.data.ListFileError: the training list is missing or malformed.
+    """
+    from ..data import read_list
+
+    prepare_dataset(recipe)
+    return len(read_list(recipe.data.train_list, recipe.data.root, recipe.model.num_classes))
