@@ -38,10 +38,15 @@ def prepare(
                                                                 "(torchcodec or decord)"),
     frame_mappings: bool = typer.Option(True, "--frame-mappings/--no-frame-mappings",
                                         help="write OUTPUT.frames.json frame tables (torchcodec custom_frame_mappings)"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: prepare every N-th video from the I-th "
-                                                              "(I from 0) and write only the shard's journal"),
-    merge: bool = typer.Option(False, "--merge", help="write the list files and manifest from the shard journals"),
-    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="with --merge: N (default: found in OUT)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: array task I of N: prepare every N-th video "
+                                                              "from the I-th (I from 0), write only its journal"),
+    merge: bool = typer.Option(False, "--merge", help="write the list files and manifest (and the shard index) "
+                                                      "from the tasks' journals"),
+    tasks: Optional[int] = typer.Option(None, "--tasks", min=1, help="with --merge: N, the array tasks to merge "
+                                                                     "(default: found in OUT)"),
+    shards: bool = typer.Option(False, "--shards", help="pack the videos into indexed tar shards (OUT/shards/, "
+                                                        "OUT/index.json) instead of one file per video"),
+    shard_size: str = typer.Option("1GiB", "--shard-size", help="with --shards: bytes per shard, e.g. 1GiB, 512MiB"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="try again the videos that failed before"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
@@ -49,37 +54,59 @@ def prepare(
     H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright;
     then write OUT's list files and manifest.jsonl.
 
+    With --shards, the videos go into tar files of about --shard-size (WebDataset layout) and
+    OUT/index.json, which a recipe reads with data.root: OUT/index.json.
+
     Run it again to continue after a stop: finished videos are skipped. On a cluster, run the
-    shards (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
+    array tasks (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
     """
-    from ..data.prepare import (ManifestError, PrepareError, Settings, check_options, check_tools, merge_lines,
-                                parse_shard, plan_videos, run_shard, summary_lines)
-    from ..data.prepare import merge as merge_shards
+    from ..data.prepare import ManifestError, PrepareError, Settings, check_options, parse_shard, plan_videos
+    from ..data.shards import parse_size
 
     settings = Settings(short_side=short_side, gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode)
     try:
-        check_options(recipe, lists, root, shard, merge, shards, settings)
+        check_options(recipe, lists, root, shard, merge, tasks, settings)
+        size = parse_size(shard_size) if shards else None
     except PrepareError as err:
         fail(err.problems)
     if recipe is not None:
         d = load(recipe, sets).data
         root, lists = d.root, [d.train_list] + ([d.val_list] if d.val_list else [])
     try:
-        where = parse_shard(shard) if shard is not None else (0, 1)
         plan = plan_videos(lists, root, out)
         _say([f"warning: {warning}" for warning in plan.warnings])
-        if not merge:
-            check_tools(decoder)
-            summary = run_shard(plan, settings, where, jobs, decoder, frame_mappings, retry_failed)
-            _say(summary_lines(summary, sharded=shard is not None))
-        if shard is None:
-            for line in merge_lines(merge_shards(plan, settings, shards if merge else 1)):
-                print(line)
+        _encode_and_merge(plan, settings, task=parse_shard(shard) if shard is not None else None, merge=merge,
+                          tasks=tasks, shard_size=size, jobs=jobs, decoder=decoder, frame_mappings=frame_mappings,
+                          retry_failed=retry_failed)
     except (PrepareError, ManifestError) as err:
         fail(str(err).splitlines())
     except KeyboardInterrupt:
         _say(["interrupted: run the same command again to continue"])
         raise typer.Exit(130)
+
+
+def _encode_and_merge(plan, settings, task: tuple[int, int] | None, merge: bool, tasks: int | None,
+                      shard_size: int | None, jobs: int | None, decoder: str, frame_mappings: bool,
+                      retry_failed: bool) -> None:
+    """Encode array task ``task`` (all videos when None) unless ``merge``, as files or, with a
+    ``shard_size``, into tar shards; then, unless it was one task of several, merge."""
+    from ..data import shards as packing
+    from ..data.prepare import check_tools, merge as merge_files, merge_lines, run_shard, summary_lines
+
+    if not merge:
+        check_tools(decoder)
+        if shard_size is not None:
+            done = packing.run_task(plan, settings, task or (0, 1), shard_size, jobs, decoder, retry_failed)
+            _say(summary_lines(done.encoding, sharded=task is not None) + packing.task_lines(done))
+        else:
+            summary = run_shard(plan, settings, task or (0, 1), jobs, decoder, frame_mappings, retry_failed)
+            _say(summary_lines(summary, sharded=task is not None))
+    if task is None:
+        count = tasks if merge else 1
+        result = (packing.merge_shards(plan, settings, shard_size, count) if shard_size is not None
+                  else merge_files(plan, settings, count))
+        for line in merge_lines(result):
+            print(line)
 
 
 def _say(lines: list[str]) -> None:

@@ -8,6 +8,7 @@ Modules, in the order a clip travels through them:
 * :mod:`.sampling`: TSN segment sampling -> frame indices
 * :mod:`.decoding`: decode only those frames (torchcodec or decord)
 * :mod:`.loader`: the clip dataset, the per-rank shard sampler, the DataLoader
+* :mod:`.shards`: indexed tar shards (written by ``prepare --shards``, read by the loader)
 * :mod:`.transforms`: batched augmentation on the training device
 * :mod:`.synthetic`, :mod:`.arrow`: the embedded datasets (rendered demo, arrow of time)
 
@@ -28,15 +29,15 @@ from .lists import ListFileError, VideoRecord, read_list
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .loader import (DataError, MultiClipDataset, ShardSampler, VideoClipDataset, build_loader, clip_dataset,
-                         collate_clips, collate_views, multi_clip_dataset, prepared_videos)
+                         collate_clips, collate_views, multi_clip_dataset, prepared_videos, video_source)
 
 __all__ = ["DataError", "ListFileError", "VideoRecord", "read_list", "ShardSampler", "VideoClipDataset", "build_loader",
            "clip_dataset", "collate_clips", "prepared_videos", "MultiClipDataset", "multi_clip_dataset",
-           "collate_views", "ClassNamesError", "read_class_names"]
+           "collate_views", "video_source", "ClassNamesError", "read_class_names"]
 
 _LAZY = {name: ".loader" for name in ("DataError", "MultiClipDataset", "ShardSampler", "VideoClipDataset",
                                       "build_loader", "clip_dataset", "collate_clips", "collate_views",
-                                      "multi_clip_dataset", "prepared_videos")}
+                                      "multi_clip_dataset", "prepared_videos", "video_source")}
 """Public names imported on first use, each with the submodule that defines it."""
 
 

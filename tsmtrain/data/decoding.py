@@ -41,6 +41,7 @@ Errors:
 from __future__ import annotations
 
 import functools
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +120,9 @@ class Video:
             without the scan. Overrides ``seek_mode``.
         device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``): torchcodec decodes with
             NVDEC into that GPU's memory. decord: CPU only.
+        data: the encoded video itself (e.g. a sample read from a tar shard,
+            :mod:`tsmtrain.data.shards`), decoded from memory; ``path`` then only names it in
+            messages. ``frame_mappings`` may then be the frame table's bytes too.
 
     Attributes:
         path: the file, as a string.
@@ -131,7 +135,8 @@ class Video:
     """
 
     def __init__(self, path: str | Path, backend: str = "torchcodec", *, size: Sequence[int] | None = None,
-                 seek_mode: str = "exact", frame_mappings: str | Path | None = None, device: str = "cpu"):
+                 seek_mode: str = "exact", frame_mappings: str | Path | bytes | None = None, device: str = "cpu",
+                 data: bytes | None = None):
         _check_backend(backend)
         if seek_mode not in SEEK_MODES:
             raise ValueError(f"unknown seek mode {seek_mode!r}; valid modes are {', '.join(map(repr, SEEK_MODES))}")
@@ -143,12 +148,13 @@ class Video:
         self.path = str(path)
         self.backend = backend
         self.seek_mode = "exact" if backend == "decord" else ("frame_mappings" if frame_mappings else seek_mode)
-        if not Path(path).is_file():
+        if data is None and not Path(path).is_file():
             raise VideoDecodeError(path, "file not found")
         try:
             if backend == "decord":
                 h, w = self.size or (-1, -1)
-                self._reader = module.VideoReader(self.path, ctx=module.cpu(0), num_threads=1, width=w, height=h)
+                source = self.path if data is None else io.BytesIO(data)
+                self._reader = module.VideoReader(source, ctx=module.cpu(0), num_threads=1, width=w, height=h)
                 self.num_frames = len(self._reader)
             else:
                 kwargs = {}
@@ -156,12 +162,15 @@ class Video:
                     from torchcodec.transforms import Resize
 
                     kwargs["transforms"] = [Resize(self.size)]
-                if frame_mappings is not None:
+                if isinstance(frame_mappings, bytes):
+                    kwargs["custom_frame_mappings"] = frame_mappings
+                elif frame_mappings is not None:
                     with open(frame_mappings, "rb") as f:
                         kwargs["custom_frame_mappings"] = f.read()
                 else:
                     kwargs["seek_mode"] = seek_mode
-                self._reader = module.VideoDecoder(self.path, dimension_order="NHWC", device=str(self.device),
+                self._reader = module.VideoDecoder(self.path if data is None else data, dimension_order="NHWC",
+                                                   device=str(self.device),
                                                    num_ffmpeg_threads=1, **kwargs)
                 n = self._reader.metadata.num_frames
                 self.num_frames = int(n) if n is not None else self._count_frames()
@@ -229,8 +238,8 @@ class Video:
 
 
 def open_video(path: str | Path, backend: str = "torchcodec", **options) -> Video:
-    """Open a video file for reading frames by index; ``options`` as :class:`Video`
-    (``size``, ``seek_mode``, ``frame_mappings``, ``device``).
+    """Open a video file (or, with ``data``, a video in memory) for reading frames by index;
+    ``options`` as :class:`Video` (``size``, ``seek_mode``, ``frame_mappings``, ``device``, ``data``).
 
     Raises:
         VideoDecodeError: the file is missing, unreadable or not a decodable video.

@@ -38,6 +38,13 @@ def _quoted(text: str, limit: int = 100) -> str:
 def read_list(list_file: str | Path, root: str | Path, num_classes: int | None = None) -> list[VideoRecord]:
     """Parse a list file.
 
+    Args:
+        list_file: the list file.
+        root: the folder its paths are relative to; a shard index file
+            (:mod:`tsmtrain.data.shards`) stands for its own folder, where the per-file
+            preparation would have put the videos.
+        num_classes: labels must be below it (None: any non-negative label).
+
     Returns:
         One :class:`VideoRecord` per video line, paths joined onto ``root``.
 
@@ -48,6 +55,8 @@ def read_list(list_file: str | Path, root: str | Path, num_classes: int | None =
             bad line is reported as ``FILE:LINE: reason: 'text'``.
     """
     list_file = Path(list_file)
+    if Path(root).suffix == ".json" and Path(root).is_file():  # a shard index: paths are under its folder
+        root = Path(root).parent
     try:
         data = list_file.read_bytes()
     except OSError as exc:

@@ -6,6 +6,11 @@ decoded from the video file (only those frames; :mod:`tsmtrain.data.decoding`) a
 (:mod:`tsmtrain.data.transforms`). A video that cannot be opened or decoded is logged by path,
 counted, and replaced by another video of the list, so one bad file never stops training.
 
+The videos are files, or samples of indexed tar shards when ``data.root`` names a shard index
+(:mod:`tsmtrain.data.shards`: each worker opens a shard once and reads whole samples from it by
+offset, decoded from memory). Both give the same clips, bit for bit: the sampler, the sampling
+offsets and the decoder's input bytes are the same.
+
 Videos of different sizes and aspect ratios batch together: without ``data.frame_size`` the
 decoder resizes each video so that its short side is ``data.short_side`` (``input_size * 256 /
 224`` by default, as TSM and mmaction2 do), and a square of that side is cropped from it (at a
@@ -42,8 +47,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .decoding import Video, VideoDecodeError, choose_seek_mode, open_video, probe_size
 from .lists import VideoRecord
 from .sampling import multi_clip_indices, segment_indices
+from .shards import SampleError, ShardIndex, ShardReader, is_shard_index
 
-__all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "clip_dataset",
+__all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "video_source", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views"]
 
 log = logging.getLogger(__name__)
@@ -84,7 +90,8 @@ class VideoClipDataset(Dataset):
 
     Each item is a dict: ``frames`` uint8 ``(T, H, W, 3)`` on :attr:`device`, ``label`` int,
     ``index`` int (the video finally used), ``failed`` list of paths that could not be decoded
-    on the way.
+    on the way, ``opened`` the files this process opened to load it (the video and its frame
+    table, or the shard on its first use; for ``tsmtrain bench data``'s file-open count).
 
     Args:
         records: the videos.
@@ -105,6 +112,9 @@ class VideoClipDataset(Dataset):
             with exact seeking their stored frame mappings spare the scan at open.
         device: ``"cpu"``, or a CUDA device to decode on with NVDEC (in the training process:
             :func:`build_loader` then uses no worker processes).
+        store: a :class:`~tsmtrain.data.shards.ShardReader` when the videos are samples of tar
+            shards (:func:`video_source`); a sample that cannot be read counts as an
+            unreadable video.
 
     Raises (from ``__getitem__``):
         DataError: ``max_retries + 1`` videos in a row could not be decoded.
@@ -113,12 +123,13 @@ class VideoClipDataset(Dataset):
     def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0,
                  seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu",
-                 short_side: int | None = None):
+                 short_side: int | None = None, store: ShardReader | None = None):
         self.records, self.num_segments, self.train = records, num_segments, train
         self.decoder, self.frame_size, self.max_retries, self.seed = decoder, frame_size, max_retries, seed
         self.seek_mode, self.prepared, self.device = seek_mode, prepared or {}, device
-        self.short_side = short_side
+        self.short_side, self.store = short_side, store
         self._stored_sizes: dict[str, tuple[int, int]] = {}  # (H, W) as stored, per path (this process)
+        self._opened: tuple[int, list[str]] = (os.getpid(), [])  # files this process opened since the last item
 
     def __len__(self) -> int:
         return len(self.records)
@@ -130,7 +141,8 @@ class VideoClipDataset(Dataset):
             record = self.records[index]
             try:
                 frames = self._load(record, index, epoch)
-                return {"frames": frames, "label": record.label, "index": index, "failed": failed}
+                return {"frames": frames, "label": record.label, "index": index, "failed": failed,
+                        "opened": self.take_opened()}
             except VideoDecodeError as exc:
                 failed.append(str(exc))
                 # deterministic replacement, spread over the list
@@ -143,17 +155,31 @@ class VideoClipDataset(Dataset):
         """Open one video the way this dataset reads it (backend, size, seek mode, device).
 
         Raises:
-            VideoDecodeError: the file cannot be opened, or a prepared file's frame count
-                differs from its manifest record (it was changed after ``tsmtrain prepare``).
+            VideoDecodeError: the file (or shard sample) cannot be opened or read, or a prepared
+                file's frame count differs from its manifest record (it was changed after
+                ``tsmtrain prepare``).
         """
         entry = self.prepared.get(path)
         options = {"size": self.frame_size if self.frame_size or not self.short_side
                    else self._short_side_size(path, entry)}
+        mappings = None
+        if self.store is not None:
+            try:
+                options["data"], mappings = self.store.read(path)
+            except SampleError as err:
+                raise VideoDecodeError(path, str(err)) from None
+            finally:
+                self._note_opened(*self.store.take_opened())
+        else:
+            self._note_opened(path)
+            mappings = entry.get("frame_mappings") if entry else None
         if self.decoder == "torchcodec":
             options["device"] = self.device
             mode = choose_seek_mode(self.seek_mode, entry is not None)
-            if mode == "exact" and entry and entry.get("frame_mappings"):
-                options["frame_mappings"] = entry["frame_mappings"]
+            if mode == "exact" and mappings:
+                options["frame_mappings"] = mappings
+                if self.store is None:
+                    self._note_opened(mappings)
             else:
                 options["seek_mode"] = mode
         video = open_video(path, self.decoder, **options)
@@ -171,9 +197,21 @@ class VideoClipDataset(Dataset):
                 stored = (int(entry["height"]), int(entry["width"]))  # tsmtrain prepare recorded it
             else:
                 stored = probe_size(path, self.decoder)  # the header only
+                self._note_opened(path)
             self._stored_sizes[path] = stored
         size = short_side_size(*stored, self.short_side)
         return None if size == stored else size
+
+    def _note_opened(self, *paths: str) -> None:
+        if self._opened[0] != os.getpid():  # a forked worker: what its parent opened is not its own
+            self._opened = (os.getpid(), [])
+        self._opened[1].extend(paths)
+
+    def take_opened(self) -> list[str]:
+        """The files this process opened since the last call (and forgets them)."""
+        pid, opened = self._opened
+        self._opened = (os.getpid(), [])
+        return opened if pid == os.getpid() else []
 
     def crop_square(self, frames: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         """Without ``frame_size``: the ``(S, S)`` square of ``(..., H, W, 3)`` frames resized to
@@ -217,18 +255,49 @@ def prepared_videos(root: str | Path) -> dict[str, dict]:
     return videos
 
 
+@functools.lru_cache(maxsize=4)
+def _load_index(path: str, mtime_ns: int, size: int) -> ShardIndex:
+    """One read of a shard index per process while the file is unchanged (train and validation
+    sets share it)."""
+    return ShardIndex.load(path)
+
+
+def video_source(root: str | Path, records: list[VideoRecord]) -> tuple[dict[str, dict], ShardReader | None]:
+    """Where ``records``' videos come from, by ``data.root``: a folder (files; the manifest of
+    ``tsmtrain prepare`` in it gives the prepared ones, :func:`prepared_videos`) or a shard index
+    (:mod:`tsmtrain.data.shards`).
+
+    Returns:
+        ``(prepared, store)``: the prepared videos' records by path, and a
+        :class:`~tsmtrain.data.shards.ShardReader` (None for files).
+
+    Raises:
+        tsmtrain.data.shards.ShardError: the index is unreadable, or a shard holding one of
+            ``records`` is missing or truncated (checked now, before any clip is read: every such
+            shard is named with the videos it holds), or a record is in no shard.
+        tsmtrain.data.prepare.ManifestError: a malformed manifest.
+    """
+    if not is_shard_index(root):
+        return prepared_videos(root), None
+    stat = os.stat(root)
+    index = _load_index(str(root), stat.st_mtime_ns, stat.st_size)  # paths as read_list joins them
+    index.check([r.path for r in records])
+    return index.prepared(), ShardReader(index)
+
+
 def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device: str = "cpu") -> VideoClipDataset:
     """The clip dataset a recipe's ``data`` section describes (a :class:`tsmtrain.recipe.Recipe`),
     for training or evaluation.
 
     ``decode_device`` is where frames are decoded (``cpu`` or the rank's ``cuda:N``, from
-    :func:`tsmtrain.data.decoding.cuda_decoding_device`); videos that ``tsmtrain prepare`` wrote
-    into ``data.root`` are found in its manifest (:func:`prepared_videos`).
+    :func:`tsmtrain.data.decoding.cuda_decoding_device`); ``data.root`` is a folder of files or
+    a shard index (:func:`video_source`, whose errors this raises).
     """
     d = recipe.data
+    prepared, store = video_source(d.root, records)
     return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
                             max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
-                            prepared=prepared_videos(d.root), device=decode_device, short_side=short_side(d))
+                            prepared=prepared, device=decode_device, short_side=short_side(d), store=store)
 
 
 def short_side(data) -> int:
@@ -251,15 +320,17 @@ class MultiClipDataset(VideoClipDataset):
         records: the videos.
         num_segments: T.
         num_clips: K.
-        decoder, frame_size, seek_mode, prepared, device, short_side: as :class:`VideoClipDataset`
-            (without ``frame_size``, the centre square of each video resized to ``short_side``).
+        decoder, frame_size, seek_mode, prepared, device, short_side, store: as
+            :class:`VideoClipDataset` (without ``frame_size``, the centre square of each video
+            resized to ``short_side``).
     """
 
     def __init__(self, records: list[VideoRecord], num_segments: int, num_clips: int = 1, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, seek_mode: str = "auto",
-                 prepared: dict[str, dict] | None = None, device: str = "cpu", short_side: int | None = None):
+                 prepared: dict[str, dict] | None = None, device: str = "cpu", short_side: int | None = None,
+                 store: ShardReader | None = None):
         super().__init__(records, num_segments, train=False, decoder=decoder, frame_size=frame_size, max_retries=0,
-                         seek_mode=seek_mode, prepared=prepared, device=device, short_side=short_side)
+                         seek_mode=seek_mode, prepared=prepared, device=device, short_side=short_side, store=store)
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         self.num_clips = num_clips
@@ -273,18 +344,22 @@ class MultiClipDataset(VideoClipDataset):
             distinct, where = np.unique(idx, return_inverse=True)
             frames = video.frames(distinct.tolist())[torch.as_tensor(where.reshape(-1))]
             frames = self.crop_square(frames.reshape(*idx.shape, *frames.shape[1:]), None)  # (K, T, H, W, 3)
-            return {"frames": frames, "label": record.label, "index": index, "error": None}
+            return {"frames": frames, "label": record.label, "index": index, "error": None,
+                    "opened": self.take_opened()}
         except VideoDecodeError as exc:
-            return {"frames": None, "label": record.label, "index": index, "error": str(exc)}
+            return {"frames": None, "label": record.label, "index": index, "error": str(exc),
+                    "opened": self.take_opened()}
 
 
 def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decode_device: str = "cpu") -> MultiClipDataset:
     """The :class:`MultiClipDataset` of a recipe's ``data`` section (decoder, frame size, seek mode,
-    prepared videos in ``data.root``) with K = ``num_clips``."""
+    files or shards of ``data.root``: :func:`video_source`, whose errors this raises) with K =
+    ``num_clips``."""
     d = recipe.data
+    prepared, store = video_source(d.root, records)
     return MultiClipDataset(records, d.num_segments, num_clips, decoder=d.decoder, frame_size=d.frame_size,
-                            seek_mode=d.seek_mode, prepared=prepared_videos(d.root), device=decode_device,
-                            short_side=short_side(d))
+                            seek_mode=d.seek_mode, prepared=prepared, device=decode_device,
+                            short_side=short_side(d), store=store)
 
 
 def _check_one_frame_size(items: list[dict], what: str, hw: slice) -> None:
@@ -372,8 +447,9 @@ class ShardSampler(Sampler):
 
 def collate_clips(items: list[dict]) -> dict:
     """Stack items into a batch: ``frames`` uint8 ``(N, T, H, W, 3)``, ``label`` int64 ``(N,)``,
-    ``failed`` the list of every video that could not be decoded for this batch. In a loader
-    worker the frames are stacked into shared memory, so the batch is copied once, not twice.
+    ``failed`` the list of every video that could not be decoded for this batch, ``opened`` the
+    files opened for it and ``worker`` the loader worker that made it (-1: this process). In a
+    loader worker the frames are stacked into shared memory, so the batch is copied once, not twice.
 
     Raises:
         DataError: clips differ in frame size; the message names two of the videos and asks
@@ -391,6 +467,8 @@ def collate_clips(items: list[dict]) -> dict:
         "frames": torch.stack(frames, out=out),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         "failed": [path for it in items for path in it["failed"]],
+        "opened": [path for it in items for path in it.get("opened", ())],
+        "worker": info.id if (info := torch.utils.data.get_worker_info()) is not None else -1,
     }
 
 

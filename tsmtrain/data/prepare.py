@@ -296,9 +296,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def check_options(recipe: str | None, lists: Sequence[str], root: str | None, shard: str | None, merge: bool,
-                  shards: int | None, settings: Settings) -> None:
+                  tasks: int | None, settings: Settings) -> None:
     """Check the options of ``tsmtrain prepare`` together, before anything is read: a recipe or
-    list files (with their ``root``), ``shard`` or ``merge``, and the encoding ``settings``.
+    list files (with their ``root``), ``shard`` (``--shard I/N``) or ``merge`` (with ``tasks``,
+    ``--tasks N``), and the encoding ``settings``.
 
     Raises:
         PrepareError: one line per problem, each naming the option.
@@ -313,8 +314,8 @@ def check_options(recipe: str | None, lists: Sequence[str], root: str | None, sh
         problems.append("--root: the recipe's data.root is used; give --root only with --list")
     if shard is not None and merge:
         problems.append("--shard and --merge: run the shards first, then one --merge")
-    if shards is not None and not merge:
-        problems.append("--shards goes with --merge (a shard is chosen with --shard I/N)")
+    if tasks is not None and not merge:
+        problems.append("--tasks goes with --merge (a task is chosen with --shard I/N)")
     problems += settings.problems()
     if problems:
         raise PrepareError(problems)
@@ -733,7 +734,8 @@ def _journal_path(out_dir: Path, shard: tuple[int, int]) -> Path:
     return out_dir / SHARDS_DIR / f"manifest-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def _parse_lines(path: Path, text: str, tolerate_partial_tail: bool) -> list[dict]:
+def _parse_lines(path: Path, text: str, tolerate_partial_tail: bool,
+                 required: tuple[str, ...] = ("source", "status")) -> list[dict]:
     records = []
     lines = text.split("\n")
     last = len(lines) - 1  # text after the last newline: empty, or a line cut by a kill
@@ -742,8 +744,8 @@ def _parse_lines(path: Path, text: str, tolerate_partial_tail: bool) -> list[dic
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or "source" not in record or "status" not in record:
-                raise ValueError("not a record with source and status")
+            if not isinstance(record, dict) or any(key not in record for key in required):
+                raise ValueError(f"not a record with {' and '.join(required)}")
         except ValueError as err:
             if tolerate_partial_tail and number - 1 == last:
                 break  # written up to a kill; the video is simply not done
@@ -752,9 +754,10 @@ def _parse_lines(path: Path, text: str, tolerate_partial_tail: bool) -> list[dic
     return records
 
 
-def read_journal(path: str | Path) -> list[dict]:
-    """The records of a shard journal, in the order written. A last line cut short by a kill
-    (no newline at its end) is ignored.
+def read_journal(path: str | Path, required: tuple[str, ...] = ("source", "status")) -> list[dict]:
+    """The records of a journal, in the order written: JSON objects with the ``required`` keys
+    (a video's ``source`` and ``status`` by default). A last line cut short by a kill (no
+    newline at its end) is ignored.
 
     Raises:
         ManifestError: the file cannot be read, or a complete line is not a record.
@@ -764,7 +767,7 @@ def read_journal(path: str | Path) -> list[dict]:
         text = path.read_text()
     except OSError as err:
         raise ManifestError(f"{path}: cannot read: {err.strerror or err}") from None
-    return _parse_lines(path, text, tolerate_partial_tail=True)
+    return _parse_lines(path, text, tolerate_partial_tail=True, required=required)
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, dict]:
@@ -1071,7 +1074,7 @@ def merge(plan: Plan, settings: Settings, shards: int | None = None) -> MergeRes
                                "run the shards (--shard I/N) first")
         if len(counts) > 1:
             raise PrepareError(f"{out_dir / SHARDS_DIR}: journals of {', '.join(map(str, counts))} shards: "
-                               "say which with --shards N")
+                               "say which with --tasks N")
         shards = counts[0]
     missing = [i for i in range(shards) if (i, shards) not in found]
     if missing:

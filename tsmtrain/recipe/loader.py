@@ -405,8 +405,9 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[s
     if generate == "arrow_of_time" and not Path(get("data.source")).is_dir():
         missing("data.source", get("data.source"), "clips folder")
     if generate is None:
-        if not Path(get("data.root")).is_dir():
-            missing("data.root", get("data.root"), "folder")
+        root = Path(get("data.root"))
+        if not (root.is_dir() or (root.suffix == ".json" and root.is_file())):
+            missing("data.root", get("data.root"), "folder (or shard index .json file)")
         for key in ("data.train_list", "data.val_list"):
             if get(key) is not None and not Path(get(key)).is_file():
                 missing(key, get(key), "list file")

@@ -86,7 +86,8 @@ _Pixels = Annotated[int, Field(ge=1)]
 class DataConfig(_Section):
     """Where the videos are and how clips are sampled and augmented."""
 
-    root: str = Field(".", description="folder that the paths in the list files are relative to")
+    root: str = Field(".", description="folder that the paths in the list files are relative to, or the shard "
+                                        "index (DIR/index.json) that tsmtrain prepare --shards wrote into DIR")
     train_list: str = Field(..., description="training list file: one `relative/path.ext label` per line")
     val_list: str | None = Field(None, description="validation list file (same format); none: no evaluation")
     classes: str | None = Field(
