@@ -13,6 +13,11 @@ run, in alternating rounds (medians), so that the figures can be compared with e
   worker, and the ratio of the latter to the raw decoder (1.0: the loader adds nothing).
 * **augmentation** on the training device: the batched crop/resize/flip/normalise of
   :class:`~tsmtrain.data.transforms.VideoTransform` on one batch, in clips/s.
+* **file opens** at each worker count: the files each loader worker opened over the benchmark
+  (its warm-up pass and every round), and how many distinct files it read. From files, a clip
+  opens its video (and, seeking exactly, its frame table) every time it is read; from shards
+  (``data.root`` a shard index), a worker opens each shard it touches once and keeps it open,
+  so its opens equal the shards it touched.
 
 A worker is one process on one core, so clips/s per worker is clips/s per core; ``target``
 (clips/s a GPU trains at) divided by it gives the cores each GPU needs to be fed. The JSON
@@ -69,7 +74,10 @@ class DataBench:
         raw_seconds: seconds of one raw pass over the clips (median).
         loader: one dict per worker count: ``workers``, ``clips``, ``clips_per_s`` (median over
             the rounds), ``clips_per_s_per_worker``, ``ratio_to_raw``, ``rounds`` (each round's
-            clips/s).
+            clips/s), ``files_opened_per_worker`` and ``distinct_files_per_worker`` (means over
+            the workers, warm-up and every round included), ``clips_per_worker`` (clips each
+            worker loaded, the same passes).
+        layout: ``"files"`` or ``"shards"`` (``data.root`` a shard index).
         augment_clips_per_s: batched augmentation on ``augment_device``, clips/s.
         failed: videos that could not be decoded (path and reason); left out of every figure.
         against: set by :meth:`compare`: the earlier record's file, its clips/s per core, and
@@ -93,6 +101,7 @@ class DataBench:
     target_clips_per_s: float | None = None
     failed: list[str] = field(default_factory=list)
     against: dict | None = None
+    layout: str = "files"
 
     @property
     def clips_per_s_per_core(self) -> float:
@@ -117,7 +126,7 @@ class DataBench:
         rec = {
             "recipe": self.recipe, "videos": self.videos, "clips": self.clips,
             "frames_per_clip": self.frames_per_clip, "frame_size": self.frame_size, "decoder": self.decoder,
-            "seek_modes": self.seek_modes,
+            "seek_modes": self.seek_modes, "layout": self.layout,
             "rounds": self.rounds,
             "raw": {"clips_per_s": self.raw_clips_per_s, "seconds": self.raw_seconds, "rounds": self.raw_rounds},
             "loader": self.loader,
@@ -152,7 +161,10 @@ class DataBench:
 def header_line(recipe_path: str, data, clips: int, rounds: int) -> str:
     """The line ``tsmtrain bench data`` prints first: what is read (the recipe's ``data``
     section: decoder, frames per clip, frame size) and how often."""
-    return (f"{recipe_path}: {data.decoder}, {data.num_segments} frames per clip"
+    from .shards import is_shard_index
+
+    return (f"{recipe_path}: {data.decoder}" + (" from tar shards" if is_shard_index(data.root) else "")
+            + f", {data.num_segments} frames per clip"
             + (f" at {data.frame_size[0]}x{data.frame_size[1]}" if data.frame_size else " at the stored size")
             + f", {clips} clips per measurement, {rounds} rounds (medians)")
 
@@ -164,7 +176,9 @@ def progress_line(stage: str, row: dict) -> str:
                 + (f", {row['failed']} failed" if row["failed"] else "") + ")")
     if stage == "loader":
         return (f"loader, {row['workers']} worker(s): {row['clips_per_s']:.2f} clips/s, "
-                f"{row['clips_per_s_per_worker']:.2f} per worker, loader/raw {row['ratio_to_raw']:.2f}")
+                f"{row['clips_per_s_per_worker']:.2f} per worker, loader/raw {row['ratio_to_raw']:.2f}; "
+                f"files opened per worker {row['files_opened_per_worker']:.1f} (distinct "
+                f"{row['distinct_files_per_worker']:.1f}, for {row['clips_per_worker']:.0f} clips)")
     return f"augmentation on {row['device']}: {row['clips_per_s']:.1f} clips/s"
 
 
@@ -253,6 +267,14 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
     threads = torch.get_num_threads()
     good, failed, seek_modes = list(keys), [], {}
     raw_rates, raw_seconds, loader_rates, loaders = [], [], {w: [] for w in workers}, {}
+    opened = {w: {} for w in workers}  # per worker count: {worker id: [files opened, files read, clips]}
+
+    def note(w: int, batch: dict) -> None:
+        count = opened[w].setdefault(batch["worker"], [0, set(), 0])
+        count[0] += len(batch["opened"])
+        count[1].update(batch["opened"])
+        count[2] += len(batch["label"])
+
     batch = max(1, min(recipe.train.batch_size, len(keys) // 2))
     try:
         for r in range(rounds):
@@ -294,12 +316,13 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
                 if w not in loaders:  # warm-up pass: starts the workers, loads the libraries
                     sampler = _Keys(good[: w * batch])
                     loaders[w] = (build_loader(dataset, sampler, batch, w, drop_last=False, persistent=True), sampler)
-                    for _ in loaders[w][0]:
-                        pass
+                    for b in loaders[w][0]:
+                        note(w, b)
                     sampler[:] = good  # the measured passes, with the same (persistent) workers
                 count, t0 = 0, time.perf_counter()
                 for b in loaders[w][0]:
                     count += len(b["label"])
+                    note(w, b)
                 loader_rates[w].append(count / (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(threads)
@@ -308,12 +331,17 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
     result = DataBench(recipe=recipe_path, videos=len(records), clips=len(good), frames_per_clip=d.num_segments,
                        frame_size=list(d.frame_size) if d.frame_size else None, decoder=d.decoder,
                        seek_modes=seek_modes, raw_clips_per_s=raw, raw_seconds=statistics.median(raw_seconds),
-                       rounds=rounds, raw_rounds=raw_rates, target_clips_per_s=target, failed=sorted(set(failed)))
+                       rounds=rounds, raw_rounds=raw_rates, target_clips_per_s=target, failed=sorted(set(failed)),
+                       layout="files" if dataset.store is None else "shards")
     report("raw", {"clips_per_s": raw, "clips": len(good), "failed": len(set(failed))})
     for w in workers:
         rate = statistics.median(loader_rates[w])
+        per_worker = list(opened[w].values())
         row = {"workers": w, "clips": len(good), "clips_per_s": rate, "clips_per_s_per_worker": rate / w,
-               "ratio_to_raw": rate / w / raw, "rounds": loader_rates[w]}
+               "ratio_to_raw": rate / w / raw, "rounds": loader_rates[w],
+               "files_opened_per_worker": statistics.mean(c[0] for c in per_worker),
+               "distinct_files_per_worker": statistics.mean(len(c[1]) for c in per_worker),
+               "clips_per_worker": statistics.mean(c[2] for c in per_worker)}
         result.loader.append(row)
         report("loader", row)
 

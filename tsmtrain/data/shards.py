@@ -123,7 +123,7 @@ def parse_size(text: str | int) -> int:
     K/M/G/T are powers of 1024, kB/MB/GB/TB of 1000).
 
     Raises:
-        PrepareError: not a size, or below 1 MiB (a shard per video or two: no point).
+        PrepareError: not a size, or not positive (a size below a video's gives one video per shard).
     """
     units = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4, "kib": 1024, "mib": 1024 ** 2,
              "gib": 1024 ** 3, "tib": 1024 ** 4, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
@@ -133,10 +133,8 @@ def parse_size(text: str | int) -> int:
         size = int(float(match[1]) * units[match[2]]) if match else None
     except (KeyError, ValueError):
         size = None
-    if size is None:
-        raise PrepareError(f"--shard-size {text!r}: not a size (e.g. 1GiB, 512MiB, 2GB)")
-    if size < 1024 ** 2:
-        raise PrepareError(f"--shard-size {text}: at least 1 MiB")
+    if size is None or size < 1:
+        raise PrepareError(f"--shard-size {text!r}: not a positive size (e.g. 1GiB, 512MiB, 2GB)")
     return size
 
 
