@@ -789,12 +789,14 @@ def read_manifest(out_dir: str | Path) -> dict[str, dict]:
     return {r["output"]: r for r in _parse_lines(path, text, tolerate_partial_tail=False) if r["status"] == "ok"}
 
 
-def _journals(out_dir: Path) -> dict[tuple[int, int], Path]:
+def _journals(out_dir: Path, pattern: re.Pattern = _JOURNAL) -> dict[tuple[int, int], Path]:
+    """``{(I, N): path}`` of the journals in ``out_dir/.shards`` whose names match ``pattern``
+    (groups I and N; the video journals by default)."""
     found = {}
     folder = out_dir / SHARDS_DIR
     if folder.is_dir():
         for path in folder.iterdir():
-            match = _JOURNAL.match(path.name)
+            match = pattern.match(path.name)
             if match:
                 found[(int(match[1]), int(match[2]))] = path
     return found

@@ -631,17 +631,6 @@ def task_lines(summary: TaskSummary) -> list[str]:
             f"before holding {s.in_shards_before} of the task's {s.videos} videos"]
 
 
-def _task_journals(out_dir: Path) -> dict[tuple[int, int], Path]:
-    found = {}
-    folder = out_dir / SHARDS_DIR
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _TAR_JOURNAL.match(path.name)
-            if match:
-                found[(int(match[1]), int(match[2]))] = path
-    return found
-
-
 def merge_shards(plan: Plan, settings: Settings, shard_size: int = DEFAULT_SHARD_SIZE,
                  tasks: int | None = None) -> MergeResult:
     """Write the list files, the manifest, the wids shard list and, last and atomically, the index
@@ -658,7 +647,7 @@ def merge_shards(plan: Plan, settings: Settings, shard_size: int = DEFAULT_SHARD
         ManifestError: a journal has a malformed line.
     """
     out_dir = plan.out_dir
-    found = _task_journals(out_dir)
+    found = _journals(out_dir, _TAR_JOURNAL)
     if tasks is None:
         counts = sorted({n for _, n in found})
         if len(counts) != 1:
