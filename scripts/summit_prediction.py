@@ -8,14 +8,17 @@ The model's inputs are written out below with their sources; the ones marked "as
 not measured on Summit. The last part adds a data ceiling per node from loader rates per core
 measured by ``tsmtrain bench data`` on this project's real clips, before and after
 ``tsmtrain prepare`` (the JSON records in ``benchmarks/``; see docs/data.md, "Preparing Kinetics", and
-docs/performance.md, "Data speed").
+docs/performance.md, "Data speed"). The file-system part gives the file opens/s and read GB/s of
+the run for videos in files and in 1 GiB tar shards (``tsmtrain prepare --shards``).
 """
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
-from tsmtrain.scaling import ScalingBasis, load_network, predict
+from tsmtrain.scaling import (KINETICS400_TRAIN_VIDEOS, PREPARED_VIDEO_BYTES, DataSpec, ScalingBasis, filesystem_load,
+                              load_network, predict)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +37,10 @@ DATA_BENCHES = {"source videos": "benchmarks/data-shared-clips-source.json",
                 "prepared videos": "benchmarks/data-shared-clips-prepared.json"}
 
 EPOCHS = 50                       # assumption: the TSM repository's Kinetics schedule
-TRAIN_VIDEOS = 246_245            # Kinetics-400 train split (Kay et al. 2017: 306,245 - 20,000 - 40,000)
+TRAIN_VIDEOS = KINETICS400_TRAIN_VIDEOS  # 246,245 (Kay et al. 2017: 306,245 - 20,000 - 40,000)
+# Bytes per video, assumption: a 10 s Kinetics clip at the 64.0 kB/s of ../shared/clips after
+# tsmtrain prepare (short side 256); the measurement is in tsmtrain/scaling/model.py.
+VIDEO_BYTES = PREPARED_VIDEO_BYTES
 PAPER_SECONDS = 14 * 60 + 13      # paper: 14 min 13 s on 1,536 GPUs
 PAPER_ONE_NODE_SECONDS = 49 * 3600 + 55 * 60   # paper abstract: 49 h 55 min; one node of 6 V100s (TSM repository issue #28)
 
@@ -89,6 +95,36 @@ def main() -> None:
         (p,) = predict(basis, net, [largest])
         print(f"| {name} | {rate:.2f} | {net.data_clips_per_s_per_node:,.0f} | {p.clips_per_s:,.0f} | {p.limited_by} "
               f"| {steps * p.step_time_s:.0f} s ({_minutes(steps * p.step_time_s)}) |")
+
+    # The file system: one file per video (tsmtrain prepare), with its frame table read too
+    # (data.seek_mode: exact), or 1 GiB tar shards (tsmtrain prepare --shards); 6 loader workers per
+    # rank (configs/tsm_r50_kinetics400.yaml's data.workers, the 36 loader cores of a node / 6 ranks).
+    data = DataSpec(videos=TRAIN_VIDEOS, epochs=EPOCHS, video_bytes=VIDEO_BYTES)
+    layouts = {"files": data, "files + frame tables": replace(data, sidecar_reads=1),
+               "shards": replace(data, layout="shards")}
+    print(f"\nfile system: {TRAIN_VIDEOS:,} videos x {EPOCHS} epochs of {VIDEO_BYTES / 1e3:.0f} kB, "
+          f"{data.workers_per_rank} loader workers per rank, {data.shards} shards of 1 GiB; hierarchical, "
+          f"no data ceiling, the file system's {network.filesystem.bandwidth_gb_per_s / 1e3:.1f} TB/s:\n")
+    print("| GPUs | clips/s | epoch (s) | files: opens/s | files + frame tables: opens/s "
+          "| shards: opens/s, 1st epoch | shards: opens/s, run mean | read GB/s | limited by |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    by_layout = {name: predict(basis, network, WORKERS, spec) for name, spec in layouts.items()}
+    for i, n in enumerate(WORKERS):
+        files, exact, shards = (by_layout[name][i].filesystem for name in layouts)
+        _filesystem_row(str(n), by_layout["shards"][i].clips_per_s, files, exact, shards, by_layout["files"][i].limited_by)
+    paper = EPOCHS * TRAIN_VIDEOS / PAPER_SECONDS
+    _filesystem_row(f"{largest} at the published pace", paper,
+                    *(filesystem_load(spec, largest, paper) for spec in layouts.values()), "(published)")
+    total = {name: filesystem_load(spec, largest, 1.0).total_opens for name, spec in layouts.items()}
+    loaders = largest * data.workers_per_rank
+    print(f"\nopens of the whole run on {largest} GPUs: files {total['files']:,.0f}, files + frame tables "
+          f"{total['files + frame tables']:,.0f}, shards {total['shards']:,.0f} (at most {loaders:,} workers x "
+          f"{data.shards} shards = {loaders * data.shards:,})")
+
+
+def _filesystem_row(gpus: str, clips: float, files, exact, shards, limited_by: str) -> None:
+    print(f"| {gpus} | {clips:,.0f} | {files.epoch_s:,.1f} | {files.opens_per_s:,.0f} | {exact.opens_per_s:,.0f} "
+          f"| {shards.opens_per_s:,.0f} | {shards.mean_opens_per_s:,.1f} | {files.read_gb_per_s:.2f} | {limited_by} |")
 
 
 def _minutes(seconds: float) -> str:

@@ -7,9 +7,9 @@ from dataclasses import asdict
 
 import pytest
 
-from tsmtrain.scaling.model import Prediction
+from tsmtrain.scaling.model import DataSpec, FileSystemSpec, LinkSpec, NetworkSpec, Prediction, ScalingBasis, predict
 from tsmtrain.scaling.records import BREAKDOWN, RECORD_KEYS, SweepError
-from tsmtrain.scaling.report import load_sweep, print_report, table_rows, write_report
+from tsmtrain.scaling.report import filesystem_table, load_sweep, print_report, table_rows, write_report
 
 
 def point(workers: int, mode: str = "weak", status: str = "ok", error: str | None = None,
@@ -305,3 +305,76 @@ def test_write_json_is_atomic(tmp_path):
     assert read_json(path) == {"a": 1} and sorted(p.name for p in path.parent.iterdir()) == ["doc.json"]
     with pytest.raises(SweepError, match=r"missing\.json: cannot be read \(No such file"):
         read_json(tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------- the file-system table
+
+FS_NET = NetworkSpec(name="fs", ranks_per_node=4, intra_node=LinkSpec(bandwidth_gb_per_s=100, latency_us=0),
+                     inter_node=LinkSpec(bandwidth_gb_per_s=10, latency_us=0),
+                     filesystem=FileSystemSpec(opens_per_s=500))
+FS_BASIS = ScalingBasis(compute_s_per_clip=0.1, forward_backward_s_per_clip=0.075, data_s_per_step=0.0,
+                        overlap_fraction=0.0, gradient_bytes=0.0, mode="weak", batch_per_rank=8)
+
+
+def test_filesystem_table_in_report_and_terminal(tmp_path):
+    from rich.console import Console
+
+    data = DataSpec(videos=12_000, epochs=3, video_bytes=500_000, shard_bytes=100_000_000, workers_per_rank=4)
+    by_layout = {layout: predict(FS_BASIS, FS_NET, [4, 96], DataSpec(**{**asdict(data), "layout": layout}))
+                 for layout in ("files", "shards")}
+    table = filesystem_table(data, by_layout)
+    assert [(r["workers"], r["layout"]) for r in table.rows] == [(4, "files"), (4, "shards"), (96, "files"),
+                                                                (96, "shards")]
+    # 4 ranks: 40 clips/s, within 500 opens/s; 96 ranks want 960 clips/s, one open each: capped at 500
+    files96 = table.rows[2]
+    assert files96["limited_by"] == "filesystem" and files96["clips_per_s"] == pytest.approx(500)
+    assert files96["opens_per_s"] == pytest.approx(500) and files96["read_gb_per_s"] == pytest.approx(0.25)
+    assert table.rows[0]["limited_by"] == "compute" and table.rows[0]["epoch_s"] == pytest.approx(12_000 / 40)
+    assert "12,000 videos x 3 epochs" in table.caption and "shards: 60 of" in table.caption
+    # asdict'ed predictions, as tsmtrain report passes them, give the same rows
+    assert filesystem_table(data, {k: [asdict(p) for p in v] for k, v in by_layout.items()}).rows == table.rows
+
+    sweep = weak_sweep(tmp_path)
+    files = write_report(sweep, by_layout["files"], table)
+    text = files.markdown.read_text()
+    section = text[text.index("## File system"):]
+    assert table.caption in section and "| 96 | files | 500 | 24 | 500 | 500 | 0.25 | filesystem |" in section
+    assert read_csv(files.csv)[-1]["limited_by"] == "filesystem"
+    console = Console(record=True, width=200)
+    meta, records = load_sweep(sweep)
+    print_report(meta, table_rows(meta, records, by_layout["files"]), console=console, filesystem=table)
+    out = console.export_text()
+    assert "File system" in out and "opens/s (run mean)" in out and out.count("shards") >= 2
+
+
+def test_report_command_data_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from tsmtrain.cli import app
+
+    sweep = weak_sweep(tmp_path)
+    net = tmp_path / "net.yaml"
+    net.write_text("name: t\nranks_per_node: 4\nintra_node: {bandwidth_gb_per_s: 100, latency_us: 1}\n"
+                   "inter_node: {bandwidth_gb_per_s: 10, latency_us: 2}\nfilesystem: {opens_per_s: 50}\n")
+
+    def report(*args):
+        return CliRunner().invoke(app, ["report", str(sweep), *map(str, args)], prog_name="tsmtrain")
+
+    done = report("--predict", "8,64", "--network", net, "--videos", 1000, "--epochs", 2, "--video-bytes", 1e5,
+                  "--layout", "shards", "--shard-size", "10MiB", "--sidecar-reads", 1, "--workers-per-rank", 2)
+    assert done.exit_code == 0, done.output
+    text = (sweep / "report" / "report.md").read_text()
+    assert "1,000 videos x 2 epochs, 100,000 bytes per video, 2 loader workers per rank" in text
+    assert "files: 2 opens (video and frame table) per clip" in text and "shards: 10 of" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 8 |", "| 64 |"))]
+    assert [r.split(" | ")[1] for r in rows] == ["files", "shards", "files", "shards"]
+    # files, 2 opens per clip: capped at 25 clips/s. 10 shards: 16 workers at 8 ranks draw 62.5 clips an
+    # epoch and open 0.16 shards per clip (312 clips/s allowed, more than 8 ranks compute); 128 at 64 ranks, 0.72
+    assert [r.rsplit(" | ", 1)[1] for r in rows] == ["filesystem |", "compute |", "filesystem |", "filesystem |"]
+    assert [r["limited_by"] for r in read_csv(sweep / "report" / "report.csv")[-2:]] == ["compute", "filesystem"]
+    for args, message in {("--videos", 10): "--videos, --epochs",
+                          ("--predict", 8, "--network", net, "--layout", "tar"): "--layout 'tar'",
+                          ("--predict", 8, "--network", net, "--shard-size", "lots"): "--shard-size 'lots'"}.items():
+        failed = report(*args)
+        assert failed.exit_code == 2 and message in failed.stderr, (args, failed.output)
+        assert "Traceback" not in failed.output

@@ -1,20 +1,31 @@
+import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tsmtrain.scaling import (
+    DataSpec,
+    FileSystemSpec,
     LinkSpec,
     NetworkError,
     NetworkSpec,
     ScalingBasis,
     allreduce_seconds,
     basis_from_sweep,
+    epoch_seconds,
+    expected_distinct_shards,
+    file_opens_per_s,
+    filesystem_load,
     hierarchical_allreduce_seconds,
     load_network,
     predict,
+    read_gb_per_s,
     ring_allreduce_seconds,
+    shard_count,
+    shard_opens_in_epoch,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,3 +312,151 @@ def test_summit_cores_per_node():
     net = load_network(SUMMIT)
     assert net.cores_per_node == 42
     assert net.with_data_ceiling(2.0).data_clips_per_s_per_node == pytest.approx(72.0)
+
+
+# --------------------------------------------------------------------------- the file system
+
+# 96 ranks, 4 loader workers each, reading 12,000 videos of 500 kB for 3 epochs; shards of 100 MB
+SMALL = DataSpec(videos=12_000, epochs=3, video_bytes=500_000, shard_bytes=100_000_000, workers_per_rank=4)
+
+
+def no_allreduce():
+    """8 clips per rank at 0.1 s each and no gradients: every step lasts 0.8 s at any N (on
+    :func:`free` links)."""
+    return basis(gradient_bytes=0.0)
+
+
+def free(ceiling=None):
+    """4 ranks per node and links without latency: an allreduce of nothing costs nothing."""
+    return network(intra=(100.0, 0.0), inter=(10.0, 0.0), ceiling=ceiling)
+
+
+def test_filesystem_load_by_hand():
+    (files,) = predict(no_allreduce(), free(), [96], SMALL)
+    (exact,) = predict(no_allreduce(), free(), [96], replace(SMALL, sidecar_reads=1))
+    (shards,) = predict(no_allreduce(), free(), [96], replace(SMALL, layout="shards"))
+    clips = 96 * 8 / 0.8                              # 960 clips/s
+    epoch = 12_000 / clips                            # 12.5 s
+    for p in (files, exact, shards):
+        assert p.clips_per_s == pytest.approx(clips) and p.limited_by == "compute"
+        assert p.filesystem.epoch_s == pytest.approx(epoch) and p.filesystem.run_s == pytest.approx(3 * epoch)
+        assert p.filesystem.read_gb_per_s == pytest.approx(960 * 500_000 / 1e9)   # 0.48 GB/s
+    # one file per video: an open per clip, two with the frame table, in every epoch
+    assert files.filesystem.opens_per_s == pytest.approx(960) == files.filesystem.mean_opens_per_s
+    assert exact.filesystem.opens_per_s == pytest.approx(1920) and exact.filesystem.total_opens == pytest.approx(72_000)
+    # shards: S = ceil(12,000 x 5e5 / 1e8) = 60; k = 12,000 / (96 x 4) = 31.25 clips per worker and epoch
+    s, k, loaders, q = 60, 31.25, 384, 59 / 60
+    assert shards.filesystem.shards == s and shards.filesystem.clips_per_worker == pytest.approx(k)
+    first = loaders * s * (1 - q ** k)
+    total = loaders * s * (1 - q ** (3 * k))
+    assert shards.filesystem.opens_per_s == pytest.approx(first / epoch)
+    assert shards.filesystem.total_opens == pytest.approx(total)
+    assert shards.filesystem.mean_opens_per_s == pytest.approx(total / (3 * epoch))
+    # the epochs' opens: the formula per epoch, adding up to the run's
+    by_epoch = [shard_opens_in_epoch(e, s, loaders, k) for e in (1, 2, 3)]
+    assert by_epoch[0] == pytest.approx(first)
+    assert by_epoch[1] == pytest.approx(loaders * s * (q ** k - q ** (2 * k)))
+    assert sum(by_epoch) == pytest.approx(total) and by_epoch[0] > by_epoch[1] > by_epoch[2]
+
+
+def test_filesystem_functions_by_hand():
+    assert file_opens_per_s(100.0) == 100.0 and file_opens_per_s(100.0, 1) == 200.0
+    assert shard_count(246_245, 640_000, 1 << 30) == 147          # 157.6 GB in 1 GiB shards
+    assert shard_count(10, 1.0, 1 << 30) == 1
+    assert read_gb_per_s(67_647, 640_000) == pytest.approx(43.29408)
+    assert epoch_seconds(246_245, 67_647) == pytest.approx(3.64015, rel=1e-5)
+    assert expected_distinct_shards(1, 5) == 1.0 and expected_distinct_shards(10, 0) == 0.0
+    assert expected_distinct_shards(4, 2) == pytest.approx(4 * (1 - 0.75 ** 2))   # 1.75
+    # at the published pace (50 x 246,245 clips in 853 s) one file per video is 14,434 opens/s
+    load = filesystem_load(DataSpec(), 1536, 50 * 246_245 / 853)
+    assert load.opens_per_s == pytest.approx(14_434, abs=1) and load.run_s == pytest.approx(853)
+
+
+def test_expected_distinct_shards_against_a_simulation():
+    rng = random.Random(19)
+    shards, draws, trials = 50, 40, 2000
+    # independent draws, where the formula is exact
+    mean = sum(len({rng.randrange(shards) for _ in range(draws)}) for _ in range(trials)) / trials
+    assert mean == pytest.approx(expected_distinct_shards(shards, draws), rel=0.02)
+    # the loader's case: each epoch a permutation of 5,000 videos (shards of 100 consecutive ones),
+    # dealt to 125 workers (40 each), every worker keeping the shards it has touched
+    videos, workers, epochs, reps = 5_000, 125, 3, 8
+    opened = [0.0] * epochs
+    for _ in range(reps):
+        touched = [set() for _ in range(workers)]
+        for e in range(epochs):
+            order = list(range(videos))
+            rng.shuffle(order)
+            for i, video in enumerate(order):
+                shard, seen = video // (videos // shards), touched[i % workers]
+                if shard not in seen:
+                    seen.add(shard)
+                    opened[e] += 1 / reps
+    for e in range(epochs):
+        assert opened[e] == pytest.approx(shard_opens_in_epoch(e + 1, shards, workers, videos / workers), rel=0.04)
+
+
+def fs_network(opens=None, gb=None, ceiling=None):
+    return free(ceiling).model_copy(
+        update={"filesystem": FileSystemSpec(opens_per_s=opens, bandwidth_gb_per_s=gb)})
+
+
+def test_filesystem_limits_cap_clips_per_s():
+    # 960 clips/s wanted at 96 ranks (above); 500 opens/s allow 500 clips of one file each
+    (p,) = predict(no_allreduce(), fs_network(opens=500), [96], SMALL)
+    assert p.limited_by == "filesystem" and p.clips_per_s == pytest.approx(500)
+    assert p.step_time_s == pytest.approx(96 * 8 / 500) and sum(p.breakdown_s.values()) == pytest.approx(p.step_time_s)
+    assert p.filesystem.opens_per_s == pytest.approx(500)
+    # with the frame tables, two opens per clip: 250 clips/s
+    (p,) = predict(no_allreduce(), fs_network(opens=500), [96], replace(SMALL, sidecar_reads=1))
+    assert p.clips_per_s == pytest.approx(250)
+    # 0.1 GB/s of 500 kB videos: 200 clips/s, the tighter of the two limits
+    (p,) = predict(no_allreduce(), fs_network(opens=500, gb=0.1), [96], SMALL)
+    assert p.limited_by == "filesystem" and p.clips_per_s == pytest.approx(200)
+    # shards: the first epoch's opens per clip bind, (384 x 60 x (1 - (59/60)^31.25)) / 12,000
+    per_clip = 384 * 60 * (1 - (59 / 60) ** 31.25) / 12_000
+    (p,) = predict(no_allreduce(), fs_network(opens=500), [96], replace(SMALL, layout="shards"))
+    assert p.limited_by == "filesystem" and p.clips_per_s == pytest.approx(500 / per_clip)
+    assert p.filesystem.opens_per_s == pytest.approx(500)
+
+
+def test_filesystem_limits_that_do_not_bind():
+    for net in (fs_network(opens=1e9, gb=1e6), free()):
+        (p,) = predict(no_allreduce(), net, [96], SMALL)
+        assert p.limited_by == "compute" and p.clips_per_s == pytest.approx(960)
+    # without a DataSpec the file system is not modelled: no load, no cap
+    (p,) = predict(no_allreduce(), fs_network(opens=1.0), [96])
+    assert p.limited_by == "compute" and p.filesystem is None
+    # the tighter of the data ceiling (4 ranks per node: 24 nodes x 20 = 480) and the file system wins
+    (p,) = predict(no_allreduce(), fs_network(opens=500, ceiling=20.0), [96], SMALL)
+    assert p.limited_by == "data" and p.clips_per_s == pytest.approx(480)
+    (p,) = predict(no_allreduce(), fs_network(opens=400, ceiling=20.0), [96], SMALL)
+    assert p.limited_by == "filesystem" and p.clips_per_s == pytest.approx(400)
+
+
+def test_data_spec_rejects_impossible_data():
+    for bad in ({"layout": "tar"}, {"sidecar_reads": 2}, {"videos": 0}, {"workers_per_rank": 0},
+                {"video_bytes": -1.0}, {"shard_bytes": 0}):
+        with pytest.raises(ValueError):
+            DataSpec(**bad)
+
+
+def test_filesystem_section_loads_and_summit_has_one(tmp_path):
+    net = load_network(write(tmp_path, GOOD + "filesystem:\n  opens_per_s: 20000\n  bandwidth_gb_per_s: 100\n"))
+    assert net.filesystem.opens_per_s == 20_000 and net.filesystem.bandwidth_gb_per_s == 100
+    assert load_network(write(tmp_path, GOOD)).filesystem is None
+    assert load_network(SUMMIT).filesystem == FileSystemSpec(bandwidth_gb_per_s=2500)
+
+
+@pytest.mark.parametrize("section, message", [
+    ("filesystem:\n  opens_per_sec: 100\n", ":10: filesystem.opens_per_sec = 100: unknown key (did you mean 'opens_per_s'?)"),
+    ("filesystem:\n  opens_per_s: -5\n", ":10: filesystem.opens_per_s = -5: Input should be greater than 0"),
+    ("filesystem:\n  bandwidth_gb_per_s: fast\n", ":10: filesystem.bandwidth_gb_per_s = 'fast'"),
+    ("filesystem: {}\n", ":9: filesystem: Value error, set opens_per_s, bandwidth_gb_per_s or both"),
+    ("filesystem: 100\n", ":9: filesystem = 100"),
+])
+def test_filesystem_section_errors_name_key_and_line(tmp_path, section, message):
+    path = write(tmp_path, GOOD + section)
+    with pytest.raises(NetworkError) as err:
+        load_network(path)
+    assert f"{path}{message}" in str(err.value), str(err.value)

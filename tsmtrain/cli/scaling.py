@@ -3,8 +3,10 @@
 * ``sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` ->
   :func:`tsmtrain.scaling.sweep.plan_sweep`, :func:`~tsmtrain.scaling.sweep.run_sweep`; exits 1
   when a point failed
-* ``report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F]]`` ->
+* ``report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F] [--videos N --epochs E
+  --video-bytes B --layout files|shards --shard-size 1GiB --sidecar-reads 0|1 --workers-per-rank W]]`` ->
   :func:`tsmtrain.scaling.report.write_report`, with the points of :func:`tsmtrain.scaling.model.predict`
+  for both data layouts (:class:`tsmtrain.scaling.model.DataSpec`) and their file-system table
 """
 
 from __future__ import annotations
@@ -94,46 +96,93 @@ def report(
                                                                  "e.g. configs/networks/summit.yaml"),
     data_bench: Optional[str] = typer.Option(None, "--data-bench", help="a tsmtrain bench data --json record: its "
                                              "clips/s per core x the network's cores per node is the data ceiling"),
+    videos: Optional[int] = typer.Option(None, "--videos", min=1, help="with --predict: training videos per epoch "
+                                         "(default 246,245: Kinetics-400's training split)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="with --predict: epochs of the run (default 50)"),
+    video_bytes: Optional[float] = typer.Option(None, "--video-bytes", min=1, help="with --predict: mean bytes per "
+                                                "video (default 640000: a 10 s clip prepared at short side 256)"),
+    layout: Optional[str] = typer.Option(None, "--layout", help="with --predict: files (one per video, the default) "
+                                         "or shards (prepare --shards): the layout the network file's filesystem "
+                                         "limits cap; both are printed"),
+    shard_size: Optional[str] = typer.Option(None, "--shard-size", help="with --predict: bytes per shard, e.g. 1GiB "
+                                             "(the default), 512MiB"),
+    sidecar_reads: Optional[int] = typer.Option(None, "--sidecar-reads", min=0, max=1, help="with --predict: files "
+                                                "opened beside each video per clip: 1 with data.seek_mode exact (its "
+                                                ".frames.json), 0 otherwise (the default)"),
+    workers_per_rank: Optional[int] = typer.Option(None, "--workers-per-rank", min=1, help="with --predict: loader "
+                                                   "workers per rank, data.workers (default 6)"),
 ) -> None:
     """Write the sweep's table (Markdown, CSV) and plots into SWEEP_DIR/report and print the table;
-    with --predict, add the scaling model's points."""
+    with --predict, add the scaling model's points and the file opens/s and GB/s they ask of the
+    file system, for data in files and in shards."""
     from rich.console import Console
 
     from ..scaling.records import SweepError
     from ..scaling.report import load_sweep, print_report, table_rows, write_report
     from ..scaling.sweep import collect
 
+    data_options = {"videos": videos, "epochs": epochs, "video_bytes": video_bytes, "layout": layout,
+                    "shard_bytes": shard_size, "sidecar_reads": sidecar_reads, "workers_per_rank": workers_per_rank}
     if (predict is None) != (network is None):
         fail("--predict and --network go together: the model needs worker counts and a network")
     if data_bench is not None and predict is None:
         fail("--data-bench goes with --predict and --network: it sets the model's data ceiling")
+    if predict is None and any(v is not None for v in data_options.values()):
+        fail("--videos, --epochs, --video-bytes, --layout, --shard-size, --sidecar-reads and --workers-per-rank go "
+             "with --predict and --network: they describe the data the predicted run reads")
     try:
         collect(sweep_dir) if (Path(sweep_dir) / "sweep.json").exists() else None
         meta, records = load_sweep(sweep_dir)
-        predictions = None if predict is None else _predictions(meta, records, predict, network, data_bench)
-        files = write_report(sweep_dir, predictions)
+        predictions, filesystem = (None, None) if predict is None else _predictions(
+            meta, records, predict, network, data_bench, data_options)
+        files = write_report(sweep_dir, predictions, filesystem)
         # a pipe or log file gets the whole table rather than 80 squeezed columns
-        print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220))
+        print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220),
+                     filesystem=filesystem)
     except SweepError as err:
         fail(str(err))
     for path in (getattr(files, name) for name in vars(files)):
         print(f"wrote {path}")
 
 
-def _predictions(meta: dict, records: list[dict], predict: str, network: str, data_bench: str | None) -> list[dict]:
-    """The scaling model's points for ``--predict`` on ``--network`` (with ``--data-bench``'s
-    ceiling), its notes on stderr; a bad network, benchmark record or basis exits 2.
+def _data_spec(options: dict):
+    """The :class:`tsmtrain.scaling.model.DataSpec` of the ``--videos`` ... ``--workers-per-rank``
+    options given (the others at its defaults); a bad one exits 2."""
+    from ..scaling.model import LAYOUTS, DataSpec
 
-    Raises:
-        SweepError: ``--predict`` is not a list of worker counts.
-    """
-    from dataclasses import asdict
+    given = {k: v for k, v in options.items() if v is not None}
+    if given.get("layout", "files") not in LAYOUTS:
+        fail(f"--layout {given['layout']!r}: one of {', '.join(LAYOUTS)}")
+    if "shard_bytes" in given:
+        from ..data.prepare import PrepareError
+        from ..data.shards import parse_size  # the syntax of tsmtrain prepare --shard-size
 
-    from ..scaling.model import NetworkError, basis_from_sweep, load_network
+        try:
+            given["shard_bytes"] = parse_size(given["shard_bytes"])
+        except PrepareError as err:
+            fail(str(err))
+    try:
+        return DataSpec(**given)
+    except ValueError as err:
+        fail(f"data: {err}")
+
+
+def _predictions(meta: dict, records: list[dict], predict: str, network: str, data_bench: str | None,
+                 data_options: dict):
+    """``(points, table)``: the scaling model's points (dicts) for ``--predict`` on ``--network``
+    (with ``--data-bench``'s ceiling) for the data ``data_options`` describe (:func:`_data_spec`),
+    and the :class:`tsmtrain.scaling.report.FileSystemTable` of both layouts; notes on stderr. A
+    bad network, benchmark record, data option or basis exits 2; a bad ``--predict`` raises
+    SweepError."""
+    from dataclasses import asdict, replace
+
+    from ..scaling.model import LAYOUTS, NetworkError, basis_from_sweep, load_network
     from ..scaling.model import predict as model_predict
+    from ..scaling.report import filesystem_table
     from ..scaling.sweep import parse_workers
 
     counts = parse_workers(predict, "--predict")
+    data = _data_spec(data_options)
     try:
         net = load_network(network)
         if data_bench is not None:
@@ -152,7 +201,8 @@ def _predictions(meta: dict, records: list[dict], predict: str, network: str, da
         fail(str(err))
     except ValueError as err:
         fail(f"--predict: {err}")
-    predictions = [asdict(p) for p in model_predict(basis, net, counts)]
+    by_layout = {name: [asdict(p) for p in model_predict(basis, net, counts, replace(data, layout=name))]
+                 for name in LAYOUTS}
     for note in basis.notes:
         print(f"model: {note}", file=sys.stderr)
-    return predictions
+    return by_layout[data.layout], filesystem_table(data, by_layout)

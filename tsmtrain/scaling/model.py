@@ -11,10 +11,14 @@ the exposed allreduce wait, a standalone allreduce, the gradient size) and a net
   see :func:`exposed_allreduce_seconds`;
 * step time = compute (linear in clips per rank) + data wait (as measured) + exposed allreduce;
 * clips/s = ranks x clips per rank / step time, capped by an optional data-loading ceiling per
-  node; efficiency = clips/s per rank over the model's own 1-worker clips/s (no communication).
+  node and by optional file-system limits (opens/s, GB/s); efficiency = clips/s per rank over
+  the model's own 1-worker clips/s (no communication);
+* file-system load, given how the data lies (:class:`DataSpec`: one file per video, or indexed
+  tar shards): file opens/s (the metadata servers' load) and read GB/s at the predicted clips/s,
+  see :func:`filesystem_load`.
 
-Units: seconds, bytes, bytes/s, clips/s; the network file gives bandwidth in GB/s (1e9 bytes)
-and latency in microseconds. Not modelled: stragglers and jitter, evaluation, start-up,
+Units: seconds, bytes, bytes/s, clips/s, opens/s; the network file gives bandwidth in GB/s (1e9
+bytes) and latency in microseconds. Not modelled: stragglers and jitter, evaluation, start-up,
 checkpoints, epoch boundaries, contention with other jobs.
 """
 
@@ -24,15 +28,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tsmtrain.recipe import closest, line_index, yaml_load
 
 __all__ = [
     "LinkSpec",
+    "FileSystemSpec",
     "NetworkSpec",
     "NetworkError",
     "load_network",
@@ -40,6 +45,20 @@ __all__ = [
     "hierarchical_allreduce_seconds",
     "allreduce_seconds",
     "exposed_allreduce_seconds",
+    "DataSpec",
+    "LAYOUTS",
+    "DEFAULT_SHARD_BYTES",
+    "KINETICS400_TRAIN_VIDEOS",
+    "PREPARED_VIDEO_BYTES",
+    "file_opens_per_s",
+    "shard_count",
+    "expected_distinct_shards",
+    "shard_opens_in_epoch",
+    "opens_per_clip",
+    "read_gb_per_s",
+    "epoch_seconds",
+    "FileSystemLoad",
+    "filesystem_load",
     "ScalingBasis",
     "basis_from_sweep",
     "Prediction",
@@ -86,10 +105,35 @@ class LinkSpec(BaseModel):
         return self.latency_us * 1e-6
 
 
+class FileSystemSpec(BaseModel):
+    """What the shared file system the training data lies on can give one job (the ``filesystem``
+    section of a network file); either limit may be left out, not both.
+
+    ``opens_per_s`` is file opens per second: on a parallel file system (Lustre, GPFS) every
+    open is a request to the few metadata servers that every job shares, so use the rate your
+    centre says a job may use, or a measured one, rather than the servers' peak. ``bandwidth_gb_per_s``
+    is the read bandwidth in gigabytes (1e9 bytes) per second the job can get (aggregate over
+    all its nodes). The model caps clips/s so that the job's demand (:func:`filesystem_load`)
+    stays within both.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    opens_per_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="file opens per second")
+    bandwidth_gb_per_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="GB/s (1e9 bytes/s) of reads")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> "FileSystemSpec":
+        if self.opens_per_s is None and self.bandwidth_gb_per_s is None:
+            raise ValueError("set opens_per_s, bandwidth_gb_per_s or both (or leave the section out)")
+        return self
+
+
 class NetworkSpec(BaseModel):
     """A cluster's network as the model sees it: ranks per node, the link inside a node and the
-    link between nodes, the allreduce algorithm, and an optional data-loading ceiling per node
-    (clips/s a node can decode and augment)."""
+    link between nodes, the allreduce algorithm, an optional data-loading ceiling per node
+    (clips/s a node can decode and augment) and optional file-system limits
+    (:class:`FileSystemSpec`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +144,7 @@ class NetworkSpec(BaseModel):
     algorithm: Literal["ring", "hierarchical"] = "hierarchical"
     data_clips_per_s_per_node: float | None = Field(None, gt=0, allow_inf_nan=False)
     cores_per_node: int | None = Field(None, ge=1)
+    filesystem: FileSystemSpec | None = None
     description: str = ""
 
     def with_data_ceiling(self, clips_per_s_per_core: float) -> "NetworkSpec":
@@ -130,9 +175,11 @@ def _network_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = NetworkSpec
     for part in loc:
         field_info = model.model_fields.get(str(part))
-        if field_info is None or not (isinstance(field_info.annotation, type) and issubclass(field_info.annotation, BaseModel)):
+        annotation = None if field_info is None else field_info.annotation
+        models = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:  # a section is a model, or an optional one (``FileSystemSpec | None``)
             return []
-        model = field_info.annotation
+        model = models[0]
     return list(model.model_fields)
 
 
@@ -261,6 +308,239 @@ def exposed_allreduce_seconds(allreduce_s: float, overlap_fraction: float, forwa
     :data:`BACKWARD_SHARE` of forward+backward, an assumption).
     """
     return max((1.0 - overlap_fraction) * allreduce_s, allreduce_s - BACKWARD_SHARE * forward_backward_s, 0.0)
+
+
+# --------------------------------------------------------------------------- file system
+
+
+LAYOUTS = ("files", "shards")
+"""How the training data can lie on the file system: ``files``, one file per video (``tsmtrain
+prepare``); ``shards``, indexed tar shards (``tsmtrain prepare --shards``)."""
+
+DEFAULT_SHARD_BYTES = 1 << 30
+"""Bytes per shard by default: 1 GiB, the default ``--shard-size`` of ``tsmtrain prepare --shards``."""
+
+KINETICS400_TRAIN_VIDEOS = 246_245
+"""Videos in the Kinetics-400 training split (Kay et al. 2017: 306,245 clips, less 20,000 for
+validation and 40,000 for test)."""
+
+PREPARED_VIDEO_BYTES = 640_000
+"""Mean bytes of one Kinetics video after ``tsmtrain prepare`` (H.264, short side 256, a keyframe
+every 16 frames, ``-tune fastdecode``), an assumption: a 10-second clip (Kinetics clips last
+about 10 s, Kay et al. 2017) at 64.0 kB/s, the rate of this project's 15 real clips of
+``../shared/clips`` prepared by ``tsmtrain prepare configs/shared_clips.yaml`` (9,505,996 bytes
+for 148.5 s of video: ``bytes_out`` over ``seconds`` of its ``manifest.jsonl``). Kinetics'
+YouTube footage is not these clips; the frame tables (``.frames.json``) add about 2%."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How a run's training data lies on the file system, as the model sees it. The defaults are
+    Kinetics-400 prepared as ``configs/tsm_r50_kinetics400.yaml`` reads it.
+
+    Attributes:
+        videos: videos per epoch (the training list); every epoch reads one clip of each.
+        epochs: epochs of the run (the recipe's ``schedule.epochs``).
+        video_bytes: mean bytes read per clip: the whole video file (``files``) or the whole
+            sample, video and frame table (``shards``). Default :data:`PREPARED_VIDEO_BYTES`.
+        layout: one of :data:`LAYOUTS`, the one the file-system limits of :func:`predict` apply to.
+        shard_bytes: bytes per shard (``shards``; default 1 GiB, :data:`DEFAULT_SHARD_BYTES`).
+        sidecar_reads: files opened beside each video per clip, 0 or 1 (``files``): 1 where the
+            loader reads the video's ``.frames.json`` frame table (``data.seek_mode: exact``),
+            0 otherwise (``auto`` seeks prepared videos approximately). In a shard the frame
+            table is part of the sample and costs no open.
+        workers_per_rank: DataLoader worker processes per rank (``data.workers``; count loading
+            in the training process, ``data.workers: 0``, as 1).
+
+    Raises:
+        ValueError: a count below 1, bytes not positive, an unknown layout, ``sidecar_reads``
+            not 0 or 1.
+    """
+
+    videos: int = KINETICS400_TRAIN_VIDEOS
+    epochs: int = 50
+    video_bytes: float = PREPARED_VIDEO_BYTES
+    layout: Literal["files", "shards"] = "files"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    sidecar_reads: int = 0
+    workers_per_rank: int = 6
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} (got {self.layout!r})")
+        if self.sidecar_reads not in (0, 1):
+            raise ValueError(f"sidecar_reads must be 0 or 1 (got {self.sidecar_reads!r})")
+        for name in ("videos", "epochs", "workers_per_rank"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1 (got {getattr(self, name)!r})")
+        if not (self.video_bytes > 0 and math.isfinite(self.video_bytes)) or not self.shard_bytes > 0:
+            raise ValueError(f"video_bytes and shard_bytes must be positive bytes "
+                             f"(got {self.video_bytes!r}, {self.shard_bytes!r})")
+
+    @property
+    def shards(self) -> int:
+        """Shards the videos fill: :func:`shard_count`."""
+        return shard_count(self.videos, self.video_bytes, self.shard_bytes)
+
+
+def file_opens_per_s(clips_per_s: float, sidecar_reads: int = 0) -> float:
+    """File opens per second of per-file data: ``clips/s x (1 + sidecar_reads)``.
+
+    Every clip opens its video (one clip per video per epoch), and ``sidecar_reads`` (0 or 1)
+    more files beside it (the ``.frames.json`` frame table in exact seek mode), every epoch:
+    the loader keeps no file open from one clip to the next.
+    """
+    return clips_per_s * (1 + sidecar_reads)
+
+
+def shard_count(videos: int, video_bytes: float, shard_bytes: float) -> int:
+    """Shards ``S = ceil(videos x video_bytes / shard_bytes)``: the videos packed into shards of
+    about ``shard_bytes`` bytes (a shard holds whole samples, so real shards fall a little short
+    of the size and there may be one more). At least 1."""
+    return max(1, math.ceil(videos * video_bytes / shard_bytes))
+
+
+def expected_distinct_shards(shards: int, draws: float) -> float:
+    """Distinct shards, in expectation, among ``draws`` samples drawn at random from ``shards``
+    equally likely shards: ``S (1 - (1 - 1/S)^k)`` (each shard is missed by all ``k`` draws with
+    probability ``(1 - 1/S)^k``). Near ``k`` while ``k << S``, near ``S`` once ``k >> S``.
+
+    The formula is exact for independent draws. A loader worker's draws in an epoch are without
+    replacement (the epoch is a permutation of the videos, a shard holds ``videos / S`` of them),
+    which changes little while a worker draws a small part of the videos;
+    ``tests/test_scaling.py`` checks the formula against simulations of both.
+    """
+    if shards < 1 or draws < 0:
+        raise ValueError(f"need shards >= 1 and draws >= 0 (got {shards}, {draws})")
+    return shards * (1.0 - (1.0 - 1.0 / shards) ** draws)
+
+
+def shard_opens_in_epoch(epoch: int, shards: int, loader_workers: int, clips_per_worker: float) -> float:
+    """Shard opens during epoch ``epoch`` (1, 2, ...) of a run, all ranks together.
+
+    ``N W S [(1 - 1/S)^(k(e-1)) - (1 - 1/S)^(ke)]`` with ``N W = loader_workers`` (ranks x
+    workers per rank) and ``k = clips_per_worker`` (``videos / (N W)`` per epoch): a worker
+    opens a shard the first time it draws a sample from it and keeps it open for the rest of
+    the run (persistent workers; tsmtrain's shard reader), so the opens of epoch ``e`` are the
+    distinct shards (:func:`expected_distinct_shards`) it has touched after ``e`` epochs less
+    those after ``e - 1``. The samples come in the same global random order as per-file data
+    (bitwise-identical batches), so each draw falls on any shard alike. The sum over ``E``
+    epochs is ``N W S (1 - (1 - 1/S)^(kE))``, at most ``N W S``.
+
+    Assumes every worker keeps all ``S`` shards open: tsmtrain's reader closes the least recently
+    read beyond 1,024 per process, and more shards than that would be opened again.
+    """
+    if epoch < 1 or loader_workers < 1 or clips_per_worker < 0:
+        raise ValueError(f"need epoch >= 1, loader_workers >= 1, clips_per_worker >= 0 "
+                         f"(got {epoch}, {loader_workers}, {clips_per_worker})")
+    missed = 1.0 - 1.0 / shards
+    return loader_workers * shards * (missed ** (clips_per_worker * (epoch - 1)) - missed ** (clips_per_worker * epoch))
+
+
+def opens_per_clip(data: DataSpec, ranks: int) -> float:
+    """File opens per clip read at the rate the file system must serve: what a limit on opens/s
+    (:class:`FileSystemSpec`) caps.
+
+    * ``files``: ``1 + sidecar_reads``, the same in every epoch (:func:`file_opens_per_s`);
+    * ``shards``: the first epoch's shard opens (:func:`shard_opens_in_epoch`) over its
+      ``videos`` clips. The first epoch is the peak (every shard is new to every worker; later
+      epochs open only shards a worker has not drawn from yet), and it is what the metadata
+      servers must serve at the start of the run, so a limit is checked against it rather than
+      the run's mean: a run within the limit in the first epoch is within it in every epoch.
+      The model predicts one clips/s for the whole run, so where the limit binds, the cap is
+      pessimistic for the later epochs.
+    """
+    if data.layout == "files":
+        return 1.0 + data.sidecar_reads
+    loaders = ranks * data.workers_per_rank
+    return shard_opens_in_epoch(1, data.shards, loaders, data.videos / loaders) / data.videos
+
+
+def read_gb_per_s(clips_per_s: float, video_bytes: float) -> float:
+    """Read bandwidth in GB/s (1e9 bytes/s): ``clips/s x video_bytes / 1e9``, for either layout.
+
+    Whole samples are read from a shard (one ``pread`` of the video and its frame table); per
+    file, a decoder that seeks to the sampled frames may read less than the whole file, so for
+    ``files`` it is an upper bound.
+    """
+    return clips_per_s * video_bytes / 1e9
+
+
+def epoch_seconds(videos: int, clips_per_s: float) -> float:
+    """Seconds per epoch: ``videos / clips_per_s`` (one clip per video; the last, partial step is
+    not rounded up)."""
+    if clips_per_s <= 0:
+        raise ValueError(f"clips_per_s must be positive (got {clips_per_s})")
+    return videos / clips_per_s
+
+
+@dataclass
+class FileSystemLoad:
+    """What a run asks of the file system at one worker count (:func:`filesystem_load`).
+
+    Attributes:
+        layout: ``files`` or ``shards``. shards: ``S`` (None for ``files``).
+        clips_per_worker: clips per loader worker per epoch, ``videos / (ranks x workers_per_rank)``.
+        epoch_s: seconds per epoch; run_s: ``epochs x epoch_s``.
+        opens_per_s: file opens per second the file system must serve: every epoch's (``files``),
+            the first epoch's, the peak (``shards``); see :func:`opens_per_clip`.
+        mean_opens_per_s: total opens over ``run_s``.
+        total_opens: file opens of the whole run.
+        read_gb_per_s: GB/s (1e9 bytes/s) read, :func:`read_gb_per_s`.
+    """
+
+    layout: str
+    shards: int | None
+    clips_per_worker: float
+    epoch_s: float
+    run_s: float
+    opens_per_s: float
+    mean_opens_per_s: float
+    total_opens: float
+    read_gb_per_s: float
+
+
+def filesystem_load(data: DataSpec, ranks: int, clips_per_s: float) -> FileSystemLoad:
+    """The file-system load of ``ranks`` ranks training on ``data`` at ``clips_per_s`` (all ranks).
+
+    ``files``: :func:`file_opens_per_s` in every epoch, so the mean is the same. ``shards``:
+    ``S`` from :func:`shard_count`; the first epoch's opens per :func:`shard_opens_in_epoch`
+    over its :func:`epoch_seconds`, and the run's mean, ``N W S (1 - (1 - 1/S)^(k x epochs))``
+    over ``epochs x epoch_s``. Read GB/s by :func:`read_gb_per_s`, the same for both.
+
+    Raises:
+        ValueError: ``ranks < 1`` or ``clips_per_s <= 0``.
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1 (got {ranks})")
+    epoch = epoch_seconds(data.videos, clips_per_s)
+    run = data.epochs * epoch
+    loaders = ranks * data.workers_per_rank
+    k = data.videos / loaders
+    if data.layout == "files":
+        shards = None
+        total = data.epochs * data.videos * opens_per_clip(data, ranks)
+    else:
+        shards = data.shards
+        total = loaders * expected_distinct_shards(shards, k * data.epochs)
+    return FileSystemLoad(layout=data.layout, shards=shards, clips_per_worker=k, epoch_s=epoch, run_s=run,
+                          opens_per_s=clips_per_s * opens_per_clip(data, ranks), mean_opens_per_s=total / run,
+                          total_opens=total, read_gb_per_s=read_gb_per_s(clips_per_s, data.video_bytes))
+
+
+def _filesystem_cap(network: NetworkSpec, data: DataSpec | None, ranks: int) -> float | None:
+    """Clips/s the network's file-system limits allow ``ranks`` ranks reading ``data`` (None
+    without limits or without ``data``): opens/s limit over :func:`opens_per_clip`, GB/s limit
+    over the GB per clip, the smaller."""
+    limits = network.filesystem
+    if limits is None or data is None:
+        return None
+    caps = []
+    if limits.opens_per_s is not None:
+        caps.append(limits.opens_per_s / opens_per_clip(data, ranks))
+    if limits.bandwidth_gb_per_s is not None:
+        caps.append(limits.bandwidth_gb_per_s / read_gb_per_s(1.0, data.video_bytes))
+    return min(caps)
 
 
 # --------------------------------------------------------------------------- what a sweep measured
@@ -396,10 +676,13 @@ class Prediction:
         clips_per_s: all ranks together. clips_per_s_per_rank: ``clips_per_s / workers``.
         efficiency: clips/s per rank over the model's 1-worker clips/s at the same clips per rank.
         breakdown_s: ``{"compute", "data", "allreduce_exposed"}`` seconds per step; ``data``
-            includes any wait the data-loading ceiling adds.
+            includes any wait the data-loading ceiling or the file-system limits add.
         allreduce_s: seconds of one whole (not overlapped) gradient allreduce.
-        limited_by: ``data`` (the per-node data ceiling binds), ``network`` (the exposed
-            allreduce is more than :data:`NETWORK_BOUND_SHARE` of the step) or ``compute``.
+        limited_by: ``filesystem`` (the network file's file-system limits bind), ``data`` (the
+            per-node data ceiling binds), ``network`` (the exposed allreduce is more than
+            :data:`NETWORK_BOUND_SHARE` of the step) or ``compute``.
+        filesystem: the file-system load at ``clips_per_s`` (:func:`filesystem_load`); None
+            when :func:`predict` was given no :class:`DataSpec`.
     """
 
     workers: int
@@ -412,20 +695,25 @@ class Prediction:
     efficiency: float
     breakdown_s: dict
     allreduce_s: float
-    limited_by: Literal["compute", "network", "data"]
+    limited_by: Literal["compute", "network", "data", "filesystem"]
+    filesystem: FileSystemLoad | None = None
 
 
-def predict(basis: ScalingBasis, network: NetworkSpec, workers: list[int]) -> list[Prediction]:
+def predict(basis: ScalingBasis, network: NetworkSpec, workers: list[int],
+            data: DataSpec | None = None) -> list[Prediction]:
     """Predict step time, clips/s and efficiency at each worker count in ``workers``.
 
     Per point: clips per rank ``b`` (fixed in weak mode, ``global_batch / N`` in strong mode);
     compute ``b * compute_s_per_clip``; data wait as measured; allreduce ``A(N)`` from
     :func:`allreduce_seconds` and its exposed part from :func:`exposed_allreduce_seconds`;
     clips/s ``= N * b / step``, capped at ``nodes * data_clips_per_s_per_node`` when the
-    network file sets a ceiling (the step then lasts ``N * b / ceiling``, the extra counted as
-    data wait). Efficiency divides clips/s per rank by the 1-worker clips/s
-    ``b / (compute + data)`` (no communication, capped by one node's ceiling), so a
-    1-worker prediction has efficiency 1.
+    network file sets a ceiling, and, with ``data``, at what the network file's
+    ``filesystem`` limits allow (opens/s over :func:`opens_per_clip`, GB/s over the GB per
+    clip). A cap makes the step last ``N * b / cap``, the extra counted as data wait.
+    Efficiency divides clips/s per rank by the 1-worker clips/s ``b / (compute + data)`` (no
+    communication, under the same caps for one node, one rank), so a 1-worker prediction has
+    efficiency 1. With ``data`` every point carries its :func:`filesystem_load` for
+    ``data.layout``; without it the file system is not modelled.
 
     Raises:
         ValueError: a worker count below 1.
@@ -439,24 +727,26 @@ def predict(basis: ScalingBasis, network: NetworkSpec, workers: list[int]) -> li
         nodes = math.ceil(n / network.ranks_per_node)
         b = float(basis.batch_per_rank) if basis.mode == "weak" else basis.global_batch / n
         compute = b * basis.compute_s_per_clip
-        data = basis.data_s_per_step
+        wait = basis.data_s_per_step
         full = allreduce_seconds(n, basis.gradient_bytes, network)
         exposed = exposed_allreduce_seconds(full, basis.overlap_fraction, b * basis.forward_backward_s_per_clip)
-        step = compute + data + exposed
+        step = compute + wait + exposed
         clips = n * b / step
         limited_by = "network" if exposed > NETWORK_BOUND_SHARE * step else "compute"
-        if ceiling is not None and clips > nodes * ceiling:
-            clips = nodes * ceiling
+        caps = {"data": None if ceiling is None else nodes * ceiling, "filesystem": _filesystem_cap(network, data, n)}
+        for name, cap in caps.items():
+            if cap is not None and clips > cap:
+                clips, limited_by = cap, name
+        if limited_by in caps:
             step = n * b / clips
-            data = step - compute - exposed
-            limited_by = "data"
-        single = b / (compute + basis.data_s_per_step)
-        if ceiling is not None:
-            single = min(single, ceiling)
+            wait = step - compute - exposed
+        single = min(c for c in (b / (compute + basis.data_s_per_step), ceiling, _filesystem_cap(network, data, 1))
+                     if c is not None)
         out.append(Prediction(
             workers=n, nodes=nodes, global_batch=round(n * b), batch_per_rank=b, step_time_s=step,
             clips_per_s=clips, clips_per_s_per_rank=clips / n, efficiency=clips / n / single,
-            breakdown_s={"compute": compute, "data": data, "allreduce_exposed": exposed},
+            breakdown_s={"compute": compute, "data": wait, "allreduce_exposed": exposed},
             allreduce_s=full, limited_by=limited_by,
+            filesystem=None if data is None else filesystem_load(data, n, clips),
         ))
     return out

@@ -5,7 +5,8 @@ per point, ``points/workers-NNNN.json`` (:mod:`tsmtrain.scaling.records`). :func
 reads them, :func:`table_rows` turns them into one row per point (plus model predictions, if
 any), :func:`write_report` writes ``SWEEP_DIR/report/`` (``report.md``, ``report.csv``,
 ``throughput.png``, ``efficiency.png``, ``breakdown.png``) and :func:`print_report` prints the
-table on the terminal.
+table on the terminal. With predictions for both data layouts, :func:`filesystem_table` adds a
+second table: the file opens/s and GB/s each layout asks of the file system.
 
 Speed-up and efficiency of a measured point are relative to the *baseline*: the ok point with the
 fewest workers, N0, with throughput X(N0) in clips/s. For N workers with throughput X(N)::
@@ -34,7 +35,8 @@ from pathlib import Path
 
 from .records import BREAKDOWN, SweepError, point_files, read_meta, read_record
 
-__all__ = ["ReportFiles", "COLUMNS", "load_sweep", "table_rows", "write_report", "print_report"]
+__all__ = ["ReportFiles", "COLUMNS", "FILESYSTEM_COLUMNS", "FileSystemTable", "load_sweep", "table_rows",
+           "filesystem_table", "write_report", "print_report"]
 
 PREDICTED_BREAKDOWN = ("compute", "data", "allreduce_exposed")
 """Phases of a predicted step (``breakdown_s`` of a :class:`tsmtrain.scaling.model.Prediction`).
@@ -50,13 +52,32 @@ COLUMNS = ("kind", "workers", "nodes", "global_batch", "batch_per_rank", "status
            *(f"{k}_s" for k in BREAKDOWN), "compute_s", "allreduce_exposed_s", "allreduce_s",
            "limited_by", "error")
 """Keys of a :func:`table_rows` row, in table order (``*_s``: seconds per optimizer step)."""
-TIME_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_s") and not c.startswith("clips"))
+TIME_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_s") and "_per_s" not in c)
 """Columns in seconds, shown in milliseconds in the Markdown and terminal tables."""
 SHORT = {"workers": "N", "global_batch": "batch", "batch_per_rank": "b/rank", "clips_per_s": "clips/s",
          "clips_per_s_per_rank": "/rank", "step_time_s": "step", "efficiency": "eff.", "model_efficiency": "model eff.", "augment_s": "aug",
          "forward_backward_s": "fwd+bwd", "allreduce_wait_s": "ar wait", "optimizer_s": "optim",
          "allreduce_exposed_s": "ar exp.", "allreduce_s": "ar alone", "limited_by": "limit"}
 """Terminal headers (the table's caption says the times are ms per step)."""
+
+FILESYSTEM_COLUMNS = ("workers", "layout", "clips_per_s", "epoch_s", "opens_per_s", "mean_opens_per_s",
+                      "read_gb_per_s", "limited_by")
+"""Keys of a :class:`FileSystemTable` row: ranks, ``files`` or ``shards``, predicted clips/s, seconds
+per epoch, file opens/s (every epoch for files, the first epoch for shards), opens/s over the
+whole run, read GB/s (1e9 bytes/s), what limits the point."""
+FILESYSTEM_HEADERS = {"workers": "workers", "layout": "layout", "clips_per_s": "clips/s", "epoch_s": "epoch (s)",
+                      "opens_per_s": "opens/s (peak)", "mean_opens_per_s": "opens/s (run mean)",
+                      "read_gb_per_s": "read GB/s", "limited_by": "limited by"}
+
+
+@dataclass
+class FileSystemTable:
+    """The file-system load of predicted points for both layouts (:func:`filesystem_table`):
+    ``caption`` says what data it assumes, ``rows`` have the keys of :data:`FILESYSTEM_COLUMNS`."""
+
+    caption: str
+    rows: list[dict]
+
 
 @dataclass
 class ReportFiles:
@@ -150,6 +171,34 @@ def table_rows(meta: dict, records: list[dict], predictions: list | None = None)
     return rows
 
 
+def filesystem_table(data, by_layout: dict[str, list]) -> FileSystemTable:
+    """The file-system table of predictions made for each layout of ``data``.
+
+    Args:
+        data: the :class:`tsmtrain.scaling.model.DataSpec` the predictions were made with (its
+            ``layout`` aside), for the caption.
+        by_layout: ``{"files": predictions, "shards": predictions}``, each a list of
+            :class:`tsmtrain.scaling.model.Prediction` (or its ``asdict``) with its ``filesystem``
+            load. Rows come by workers, then layout, each with the clips/s and ``limited_by`` of
+            its own layout's prediction (a file-system limit may bind for one layout only).
+    """
+    rows = []
+    for layout, predictions in by_layout.items():
+        for p in map(_as_dict, predictions):
+            load = p["filesystem"]
+            rows.append({"workers": p["workers"], "layout": layout, "clips_per_s": p["clips_per_s"],
+                         "limited_by": p["limited_by"], **{k: load[k] for k in FILESYSTEM_COLUMNS if k in load}})
+    rows.sort(key=lambda r: (r["workers"], list(by_layout).index(r["layout"])))
+    opens = "1 open" if data.sidecar_reads == 0 else f"{1 + data.sidecar_reads} opens (video and frame table)"
+    caption = (f"{data.videos:,} videos x {data.epochs} epochs, {data.video_bytes:,.0f} bytes per video, "
+               f"{data.workers_per_rank} loader workers per rank. files: {opens} per clip, every epoch. "
+               f"shards: {data.shards:,} of {data.shard_bytes / 2 ** 30:.3g} GiB, each opened once by every worker that "
+               f"reads from it and kept open; peak = the first epoch (what file-system limits are checked "
+               f"against). GB/s = clips/s x bytes per video (for files an upper bound: a seeking decoder may "
+               f"read less).")
+    return FileSystemTable(caption=caption, rows=rows)
+
+
 # --------------------------------------------------------------------------- text output
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -173,6 +222,14 @@ def _fmt(column: str, value) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
+def _fs_fmt(value) -> str:
+    """A file-system table cell: 3 significant digits, whole numbers with thousands separators
+    from 1,000 up."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    return f"{value:,.0f}" if isinstance(value, int) or abs(value) >= 1000 else f"{value:.3g}"
+
+
 def _header(column: str) -> str:
     if column == "allreduce_s":
         return "standalone allreduce (ms)"
@@ -187,7 +244,7 @@ def _title(meta: dict) -> str:
     return f"{meta.get('model') or 'model'} ({recipe}), {meta['mode']} scaling"
 
 
-def _markdown(meta: dict, rows: list[dict]) -> str:
+def _markdown(meta: dict, rows: list[dict], filesystem: FileSystemTable | None = None) -> str:
     base = next((r for r in rows if r["kind"] == "measured" and r["status"] == "ok"), None)
     batch = (f"{meta.get('batch_per_rank')} clips per rank" if meta["mode"] == "weak"
              else f"global batch {meta.get('global_batch')} clips")
@@ -208,6 +265,11 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         if r["kind"] == "predicted":
             cells[0] = "*predicted*"
         lines.append("| " + " | ".join(cells) + " |")
+    if filesystem is not None:
+        lines += ["", "## File system", "", filesystem.caption, "",
+                  "| " + " | ".join(FILESYSTEM_HEADERS[c] for c in FILESYSTEM_COLUMNS) + " |",
+                  "|" + "|".join("---" if c in ("layout", "limited_by") else "---:" for c in FILESYSTEM_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(_fs_fmt(r[c]) for c in FILESYSTEM_COLUMNS) + " |" for r in filesystem.rows]
     lines += ["", "![throughput](throughput.png)", "![efficiency](efficiency.png)", "![breakdown](breakdown.png)", ""]
     return "\n".join(lines)
 
@@ -222,10 +284,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
                              for c in COLUMNS])
 
 
-def print_report(meta: dict, rows: list[dict], console=None) -> None:
+def print_report(meta: dict, rows: list[dict], console=None, filesystem: FileSystemTable | None = None) -> None:
     """Print ``rows`` (from :func:`table_rows`) as a rich table: clips/s, efficiency in %,
     step time and breakdown in ms per step; failed rows in red with their error, predicted rows
-    dimmed. ``console`` defaults to a new :class:`rich.console.Console` (stdout)."""
+    dimmed; then ``filesystem`` (from :func:`filesystem_table`), if given, as a second table.
+    ``console`` defaults to a new :class:`rich.console.Console` (stdout)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -242,6 +305,13 @@ def print_report(meta: dict, rows: list[dict], console=None) -> None:
         style = "red" if r["status"] == "failed" else "dim" if r["kind"] == "predicted" else None
         table.add_row(*(escape(_fmt(c, r[c])) for c in columns), style=style)  # errors may hold [...]
     console.print(table)
+    if filesystem is not None:
+        fs = Table(title="File system: what the predicted points ask of it", caption=escape(filesystem.caption))
+        for c in FILESYSTEM_COLUMNS:
+            fs.add_column(FILESYSTEM_HEADERS[c], justify="left" if c in ("layout", "limited_by") else "right")
+        for r in filesystem.rows:
+            fs.add_row(*(_fs_fmt(r[c]) for c in FILESYSTEM_COLUMNS))
+        console.print(fs)
 
 
 # --------------------------------------------------------------------------- plots
@@ -337,8 +407,10 @@ def _breakdown_plot(meta: dict, rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None) -> ReportFiles:
-    """Write ``SWEEP_DIR/report/``: ``report.md`` (sweep settings and the table), ``report.csv``
+def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None,
+                 filesystem: FileSystemTable | None = None) -> ReportFiles:
+    """Write ``SWEEP_DIR/report/``: ``report.md`` (sweep settings, the table and, given
+    ``filesystem``, the file-system table under "File system"), ``report.csv``
     (the :data:`COLUMNS` at full precision: clips/s, seconds per step, efficiency as a fraction),
     ``throughput.png`` (clips/s against workers, with the linear ideal), ``efficiency.png``
     (% against workers) and ``breakdown.png`` (stacked ms per step).
@@ -347,6 +419,7 @@ def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None) 
         sweep_dir: a directory made by ``tsmtrain sweep``.
         predictions: :class:`tsmtrain.scaling.model.Prediction` objects (or their ``asdict``) to add
             as predicted rows, points and hatched bars.
+        filesystem: a :func:`filesystem_table` of the predictions.
     Raises:
         SweepError: as :func:`load_sweep`.
     """
@@ -356,7 +429,7 @@ def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None) 
     out.mkdir(exist_ok=True)
     files = ReportFiles(*(out / name for name in ("report.md", "report.csv", "throughput.png", "efficiency.png",
                                                   "breakdown.png")))
-    files.markdown.write_text(_markdown(meta, rows))
+    files.markdown.write_text(_markdown(meta, rows, filesystem))
     _write_csv(files.csv, rows)
     _line_plots(meta, rows, files.throughput, files.efficiency)
     _breakdown_plot(meta, rows, files.breakdown)
