@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from . import SET_HELP, fail, load
+from .plan import plan_command
 
 __all__ = ["prepare"]
 
@@ -23,7 +24,8 @@ def prepare(
     lists: list[str] = typer.Option([], "--list", help="a list file instead of a recipe (repeatable)"),
     root: Optional[str] = typer.Option(None, "--root", help="with --list: folder the list's paths are relative to"),
     out: str = typer.Option(..., "--out", help="output folder: videos, new list files, manifest.jsonl"),
-    short_side: int = typer.Option(256, "--short-side", help="pixels of the shorter displayed side (even)"),
+    short_side: list[int] = typer.Option([256], "--short-side", help="pixels of the shorter displayed side (even; "
+                                                                     "with --plan repeatable, e.g. 256 and 128)"),
     gop: int = typer.Option(16, "--gop", help="frames between keyframes"),
     fps: Optional[str] = typer.Option(None, "--fps", help="output frame rate, e.g. 25 or 30000/1001 "
                                                           "(default: each source's own average rate)"),
@@ -49,6 +51,18 @@ def prepare(
     shard_size: str = typer.Option("1GiB", "--shard-size", help="with --shards: bytes per shard, e.g. 1GiB, 512MiB"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="try again the videos that failed before"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    plan: bool = typer.Option(False, "--plan", help="encode nothing for training: measure trial encodings (--gops "
+                                                    "at each --short-side) of a sample in OUT/.plan/ and name the "
+                                                    "smallest that feeds --target with --cores-per-gpu"),
+    target: Optional[float] = typer.Option(None, "--target", help="with --plan: clips/s one GPU trains at"),
+    cores_per_gpu: Optional[float] = typer.Option(None, "--cores-per-gpu", help="with --plan: CPU cores per GPU "
+                                                                                "for decoding"),
+    gops: Optional[str] = typer.Option(None, "--gops", help="with --plan: GOPs to try (default 1,2,4,8,16)"),
+    sample: Optional[int] = typer.Option(None, "--sample", help="with --plan: videos sampled, spread over the "
+                                                                "lists (default 12)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="with --plan: alternating rounds; figures are "
+                                                                "medians (default 3)"),
+    json_file: Optional[str] = typer.Option(None, "--json", help="with --plan: write every figure to this file"),
 ) -> None:
     """Re-encode every video of a recipe's lists (or of --list files) into OUT for training:
     H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright;
@@ -60,10 +74,14 @@ def prepare(
     Run it again to continue after a stop: finished videos are skipped. On a cluster, run the
     array tasks (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
     """
+    if plan or any(v is not None for v in (target, cores_per_gpu, gops, sample, rounds, json_file)):
+        return plan_command(plan, recipe, lists, root, out, short_side, gops, target, cores_per_gpu, sample, rounds,
+                            json_file, dict(fps=fps, crf=crf, preset=preset, fastdecode=fastdecode), jobs, decoder,
+                            frame_mappings, retry_failed, shard, merge, tasks, shards, sets)
     from ..data.prepare import ManifestError, PrepareError, Settings, check_options, parse_shard, plan_videos
     from ..data.shards import parse_size
 
-    settings = Settings(short_side=short_side, gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode)
+    settings = Settings(short_side=short_side[-1], gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode)
     try:
         check_options(recipe, lists, root, shard, merge, tasks, settings)
         size = parse_size(shard_size) if shards else None
