@@ -397,13 +397,13 @@ def format_step_report(result: dict) -> str:
         f"3) after up to {result['warmup']} warm-up steps; a round times TSM, TSN and ref = fp32 TSN back to back,",
         "and the ratios (of seconds per step; below 1 is faster) are medians of the rounds' ratios",
         "",
-        f"{'variant':<28}{'rounds':>7}{'TSM clips/s':>12}{'TSN clips/s':>12}{'TSM/TSN':>9}{'Q1-Q3':>13}{'TSM/ref':>9}"
+        f"{'variant':<28}{'rounds':>7}{'TSM clips/s':>12}{'TSN clips/s':>12}{'TSM/TSN':>9} {'Q1-Q3':>13}{'TSM/ref':>9}"
         f"{'TSN/ref':>9}{'ref clips/s':>13}",
     ]
     for r in result["variants"]:
         q1, q3 = r.get("tsm_over_tsn_quartiles") or (float("nan"), float("nan"))
         lines.append(f"{r['name']:<28}{r['rounds']:>7}{r['tsm_clips_per_s']:>12.2f}{r['tsn_clips_per_s']:>12.2f}"
-                     f"{r['tsm_over_tsn']:>9.3f}{f'{q1:.3f}-{q3:.3f}':>13}{r['tsm_over_ref']:>9.3f}{r['tsn_over_ref']:>9.3f}"
+                     f"{r['tsm_over_tsn']:>9.3f} {f'{q1:.3f}-{q3:.3f}':>13}{r['tsm_over_ref']:>9.3f}{r['tsn_over_ref']:>9.3f}"
                      f"{r['ref_clips_per_s']:>13.2f}"
                      + (f"   (compiled in {r['compile_s']['tsm']:.0f} s / {r['compile_s']['tsn']:.0f} s)"
                         if r["compile_s"] else ""))
