@@ -1,6 +1,6 @@
 """Read only the sampled frames of a video file, at the size the network's input needs.
 
-Two backends are supported:
+Three backends are supported:
 
 * ``"torchcodec"`` (the default; ``pip install torchcodec``): ``torchcodec.decoders.VideoDecoder``
   with one FFmpeg thread, on the CPU or, with ``device="cuda"``, with NVDEC straight into GPU
@@ -19,13 +19,22 @@ Two backends are supported:
   with one decoding thread, frames read with ``get_batch``; always exact. Rotation metadata in
   the container is not applied by decord.
 
+* ``"pynvvideocodec"`` (``pip install pynvvideocodec``, or ``tsmtrain[gpu]``; NVIDIA's Python API
+  for NVDEC, on PyPI, needing only the NVIDIA driver): ``PyNvVideoCodec.SimpleDecoder`` decodes the
+  sampled frames on the GPU, converted to interleaved RGB in GPU memory
+  (``OutputColorType.RGB``), returned through DLPack without a copy to the host; GPU only. It has
+  no decoder transform: frames are resized on the GPU afterwards (:func:`resize_frames`, the same
+  bilinear with antialiasing), so prepared videos stored at the training size are not resized at
+  all. Seeking is its own (exact for the constant-frame-rate files ``tsmtrain prepare`` writes).
+
 ``size=(H, W)`` asks the decoder itself for frames of that size (torchcodec's decoder transform
 ``Resize``, bilinear with antialiasing as ``torchvision.transforms.v2.Resize``; decord's
 ``width``/``height``, FFmpeg's scaler), so full-size frames are never converted to RGB and
 resized afterwards on the CPU.
 
 Backends are imported lazily, inside the functions, so ``import tsmtrain.data.decoding`` works
-when either one is missing. Frames are always uint8 RGB of shape (T, H, W, 3), in the order of
+when any of them is missing (PyNvVideoCodec fails to import without an NVIDIA driver: that is an
+ImportError here too). :func:`gpu_decoders` says which backends decode on a GPU here. Frames are always uint8 RGB of shape (T, H, W, 3), in the order of
 the requested indices (indices may be unsorted and repeat).
 
 Errors:
@@ -35,26 +44,33 @@ Errors:
   The message always holds the path and the reason.
 * ``ImportError`` when the chosen backend package is not installed (a set-up problem, not
   a problem of the file, so it is not a VideoDecodeError).
-* ``ValueError`` for an unknown backend, seek mode or size, or an empty list of indices.
+* ``ValueError`` for an unknown backend, seek mode or size, an empty list of indices, or a
+  CPU-only backend asked for a GPU (or the reverse).
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["BACKENDS", "SEEK_MODES", "VideoDecodeError", "Video", "open_video", "num_frames", "probe_size", "decode_frames",
-           "choose_seek_mode", "cuda_decoding_device"]
+__all__ = ["BACKENDS", "GPU_BACKENDS", "GPU_ONLY", "SEEK_MODES", "VideoDecodeError", "Video",
+           "open_video", "num_frames", "probe_size", "decode_frames", "resize_frames", "choose_seek_mode",
+           "gpu_decoders"]
 
-BACKENDS = ("torchcodec", "decord")
+BACKENDS = ("torchcodec", "decord", "pynvvideocodec")
+GPU_BACKENDS = ("pynvvideocodec", "torchcodec")  # backends that decode with NVDEC, in order of preference
+GPU_ONLY = ("pynvvideocodec",)
 SEEK_MODES = ("exact", "approximate")
-_PIP_PACKAGES = {"decord": "decord", "torchcodec": "torchcodec"}
+_PIP_PACKAGES = {"decord": ("decord", "decord"), "torchcodec": ("torchcodec", "torchcodec"),
+                 "pynvvideocodec": ("pynvvideocodec", "gpu")}
+PROBE_CLIP = Path(__file__).with_name("assets") / "probe-h264-64x64.mp4"
+"""A 2-frame 64x64 H.264 (yuv420p) MP4 that :func:`gpu_decoders` decodes: ``ffmpeg -f lavfi -i
+testsrc=size=64x64:rate=25 -frames:v 2 -c:v libx264 -pix_fmt yuv420p -bitexact``."""
 
 
 class VideoDecodeError(RuntimeError):
@@ -83,16 +99,23 @@ def _import_backend(backend: str):
             import decord
 
             return decord
+        if backend == "pynvvideocodec":
+            # its __init__ loads the driver's libraries and raises RuntimeError without them
+            import PyNvVideoCodec
+
+            return PyNvVideoCodec
         import torchcodec.decoders
 
         return torchcodec.decoders
-    except ImportError as e:
-        pkg = _PIP_PACKAGES[backend]
+    except Exception as e:  # ImportError, or PyNvVideoCodec's RuntimeError without a driver
+        pkg, extra = _PIP_PACKAGES[backend]
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ImportError(
             f"video backend {backend!r} needs the {pkg!r} package, which could not be imported "
-            f"({e}); install it with `pip install {pkg}` (or `pip install tsmtrain[{pkg}]`), "
-            f"or choose another backend from {BACKENDS}"
+            f"({type(e).__name__}: {why}); install it with `pip install {pkg}` (or `pip install "
+            f"tsmtrain[{extra}]`), or choose another backend from {BACKENDS}"
         ) from e
+
 
 
 def _check_size(size: Sequence[int] | None) -> tuple[int, int] | None:
@@ -111,15 +134,18 @@ class Video:
 
     Args:
         path: the video file.
-        backend: ``"torchcodec"`` or ``"decord"``.
+        backend: ``"torchcodec"``, ``"decord"`` or ``"pynvvideocodec"``.
         size: ``(H, W)`` in pixels that the decoder resizes every frame to; None: the stored size.
+            (pynvvideocodec: resized on the GPU after decoding, :func:`resize_frames`.)
         seek_mode: torchcodec only: ``"exact"`` (scan at open) or ``"approximate"`` (trust the
             header); decord is always exact.
         frame_mappings: torchcodec only: a JSON file of every frame's ``pts``, ``duration`` and
             ``key_frame`` (``{"frames": [...]}``, as ``tsmtrain prepare`` stores it): exact seeking
             without the scan. Overrides ``seek_mode``.
         device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``): torchcodec decodes with
-            NVDEC into that GPU's memory. decord: CPU only.
+            NVDEC into that GPU's memory. decord: CPU only; pynvvideocodec: a CUDA device only (its
+            decoder is created on the current CUDA stream of that device, so frames are ready in
+            stream order).
         data: the encoded video itself (e.g. a sample read from a tar shard,
             :mod:`tsmtrain.data.shards`), decoded from memory; ``path`` then only names it in
             messages. ``frame_mappings`` may then be the frame table's bytes too.
@@ -144,10 +170,13 @@ class Video:
         self.device = torch.device(device)
         if backend == "decord" and self.device.type != "cpu":
             raise ValueError(f"the decord backend decodes on the CPU only, not on {device}")
+        if backend in GPU_ONLY and self.device.type != "cuda":
+            raise ValueError(f"the {backend} backend decodes on an NVIDIA GPU (NVDEC) only, not on {device}")
         module = _import_backend(backend)
         self.path = str(path)
         self.backend = backend
-        self.seek_mode = "exact" if backend == "decord" else ("frame_mappings" if frame_mappings else seek_mode)
+        self.seek_mode = ("exact" if backend != "torchcodec" else
+                          "frame_mappings" if frame_mappings else seek_mode)
         if data is None and not Path(path).is_file():
             raise VideoDecodeError(path, "file not found")
         try:
@@ -155,6 +184,9 @@ class Video:
                 h, w = self.size or (-1, -1)
                 source = self.path if data is None else io.BytesIO(data)
                 self._reader = module.VideoReader(source, ctx=module.cpu(0), num_threads=1, width=w, height=h)
+                self.num_frames = len(self._reader)
+            elif backend == "pynvvideocodec":
+                self._reader = _open_nvdec(module, self.path if data is None else data, self.device)
                 self.num_frames = len(self._reader)
             else:
                 kwargs = {}
@@ -211,6 +243,10 @@ class Video:
                 batch = self._reader.get_batch(idx)
                 # decord returns its own NDArray, or a torch tensor if a bridge was set.
                 frames = torch.from_numpy(batch.asnumpy()) if hasattr(batch, "asnumpy") else torch.as_tensor(batch)
+            elif self.backend == "pynvvideocodec":
+                frames = _nvdec_frames(self._reader, idx)
+                if self.size is not None:
+                    frames = resize_frames(frames, self.size)
             else:
                 frames = self._reader.get_frames_at(indices=idx).data
         except Exception as e:
@@ -237,6 +273,51 @@ class Video:
                 + (f", size={self.size}" if self.size else "") + ")")
 
 
+def _open_nvdec(module, source, device: torch.device):
+    """A PyNvVideoCodec ``SimpleDecoder`` of ``source`` (a path or the encoded bytes) on ``device``,
+    returning interleaved RGB frames in GPU memory, its work queued on the device's current
+    CUDA stream."""
+    cuda = device.type == "cuda"
+    gpu = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
+    stream = torch.cuda.current_stream(device).cuda_stream if cuda else 0
+    return module.SimpleDecoder(source, gpu_id=gpu, cuda_stream=stream, use_device_memory=True,
+                                output_color_type=module.OutputColorType.RGB)
+
+
+def _nvdec_frames(decoder, idx: list[int]) -> torch.Tensor:
+    """Frames ``idx`` (unsorted, repeating) of a ``SimpleDecoder`` as ``(T, H, W, 3)`` uint8 on its
+    GPU. Each distinct frame is decoded once, in increasing order (``get_batch_frames_by_index``
+    drops repeats and would decode unsorted indices with extra seeks); ``torch.from_dlpack`` wraps
+    the decoder's buffer and ``torch.stack`` copies it out before the decoder reuses it."""
+    distinct = sorted(set(idx))
+    decoded = decoder.get_batch_frames_by_index(distinct)
+    if len(decoded) != len(distinct):
+        raise RuntimeError(f"the decoder returned {len(decoded)} frames for {len(distinct)} indices")
+    stacked = torch.stack([torch.from_dlpack(frame) for frame in decoded])
+    if stacked.ndim == 3:  # one plane per frame: (U, H, W) would be a colour format we did not ask for
+        raise RuntimeError(f"the decoder returned frames of shape {tuple(stacked.shape[1:])}, not RGB (H, W, 3)")
+    position = {frame: i for i, frame in enumerate(distinct)}
+    return stacked[torch.tensor([position[i] for i in idx], device=stacked.device)]
+
+
+def resize_frames(frames: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize uint8 frames ``(T, H, W, 3)`` to ``size = (h, w)`` pixels on their own device:
+    ``torchvision.transforms.v2.functional.resize``, bilinear with antialiasing (what torchcodec's
+    decoder transform ``Resize`` matches). Returns ``(T, h, w, 3)`` uint8; the input itself when it
+    has that size already.
+
+    Raises:
+        ValueError: a bad ``size``.
+    """
+    size = _check_size(size)
+    if tuple(frames.shape[1:3]) == size:
+        return frames
+    from torchvision.transforms.v2 import functional as F
+
+    chw = frames.permute(0, 3, 1, 2)
+    return F.resize(chw, list(size), interpolation=F.InterpolationMode.BILINEAR, antialias=True).permute(0, 2, 3, 1)
+
+
 def open_video(path: str | Path, backend: str = "torchcodec", **options) -> Video:
     """Open a video file (or, with ``data``, a video in memory) for reading frames by index;
     ``options`` as :class:`Video` (``size``, ``seek_mode``, ``frame_mappings``, ``device``, ``data``).
@@ -261,17 +342,19 @@ def num_frames(path: str | Path, backend: str = "torchcodec") -> int:
     return open_video(path, backend).num_frames
 
 
-def probe_size(path: str | Path, backend: str = "torchcodec") -> tuple[int, int]:
+def probe_size(path: str | Path, backend: str = "torchcodec", device: str = "cuda") -> tuple[int, int]:
     """``(H, W)`` in pixels of the frames ``backend`` decodes from ``path`` at its stored size.
 
     torchcodec reads it from the stream's header (an approximate-mode open: no scan, no frame
-    decoded); decord decodes the first frame, having no header API.
+    decoded); decord and pynvvideocodec (on ``device``, its only use) decode the first frame.
 
     Raises:
         VideoDecodeError, ImportError, ValueError: as :func:`open_video`.
     """
     if backend == "decord":
         return tuple(Video(path, backend).frames([0]).shape[1:3])
+    if backend == "pynvvideocodec":
+        return tuple(Video(path, backend, device=device if device != "cpu" else "cuda").frames([0]).shape[1:3])
     _check_backend(backend)
     if not Path(path).is_file():
         raise VideoDecodeError(path, "file not found")
@@ -332,42 +415,31 @@ def choose_seek_mode(setting: str, prepared: bool) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_decoding_device(requested: str, training_device: torch.device) -> str:
-    """Where to decode (the recipe's ``data.decode_device``), checked once per rank.
+def probe_gpu_decoding(backend: str, device: str) -> str | None:
+    """None when ``backend`` decodes on ``device`` (``"cuda"``, ``"cuda:1"``), else why not, in
+    one line. The probe decodes both frames of :data:`PROBE_CLIP` there; the answer is cached per
+    process.
 
-    ``"cuda"`` decodes with NVDEC on the rank's own GPU (``training_device``) when a probe
-    succeeds: torchcodec encodes a 2-frame 64x64 H.264 clip in memory and decodes it on that GPU.
-    Otherwise (no GPU, a torchcodec or FFmpeg without CUDA/NVDEC support) it warns and returns
-    ``"cpu"``: CPU decoding in the loader workers, as without the setting.
-
-    Args:
-        requested: ``"cpu"`` or ``"cuda"``.
-        training_device: the device this rank trains on.
-
-    Returns:
-        ``"cpu"`` or ``"cuda:N"``; the answer is cached per (requested, device), so the probe
-        runs and the warning shows once per process.
+    Raises:
+        ValueError: ``backend`` is not one of :data:`GPU_BACKENDS`.
     """
-    if requested == "cpu":
-        return "cpu"
-    if training_device.type != "cuda":
-        reason = f"this rank trains on {training_device}, not on a GPU"
-    else:
-        reason = _probe_cuda_decoding(str(training_device))
-    if reason is not None:
-        warnings.warn(f"data.decode_device: cuda: {reason}; decoding on the CPU instead", stacklevel=2)
-        return "cpu"
-    return str(training_device)
-
-
-def _probe_cuda_decoding(device: str) -> str | None:
-    """None when torchcodec decodes on ``device``, else why not."""
+    if backend not in GPU_BACKENDS:
+        raise ValueError(f"{backend!r} does not decode on a GPU; GPU backends: {', '.join(GPU_BACKENDS)}")
+    if not torch.cuda.is_available():
+        return "no CUDA device"
     try:
-        from torchcodec.decoders import VideoDecoder
-        from torchcodec.encoders import VideoEncoder
-
-        clip = VideoEncoder(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), frame_rate=25).to_tensor(format="mp4")
-        VideoDecoder(clip, device=device).get_frame_at(0)
-    except Exception as e:  # ImportError, RuntimeError from the CUDA/NVDEC layer, ...
-        return f"torchcodec cannot decode on {device} ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+        frames = open_video(PROBE_CLIP, backend, device=device).frames([0, 1])
+    except ImportError as e:
+        return str(e).split("; install it")[0]
+    except Exception as e:  # VideoDecodeError, or a CUDA/NVDEC error from the backend
+        return f"{backend} cannot decode on {device} ({str(e).strip().splitlines()[-1][:200]})"
+    if frames.device.type != "cuda":
+        return f"{backend} returned frames on {frames.device}, not on {device} (a CPU-only build)"
     return None
+
+
+def gpu_decoders(device: str = "cuda") -> dict[str, str | None]:
+    """Which GPU decoders work on ``device``: ``{backend: None (it decodes there) or the reason
+    it does not}``, for each of :data:`GPU_BACKENDS` (``"no CUDA device"`` on a machine without
+    one; torchcodec from PyPI is a CPU-only build, see docs/installing.md)."""
+    return {backend: probe_gpu_decoding(backend, device) for backend in GPU_BACKENDS}
