@@ -262,18 +262,3 @@ def test_decord_refuses_a_gpu(grey_video):
     _require_backend("decord")
     with pytest.raises(ValueError, match="CPU only"):
         open_video(grey_video, "decord", device="cuda")
-
-
-def test_cuda_decoding_falls_back_to_the_cpu_with_a_warning():
-    import torch
-
-    from tsmtrain.data.decoding import cuda_decoding_device
-
-    assert cuda_decoding_device("cpu", torch.device("cpu")) == "cpu"
-    with pytest.warns(UserWarning, match="decode_device: cuda.*decoding on the CPU"):
-        assert cuda_decoding_device("cuda", torch.device("cpu")) == "cpu"
-    if not torch.cuda.is_available():
-        # a GPU the probe cannot use: torchcodec's CUDA layer fails, and the answer is still the CPU
-        cuda_decoding_device.cache_clear()
-        with pytest.warns(UserWarning, match="torchcodec cannot decode on cuda:0"):
-            assert cuda_decoding_device("cuda", torch.device("cuda", 0)) == "cpu"

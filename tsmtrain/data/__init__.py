@@ -6,8 +6,10 @@ Modules, in the order a clip travels through them:
 * :mod:`.lists`: list files (``relative/path.ext label``) -> :class:`VideoRecord`
 * :mod:`.classes`: label maps (one class name per line) -> class names
 * :mod:`.sampling`: TSN segment sampling -> frame indices
-* :mod:`.decoding`: decode only those frames (torchcodec or decord)
+* :mod:`.decoding`: decode only those frames (torchcodec or decord on the CPU; pynvvideocodec or
+  torchcodec with NVDEC on the GPU)
 * :mod:`.loader`: the clip dataset, the per-rank shard sampler, the DataLoader
+* :mod:`.decode_ahead`: GPU decoding of batch k+1 on a CUDA stream while batch k trains
 * :mod:`.shards`: indexed tar shards (written by ``prepare --shards``, read by the loader)
 * :mod:`.transforms`: batched augmentation on the training device
 * :mod:`.synthetic`, :mod:`.arrow`: the embedded datasets (rendered demo, arrow of time)

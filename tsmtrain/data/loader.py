@@ -35,6 +35,7 @@ import multiprocessing.context
 import os
 import signal
 import sys
+import warnings
 import weakref
 import zlib
 from multiprocessing.popen_fork import Popen as _ForkPopen
@@ -44,13 +45,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decoding import Video, VideoDecodeError, choose_seek_mode, open_video, probe_size
+from .decode_ahead import DecodeAhead
+from .decoding import GPU_ONLY, Video, VideoDecodeError, choose_seek_mode, open_video, probe_gpu_decoding, probe_size
 from .lists import VideoRecord
 from .sampling import multi_clip_indices, segment_indices
 from .shards import SampleError, ShardIndex, ShardReader, is_shard_index
 
 __all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "video_source", "clip_dataset",
-           "MultiClipDataset", "multi_clip_dataset", "collate_views"]
+           "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
+           "decoding_target"]
 
 log = logging.getLogger(__name__)
 
@@ -136,23 +139,93 @@ class VideoClipDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        failed = []
-        for attempt in range(self.max_retries + 1):
+        if self.decodes_on_gpu:  # a loader worker only reads the bytes; decode_item decodes them
+            return self._with_retries(index, epoch, [], lambda record, index, epoch: {"encoded": self.fetch(record.path)})
+        return self._with_retries(index, epoch, [], lambda record, index, epoch: {"frames": self._load(record, index, epoch)})
+
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """Whether frames are decoded on a GPU (:attr:`device` is not the CPU): items are then the
+        encoded videos (:meth:`fetch`), decoded in the training process by :meth:`decode_item`."""
+        return str(self.device) != "cpu"
+
+    def _with_retries(self, index: int, epoch: int, failed: list[str], load) -> dict:
+        """``load(record, index, epoch)``'s dict for video ``index``, completed into an item; a video
+        that cannot be read is replaced by another, deterministically, until ``max_retries + 1``
+        videos in a row (``failed`` holds those already lost for this item) have failed."""
+        for attempt in range(len(failed), self.max_retries + 1):
             record = self.records[index]
             try:
-                frames = self._load(record, index, epoch)
-                return {"frames": frames, "label": record.label, "index": index, "failed": failed,
+                item = load(record, index, epoch)
+                return {**item, "label": record.label, "index": index, "epoch": epoch, "failed": failed,
                         "opened": self.take_opened()}
             except VideoDecodeError as exc:
                 failed.append(str(exc))
-                # deterministic replacement, spread over the list
-                index = (index + 1 + zlib.crc32(f"{index}:{attempt}".encode()) % max(1, len(self) - 1)) % len(self)
+                index = self._replacement(index, attempt)
         raise DataError(
             f"{len(failed)} videos in a row could not be decoded (data.max_retries={self.max_retries}); last: {failed[-1]}"
         )
 
-    def open(self, path: str) -> Video:
-        """Open one video the way this dataset reads it (backend, size, seek mode, device).
+    def _replacement(self, index: int, attempt: int) -> int:
+        """The video that replaces unreadable video ``index`` at retry ``attempt``: deterministic,
+        spread over the list."""
+        return (index + 1 + zlib.crc32(f"{index}:{attempt}".encode()) % max(1, len(self) - 1)) % len(self)
+
+    def fetch(self, path: str) -> tuple[bytes, bytes | None]:
+        """The encoded video at ``path`` and its frame table, as a loader worker reads them for
+        decoding on the GPU: ``(video bytes, frame-mappings JSON bytes or None)``, from the file (and
+        the frame table ``tsmtrain prepare`` stored beside it, when exact torchcodec seeking uses
+        it) or from its tar shard.
+
+        Raises:
+            VideoDecodeError: the file or shard sample cannot be read.
+        """
+        if self.store is not None:
+            try:
+                return self.store.read(path)
+            except SampleError as err:
+                raise VideoDecodeError(path, str(err)) from None
+            finally:
+                self._note_opened(*self.store.take_opened())
+        entry = self.prepared.get(path)
+        tables = entry.get("frame_mappings") if entry else None
+        if self.decoder != "torchcodec" or choose_seek_mode(self.seek_mode, entry is not None) != "exact":
+            tables = None
+        try:
+            data = Path(path).read_bytes()
+            self._note_opened(path)
+            mappings = Path(tables).read_bytes() if tables else None
+        except OSError as err:  # worded as Video words it
+            reason = "file not found" if isinstance(err, FileNotFoundError) else err.strerror or str(err)
+            raise VideoDecodeError(err.filename or path, reason) from None
+        if tables:
+            self._note_opened(tables)
+        return data, mappings
+
+    def decode_item(self, item: dict) -> dict:
+        """Decode an item of encoded bytes (from :meth:`fetch`, in a worker) on :attr:`device`, as
+        ``__getitem__`` would have on the CPU: the same frames, sampling offsets and crop, a
+        ``frames`` uint8 ``(T, H, W, 3)`` tensor on the GPU. A video NVDEC cannot decode is
+        replaced like an unreadable file (the replacements are read and decoded here).
+
+        Raises:
+            DataError: ``max_retries + 1`` videos in a row could not be read or decoded.
+        """
+        index, epoch = item["index"], item["epoch"]
+        record = self.records[index]
+        try:
+            frames = self._load(record, index, epoch, encoded=item["encoded"])
+        except VideoDecodeError as exc:
+            failed = item["failed"] + [str(exc)]
+            replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed,
+                                          lambda record, index, epoch: {"frames": self._load(record, index, epoch)})
+            return {**replaced, "opened": item["opened"] + replaced["opened"]}
+        return {"frames": frames, "label": record.label, "index": index, "epoch": epoch, "failed": item["failed"],
+                "opened": item["opened"]}
+
+    def open(self, path: str, encoded: tuple[bytes, bytes | None] | None = None) -> Video:
+        """Open one video the way this dataset reads it (backend, size, seek mode, device);
+        ``encoded``: its bytes and frame table as :meth:`fetch` read them (else they are read now).
 
         Raises:
             VideoDecodeError: the file (or shard sample) cannot be opened or read, or a prepared
@@ -163,7 +236,9 @@ class VideoClipDataset(Dataset):
         options = {"size": self.frame_size if self.frame_size or not self.short_side
                    else self._short_side_size(path, entry)}
         mappings = None
-        if self.store is not None:
+        if encoded is not None:
+            options["data"], mappings = encoded
+        elif self.store is not None:
             try:
                 options["data"], mappings = self.store.read(path)
             except SampleError as err:
@@ -178,7 +253,7 @@ class VideoClipDataset(Dataset):
             mode = choose_seek_mode(self.seek_mode, entry is not None)
             if mode == "exact" and mappings:
                 options["frame_mappings"] = mappings
-                if self.store is None:
+                if self.store is None and encoded is None:
                     self._note_opened(mappings)
             else:
                 options["seek_mode"] = mode
@@ -196,7 +271,7 @@ class VideoClipDataset(Dataset):
             if entry and entry.get("width") and entry.get("height"):
                 stored = (int(entry["height"]), int(entry["width"]))  # tsmtrain prepare recorded it
             else:
-                stored = probe_size(path, self.decoder)  # the header only
+                stored = probe_size(path, self.decoder, device=str(self.device))  # the header only
                 self._note_opened(path)
             self._stored_sizes[path] = stored
         size = short_side_size(*stored, self.short_side)
@@ -224,8 +299,9 @@ class VideoClipDataset(Dataset):
         at = int(rng.integers(0, spare + 1)) if rng is not None and spare else spare // 2
         return frames[..., at:at + s, :, :] if h > w else frames[..., :, at:at + s, :]
 
-    def _load(self, record: VideoRecord, index: int, epoch: int) -> torch.Tensor:
-        video = self.open(record.path)
+    def _load(self, record: VideoRecord, index: int, epoch: int,
+              encoded: tuple[bytes, bytes | None] | None = None) -> torch.Tensor:
+        video = self.open(record.path, encoded)
         rng = np.random.default_rng((self.seed, epoch, index)) if self.train else None
         idx = segment_indices(video.num_frames, self.num_segments, self.train, rng)
         return self.crop_square(video.frames(idx.tolist()), rng).contiguous()  # (T, H, W, 3) uint8
@@ -285,17 +361,59 @@ def video_source(root: str | Path, records: list[VideoRecord]) -> tuple[dict[str
     return index.prepared(), ShardReader(index)
 
 
-def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device: str = "cpu") -> VideoClipDataset:
+@functools.lru_cache(maxsize=None)
+def decoding_target(decoder: str, decode_device: str, training_device: torch.device) -> tuple[str, str]:
+    """Which backend decodes where on this rank: the recipe's ``data.decoder`` and
+    ``data.decode_device``, checked once per process.
+
+    ``decode_device: cuda`` decodes on the rank's own GPU (``training_device``) when a probe
+    decodes a 2-frame H.264 clip there (:func:`~tsmtrain.data.decoding.probe_gpu_decoding`).
+    When it cannot (no NVDEC, a CPU-only torchcodec, PyNvVideoCodec without a driver), it warns
+    once and decodes on the CPU in the loader workers instead (pynvvideocodec, GPU-only, is then
+    replaced by torchcodec).
+
+    Args:
+        decoder: ``data.decoder``.
+        decode_device: ``"cpu"`` or ``"cuda"``.
+        training_device: the device this rank trains on.
+
+    Returns:
+        ``(backend, device)``: e.g. ``("pynvvideocodec", "cuda:0")``, ``("torchcodec", "cpu")``.
+
+    Raises:
+        DataError: ``data.decoder: pynvvideocodec`` on a rank that trains on the CPU (there is no
+            GPU to decode on: the recipe must choose a CPU decoder).
+    """
+    if decode_device == "cpu":
+        return decoder, "cpu"
+    if training_device.type != "cuda":
+        if decoder in GPU_ONLY:
+            raise DataError(f"data.decoder: {decoder} decodes on an NVIDIA GPU (NVDEC) and this rank trains on "
+                            f"{training_device}: set data.decoder: torchcodec and data.decode_device: cpu, or train "
+                            f"on a GPU (train.device: cuda)")
+        reason = f"this rank trains on {training_device}, not on a GPU"
+    else:
+        reason = probe_gpu_decoding(decoder, str(training_device))
+    if reason is None:
+        return decoder, str(training_device)
+    fallback = "torchcodec" if decoder in GPU_ONLY else decoder
+    warnings.warn(f"data.decoder: {decoder} with data.decode_device: cuda: {reason}; decoding with {fallback} "
+                  f"on the CPU instead", stacklevel=2)
+    return fallback, "cpu"
+
+
+def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device: str = "cpu",
+                 decoder: str | None = None) -> VideoClipDataset:
     """The clip dataset a recipe's ``data`` section describes (a :class:`tsmtrain.recipe.Recipe`),
     for training or evaluation.
 
-    ``decode_device`` is where frames are decoded (``cpu`` or the rank's ``cuda:N``, from
-    :func:`tsmtrain.data.decoding.cuda_decoding_device`); ``data.root`` is a folder of files or
-    a shard index (:func:`video_source`, whose errors this raises).
+    ``decode_device`` and ``decoder`` say where frames are decoded and with which backend
+    (default: ``data.decoder`` on the CPU; for a rank, :func:`decoding_target`); ``data.root`` is
+    a folder of files or a shard index (:func:`video_source`, whose errors this raises).
     """
     d = recipe.data
     prepared, store = video_source(d.root, records)
-    return VideoClipDataset(records, d.num_segments, train=train, decoder=d.decoder, frame_size=d.frame_size,
+    return VideoClipDataset(records, d.num_segments, train=train, decoder=decoder or d.decoder, frame_size=d.frame_size,
                             max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
                             prepared=prepared, device=decode_device, short_side=short_side(d), store=store)
 
@@ -351,13 +469,14 @@ class MultiClipDataset(VideoClipDataset):
                     "opened": self.take_opened()}
 
 
-def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decode_device: str = "cpu") -> MultiClipDataset:
+def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decode_device: str = "cpu",
+                       decoder: str | None = None) -> MultiClipDataset:
     """The :class:`MultiClipDataset` of a recipe's ``data`` section (decoder, frame size, seek mode,
     files or shards of ``data.root``: :func:`video_source`, whose errors this raises) with K =
-    ``num_clips``."""
+    ``num_clips``; ``decode_device`` and ``decoder`` as :func:`clip_dataset`."""
     d = recipe.data
     prepared, store = video_source(d.root, records)
-    return MultiClipDataset(records, d.num_segments, num_clips, decoder=d.decoder, frame_size=d.frame_size,
+    return MultiClipDataset(records, d.num_segments, num_clips, decoder=decoder or d.decoder, frame_size=d.frame_size,
                             seek_mode=d.seek_mode, prepared=prepared, device=decode_device,
                             short_side=short_side(d), store=store)
 
@@ -468,8 +587,29 @@ def collate_clips(items: list[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         "failed": [path for it in items for path in it["failed"]],
         "opened": [path for it in items for path in it.get("opened", ())],
-        "worker": info.id if (info := torch.utils.data.get_worker_info()) is not None else -1,
+        "worker": _worker_id(),
     }
+
+
+def _worker_id() -> int:
+    return info.id if (info := torch.utils.data.get_worker_info()) is not None else -1
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    """A batch of encoded items (:meth:`VideoClipDataset.fetch`, for decoding on the GPU):
+    ``{"items": items, "worker": id}``; :func:`decode_batch` makes it a batch of clips."""
+    return {"items": items, "worker": _worker_id()}
+
+
+def decode_batch(dataset: VideoClipDataset, batch: dict) -> dict:
+    """Decode a :func:`collate_encoded` batch on ``dataset.device``
+    (:meth:`VideoClipDataset.decode_item`), into what :func:`collate_clips` returns, with
+    ``frames`` ``(N, T, H, W, 3)`` uint8 on the GPU.
+
+    Raises:
+        DataError: as :meth:`VideoClipDataset.decode_item` and :func:`collate_clips`.
+    """
+    return {**collate_clips([dataset.decode_item(item) for item in batch["items"]]), "worker": batch["worker"]}
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -550,7 +690,8 @@ atexit.register(shutdown_loaders)
 
 
 def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,
-                 drop_last: bool, pin_memory: bool = False, persistent: bool = False, collate=collate_clips) -> DataLoader:
+                 drop_last: bool, pin_memory: bool = False, persistent: bool = False,
+                 collate=collate_clips) -> DataLoader | DecodeAhead:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.
 
     Each worker keeps ``prefetch_factor`` = 4 batches in flight. With ``persistent`` the worker
@@ -561,8 +702,12 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
     loads them, so persistence changes no clip. ``pin_memory`` puts batches in page-locked
     host memory for asynchronous copies to a GPU.
 
-    A dataset that decodes on a GPU (``dataset.device`` not ``"cpu"``) is read in this process,
-    without workers: NVDEC decodes asynchronously, and a CUDA context cannot cross a fork.
+    A dataset that decodes on a GPU (``dataset.device`` not ``"cpu"``) is decoded in this process,
+    where the CUDA context is (it cannot cross a fork): the workers only read each video's bytes
+    (:func:`collate_encoded`), and the loader returned is a
+    :class:`~tsmtrain.data.decode_ahead.DecodeAhead` that decodes batch k+1 on its own CUDA stream
+    while batch k trains (:func:`decode_batch`). A :class:`MultiClipDataset` on a GPU is read and
+    decoded in this process, without workers.
 
     It seeds its workers from a private generator, never from the global torch RNG, so that
     creating a loader does not shift the random stream that dropout draws from (exact resume).
@@ -572,10 +717,12 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
     (see the module's docstring); so an exception, in a worker or in the training process,
     ends the process instead of leaving it waiting for its workers.
     """
-    if str(getattr(dataset, "device", "cpu")) != "cpu":
-        # a CUDA context created before fork cannot be used in a worker: decode in this process
+    ahead = getattr(dataset, "decodes_on_gpu", False) and not isinstance(dataset, MultiClipDataset)
+    if ahead:
+        collate, pin_memory = collate_encoded, False
+    elif str(getattr(dataset, "device", "cpu")) != "cpu":
         workers, pin_memory = 0, False
-    return _Loader(
+    loader = _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -589,3 +736,4 @@ def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: i
         worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
         multiprocessing_context=_WorkerContext() if workers else None,
     )
+    return DecodeAhead(loader, functools.partial(decode_batch, dataset), dataset.device) if ahead else loader

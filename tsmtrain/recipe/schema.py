@@ -98,15 +98,17 @@ class DataConfig(_Section):
                           "one of the large-batch study) or arrow_of_time (from `source`)"
     )
     source: str = Field("../shared/clips", description="folder of the real clips that generate: arrow_of_time cuts")
-    decoder: Literal["torchcodec", "decord"] = Field(
-        "torchcodec", description="video decoding library: torchcodec (maintained, system FFmpeg), or decord (last "
-                                  "release 2022)")
+    decoder: Literal["torchcodec", "decord", "pynvvideocodec"] = Field(
+        "torchcodec", description="video decoding library: torchcodec (maintained, system FFmpeg; NVDEC when installed "
+                                  "from the PyTorch index), decord (last release 2022), or pynvvideocodec (NVIDIA's "
+                                  "NVDEC decoder from PyPI, GPU only: needs data.decode_device: cuda)")
     seek_mode: Literal["auto", "exact", "approximate"] = Field(
         "auto", description="torchcodec frame seeking: auto (approximate for videos tsmtrain prepare wrote, exact "
                             "for others), exact (scan each file at open), approximate (trust the header)")
     decode_device: Literal["cpu", "cuda"] = Field(
-        "cpu", description="cpu: decode in the loader workers; cuda: torchcodec decodes with NVDEC into the rank's "
-                           "GPU, in the training process (falls back to cpu with a warning)")
+        "cpu", description="cpu: decode in the loader workers; cuda: data.decoder decodes with NVDEC into the "
+                           "rank's GPU, one batch ahead on a CUDA stream, the workers reading the bytes (falls back "
+                           "to cpu with a warning when the GPU cannot decode)")
     num_segments: int = Field(8, ge=1, description="T: segments per clip, one frame sampled from each (TSN)")
     frame_size: tuple[_Pixels, _Pixels] | None = Field(
         None, description="[H, W] the decoder resizes every frame to, so clips of any size batch together"
@@ -426,8 +428,12 @@ class Recipe(_Section):
                              "crop would not fit in the frame"))
         if any(not 0 < x <= 1 for x in self.data.scales) or not self.data.scales:
             problems.append(("data.scales", self.data.scales, "each scale must lie in (0, 1]"))
-        if self.data.decode_device == "cuda" and self.data.decoder != "torchcodec":
-            problems.append(("data.decode_device", "cuda", "GPU decoding needs data.decoder: torchcodec"))
+        if self.data.decode_device == "cuda" and self.data.decoder == "decord":
+            problems.append(("data.decode_device", "cuda", "decord decodes on the CPU only: GPU decoding needs "
+                             "data.decoder: pynvvideocodec or torchcodec"))
+        if self.data.decoder == "pynvvideocodec" and self.data.decode_device != "cuda":
+            problems.append(("data.decoder", "pynvvideocodec", "pynvvideocodec decodes on the GPU only: set "
+                             "data.decode_device: cuda (or data.decoder: torchcodec for the CPU)"))
         if self.data.decode_device == "cuda" and self.train.device == "cpu":
             problems.append(("data.decode_device", "cuda", "train.device is cpu: frames decoded on a GPU would be "
                                                            "copied back"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ShardSampler, build_loader, clip_dataset
-from ..data.decoding import cuda_decoding_device
+from ..data.loader import decoding_target
 from ..dist.base import Engine
 from ..recipe import Recipe
 from .metrics import MetricsWriter
@@ -25,8 +25,8 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
     sampled at segment centres and centre-cropped by ``transform``. The forward runs under the
     recipe's ``train.precision`` and memory format (``train.channels_last``), uncompiled.
     """
-    dataset = clip_dataset(recipe, records, train=False,
-                           decode_device=cuda_decoding_device(recipe.data.decode_device, torch.device(device)))
+    decoder, where = decoding_target(recipe.data.decoder, recipe.data.decode_device, torch.device(device))
+    dataset = clip_dataset(recipe, records, train=False, decode_device=where, decoder=decoder)
     sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
     loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False)
     was_training = model.training

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import ShardSampler, build_loader, clip_dataset, read_list
-from ..data.decoding import cuda_decoding_device
+from ..data.loader import decoding_target
 from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.stop import PREEMPTED_FILE
@@ -119,8 +119,8 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
         engine.barrier()
     train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
-    train_set = clip_dataset(recipe, train_records, train=True,
-                             decode_device=cuda_decoding_device(d.decode_device, device))
+    decoder, where = decoding_target(d.decoder, d.decode_device, device)
+    train_set = clip_dataset(recipe, train_records, train=True, decode_device=where, decoder=decoder)
     sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
     steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
     if steps_per_epoch < 1:

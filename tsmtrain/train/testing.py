@@ -36,7 +36,7 @@ import torch
 
 from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
 from ..data.classes import ClassNamesError, read_class_names
-from ..data.decoding import cuda_decoding_device
+from ..data.loader import decoding_target
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
 from ..models import create_model
@@ -166,8 +166,8 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
         scores), ``error`` (None, or why the video could not be read).
     """
     d = recipe.data
-    dataset = multi_clip_dataset(recipe, records, protocol.clips,
-                                 decode_device=cuda_decoding_device(d.decode_device, torch.device(device)))
+    decoder, where = decoding_target(d.decoder, d.decode_device, torch.device(device))
+    dataset = multi_clip_dataset(recipe, records, protocol.clips, decode_device=where, decoder=decoder)
     sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
     n = videos_per_batch or max(1, recipe.train.batch_size // protocol.views)
     loader = build_loader(dataset, sampler, n, d.workers, drop_last=False, collate=collate_views)
