@@ -2,7 +2,8 @@
 # Installs everything tsmtrain needs on a fresh Debian machine (Python 3.11):
 #   * Debian packages: ffmpeg (video encode/decode), OpenMPI (mpirun + headers for mpi4py/Horovod),
 #     g++ and ninja (the Horovod build, and the native temporal-shift operator)
-#   * a virtual environment in .venv with torch, torchvision, decoders and the CLI libraries
+#   * a virtual environment in .venv with torch, torchvision, decoders and the CLI libraries, and
+#     where an NVIDIA driver is present PyNvVideoCodec (GPU decoding with NVDEC, from PyPI)
 #   * Horovod 0.28.1 built from its PyPI sdist with the C++20 fix; the built wheel is cached in
 #     $TSMTRAIN_WHEEL_CACHE (default ~/.cache/tsmtrain/wheels) so a second set-up skips the build.
 # Idempotent: every step is skipped when its result is already there.
@@ -36,6 +37,23 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip setuptools wheel packaging
 log "installing torch, torchvision and requirements"
 "${PIP[@]}" install -r requirements.txt
+
+# 2b. GPU video decoding from PyPI: PyNvVideoCodec (NVIDIA's NVDEC API; data.decoder:
+#     pynvvideocodec) needs only the NVIDIA driver, so it is installed where one is present
+#     (/proc/driver/nvidia/version, or nvidia-smi). TSMTRAIN_GPU_DECODER=none skips it,
+#     =pynvvideocodec installs it anyway (a login node without GPUs building a shared venv).
+#     torchcodec from PyPI is CPU-only; its CUDA build comes from the PyTorch index
+#     (docs/installing.md). `tsmtrain env` says which decoders work on the GPU.
+gpu_decoder=${TSMTRAIN_GPU_DECODER:-auto}
+if [ "$gpu_decoder" = auto ]; then
+    gpu_decoder=none
+    if [ -e /proc/driver/nvidia/version ] || nvidia-smi -L >/dev/null 2>&1; then gpu_decoder=pynvvideocodec; fi
+fi
+case "$gpu_decoder" in
+    pynvvideocodec) log "installing pynvvideocodec (GPU decoding with NVDEC)"; "${PIP[@]}" install "pynvvideocodec>=2.2" ;;
+    none) log "no NVIDIA driver here: GPU video decoding (pynvvideocodec) not installed" ;;
+    *) log "TSMTRAIN_GPU_DECODER=$gpu_decoder: use auto, pynvvideocodec or none"; exit 1 ;;
+esac
 
 # 3. Horovod 0.28.1 from its sdist: it asks for C++14 but torch 2.x headers need C++20.
 #    With nvcc (CUDA_HOME, default /usr/local/cuda, or on PATH) it is built with

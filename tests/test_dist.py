@@ -225,6 +225,11 @@ def test_env_prints_what_horovod_was_built_with():
     done = cli("env")
     assert done.returncode == 0, done.stderr
     assert "torch " in done.stdout and "distributed: NCCL" in done.stdout and "Gloo yes" in done.stdout
+    decoders = [line for line in done.stdout.splitlines() if line.startswith("video decoder ")]
+    assert [line.split()[2].rstrip(":") for line in decoders] == ["torchcodec", "decord", "pynvvideocodec"]
+    if not torch.cuda.is_available():  # which GPU decoders work here, and why not
+        assert all("GPU (NVDEC) no" in line or "not installed" in line for line in decoders)
+        assert any("no CUDA device" in line for line in decoders)
     pytest.importorskip("horovod.torch")
     assert "horovod 0.28.1: NCCL " in done.stdout and "MPI yes, Gloo yes" in done.stdout
 

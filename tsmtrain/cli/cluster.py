@@ -98,8 +98,9 @@ def env(
     recipe: Optional[str] = typer.Argument(None, help="recipe whose dist.engine to use (default horovod)"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Print what each rank sees: rank, local rank, world size, host, engine, devices; and what
-    Horovod and torch.distributed were built with (NCCL, MPI, Gloo, CUDA).
+    """Print what each rank sees: rank, local rank, world size, host, engine, devices; what
+    Horovod and torch.distributed were built with (NCCL, MPI, Gloo, CUDA); and which video
+    decoders are installed and which decode on the GPU (NVDEC).
 
     Run it the way the job runs ``tsmtrain run``, e.g. ``srun --mpi=pmix tsmtrain env``, or
     ``srun tsmtrain env recipe.yaml`` for a DDP recipe.
@@ -125,7 +126,9 @@ def env(
                       ", ".join(r["devices"]), str(r["cpus"]),
                       " ".join(f"{k}={v}" for k, v in r["launcher_env"].items()))
     Console(width=200).print(table)
-    for line in describe_builds():
+    from ..data.decoding import describe_decoders
+
+    for line in describe_builds() + describe_decoders():
         print(line)
 
 

@@ -60,7 +60,7 @@ import torch
 
 __all__ = ["BACKENDS", "GPU_BACKENDS", "GPU_ONLY", "SEEK_MODES", "VideoDecodeError", "Video",
            "open_video", "num_frames", "probe_size", "decode_frames", "resize_frames", "choose_seek_mode",
-           "gpu_decoders"]
+           "gpu_decoders", "describe_decoders"]
 
 BACKENDS = ("torchcodec", "decord", "pynvvideocodec")
 GPU_BACKENDS = ("pynvvideocodec", "torchcodec")  # backends that decode with NVDEC, in order of preference
@@ -443,3 +443,27 @@ def gpu_decoders(device: str = "cuda") -> dict[str, str | None]:
     it does not}``, for each of :data:`GPU_BACKENDS` (``"no CUDA device"`` on a machine without
     one; torchcodec from PyPI is a CPU-only build, see docs/installing.md)."""
     return {backend: probe_gpu_decoding(backend, device) for backend in GPU_BACKENDS}
+
+
+def describe_decoders(device: str = "cuda") -> list[str]:
+    """One line per video backend for ``tsmtrain env``: its installed version (or how to install
+    it), and whether it decodes on the CPU and on ``device`` with NVDEC (:func:`gpu_decoders`),
+    or why not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    gpu = gpu_decoders(device)
+    lines = []
+    for backend in BACKENDS:
+        pkg, extra = _PIP_PACKAGES[backend]
+        try:
+            name = f"{backend} {version(pkg)}"
+        except PackageNotFoundError:
+            lines.append(f"video decoder {backend}: not installed (pip install tsmtrain[{extra}]"
+                         + ("; make setup installs it where an NVIDIA driver is present)" if backend in GPU_ONLY
+                            else ")"))
+            continue
+        cpu = "no (GPU only)" if backend in GPU_ONLY else "yes"
+        on_gpu = ("no (CPU only)" if backend not in GPU_BACKENDS
+                  else "yes" if gpu[backend] is None else f"no: {gpu[backend]}")
+        lines.append(f"video decoder {name}: CPU {cpu}; GPU (NVDEC) {on_gpu}")
+    return lines
