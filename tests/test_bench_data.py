@@ -57,6 +57,10 @@ def test_bench_data_refuses_bad_arguments(tmp_path, tiny_demo):
         bench_data(recipe, clips=1)
     with pytest.raises(DataBenchError, match="at least 1 round"):
         bench_data(recipe, rounds=0)
+    gpu = load_recipe(tiny_recipe(tmp_path / "g.yaml", tiny_demo, "bench",
+                                  data={"decoder": "pynvvideocodec", "decode_device": "cuda"}))
+    with pytest.raises(DataBenchError, match="GPU only.*--set data.decoder=torchcodec"):
+        bench_data(gpu)
     nothing = tmp_path / "nothing.txt"
     nothing.write_text(f"{tmp_path / 'missing.mp4'} 0\n")
     bad = load_recipe(tiny_recipe(tmp_path / "b.yaml", tiny_demo, "bench", data={"train_list": str(nothing)}))

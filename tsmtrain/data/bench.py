@@ -40,6 +40,7 @@ import torch
 
 from .decoding import VideoDecodeError, choose_seek_mode
 from .lists import read_list
+from .decoding import GPU_ONLY
 from .loader import build_loader, clip_dataset
 from .sampling import segment_indices
 from .transforms import VideoTransform
@@ -255,6 +256,9 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
         raise DataBenchError(f"--rounds: need at least 1 round, got {rounds}")
     if split == "val" and not d.val_list:
         raise DataBenchError("the recipe has no data.val_list to benchmark")
+    if d.decoder in GPU_ONLY:
+        raise DataBenchError(f"data.decoder: {d.decoder} decodes on the GPU only, and bench data measures the CPU "
+                             f"loader: add --set data.decoder=torchcodec (tsmtrain doctor measures NVDEC clips/s)")
     train = split == "train"
     records = read_list(d.train_list if train else d.val_list, d.root, recipe.model.num_classes)
     dataset = clip_dataset(recipe, records, train=train)
