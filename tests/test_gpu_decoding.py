@@ -272,3 +272,27 @@ def test_decode_ahead_raises_the_decoders_error_and_stops_when_left():
             break  # a stop request or stop_after_steps: the generator is closed here
     assert not any(t.name == "tsmtrain-decode-ahead" for t in threading.enumerate() if t.name not in before)
     assert max(int(e.split()[1]) for e in rec.log if e.startswith("decode")) <= 2
+
+
+@pytest.mark.slow
+def test_training_through_the_gpu_path_equals_the_cpu_path_and_resumes_exactly(tmp_path, tiny_demo, monkeypatch):
+    """A run whose clips come through the encoded path and DecodeAhead (forced on the CPU) trains
+    the same weights as the CPU loader's run, bit for bit, also when stopped mid-epoch (the decode
+    thread left with a batch ahead) and resumed; evaluation goes through the same path."""
+    from tests.conftest import tiny_recipe
+    from tsmtrain.recipe import load_recipe
+    from tsmtrain.train import train
+
+    def recipe(name, **sets):
+        path = tiny_recipe(tmp_path / f"{name}.yaml", tiny_demo, name, dist={"engine": "none"})
+        return load_recipe(path, [f"{k}={v}" for k, v in sets.items()])
+
+    reference = train(recipe("cpu"))
+    monkeypatch.setattr(VideoClipDataset, "decodes_on_gpu", property(lambda self: True))
+    cut = train(recipe("gpu", **{"train.stop_after_steps": 5}))
+    assert cut.step == 5
+    resumed = train(recipe("gpu"), resume=True)
+    assert resumed.step == reference.step
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.eval["top1"] == reference.eval["top1"]
