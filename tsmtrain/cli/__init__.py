@@ -10,6 +10,8 @@ prints what it returns:
 * :mod:`.cluster`: ``render`` (:func:`tsmtrain.dist.slurm.render_sbatch`), ``submit``
   (:func:`tsmtrain.dist.slurm.submit`), ``env`` (:func:`tsmtrain.dist.base.describe_rank` on
   every rank), and the cluster flags of ``render``, ``submit`` and ``sweep``
+* :mod:`.doctor`: ``doctor`` (:func:`tsmtrain.train.doctor.run_doctor`: a node's readiness
+  table and figures)
 * :mod:`.data`: ``prepare`` (:mod:`tsmtrain.data.prepare`: re-encode the videos for training)
 * :mod:`.benchmarks`: ``bench data`` (:mod:`tsmtrain.data.bench`), ``bench step``
   (:func:`tsmtrain.train.bench.bench_step`)
@@ -127,13 +129,14 @@ def user_errors() -> Iterator[None]:
 
 
 # the command groups use the helpers above, so they are imported once those exist
-from . import benchmarks, cluster, data, scaling, testing, training  # noqa: E402
+from . import benchmarks, cluster, data, doctor, scaling, testing, training  # noqa: E402
 
 # registered in the order ``tsmtrain --help`` lists them
 for _name, _command in (("run", training.run), ("test", testing.test), ("predict", testing.predict),
                         ("validate", training.validate), ("model-info", training.model_info),
                         ("prepare", data.prepare), ("render", cluster.render), ("submit", cluster.submit),
-                        ("env", cluster.env), ("sweep", scaling.sweep), ("report", scaling.report)):
+                        ("env", cluster.env), ("doctor", doctor.doctor),
+                        ("sweep", scaling.sweep), ("report", scaling.report)):
     app.command(_name)(_command)
 del _name, _command
 
