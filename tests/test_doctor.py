@@ -79,9 +79,11 @@ def test_a_recipe_that_needs_a_gpu_exits_1_naming_the_failing_rows(tiny_demo, tm
     assert failing == {"CUDA available", "GPUs", "training step"}
     assert all(rows(record)[c]["required"] for c in failing) and record["exit_status"] == 1
     # decoding on the GPU needs a GPU decoder that works: the recipe's data.decoder
-    result = doctor(DEMO, "--clips", 4, *demo_sets(tiny_demo), "--set", "data.decode_device=cuda")
+    result = doctor(DEMO, "--json", out, "--clips", 4, *demo_sets(tiny_demo), "--set", "data.decode_device=cuda")
     assert result.exit_code == 1, result.output
     assert "failed: GPU decoding: torchcodec: no CUDA device" in result.stderr.splitlines()
+    # ... while its CPU loader, whose workers then only read bytes, is measured but not required
+    assert rows(json.loads(out.read_text()))["loader (CPU)"]["required"] is False
 
 
 def test_a_bad_recipe_key_is_one_error_line_and_exit_2():

@@ -243,10 +243,15 @@ def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, 
 
     Returns:
         ``(train_list, val_list)``.
+
+    Raises:
+        RuntimeError: ffmpeg is missing (only when something is to be rendered) or fails.
     """
     train_list, val_list = root / "train.txt", root / "val.txt"
-    if is_complete(root, params):
+    if is_complete(root, params):  # (a GPU node without ffmpeg can read a dataset rendered elsewhere)
         return train_list, val_list
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError(f"ffmpeg not found: the {kind} dataset is encoded with it (apt-get install ffmpeg)")
     jobs = []
     for split, per_class, split_seed in (("train", params["train_per_class"], 0), ("val", params["val_per_class"], 1)):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
@@ -286,8 +291,6 @@ def generate_demo_dataset(root: str | Path, num_classes: int = 4, train_per_clas
     """
     if num_classes % 2 or not 2 <= num_classes <= 2 * len(PAIRS):
         raise ValueError(f"num_classes must be even and in 2..{2 * len(PAIRS)}, got {num_classes}")
-    if shutil.which("ffmpeg") is None:
-        raise RuntimeError("ffmpeg not found: the demo dataset is encoded with it (apt-get install ffmpeg)")
     root = Path(root)
     params = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
                   frames=frames, size=size, fps=fps, seed=seed, version=2)
@@ -314,8 +317,6 @@ def generate_study_dataset(root: str | Path, num_classes: int = 12, train_per_cl
         raise ValueError(f"num_classes must be even and in 2..{2 * len(STUDY_PAIRS)}, got {num_classes}")
     if train_per_class < 1 or val_per_class < 1:
         raise ValueError(f"train_per_class ({train_per_class}) and val_per_class ({val_per_class}) must be >= 1")
-    if shutil.which("ffmpeg") is None:
-        raise RuntimeError("ffmpeg not found: the study dataset is encoded with it (apt-get install ffmpeg)")
     root = Path(root)
     params = dict(kind="study", num_classes=num_classes, train_per_class=train_per_class,
                   val_per_class=val_per_class, frames=frames, size=size, fps=fps, distractors=distractors,

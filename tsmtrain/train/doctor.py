@@ -29,7 +29,7 @@ On a machine without CUDA every GPU row is ``skipped`` with the detail ``no CUDA
 the rest runs. A row is *required* when the recipe needs what it checks (``train.device: cuda``
 needs CUDA, GPUs and the step; ``data.decode_device: cuda`` a working ``data.decoder`` on the
 GPU; ``dist.engine: horovod`` Horovod, with NCCL when it trains on GPUs; ``ddp`` Gloo, and NCCL on
-GPUs; ``dist.launcher: mpi`` mpirun; a recipe its loader); without a recipe, Python and torch,
+GPUs; ``dist.launcher: mpi`` mpirun; a recipe decoding on the CPU its CPU loader); without a recipe, Python and torch,
 and on a node with CUDA its GPUs and NCCL. A required row that is not ``ok`` is ``fail``, and
 :attr:`DoctorResult.exit_status` is then 1.
 """
@@ -142,7 +142,8 @@ def required_checks(recipe) -> set[str]:
     if recipe is None:
         return needed | ({"CUDA available", "GPUs", "NCCL (torch)"} if torch.cuda.is_available() else set())
     cuda, engine = _uses_cuda(recipe), recipe.dist.engine
-    needed.add("loader (CPU)")
+    if recipe.data.decode_device == "cpu":  # with GPU decoding the workers only read bytes
+        needed.add("loader (CPU)")
     if cuda:
         needed |= {"CUDA available", "GPUs", "training step"}
     if recipe.data.decode_device == "cuda":
