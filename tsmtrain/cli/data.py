@@ -49,6 +49,11 @@ def prepare(
     shards: bool = typer.Option(False, "--shards", help="pack the videos into indexed tar shards (OUT/shards/, "
                                                         "OUT/index.json) instead of one file per video"),
     shard_size: str = typer.Option("1GiB", "--shard-size", help="with --shards: bytes per shard, e.g. 1GiB, 512MiB"),
+    flow: Optional[str] = typer.Option(None, "--flow", help="also store each video's optical flow beside it "
+                                                            "(NAME.flow.mkv): tvl1, dis or farneback"),
+    flow_preset: str = typer.Option("medium", "--flow-preset", help="with --flow dis: ultrafast, fast or medium"),
+    flow_bound: float = typer.Option(20.0, "--flow-bound", help="with --flow: pixels; flow is clipped to +-this, "
+                                                                "then quantized to 0..255"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="try again the videos that failed before"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     plan: bool = typer.Option(False, "--plan", help="encode nothing for training: measure trial encodings (--gops "
@@ -70,6 +75,7 @@ def prepare(
 
     With --shards, the videos go into tar files of about --shard-size (WebDataset layout) and
     OUT/index.json, which a recipe reads with data.root: OUT/index.json.
+    With --flow, each video's optical flow is stored beside it (lossless FFV1, NAME.flow.mkv).
 
     Run it again to continue after a stop: finished videos are skipped. On a cluster, run the
     array tasks (--shard I/N for I = 0..N-1, a Slurm job array: slurm/prepare.sbatch), then --merge.
@@ -81,9 +87,10 @@ def prepare(
     from ..data.prepare import ManifestError, PrepareError, Settings, check_options, parse_shard, plan_videos
     from ..data.shards import parse_size
 
-    settings = Settings(short_side=short_side[-1], gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode)
+    settings = Settings(short_side=short_side[-1], gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode,
+                        flow=flow, flow_preset=flow_preset, flow_bound=flow_bound)
     try:
-        check_options(recipe, lists, root, shard, merge, tasks, settings)
+        check_options(recipe, lists, root, shard, merge, tasks, settings, shards)
         size = parse_size(shard_size) if shards else None
     except PrepareError as err:
         fail(err.problems)

@@ -149,6 +149,13 @@ class Settings:
             frame needs no later frame, so a seek decodes fewer frames). Measured on this
             project's 2-core machine with torchcodec, 8 frames of a 640x360 clip prepared at
             456x256, GOP 16: 84 ms per clip without, 40 ms with, for 12% larger files.
+        flow: ``None`` (no optical flow), or ``"tvl1"``, ``"dis"`` or ``"farneback"``: also store
+            each video's optical flow beside it, ``NAME.flow.mkv`` (:mod:`.flow`).
+        flow_preset: DIS preset (``ultrafast``, ``fast``, ``medium``); recorded for the others too.
+        flow_bound: pixels: flow is clipped to +-this and quantized to 0..255.
+
+    Without ``flow`` the flow fields are left out of :meth:`key`, so records made before flow
+    existed still count as done.
     """
 
     short_side: int = 256
@@ -157,6 +164,9 @@ class Settings:
     crf: int = 23
     preset: str = "fast"
     fastdecode: bool = True
+    flow: str | None = None
+    flow_preset: str = "medium"
+    flow_bound: float = 20.0
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, one line each (empty when they are usable)."""
@@ -177,10 +187,16 @@ class Settings:
                     out.append(f"--fps {self.fps}: outside {FPS_RANGE[0]:g}..{FPS_RANGE[1]:g} frames/s")
             except (ValueError, ZeroDivisionError):
                 out.append(f"--fps {self.fps!r}: not a frame rate (e.g. 25, 29.97 or 30000/1001)")
-        return out
+        from .flow import check_flow_settings
+
+        return out + check_flow_settings(self.flow, self.flow_preset, self.flow_bound)
 
     def key(self) -> dict[str, Any]:
-        return asdict(self)
+        key = asdict(self)
+        if self.flow is None:
+            for name in ("flow", "flow_preset", "flow_bound"):
+                del key[name]
+        return key
 
 
 @dataclass(frozen=True)
@@ -296,10 +312,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def check_options(recipe: str | None, lists: Sequence[str], root: str | None, shard: str | None, merge: bool,
-                  tasks: int | None, settings: Settings) -> None:
+                  tasks: int | None, settings: Settings, shards: bool = False) -> None:
     """Check the options of ``tsmtrain prepare`` together, before anything is read: a recipe or
     list files (with their ``root``), ``shard`` (``--shard I/N``) or ``merge`` (with ``tasks``,
-    ``--tasks N``), and the encoding ``settings``.
+    ``--tasks N``), the encoding ``settings`` and ``shards`` (``--shards``: not with flow yet).
 
     Raises:
         PrepareError: one line per problem, each naming the option.
@@ -317,6 +333,8 @@ def check_options(recipe: str | None, lists: Sequence[str], root: str | None, sh
     if tasks is not None and not merge:
         problems.append("--tasks goes with --merge (a task is chosen with --shard I/N)")
     problems += settings.problems()
+    if shards and settings.flow is not None:
+        problems.append("--flow with --shards is not supported yet: prepare files (no --shards) for flow")
     if problems:
         raise PrepareError(problems)
 
@@ -666,7 +684,13 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         ``gop`` (frames), ``frame_mappings`` (sidecar path relative to ``out_dir`` or None),
         ``list``, ``notes`` (list of text), ``source_info`` (codec, stored size, sar, rotation,
         pix_fmt, frame rates, frames, seconds as ffprobe reported them), ``settings``,
-        ``encode_seconds`` (wall time), ``host``, ``time`` (seconds since the epoch).
+        ``encode_seconds`` (wall time), ``host``, ``time`` (seconds since the epoch). With
+        ``settings.flow`` also ``flow`` (the flow video, relative to ``out_dir``; None when failed),
+        ``flow_method``, ``flow_preset``, ``flow_bound`` (px), ``flow_frames`` (``frames - 1``),
+        ``flow_bytes``, ``flow_seconds`` (wall time of decoding, flow and writing) and
+        ``flow_max_error``, ``flow_mean_error`` (px: quantization and storage, within the bound),
+        ``flow_clipped`` (fraction of values beyond the bound), ``flow_mean_clip_error`` (px:
+        mean error with the clipping) (:func:`.flow.flow_of_video`).
 
     Raises:
         _Abort: the output folder cannot be written (disk full, permission): a problem of the
@@ -679,15 +703,23 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         source=video.source, output=None, status="failed", reason=None, frames=0, fps=None, frame_rate=None,
         width=None, height=None, seconds=None, bytes_in=bytes_in, bytes_out=0, gop=settings.gop,
         frame_mappings=None, list=video.list, notes=[], source_info=None, settings=settings.key())
+    if settings.flow is not None:
+        record.update(flow=None, flow_method=settings.flow, flow_preset=settings.flow_preset,
+                      flow_bound=settings.flow_bound, flow_frames=0, flow_bytes=0, flow_seconds=None)
     target = out_dir / video.output
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _Abort(f"cannot create {target.parent}: {err.strerror or err}") from None
-    for pattern in (f".{target.name}.part-", f".{target.name}{FRAMES_SUFFIX}.part-"):  # left by a killed run
+    from .flow import flow_path
+
+    flow_target = out_dir / flow_path(video.output)
+    for pattern in (f".{target.name}.part-", f".{target.name}{FRAMES_SUFFIX}.part-",
+                    f".{flow_target.name}.part-"):  # left by a killed run
         for stale in target.parent.glob(glob.escape(pattern) + "*"):
             stale.unlink(missing_ok=True)
     part = target.with_name(f".{target.name}.part-{os.getpid()}")
+    flow_part = flow_target.with_name(f".{flow_target.name}.part-{os.getpid()}")
     try:
         info = probe_source(video.source)
         record["source_info"] = {k: (str(v) if isinstance(v, Fraction) else v) for k, v in info.items()}
@@ -707,11 +739,18 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         if info.get("seconds") and len(frames) / fps < 0.5 * info["seconds"]:
             record["notes"].append(f"only {float(len(frames) / fps):.2f} s of the source's {info['seconds']:.2f} s "
                                    "could be decoded (truncated or damaged source?)")
+        if settings.flow is not None:
+            record.update(_flow(part, flow_part, fps, settings, decoder))
         try:
             if frame_mappings:
                 sidecar = target.with_name(target.name + FRAMES_SUFFIX)
                 _write_atomic(sidecar, json.dumps({"frames": frames}, separators=(",", ":")))
                 record["frame_mappings"] = sidecar.relative_to(out_dir).as_posix()
+            if settings.flow is not None:
+                _fsync(str(flow_part))
+                os.replace(flow_part, flow_target)
+                record.update(flow=flow_target.relative_to(out_dir).as_posix(),
+                              flow_bytes=flow_target.stat().st_size)
             _fsync(str(part))
             os.replace(part, target)
         except OSError as err:
@@ -723,8 +762,28 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         record["reason"] = str(err)
     finally:
         part.unlink(missing_ok=True)
+        flow_part.unlink(missing_ok=True)
     record.update(encode_seconds=round(time.time() - started, 3), host=socket.gethostname(), time=time.time())
     return record
+
+
+def _flow(part: Path, flow_part: Path, fps: Fraction, settings: Settings, decoder: str) -> dict:
+    """Compute, write and verify the flow of the verified output ``part`` into ``flow_part``;
+    returns the record's flow fields. Raises _SourceError (the video's problem) or _Abort."""
+    from .flow import FlowError, flow_of_video
+
+    try:
+        done = flow_of_video(part, flow_part, f"{fps.numerator}/{fps.denominator}", settings.flow,
+                             settings.flow_preset, settings.flow_bound, decoder)
+    except FlowError as err:
+        if "No space left on device" in str(err) or "Permission denied" in str(err):
+            raise _Abort(str(err)) from None
+        raise _SourceError(f"optical flow: {err}") from None
+    except Exception as err:  # OpenCV raises cv2.error for what it cannot compute
+        raise _SourceError(f"optical flow: {type(err).__name__}: {str(err).strip()[:300]}") from None
+    return dict(flow_frames=done["frames"], flow_seconds=done["seconds"], flow_max_error=done["max_error"],
+                flow_mean_error=done["mean_error"], flow_clipped=done["clipped"],
+                flow_mean_clip_error=done["mean_clip_error"])
 
 
 # --------------------------------------------------------------------------- journals and manifest
@@ -826,6 +885,10 @@ def _is_done(record: dict | None, video: Video, out_dir: Path, settings: Setting
     sidecar = record.get("frame_mappings")
     if frame_mappings and sidecar is None:
         return False
+    flow = record.get("flow")
+    if settings.flow is not None and (flow is None or not (out_dir / flow).is_file()
+                                      or (out_dir / flow).stat().st_size != record.get("flow_bytes")):
+        return False
     return (record.get("output") == video.output and target.is_file() and target.stat().st_size == record.get("bytes_out")
             and (sidecar is None or (out_dir / sidecar).is_file()))
 
@@ -871,6 +934,7 @@ class ShardSummary:
         source_seconds: duration of the sources prepared now (s of video).
         failures: ``(source, reason)`` of the failures now.
         notes: ``(source, note)`` of the videos prepared now with a note (fallback frame rate...).
+        flow_seconds: with flow: wall time (s) of the flow of the videos prepared now, summed.
     """
 
     shard: tuple[int, int]
@@ -882,6 +946,7 @@ class ShardSummary:
     source_seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
+    flow_seconds: float = 0.0
 
     @property
     def videos_per_s(self) -> float:
@@ -994,6 +1059,7 @@ def run_shard(plan: Plan, settings: Settings, shard: tuple[int, int] = (0, 1), j
                             summary.failures.append((record["source"], record["reason"]))
                         else:
                             summary.source_seconds += (record["source_info"] or {}).get("seconds") or record["seconds"]
+                            summary.flow_seconds += record.get("flow_seconds") or 0.0
                         summary.notes.extend((record["source"], n) for n in record["notes"])
                         journal.append(record)
                         if on_record is not None:
@@ -1026,6 +1092,8 @@ def summary_lines(summary: ShardSummary, sharded: bool, failures: int = 20) -> l
     rate = (f" in {s.seconds:.1f} s: {s.videos_per_s:.2f} videos/s, "
             f"{s.source_seconds / s.seconds if s.seconds else 0:.1f} s of video per s") if s.ok + s.failed else ""
     lines = [f"{label}{s.videos} videos: {s.ok} prepared, {s.failed} failed, {s.done_before} already done{rate}"]
+    if s.flow_seconds and s.ok:
+        lines.append(f"optical flow: {s.flow_seconds / s.ok:.2f} s per video ({s.flow_seconds:.1f} s of work)")
     lines += [f"failed: {source}: {reason}" for source, reason in s.failures[:failures]]
     if len(s.failures) > failures:
         lines.append(f"failed: ... {len(s.failures) - failures} more (reasons in the manifest)")
