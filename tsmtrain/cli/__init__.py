@@ -6,7 +6,8 @@ prints what it returns:
 * :mod:`.training`: ``run`` (:func:`tsmtrain.train.train`), ``validate`` (the resolved recipe),
   ``model-info`` (:mod:`tsmtrain.models` parameter and multiply-add counts)
 * :mod:`.testing`: ``test`` (:func:`tsmtrain.train.testing.run_test`), ``predict``
-  (:func:`tsmtrain.train.testing.predict_videos`)
+  (:func:`tsmtrain.train.testing.predict_videos`), ``fuse`` (:func:`tsmtrain.train.fusion.fuse_runs`:
+  late fusion of tested runs)
 * :mod:`.cluster`: ``render`` (:func:`tsmtrain.dist.slurm.render_sbatch`), ``submit``
   (:func:`tsmtrain.dist.slurm.submit`), ``env`` (:func:`tsmtrain.dist.base.describe_rank` on
   every rank), and the cluster flags of ``render``, ``submit`` and ``sweep``
@@ -133,6 +134,7 @@ from . import benchmarks, cluster, data, doctor, scaling, testing, training  # n
 
 # registered in the order ``tsmtrain --help`` lists them
 for _name, _command in (("run", training.run), ("test", testing.test), ("predict", testing.predict),
+                        ("fuse", testing.fuse),
                         ("validate", training.validate), ("model-info", training.model_info),
                         ("prepare", data.prepare), ("render", cluster.render), ("submit", cluster.submit),
                         ("env", cluster.env), ("doctor", doctor.doctor),

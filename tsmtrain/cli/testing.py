@@ -1,10 +1,13 @@
-"""``tsmtrain test`` and ``tsmtrain predict``: a trained checkpoint under a view protocol.
+"""``tsmtrain test``, ``tsmtrain predict`` and ``tsmtrain fuse``: a trained checkpoint under a
+view protocol, and the late fusion of tested runs.
 
 * ``test RECIPE [--checkpoint PATH] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
   :func:`tsmtrain.train.testing.run_test` (through :func:`tsmtrain.cli.relaunch` when N ranks
   must be started on this host), printed by :func:`tsmtrain.train.testing.format_report`
 * ``predict RECIPE VIDEO... [--checkpoint PATH] [--top K]`` ->
   :func:`tsmtrain.train.testing.predict_videos`; exits 1 when a video is unreadable
+* ``fuse RUN... [--weights W,W] [--test-dir NAME] [--json FILE]`` ->
+  :func:`tsmtrain.train.fusion.fuse_runs`, printed by :func:`tsmtrain.train.fusion.format_fusion`
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import typer
 
 from . import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
 
-__all__ = ["test", "predict", "prediction_lines"]
+__all__ = ["test", "predict", "fuse", "prediction_lines"]
 
 CHECKPOINT_HELP = "checkpoint file (default: the run directory's latest)"
 
@@ -45,7 +48,8 @@ def test(
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Test a checkpoint under a view protocol: top-1, top-5 and mean class accuracy; per-class
-    table, confusion matrix and predictions in RUN_DIR/test/."""
+    table, confusion matrix, predictions and every video's class scores (for tsmtrain fuse) in
+    RUN_DIR/test/."""
     protocol = _protocol(clips, crops)
     if list_file is not None and not Path(list_file).is_file():
         fail(f"--list {list_file}: list file not found")
@@ -106,3 +110,30 @@ def prediction_lines(results: list[dict], names: list[str] | None) -> list[str]:
         lines += [f"  {score:7.4f}  {c:>4}  {names[c] if names else ''}".rstrip()
                   for c, score in zip(r["top"], r["scores"])]
     return lines
+
+
+def fuse(
+    runs: list[str] = typer.Argument(..., metavar="RUN", help="run directories (each one's latest test) or test folders "
+                                               "(RUN_DIR/test/NAME), at least two"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="one weight per run, e.g. 1,1.5 (default: 1 each)"),
+    test_dir: Optional[str] = typer.Option(None, "--test-dir", help="the test folder to fuse in every run directory, "
+                                                                    "e.g. test-2clips-3crops (default: the latest)"),
+    json_file: Optional[str] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+) -> None:
+    """Late fusion of tested runs (e.g. two streams): the weighted average of their saved per-video
+    class scores; top-1, top-5 and mean class accuracy of each run and of the fusion."""
+    import json
+
+    from ..train.fusion import FusionError, format_fusion, fuse_runs, parse_weights
+
+    try:
+        result = fuse_runs(runs, parse_weights(weights, len(runs)) if weights is not None else None, test_dir)
+    except FusionError as err:
+        fail(str(err))
+    print(format_fusion(result))
+    if json_file:
+        try:
+            Path(json_file).write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as err:
+            fail(f"--json {json_file}: cannot write it: {err.strerror or err}")
+        print(f"wrote {json_file}")

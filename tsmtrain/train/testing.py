@@ -18,7 +18,8 @@ Accuracy"). A video that cannot be decoded is never replaced by another one (the
 not change): it is reported with its path and counted as a wrong prediction in every figure.
 
 Files (rank 0, in ``RUN_DIR/test/test-KclipsxCcrops[-LIST]/``, :func:`write_reports`):
-``summary.json``, ``per_class.csv``, ``confusion.png`` and ``predictions.csv``.
+``summary.json``, ``per_class.csv``, ``confusion.png``, ``predictions.csv`` and ``scores.npz``
+(every video's K class scores, for late fusion: :mod:`tsmtrain.train.fusion`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..dist.base import Engine
 from ..models import create_model
 from ..recipe import Recipe
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .fusion import write_scores
 from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
 from .step import as_memory_format, autocast
 
@@ -163,7 +165,8 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
     Returns:
         One dict per video of the shard: ``index`` (in ``records``), ``label``, ``top`` (the
         ``min(top, classes)`` best classes, best first), ``scores`` (their averaged softmax
-        scores), ``error`` (None, or why the video could not be read).
+        scores), ``class_scores`` (float32 ``(K,)``: the averaged softmax scores of every class;
+        None when unreadable), ``error`` (None, or why the video could not be read).
     """
     d = recipe.data
     decoder, where = decoding_target(d.decoder, d.decode_device, torch.device(device))
@@ -178,7 +181,8 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
     for batch in loader:
         for index, label, error in batch["failed"]:
             log.warning("unreadable video, counted as wrong: %s", error)
-            results.append({"index": index, "label": label, "top": [], "scores": [], "error": error})
+            results.append({"index": index, "label": label, "top": [], "scores": [], "class_scores": None,
+                            "error": error})
         if batch["frames"] is None:
             continue
         x = views(batch["frames"].to(device))  # (N, V, T, 3, S, S)
@@ -187,9 +191,10 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
             logits = model(as_memory_format(x.flatten(0, 1), recipe.train.channels_last))
         probs = average_view_scores(logits.float().view(*nv, -1))  # (N, K)
         best = probs.topk(k, dim=1)
+        every = probs.cpu().numpy().astype(np.float32)
         for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
             results.append({"index": index, "label": label, "top": best.indices[i].tolist(),
-                            "scores": best.values[i].tolist(), "error": None})
+                            "scores": best.values[i].tolist(), "class_scores": every[i].copy(), "error": None})
     return results
 
 
@@ -263,14 +268,28 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict], records: li
       (matplotlib, Agg backend);
     * ``predictions.csv``: per video, its path (relative to ``data.root`` where it lies under
       it), label, label name, status (``ok`` or the decoding error), then the top-5 classes,
-      their names and averaged softmax scores, best first.
+      their names and averaged softmax scores, best first;
+    * ``scores.npz``: per readable video its ``(K,)`` averaged softmax scores, with labels and
+      paths (:func:`tsmtrain.train.fusion.write_scores`; ``summary.json`` gets its ``scores``
+      section: the list's and the class map's fingerprints, the unreadable videos), when the
+      results have ``class_scores``.
 
     Returns:
-        ``{"summary": path, "per_class": path, "confusion": path, "predictions": path}``.
+        ``{"summary": path, "per_class": path, "confusion": path, "predictions": path,
+        "scores": path}`` (no ``"scores"`` without ``class_scores``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta)
     files = {k: out_dir / f for k, f in (("summary", "summary.json"), ("per_class", "per_class.csv"),
-                                         ("confusion", "confusion.png"), ("predictions", "predictions.csv"))}
+                                         ("confusion", "confusion.png"), ("predictions", "predictions.csv"),
+                                         ("scores", "scores.npz"))}
+    videos = [_relative(records[r["index"]].path, root) for r in results]
+    if not all("class_scores" in r for r in results):
+        files.pop("scores").unlink(missing_ok=True)  # no stale scores of an earlier test
+    else:
+        files["scores"], meta["scores"] = write_scores(out_dir, videos, [r["label"] for r in results],
+                                                       [r["class_scores"] for r in results],
+                                                       summary["confusion"].shape[0], names)
     doc = {**meta, **{k: v for k, v in summary.items() if k not in ("per_class", "confusion")},
            "per_class": [{**p, "name": _name(names, p["class"])} for p in summary["per_class"]]}
     files["summary"].write_text(json.dumps(doc, indent=1) + "\n")
@@ -285,16 +304,19 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict], records: li
         w = csv.writer(f)
         w.writerow(["video", "label", "label_name", "status"]
                    + [f"top{i}_{x}" for i in range(1, k + 1) for x in ("class", "name", "score")])
-        root_path = Path(root)
-        for r in results:
-            path = Path(records[r["index"]].path)
-            video = path.relative_to(root_path) if path.is_relative_to(root_path) else path
-            row = [str(video), r["label"], _name(names, r["label"]), "ok" if r["error"] is None else r["error"]]
+        for r, video in zip(results, videos):
+            row = [video, r["label"], _name(names, r["label"]), "ok" if r["error"] is None else r["error"]]
             for c, s in zip(r["top"], r["scores"]):
                 row += [c, _name(names, c), f"{s:.6f}"]
             w.writerow(row)
     _plot_confusion(files["confusion"], summary["confusion"], names, meta.get("title", ""))
     return files
+
+
+def _relative(path: str, root: str) -> str:
+    """A video's path relative to ``data.root`` where it lies under it (as in the list file)."""
+    path, root_path = Path(path), Path(root)
+    return str(path.relative_to(root_path) if path.is_relative_to(root_path) else path)
 
 
 def _plot_confusion(path: Path, confusion: np.ndarray, names: list[str] | None, title: str) -> None:

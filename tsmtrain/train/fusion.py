@@ -1,0 +1,365 @@
+"""Late fusion of two-stream results (``tsmtrain fuse``): the saved per-video class scores of
+several tested runs, combined by a weighted average.
+
+Two-stream networks (appearance + motion: Simonyan & Zisserman 2014; TSN, Wang et al. 2016) are
+fused late: each stream is tested on its own, its per-video class scores (softmax averaged over
+the views) are saved, and the streams' score vectors are averaged with weights, as the test
+scripts of TSM and mmaction2 do.
+
+The scores file, ``scores.npz`` (:data:`SCORES_FILE`), written by ``tsmtrain test`` next to
+``summary.json`` in ``RUN_DIR/test/PROTOCOL[-LIST]/`` (:func:`write_scores`), holds, in list
+order (numpy ``.npz``, no pickled objects):
+
+* ``scores``: float32 ``(V, K)``: the averaged softmax scores of the V videos that were read;
+* ``labels``: int64 ``(V,)``; ``paths``: str ``(V,)``, the list entries as written in the list
+  file (relative to ``data.root``);
+* ``unreadable_paths``: str ``(U,)`` and ``unreadable_labels``: int64 ``(U,)``: the videos that
+  could not be read (no scores);
+* ``classes``: str ``(K,)``, the label map's names (``(0,)`` without one); ``num_classes``: K;
+* ``list_sha256``: the list's fingerprint (:func:`list_fingerprint`), also in ``summary.json``'s
+  ``scores`` section with ``classes_sha256`` (:func:`classes_fingerprint`).
+
+:func:`fuse_runs` loads one scores file per run (:func:`load_scores`: a run directory's latest
+test, a named test folder of it, or a test folder itself), refuses streams tested on different
+lists or class maps (:func:`check_same_test`), fuses the videos read in every run
+(:func:`fuse_scores`) and computes top-1, top-5 and mean class accuracy of each stream and of the
+fusion on them with :func:`tsmtrain.train.testing.summarise` (:func:`figures`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SCORES_FILE", "FusionError", "StreamScores", "list_fingerprint", "classes_fingerprint", "write_scores",
+           "find_test_folder", "load_scores", "check_same_test", "parse_weights", "fuse_scores", "figures",
+           "fuse_runs", "format_fusion"]
+
+SCORES_FILE = "scores.npz"
+"""The name of a test's per-video scores file in its test folder."""
+
+_EXAMPLES = 3  # paths named in a message about a difference
+
+
+class FusionError(ValueError):
+    """A fusion that cannot be done: a run without saved scores, streams tested on different
+    lists or class maps, bad weights. The message is one line naming the runs."""
+
+
+def list_fingerprint(paths: list[str], labels: list[int]) -> str:
+    """The sha256 (hex) of a test list: its sorted ``(path, label)`` pairs, one ``PATH\\tLABEL``
+    line each (UTF-8), so the same videos with the same labels in any order match."""
+    text = "".join(f"{p}\t{int(y)}\n" for p, y in sorted(zip(paths, labels)))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def classes_fingerprint(names: list[str] | None, num_classes: int) -> str:
+    """The sha256 (hex) of a class map: its names, one per line; without names, of ``K classes``."""
+    text = "".join(f"{n}\n" for n in names) if names else f"{num_classes} classes\n"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_scores(out_dir: Path, paths: list[str], labels: list[int], scores: list[np.ndarray | None],
+                 num_classes: int, names: list[str] | None) -> tuple[Path, dict]:
+    """Write ``out_dir/scores.npz`` (format: the module's docstring).
+
+    Args:
+        paths: every video of the list, as written in the list file, in list order.
+        labels: their labels.
+        scores: per video its ``(K,)`` averaged class scores, or None when it could not be read.
+        names: the class names (``K`` of them) or None.
+
+    Returns:
+        ``(path, meta)``: meta is the ``scores`` section of ``summary.json``: ``file``, ``videos``
+        (V, with scores), ``unreadable`` (their paths), ``num_classes``, ``classes_sha256``,
+        ``list_sha256``.
+
+    Raises:
+        ValueError: the lengths differ or a score vector is not ``(K,)``.
+    """
+    if not len(paths) == len(labels) == len(scores):
+        raise ValueError(f"{len(paths)} paths, {len(labels)} labels, {len(scores)} score vectors")
+    read = [i for i, s in enumerate(scores) if s is not None]
+    lost = [i for i, s in enumerate(scores) if s is None]
+    matrix = np.stack([np.asarray(scores[i], dtype=np.float32) for i in read]) if read \
+        else np.zeros((0, num_classes), dtype=np.float32)
+    if matrix.shape[1:] != (num_classes,):
+        raise ValueError(f"score vectors of shape {matrix.shape[1:]}, expected ({num_classes},)")
+    fingerprint = list_fingerprint(paths, labels)
+    path = Path(out_dir) / SCORES_FILE
+    tmp = path.with_name(f".{SCORES_FILE}.{os.getpid()}.npz")
+    np.savez_compressed(tmp, scores=matrix, labels=np.array([labels[i] for i in read], dtype=np.int64),
+                        paths=np.array([paths[i] for i in read], dtype=str),
+                        unreadable_paths=np.array([paths[i] for i in lost], dtype=str),
+                        unreadable_labels=np.array([labels[i] for i in lost], dtype=np.int64),
+                        classes=np.array(names or [], dtype=str), num_classes=np.int64(num_classes),
+                        list_sha256=np.array(fingerprint))
+    tmp.replace(path)
+    meta = {"file": SCORES_FILE, "videos": len(read), "unreadable": [paths[i] for i in lost],
+            "num_classes": num_classes, "classes_sha256": classes_fingerprint(names, num_classes),
+            "list_sha256": fingerprint}
+    return path, meta
+
+
+@dataclass
+class StreamScores:
+    """One run's saved test scores (:func:`load_scores`).
+
+    Attributes:
+        run: the run as given (a run directory or a test folder).
+        folder: the test folder read.
+        scores: float32 ``(V, K)``; labels: int64 ``(V,)``; paths: ``V`` list entries.
+        unreadable: path -> label of the videos that could not be read.
+        classes: the K class names, or None.
+        num_classes: K.
+        summary: the test's ``summary.json`` (``{}`` when absent).
+    """
+
+    run: str
+    folder: Path
+    scores: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    unreadable: dict[str, int]
+    classes: list[str] | None
+    num_classes: int
+    summary: dict
+
+    @property
+    def entries(self) -> dict[str, int]:
+        """Every video of the tested list, path -> label (read or not)."""
+        return {**dict(zip(self.paths, self.labels.tolist())), **self.unreadable}
+
+    @property
+    def protocol(self) -> str:
+        """e.g. ``2x3`` (clips x crops), ``?`` when the summary does not say."""
+        p = self.summary.get("protocol") or {}
+        return f"{p['clips']}x{p['crops']}" if "clips" in p and "crops" in p else "?"
+
+
+def find_test_folder(run: str | Path, test_dir: str | None = None) -> Path:
+    """The test folder of ``run`` whose scores to fuse.
+
+    Args:
+        run: a test folder (holds ``scores.npz`` or ``summary.json``), or a run directory
+            (its tests are in ``RUN/test/*/``).
+        test_dir: the test folder's name under ``RUN/test/`` (e.g. ``test-2clips-3crops``);
+            None: the latest test (newest ``summary.json``).
+
+    Raises:
+        FusionError: no such directory, or no test in it.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise FusionError(f"{run}: no such run directory or test folder")
+    if (run / SCORES_FILE).is_file() or (run / "summary.json").is_file():
+        return run
+    if test_dir is not None:
+        folder = run / "test" / test_dir
+        if not folder.is_dir():
+            found = sorted(p.name for p in (run / "test").glob("*/summary.json")) if (run / "test").is_dir() else []
+            raise FusionError(f"{run}: no test folder {test_dir} in {run / 'test'}"
+                              + (f" (there: {', '.join(found)})" if found else ""))
+        return folder
+    tests = sorted((run / "test").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    if not tests:
+        raise FusionError(f"{run} has no saved test scores: run `tsmtrain test` on its recipe first")
+    return tests[-1].parent
+
+
+def load_scores(run: str | Path, test_dir: str | None = None) -> StreamScores:
+    """Load the saved scores of ``run``'s test (:func:`find_test_folder` chooses the folder).
+
+    Returns:
+        A :class:`StreamScores` (``scores`` float32 ``(V, K)``).
+
+    Raises:
+        FusionError: no test, a test saved without scores (before they were saved), or a file
+            that is not a scores file.
+    """
+    folder = find_test_folder(run, test_dir)
+    path = folder / SCORES_FILE
+    if not path.is_file():
+        raise FusionError(f"{folder} has no {SCORES_FILE} (tested before test scores were saved): "
+                          f"run `tsmtrain test` on its recipe again")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            scores = npz["scores"].astype(np.float32)
+            labels, paths = npz["labels"].astype(np.int64), [str(p) for p in npz["paths"]]
+            unreadable = {str(p): int(y) for p, y in zip(npz["unreadable_paths"], npz["unreadable_labels"])}
+            classes, k = [str(c) for c in npz["classes"]] or None, int(npz["num_classes"])
+    except Exception as exc:  # truncated, foreign, or missing an array
+        raise FusionError(f"{path}: not a tsmtrain scores file ({type(exc).__name__}: {exc})") from None
+    if scores.shape != (len(paths), k) or labels.shape != (len(paths),):
+        raise FusionError(f"{path}: scores {scores.shape}, {labels.shape[0]} labels, {len(paths)} paths, {k} classes")
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return StreamScores(str(run), folder, scores, labels, paths, unreadable, classes, k, summary)
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(items[:_EXAMPLES])
+    return f"e.g. {shown}" + (", ..." if len(items) > _EXAMPLES else "")
+
+
+def check_same_test(a: StreamScores, b: StreamScores) -> None:
+    """Refuse two streams that were not tested on the same videos and classes.
+
+    Raises:
+        FusionError: different class counts, different class names (when both have names), or
+            different lists (videos only in one of them, or labelled differently); the message
+            names both runs and the difference.
+    """
+    if a.num_classes != b.num_classes:
+        raise FusionError(f"{a.run} and {b.run} were tested with different class maps: {a.num_classes} classes in "
+                          f"{a.run}, {b.num_classes} in {b.run}")
+    if a.classes and b.classes and a.classes != b.classes:
+        diff = [c for c in range(a.num_classes) if a.classes[c] != b.classes[c]]
+        c = diff[0]
+        raise FusionError(f"{a.run} and {b.run} were tested with different class maps: {len(diff)} classes named "
+                          f"differently, e.g. class {c} is {a.classes[c]!r} in {a.run}, {b.classes[c]!r} in {b.run}")
+    ea, eb = a.entries, b.entries
+    if ea == eb:
+        return
+    parts = []
+    for one, other, run in ((ea, eb, a.run), (eb, ea, b.run)):
+        only = [p for p in one if p not in other]
+        if only:
+            parts.append(f"{len(only)} videos only in {run}, {_examples(only)}")
+    relabelled = [f"{p} ({y} in {a.run}, {eb[p]} in {b.run})" for p, y in ea.items() if p in eb and eb[p] != y]
+    if relabelled:
+        parts.append(f"{len(relabelled)} videos labelled differently, {_examples(relabelled)}")
+    raise FusionError(f"{a.run} and {b.run} were tested on different lists: {'; '.join(parts)}")
+
+
+def parse_weights(text: str, runs: int) -> list[float]:
+    """``--weights 1,1.5`` as floats, one per run.
+
+    Raises:
+        FusionError: not numbers, not ``runs`` of them, negative or not finite, or all zero.
+    """
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise FusionError(f"--weights {text!r}: expected numbers separated by commas, e.g. 1,1.5") from None
+    if len(weights) != runs:
+        raise FusionError(f"--weights {text!r}: {len(weights)} weight{'s' * (len(weights) != 1)} for {runs} runs")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise FusionError(f"--weights {text!r}: weights must be finite, at least 0, and not all 0")
+    return weights
+
+
+def fuse_scores(scores: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
+    """The weighted average of the streams' score matrices.
+
+    Args:
+        scores: one ``(V, K)`` matrix per stream, rows the same videos in the same order.
+        weights: one per stream (None: 1 each); the result is ``sum(w_i * s_i) / sum(w_i)``.
+
+    Returns:
+        float64 ``(V, K)``.
+
+    Raises:
+        FusionError: no stream, shapes that differ, or a weight count that differs.
+    """
+    if not scores:
+        raise FusionError("no scores to fuse")
+    weights = [1.0] * len(scores) if weights is None else list(weights)
+    if len(weights) != len(scores):
+        raise FusionError(f"{len(weights)} weights for {len(scores)} runs")
+    if len({s.shape for s in scores}) != 1:
+        raise FusionError(f"score matrices of different shapes: {[s.shape for s in scores]}")
+    total = sum(w * s.astype(np.float64) for w, s in zip(weights, scores))
+    return total / sum(weights)
+
+
+def figures(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Top-1, top-5 and mean class accuracy of per-video scores, by
+    :func:`tsmtrain.train.testing.summarise` (top-5 is top-``min(5, K)``; ties: the lower class).
+
+    Args:
+        scores: ``(V, K)``; labels: ``(V,)``.
+
+    Returns:
+        ``{"videos": V, "top1": %, "top5": %, "mean_class_accuracy": %}``.
+    """
+    from .testing import summarise  # testing imports this module to write the scores
+
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, num_classes)]
+    results = [{"label": int(y), "top": t.tolist(), "error": None} for y, t in zip(labels, top)]
+    s = summarise(results, num_classes)
+    return {k: s[k] for k in ("videos", "top1", "top5", "mean_class_accuracy")}
+
+
+def fuse_runs(runs: list[str | Path], weights: list[float] | None = None, test_dir: str | None = None) -> dict:
+    """``tsmtrain fuse``: load each run's saved test scores, check that they were tested on the
+    same list and class map, fuse them on the videos read in every run and compute the figures
+    of each stream and of the fusion on those videos.
+
+    Args:
+        runs: run directories or test folders (:func:`find_test_folder`), at least two.
+        weights: one per run (None: 1 each).
+        test_dir: the test folder's name in every run directory (None: each one's latest).
+
+    Returns:
+        A JSON-ready dict: ``streams`` (per run: ``run``, ``folder``, ``protocol``, ``weight`` and
+        :func:`figures`), ``fused`` (:func:`figures`), ``videos`` (fused), ``list_videos``,
+        ``excluded`` (paths unreadable in some run), ``num_classes``, ``list`` (the first run's list file).
+
+    Raises:
+        FusionError: fewer than two runs, a weight count that differs, a run without saved
+            scores, runs tested on different lists or class maps, no video read in every run.
+    """
+    if len(runs) < 2:
+        raise FusionError(f"give at least two runs to fuse, got {len(runs)}")
+    if weights is not None and len(weights) != len(runs):
+        raise FusionError(f"{len(weights)} weights for {len(runs)} runs")
+    weights = [1.0] * len(runs) if weights is None else [float(w) for w in weights]
+    streams = [load_scores(run, test_dir) for run in runs]
+    for other in streams[1:]:
+        check_same_test(streams[0], other)
+    first = streams[0]
+    shared = [p for p in first.paths if all(p not in s.unreadable for s in streams)]
+    if not shared:
+        raise FusionError(f"no video was read in every run ({', '.join(s.run for s in streams)})")
+    aligned = []
+    for s in streams:
+        row = {p: i for i, p in enumerate(s.paths)}
+        aligned.append(s.scores[[row[p] for p in shared]])
+    labels = first.labels[[{p: i for i, p in enumerate(first.paths)}[p] for p in shared]]
+    k = first.num_classes
+    fused = fuse_scores(aligned, weights)
+    return {"streams": [{"run": s.run, "folder": str(s.folder), "protocol": s.protocol, "weight": w,
+                         **figures(m, labels, k)} for s, w, m in zip(streams, weights, aligned)],
+            "fused": figures(fused, labels, k), "videos": len(shared), "list_videos": len(first.entries),
+            "excluded": sorted(set(first.entries) - set(shared)), "num_classes": k,
+            "list": first.summary.get("list")}
+
+
+def format_fusion(result: dict) -> str:
+    """:func:`fuse_runs`'s result as the lines ``tsmtrain fuse`` prints: what was fused, then one
+    row per stream and one for the fusion: weight, protocol (clips x crops), videos, top-1, top-5,
+    mean class accuracy (percent)."""
+    k = result["num_classes"]
+    lines = [f"{len(result['streams'])} runs, {result['videos']} videos read in every run (of {result['list_videos']} "
+             f"in the list{' ' + result['list'] if result['list'] else ''}), {k} classes"]
+    if result["excluded"]:
+        lines.append(f"excluded (unreadable in some run): {', '.join(result['excluded'])}")
+    width = max(len("fused"), *(len(s["run"]) for s in result["streams"]))
+    five = "top-5" if k >= 5 else f"top-{k}"
+    lines.append(f"{'stream':<{width}}  {'weight':>6}  {'views':>5}  {'videos':>6}  {'top-1':>7}  {five:>7}  "
+                 f"{'mean class':>10}")
+    rows = [(s["run"], f"{s['weight']:g}", s["protocol"], s) for s in result["streams"]]
+    rows.append(("fused", "", "", result["fused"]))
+    for name, weight, views, f in rows:
+        lines.append(f"{name:<{width}}  {weight:>6}  {views:>5}  {f['videos']:>6}  {f['top1']:>6.2f}%  "
+                     f"{f['top5']:>6.2f}%  {f['mean_class_accuracy']:>9.2f}%")
+    return "\n".join(lines)
