@@ -139,9 +139,14 @@ class VideoClipDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        if self.decodes_on_gpu:  # a loader worker only reads the bytes; decode_item decodes them
-            return self._with_retries(index, epoch, [], lambda record, index, epoch: {"encoded": self.fetch(record.path)})
-        return self._with_retries(index, epoch, [], lambda record, index, epoch: {"frames": self._load(record, index, epoch)})
+        # on a GPU, a loader worker only reads the bytes; decode_item decodes them
+        return self._with_retries(index, epoch, [], self._fetched if self.decodes_on_gpu else self._decoded)
+
+    def _decoded(self, record: VideoRecord, index: int, epoch: int) -> dict:
+        return {"frames": self._load(record, index, epoch)}
+
+    def _fetched(self, record: VideoRecord, index: int, epoch: int) -> dict:
+        return {"encoded": self.fetch(record.path)}
 
     @property
     def decodes_on_gpu(self) -> bool:
@@ -217,8 +222,7 @@ class VideoClipDataset(Dataset):
             frames = self._load(record, index, epoch, encoded=item["encoded"])
         except VideoDecodeError as exc:
             failed = item["failed"] + [str(exc)]
-            replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed,
-                                          lambda record, index, epoch: {"frames": self._load(record, index, epoch)})
+            replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed, self._decoded)
             return {**replaced, "opened": item["opened"] + replaced["opened"]}
         return {"frames": frames, "label": record.label, "index": index, "epoch": epoch, "failed": item["failed"],
                 "opened": item["opened"]}
