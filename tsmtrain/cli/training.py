@@ -73,16 +73,18 @@ def model_info(
     from rich.console import Console
     from rich.table import Table
 
+    from ..data.modality import modality_of
     from ..models import count_macs, count_parameters, create_model
 
     cfg = load(recipe, sets, check_files=False)
-    model = create_model(cfg.model, cfg.data.num_segments)
+    channels = modality_of(cfg.data).in_channels
+    model = create_model(cfg.model, cfg.data.num_segments, channels)
     params, macs = count_parameters(model), count_macs(model, cfg.data.input_size)
     name = f"{'TSM' if cfg.model.shift else 'TSN'}-{cfg.model.arch}"
     table = Table(title=f"{name}, {cfg.model.num_classes} classes")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("input per clip", f"{cfg.data.num_segments} x 3 x {cfg.data.input_size} x {cfg.data.input_size}")
+    table.add_row("input per clip", f"{cfg.data.num_segments} x {channels} x {cfg.data.input_size} x {cfg.data.input_size}")
     table.add_row("parameters", f"{params / 1e6:.2f} M ({params:,})")
     table.add_row("multiply-adds per clip", f"{macs / 1e9:.2f} G")
     table.add_row("multiply-adds per frame", f"{macs / cfg.data.num_segments / 1e9:.3f} G")

@@ -58,6 +58,7 @@ import numpy as np
 
 __all__ = ["METHODS", "DIS_PRESETS", "DEFAULT_BOUND", "FLOW_SUFFIX", "compute_flow", "quantize_flow",
            "dequantize_flow", "quantization_error", "write_flow", "read_flow", "flow_frames", "flow_of_video",
+           "flow_of_dataset", "read_flow_marker", "FLOW_MARKER",
            "flow_path", "check_flow_settings", "FlowError"]
 
 METHODS = ("tvl1", "dis", "farneback")
@@ -344,3 +345,66 @@ def check_flow_settings(method: str | None, preset: str, bound: float) -> list[s
                        "(or pip install 'tsmtrain[flow]')")
     return out
 
+
+
+FLOW_MARKER = ".flow.json"
+"""The file, in a rendered dataset's root, that says its videos' flow is complete and how it was
+computed (:func:`flow_of_dataset`): ``{"method", "preset", "bound", "videos"}``."""
+
+
+def read_flow_marker(root: str | Path) -> dict | None:
+    """The settings in ``root``'s :data:`FLOW_MARKER`, or None when there is none (or ``root`` is
+    not a folder)."""
+    import json
+
+    marker = Path(root) / FLOW_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def flow_of_dataset(root: str | Path, videos: Sequence[str], method: str = "dis", preset: str = "medium",
+                    bound: float = DEFAULT_BOUND, jobs: int | None = None) -> int:
+    """The flow of every video of a dataset that tsmtrain rendered itself (``data.generate``, for
+    ``data.modality: flow``), each stored beside its video (:func:`flow_path`), then
+    :data:`FLOW_MARKER` written last with the settings. Nothing is done when the marker already
+    holds these settings and as many videos; otherwise all is computed again (a flow file is
+    written under a temporary name and renamed, so none is ever half written).
+
+    Args:
+        root: the dataset's folder.
+        videos: the video files (paths as the lists give them).
+        method, preset, bound: as :func:`flow_of_video`.
+        jobs: videos at a time (threads: OpenCV, the decoder and ffmpeg release the GIL); None:
+            the CPU count.
+
+    Returns:
+        The number of videos whose flow was computed now (0 when it was all there).
+
+    Raises:
+        FlowError: a video's flow could not be computed (the message names it).
+    """
+    import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = {"method": method, "preset": preset, "bound": float(bound), "videos": len(set(videos))}
+    marker = Path(root) / FLOW_MARKER
+    if read_flow_marker(root) == settings:
+        return 0
+    marker.unlink(missing_ok=True)
+    todo = sorted(set(videos))
+
+    def one(video: str) -> None:
+        target = Path(flow_path(video))
+        part = target.with_name(f".{target.name}.part-{os.getpid()}")
+        try:
+            flow_of_video(video, part, 25, method, preset, bound)
+            os.replace(part, target)
+        except FlowError as err:
+            raise FlowError(f"{video}: {err}") from None
+        finally:
+            part.unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        list(pool.map(one, todo))
+    marker.write_text(json.dumps(settings))
+    return len(todo)

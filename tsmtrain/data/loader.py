@@ -2,7 +2,9 @@
 
 Each item is a clip of T frames chosen by segment sampling (:mod:`tsmtrain.data.sampling`),
 decoded from the video file (only those frames; :mod:`tsmtrain.data.decoding`) as uint8
-``(T, H, W, 3)``. Augmentation happens later, batched on the training device
+``(T, H, W, 3)``; for a motion input (:mod:`tsmtrain.data.modality`) each segment gives F
+consecutive frames, ``(T*F, H, W, 3)`` (RGB difference) or ``(T*F, H, W, 2)`` flow fields read
+from the flow video ``tsmtrain prepare --flow`` stored beside the video (:func:`flow_files`). Augmentation happens later, batched on the training device
 (:mod:`tsmtrain.data.transforms`). A video that cannot be opened or decoded is logged by path,
 counted, and replaced by another video of the list, so one bad file never stops training.
 
@@ -48,12 +50,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .decode_ahead import DecodeAhead
 from .decoding import GPU_ONLY, Video, VideoDecodeError, choose_seek_mode, open_video, probe_gpu_decoding, probe_size
 from .lists import VideoRecord
-from .sampling import multi_clip_indices, segment_indices
+from .modality import RGB, Modality, modality_of
+from .sampling import multi_snippet_indices, snippet_indices
 from .shards import SampleError, ShardIndex, ShardReader, is_shard_index
 
 __all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "video_source", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
-           "decoding_target"]
+           "decoding_target", "flow_files", "FlowFrames"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,12 @@ class VideoClipDataset(Dataset):
         store: a :class:`~tsmtrain.data.shards.ShardReader` when the videos are samples of tar
             shards (:func:`video_source`); a sample that cannot be read counts as an
             unreadable video.
+        modality: what a segment holds (:mod:`tsmtrain.data.modality`): ``frames`` is then
+            ``(T*F, H, W, C)``, F frames per segment, C = 2 for flow.
+        flows: ``{video path: flow file}`` for ``modality`` flow (:func:`flow_files`).
+        flow_settings: ``{"method", "preset", "bound"}``: compute the flow of a video that has no
+            flow file, in memory (``tsmtrain predict`` on videos never prepared); None: such a
+            video is unreadable.
 
     Raises (from ``__getitem__``):
         DataError: ``max_retries + 1`` videos in a row could not be decoded.
@@ -126,8 +135,10 @@ class VideoClipDataset(Dataset):
     def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0,
                  seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu",
-                 short_side: int | None = None, store: ShardReader | None = None):
+                 short_side: int | None = None, store: ShardReader | None = None, modality: Modality = RGB,
+                 flows: dict[str, str] | None = None, flow_settings: dict | None = None):
         self.records, self.num_segments, self.train = records, num_segments, train
+        self.modality, self.flows, self.flow_settings = modality, flows or {}, flow_settings
         self.decoder, self.frame_size, self.max_retries, self.seed = decoder, frame_size, max_retries, seed
         self.seek_mode, self.prepared, self.device = seek_mode, prepared or {}, device
         self.short_side, self.store = short_side, store
@@ -305,10 +316,171 @@ class VideoClipDataset(Dataset):
 
     def _load(self, record: VideoRecord, index: int, epoch: int,
               encoded: tuple[bytes, bytes | None] | None = None) -> torch.Tensor:
-        video = self.open(record.path, encoded)
+        video = self.source(record.path, encoded)
         rng = np.random.default_rng((self.seed, epoch, index)) if self.train else None
-        idx = segment_indices(video.num_frames, self.num_segments, self.train, rng)
-        return self.crop_square(video.frames(idx.tolist()), rng).contiguous()  # (T, H, W, 3) uint8
+        idx = snippet_indices(video.num_frames, self.num_segments, self.modality.frames_per_segment, self.train, rng)
+        return self.crop_square(video.frames(idx.reshape(-1).tolist()), rng).contiguous()  # (T*F, H, W, C) uint8
+
+    def source(self, path: str, encoded: tuple[bytes, bytes | None] | None = None) -> "Video | FlowFrames":
+        """What the frames of video ``path`` are read from for this modality: the video itself
+        (:meth:`open`), or its flow (:class:`FlowFrames`: the flow file, or the flow computed now
+        with :attr:`flow_settings` when it has none).
+
+        Raises:
+            VideoDecodeError: the video or its flow file cannot be read, or it has no flow.
+        """
+        if self.modality.name != "flow":
+            return self.open(path, encoded)
+        flow = self.flows.get(path)
+        if flow is None:
+            if self.flow_settings is None:
+                raise VideoDecodeError(path, "no optical flow for it: prepare it with tsmtrain prepare --flow")
+            return FlowFrames.computed(self.open(path), **self.flow_settings)
+        self._note_opened(flow)
+        entry = self.prepared.get(path) or {}
+        frames = FlowFrames(flow, self.frame_size, self.short_side)
+        if entry.get("flow_frames") not in (None, frames.num_frames):
+            raise VideoDecodeError(flow, f"{frames.num_frames} flow frames, but tsmtrain prepare recorded "
+                                         f"{entry['flow_frames']}; prepare it again")
+        return frames
+
+
+class FlowFrames:
+    """The optical flow of one video, read by flow-field index like frames: field ``i`` is the flow
+    from frame ``i`` to ``i + 1`` (:mod:`tsmtrain.data.flow`), quantized to uint8.
+
+    Args:
+        path: the flow file (``NAME.flow.mkv``, x over y; decoded with torchcodec, every frame a
+            keyframe).
+        frame_size: ``(H, W)`` to resize the fields to; else ``short_side`` (resize to that short
+            side), else as stored. Resizing is bilinear on the quantized values, which are not
+            rescaled (as mmaction2 resizes flow images).
+
+    Attributes:
+        num_frames: flow fields (the video's frames - 1).
+
+    Raises:
+        VideoDecodeError: the file cannot be opened.
+    """
+
+    def __init__(self, path: str | None, frame_size: tuple[int, int] | None = None, short_side: int | None = None,
+                 fields: torch.Tensor | None = None):
+        self.path, self.frame_size, self.short_side = path, frame_size, short_side
+        self._fields = fields
+        self._video = open_video(path, "torchcodec", seek_mode="exact") if fields is None else None
+        self.num_frames = len(fields) if fields is not None else self._video.num_frames
+
+    @classmethod
+    def computed(cls, video: Video, method: str, preset: str, bound: float) -> "FlowFrames":
+        """The flow of every frame of ``video`` (decoded at its size), computed and quantized now
+        (:func:`~tsmtrain.data.flow.compute_flow`, :func:`~tsmtrain.data.flow.quantize_flow`).
+
+        Raises:
+            VideoDecodeError: the video cannot be decoded, has one frame, or cv2 is missing.
+        """
+        from .flow import compute_flow, quantize_flow
+
+        if video.num_frames < 2:
+            raise VideoDecodeError(video.path, "one frame: no optical flow")
+        frames = video.frames(range(video.num_frames)).cpu().numpy()
+        try:
+            q = quantize_flow(compute_flow(frames, method, preset), bound)
+        except ImportError as err:
+            raise VideoDecodeError(video.path, f"cannot compute optical flow: {err} (pip install "
+                                               "opencv-contrib-python-headless)") from None
+        return cls(None, fields=torch.from_numpy(q))
+
+    def frames(self, indices) -> torch.Tensor:
+        """uint8 ``(len(indices), H, W, 2)``: x then y of each field.
+
+        Raises:
+            VideoDecodeError: an index is out of range or the file cannot be decoded.
+        """
+        if self._fields is not None:
+            idx = [int(i) for i in indices]
+            if any(not 0 <= i < self.num_frames for i in idx):
+                raise VideoDecodeError(str(self.path), f"flow indices out of range for {self.num_frames} fields")
+            return self._fields[idx]
+        planes = self._video.frames(indices)[..., 0]  # (M, 2H, W): gray, R = G = B
+        if planes.shape[1] % 2:
+            raise VideoDecodeError(self.path, f"frames of odd height {planes.shape[1]}: not x over y flow")
+        h = planes.shape[1] // 2
+        fields = torch.stack([planes[:, :h], planes[:, h:]], dim=-1)
+        size = self.frame_size or (short_side_size(h, fields.shape[2], self.short_side) if self.short_side else None)
+        if size is None or tuple(size) == tuple(fields.shape[1:3]):
+            return fields
+        x = torch.nn.functional.interpolate(fields.permute(0, 3, 1, 2).float(), size=tuple(size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str, dict], method: str, preset: str,
+               bound: float) -> dict[str, str]:
+    """The flow file of every video of ``records``, checked before any clip is read.
+
+    A prepared video's flow is the one its manifest record names (``tsmtrain prepare --flow``);
+    a dataset that tsmtrain rendered (``data.generate``) keeps its flow beside each video, with
+    the settings in ``root/.flow.json`` (:func:`tsmtrain.data.flow.flow_of_dataset`).
+
+    Returns:
+        ``{video path: flow file path}``.
+
+    Raises:
+        DataError: a video has no flow, or its flow was computed with other settings than the
+            recipe's ``data.flow_method``, ``flow_preset`` (DIS) and ``flow_bound``; the message
+            counts them and names the first.
+    """
+    from .flow import read_flow_marker, flow_path
+
+    def same(m, p, b):
+        return m == method and (m != "dis" or p == preset) and float(b) == float(bound)
+
+    marker = read_flow_marker(root)
+    out, missing, other = {}, [], []
+    for r in records:
+        entry = prepared.get(r.path) or {}
+        if entry.get("flow"):
+            path, settings = entry["flow"], (entry.get("flow_method"), entry.get("flow_preset"), entry.get("flow_bound"))
+        elif marker is not None and not entry:
+            path = str(Path(flow_path(r.path)))
+            settings = (marker["method"], marker["preset"], marker["bound"])
+            if not Path(path).is_file():
+                missing.append(r.path)
+                continue
+        else:
+            missing.append(r.path)
+            continue
+        if not same(*settings):
+            other.append((r.path, settings))
+        out[r.path] = path
+    if missing:
+        raise DataError(f"data.modality: flow: {len(missing)} of {len(records)} videos have no optical flow, first "
+                        f"{missing[0]}; prepare them with tsmtrain prepare --flow {method} (the folder it writes is "
+                        f"data.root)")
+    if other:
+        path, (m, p, b) = other[0]
+        raise DataError(f"data.modality: flow: {len(other)} videos' flow was computed with --flow {m} "
+                        f"--flow-preset {p} --flow-bound {b}, first {path}; the recipe says data.flow_method: "
+                        f"{method}, data.flow_preset: {preset}, data.flow_bound: {bound} (set them to match, or "
+                        f"prepare again)")
+    return out
+
+
+def flow_settings(data) -> dict:
+    """``{"method", "preset", "bound"}`` of a recipe's ``data`` section (``flow_method``,
+    ``flow_preset``, ``flow_bound``)."""
+    return {"method": data.flow_method, "preset": data.flow_preset, "bound": data.flow_bound}
+
+
+def _flows(recipe, records: list[VideoRecord], prepared: dict[str, dict], store) -> dict[str, str] | None:
+    """:func:`flow_files` for ``data.modality: flow`` (refused with shards), else None."""
+    d = recipe.data
+    if d.modality != "flow":
+        return None
+    if store is not None:
+        raise DataError(f"data.modality: flow: data.root {d.root} is a shard index, and flow is not stored in "
+                        "shards yet: prepare files (tsmtrain prepare --flow, without --shards)")
+    return flow_files(d.root, records, prepared, **flow_settings(d))
 
 
 def prepared_videos(root: str | Path) -> dict[str, dict]:
@@ -329,8 +501,9 @@ def prepared_videos(root: str | Path) -> dict[str, dict]:
     videos = {}
     for output, record in read_manifest(root).items():
         record = dict(record)
-        if record.get("frame_mappings"):
-            record["frame_mappings"] = str(root / record["frame_mappings"])
+        for key in ("frame_mappings", "flow"):
+            if record.get(key):
+                record[key] = str(root / record[key])
         videos[str(root / output)] = record
     return videos
 
@@ -413,13 +586,16 @@ def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device:
 
     ``decode_device`` and ``decoder`` say where frames are decoded and with which backend
     (default: ``data.decoder`` on the CPU; for a rank, :func:`decoding_target`); ``data.root`` is
-    a folder of files or a shard index (:func:`video_source`, whose errors this raises).
+    a folder of files or a shard index (:func:`video_source`, whose errors this raises). With
+    ``data.modality: flow`` every video's flow is found first (:func:`flow_files`, whose
+    DataError this raises; flow in shards is refused).
     """
     d = recipe.data
     prepared, store = video_source(d.root, records)
     return VideoClipDataset(records, d.num_segments, train=train, decoder=decoder or d.decoder, frame_size=d.frame_size,
                             max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
-                            prepared=prepared, device=decode_device, short_side=short_side(d), store=store)
+                            prepared=prepared, device=decode_device, short_side=short_side(d), store=store,
+                            modality=modality_of(d), flows=_flows(recipe, records, prepared, store))
 
 
 def short_side(data) -> int:
@@ -432,9 +608,10 @@ def short_side(data) -> int:
 class MultiClipDataset(VideoClipDataset):
     """K test clips of T frames from each video of a list, for ``tsmtrain test`` and ``predict``.
 
-    Item ``i`` is video ``i``, never another one: a test set must not change. The K*T frame
-    indices (:func:`~tsmtrain.data.sampling.multi_clip_indices`) are decoded in one call, each
-    distinct frame once. Each item is a dict: ``frames`` uint8 ``(K, T, H, W, 3)``, or ``None``
+    Item ``i`` is video ``i``, never another one: a test set must not change. The K*T*F frame
+    indices (:func:`~tsmtrain.data.sampling.multi_snippet_indices`; F frames per segment of the
+    modality, 1 for RGB) are decoded in one call, each distinct frame once. Each item is a dict:
+    ``frames`` uint8 ``(K, T*F, H, W, C)`` (``(K, T, H, W, 3)`` for RGB), or ``None``
     when the video cannot be opened or decoded; ``label`` int; ``index`` int; ``error`` ``None``
     or the reason (path included) the video could not be read.
 
@@ -442,17 +619,19 @@ class MultiClipDataset(VideoClipDataset):
         records: the videos.
         num_segments: T.
         num_clips: K.
-        decoder, frame_size, seek_mode, prepared, device, short_side, store: as
-            :class:`VideoClipDataset` (without ``frame_size``, the centre square of each video
-            resized to ``short_side``).
+        decoder, frame_size, seek_mode, prepared, device, short_side, store, modality, flows,
+            flow_settings: as :class:`VideoClipDataset` (without ``frame_size``, the centre square of
+            each video resized to ``short_side``).
     """
 
     def __init__(self, records: list[VideoRecord], num_segments: int, num_clips: int = 1, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, seek_mode: str = "auto",
                  prepared: dict[str, dict] | None = None, device: str = "cpu", short_side: int | None = None,
-                 store: ShardReader | None = None):
+                 store: ShardReader | None = None, modality: Modality = RGB, flows: dict[str, str] | None = None,
+                 flow_settings: dict | None = None):
         super().__init__(records, num_segments, train=False, decoder=decoder, frame_size=frame_size, max_retries=0,
-                         seek_mode=seek_mode, prepared=prepared, device=device, short_side=short_side, store=store)
+                         seek_mode=seek_mode, prepared=prepared, device=device, short_side=short_side, store=store,
+                         modality=modality, flows=flows, flow_settings=flow_settings)
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         self.num_clips = num_clips
@@ -461,11 +640,12 @@ class MultiClipDataset(VideoClipDataset):
         index = key[0] if isinstance(key, tuple) else key
         record = self.records[index]
         try:
-            video = self.open(record.path)
-            idx = multi_clip_indices(video.num_frames, self.num_segments, self.num_clips)  # (K, T)
+            video = self.source(record.path)
+            idx = multi_snippet_indices(video.num_frames, self.num_segments, self.num_clips,
+                                        self.modality.frames_per_segment).reshape(self.num_clips, -1)  # (K, T*F)
             distinct, where = np.unique(idx, return_inverse=True)
             frames = video.frames(distinct.tolist())[torch.as_tensor(where.reshape(-1))]
-            frames = self.crop_square(frames.reshape(*idx.shape, *frames.shape[1:]), None)  # (K, T, H, W, 3)
+            frames = self.crop_square(frames.reshape(*idx.shape, *frames.shape[1:]), None)  # (K, T*F, H, W, C)
             return {"frames": frames, "label": record.label, "index": index, "error": None,
                     "opened": self.take_opened()}
         except VideoDecodeError as exc:
@@ -474,15 +654,26 @@ class MultiClipDataset(VideoClipDataset):
 
 
 def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decode_device: str = "cpu",
-                       decoder: str | None = None) -> MultiClipDataset:
+                       decoder: str | None = None, compute_flow: bool = False) -> MultiClipDataset:
     """The :class:`MultiClipDataset` of a recipe's ``data`` section (decoder, frame size, seek mode,
-    files or shards of ``data.root``: :func:`video_source`, whose errors this raises) with K =
-    ``num_clips``; ``decode_device`` and ``decoder`` as :func:`clip_dataset`."""
+    modality, files or shards of ``data.root``: :func:`video_source`, whose errors this raises)
+    with K = ``num_clips``; ``decode_device`` and ``decoder`` as :func:`clip_dataset`.
+
+    With ``data.modality: flow`` the videos' flow files are found first (:func:`flow_files`, whose
+    DataError this raises), unless ``compute_flow``: then a video's prepared flow is read when it
+    has one, and the others' flow is computed as they are read, with the recipe's flow settings
+    (``tsmtrain predict`` on any video file)."""
     d = recipe.data
     prepared, store = video_source(d.root, records)
+    if compute_flow and d.modality == "flow":
+        known = [r for r in records if (prepared.get(r.path) or {}).get("flow")]
+        flows, settings = flow_files(d.root, known, prepared, **flow_settings(d)), flow_settings(d)
+    else:
+        flows, settings = _flows(recipe, records, prepared, store), None
     return MultiClipDataset(records, d.num_segments, num_clips, decoder=decoder or d.decoder, frame_size=d.frame_size,
                             seek_mode=d.seek_mode, prepared=prepared, device=decode_device,
-                            short_side=short_side(d), store=store)
+                            short_side=short_side(d), store=store, modality=modality_of(d), flows=flows,
+                            flow_settings=settings)
 
 
 def _check_one_frame_size(items: list[dict], what: str, hw: slice) -> None:

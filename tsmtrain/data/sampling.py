@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["segment_indices", "multi_clip_indices"]
+__all__ = ["segment_indices", "multi_clip_indices", "snippet_indices", "multi_snippet_indices"]
 
 
 def segment_indices(num_frames: int, num_segments: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -85,3 +85,34 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int) -> np
         idx = np.floor(starts + seg * (k + 0.5) / num_clips).astype(np.int64)
         rows.append(np.clip(idx, 0, num_frames - 1))
     return np.stack(rows)
+
+
+def snippet_indices(num_frames: int, num_segments: int, length: int, train: bool,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+    """Indices of a snippet of ``length`` consecutive frames per segment (TSN's ``new_length``:
+    the L flow fields or L + 1 RGB frames of a motion input; Wang et al. 2016, sec. 3.1).
+
+    The snippet starts are :func:`segment_indices` over the ``F - L + 1`` frames where a whole
+    snippet fits (mmaction2's ``SampleFrames(clip_len=L, num_clips=T)`` the same way); a video
+    shorter than L repeats its last frame. ``length=1`` gives exactly :func:`segment_indices`
+    (the same random draws).
+
+    Returns:
+        int64 ``(T, L)``, row t the snippet of segment t, in ``[0, F)``.
+
+    Raises:
+        ValueError: an argument below 1.
+    """
+    if length < 1:
+        raise ValueError(f"need length >= 1, got {length}")
+    starts = segment_indices(max(1, num_frames - length + 1), num_segments, train, rng)
+    return np.minimum(starts[:, None] + np.arange(length), max(num_frames, 1) - 1)
+
+
+def multi_snippet_indices(num_frames: int, num_segments: int, num_clips: int, length: int) -> np.ndarray:
+    """:func:`multi_clip_indices` with a snippet of ``length`` consecutive frames per segment (as
+    :func:`snippet_indices`): int64 ``(K, T, L)``; ``length=1`` gives :func:`multi_clip_indices`."""
+    if length < 1:
+        raise ValueError(f"need length >= 1, got {length}")
+    starts = multi_clip_indices(max(1, num_frames - length + 1), num_segments, num_clips)
+    return np.minimum(starts[..., None] + np.arange(length), max(num_frames, 1) - 1)

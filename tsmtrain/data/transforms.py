@@ -41,8 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .modality import IMAGENET_MEAN, IMAGENET_STD, RGB, Modality
 TSM_SCALES = (1.0, 0.875, 0.75, 0.66)
 EVAL_RESIZE_RATIO = 256 / 224
 MAX_DISTORT = 1
@@ -113,13 +112,16 @@ class VideoTransform(torch.nn.Module):
         train: True for random multi-scale crop + flip, False for resize + centre crop.
         input_size: output side S.
         scales: crop scales of the shorter side (training only).
-        flip: random horizontal flip with probability 0.5 (training only).
-        mean, std: per-channel RGB normalisation, in [0, 1] units.
+        flip: random horizontal flip with probability 0.5 (training only); for flow it also
+            negates x (``255 - q``, :attr:`~tsmtrain.data.modality.Modality.flip_invert`).
+        mean, std: per-channel normalisation, in [0, 1] units; None: the modality's.
         generator: CPU ``torch.Generator`` for the random parameters; None uses torch's
             global CPU generator (seed it with ``torch.manual_seed``).
+        modality: what a segment holds (:mod:`tsmtrain.data.modality`); RGB by default.
 
-    Call with uint8 clips of shape (N, T, H, W, 3) (RGB, channels last, as the decoders
-    return them) on any device; returns float32 (N, T, 3, S, S) on the same device.
+    Call with uint8 clips of shape (N, T*F, H, W, C) (channels last, as the decoders return
+    them; F frames per segment and C channels per frame, 1 and 3 for RGB) on any device; returns
+    float32 (N, T, C_in, S, S) on the same device (:meth:`Modality.stack`; (N, T, 3, S, S) for RGB).
     """
 
     def __init__(
@@ -128,15 +130,17 @@ class VideoTransform(torch.nn.Module):
         input_size: int = 224,
         scales: Sequence[float] = TSM_SCALES,
         flip: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         generator: torch.Generator | None = None,
+        modality: Modality = RGB,
     ):
         super().__init__()
         if input_size < 1:
             raise ValueError(f"input_size must be positive, got {input_size}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+        self.modality = Modality(modality.name, modality.length, mean or modality.mean, std or modality.std)
+        mean, std = self.modality.mean, self.modality.std
+        c = self.modality.channels
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
         _check_scales(scales)
@@ -146,44 +150,45 @@ class VideoTransform(torch.nn.Module):
         self.flip = bool(flip)
         self.generator = generator
         # Normalise in 0..255 units: (x - 255 * mean) / (255 * std) == (x / 255 - mean) / std.
-        mean255 = torch.tensor(mean, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255
-        std255 = torch.tensor(std, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255
+        mean255 = torch.tensor(mean, dtype=torch.float32).view(1, 1, c, 1, 1) * 255
+        std255 = torch.tensor(std, dtype=torch.float32).view(1, 1, c, 1, 1) * 255
         self.register_buffer("_mean255", mean255, persistent=False)
         self.register_buffer("_std255", std255, persistent=False)
 
     def extra_repr(self) -> str:
         return (
             f"train={self.train_mode}, input_size={self.input_size}, scales={self.scales}, "
-            f"flip={self.flip}"
+            f"flip={self.flip}, modality={self.modality.name}, length={self.modality.length}"
         )
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        """(N, T, H, W, 3) uint8 -> (N, T, 3, S, S) float32, same device."""
+        """(N, T*F, H, W, C) uint8 -> (N, T, C_in, S, S) float32, same device."""
+        c, f = self.modality.channels, self.modality.frames_per_segment
         if not isinstance(clips, torch.Tensor):
-            raise ValueError(f"expected a torch.Tensor of uint8 clips (N, T, H, W, 3), got {type(clips).__name__}")
-        if clips.dtype != torch.uint8 or clips.dim() != 5 or clips.shape[-1] != 3:
+            raise ValueError(f"expected a torch.Tensor of uint8 clips (N, T, H, W, {c}), got {type(clips).__name__}")
+        if clips.dtype != torch.uint8 or clips.dim() != 5 or clips.shape[-1] != c:
             raise ValueError(
-                "expected uint8 clips of shape (N, T, H, W, 3) (RGB, channels last), "
+                f"expected uint8 clips of shape (N, T*{f}, H, W, {c}) ({self.modality.name}, channels last), "
                 f"got dtype {clips.dtype} and shape {tuple(clips.shape)}"
             )
         n, t, h, w, _ = clips.shape
         if h < 1 or w < 1 or t < 1:
-            raise ValueError(f"expected non-empty frames (N, T, H, W, 3), got shape {tuple(clips.shape)}")
+            raise ValueError(f"expected non-empty frames (N, T, H, W, {c}), got shape {tuple(clips.shape)}")
         s = self.input_size
         if n == 0:
-            return torch.empty((0, t, 3, s, s), dtype=torch.float32, device=clips.device)
+            return torch.empty((0, t // f, self.modality.in_channels, s, s), dtype=torch.float32, device=clips.device)
         if self.train_mode:
             out = self._random_crop_resize(clips)
             if self.flip:
                 flip = torch.rand(n, generator=self.generator) < 0.5
                 if flip.any():
                     idx = flip.nonzero().flatten().to(clips.device)
-                    out[idx] = out[idx].flip(-1)
+                    out[idx] = flip_frames(out[idx], self.modality.flip_invert)
         else:
             out = self._centre_crop_resize(clips)
         mean = self._mean255.to(out.device)
         std = self._std255.to(out.device)
-        return out.sub_(mean).div_(std)
+        return self.modality.stack(out.sub_(mean).div_(std))
 
     def _random_crop_resize(self, clips: torch.Tensor) -> torch.Tensor:
         """Per clip: crop the uint8 frames, convert the crop to float, resize to S x S.
@@ -192,9 +197,9 @@ class VideoTransform(torch.nn.Module):
         with ``torchvision.ops.roi_align`` (which also averages several samples per output
         pixel unless ``sampling_ratio=1``, i.e. a different filter).
         """
-        n, t, h, w, _ = clips.shape
+        n, t, h, w, c = clips.shape
         s = self.input_size
-        out = torch.empty((n, t, 3, s, s), dtype=torch.float32, device=clips.device)
+        out = torch.empty((n, t, c, s, s), dtype=torch.float32, device=clips.device)
         for i in range(n):
             top, left, ch, cw = crop_params(h, w, s, self.scales, self.generator)
             crop = clips[i, :, top : top + ch, left : left + cw, :].permute(0, 3, 1, 2).float()
@@ -203,13 +208,23 @@ class VideoTransform(torch.nn.Module):
 
     def _centre_crop_resize(self, clips: torch.Tensor) -> torch.Tensor:
         """Resize the shorter side to int(S * 256 / 224), keep the centre S x S crop."""
-        n, t, h, w, _ = clips.shape
+        n, t, h, w, c = clips.shape
         s = self.input_size
         new_h, new_w = short_side_size(h, w, eval_resize_size(s))
-        frames = _resize_frames(clips.reshape(n * t, h, w, 3), new_h, new_w)
+        frames = _resize_frames(clips.reshape(n * t, h, w, c), new_h, new_w)
         top, left, _, _ = centre_crop_box(new_h, new_w, s)
         out = frames[:, :, top : top + s, left : left + s]
-        return out.reshape(n, t, 3, s, s).contiguous()
+        return out.reshape(n, t, c, s, s).contiguous()
+
+
+def flip_frames(frames: torch.Tensor, invert: Sequence[int] = ()) -> torch.Tensor:
+    """Float frames ``(..., C, H, W)`` in 0..255 units flipped horizontally, channels ``invert``
+    made ``255 - v`` (flow's x: a mirrored motion goes the other way; 255 - q is -x exactly for
+    :func:`~tsmtrain.data.flow.quantize_flow`'s mapping). Returns a new tensor."""
+    out = frames.flip(-1)
+    for c in invert:
+        out[..., c, :, :] = 255 - out[..., c, :, :]
+    return out
 
 
 # --------------------------------------------------------------------------- test views
@@ -227,7 +242,7 @@ def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
 
 
 def _resize_frames(frames: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
-    """uint8 ``(M, H, W, 3)`` -> float32 ``(M, 3, new_h, new_w)`` (bilinear, as :class:`VideoTransform`)."""
+    """uint8 ``(M, H, W, C)`` -> float32 ``(M, C, new_h, new_w)`` (bilinear, as :class:`VideoTransform`)."""
     x = frames.permute(0, 3, 1, 2).float()
     if (new_h, new_w) != tuple(frames.shape[1:3]):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
@@ -329,48 +344,54 @@ def view_side(input_size: int, crops: int) -> int:
 class TestViews(torch.nn.Module):
     """All test views of a batch of multi-clip videos, normalised, on the clips' device.
 
-    Call with uint8 ``(N, K, T, H, W, 3)`` (K clips of T frames per video, RGB, channels last);
-    returns float32 ``(N, K * C, T, 3, V, V)``, view ``k * C + c`` being crop ``c`` of clip ``k``
-    (C = ``crops``, V = :func:`view_side`). Geometry: :func:`view_boxes`. With
-    ``crops=1`` the views equal :class:`VideoTransform` (``train=False``) of each clip.
+    Call with uint8 ``(N, K, T*F, H, W, C)`` (K clips of T segments of F frames per video,
+    channels last; F = 1 and C = 3 for RGB); returns float32 ``(N, K * Cr, T, C_in, V, V)``, view
+    ``k * Cr + c`` being crop ``c`` of clip ``k`` (Cr = ``crops``, V = :func:`view_side`, C_in the
+    modality's channels per segment, :meth:`~tsmtrain.data.modality.Modality.stack`). Geometry:
+    :func:`view_boxes`; a flipped view of flow also negates x. With ``crops=1`` the views equal
+    :class:`VideoTransform` (``train=False``) of each clip.
 
     Args:
         input_size: S.
         crops: 1, 3 or 10.
-        mean, std: per-channel RGB normalisation, in [0, 1] units.
+        mean, std: per-channel normalisation, in [0, 1] units; None: the modality's.
+        modality: what a segment holds; RGB by default.
 
     Raises:
-        ValueError: ``crops`` not 1, 3 or 10, or input not uint8 ``(N, K, T, H, W, 3)``.
+        ValueError: ``crops`` not 1, 3 or 10, or input not uint8 ``(N, K, T*F, H, W, C)``.
     """
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, input_size: int = 224, crops: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, input_size: int = 224, crops: int = 1, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, modality: Modality = RGB):
         super().__init__()
         if crops not in TEST_CROPS:
             raise ValueError(f"crops must be one of {', '.join(map(str, TEST_CROPS))}, got {crops}")
         self.input_size, self.crops = int(input_size), int(crops)
-        self.register_buffer("_mean255", torch.tensor(mean, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255,
-                             persistent=False)
-        self.register_buffer("_std255", torch.tensor(std, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255,
-                             persistent=False)
+        self.modality = Modality(modality.name, modality.length, mean or modality.mean, std or modality.std)
+        c = self.modality.channels
+        self.register_buffer("_mean255", torch.tensor(self.modality.mean, dtype=torch.float32).view(1, 1, c, 1, 1)
+                             * 255, persistent=False)
+        self.register_buffer("_std255", torch.tensor(self.modality.std, dtype=torch.float32).view(1, 1, c, 1, 1)
+                             * 255, persistent=False)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(N, K, T, H, W, 3)`` -> float32 ``(N, K * C, T, 3, V, V)``."""
-        if not isinstance(clips, torch.Tensor) or clips.dtype != torch.uint8 or clips.dim() != 6 or clips.shape[-1] != 3:
-            raise ValueError("expected uint8 clips of shape (N, K, T, H, W, 3), got "
+        """uint8 ``(N, K, T*F, H, W, C)`` -> float32 ``(N, K * Cr, T, C_in, V, V)``."""
+        c = self.modality.channels
+        if not isinstance(clips, torch.Tensor) or clips.dtype != torch.uint8 or clips.dim() != 6 or clips.shape[-1] != c:
+            raise ValueError(f"expected uint8 clips of shape (N, K, T, H, W, {c}), got "
                              + (f"{clips.dtype} {tuple(clips.shape)}" if isinstance(clips, torch.Tensor)
                                 else type(clips).__name__))
         n, k, t, h, w, _ = clips.shape
         (new_h, new_w), boxes = view_boxes(h, w, self.input_size, self.crops)
-        frames = _resize_frames(clips.reshape(n * k * t, h, w, 3), new_h, new_w)  # (N*K*T, 3, h', w')
+        frames = _resize_frames(clips.reshape(n * k * t, h, w, c), new_h, new_w)  # (N*K*T, C, h', w')
         views = []
         for top, left, ch, cw, flipped in boxes:
             v = frames[:, :, top : top + ch, left : left + cw]
-            views.append(v.flip(-1) if flipped else v)
-        c, side = len(boxes), boxes[0][2]
-        out = torch.stack(views, 1).reshape(n, k, t, c, 3, side, side).permute(0, 1, 3, 2, 4, 5, 6)
-        out = out.reshape(n * k * c, t, 3, side, side)
-        out = (out - self._mean255.to(out.device)) / self._std255.to(out.device)
-        return out.reshape(n, k * c, t, 3, side, side)
+            views.append(flip_frames(v, self.modality.flip_invert) if flipped else v)
+        cr, side = len(boxes), boxes[0][2]
+        out = torch.stack(views, 1).reshape(n, k, t, cr, c, side, side).permute(0, 1, 3, 2, 4, 5, 6)
+        out = out.reshape(n * k * cr, t, c, side, side)
+        out = self.modality.stack((out - self._mean255.to(out.device)) / self._std255.to(out.device))
+        return out.reshape(n, k * cr, *out.shape[1:])

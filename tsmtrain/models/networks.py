@@ -9,6 +9,10 @@
 Backbones: ResNet-18, ResNet-50 (every BasicBlock/Bottleneck is shifted on its ``conv1``) and
 MobileNetV2 (every InvertedResidual block with an identity connection is shifted on its
 first layer), as in the official TSM code's ``blockres`` placement.
+
+A motion input (optical flow, RGB difference) has ``in_channels`` other than 3 per segment; the
+first convolution then takes them, initialised from an RGB checkpoint by TSN's cross-modality
+initialisation (:func:`cross_modality_conv`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .shift import TemporalShift
 
-__all__ = ["VideoNet", "create_model", "count_parameters", "count_macs"]
+__all__ = ["VideoNet", "create_model", "count_parameters", "count_macs", "cross_modality_conv", "first_conv"]
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")
 
@@ -39,12 +43,16 @@ class VideoNet(nn.Module):
         shift_div: 1/shift_div of the channels shift each way.
         dropout: dropout probability before the classifier.
         pretrained: path of a local torchvision ``state_dict`` for the backbone (the ImageNet
-            classifier in it is ignored); nothing is downloaded.
+            classifier in it is ignored); nothing is downloaded. With ``in_channels`` other
+            than 3 its first convolution is adapted by :func:`cross_modality_conv`.
+        in_channels: C_in, channels per segment: 3 (RGB), 2L (L flow fields), 3L (L RGB
+            differences).
 
-    Input ``(N, T, 3, H, W)`` float; output logits ``(N, num_classes)``.
+    Input ``(N, T, C_in, H, W)`` float; output logits ``(N, num_classes)``.
 
     Raises:
-        ValueError: unknown ``arch``.
+        ValueError: unknown ``arch``, ``in_channels < 1``; in ``forward``, an input whose T or
+            C_in differs.
         RuntimeError: ``pretrained`` does not fit the backbone (names the missing keys).
     """
 
@@ -57,14 +65,19 @@ class VideoNet(nn.Module):
         shift_div: int = 8,
         dropout: float = 0.5,
         pretrained: str | Path | None = None,
+        in_channels: int = 3,
     ):
         super().__init__()
         if arch not in BACKBONES:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(BACKBONES)}")
-        self.arch, self.num_segments, self.is_tsm = arch, num_segments, shift
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.arch, self.num_segments, self.is_tsm, self.in_channels = arch, num_segments, shift, in_channels
         backbone = getattr(torchvision.models, arch)(weights=None)
         if pretrained is not None:
             _load_backbone(backbone, pretrained)
+        if in_channels != 3:
+            _set_first_conv(backbone, cross_modality_conv(first_conv(backbone), in_channels, pretrained is not None))
         if arch.startswith("resnet"):
             feature_dim = backbone.fc.in_features
             backbone.fc = nn.Identity()
@@ -81,8 +94,9 @@ class VideoNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t = x.shape[:2]
-        if t != self.num_segments:
-            raise ValueError(f"expected {self.num_segments} segments per clip, got input of shape {tuple(x.shape)}")
+        if t != self.num_segments or x.shape[2] != self.in_channels:
+            raise ValueError(f"expected (N, {self.num_segments}, {self.in_channels}, H, W) clips ({self.num_segments} "
+                             f"segments of {self.in_channels} channels), got input of shape {tuple(x.shape)}")
         features = self.backbone(x.flatten(0, 1))  # (N*T, F)
         logits = self.fc(self.dropout(features))  # (N*T, K)
         return logits.view(n, t, -1).mean(dim=1)  # average consensus -> (N, K)
@@ -104,6 +118,43 @@ def insert_residual_shift(backbone: nn.Module, num_segments: int, shift_div: int
     return count
 
 
+def first_conv(backbone: nn.Module) -> nn.Conv2d:
+    """The convolution that takes the image: ``conv1`` of a ResNet, ``features[0][0]`` of MobileNetV2."""
+    return backbone.conv1 if hasattr(backbone, "conv1") else backbone.features[0][0]
+
+
+def _set_first_conv(backbone: nn.Module, conv: nn.Conv2d) -> None:
+    if hasattr(backbone, "conv1"):
+        backbone.conv1 = conv
+    else:
+        backbone.features[0][0] = conv
+
+
+def cross_modality_conv(conv: nn.Conv2d, in_channels: int, from_rgb: bool = True) -> nn.Conv2d:
+    """A copy of an RGB first convolution that takes ``in_channels`` channels.
+
+    With ``from_rgb`` the RGB kernel ``(O, 3, k, k)`` is averaged over its colour channels and
+    repeated ``in_channels`` times: TSN's cross-modality initialisation (Wang et al. 2016,
+    "Temporal Segment Networks", sec. 3.2; ``_construct_flow_model`` in its code), so a flow or
+    RGB-difference stream starts from ImageNet features. Without it the kernel is drawn afresh as
+    torchvision initialises its convolutions (Kaiming normal, fan-out).
+
+    Returns:
+        a new :class:`torch.nn.Conv2d` ``(O, in_channels, k, k)`` with the same stride, padding
+        and bias.
+    """
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    with torch.no_grad():
+        if from_rgb:
+            new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+        else:
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
 def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
@@ -117,8 +168,9 @@ def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def create_model(cfg, num_segments: int) -> VideoNet:
-    """Build the network a recipe's ``model`` section describes (``tsmtrain.recipe.ModelConfig``)."""
+def create_model(cfg, num_segments: int, in_channels: int = 3) -> VideoNet:
+    """Build the network a recipe's ``model`` section describes (``tsmtrain.recipe.ModelConfig``),
+    taking ``in_channels`` per segment (``tsmtrain.data.modality.Modality.in_channels``)."""
     return VideoNet(
         arch=cfg.arch,
         num_classes=cfg.num_classes,
@@ -127,6 +179,7 @@ def create_model(cfg, num_segments: int) -> VideoNet:
         shift_div=cfg.shift_div,
         dropout=cfg.dropout,
         pretrained=cfg.pretrained,
+        in_channels=in_channels,
     )
 
 
@@ -136,14 +189,14 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_macs(model: VideoNet, input_size: int, batch: int = 1) -> float:
-    """Multiply-accumulates for one forward pass of one clip ``(1, T, 3, S, S)``.
+    """Multiply-accumulates for one forward pass of one clip ``(1, T, C_in, S, S)``.
 
     Counted with PyTorch's own ``torch.utils.flop_counter.FlopCounterMode``, which counts two
     FLOPs per multiply-add of convolutions and matrix products; the temporal shift costs none.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(batch, model.num_segments, 3, input_size, input_size)
+    x = torch.zeros(batch, model.num_segments, model.in_channels, input_size, input_size)
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

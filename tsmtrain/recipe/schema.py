@@ -122,9 +122,24 @@ class DataConfig(_Section):
         [1.0, 0.875, 0.75, 0.66], description="multi-scale crop: crop sides as fractions of the shorter side"
     )
     flip: bool = Field(True, description="random horizontal flip in training (turn off when left/right matters)")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel normalisation mean (RGB, 0..1)")
-    std: tuple[_Positive, _Positive, _Positive] = Field(
-        (0.229, 0.224, 0.225), description="per-channel normalisation std (RGB, 0..1; each > 0)")
+    modality: Literal["rgb", "flow", "rgb_diff"] = Field(
+        "rgb", description="what each segment holds: rgb (one frame), flow (data.flow_length optical-flow fields, "
+                           "prepared by tsmtrain prepare --flow) or rgb_diff (differences of data.flow_length + 1 "
+                           "frames, computed on the device; TSN)")
+    flow_length: int = Field(5, ge=1, description="L: flow fields (flow) or frame differences (rgb_diff) per segment; "
+                                                  "the first convolution takes 2L or 3L channels")
+    flow_method: Literal["tvl1", "dis", "farneback"] = Field(
+        "dis", description="the optical flow the model trains on: prepared videos' flow must have been computed "
+                           "with it (tsmtrain prepare --flow); used to compute flow for data.generate datasets and "
+                           "for tsmtrain predict on videos not prepared")
+    flow_preset: Literal["ultrafast", "fast", "medium"] = Field("medium", description="DIS preset (flow_method: dis)")
+    flow_bound: float = Field(20.0, gt=0, description="flow clipped to [-bound, bound] pixels before quantizing")
+    mean: tuple[float, ...] | None = Field(
+        None, description="per-channel normalisation mean, 0..1 units (3 values for rgb and rgb_diff, 2 for flow's x "
+                          "and y); none: ImageNet's for rgb, 128/255 for flow (mmaction2)")
+    std: tuple[_Positive, ...] | None = Field(
+        None, description="per-channel normalisation std (each > 0; as many as data.mean); none: ImageNet's for rgb, "
+                          "128/255 for flow (mmaction2)")
     workers: int = Field(2, ge=0, description="data-loading worker processes per rank")
     max_retries: int = Field(10, ge=0, description="unreadable videos replaced in a row before the run stops")
 
@@ -428,6 +443,15 @@ class Recipe(_Section):
                              "crop would not fit in the frame"))
         if any(not 0 < x <= 1 for x in self.data.scales) or not self.data.scales:
             problems.append(("data.scales", self.data.scales, "each scale must lie in (0, 1]"))
+        channels = 2 if d.modality == "flow" else 3
+        for key in ("mean", "std"):
+            value = getattr(d, key)
+            if value is not None and len(value) != channels:
+                problems.append((f"data.{key}", list(value), f"data.modality: {d.modality} needs {channels} values "
+                                 f"({'x, y' if channels == 2 else 'R, G, B'})"))
+        if d.modality == "flow" and d.decode_device == "cuda":
+            problems.append(("data.decode_device", "cuda", "flow is stored losslessly (FFV1), which NVDEC does not "
+                             "decode: data.modality: flow reads on the CPU (data.decode_device: cpu)"))
         if self.data.decode_device == "cuda" and self.data.decoder == "decord":
             problems.append(("data.decode_device", "cuda", "decord decodes on the CPU only: GPU decoding needs "
                              "data.decoder: pynvvideocodec or torchcodec"))

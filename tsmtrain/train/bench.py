@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..data.modality import modality_of
 from ..dist.base import Engine
 from ..models import create_model
 from ..models.shift import TemporalShift, temporal_shift
@@ -169,7 +170,7 @@ class _Case:
         torch.manual_seed(recipe.train.seed)
         # (random weights: a pretrained file changes nothing in the timing and need not exist here)
         self.model = create_model(recipe.model.model_copy(update={"shift": shift, "pretrained": None}),
-                                  shape[1]).to(device)
+                                  shape[1], shape[2]).to(device)
         optimizer = create_optimizer(self.model, recipe.optim)
         t0 = time.perf_counter()
         self.step = TrainStep(self.model, device, variant.precision, variant.channels_last, variant.compile,
@@ -186,7 +187,7 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
                budget_s: float = 300.0, shift_repeats: int = 30, say: Callable[[str], None] = lambda s: None) -> dict:
     """Time the training step of ``recipe``'s network as TSM and as TSN in each variant.
 
-    The batch is ``train.batch_size`` synthetic clips ``(N, T, 3, S, S)`` (T =
+    The batch is ``train.batch_size`` synthetic clips ``(N, T, C_in, S, S)`` (T =
     ``data.num_segments``, S = ``data.input_size``) with random labels, the same every step; the
     optimizer is the recipe's; one process (no allreduce), on ``train.device`` with
     ``train.threads`` (default: all cores).
@@ -217,7 +218,7 @@ def bench_step(recipe: Recipe, variants: list[Variant] | None = None, steps: int
     device = choose_device(t.device, 0)
     threads = set_threads(t.threads, 1)
     kept = keep_freed_memory()  # as tsmtrain run does
-    shape = (t.batch_size, d.num_segments, 3, d.input_size, d.input_size)
+    shape = (t.batch_size, d.num_segments, modality_of(d).in_channels, d.input_size, d.input_size)
     gen = torch.Generator().manual_seed(t.seed)
     x = torch.randn(shape, generator=gen).to(device)
     y = torch.randint(0, recipe.model.num_classes, (t.batch_size,), generator=gen).to(device)
@@ -309,7 +310,8 @@ def _quartiles(values: list[float]) -> list[float]:
 def _shift_inputs(recipe: Recipe, shape: tuple) -> list[tuple[int, ...]]:
     """``(N*T, C, H, W)`` of the input of every temporal shift of the network, in forward order,
     for batch ``shape``."""
-    model = create_model(recipe.model.model_copy(update={"shift": True, "pretrained": None}), shape[1]).eval()
+    model = create_model(recipe.model.model_copy(update={"shift": True, "pretrained": None}), shape[1],
+                         shape[2]).eval()
     found = []
     hooks = [m.register_forward_pre_hook(lambda m, args: found.append(tuple(args[0].shape)))
              for m in model.modules() if isinstance(m, TemporalShift)]

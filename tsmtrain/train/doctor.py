@@ -340,9 +340,11 @@ def step_figures(recipe, steps: int = 5, budget_s: float = 20.0, say: Callable[[
 def gradient_bytes(recipe) -> int:
     """Bytes of the recipe's fp32 gradients: its network's trainable parameters x 4 (what one
     gradient allreduce moves per rank without ``dist.fp16_allreduce``)."""
+    from ..data.modality import modality_of
     from ..models import count_parameters, create_model
 
-    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments)
+    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments,
+                         modality_of(recipe.data).in_channels)
     return 4 * count_parameters(model)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..data import ShardSampler, build_loader, clip_dataset, read_list
 from ..data.loader import decoding_target
+from ..data.modality import modality_of
 from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.stop import PREEMPTED_FILE
@@ -76,13 +77,13 @@ class Loaders:
         sampler: its :class:`~tsmtrain.data.ShardSampler` (this rank's shard, the epoch and the
             position in it).
         train_tf: the training augmentation, on the device: uint8 ``(N, T, H, W, 3)`` -> float32
-            ``(N, T, 3, S, S)``.
+            ``(N, T, C_in, S, S)`` (C_in: 3 for RGB, :mod:`tsmtrain.data.modality`).
         val_tf: the evaluation transform (resize, centre crop, normalise).
         val_records: the validation videos (``data.val_list``; empty without one).
         transform_gen: the random generator of ``train_tf`` (saved in checkpoints).
         train_size: videos in the training list.
         steps_per_epoch: optimizer steps per epoch.
-        batch_shape: ``(N, T, 3, S, S)`` of every augmented training batch.
+        batch_shape: ``(N, T, C_in, S, S)`` of every augmented training batch.
     """
 
     train: torch.utils.data.DataLoader
@@ -129,16 +130,17 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
             f"(train.batch_size x ranks x dist.backward_passes_per_step); lower train.batch_size"
         )
     transform_gen = torch.Generator().manual_seed(t.seed * 1009 + engine.rank)
+    modality = modality_of(d)
     return Loaders(
         train=build_loader(train_set, sampler, t.batch_size, d.workers, drop_last=True,
                            pin_memory=device.type == "cuda", persistent=True),
         sampler=sampler,
         train_tf=VideoTransform(train=True, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
-                                mean=d.mean, std=d.std, generator=transform_gen),
-        val_tf=VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std),
+                                generator=transform_gen, modality=modality),
+        val_tf=VideoTransform(train=False, input_size=d.input_size, modality=modality),
         val_records=val_records, transform_gen=transform_gen, train_size=len(train_set),
         steps_per_epoch=steps_per_epoch,
-        batch_shape=(t.batch_size, d.num_segments, 3, d.input_size, d.input_size),
+        batch_shape=(t.batch_size, d.num_segments, modality.in_channels, d.input_size, d.input_size),
     )
 
 
@@ -148,7 +150,7 @@ def create_network(recipe: Recipe, engine: Engine, device: torch.device) -> torc
     ``train.seed`` first: the same initial weights on every rank (rank 0's are broadcast anyway).
     """
     torch.manual_seed(recipe.train.seed)
-    model = create_model(recipe.model, recipe.data.num_segments).to(device)
+    model = create_model(recipe.model, recipe.data.num_segments, modality_of(recipe.data).in_channels).to(device)
     if recipe.model.sync_bn:
         model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
     return model

@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -136,8 +137,9 @@ def progress_bar(enabled: bool, total: int, completed: int):
 
 def prepare_dataset(recipe: Recipe) -> None:
     """Build the dataset a recipe's ``data.generate`` names (``demo``, ``study``: rendered with ffmpeg;
-    ``arrow_of_time``: cut from ``data.source``) in ``data.root``; nothing when it is not set.
-    Both builders skip what is already there."""
+    ``arrow_of_time``: cut from ``data.source``) in ``data.root``, and with ``data.modality: flow``
+    its videos' optical flow (:func:`tsmtrain.data.flow.flow_of_dataset`); nothing when it is not
+    set. Every builder skips what is already there."""
     d = recipe.data
     if d.generate is None:
         return
@@ -154,6 +156,16 @@ def prepare_dataset(recipe: Recipe) -> None:
         from ..data.arrow import build_arrow_of_time
 
         build_arrow_of_time(d.source, d.root)
+    if d.modality == "flow":
+        from ..data import read_list
+        from ..data.flow import flow_of_dataset
+
+        lists = [d.train_list] + ([d.val_list] if d.val_list else [])
+        videos = [r.path for path in lists for r in read_list(path, d.root, recipe.model.num_classes)]
+        started = time.time()
+        done = flow_of_dataset(d.root, videos, d.flow_method, d.flow_preset, d.flow_bound)
+        if done:
+            log.info("optical flow (%s) of %d videos computed in %.1f s", d.flow_method, done, time.time() - started)
 
 
 def prepare_sweep_data(recipe: Recipe) -> int:

@@ -38,6 +38,7 @@ import torch
 from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
 from ..data.classes import ClassNamesError, read_class_names
 from ..data.loader import decoding_target
+from ..data.modality import modality_of
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
 from ..models import create_model
@@ -141,7 +142,8 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
     if segments is not None and segments != recipe.data.num_segments:
         log.warning("%s was trained with %d segments; testing with data.num_segments = %d", path, segments,
                     recipe.data.num_segments)
-    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments)
+    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments,
+                         modality_of(recipe.data).in_channels)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
@@ -174,7 +176,7 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
     sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
     n = videos_per_batch or max(1, recipe.train.batch_size // protocol.views)
     loader = build_loader(dataset, sampler, n, d.workers, drop_last=False, collate=collate_views)
-    views = TestViews(d.input_size, protocol.crops, d.mean, d.std).to(device)
+    views = TestViews(d.input_size, protocol.crops, modality=modality_of(d)).to(device)
     model.eval()
     k = min(top, recipe.model.num_classes)
     results = []
@@ -498,8 +500,8 @@ def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protoc
     device = torch.device(device)
     model, path = load_model(recipe, checkpoint, device)
     records = [VideoRecord(str(p), 0) for p in paths]
-    dataset = multi_clip_dataset(recipe, records, protocol.clips)
-    views = TestViews(recipe.data.input_size, protocol.crops, recipe.data.mean, recipe.data.std).to(device)
+    dataset = multi_clip_dataset(recipe, records, protocol.clips, compute_flow=True)
+    views = TestViews(recipe.data.input_size, protocol.crops, modality=modality_of(recipe.data)).to(device)
     k = min(top, recipe.model.num_classes)
     out = []
     for i, p in enumerate(paths):
