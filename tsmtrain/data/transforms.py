@@ -167,10 +167,9 @@ class VideoTransform(torch.nn.Module):
         if not isinstance(clips, torch.Tensor):
             raise ValueError(f"expected a torch.Tensor of uint8 clips (N, T, H, W, {c}), got {type(clips).__name__}")
         if clips.dtype != torch.uint8 or clips.dim() != 5 or clips.shape[-1] != c:
-            raise ValueError(
-                f"expected uint8 clips of shape (N, T*{f}, H, W, {c}) ({self.modality.name}, channels last), "
-                f"got dtype {clips.dtype} and shape {tuple(clips.shape)}"
-            )
+            shape = "(N, T, H, W, 3) (RGB" if self.modality.name == "rgb" else f"(N, T*{f}, H, W, {c}) ({self.modality.name}"
+            raise ValueError(f"expected uint8 clips of shape {shape}, channels last), got dtype {clips.dtype} and "
+                             f"shape {tuple(clips.shape)}")
         n, t, h, w, _ = clips.shape
         if h < 1 or w < 1 or t < 1:
             raise ValueError(f"expected non-empty frames (N, T, H, W, {c}), got shape {tuple(clips.shape)}")
