@@ -1,61 +1,73 @@
-"""Confusion matrix and within-pair accuracy of a trained demo run.
+"""Confusion matrix and within-pair accuracy of tested demo runs, and of their late fusion.
 
 The demo's classes come in order-only pairs (2k, 2k+1). Within-pair accuracy counts, among the
 validation clips whose pair was recognised, those given the right member of the pair: 50% is
-chance for a model blind to temporal order (TSN), 100% a model that sees it (TSM).
+chance for a model blind to temporal order (TSN on RGB), 100% a model that sees it (TSM, or any
+network on motion). It reads the scores that `tsmtrain test` saved (each run's latest test,
+RUN/test/*/scores.npz), so test each run first; `--fuse W,W,...` adds the weighted average of
+all the runs' scores, as `tsmtrain fuse` computes it.
 
-    python scripts/demo_pairs.py runs/demo [runs/demo-tsn ...]
+    tsmtrain test configs/demo.yaml --set run.name=demo
+    python scripts/demo_pairs.py runs/demo [runs/demo-tsn ...] [--fuse 1,1.5]
 """
 
-import sys
-from pathlib import Path
+import argparse
 
-import torch
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.data import read_list
-from tsmtrain.dist.base import LocalEngine
-from tsmtrain.models import create_model
-from tsmtrain.recipe import Recipe
-from tsmtrain.train import predict
-from tsmtrain.data.transforms import VideoTransform
+from tsmtrain.train.fusion import FusionError, check_same_test, fuse_scores, load_scores, parse_weights
 
 
-def confusion(run_dir: Path) -> torch.Tensor:
-    """``(K, K)`` counts, rows = true class, columns = predicted, on the run's validation list."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise SystemExit(f"error: no checkpoint in {run_dir}")
-    state = load_checkpoint(path)
-    recipe = Recipe.model_validate(state["recipe"])
-    d, k = recipe.data, recipe.model.num_classes
-    model = create_model(recipe.model, d.num_segments)
-    model.load_state_dict(state["model"])
-    transform = VideoTransform(train=False, input_size=d.input_size, mean=d.mean, std=d.std)
-    counts = torch.zeros(k, k, dtype=torch.int64)
-    for logits, y, _ in predict(model, read_list(d.val_list, d.root, k), recipe, LocalEngine(), "cpu", transform):
-        counts += torch.bincount(y * k + logits.argmax(1), minlength=k * k).view(k, k)
-    return counts
+def pair_figures(confusion: np.ndarray) -> tuple[float, float, float]:
+    """``(top-1, pair recognised, within-pair accuracy)`` in percent of a ``(K, K)`` confusion
+    matrix (rows true, columns predicted)."""
+    k = confusion.shape[0]
+    total = confusion.sum()
+    same_pair = sum(confusion[2 * p:2 * p + 2, 2 * p:2 * p + 2].sum() for p in range(k // 2))
+    return (100 * np.trace(confusion) / total, 100 * same_pair / total,
+            100 * np.trace(confusion) / max(same_pair, 1))
+
+
+def confusion(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """``(K, K)`` counts of ``(V, K)`` scores against ``(V,)`` labels."""
+    return np.bincount(labels * k + scores.argmax(1), minlength=k * k).reshape(k, k)
+
+
+def show(console: Console, name: str, c: np.ndarray) -> None:
+    table = Table(title=f"{name}: rows true, columns predicted")
+    table.add_column("class")
+    for j in range(c.shape[0]):
+        table.add_column(str(j), justify="right")
+    for i in range(c.shape[0]):
+        table.add_row(str(i), *(str(int(v)) for v in c[i]))
+    console.print(table)
+    top1, pair, within = pair_figures(c)
+    console.print(f"{name}: top-1 {top1:.1f}%   pair recognised {pair:.1f}%   within-pair accuracy {within:.1f}%")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="tested run directories (or test folders)")
+    parser.add_argument("--fuse", help="also fuse all the runs' scores with these weights, e.g. 1,1.5")
+    args = parser.parse_args()
     console = Console()
-    for run in sys.argv[1:]:
-        c = confusion(Path(run))
-        k = c.shape[0]
-        table = Table(title=f"{run}: rows true, columns predicted")
-        table.add_column("class")
-        for j in range(k):
-            table.add_column(str(j), justify="right")
-        for i in range(k):
-            table.add_row(str(i), *(str(int(v)) for v in c[i]))
-        console.print(table)
-        top1 = c.diag().sum().item() / c.sum().item()
-        same_pair = sum(c[2 * p : 2 * p + 2, 2 * p : 2 * p + 2].sum().item() for p in range(k // 2))
-        console.print(f"top-1 {100 * top1:.1f}%   pair recognised {100 * same_pair / c.sum().item():.1f}%   "
-                      f"within-pair accuracy {100 * c.diag().sum().item() / max(same_pair, 1):.1f}%")
+    try:
+        streams = [load_scores(run) for run in args.runs]
+        for s in streams:
+            show(console, s.run, confusion(s.scores, s.labels, s.num_classes))
+        if args.fuse:
+            for s in streams[1:]:
+                check_same_test(streams[0], s)
+            weights = parse_weights(args.fuse, len(streams))
+            order = [{p: i for i, p in enumerate(s.paths)} for s in streams]
+            shared = [p for p in streams[0].paths if all(p in o for o in order)]
+            fused = fuse_scores([s.scores[[o[p] for p in shared]] for s, o in zip(streams, order)], weights)
+            labels = streams[0].labels[[order[0][p] for p in shared]]
+            show(console, f"fused {args.fuse}", confusion(fused, labels, streams[0].num_classes))
+    except FusionError as err:
+        raise SystemExit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -292,3 +292,17 @@ def test_train_test_and_predict_with_a_motion_modality(tmp_path, modality, shift
     lines = done.output.splitlines()
     scores = [float(line.split()[0]) for line in lines[lines.index(f"{video}:") + 1:]]
     assert len(scores) == 4 and sum(scores) == pytest.approx(1, abs=1e-3)
+
+
+def test_demo_pairs_counts_within_pair_accuracy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_pairs", Path(__file__).parents[1] / "scripts" / "demo_pairs.py")
+    demo_pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_pairs)
+    scores = np.eye(4)[[0, 1, 1, 0, 2, 3, 3, 1]]  # videos 2, 3 swapped within pair 0; 7 in the other pair
+    labels = np.array([0, 1, 0, 1, 2, 3, 3, 3])
+    c = demo_pairs.confusion(scores, labels, 4)
+    assert c.sum() == 8 and c[0, 1] == 1 and c[1, 0] == 1 and c[3, 1] == 1
+    top1, pair, within = demo_pairs.pair_figures(c)
+    assert (top1, pair, within) == pytest.approx((100 * 5 / 8, 100 * 7 / 8, 100 * 5 / 7))
