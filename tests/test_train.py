@@ -258,7 +258,7 @@ def test_accumulation_on_one_process_averages_the_passes(tmp_path, tiny_demo, mo
     scaling on the global batch), same steps, same weights (the loop averages, not sums)."""
     from tsmtrain.train import factory
 
-    monkeypatch.setattr(factory, "create_model", lambda cfg, t: _NoBatchNorm(cfg.num_classes, t))
+    monkeypatch.setattr(factory, "create_model", lambda cfg, t, channels=3: _NoBatchNorm(cfg.num_classes, t))
     common = {"optim.name": "sgd", "data.scales": "[1.0]", "schedule.epochs": 1}
     whole = train(tiny_recipe(tmp_path, tiny_demo, "whole", **common, **{"train.batch_size": 4}))
     split = train(tiny_recipe(tmp_path, tiny_demo, "split", **common, **{"train.batch_size": 2,
