@@ -442,7 +442,7 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
         if entry.get("flow"):
             path, settings = entry["flow"], (entry.get("flow_method"), entry.get("flow_preset"), entry.get("flow_bound"))
         elif marker is not None and not entry:
-            path = str(Path(flow_path(r.path)))
+            path = flow_path(r.path)
             settings = (marker["method"], marker["preset"], marker["bound"])
             if not Path(path).is_file():
                 missing.append(r.path)
