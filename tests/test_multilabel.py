@@ -1,0 +1,108 @@
+"""Multi-label figures (mAP, GAP@20, Hit@1) against reference computations, and the
+Mixture-of-Experts head against its formula (issue 22, parts 2 and 3)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tsmtrain.models.heads import MoEHead, create_head
+from tsmtrain.train.multilabel import (average_precision, global_average_precision, hit_at_1,
+                                       mean_average_precision, multi_hot, multilabel_figures)
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def _random(seed, videos=60, classes=12):
+    rng = np.random.default_rng(seed)
+    scores = rng.random((videos, classes))
+    targets = (rng.random((videos, classes)) < 0.2).astype(np.float32)
+    targets[:, 3] = 0  # a class with no positive video
+    targets[0, 3] = 0
+    return scores, targets
+
+
+def _gap_reference(scores, targets, k=20):
+    """YouTube-8M's calculate_gap, step by step: top-k of each video, pooled, sorted, AP over all positives."""
+    pairs = []
+    for s, t in zip(scores, targets):
+        for c in sorted(range(len(s)), key=lambda c: -s[c])[:k]:
+            pairs.append((s[c], t[c]))
+    pairs.sort(key=lambda p: -p[0])
+    hits, total, ap = 0, float(targets.sum()), 0.0
+    for i, (_, t) in enumerate(pairs, start=1):
+        if t:
+            hits += 1
+            ap += hits / i
+    return ap / total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_map_equals_scikit_learn_over_classes_with_positives(seed):
+    scores, targets = _random(seed)
+    expect = [sklearn_metrics.average_precision_score(targets[:, c], scores[:, c])
+              for c in range(scores.shape[1]) if targets[:, c].any()]
+    assert len(expect) == scores.shape[1] - 1  # class 3 has no positive: left out
+    assert mean_average_precision(scores, targets) == pytest.approx(np.mean(expect), abs=1e-12)
+    assert np.isnan(average_precision(scores[:, 3], targets[:, 3].astype(bool)))
+    assert np.isnan(mean_average_precision(scores, np.zeros_like(targets)))
+
+
+@pytest.mark.parametrize("seed,k", [(0, 20), (1, 5), (2, 1)])
+def test_gap_equals_youtube8m_definition(seed, k):
+    scores, targets = _random(seed, videos=40, classes=30)
+    assert global_average_precision(scores, targets, k) == pytest.approx(_gap_reference(scores, targets, k), abs=1e-12)
+    perfect = targets * 2 + scores * 0.1  # every positive above every negative
+    assert global_average_precision(perfect, targets, 30) == pytest.approx(1.0)
+    assert global_average_precision(perfect, targets, 1) < 1  # labels beyond a video's top 1 are missed
+
+
+def test_hit_at_1_and_multi_hot():
+    targets = multi_hot([[0, 2], [1], [3], []], 4)
+    assert targets.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    scores = np.array([[0.1, 0.2, 0.9, 0], [0.8, 0.1, 0, 0], [0, 0, 0, 0.5], [1, 0, 0, 0]])
+    assert hit_at_1(scores, targets) == pytest.approx(2 / 4)
+    with pytest.raises(ValueError, match="label 4 of video 0 outside 0..3"):
+        multi_hot([[4]], 4)
+    figures = multilabel_figures(scores, targets)
+    assert set(figures) == {"mAP", "GAP@20", "hit@1"} and figures["hit@1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"\(V, K\)"):
+        mean_average_precision(scores, targets[:, :3])
+
+
+def test_moe_probabilities_are_the_formula():
+    torch.manual_seed(0)
+    head = MoEHead(8, 5, num_mixtures=3)
+    x = torch.randn(4, 8)
+    g = torch.cat([head.gates(x).view(4, 5, 3), torch.zeros(4, 5, 1)], 2).softmax(2)
+    e = torch.sigmoid(head.experts(x).view(4, 5, 3))
+    p = (g[..., :3] * e).sum(2)
+    assert torch.allclose(head.probabilities(x), p, atol=1e-6)
+    assert torch.allclose(torch.sigmoid(head(x)), p, atol=1e-5)
+    assert ((p > 0) & (p < 1)).all()
+
+
+def test_moe_dummy_expert_drives_the_probability_to_zero():
+    head = MoEHead(2, 3, num_mixtures=2)
+    with torch.no_grad():
+        head.gates.weight.zero_()
+        head.gates.bias.fill_(-30.0)  # every real gate far below the dummy's 0
+        head.experts.weight.zero_()
+        head.experts.bias.fill_(10.0)  # experts all but certain
+    x = torch.randn(6, 2)
+    assert head.probabilities(x).max() < 1e-12
+    logit = head(x)
+    assert torch.isfinite(logit).all() and (logit < -25).all()  # log-odds stay finite, no log(0)
+    with torch.no_grad():
+        head.gates.bias.fill_(30.0)  # the real experts take over
+    assert head.probabilities(x).min() > 0.99
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), torch.ones(6, 3))
+    loss.backward()
+    assert torch.isfinite(head.experts.weight.grad).all()
+
+
+def test_head_factory():
+    assert isinstance(create_head("moe", 4, 3, 2), MoEHead)
+    linear = create_head("linear", 4, 3)
+    assert linear.weight.abs().max() < 0.01 and linear.bias.abs().max() == 0
+    with pytest.raises(ValueError, match="unknown head 'mlp'"):
+        create_head("mlp", 4, 3)

@@ -1,0 +1,88 @@
+"""Classifier heads on pooled video features: linear, and YouTube-8M's Mixture of Experts.
+
+The Mixture-of-Experts classifier (Abu-El-Haija et al. 2016, "YouTube-8M: A Large-Scale Video
+Classification Benchmark", sec. 4.3; ``MoeModel`` of the starter code) scores each class ``c``
+independently with ``M`` experts: gates ``g_c = softmax([w_c1.x, ..., w_cM.x, 0])`` over the M
+experts and a dummy expert whose logit is 0, experts ``sigmoid(e_ck)``, ``e_ck = v_ck.x + b_ck``,
+and ``p_c = sum_{k<=M} g_ck sigmoid(e_ck)``: the dummy expert always says "no", so the gates can
+send a class's probability towards 0. It is a per-class probability, so it goes with the
+binary (sigmoid) loss, not with softmax.
+
+:class:`MoEHead` returns the log-odds ``log p_c - log(1 - p_c)``, computed stably with
+``logsumexp`` (``1 - p_c = g_c,dummy + sum_k g_ck sigmoid(-e_ck)``), so that
+``torch.sigmoid`` of its output is ``p_c`` and ``binary_cross_entropy_with_logits`` is the
+binary cross-entropy of ``p_c``, as for a linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MoEHead", "create_head", "HEADS"]
+
+HEADS = ("linear", "moe")
+
+
+class MoEHead(nn.Module):
+    """Mixture of Experts over ``num_mixtures`` experts per class, with a dummy expert.
+
+    Args:
+        in_features: D, the feature size.
+        num_classes: K.
+        num_mixtures: M (>= 1).
+
+    Parameters: ``gates`` ``Linear(D, K*M)`` (the dummy expert has no weights: logit 0) and
+    ``experts`` ``Linear(D, K*M)``.
+
+    Input ``(N, D)``; output log-odds ``(N, K)`` (:meth:`probabilities` for ``p``).
+
+    Raises:
+        ValueError: ``num_mixtures < 1``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, num_mixtures: int = 2):
+        super().__init__()
+        if num_mixtures < 1:
+            raise ValueError(f"num_mixtures must be >= 1, got {num_mixtures}")
+        self.num_classes, self.num_mixtures = num_classes, num_mixtures
+        self.gates = nn.Linear(in_features, num_classes * num_mixtures)
+        self.experts = nn.Linear(in_features, num_classes * num_mixtures)
+
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log gate probabilities ``(N, K, M+1)`` (the dummy expert last) and expert logits ``(N, K, M)``."""
+        n, k, m = x.shape[0], self.num_classes, self.num_mixtures
+        gate_logits = self.gates(x).view(n, k, m)
+        gate_logits = torch.cat([gate_logits, gate_logits.new_zeros(n, k, 1)], dim=2)
+        return F.log_softmax(gate_logits.float(), dim=2), self.experts(x).view(n, k, m).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_gates, experts = self._parts(x)
+        log_p = torch.logsumexp(log_gates[..., :-1] + F.logsigmoid(experts), dim=2)
+        log_not = torch.logsumexp(torch.cat([log_gates[..., -1:], log_gates[..., :-1] + F.logsigmoid(-experts)], 2),
+                                  dim=2)
+        return log_p - log_not
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """``p`` ``(N, K)`` by the formula itself: ``sum_k g_k sigmoid(e_k)``."""
+        log_gates, experts = self._parts(x)
+        return (log_gates[..., :-1].exp() * torch.sigmoid(experts)).sum(2)
+
+
+def create_head(kind: str, in_features: int, num_classes: int, num_mixtures: int = 2) -> nn.Module:
+    """A classifier ``(N, D) -> (N, K)``: ``"linear"`` (``nn.Linear``, initialised as TSN/TSM do:
+    weights N(0, 0.001), bias 0) or ``"moe"`` (:class:`MoEHead`).
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    if kind == "linear":
+        head = nn.Linear(in_features, num_classes)
+        nn.init.normal_(head.weight, 0, 0.001)
+        nn.init.zeros_(head.bias)
+        return head
+    if kind == "moe":
+        return MoEHead(in_features, num_classes, num_mixtures)
+    raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
