@@ -106,3 +106,23 @@ def test_head_factory():
     assert linear.weight.abs().max() < 0.01 and linear.bias.abs().max() == 0
     with pytest.raises(ValueError, match="unknown head 'mlp'"):
         create_head("mlp", 4, 3)
+
+
+def test_multi_label_lists(tmp_path):
+    from tsmtrain.data import ListFileError, read_list
+
+    good = tmp_path / "train.txt"
+    good.write_text("a.mp4 3\nwith space/b.mp4 0 2 5\n# comment\nc.mp4 1 0\n")
+    records = read_list(good, "/d", num_classes=6, multi_label=True)
+    assert [(r.path, r.label, r.labels) for r in records] == [
+        ("/d/a.mp4", 3, (3,)), ("/d/with space/b.mp4", 0, (0, 2, 5)), ("/d/c.mp4", 1, (1, 0))]
+    assert read_list(good, "/d", num_classes=6)[1].path == "/d/with space/b.mp4 0 2"  # single-label as before
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.mp4 1 1\nb.mp4 2 x\nc.mp4 0 7\n4 5\nd.mp4 2\n")
+    with pytest.raises(ListFileError) as err:
+        read_list(bad, "/d", num_classes=6, multi_label=True)
+    assert err.value.problems == [
+        f"{bad}:1: label 1 given twice: 'a.mp4 1 1'",
+        f"{bad}:2: label 'x' is not an integer: 'b.mp4 2 x'",
+        f"{bad}:3: label 7 outside 0..5: 'c.mp4 0 7'",
+    ]
