@@ -64,7 +64,7 @@ def test_hit_at_1_and_multi_hot():
     with pytest.raises(ValueError, match="label 4 of video 0 outside 0..3"):
         multi_hot([[4]], 4)
     figures = multilabel_figures(scores, targets)
-    assert set(figures) == {"mAP", "GAP@20", "hit@1"} and figures["hit@1"] == pytest.approx(0.5)
+    assert set(figures) == {"mAP", "GAP20", "hit1"} and figures["hit1"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"\(V, K\)"):
         mean_average_precision(scores, targets[:, :3])
 
@@ -126,3 +126,80 @@ def test_multi_label_lists(tmp_path):
         f"{bad}:2: label 'x' is not an integer: 'b.mp4 2 x'",
         f"{bad}:3: label 7 outside 0..5: 'c.mp4 0 7'",
     ]
+
+
+def test_sigmoid_loss_is_binary_cross_entropy_summed_over_classes():
+    from tsmtrain.train.step import classification_loss, targets
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4)
+    y = torch.from_numpy(multi_hot([[0, 2], [1], [3]], 4))
+    p = torch.sigmoid(logits)
+    by_hand = -(y * p.log() + (1 - y) * (1 - p).log()).sum(1).mean()
+    assert torch.allclose(classification_loss(logits, y, "sigmoid"), by_hand, atol=1e-6)
+    labels = torch.tensor([2, 0, 1])
+    assert torch.allclose(classification_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+
+    class Cfg:
+        loss, num_classes = "sigmoid", 4
+
+    batch = {"label": labels, "labels": [(2, 0), (0,), (1, 3)]}
+    assert targets(batch, Cfg).tolist() == [[1, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 1]]
+    Cfg.loss = "softmax"
+    assert targets(batch, Cfg) is labels
+
+
+def test_network_with_a_moe_head_scores_the_averaged_features():
+    from tsmtrain.models import VideoNet
+
+    torch.manual_seed(0)
+    net = VideoNet("resnet18", 5, 4, shift=False, dropout=0.0, head="moe", num_mixtures=3).eval()
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        out = net(x)
+        features = net.backbone(x.flatten(0, 1)).view(2, 4, -1).mean(1)
+        assert torch.allclose(out, net.fc(features), atol=1e-5)
+    assert out.shape == (2, 5) and isinstance(net.fc, MoEHead) and net.fc.gates.out_features == 15
+
+
+def test_moe_with_softmax_is_refused(tmp_path):
+    import yaml
+
+    from tsmtrain.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train_list": "l.txt"}, "model": {"num_classes": 4, "head": "moe"}}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, check_files=False)
+    assert [p.key for p in err.value.problems] == ["model.head"] and "model.loss: sigmoid" in str(err.value)
+
+
+def test_multi_label_training_reports_map_gap_and_hit(tiny_demo, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import tiny_recipe
+    from tsmtrain.cli import app
+    from tsmtrain.recipe import load_recipe
+
+    lists = {}
+    for name in ("train", "val"):  # every video also carries the other member of its pair
+        rows = [line.split() for line in (tiny_demo / f"{name}.txt").read_text().splitlines() if line.strip()]
+        lists[name] = tmp_path / f"{name}.txt"
+        lists[name].write_text("".join(f"{p} {y} {int(y) ^ 1}\n" if i % 2 else f"{p} {y}\n"
+                                       for i, (p, y) in enumerate(rows)))
+    path = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "ml", dist={"engine": "none"},
+                       data={"train_list": str(lists["train"]), "val_list": str(lists["val"]), "workers": 0},
+                       model={"loss": "sigmoid", "head": "moe", "num_mixtures": 2},
+                       schedule={"epochs": 1, "warmup_epochs": 0})
+    done = CliRunner().invoke(app, ["run", str(path)])
+    assert done.exit_code == 0, done.output
+    recipe = load_recipe(path)
+    records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_mAP" in r][-1]
+    assert 0 < val["val_mAP"] <= 1 and 0 < val["val_GAP20"] <= 1 and 0 <= val["val_hit1"] <= 1
+    assert val["val_top1"] == pytest.approx(100 * val["val_hit1"])
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    done = CliRunner().invoke(app, ["test", str(path)])
+    assert done.exit_code == 2 and "does not score multi-label runs yet" in done.output

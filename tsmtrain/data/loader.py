@@ -173,8 +173,8 @@ class VideoClipDataset(Dataset):
             record = self.records[index]
             try:
                 item = load(record, index, epoch)
-                return {**item, "label": record.label, "index": index, "epoch": epoch, "failed": failed,
-                        "opened": self.take_opened()}
+                return {**item, "label": record.label, "labels": record.labels, "index": index, "epoch": epoch,
+                        "failed": failed, "opened": self.take_opened()}
             except VideoDecodeError as exc:
                 failed.append(str(exc))
                 index = self._replacement(index, attempt)
@@ -235,8 +235,8 @@ class VideoClipDataset(Dataset):
             failed = item["failed"] + [str(exc)]
             replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed, self._decoded)
             return {**replaced, "opened": item["opened"] + replaced["opened"]}
-        return {"frames": frames, "label": record.label, "index": index, "epoch": epoch, "failed": item["failed"],
-                "opened": item["opened"]}
+        return {"frames": frames, "label": record.label, "labels": record.labels, "index": index, "epoch": epoch,
+                "failed": item["failed"], "opened": item["opened"]}
 
     def open(self, path: str, encoded: tuple[bytes, bytes | None] | None = None) -> Video:
         """Open one video the way this dataset reads it (backend, size, seek mode, device);
@@ -761,7 +761,7 @@ class ShardSampler(Sampler):
 
 def collate_clips(items: list[dict]) -> dict:
     """Stack items into a batch: ``frames`` uint8 ``(N, T, H, W, 3)``, ``label`` int64 ``(N,)``,
-    ``failed`` the list of every video that could not be decoded for this batch, ``opened`` the
+    ``labels`` every label of each clip (a tuple per clip: several for a multi-label list), ``failed`` the list of every video that could not be decoded for this batch, ``opened`` the
     files opened for it and ``worker`` the loader worker that made it (-1: this process). In a
     loader worker the frames are stacked into shared memory, so the batch is copied once, not twice.
 
@@ -780,6 +780,7 @@ def collate_clips(items: list[dict]) -> dict:
     return {
         "frames": torch.stack(frames, out=out),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "labels": [it.get("labels", (it["label"],)) for it in items],
         "failed": [path for it in items for path in it["failed"]],
         "opened": [path for it in items for path in it.get("opened", ())],
         "worker": _worker_id(),

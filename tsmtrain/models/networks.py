@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .heads import create_head
 from .shift import TemporalShift
 
 __all__ = ["VideoNet", "create_model", "count_parameters", "count_macs", "cross_modality_conv", "first_conv"]
@@ -47,6 +48,11 @@ class VideoNet(nn.Module):
             than 3 its first convolution is adapted by :func:`cross_modality_conv`.
         in_channels: C_in, channels per segment: 3 (RGB), 2L (L flow fields), 3L (L RGB
             differences).
+        head: ``"linear"``: the classifier scores every segment and the scores are averaged
+            (TSN's consensus); ``"moe"``: the segments' features are averaged and YouTube-8M's
+            Mixture of Experts (:class:`~tsmtrain.models.heads.MoEHead`) scores them, giving
+            log-odds.
+        num_mixtures: experts per class of the ``moe`` head.
 
     Input ``(N, T, C_in, H, W)`` float; output logits ``(N, num_classes)``.
 
@@ -66,6 +72,8 @@ class VideoNet(nn.Module):
         dropout: float = 0.5,
         pretrained: str | Path | None = None,
         in_channels: int = 3,
+        head: str = "linear",
+        num_mixtures: int = 2,
     ):
         super().__init__()
         if arch not in BACKBONES:
@@ -88,9 +96,8 @@ class VideoNet(nn.Module):
         if shift:
             insert_residual_shift(backbone, num_segments, shift_div)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(feature_dim, num_classes)
-        nn.init.normal_(self.fc.weight, 0, 0.001)  # as the TSN/TSM code initialises the new layer
-        nn.init.zeros_(self.fc.bias)
+        self.head = head
+        self.fc = create_head(head, feature_dim, num_classes, num_mixtures)  # linear: N(0, 0.001) as TSN/TSM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t = x.shape[:2]
@@ -98,6 +105,8 @@ class VideoNet(nn.Module):
             raise ValueError(f"expected (N, {self.num_segments}, {self.in_channels}, H, W) clips ({self.num_segments} "
                              f"segments of {self.in_channels} channels), got input of shape {tuple(x.shape)}")
         features = self.backbone(x.flatten(0, 1))  # (N*T, F)
+        if self.head != "linear":  # consensus on the features, then one per-class probability
+            return self.fc(self.dropout(features.view(n, t, -1).mean(dim=1)))  # (N, K) log-odds
         logits = self.fc(self.dropout(features))  # (N*T, K)
         return logits.view(n, t, -1).mean(dim=1)  # average consensus -> (N, K)
 
@@ -180,6 +189,8 @@ def create_model(cfg, num_segments: int, in_channels: int = 3) -> VideoNet:
         dropout=cfg.dropout,
         pretrained=cfg.pretrained,
         in_channels=in_channels,
+        head=cfg.head,
+        num_mixtures=cfg.num_mixtures,
     )
 
 

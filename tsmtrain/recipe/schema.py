@@ -165,6 +165,14 @@ class ModelConfig(_Section):
     sync_bn: bool = Field(
         False, description="synchronized BatchNorm: normalize with the statistics of the global batch, not each "
                            "rank's (advised below 8 clips per GPU)")
+    loss: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="softmax: one label per video, cross-entropy; sigmoid: multi-label lists (`path "
+                               "label label ...`), binary cross-entropy per class summed over classes, validation "
+                               "reports mAP, GAP@20 and Hit@1")
+    head: Literal["linear", "moe"] = Field(
+        "linear", description="classifier: linear (per segment, averaged) or moe (YouTube-8M's Mixture of Experts on "
+                              "the segment-averaged features; needs model.loss: sigmoid)")
+    num_mixtures: int = Field(2, ge=1, description="experts per class of the moe head (plus a dummy expert)")
 
 
 class OptimConfig(_Section):
@@ -423,6 +431,9 @@ class Recipe(_Section):
                              f"leaves no channel to shift in {self.model.arch}'s narrowest shifted layer "
                              f"({narrowest} channels // {self.model.shift_div} = 0): that layer would train as TSN; "
                              f"use at most {narrowest}"))
+        if self.model.head == "moe" and self.model.loss == "softmax":
+            problems.append(("model.head", "moe", "the Mixture-of-Experts head gives each class its own probability: "
+                                                  "it needs model.loss: sigmoid (multi-label), not softmax"))
         if self.dist.engine == "none" and self.dist.np > 1:
             problems.append(("dist.np", self.dist.np, "several ranks need dist.engine: horovod or ddp"))
         launchers = {"horovod": ("gloo", "mpi"), "ddp": ("torchrun",), "none": ("gloo", "mpi", "torchrun")}

@@ -1,10 +1,10 @@
 """Evaluation: the model over a list of videos on every rank's shard, top-1/top-5 and loss
-summed over all ranks."""
+summed over all ranks; for multi-label runs (``model.loss: sigmoid``) also mAP, GAP@20 and Hit@1
+of the scores gathered from every rank (:mod:`tsmtrain.train.multilabel`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..data import ShardSampler, build_loader, clip_dataset
 from ..data.loader import decoding_target
@@ -12,7 +12,7 @@ from ..dist.base import Engine
 from ..recipe import Recipe
 from .metrics import MetricsWriter
 from .runtime import log
-from .step import as_memory_format, autocast
+from .step import as_memory_format, autocast, classification_loss, targets
 
 __all__ = ["predict", "evaluate", "evaluate_epoch"]
 
@@ -21,7 +21,8 @@ __all__ = ["predict", "evaluate", "evaluate_epoch"]
 def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
     """Run ``model`` in evaluation mode over this rank's shard of ``records``.
 
-    Yields ``(logits (N, K), labels (N,), failed paths)`` per batch, on ``device``; videos are
+    Yields ``(logits (N, K), labels, failed paths)`` per batch, on ``device`` (labels ``(N,)``, or
+    multi-hot ``(N, K)`` with ``model.loss: sigmoid``: :func:`~tsmtrain.train.step.targets`); videos are
     sampled at segment centres and centre-cropped by ``transform``. The forward runs under the
     recipe's ``train.precision`` and memory format (``train.channels_last``), uncompiled.
     """
@@ -35,31 +36,59 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
         x = as_memory_format(transform(batch["frames"].to(device)), recipe.train.channels_last)
         with autocast(recipe.train.precision, device):
             logits = model(x)
-        yield logits.float(), batch["label"].to(device), batch["failed"]
+        yield logits.float(), targets(batch, recipe.model).to(device), batch["failed"]
     model.train(was_training)
 
 
 def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform) -> dict:
-    """Top-1, top-5 (percent) and mean cross-entropy loss on a list of videos, over all ranks.
+    """Top-1, top-5 (percent) and mean loss on a list of videos, over all ranks.
 
     Each rank evaluates its own shard (:func:`predict`); sums are allreduced, so every video
-    counts once whatever the number of ranks.
+    counts once whatever the number of ranks. With ``model.loss: sigmoid`` top-1 is Hit@1 (the
+    best class is one of the labels), top-5 counts a label among the best 5, and ``mAP``,
+    ``GAP20`` and ``hit1`` (fractions) come from every rank's scores gathered
+    (:func:`gather_rows`, :func:`~tsmtrain.train.multilabel.multilabel_figures`).
     """
     k = min(5, recipe.model.num_classes)
+    multi = recipe.model.loss == "sigmoid"
     sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, clips, failed
+    kept = []  # multi-label: (probabilities, targets) of this rank's clips
     for logits, y, failed in predict(model, records, recipe, engine, device, transform):
         for path in failed:
             log.warning("skipped unreadable video: %s", path)
         top = logits.topk(k, dim=1).indices
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums[1] += (top[:, 0] == y).sum().item()
-        sums[2] += (top == y[:, None]).any(1).sum().item()
+        sums[0] += classification_loss(logits, y, recipe.model.loss).item() * len(y)
+        hits = y.gather(1, top) > 0 if multi else top == y[:, None]  # (N, k): the i-th best is a label
+        sums[1] += hits[:, 0].sum().item()
+        sums[2] += hits.any(1).sum().item()
         sums[3] += len(y)
         sums[4] += len(failed)
+        if multi:
+            kept.append(torch.cat([torch.sigmoid(logits), y], 1).double().cpu())
     tot = engine.allreduce(sums, average=False)
     n = max(tot[3].item(), 1)
-    return {"top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "loss": tot[0].item() / n,
-            "clips": int(tot[3].item()), "skipped_videos": int(tot[4].item())}
+    result = {"top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "loss": tot[0].item() / n,
+              "clips": int(tot[3].item()), "skipped_videos": int(tot[4].item())}
+    if multi:
+        from .multilabel import multilabel_figures
+
+        both = gather_rows(engine, torch.cat(kept) if kept else torch.zeros(0, 2 * recipe.model.num_classes,
+                                                                              dtype=torch.float64))
+        result.update(multilabel_figures(both[:, :recipe.model.num_classes].numpy(),
+                                         both[:, recipe.model.num_classes:].numpy()))
+    return result
+
+
+def gather_rows(engine: Engine, rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's float64 ``(n_r, D)`` rows, stacked in rank order on every rank ``(sum n_r, D)``:
+    two allreduces (the counts, then the rows placed at their offsets in zeros)."""
+    counts = torch.zeros(engine.size, dtype=torch.float64)
+    counts[engine.rank] = len(rows)
+    counts = engine.allreduce(counts, average=False).long().tolist()
+    start = sum(counts[:engine.rank])
+    every = torch.zeros(sum(counts), rows.shape[1], dtype=torch.float64)
+    every[start:start + len(rows)] = rows
+    return engine.allreduce(every.flatten(), average=False).view(sum(counts), rows.shape[1])
 
 
 def evaluate_epoch(model, records, recipe: Recipe, engine: Engine, device, transform, metrics: MetricsWriter,
@@ -68,6 +97,8 @@ def evaluate_epoch(model, records, recipe: Recipe, engine: Engine, device, trans
     :func:`evaluate`'s result."""
     result = evaluate(model, records, recipe, engine, device, transform)
     metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in result.items()})
-    log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)",
-             epoch - 1, result["top1"], result["top5"], result["loss"], result["clips"])
+    log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)%s",
+             epoch - 1, result["top1"], result["top5"], result["loss"], result["clips"],
+             f"; mAP {result['mAP']:.4f}, GAP@20 {result['GAP20']:.4f}, Hit@1 {result['hit1']:.4f}"
+             if "mAP" in result else "")
     return result

@@ -118,8 +118,9 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
         if engine.rank == 0:
             prepare_dataset(recipe)
         engine.barrier()
-    train_records = read_list(d.train_list, d.root, recipe.model.num_classes)
-    val_records = read_list(d.val_list, d.root, recipe.model.num_classes) if d.val_list else []
+    multi = recipe.model.loss == "sigmoid"  # multi-label lists
+    train_records = read_list(d.train_list, d.root, recipe.model.num_classes, multi_label=multi)
+    val_records = read_list(d.val_list, d.root, recipe.model.num_classes, multi_label=multi) if d.val_list else []
     decoder, where = decoding_target(d.decoder, d.decode_device, device)
     train_set = clip_dataset(recipe, train_records, train=True, decode_device=where, decoder=decoder)
     sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)

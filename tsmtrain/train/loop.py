@@ -47,7 +47,7 @@ from .factory import Loaders, announce_run, create_loaders, create_network, resu
 from .metrics import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
 from .runtime import choose_engine, log, progress_bar
-from .step import TrainStep
+from .step import TrainStep, targets
 from .tensorboard import check_tensorboard
 
 __all__ = ["train", "RunResult"]
@@ -169,7 +169,7 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
                      batch_shape=data.batch_shape, optimizer=create_optimizer(model, recipe.optim), engine=engine,
                      schedule=create_schedule(recipe, scaling, data.steps_per_epoch),
                      passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
-                     clock=clock)
+                     clock=clock, loss=recipe.model.loss)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
@@ -244,13 +244,14 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
 
 
 def _augment(r: _Run, batch: dict, interval: Interval) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch on the device, augmented: clips ``(N, T, 3, H, W)`` float and labels ``(N,)``;
+    """A loader batch on the device, augmented: clips ``(N, T, C, H, W)`` float and labels ``(N,)``
+    (multi-hot ``(N, K)`` for ``model.loss: sigmoid``, :func:`~tsmtrain.train.step.targets`);
     logs and counts the videos that could not be decoded. Laps ``augment`` on the clock."""
     for failed in batch["failed"]:
         log.warning("skipped unreadable video: %s", failed)
     interval.add("failed", len(batch["failed"]))
     x = r.data.train_tf(batch["frames"].to(r.device, non_blocking=True))
-    y = batch["label"].to(r.device, non_blocking=True)
+    y = targets(batch, r.recipe.model).to(r.device, non_blocking=True)
     r.clock.lap("augment")
     return x, y
 

@@ -265,9 +265,11 @@ class Interval:
         self.sums[_AT[name]] += value
 
     def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Count one batch: mean ``loss``, ``logits (N, K)``, labels ``y (N,)``."""
+        """Count one batch: mean ``loss``, ``logits (N, K)``, labels ``y (N,)`` or multi-hot ``(N, K)``
+        (then the best class counts as correct when it is one of the clip's labels: Hit@1)."""
         self.on_device[0] += loss.detach() * len(y)
-        self.on_device[1] += (logits.argmax(1) == y).sum()
+        best = logits.argmax(1)
+        self.on_device[1] += (best == y).sum() if y.dim() == 1 else y.gather(1, best[:, None]).sum()
         self.sums[_AT["clips"]] += len(y)
 
     def close(self, engine: Engine, phases: dict[str, float] | None) -> dict:

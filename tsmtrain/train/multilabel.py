@@ -104,6 +104,7 @@ def hit_at_1(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def multilabel_figures(scores: np.ndarray, targets: np.ndarray) -> dict:
-    """``{"mAP", "GAP@20", "hit@1"}`` (fractions, 0..1) of ``(V, K)`` scores and 0/1 targets."""
-    return {"mAP": mean_average_precision(scores, targets), "GAP@20": global_average_precision(scores, targets),
-            "hit@1": hit_at_1(scores, targets)}
+    """``{"mAP", "GAP20", "hit1"}``: mAP, GAP@20 and Hit@1 (fractions, 0..1) of ``(V, K)`` scores
+    and 0/1 targets (keys without ``@``, as metrics.jsonl and TensorBoard tags take them)."""
+    return {"mAP": mean_average_precision(scores, targets), "GAP20": global_average_precision(scores, targets),
+            "hit1": hit_at_1(scores, targets)}

@@ -65,8 +65,8 @@ from ..optim import LRSchedule
 from .metrics import PhaseClock
 from .runtime import TrainingError
 
-__all__ = ["PRECISIONS", "TrainStep", "StepOutput", "autocast", "as_memory_format", "half_precision_note",
-           "ReducedPrecisionConvolutions", "cpu_has_kernels"]
+__all__ = ["PRECISIONS", "LOSSES", "targets", "classification_loss", "TrainStep", "StepOutput", "autocast",
+           "as_memory_format", "half_precision_note", "ReducedPrecisionConvolutions", "cpu_has_kernels"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``train.precision`` -> the autocast dtype (``None``: no autocast)."""
@@ -177,6 +177,30 @@ class StepOutput:
     lr: float | None = None
 
 
+LOSSES = ("softmax", "sigmoid")
+"""``model.loss``: one label per clip (cross-entropy), or several (binary cross-entropy per class)."""
+
+
+def targets(batch: dict, model_cfg) -> torch.Tensor:
+    """What the loss compares the logits with, for a loader batch: the labels int64 ``(N,)``
+    (``model.loss: softmax``), or float32 ``(N, K)`` with 1 at each clip's labels (``sigmoid``)."""
+    if model_cfg.loss == "softmax":
+        return batch["label"]
+    from .multilabel import multi_hot
+
+    return torch.from_numpy(multi_hot(batch["labels"], model_cfg.num_classes))
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "softmax") -> torch.Tensor:
+    """The mean over the batch of the cross-entropy of ``logits (N, K)`` against labels ``y (N,)``
+    (``softmax``), or of the binary cross-entropy of each class's log-odds against the multi-hot
+    ``y (N, K)``, summed over the K classes (``sigmoid``: each class an independent yes/no, as for
+    YouTube-8M; summed so that a head split across ranks adds its classes' parts)."""
+    if loss == "softmax":
+        return F.cross_entropy(logits, y)
+    return F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / max(len(y), 1)
+
+
 class TrainStep:
     """One optimizer step: ``passes`` forward and backward passes, the gradient wait, the learning
     rate, fp16 unscaling and the optimizer step, in the order of the module docstring, as a
@@ -208,6 +232,7 @@ class TrainStep:
             pass's loss is divided by it, so the step averages them.
         fp16_allreduce: compress the gradient allreduce to float16 (``dist.fp16_allreduce``).
         clock: the run's phase clock (default: one that times nothing).
+        loss: ``"softmax"`` or ``"sigmoid"`` (:func:`classification_loss`; ``model.loss``).
 
     Attributes:
         forward_model: what the training forward calls: the model, wrapped by the engine, then
@@ -225,9 +250,12 @@ class TrainStep:
                  channels_last: bool = False, compile: bool = False, batch_shape: tuple[int, ...] | None = None,
                  *, optimizer: torch.optim.Optimizer | None = None, engine: Engine | None = None,
                  schedule: LRSchedule | None = None, passes: int = 1, fp16_allreduce: bool = False,
-                 clock: PhaseClock | None = None):
+                 clock: PhaseClock | None = None, loss: str = "softmax"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        self.loss = loss
         self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
         self.engine = engine if engine is not None else LocalEngine()
         self.schedule, self.passes = schedule, passes
@@ -278,7 +306,7 @@ class TrainStep:
         return as_memory_format(x, self.channels_last)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and cross-entropy loss under autocast, then backward of ``loss / passes``
+        """Forward and loss (:func:`classification_loss`) under autocast, then backward of ``loss / passes``
         (gradient accumulation over ``passes`` backward passes), scaled with fp16. The engine's
         :meth:`~tsmtrain.dist.base.Engine.accumulate` context is the caller's (:meth:`__call__`).
 
@@ -291,7 +319,7 @@ class TrainStep:
         """
         with self.autocast():
             logits = self.forward_model(self.batch(x))
-            loss = F.cross_entropy(logits, y)
+            loss = classification_loss(logits, y, self.loss)
         scaled = loss / self.passes
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return logits, loss

@@ -405,6 +405,13 @@ def _class_names(recipe: Recipe) -> list[str] | None:
         raise TrainingError(f"data.classes: {err}") from None
 
 
+def _single_label_only(recipe: Recipe, command: str) -> None:
+    """Refuse a multi-label recipe: its test protocols (sigmoid scores, mAP per view) are not built yet."""
+    if recipe.model.loss == "sigmoid":
+        raise TrainingError(f"model.loss: sigmoid: tsmtrain {command} does not score multi-label runs yet; the "
+                            f"validation of tsmtrain run reports their mAP, GAP@20 and Hit@1 (metrics.jsonl)")
+
+
 def _warn_flips(recipe: Recipe, protocol: Protocol) -> None:
     """10 crops include mirrored views; a recipe trained without flips (``data.flip: false``,
     left and right matter) scores mirrored motion as the opposite class."""
@@ -442,9 +449,10 @@ def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None =
 
     Raises:
         TrainingError: no list to test, no checkpoint, a checkpoint of another model, a label
-            map that does not fit ``model.num_classes``.
+            map that does not fit ``model.num_classes``, a multi-label run (not yet).
         tsmtrain.data.ListFileError: a malformed list file.
     """
+    _single_label_only(recipe, "test")
     engine = engine or choose_engine(recipe)
     _console_logging(engine.rank)
     list_file = list_file or recipe.data.val_list
@@ -495,6 +503,7 @@ def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protoc
     """
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
+    _single_label_only(recipe, "predict")
     names = _class_names(recipe)
     _warn_flips(recipe, protocol)
     device = torch.device(device)
