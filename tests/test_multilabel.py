@@ -203,3 +203,24 @@ def test_multi_label_training_reports_map_gap_and_hit(tiny_demo, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     done = CliRunner().invoke(app, ["test", str(path)])
     assert done.exit_code == 2 and "does not score multi-label runs yet" in done.output
+
+
+def test_multilabel_demo_clips_and_lists(tmp_path):
+    from tsmtrain.data import read_list
+    from tsmtrain.data.decoding import open_video
+    from tsmtrain.data.synthetic import generate_multilabel_dataset, render_multilabel_clip
+
+    rng = np.random.default_rng(0)
+    forward = render_multilabel_clip([0], np.random.default_rng(1), frames=8, size=32)
+    backward = render_multilabel_clip([1], np.random.default_rng(1), frames=8, size=32)
+    assert np.array_equal(forward, backward[::-1])  # one object: the paired class is the same clip reversed
+    two = render_multilabel_clip([2, 5], rng, frames=8, size=32)
+    assert two.shape == (8, 32, 32, 3) and two.dtype == np.uint8
+    with pytest.raises(ValueError, match="distinct classes"):
+        render_multilabel_clip([2, 2], rng)
+    train, val = generate_multilabel_dataset(tmp_path, train_videos=12, val_videos=4, frames=8, size=32)
+    records = read_list(train, tmp_path, 6, multi_label=True)
+    assert len(records) == 12 and len(read_list(val, tmp_path, 6, multi_label=True)) == 4
+    assert all(1 <= len(r.labels) <= 3 and list(r.labels) == sorted(set(r.labels)) for r in records)
+    assert max(len(r.labels) for r in records) > 1
+    assert open_video(records[0].path).num_frames == 8

@@ -260,7 +260,8 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
         raise DataBenchError(f"data.decoder: {d.decoder} decodes on the GPU only, and bench data measures the CPU "
                              f"loader: add --set data.decoder=torchcodec (tsmtrain doctor measures NVDEC clips/s)")
     train = split == "train"
-    records = read_list(d.train_list if train else d.val_list, d.root, recipe.model.num_classes)
+    records = read_list(d.train_list if train else d.val_list, d.root, recipe.model.num_classes,
+                        multi_label=recipe.model.loss == "sigmoid")
     dataset = clip_dataset(recipe, records, train=train)
     keys = _keys(len(records), clips, recipe.train.seed)
     report = on_result or (lambda stage, values: None)

@@ -13,6 +13,12 @@ than chance within a pair, while one that relates frames in time (TSM) can. Colo
 background texture, start position, speed and size are random, so no single frame tells the
 class either. Frames are rendered with NumPy and encoded by ffmpeg (libx264, yuv420p).
 
+The *multi-label* dataset (:func:`generate_multilabel_dataset`, ``data.generate: multilabel``)
+puts one to three objects in a clip, each in its own quadrant and each moving its own way (one
+of the six demo classes, :func:`render_multilabel_clip`); a clip's labels are the classes of its
+objects. Each object of class ``2k+1`` is an object of class ``2k`` played backwards, so the
+order-only pairs still separate TSM from TSN.
+
 The *study* dataset (:func:`generate_study_dataset`, ``data.generate: study``, used by
 ``scripts/large_batch_study.py``) is a harder one of the same kind, so that a small network does
 not reach 100%: six order-only pairs (the three above, plus moving down / up, a colour turning
@@ -34,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["render_clip", "generate_demo_dataset", "render_study_clip", "generate_study_dataset", "STUDY_PAIRS",
-           "COMPLETE_MARKER", "is_complete", "mark_complete"]
+           "COMPLETE_MARKER", "is_complete", "mark_complete", "render_multilabel_clip", "generate_multilabel_dataset",
+           "MULTILABEL_CLASSES"]
 
 log = logging.getLogger(__name__)
 PAIRS = ("left-to-right / right-to-left", "growing / shrinking", "counter-clockwise / clockwise")
@@ -323,3 +330,112 @@ def generate_study_dataset(root: str | Path, num_classes: int = 12, train_per_cl
                   noise=noise, seed=seed, version=1)
     return _render_dataset(root, params, "study",
                            lambda cls, rng: render_study_clip(cls, rng, frames, size, distractors, noise))
+
+
+MULTILABEL_CLASSES = 6
+"""The multi-label dataset's classes: the demo's six (three order-only pairs)."""
+
+
+def _object_masks(kind: int, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, box: tuple[float, float, float],
+                  t: np.ndarray) -> list[np.ndarray]:
+    """Masks ``(size, size)`` of one object of pair ``kind`` (0 moving left-to-right, 1 growing,
+    2 turning counter-clockwise) inside the square ``box`` = ``(left, top, side)``, one per time
+    in ``t``."""
+    x0, y0, s = box
+    if kind == 0:
+        r = rng.uniform(0.12, 0.2) * s
+        xa, xb = x0 + rng.uniform(r, 0.45 * s), x0 + rng.uniform(0.55 * s, s - r)
+        yc = y0 + rng.uniform(r, s - r)
+        square = rng.random() < 0.5
+        return [(np.maximum(abs(xx - xc), abs(yy - yc)) <= r) if square else ((xx - xc) ** 2 + (yy - yc) ** 2 <= r * r)
+                for xc in xa + (xb - xa) * t]
+    if kind == 1:
+        xc, yc = x0 + rng.uniform(0.4, 0.6) * s, y0 + rng.uniform(0.4, 0.6) * s
+        r0, r1 = rng.uniform(0.05, 0.12) * s, rng.uniform(0.32, 0.45) * s
+        return [(xx - xc) ** 2 + (yy - yc) ** 2 <= rad * rad for rad in r0 + (r1 - r0) * t]
+    xc, yc = x0 + rng.uniform(0.4, 0.6) * s, y0 + rng.uniform(0.4, 0.6) * s
+    a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
+    half_len, half_width = rng.uniform(0.3, 0.42) * s, rng.uniform(0.07, 0.11) * s
+    masks = []
+    for a in a0 + sweep * t:
+        u = (xx - xc) * np.cos(a) - (yy - yc) * np.sin(a)
+        v = (xx - xc) * np.sin(a) + (yy - yc) * np.cos(a)
+        masks.append((abs(u) <= half_len) & (abs(v) <= half_width))
+    return masks
+
+
+def render_multilabel_clip(classes: list[int], rng: np.random.Generator, frames: int = 16,
+                           size: int = 64) -> np.ndarray:
+    """Render a clip holding one object of each class in ``classes`` (demo classes 0 .. 5: pair
+    ``c // 2``, played backwards when ``c`` is odd), each in its own quadrant of the frame, with
+    its own colour.
+
+    Returns:
+        uint8 ``(frames, size, size, 3)``, RGB.
+
+    Raises:
+        ValueError: no class, more than 4, a repeated class or one outside 0 .. 5.
+    """
+    if not 1 <= len(classes) <= 4 or len(set(classes)) < len(classes) or any(
+            not 0 <= c < MULTILABEL_CLASSES for c in classes):
+        raise ValueError(f"classes {classes}: one to four distinct classes in 0..{MULTILABEL_CLASSES - 1}")
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    t = np.linspace(0.0, 1.0, frames, dtype=np.float32)
+    background = rng.uniform(10, 70) + rng.uniform(-10, 10, 3).astype(np.float32)
+    texture = rng.normal(0, 5, (size, size, 1)).astype(np.float32)
+    frame = np.broadcast_to(background + texture, (frames, size, size, 3)).copy()
+    half = size / 2
+    quadrants = rng.permutation(4)
+    for c, q in zip(classes, quadrants):
+        masks = _object_masks(c // 2, rng, xx, yy, ((q % 2) * half, (q // 2) * half, half), t)
+        if c % 2:
+            masks = masks[::-1]  # the object of the paired class: the same motion backwards
+        colour = rng.uniform(170, 240) + rng.uniform(-15, 15, 3).astype(np.float32)
+        for i, mask in enumerate(masks):
+            frame[i][mask] = colour
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def generate_multilabel_dataset(root: str | Path, train_videos: int = 800, val_videos: int = 200, frames: int = 16,
+                                size: int = 64, fps: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """Render the multi-label dataset into ``root`` unless it is already there with these
+    parameters: clips of one to three objects (uniformly), their classes drawn without
+    repetition from the six (:func:`render_multilabel_clip`), written as
+    ``root/videos/{train,val}/NNNNN.mp4`` with list lines ``path label label ...`` (mmaction2's
+    multi-label form) in ``root/train.txt`` and ``root/val.txt``, and the marker last (as
+    :func:`generate_demo_dataset`). Clip ``i`` of a split is drawn from ``SeedSequence([seed,
+    split, i])``.
+
+    Returns:
+        ``(train_list, val_list)``.
+
+    Raises:
+        RuntimeError: ffmpeg is missing or fails (the message names the file).
+    """
+    root = Path(root)
+    params = dict(kind="multilabel", train_videos=train_videos, val_videos=val_videos, frames=frames, size=size,
+                  fps=fps, seed=seed, version=1)
+    train_list, val_list = root / "train.txt", root / "val.txt"
+    if is_complete(root, params):
+        return train_list, val_list
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError("ffmpeg not found: the multilabel dataset is encoded with it (apt-get install ffmpeg)")
+    jobs = []
+    for split, count, split_seed in (("train", train_videos, 0), ("val", val_videos, 1)):
+        (root / "videos" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, split_seed, i]))
+            classes = sorted(rng.choice(MULTILABEL_CLASSES, int(rng.integers(1, 4)), replace=False).tolist())
+            jobs.append((split, f"videos/{split}/{i:05d}.mp4", classes, rng))
+    log.info("rendering %d multilabel clips into %s", len(jobs), root)
+
+    def work(job):
+        _, rel, classes, rng = job
+        _encode(render_multilabel_clip(classes, rng, frames, size), root / rel, fps)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(work, jobs))
+    for split, path in (("train", train_list), ("val", val_list)):
+        path.write_text("".join(f"{rel} {' '.join(map(str, c))}\n" for s, rel, c, _ in jobs if s == split))
+    mark_complete(root, params)
+    return train_list, val_list

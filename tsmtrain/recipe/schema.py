@@ -93,9 +93,10 @@ class DataConfig(_Section):
     classes: str | None = Field(
         None, description="label map: one class name per line, line i naming label i-1 (as mmaction2's "
                           "label_map_k400.txt); as many as model.num_classes; none: classes shown by index")
-    generate: Literal["demo", "study", "arrow_of_time"] | None = Field(
+    generate: Literal["demo", "study", "multilabel", "arrow_of_time"] | None = Field(
         None, description="build this dataset into `root` on first use: demo or study (rendered; study: the harder "
-                          "one of the large-batch study) or arrow_of_time (from `source`)"
+                          "one of the large-batch study), multilabel (rendered, 1-3 objects per clip, 6 classes, "
+                          "model.loss: sigmoid) or arrow_of_time (from `source`)"
     )
     source: str = Field("../shared/clips", description="folder of the real clips that generate: arrow_of_time cuts")
     decoder: Literal["torchcodec", "decord", "pynvvideocodec"] = Field(
@@ -431,6 +432,9 @@ class Recipe(_Section):
                              f"leaves no channel to shift in {self.model.arch}'s narrowest shifted layer "
                              f"({narrowest} channels // {self.model.shift_div} = 0): that layer would train as TSN; "
                              f"use at most {narrowest}"))
+        if self.data.generate == "multilabel" and (k != 6 or self.model.loss != "sigmoid"):
+            problems.append(("data.generate", "multilabel", "the multilabel dataset has 6 classes and several labels "
+                                                            "per clip: set model.num_classes: 6 and model.loss: sigmoid"))
         if self.model.head == "moe" and self.model.loss == "softmax":
             problems.append(("model.head", "moe", "the Mixture-of-Experts head gives each class its own probability: "
                                                   "it needs model.loss: sigmoid (multi-label), not softmax"))

@@ -281,7 +281,7 @@ def loader_clips_per_s(recipe, backend: str, decode_device: str, clips: int = 32
     if clips < 2:
         raise ValueError(f"need at least 2 clips, got {clips}")
     d = recipe.data
-    records = read_list(d.train_list, d.root, recipe.model.num_classes)
+    records = read_list(d.train_list, d.root, recipe.model.num_classes, multi_label=recipe.model.loss == "sigmoid")
     gpu = recipe.model_copy(update={"data": d.model_copy(update={"decoder": backend, "decode_device":
                                                                  "cpu" if decode_device == "cpu" else "cuda"})})
     dataset = clip_dataset(gpu, records, train=True, decode_device=decode_device, decoder=backend)

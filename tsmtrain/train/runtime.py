@@ -148,6 +148,10 @@ def prepare_dataset(recipe: Recipe) -> None:
         from ..data.synthetic import generate_demo_dataset
 
         generate_demo_dataset(d.root, num_classes=recipe.model.num_classes)
+    elif d.generate == "multilabel":
+        from ..data.synthetic import generate_multilabel_dataset
+
+        generate_multilabel_dataset(d.root)
     elif d.generate == "study":
         from ..data.synthetic import generate_study_dataset
 
@@ -161,7 +165,8 @@ def prepare_dataset(recipe: Recipe) -> None:
         from ..data.flow import flow_of_dataset
 
         lists = [d.train_list] + ([d.val_list] if d.val_list else [])
-        videos = [r.path for path in lists for r in read_list(path, d.root, recipe.model.num_classes)]
+        videos = [r.path for path in lists for r in read_list(path, d.root, recipe.model.num_classes,
+                                                                       multi_label=recipe.model.loss == "sigmoid")]
         started = time.time()
         done = flow_of_dataset(d.root, videos, d.flow_method, d.flow_preset, d.flow_bound)
         if done:
@@ -179,4 +184,5 @@ def prepare_sweep_data(recipe: Recipe) -> int:
     from ..data import read_list
 
     prepare_dataset(recipe)
-    return len(read_list(recipe.data.train_list, recipe.data.root, recipe.model.num_classes))
+    return len(read_list(recipe.data.train_list, recipe.data.root, recipe.model.num_classes,
+                         multi_label=recipe.model.loss == "sigmoid"))
