@@ -5,14 +5,17 @@ Modules, in the order a clip travels through them:
 
 * :mod:`.lists`: list files (``relative/path.ext label``) -> :class:`VideoRecord`
 * :mod:`.classes`: label maps (one class name per line) -> class names
-* :mod:`.sampling`: TSN segment sampling -> frame indices
+* :mod:`.sampling`: TSN segment sampling (a snippet of frames per segment for motion) -> frame indices
+* :mod:`.modality`: what a segment holds (RGB, optical flow, RGB difference) and its channels
+* :mod:`.flow`: optical flow computed, quantized and stored beside each video (``prepare --flow``)
 * :mod:`.decoding`: decode only those frames (torchcodec or decord on the CPU; pynvvideocodec or
   torchcodec with NVDEC on the GPU)
 * :mod:`.loader`: the clip dataset, the per-rank shard sampler, the DataLoader
 * :mod:`.decode_ahead`: GPU decoding of batch k+1 on a CUDA stream while batch k trains
 * :mod:`.shards`: indexed tar shards (written by ``prepare --shards``, read by the loader)
 * :mod:`.transforms`: batched augmentation on the training device
-* :mod:`.synthetic`, :mod:`.arrow`: the embedded datasets (rendered demo, arrow of time)
+* :mod:`.synthetic`, :mod:`.arrow`: the embedded datasets (rendered demo, study and multi-label
+  demo; arrow of time)
 
 This package never imports :mod:`tsmtrain.models`. The names of :mod:`.loader` (which imports
 torch) are loaded lazily, on first use (PEP 562 ``__getattr__``), so that the torch-free modules
