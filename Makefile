@@ -21,4 +21,4 @@ test: setup
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf runs data/demo .pytest_cache
+	rm -rf runs data/demo data/demo_multilabel .pytest_cache
