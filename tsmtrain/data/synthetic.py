@@ -47,13 +47,14 @@ log = logging.getLogger(__name__)
 PAIRS = ("left-to-right / right-to-left", "growing / shrinking", "counter-clockwise / clockwise")
 
 
-def _turning_bar(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int, t: np.ndarray,
-                 widths: tuple[float, float]) -> list[np.ndarray]:
-    """Masks ``(size, size)`` bool, one per time in ``t`` (0..1), of a bar turning counter-clockwise
-    on screen (y grows downwards) about a random centre; its half width is drawn from ``widths``
+def _turning_bar(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: float, t: np.ndarray,
+                 widths: tuple[float, float], origin: tuple[float, float] = (0.0, 0.0)) -> list[np.ndarray]:
+    """Masks (the shape of ``xx``) bool, one per time in ``t`` (0..1), of a bar turning
+    counter-clockwise on screen (y grows downwards) about a random centre in the square of side
+    ``size`` whose top left corner is ``origin`` (x, y); its half width is drawn from ``widths``
     (fractions of ``size``). Draws from ``rng`` in a fixed order: centre, start angle and sweep,
     half length and half width."""
-    xc, yc = rng.uniform(0.4, 0.6, 2) * size
+    xc, yc = np.asarray(origin, np.float64) + rng.uniform(0.4, 0.6, 2) * size
     a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
     half_len, half_width = rng.uniform(0.3, 0.42) * size, rng.uniform(*widths) * size
     masks = []
@@ -353,15 +354,7 @@ def _object_masks(kind: int, rng: np.random.Generator, xx: np.ndarray, yy: np.nd
         xc, yc = x0 + rng.uniform(0.4, 0.6) * s, y0 + rng.uniform(0.4, 0.6) * s
         r0, r1 = rng.uniform(0.05, 0.12) * s, rng.uniform(0.32, 0.45) * s
         return [(xx - xc) ** 2 + (yy - yc) ** 2 <= rad * rad for rad in r0 + (r1 - r0) * t]
-    xc, yc = x0 + rng.uniform(0.4, 0.6) * s, y0 + rng.uniform(0.4, 0.6) * s
-    a0, sweep = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * np.pi
-    half_len, half_width = rng.uniform(0.3, 0.42) * s, rng.uniform(0.07, 0.11) * s
-    masks = []
-    for a in a0 + sweep * t:
-        u = (xx - xc) * np.cos(a) - (yy - yc) * np.sin(a)
-        v = (xx - xc) * np.sin(a) + (yy - yc) * np.cos(a)
-        masks.append((abs(u) <= half_len) & (abs(v) <= half_width))
-    return masks
+    return _turning_bar(rng, xx, yy, s, t, widths=(0.07, 0.11), origin=(x0, y0))
 
 
 def render_multilabel_clip(classes: list[int], rng: np.random.Generator, frames: int = 16,
