@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MoEHead", "create_head", "HEADS"]
+__all__ = ["MoEHead", "FeatureClassifier", "create_head", "HEADS"]
 
 HEADS = ("linear", "moe")
 
@@ -86,3 +86,39 @@ def create_head(kind: str, in_features: int, num_classes: int, num_mixtures: int
     if kind == "moe":
         return MoEHead(in_features, num_classes, num_mixtures)
     raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+
+
+class FeatureClassifier(nn.Module):
+    """The classifier alone, trained on extracted features (``data.features``): dropout, then the
+    head :func:`create_head` builds. It has the interface of
+    :class:`~tsmtrain.models.networks.VideoNet` that training and a sharded head use:
+    :meth:`features` and ``fc``, with ``forward(x) == fc(features(x))``.
+
+    Args:
+        in_features: D, the feature size (512 for ResNet-18, 2048 for ResNet-50).
+        num_classes: K.
+        head: ``"linear"`` or ``"moe"``.
+        num_mixtures: experts per class of the ``moe`` head.
+        dropout: dropout probability on the features.
+
+    Input features ``(N, D)`` float; output logits (log-odds for ``moe``) ``(N, K)``.
+
+    Raises:
+        ValueError: an unknown ``head``; in ``forward``, features of another size.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, head: str = "linear", num_mixtures: int = 2,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.head, self.feature_dim = head, in_features
+        self.dropout = nn.Dropout(dropout)
+        self.fc = create_head(head, in_features, num_classes, num_mixtures)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, D)`` after dropout (identity in eval mode)."""
+        if x.dim() != 2 or x.shape[1] != self.feature_dim:
+            raise ValueError(f"expected features (N, {self.feature_dim}), got input of shape {tuple(x.shape)}")
+        return self.dropout(x.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))

@@ -96,19 +96,33 @@ class VideoNet(nn.Module):
         if shift:
             insert_residual_shift(backbone, num_segments, shift_div)
         self.dropout = nn.Dropout(dropout)
-        self.head = head
+        self.head, self.feature_dim = head, feature_dim
         self.fc = create_head(head, feature_dim, num_classes, num_mixtures)  # linear: N(0, 0.001) as TSN/TSM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))  # (N, K)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the classifier ``fc`` sees: clips ``(N, T, C_in, H, W)`` -> ``(N, D)``.
+
+        The backbone's pooled output of each segment frame, averaged over the T segments, after
+        dropout (identity in eval mode). ``linear``: dropout on each segment's features before
+        the average, so ``fc(features(x))`` is TSN's average consensus of per-segment scores
+        (the classifier is linear); ``moe``: dropout on the average. ``forward(x)`` is
+        ``fc(features(x))``; a head sharded across ranks (:mod:`tsmtrain.dist.head_parallel`)
+        takes these features instead.
+
+        Raises:
+            ValueError: an input whose T or C_in differs.
+        """
         n, t = x.shape[:2]
         if t != self.num_segments or x.shape[2] != self.in_channels:
             raise ValueError(f"expected (N, {self.num_segments}, {self.in_channels}, H, W) clips ({self.num_segments} "
                              f"segments of {self.in_channels} channels), got input of shape {tuple(x.shape)}")
-        features = self.backbone(x.flatten(0, 1))  # (N*T, F)
-        if self.head != "linear":  # consensus on the features, then one per-class probability
-            return self.fc(self.dropout(features.view(n, t, -1).mean(dim=1)))  # (N, K) log-odds
-        logits = self.fc(self.dropout(features))  # (N*T, K)
-        return logits.view(n, t, -1).mean(dim=1)  # average consensus -> (N, K)
+        features = self.backbone(x.flatten(0, 1)).view(n, t, -1)  # (N, T, D)
+        if self.head == "linear":
+            return self.dropout(features).mean(dim=1)
+        return self.dropout(features.mean(dim=1))
 
 
 def insert_residual_shift(backbone: nn.Module, num_segments: int, shift_div: int) -> int:
