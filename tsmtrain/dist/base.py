@@ -57,10 +57,11 @@ class Engine:
         of this rank's share. Parameters and buffers are kept. One process: ``model`` as it is."""
         return model
 
-    def wrap_model(self, model: nn.Module, fp16: bool = False) -> nn.Module:
+    def wrap_model(self, model: nn.Module, fp16: bool = False, exclude: tuple[str, ...] = ()) -> nn.Module:
         """The module the training step runs forward and backward through (DDP's wrapper, which
         averages the gradients during backward; ``fp16``: compressed to float16 for the
-        allreduce). Evaluation and checkpoints use ``model`` itself."""
+        allreduce). ``exclude``: names of parameters whose gradients are not averaged (a
+        sharded head's). Evaluation and checkpoints use ``model`` itself."""
         return model
 
     def accumulate(self, net: nn.Module, last: bool) -> ContextManager:
@@ -71,11 +72,15 @@ class Engine:
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool = False,
                        backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
-        """Return an optimizer whose ``step`` uses gradients averaged over all ranks."""
+        """Return an optimizer whose ``step`` uses gradients averaged over all ranks (of
+        ``optimizer``'s parameters, which may be a subset of ``model``'s)."""
         return optimizer
 
-    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Make every rank's parameters, buffers and optimizer state equal to rank 0's."""
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                        exclude: str | None = None) -> None:
+        """Make every rank's parameters, buffers and optimizer state equal to rank 0's; state
+        names starting with ``exclude`` (a sharded head's, ``"fc."``) stay each rank's own, and
+        ``optimizer`` must then hold none of them (``None``: no optimizer state to send)."""
 
     def wait_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Wait until the gradient allreduce started during backward has finished (Horovod:
@@ -100,7 +105,8 @@ class Engine:
         return nullcontext()
 
     def allreduce(self, values: torch.Tensor, average: bool = True) -> torch.Tensor:
-        """Sum (or average) a float64 tensor over all ranks; returns a new tensor."""
+        """Sum (or average) a floating-point tensor over all ranks (metrics are float64); returns
+        a new tensor."""
         return values.clone()
 
     def allreduce_async(self, values: torch.Tensor, name: str) -> Any:
@@ -130,6 +136,13 @@ class Engine:
         evaluation and checkpointing makes every rank hold the same model (as timm's
         ``distribute_bn(reduce=True)``).
         """
+
+    def allgather(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """Every rank's ``rows`` ``(n_r, ...)`` concatenated along dim 0 in rank order,
+        ``(sum n_r, ...)``, on every rank; the ``n_r`` may differ, the other dimensions and the
+        dtype may not. Not differentiable (see :mod:`tsmtrain.dist.head_parallel`). ``name``
+        must be the same on every rank."""
+        return rows.clone()
 
     def allgather_object(self, obj: Any, name: str = "object") -> list[Any]:
         """Gather one picklable object from every rank, in rank order. ``name`` must be the same

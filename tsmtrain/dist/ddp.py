@@ -205,9 +205,17 @@ class DDPEngine(Engine):
 
         return convert_sync_batchnorm(model, reduce=reduce)
 
-    def wrap_model(self, model, fp16=False):
+    def wrap_model(self, model, fp16=False, exclude=()):
+        """DDP's wrapper; ``exclude``d parameters are left to their rank
+        (``_set_params_and_buffers_to_ignore_for_model``), and with none left to average the
+        model is returned as it is."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
         from torch.nn.parallel import DistributedDataParallel
+
+        if exclude:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(exclude))
+            if not any(p.requires_grad for n, p in model.named_parameters() if n not in exclude):
+                return model
 
         device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
         # each rank keeps its own BatchNorm statistics between epoch ends (torch >= 2.14 names the
@@ -228,8 +236,8 @@ class DDPEngine(Engine):
             return hook(state, bucket).then(done)
 
         net.register_comm_hook(None, timed_hook)
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if p.requires_grad and name not in exclude:
                 p.register_post_accumulate_grad_hook(self._note_gradient)
         self.net = net
         return net
@@ -239,7 +247,7 @@ class DDPEngine(Engine):
 
     def accumulate(self, net, last):
         if not last:
-            return net.no_sync()
+            return net.no_sync() if hasattr(net, "no_sync") else nullcontext()  # (nothing to average: not wrapped)
         self._grad_ready = self._bucket_done = 0.0
         return nullcontext()
 
@@ -254,9 +262,12 @@ class DDPEngine(Engine):
 
     # ---- state
     @torch.no_grad()
-    def broadcast_state(self, model, optimizer):
-        for tensor in model.state_dict().values():
-            self.dist.broadcast(tensor, src=0, group=self._group_for(tensor))
+    def broadcast_state(self, model, optimizer, exclude=None):
+        for name, tensor in model.state_dict().items():
+            if not (exclude and name.startswith(exclude)):
+                self.dist.broadcast(tensor, src=0, group=self._group_for(tensor))
+        if optimizer is None:
+            return
         box = [optimizer.state_dict() if self.rank == 0 else None]
         self.dist.broadcast_object_list(box, src=0, group=self.group)
         if self.rank != 0:
@@ -306,6 +317,20 @@ class DDPEngine(Engine):
             if buf.is_floating_point():
                 self.dist.all_reduce(buf, group=self._group_for(buf))
                 buf.div_(self.size)
+
+    def allgather(self, rows, name):
+        """``all_gather`` of ``rows`` padded to the longest rank's, then trimmed (the lengths
+        are gathered first)."""
+        group = self._group_for(rows)
+        n = torch.tensor([len(rows)], device=rows.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.size)]
+        self.dist.all_gather(sizes, n, group=group)
+        sizes = [int(s) for s in sizes]
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[:len(rows)] = rows
+        out = [torch.empty_like(padded) for _ in range(self.size)]
+        self.dist.all_gather(out, padded, group=group)
+        return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
     def allgather_object(self, obj, name="object"):
         out: list[Any] = [None] * self.size

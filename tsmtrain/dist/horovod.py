@@ -61,16 +61,21 @@ class HorovodEngine(Engine):
 
     def wrap_optimizer(self, optimizer, model, fp16=False, backward_passes_per_step=1):
         hvd = self.hvd
+        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}  # not a sharded head's
         return hvd.DistributedOptimizer(
             optimizer,
-            named_parameters=model.named_parameters(),
+            named_parameters=[(name, p) for name, p in model.named_parameters() if id(p) in mine],
             compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
             backward_passes_per_step=backward_passes_per_step,
             op=hvd.Average,
         )
 
-    def broadcast_state(self, model, optimizer):
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    def broadcast_state(self, model, optimizer, exclude=None):
+        state = model.state_dict()
+        self.hvd.broadcast_parameters({k: v for k, v in state.items() if not (exclude and k.startswith(exclude))},
+                                      root_rank=0)
+        if optimizer is None:
+            return
         # hvd.broadcast_optimizer_state would first take a dummy step on an empty state, which
         # applies weight decay and seeds the momentum buffers; sending rank 0's state_dict
         # keeps a fresh optimizer fresh and a resumed one exact.
@@ -102,6 +107,9 @@ class HorovodEngine(Engine):
         for name, buf in model.named_buffers():
             if buf.is_floating_point():
                 buf.copy_(self.hvd.allreduce(buf, op=self.hvd.Average, name=f"buffer.{name}"))
+
+    def allgather(self, rows, name):
+        return self.hvd.allgather(rows, name=name)  # sizes along dim 0 may differ
 
     def allgather_object(self, obj, name="object"):
         return self.hvd.allgather_object(obj, name=name)
