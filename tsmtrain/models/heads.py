@@ -16,11 +16,14 @@ binary cross-entropy of ``p_c``, as for a linear head.
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MoEHead", "FeatureClassifier", "create_head", "HEADS"]
+__all__ = ["MoEHead", "FeatureClassifier", "create_head", "shard_classifier", "HEADS", "INIT_BLOCK"]
 
 HEADS = ("linear", "moe")
 
@@ -110,7 +113,7 @@ class FeatureClassifier(nn.Module):
     def __init__(self, in_features: int, num_classes: int, head: str = "linear", num_mixtures: int = 2,
                  dropout: float = 0.5):
         super().__init__()
-        self.head, self.feature_dim = head, in_features
+        self.head, self.feature_dim, self.num_classes = head, in_features, num_classes
         self.dropout = nn.Dropout(dropout)
         self.fc = create_head(head, in_features, num_classes, num_mixtures)
 
@@ -120,5 +123,56 @@ class FeatureClassifier(nn.Module):
             raise ValueError(f"expected features (N, {self.feature_dim}), got input of shape {tuple(x.shape)}")
         return self.dropout(x.float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+    def forward(self, x: torch.Tensor, classify: bool = True) -> torch.Tensor:
+        """Logits ``(N, K)``; ``classify=False``: the features ``(N, D)`` after dropout."""
+        features = self.features(x)
+        return self.fc(features) if classify else features
+
+
+INIT_BLOCK = 1024
+"""Classes per block of a sharded head's initialisation (:func:`shard_classifier`)."""
+
+
+def shard_classifier(model: nn.Module, lo: int, hi: int, seed: int) -> nn.Module:
+    """Give ``model`` (a :class:`~tsmtrain.models.networks.VideoNet` or :class:`FeatureClassifier`)
+    only the classes ``[lo, hi)`` of its classifier, in place (``model.head_parallel``; the shard
+    is ``model.fc``, ``model.num_classes`` stays the whole vocabulary K). Returns ``model``.
+
+    Every parameter of the head is class-major (a linear head's rows, an MoE head's ``K*M`` gate
+    and expert rows), so a shard is a slice of rows. The shard's weights are drawn block by
+    block of :data:`INIT_BLOCK` classes, each block from its own generator seeded by ``seed``,
+    the parameter's name and the block: any split of the classes over any number of ranks
+    starts from the same head. The distributions are those of :func:`create_head`: a linear
+    head N(0, 0.001) with bias 0; an MoE head ``nn.Linear``'s U(-1/sqrt(D), 1/sqrt(D)).
+
+    Raises:
+        ValueError: an empty or out-of-range ``[lo, hi)``.
+    """
+    k = model.num_classes
+    if not 0 <= lo < hi <= k:
+        raise ValueError(f"classes [{lo}, {hi}) are not a shard of {k} classes")
+    mixtures = getattr(model.fc, "num_mixtures", 1)
+    head = create_head(model.head, model.feature_dim, hi - lo, mixtures)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_(_draw_rows(model.head, name, p, lo, hi, k, model.feature_dim, seed))
+    model.fc = head.to(next(model.parameters()).device)
+    return model
+
+
+def _draw_rows(kind: str, name: str, p: torch.Tensor, lo: int, hi: int, k: int, d: int, seed: int) -> torch.Tensor:
+    """Rows of classes ``[lo, hi)`` of head parameter ``name``, drawn block by block (:func:`shard_classifier`)."""
+    rows = p.shape[0] // (hi - lo)  # rows per class: 1, or M experts
+    pieces = []
+    for block in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1):
+        first = block * INIT_BLOCK
+        count = min(INIT_BLOCK, k - first)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + block) % 2**63)
+        shape = (count * rows, *p.shape[1:])
+        if kind == "linear":
+            full = torch.randn(shape, generator=g) * 0.001 if name == "weight" else torch.zeros(shape)
+        else:
+            bound = 1 / math.sqrt(d)
+            full = torch.rand(shape, generator=g) * (2 * bound) - bound
+        pieces.append(full[(max(lo, first) - first) * rows:(min(hi, first + count) - first) * rows])
+    return torch.cat(pieces)

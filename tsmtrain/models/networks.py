@@ -96,11 +96,14 @@ class VideoNet(nn.Module):
         if shift:
             insert_residual_shift(backbone, num_segments, shift_div)
         self.dropout = nn.Dropout(dropout)
-        self.head, self.feature_dim = head, feature_dim
+        self.head, self.feature_dim, self.num_classes = head, feature_dim, num_classes
         self.fc = create_head(head, feature_dim, num_classes, num_mixtures)  # linear: N(0, 0.001) as TSN/TSM
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))  # (N, K)
+    def forward(self, x: torch.Tensor, classify: bool = True) -> torch.Tensor:
+        """Logits ``(N, K)`` of clips ``(N, T, C_in, H, W)``; ``classify=False``: the features
+        ``(N, D)`` (:meth:`features`), for a head applied outside (sharded across ranks)."""
+        features = self.features(x)
+        return self.fc(features) if classify else features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """What the classifier ``fc`` sees: clips ``(N, T, C_in, H, W)`` -> ``(N, D)``.

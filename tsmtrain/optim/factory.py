@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 __all__ = ["param_groups", "create_optimizer", "create_schedule"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, skip: nn.Module | None = None) -> list[dict]:
     """Split parameters into a decayed group (weights) and a plain group (biases, norms).
 
     Args:
         model: the network; parameters with ``requires_grad=False`` are left out.
         weight_decay: L2 penalty of the decayed group.
+        skip: a submodule whose parameters are left out (a sharded head, which has its own
+            optimizer).
 
     Returns:
         Two param groups: weights (``ndim >= 2``: convolution kernels, linear matrices) with
@@ -35,8 +37,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         ``weight_decay=0`` and ``lars=False``.
     """
     decay, plain = [], []
+    skipped = set() if skip is None else {id(p) for p in skip.parameters()}
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skipped:
             (decay if p.ndim > 1 else plain).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
@@ -44,22 +47,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, cfg: OptimConfig, skip: nn.Module | None = None,
+                     sum_across=None) -> torch.optim.Optimizer | None:
     """The optimizer a recipe's ``optim`` section asks for.
 
     Args:
         model: the network (its parameters split by :func:`param_groups`).
         cfg: the recipe's ``optim`` section (:class:`tsmtrain.recipe.OptimConfig`).
+        skip: a submodule left out (:func:`param_groups`).
+        sum_across: ``model``'s tensors are shards of tensors split across ranks: LARS's norms
+            are summed over the ranks with it (:class:`~tsmtrain.optim.lars.LARS`).
 
     Returns:
         :class:`~tsmtrain.optim.lars.LARS` (``optim.name: lars``, You et al. 2017) or
         ``torch.optim.SGD`` with momentum (``sgd``), at ``optim.base_lr``: the schedule
         (:func:`create_schedule`) sets the rate before every step.
     """
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, skip)
+    if not any(g["params"] for g in groups):
+        return None
     if cfg.name == "lars":
         return LARS(groups, lr=cfg.base_lr, momentum=cfg.momentum,
-                    trust_coefficient=cfg.trust_coefficient, eps=cfg.lars_eps)
+                    trust_coefficient=cfg.trust_coefficient, eps=cfg.lars_eps, sum_across=sum_across)
     for g in groups:
         g.pop("lars")
     return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

@@ -33,10 +33,16 @@ class LARS(torch.optim.Optimizer):
         weight_decay: ``wd`` (L2 penalty).
         trust_coefficient: ``eta``.
         eps: added to the denominator of the trust ratio.
+        sum_across: for a tensor split across ranks (a head sharded by
+            :mod:`tsmtrain.dist.head_parallel`): a function summing a tensor over the ranks; the
+            norms ``||w||`` and ``||g||`` are then those of the whole tensor (the squares of
+            every rank's shard summed), so the sharded step equals the unsharded one. ``None``:
+            each tensor is whole on this rank.
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-9):
+                 trust_coefficient: float = 0.001, eps: float = 1e-9, sum_across=None):
+        self.sum_across = sum_across
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, lars=True)
         super().__init__(params, defaults)
@@ -56,7 +62,7 @@ class LARS(torch.optim.Optimizer):
                 g = p.grad
                 update = g.add(p, alpha=wd) if wd else g.clone()
                 if group["lars"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    w_norm, g_norm = self._norms(p, g)
                     trust = torch.where(
                         (w_norm > 0) & (g_norm > 0), eta * w_norm / (g_norm + wd * w_norm + eps), torch.ones_like(w_norm)
                     )
@@ -69,3 +75,11 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(mom).add_(update, alpha=lr)
                 p.sub_(buf)
         return loss
+
+    def _norms(self, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||w||, ||g||)`` of the whole tensor (summed over the ranks' shards with ``sum_across``)."""
+        if self.sum_across is None:
+            return torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+        squares = torch.stack([p.double().square().sum(), g.double().square().sum()])
+        w2, g2 = self.sum_across(squares).to(p.dtype).sqrt()
+        return w2, g2
