@@ -12,6 +12,10 @@ start removes the temporary file such a kill leaves (:func:`remove_stale_tempora
 that fails (a full disk) removes its temporary file and stops every rank with one line naming
 the file and the cause (:class:`CheckpointWriteError`).
 
+With a classifier sharded across ranks (``model.head_parallel``) every rank also writes its
+shard of the head, before rank 0's file (:mod:`~tsmtrain.train.head_shards`); a checkpoint
+with a shard missing or damaged is skipped as a damaged one is.
+
 Files are checked before ``torch.load`` sees them (:func:`check_checkpoint`: not empty, a
 complete zip archive whose members all pass their CRC check): a truncated file, which a disk
 or filesystem failure can still leave, makes ``torch.load`` raise a long traceback, and an
@@ -41,6 +45,7 @@ import torch
 
 from ..dist.stop import PREEMPTED_FILE
 from ..scaling.records import write_json  # the atomic JSON writer (re-exported here)
+from .head_shards import head_state, missing_shards, shard_files, shard_path
 from .runtime import TrainingError, log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
@@ -88,7 +93,23 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
     """
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step:08d}.pt"
-    previous = latest_checkpoint(run_dir)
+    write_atomically(state, final, latest_checkpoint(run_dir))
+    for old in checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+        for shard in shard_files(old):  # a sharded head's files go with their checkpoint
+            shard.unlink(missing_ok=True)
+    return final
+
+
+def write_atomically(state: dict[str, Any], final: Path, previous: Path | None = None) -> None:
+    """``torch.save`` ``state`` into a temporary file beside ``final``, flushed and fsync'ed, then
+    renamed over it (:func:`save_checkpoint`; also a sharded head's files).
+
+    Raises:
+        CheckpointWriteError: as :func:`save_checkpoint` (``previous``: the checkpoint the
+            message says is intact).
+    """
+    run_dir = final.parent
     tmp, sink = None, None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,10 +133,6 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
             Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(run_dir)  # the rename itself survives a crash of the host
-    for old in sorted(run_dir.glob("checkpoint-*.pt"))[:-keep]:
-        if _NAME.match(old.name):
-            old.unlink(missing_ok=True)
-    return final
 
 
 class _Sink:
@@ -355,6 +372,9 @@ def _pick_checkpoint(run_dir: Path, resume: bool | None) -> tuple[Path | None, d
             state = load_checkpoint(path)
             if not {"model", "step", "recipe"} <= state.keys():
                 raise CheckpointError(path, "not a checkpoint of a run (no model, step or recipe)")
+            reason = missing_shards(path, state, check_checkpoint)
+            if reason is not None:
+                raise CheckpointError(path, reason)
         except CheckpointError as err:
             skipped.append((path, err.reason))
             continue
@@ -393,11 +413,18 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
     if pos.micro and engine.size > 1:
         own = {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
         buffers = engine.allgather_object(own, name="rank_buffers")
-    failure, unexpected = None, None
-    if engine.rank == 0:
+    sharded = getattr(train_step, "head_parallel", None)  # (a sharded head)
+    failure, unexpected = _write_head_shard(engine, run_dir, model, train_step, pos.step), None
+    if engine.rank == 0 and failure is None:
         try:
+            weights = model.state_dict()
+            if sharded is not None:  # each rank's shard is in its own file
+                weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
             state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": train_step.state_dict(),
+                "model": weights, "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "scaler": train_step.state_dict(),
+                "head_shards": None if sharded is None else {"size": engine.size, "ranges": sharded.ranges,
+                                                             "num_classes": sharded.num_classes},
                 "step": pos.step, "epoch": pos.epoch, "micro": pos.micro, "world_size": engine.size, "rng": rngs,
                 "rank_buffers": buffers, "sampler": sampler, "eval": pos.eval, "pending_eval": pos.pending_eval,
                 "recipe": recipe.model_dump(mode="json"),
@@ -424,6 +451,23 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
         raise unexpected
     if failure is not None:
         raise TrainingError(failure)
+
+
+def _write_head_shard(engine, run_dir: Path, model, train_step, step: int) -> str | None:
+    """With a sharded head, every rank writes its shard (:mod:`~tsmtrain.train.head_shards`)
+    and learns whether all did; returns the first failure (one line) or ``None``."""
+    sharded = getattr(train_step, "head_parallel", None)  # (a sharded head)
+    if sharded is None:
+        return None
+    failure = None
+    path = shard_path(run_dir / f"checkpoint-{step:08d}.pt", engine.rank, engine.size)
+    optimizer = train_step.head_optimizer
+    try:
+        write_atomically({"fc": model.fc.state_dict(), "classes": (sharded.lo, sharded.hi),
+                          "optimizer": None if optimizer is None else optimizer.state_dict()}, path)
+    except TrainingError as err:
+        failure = f"rank {engine.rank}: {err}"
+    return next((f for f in engine.allgather_object(failure, name="head_shard_written") if f), None)
 
 
 def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen, recipe,
@@ -453,8 +497,16 @@ def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen,
     if theirs != ours:
         diff = ", ".join(f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
         raise TrainingError(f"{path} is a checkpoint of another model ({diff}); choose another run.name")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = getattr(train_step, "head_parallel", None)  # (a sharded head)
+    if sharded is not None and state.get("head_shards"):  # this rank's classes, from the shards that hold them
+        fc, head_optimizer = head_state(path, state, sharded.lo, sharded.hi, lambda p: load_checkpoint(p, crc=False))
+        model.load_state_dict({**state["model"], **{f"fc.{k}": v for k, v in fc.items()}})
+        if head_optimizer is not None and train_step.head_optimizer is not None:
+            train_step.head_optimizer.load_state_dict(head_optimizer)
+    else:
+        model.load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
     train_step.load_state_dict(state.get("scaler"))
     pos = Position(state["step"], state["epoch"], state["micro"], state.get("eval", {}), state.get("pending_eval", False))
     saved_order, seed = state.get("sampler"), recipe.train.seed
