@@ -72,7 +72,7 @@ def test_fp16_scaler_state_round_trips():
 def test_bf16_autocast_runs_the_network_in_bf16_and_the_loss_in_fp32():
     step = TrainStep(tiny(), CPU, "bf16")
     x, y = batch()
-    logits, loss = step.forward_backward(x, y)
+    logits, loss, _ = step.forward_backward(x, y)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in step.model.parameters())
 
@@ -123,7 +123,7 @@ def test_channels_last_step_equals_contiguous_step():
         step = TrainStep(model, CPU, channels_last=channels_last)
         assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert step.batch(x).flatten(0, 1).is_contiguous(memory_format=torch.channels_last) == channels_last
-        logits, _ = step.forward_backward(x, y)
+        logits, _, _ = step.forward_backward(x, y)
         results.append((logits, [p.grad for p in model.parameters()]))
     (logits_a, grads_a), (logits_b, grads_b) = results
     assert torch.allclose(logits_a, logits_b, atol=1e-5)

@@ -174,6 +174,11 @@ class ModelConfig(_Section):
         "linear", description="classifier: linear (per segment, averaged) or moe (YouTube-8M's Mixture of Experts on "
                               "the segment-averaged features; needs model.loss: sigmoid)")
     num_mixtures: int = Field(2, ge=1, description="experts per class of the moe head (plus a dummy expert)")
+    head_parallel: bool = Field(
+        False, description="split the classifier's classes across the ranks (model parallelism for the head, data "
+                           "parallelism for the backbone): each rank holds num_classes / world size classes, scores "
+                           "the gathered features of the global batch, and its head is left out of the allreduce; "
+                           "checkpoints hold one head shard per rank")
 
 
 class OptimConfig(_Section):
@@ -438,6 +443,9 @@ class Recipe(_Section):
         if self.model.head == "moe" and self.model.loss == "softmax":
             problems.append(("model.head", "moe", "the Mixture-of-Experts head gives each class its own probability: "
                                                   "it needs model.loss: sigmoid (multi-label), not softmax"))
+        if self.model.head_parallel and self.dist.np > k:
+            problems.append(("model.head_parallel", True, f"{k} classes cannot be split over dist.np = {self.dist.np} "
+                                                          f"ranks: every rank needs at least one class"))
         if self.dist.engine == "none" and self.dist.np > 1:
             problems.append(("dist.np", self.dist.np, "several ranks need dist.engine: horovod or ddp"))
         launchers = {"horovod": ("gloo", "mpi"), "ddp": ("torchrun",), "none": ("gloo", "mpi", "torchrun")}

@@ -9,6 +9,7 @@ import torch
 from ..data import ShardSampler, build_loader, clip_dataset
 from ..data.loader import decoding_target
 from ..dist.base import Engine
+from ..dist.head_parallel import HeadParallel
 from ..recipe import Recipe
 from .metrics import MetricsWriter
 from .runtime import log
@@ -18,13 +19,18 @@ __all__ = ["predict", "evaluate", "evaluate_epoch"]
 
 
 @torch.no_grad()
-def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
+def predict(model, records, recipe: Recipe, engine: Engine, device, transform, head_parallel: HeadParallel | None = None):
     """Run ``model`` in evaluation mode over this rank's shard of ``records``.
 
     Yields ``(logits (N, K), labels, failed paths)`` per batch, on ``device`` (labels ``(N,)``, or
     multi-hot ``(N, K)`` with ``model.loss: sigmoid``: :func:`~tsmtrain.train.step.targets`); videos are
     sampled at segment centres and centre-cropped by ``transform``. The forward runs under the
     recipe's ``train.precision`` and memory format (``train.channels_last``), uncompiled.
+
+    With ``head_parallel`` (``model.fc`` is this rank's shard of the classifier) every rank's
+    features are scored by every rank's classes and each rank gets all K logits of its own
+    clips; ranks with fewer batches then run empty ones, so that every rank takes part in as
+    many gathers.
     """
     decoder, where = decoding_target(recipe.data.decoder, recipe.data.decode_device, torch.device(device))
     dataset = clip_dataset(recipe, records, train=False, decode_device=where, decoder=decoder)
@@ -35,12 +41,25 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform):
     for batch in loader:
         x = as_memory_format(transform(batch["frames"].to(device)), recipe.train.channels_last)
         with autocast(recipe.train.precision, device):
-            logits = model(x)
+            logits = model(x) if head_parallel is None else _sharded_logits(model, x, head_parallel)
         yield logits.float(), targets(batch, recipe.model).to(device), batch["failed"]
+    if head_parallel is not None:  # as many gathers as the rank with the most batches
+        for _ in range(max(head_parallel.counts(len(loader))) - len(loader)):
+            _sharded_logits(model, None, head_parallel)
     model.train(was_training)
 
 
-def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform) -> dict:
+def _sharded_logits(model, x: torch.Tensor | None, head_parallel: HeadParallel) -> torch.Tensor:
+    """All K logits ``(n, K)`` of this rank's clips ``x`` (``None``: an empty batch, ``n = 0``)
+    with a head sharded across ranks."""
+    fc = model.fc
+    features = model(x, classify=False) if x is not None else next(fc.parameters()).new_zeros(0, model.feature_dim)
+    counts = head_parallel.counts(len(features))
+    return head_parallel.full(head_parallel.logits(features, fc, counts), counts)
+
+
+def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform,
+             head_parallel: HeadParallel | None = None) -> dict:
     """Top-1, top-5 (percent) and mean loss on a list of videos, over all ranks.
 
     Each rank evaluates its own shard (:func:`predict`); sums are allreduced, so every video
@@ -53,7 +72,7 @@ def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform) 
     multi = recipe.model.loss == "sigmoid"
     sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, clips, failed
     kept = []  # multi-label: (probabilities, targets) of this rank's clips
-    for logits, y, failed in predict(model, records, recipe, engine, device, transform):
+    for logits, y, failed in predict(model, records, recipe, engine, device, transform, head_parallel):
         for path in failed:
             log.warning("skipped unreadable video: %s", path)
         top = logits.topk(k, dim=1).indices
@@ -92,10 +111,10 @@ def gather_rows(engine: Engine, rows: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_epoch(model, records, recipe: Recipe, engine: Engine, device, transform, metrics: MetricsWriter,
-                   epoch: int, step: int) -> dict:
+                   epoch: int, step: int, head_parallel: HeadParallel | None = None) -> dict:
     """Evaluate after epoch ``epoch - 1``, log it and append it to metrics.jsonl; returns
     :func:`evaluate`'s result."""
-    result = evaluate(model, records, recipe, engine, device, transform)
+    result = evaluate(model, records, recipe, engine, device, transform, head_parallel)
     metrics.write(epoch=epoch - 1, step=step, **{f"val_{k}": v for k, v in result.items()})
     log.info("epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d clips)%s",
              epoch - 1, result["top1"], result["top5"], result["loss"], result["clips"],

@@ -28,9 +28,10 @@ from ..data.loader import decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import VideoTransform
 from ..dist.base import Engine
+from ..dist.head_parallel import HeadParallel, class_shard
 from ..dist.stop import PREEMPTED_FILE
-from ..models import create_model
-from ..optim import LinearScaling
+from ..models import create_model, shard_classifier
+from ..optim import LinearScaling, create_optimizer
 from ..recipe import Recipe, dump_recipe
 from . import checkpoint as ckpt
 from .rundir import RunLock
@@ -152,9 +153,31 @@ def create_network(recipe: Recipe, engine: Engine, device: torch.device) -> torc
     """
     torch.manual_seed(recipe.train.seed)
     model = create_model(recipe.model, recipe.data.num_segments, modality_of(recipe.data).in_channels).to(device)
+    if recipe.model.head_parallel:  # this rank's classes only, drawn as the whole head would be
+        lo, hi = class_shard(recipe.model.num_classes, engine.rank, engine.size)
+        shard_classifier(model, lo, hi, recipe.train.seed)
     if recipe.model.sync_bn:
         model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
     return model
+
+
+def create_optimizers(recipe: Recipe, engine: Engine, model: torch.nn.Module):
+    """The optimizers of ``model`` (:func:`tsmtrain.optim.create_optimizer`) and, with
+    ``model.head_parallel``, what its sharded head needs.
+
+    Returns:
+        ``(optimizer, head_optimizer, head_parallel)``: without ``head_parallel``, one optimizer
+        of every parameter and ``None, None``; with it, the optimizer of all but ``model.fc``
+        (``None`` when nothing else trains: a head on features), the head shard's own optimizer
+        (LARS's norms summed over the ranks' shards) and the
+        :class:`~tsmtrain.dist.head_parallel.HeadParallel` of this rank.
+    """
+    if not recipe.model.head_parallel:
+        return create_optimizer(model, recipe.optim), None, None
+    head_parallel = HeadParallel(engine, recipe.model.num_classes, recipe.model.loss)
+    return (create_optimizer(model, recipe.optim, skip=model.fc),
+            create_optimizer(model.fc, recipe.optim, sum_across=lambda t: engine.allreduce(t, average=False)),
+            head_parallel)
 
 
 def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders, wanted: bool | None) -> ckpt.Position:
@@ -181,7 +204,7 @@ def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders
         pos, rank_buffers = ckpt.restore_run(path, engine, step.model, step.optimizer, step, loaders.transform_gen,
                                              recipe, loaders.train_size, state=state)
         del state
-    engine.broadcast_state(step.model, step.optimizer)
+    engine.broadcast_state(step.model, step.optimizer, **({"exclude": "fc."} if step.head_parallel else {}))
     if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
         with torch.no_grad():
             for name, buf in step.model.named_buffers():

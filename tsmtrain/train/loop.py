@@ -38,12 +38,13 @@ import torch
 
 from ..dist.base import Engine
 from ..dist.stop import EXIT_PREEMPTED, StopRequest
-from ..optim import create_optimizer, create_schedule, linear_scaling
+from ..optim import create_schedule, linear_scaling
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from .bench import benchmark_allreduce
 from .evaluate import evaluate_epoch
-from .factory import Loaders, announce_run, create_loaders, create_network, resume_run, start_rank
+from .factory import (Loaders, announce_run, create_loaders, create_network, create_optimizers, resume_run,
+                      start_rank)
 from .metrics import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
 from .runtime import choose_engine, log, progress_bar
@@ -115,7 +116,7 @@ class _Run:
     def evaluate(self, pos: ckpt.Position) -> dict:
         """Evaluate the model on the validation list and log the result at ``pos.step``."""
         return evaluate_epoch(self.model, self.data.val_records, self.recipe, self.engine, self.device,
-                              self.data.val_tf, self.metrics, pos.epoch, pos.step)
+                              self.data.val_tf, self.metrics, pos.epoch, pos.step, self.step.head_parallel)
 
 
 def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
@@ -162,14 +163,16 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     device = start_rank(recipe, engine, lock)
     data = create_loaders(recipe, engine, device, scaling)
     model = create_network(recipe, engine, device)
+    optimizer, head_optimizer, head_parallel = create_optimizers(recipe, engine, model)  # a sharded head: its own
     clock = PhaseClock(device, t.breakdown)
     # the step wraps the model for the engine (DDP), compiles it, and only then wraps the optimizer
     # (Horovod), so that compile's check fires no allreduce hooks; `model` is what is evaluated and saved
     step = TrainStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
-                     batch_shape=data.batch_shape, optimizer=create_optimizer(model, recipe.optim), engine=engine,
+                     batch_shape=data.batch_shape, optimizer=optimizer, engine=engine,
                      schedule=create_schedule(recipe, scaling, data.steps_per_epoch),
                      passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
-                     clock=clock, loss=recipe.model.loss)
+                     clock=clock, loss=recipe.model.loss, head_parallel=head_parallel,
+                     head_optimizer=head_optimizer)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
@@ -227,7 +230,7 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
                                             name="stop_request")
         x, y = _augment(r, batch, interval)  # (N, T, 3, H, W) float, (N,) on the device
         out = r.step(x, y, step=pos.step)  # forward, backward; after the last pass the optimizer step
-        interval.add_batch(out.loss, out.logits, y)
+        interval.add_batch(out.loss, out.best, y)
         pos.micro += 1
         if not out.stepped:
             continue  # accumulate another backward pass

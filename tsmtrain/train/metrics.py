@@ -264,11 +264,11 @@ class Interval:
         """Add ``value`` to the sum ``name`` (``failed`` videos, ``data`` wait in seconds, ...)."""
         self.sums[_AT[name]] += value
 
-    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Count one batch: mean ``loss``, ``logits (N, K)``, labels ``y (N,)`` or multi-hot ``(N, K)``
-        (then the best class counts as correct when it is one of the clip's labels: Hit@1)."""
+    def add_batch(self, loss: torch.Tensor, best: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one batch: mean ``loss``, each clip's best class ``best (N,)`` int64, labels
+        ``y (N,)`` or multi-hot ``(N, K)`` (then the best class counts as correct when it is one
+        of the clip's labels: Hit@1)."""
         self.on_device[0] += loss.detach() * len(y)
-        best = logits.argmax(1)
         self.on_device[1] += (best == y).sum() if y.dim() == 1 else y.gather(1, best[:, None]).sum()
         self.sums[_AT["clips"]] += len(y)
 

@@ -45,6 +45,13 @@ fp16 the same order holds with ``optimizer.step()`` and no scaler.
   The eager module stays the one whose parameters are optimised, saved and broadcast, and
   evaluation runs it uncompiled (its batch sizes vary).
 
+**A head sharded across ranks** (``model.head_parallel``, :mod:`tsmtrain.dist.head_parallel`):
+the engine's wrapper runs the network up to its features (``net(x, classify=False)``), this
+rank's shard of the classifier scores every rank's features, and the loss is the global batch's.
+The head's parameters have their own optimizer (``head_optimizer``), which the engine does not
+wrap: their gradients are exact on their rank and are never allreduced. Both optimizers take
+the same learning rate, in the same step.
+
 The phases of a step are timed on the run's :class:`~tsmtrain.train.metrics.PhaseClock`
 (``forward_backward``, ``allreduce_wait``, ``optimizer``; the loop times the data and the
 augmentation).
@@ -61,6 +68,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..dist.base import Engine, LocalEngine
+from ..dist.head_parallel import HeadParallel
 from ..optim import LRSchedule
 from .metrics import PhaseClock
 from .runtime import TrainingError
@@ -163,16 +171,20 @@ class StepOutput:
     """What one call of :class:`TrainStep` gives back.
 
     Attributes:
-        logits: ``(N, K)`` of the batch (autocast's dtype).
-        loss: the batch's mean cross-entropy, unscaled, a 0-d fp32 tensor on the device.
+        logits: ``(N, K)`` of the batch (autocast's dtype); ``None`` with a sharded head, whose
+            rank holds only its classes' logits.
+        loss: the batch's mean cross-entropy, unscaled, a 0-d fp32 tensor on the device (with a
+            sharded head, the global batch's).
+        best: the best class of each clip, int64 ``(N,)``.
         stepped: this call ended an optimizer step (its last backward pass); ``False`` while
             gradients accumulate.
         lr: the learning rate of the optimizer step taken in this call (the schedule's; ``None``
             without a schedule or when no step was taken).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor
+    best: torch.Tensor
     stepped: bool = False
     lr: float | None = None
 
@@ -233,6 +245,12 @@ class TrainStep:
         fp16_allreduce: compress the gradient allreduce to float16 (``dist.fp16_allreduce``).
         clock: the run's phase clock (default: one that times nothing).
         loss: ``"softmax"`` or ``"sigmoid"`` (:func:`classification_loss`; ``model.loss``).
+        head_parallel: this rank's part of a classifier sharded across ranks
+            (:class:`~tsmtrain.dist.head_parallel.HeadParallel`); ``model.fc`` is then this
+            rank's shard. ``None``: the whole head on every rank.
+        head_optimizer: with ``head_parallel``, the optimizer of ``model.fc``'s parameters (not
+            wrapped by the engine); ``optimizer`` then holds the others' (``None`` when there are
+            none: a head trained alone on features).
 
     Attributes:
         forward_model: what the training forward calls: the model, wrapped by the engine, then
@@ -250,12 +268,13 @@ class TrainStep:
                  channels_last: bool = False, compile: bool = False, batch_shape: tuple[int, ...] | None = None,
                  *, optimizer: torch.optim.Optimizer | None = None, engine: Engine | None = None,
                  schedule: LRSchedule | None = None, passes: int = 1, fp16_allreduce: bool = False,
-                 clock: PhaseClock | None = None, loss: str = "softmax"):
+                 clock: PhaseClock | None = None, loss: str = "softmax", head_parallel: HeadParallel | None = None,
+                 head_optimizer: torch.optim.Optimizer | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-        self.loss = loss
+        self.loss, self.head_parallel, self.head_optimizer = loss, head_parallel, head_optimizer
         self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
         self.engine = engine if engine is not None else LocalEngine()
         self.schedule, self.passes = schedule, passes
@@ -265,7 +284,8 @@ class TrainStep:
             model.to(memory_format=torch.channels_last)  # in place: the same Parameter objects
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         # the engine's wrapper (DDP) around the model in its memory format, compiled around that
-        self.forward_model = self.engine.wrap_model(model, fp16=fp16_allreduce)
+        own = () if head_parallel is None else tuple(f"fc.{name}" for name, _ in model.fc.named_parameters())
+        self.forward_model = self.engine.wrap_model(model, fp16=fp16_allreduce, **({"exclude": own} if own else {}))
         if compile:
             if batch_shape is None:
                 raise ValueError("compile needs batch_shape for its check before training")
@@ -290,12 +310,12 @@ class TrainStep:
         self._passes_done += 1
         last = self._passes_done == self.passes
         with self.engine.accumulate(self.forward_model, last=last):  # DDP: no_sync() but on the last pass
-            logits, loss = self.forward_backward(x, y)  # the allreduce runs during the last backward
+            logits, loss, best = self.forward_backward(x, y)  # the allreduce runs during the last backward
         self.clock.lap("forward_backward")
         if not last:
-            return StepOutput(logits, loss)
+            return StepOutput(logits, loss, best)
         self._passes_done = 0
-        return StepOutput(logits, loss, stepped=True, lr=self.optimizer_step(step))
+        return StepOutput(logits, loss, best, stepped=True, lr=self.optimizer_step(step))
 
     def autocast(self):
         """The autocast context of this step's precision."""
@@ -305,24 +325,44 @@ class TrainStep:
         """Clips ``(N, T, C, H, W)`` in this step's memory format (:func:`as_memory_format`)."""
         return as_memory_format(x, self.channels_last)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor,
+                                                                           torch.Tensor]:
         """Forward and loss (:func:`classification_loss`) under autocast, then backward of ``loss / passes``
         (gradient accumulation over ``passes`` backward passes), scaled with fp16. The engine's
         :meth:`~tsmtrain.dist.base.Engine.accumulate` context is the caller's (:meth:`__call__`).
+        With a sharded head, the global batch's loss (:meth:`_sharded_loss`).
 
         Args:
             x: clips ``(N, T, 3, H, W)`` float on the device.
-            y: labels ``(N,)`` int64.
+            y: labels ``(N,)`` int64, or multi-hot ``(N, K)`` float (``sigmoid``).
 
         Returns:
-            ``(logits (N, K), loss)``: the loss is the unscaled mean over the batch (fp32).
+            ``(logits (N, K) or None, loss, best (N,))``: the loss is the unscaled mean over the
+            batch (fp32).
         """
         with self.autocast():
-            logits = self.forward_model(self.batch(x))
-            loss = classification_loss(logits, y, self.loss)
-        scaled = loss / self.passes
+            if self.head_parallel is None:
+                logits = self.forward_model(self.batch(x))
+                loss = to_backward = classification_loss(logits, y, self.loss)
+                best = logits.detach().argmax(dim=1)
+            else:
+                logits, (to_backward, loss, best) = None, self._sharded_loss(x, y)
+        scaled = to_backward / self.passes
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        return logits, loss
+        return logits, loss, best
+
+    def _sharded_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(to_backward, loss, best)`` with this rank's shard of the head
+        (:class:`~tsmtrain.dist.head_parallel.HeadParallel`): features through the engine's
+        wrapper, gathered, scored by this rank's classes, the global batch's loss."""
+        hp = self.head_parallel
+        features = self.forward_model(self.batch(x), classify=False)  # (n_r, D)
+        counts = hp.counts(len(features))
+        logits = hp.logits(features, self.model.fc, counts)  # (N, K_r)
+        to_backward, loss = hp.loss(logits, hp.targets(y, counts))
+        with torch.no_grad():
+            best = hp.best(logits.detach(), counts)
+        return to_backward, loss, best
 
     def optimizer_step(self, step: int = 0) -> float | None:
         """The optimizer step once the passes' backward has run, in the order of the module
@@ -337,22 +377,29 @@ class TrainStep:
             ValueError: the step was built without an optimizer.
         """
         optimizer, scaler = self.optimizer, self.scaler
-        if optimizer is None:
+        optimizers = [o for o in (optimizer, self.head_optimizer) if o is not None]  # a sharded head's is its own
+        if not optimizers:
             raise ValueError("this TrainStep has no optimizer")
-        self.engine.wait_gradients(optimizer)  # Horovod: optimizer.synchronize()
+        if optimizer is not None:
+            self.engine.wait_gradients(optimizer)  # Horovod: optimizer.synchronize()
         self.clock.lap("allreduce_wait")
         self.clock.move("forward_backward", "allreduce_wait", self.engine.hidden_wait_s())  # DDP waited in backward()
-        lr = self.schedule.apply(optimizer, step) if self.schedule is not None else None
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        with self.engine.skip_synchronize(optimizer):  # Horovod: the allreduce is done already
+        lr = None
+        for o in optimizers:
+            lr = self.schedule.apply(o, step) if self.schedule is not None else None
             if scaler is not None:
-                scaler.step(optimizer)  # skipped if a gradient is inf/NaN
-            else:
-                optimizer.step()
+                scaler.unscale_(o)
+        # (a sharded head's optimizer is not Horovod's: it starts no allreduce)
+        with self.engine.skip_synchronize(optimizer) if optimizer is not None else nullcontext():
+            for o in optimizers:
+                if scaler is not None:
+                    scaler.step(o)  # skipped if a gradient is inf/NaN
+                else:
+                    o.step()
         if scaler is not None:
             scaler.update()
-        optimizer.zero_grad()  # (Horovod's override takes no set_to_none)
+        for o in optimizers:
+            o.zero_grad()  # (Horovod's override takes no set_to_none)
         self.clock.lap("optimizer")
         return lr
 
@@ -377,7 +424,8 @@ class TrainStep:
         model = self.model
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         x = torch.zeros(batch_shape, device=self.device)
-        y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
+        y = (torch.zeros(batch_shape[0], dtype=torch.long, device=self.device) if self.loss == "softmax" else
+             torch.zeros(batch_shape[0], self.model.num_classes, device=self.device))
         was_training = model.training
         model.train()
         try:
