@@ -1,0 +1,187 @@
+"""A classifier sharded across ranks (model.head_parallel): the split, the initialisation, the
+2-rank step against the whole head on one process (both engines, both losses, linear and MoE,
+SGD and LARS), and the shards' checkpoints."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import venv_env
+from tests.head_parallel_worker import CASES, K, N, run_case
+from tsmtrain.dist.base import LocalEngine
+from tsmtrain.dist.head_parallel import class_shard
+from tsmtrain.models import FeatureClassifier, VideoNet, shard_classifier
+from tsmtrain.train.head_shards import head_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("k,size", [(7, 2), (10, 3), (4, 4), (100_003, 8)])
+def test_class_shards_cover_the_classes_once_and_differ_by_at_most_one(k, size):
+    shards = [class_shard(k, r, size) for r in range(size)]
+    assert shards[0][0] == 0 and shards[-1][1] == k
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))  # contiguous, no gap or overlap
+    sizes = [hi - lo for lo, hi in shards]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_more_ranks_than_classes_is_refused():
+    with pytest.raises(ValueError, match="3 classes cannot be split over 4 ranks"):
+        class_shard(3, 0, 4)
+
+
+@pytest.mark.parametrize("head", ["linear", "moe"])
+def test_shards_start_from_the_same_head_whatever_the_split(head):
+    k = 2500  # three initialisation blocks of 1024 classes
+    whole = shard_classifier(FeatureClassifier(16, k, head), 0, k, seed=5).fc.state_dict()
+    for size in (2, 3):
+        parts = [shard_classifier(FeatureClassifier(16, k, head), *class_shard(k, r, size), seed=5).fc.state_dict()
+                 for r in range(size)]
+        for name, value in whole.items():
+            assert torch.equal(torch.cat([p[name] for p in parts]), value), (size, name)
+    other = shard_classifier(FeatureClassifier(16, k, head), 0, k, seed=6).fc.state_dict()
+    assert not torch.equal(other["gates.weight" if head == "moe" else "weight"],
+                           whole["gates.weight" if head == "moe" else "weight"])  # the seed matters
+    if head == "linear":
+        assert abs(whole["weight"].std().item() - 0.001) < 1e-4 and not whole["bias"].any()
+
+
+def test_video_net_shard_keeps_the_whole_vocabulary_and_shrinks_its_head():
+    model = VideoNet("resnet18", 10, 2, head="moe")
+    shard_classifier(model, 4, 7, seed=0)
+    assert model.num_classes == 10 and model.fc.num_classes == 3
+    assert model.fc.gates.weight.shape == (3 * 2, 512)
+    out = model(torch.zeros(1, 2, 3, 32, 32), classify=False)
+    assert out.shape == (1, 512)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_ranks(out: Path) -> None:
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**venv_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "head_parallel_worker.py"), "ddp", str(out)],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+
+
+def _horovod_ranks(out: Path) -> None:
+    pytest.importorskip("horovod.torch", reason="Horovod is not installed (make setup builds it)")
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    cmd = [str(horovodrun), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+           str(REPO / "tests" / "head_parallel_worker.py"), "horovod", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=venv_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "horovod"])
+def test_sharded_head_on_two_ranks_equals_the_whole_head_on_one_process(tmp_path, engine):
+    (_ddp_ranks if engine == "ddp" else _horovod_ranks)(tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    n = N // 2
+    for case in CASES:
+        ref = run_case(LocalEngine(), *case, sharded=False)
+        for r, got in enumerate(ranks):
+            got = got[case]
+            lo, hi = got["classes"]
+            assert (lo, hi) == class_shard(K, r, 2)
+            # the global batch's loss, on every rank
+            assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), case
+            for name, value in ref["weights"].items():
+                if name.startswith("fc."):  # this rank's classes' rows
+                    per_class = value.shape[0] // K
+                    value = value[lo * per_class:hi * per_class]
+                torch.testing.assert_close(got["weights"][name], value, rtol=1e-5, atol=1e-6, msg=f"{case} {name}")
+            # the features' gradient: this rank's rows, times 2 (the engine then averages the backbone's)
+            torch.testing.assert_close(got["feature_grad"] / 2, ref["feature_grad"][r * n:(r + 1) * n],
+                                       rtol=1e-5, atol=1e-7, msg=str(case))
+        assert not torch.equal(ranks[0][case]["weights"]["fc.bias"] if "fc.bias" in ref["weights"] else
+                               ranks[0][case]["weights"]["fc.experts.bias"],
+                               run_case(LocalEngine(), *case, sharded=False)["weights"].get(
+                                   "fc.bias", torch.zeros(1)))  # the head shard is not the whole head
+
+
+def test_shards_join_and_split_for_another_number_of_ranks(tmp_path):
+    main = tmp_path / "checkpoint-00000004.pt"
+    k, size = 9, 3
+    ranges = [class_shard(k, r, size) for r in range(size)]
+    whole = torch.arange(k * 2 * 3, dtype=torch.float32).view(k * 2, 3)  # 2 rows per class (MoE, M = 2)
+    momentum = -whole
+    for r, (lo, hi) in enumerate(ranges):
+        shard = {"fc": {"gates.weight": whole[2 * lo:2 * hi]},
+                 "optimizer": {"param_groups": [{"params": [0]}],
+                               "state": {0: {"momentum_buffer": momentum[2 * lo:2 * hi], "step": torch.tensor(4.0)}}}}
+        torch.save(shard, tmp_path / f"checkpoint-00000004.head-{r}-of-{size}.pt")
+    state = {"head_shards": {"size": size, "ranges": ranges, "num_classes": k}}
+    for lo, hi in [(0, 9), (0, 5), (5, 9), (2, 7)]:  # one process, or 2 ranks of another split
+        fc, opt = head_state(main, state, lo, hi, torch.load)
+        assert torch.equal(fc["gates.weight"], whole[2 * lo:2 * hi])
+        assert torch.equal(opt["state"][0]["momentum_buffer"], momentum[2 * lo:2 * hi])
+        assert opt["state"][0]["step"] == 4.0
+
+
+def _run(*args, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=venv_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny_demo):
+    from tests.conftest import tiny_recipe
+    from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
+    from tsmtrain.train.head_shards import shard_files
+
+    def recipe(name, **train):
+        return tiny_recipe(tmp_path / f"{name}.yaml", tiny_demo, name, dist={"engine": "ddp", "np": 2},
+                           model={"head_parallel": True, "num_classes": 4}, optim={"base_lr": 0.005},
+                           train={"seed": 1, **train})
+
+    _run("run", recipe("whole"))
+    _run("run", recipe("parts", stop_after_steps=4))  # 12 steps in all: stopped mid-epoch at 4
+    _run("run", recipe("parts"))  # resumed from step 4
+    whole, parts = latest_checkpoint(tmp_path / "runs" / "whole"), latest_checkpoint(tmp_path / "runs" / "parts")
+    assert whole.name == parts.name
+    a, b = load_checkpoint(whole), load_checkpoint(parts)
+    assert "fc.weight" not in a["model"] and a["head_shards"]["ranges"] == [(0, 2), (2, 4)]
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert [p.name for p in shard_files(whole)] == [p.name for p in shard_files(parts)] == [
+        f"{whole.stem}.head-0-of-2.pt", f"{whole.stem}.head-1-of-2.pt"]
+    for x, y in zip(shard_files(whole), shard_files(parts)):
+        sx, sy = torch.load(x), torch.load(y)
+        for name, value in sx["fc"].items():
+            assert torch.equal(value, sy["fc"][name]), (x.name, name)
+        for index, entry in sx["optimizer"]["state"].items():
+            assert torch.equal(entry["momentum_buffer"], sy["optimizer"]["state"][index]["momentum_buffer"])
+    # the 2-rank checkpoint tested by one process and by two: the same scores
+    tested = tmp_path / "runs" / "whole" / "test" / "test-1clip-1crop"
+    _run("test", recipe("whole"), "--np", "1")
+    one = dict(np.load(tested / "scores.npz"))
+    _run("test", recipe("whole"), "--np", "2")
+    two = dict(np.load(tested / "scores.npz"))
+    assert one["scores"].shape == (8, 4)
+    np.testing.assert_allclose(one["scores"], two["scores"], rtol=1e-5, atol=1e-6)
+    # and they are the scores of the sharded evaluation at the end of training (every video's
+    # loss: the mean cross-entropy of the softmax scores)
+    final = [json.loads(line) for line in (tmp_path / "runs" / "whole" / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in line][-1]
+    labels = one["labels"]
+    loss = -np.log(one["scores"][np.arange(len(labels)), labels]).mean()
+    assert loss == pytest.approx(final["val_loss"], rel=1e-4)
