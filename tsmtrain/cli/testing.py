@@ -8,6 +8,10 @@ view protocol, and the late fusion of tested runs.
   :func:`tsmtrain.train.testing.predict_videos`; exits 1 when a video is unreadable
 * ``fuse RUN... [--weights W,W] [--test-dir NAME] [--json FILE]`` ->
   :func:`tsmtrain.train.fusion.fuse_runs`, printed by :func:`tsmtrain.train.fusion.format_fusion`
+
+A multi-label run (``model.loss: sigmoid``) is scored by the per-class sigmoid probabilities
+averaged over the views, and reported by mAP, GAP@20 and Hit@1 instead of top-1, top-5 and mean
+class accuracy.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ def test(
     np: Optional[int] = typer.Option(None, "--np", min=1, help="ranks to start on this host (sets dist.np)"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Test a checkpoint under a view protocol: top-1, top-5 and mean class accuracy; per-class
-    table, confusion matrix, predictions and every video's class scores (for tsmtrain fuse) in
-    RUN_DIR/test/."""
+    """Test a checkpoint under a view protocol: top-1, top-5 and mean class accuracy (multi-label
+    runs: mAP, GAP@20, Hit@1); per-class table, confusion matrix, predictions and every video's
+    class scores (for tsmtrain fuse) in RUN_DIR/test/."""
     protocol = _protocol(clips, crops)
     if list_file is not None and not Path(list_file).is_file():
         fail(f"--list {list_file}: list file not found")
@@ -78,7 +82,8 @@ def predict(
     crops: int = typer.Option(1, "--crops", help="crops per clip: 1, 3 or 10 (as tsmtrain test)"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Print the top classes, with their averaged softmax scores, of each video file (on the CPU)."""
+    """Print the top classes of each video file with their probabilities averaged over the views
+    (softmax; sigmoid per class for a multi-label run), on the CPU."""
     from ..data import DataError
     from ..train import TrainingError
     from ..train.testing import predict_videos
@@ -91,7 +96,8 @@ def predict(
         results, path, names = predict_videos(cfg, videos, protocol, checkpoint=checkpoint, top=top)
     except (TrainingError, DataError) as err:
         fail(str(err).splitlines())
-    print(f"checkpoint {path}, {protocol.describe(cfg.data.input_size)}")
+    kind = "sigmoid probabilities (multi-label)" if cfg.model.loss == "sigmoid" else "softmax scores"
+    print(f"checkpoint {path}, {protocol.describe(cfg.data.input_size)}, {kind} averaged over the views")
     for line in prediction_lines(results, names):
         print(line)
     if any(r["error"] is not None for r in results):
@@ -121,7 +127,8 @@ def fuse(
     json_file: Optional[str] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
 ) -> None:
     """Late fusion of tested runs (e.g. two streams): the weighted average of their saved per-video
-    class scores; top-1, top-5 and mean class accuracy of each run and of the fusion."""
+    class scores; top-1, top-5 and mean class accuracy of each run and of the fusion (multi-label
+    runs: mAP, GAP@20 and Hit@1 of their sigmoid probabilities)."""
     import json
 
     from ..train.fusion import FusionError, format_fusion, fuse_runs, parse_weights

@@ -17,13 +17,21 @@ order (numpy ``.npz``, no pickled objects):
   could not be read (no scores);
 * ``classes``: str ``(K,)``, the label map's names (``(0,)`` without one); ``num_classes``: K;
 * ``list_sha256``: the list's fingerprint (:func:`list_fingerprint`), also in ``summary.json``'s
-  ``scores`` section with ``classes_sha256`` (:func:`classes_fingerprint`).
+  ``scores`` section with ``classes_sha256`` (:func:`classes_fingerprint`);
+* ``multi_label``: bool ``()``: True for a multi-label run (``model.loss: sigmoid``); absent in
+  files written before multi-label runs were tested (read as False).
+
+A multi-label run's file has the same arrays, with ``scores`` the per-class sigmoid
+probabilities averaged over the views, and ``labels`` int64 ``(V, K)`` and ``unreadable_labels``
+int64 ``(U, K)`` multi-hot (1 at each of the video's labels).
 
 :func:`fuse_runs` loads one scores file per run (:func:`load_scores`: a run directory's latest
 test, a named test folder of it, or a test folder itself), refuses streams tested on different
-lists or class maps (:func:`check_same_test`), fuses the videos read in every run
-(:func:`fuse_scores`) and computes top-1, top-5 and mean class accuracy of each stream and of the
-fusion on them with :func:`tsmtrain.train.testing.summarise` (:func:`figures`).
+lists or class maps or a single-label stream with a multi-label one (:func:`check_same_test`),
+fuses the videos read in every run (:func:`fuse_scores`) and computes top-1, top-5 and mean class
+accuracy of each stream and of the fusion on them with :func:`tsmtrain.train.testing.summarise`
+(:func:`figures`); of multi-label streams mAP, GAP@20 and Hit@1
+(:func:`tsmtrain.train.multilabel.multilabel_figures`).
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .multilabel import multi_hot, multilabel_figures
 
 __all__ = ["SCORES_FILE", "FusionError", "StreamScores", "list_fingerprint", "classes_fingerprint", "write_scores",
            "find_test_folder", "load_scores", "check_same_test", "parse_weights", "fuse_scores", "figures",
@@ -52,10 +63,17 @@ class FusionError(ValueError):
     lists or class maps, bad weights. The message is one line naming the runs."""
 
 
-def list_fingerprint(paths: list[str], labels: list[int]) -> str:
+def _label_text(label: int | Sequence[int]) -> str:
+    """A label as a list line gives it: ``3``; a multi-label video's set, sorted: ``0 2 5``."""
+    return str(int(label)) if np.ndim(label) == 0 else " ".join(str(int(c)) for c in sorted(label))
+
+
+def list_fingerprint(paths: list[str], labels: list[int] | list[Sequence[int]]) -> str:
     """The sha256 (hex) of a test list: its sorted ``(path, label)`` pairs, one ``PATH\\tLABEL``
-    line each (UTF-8), so the same videos with the same labels in any order match."""
-    text = "".join(f"{p}\t{int(y)}\n" for p, y in sorted(zip(paths, labels)))
+    line each (UTF-8), so the same videos with the same labels in any order match. A
+    multi-label video's labels (a sequence) are written sorted, separated by spaces
+    (``PATH\\t0 2``), so their order in the list does not matter either."""
+    text = "".join(f"{p}\t{y}\n" for p, y in sorted(zip(paths, map(_label_text, labels))))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -65,23 +83,32 @@ def classes_fingerprint(names: list[str] | None, num_classes: int) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_scores(out_dir: Path, paths: list[str], labels: list[int], scores: list[np.ndarray | None],
-                 num_classes: int, names: list[str] | None) -> tuple[Path, dict]:
+def _label_array(labels: list, num_classes: int, multi_label: bool) -> np.ndarray:
+    """int64 ``(n,)`` labels, or multi-hot ``(n, K)`` of label sequences (``multi_label``)."""
+    if multi_label:
+        return multi_hot(labels, num_classes).astype(np.int64)
+    return np.array(labels, dtype=np.int64)
+
+
+def write_scores(out_dir: Path, paths: list[str], labels: list[int] | list[Sequence[int]],
+                 scores: list[np.ndarray | None], num_classes: int, names: list[str] | None,
+                 multi_label: bool = False) -> tuple[Path, dict]:
     """Write ``out_dir/scores.npz`` (format: the module's docstring).
 
     Args:
         paths: every video of the list, as written in the list file, in list order.
-        labels: their labels.
-        scores: per video its ``(K,)`` averaged class scores, or None when it could not be read.
+        labels: their labels; ``multi_label`` (``model.loss: sigmoid``): each video's label
+            indices (a sequence), saved multi-hot ``(V, K)``.
+        scores: per video its ``(K,)`` averaged class probabilities, or None when unreadable.
         names: the class names (``K`` of them) or None.
 
     Returns:
         ``(path, meta)``: meta is the ``scores`` section of ``summary.json``: ``file``, ``videos``
         (V, with scores), ``unreadable`` (their paths), ``num_classes``, ``classes_sha256``,
-        ``list_sha256``.
+        ``list_sha256``, ``multi_label``.
 
     Raises:
-        ValueError: the lengths differ or a score vector is not ``(K,)``.
+        ValueError: the lengths differ, a score vector is not ``(K,)``, a multi-label label outside 0..K-1.
     """
     if not len(paths) == len(labels) == len(scores):
         raise ValueError(f"{len(paths)} paths, {len(labels)} labels, {len(scores)} score vectors")
@@ -91,19 +118,20 @@ def write_scores(out_dir: Path, paths: list[str], labels: list[int], scores: lis
         else np.zeros((0, num_classes), dtype=np.float32)
     if matrix.shape[1:] != (num_classes,):
         raise ValueError(f"score vectors of shape {matrix.shape[1:]}, expected ({num_classes},)")
-    fingerprint = list_fingerprint(paths, labels)
+    fingerprint, chosen = list_fingerprint(paths, labels), lambda rows: [labels[i] for i in rows]
     path = Path(out_dir) / SCORES_FILE
     tmp = path.with_name(f".{SCORES_FILE}.{os.getpid()}.npz")
-    np.savez_compressed(tmp, scores=matrix, labels=np.array([labels[i] for i in read], dtype=np.int64),
+    np.savez_compressed(tmp, scores=matrix, labels=_label_array(chosen(read), num_classes, multi_label),
                         paths=np.array([paths[i] for i in read], dtype=str),
                         unreadable_paths=np.array([paths[i] for i in lost], dtype=str),
-                        unreadable_labels=np.array([labels[i] for i in lost], dtype=np.int64),
-                        classes=np.array(names or [], dtype=str), num_classes=np.int64(num_classes),
-                        list_sha256=np.array(fingerprint))
+                        unreadable_labels=_label_array(chosen(lost), num_classes, multi_label),
+                        classes=np.array(names or [], dtype=str),
+                        num_classes=np.int64(num_classes), list_sha256=np.array(fingerprint),
+                        multi_label=np.bool_(multi_label))
     tmp.replace(path)
     meta = {"file": SCORES_FILE, "videos": len(read), "unreadable": [paths[i] for i in lost],
             "num_classes": num_classes, "classes_sha256": classes_fingerprint(names, num_classes),
-            "list_sha256": fingerprint}
+            "list_sha256": fingerprint, "multi_label": bool(multi_label)}
     return path, meta
 
 
@@ -114,11 +142,14 @@ class StreamScores:
     Attributes:
         run: the run as given (a run directory or a test folder).
         folder: the test folder read.
-        scores: float32 ``(V, K)``; labels: int64 ``(V,)``; paths: ``V`` list entries.
-        unreadable: path -> label of the videos that could not be read.
+        scores: float32 ``(V, K)``; labels: int64 ``(V,)``, or multi-hot ``(V, K)`` for a
+            multi-label run; paths: ``V`` list entries.
+        unreadable: path -> label (multi-label: the sorted tuple of its labels) of the videos
+            that could not be read.
         classes: the K class names, or None.
         num_classes: K.
         summary: the test's ``summary.json`` (``{}`` when absent).
+        multi_label: whether the run is multi-label (``model.loss: sigmoid``).
     """
 
     run: str
@@ -130,11 +161,15 @@ class StreamScores:
     classes: list[str] | None
     num_classes: int
     summary: dict
+    multi_label: bool = False
 
     @property
-    def entries(self) -> dict[str, int]:
-        """Every video of the tested list, path -> label (read or not)."""
-        return {**dict(zip(self.paths, self.labels.tolist())), **self.unreadable}
+    def entries(self) -> dict[str, int | tuple[int, ...]]:
+        """Every video of the tested list, path -> label (read or not); multi-label: path -> the
+        sorted tuple of its labels."""
+        labels = [tuple(np.flatnonzero(row).tolist()) for row in self.labels] if self.multi_label \
+            else self.labels.tolist()
+        return {**dict(zip(self.paths, labels)), **self.unreadable}
 
     @property
     def protocol(self) -> str:
@@ -192,17 +227,19 @@ def load_scores(run: str | Path, test_dir: str | None = None) -> StreamScores:
         with np.load(path, allow_pickle=False) as npz:
             scores = npz["scores"].astype(np.float32)
             labels, paths = npz["labels"].astype(np.int64), [str(p) for p in npz["paths"]]
-            unreadable = {str(p): int(y) for p, y in zip(npz["unreadable_paths"], npz["unreadable_labels"])}
+            multi = bool(npz["multi_label"]) if "multi_label" in npz.files else False
+            unreadable = {str(p): tuple(np.flatnonzero(y).tolist()) if multi else int(y)
+                          for p, y in zip(npz["unreadable_paths"], npz["unreadable_labels"])}
             classes, k = [str(c) for c in npz["classes"]] or None, int(npz["num_classes"])
     except Exception as exc:  # truncated, foreign, or missing an array
         raise FusionError(f"{path}: not a tsmtrain scores file ({type(exc).__name__}: {exc})") from None
-    if scores.shape != (len(paths), k) or labels.shape != (len(paths),):
-        raise FusionError(f"{path}: scores {scores.shape}, {labels.shape[0]} labels, {len(paths)} paths, {k} classes")
+    if scores.shape != (len(paths), k) or labels.shape != ((len(paths), k) if multi else (len(paths),)):
+        raise FusionError(f"{path}: scores {scores.shape}, labels {labels.shape}, {len(paths)} paths, {k} classes")
     try:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}
-    return StreamScores(str(run), folder, scores, labels, paths, unreadable, classes, k, summary)
+    return StreamScores(str(run), folder, scores, labels, paths, unreadable, classes, k, summary, multi)
 
 
 def _examples(items: list[str]) -> str:
@@ -214,10 +251,14 @@ def check_same_test(a: StreamScores, b: StreamScores) -> None:
     """Refuse two streams that were not tested on the same videos and classes.
 
     Raises:
-        FusionError: different class counts, different class names (when both have names), or
-            different lists (videos only in one of them, or labelled differently); the message
-            names both runs and the difference.
+        FusionError: a single-label run with a multi-label one, different class counts,
+            different class names (when both have names), or different lists (videos only in one
+            of them, or labelled differently); the message names both runs and the difference.
     """
+    if a.multi_label != b.multi_label:
+        multi, single = (a, b) if a.multi_label else (b, a)
+        raise FusionError(f"{multi.run} is a multi-label run (sigmoid probabilities, model.loss: sigmoid) and "
+                          f"{single.run} a single-label one (softmax scores): their scores cannot be fused")
     if a.num_classes != b.num_classes:
         raise FusionError(f"{a.run} and {b.run} were tested with different class maps: {a.num_classes} classes in "
                           f"{a.run}, {b.num_classes} in {b.run}")
@@ -234,7 +275,8 @@ def check_same_test(a: StreamScores, b: StreamScores) -> None:
         only = [p for p in one if p not in other]
         if only:
             parts.append(f"{len(only)} videos only in {run}, {_examples(only)}")
-    relabelled = [f"{p} ({y} in {a.run}, {eb[p]} in {b.run})" for p, y in ea.items() if p in eb and eb[p] != y]
+    relabelled = [f"{p} ({_label_text(y)} in {a.run}, {_label_text(eb[p])} in {b.run})"
+                  for p, y in ea.items() if p in eb and eb[p] != y]
     if relabelled:
         parts.append(f"{len(relabelled)} videos labelled differently, {_examples(relabelled)}")
     raise FusionError(f"{a.run} and {b.run} were tested on different lists: {'; '.join(parts)}")
@@ -283,14 +325,21 @@ def fuse_scores(scores: list[np.ndarray], weights: list[float] | None = None) ->
 
 def figures(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """Top-1, top-5 and mean class accuracy of per-video scores, by
-    :func:`tsmtrain.train.testing.summarise` (top-5 is top-``min(5, K)``; ties: the lower class).
+    :func:`tsmtrain.train.testing.summarise` (top-5 is top-``min(5, K)``; ties: the lower class);
+    of multi-label scores (``labels`` multi-hot ``(V, K)``) mAP, GAP@20 and Hit@1 by
+    :func:`tsmtrain.train.multilabel.multilabel_figures`.
 
     Args:
-        scores: ``(V, K)``; labels: ``(V,)``.
+        scores: ``(V, K)``; labels: ``(V,)``, or 0/1 ``(V, K)`` for multi-label scores.
 
     Returns:
-        ``{"videos": V, "top1": %, "top5": %, "mean_class_accuracy": %}``.
+        ``{"videos": V, "top1": %, "top5": %, "mean_class_accuracy": %}``; multi-label:
+        ``{"videos": V, "mAP", "GAP20", "hit1"}`` (fractions 0..1, NaN where undefined).
     """
+    if np.ndim(labels) == 2:
+        if len(scores) == 0:
+            return {"videos": 0, "mAP": math.nan, "GAP20": math.nan, "hit1": math.nan}
+        return {"videos": len(scores), **multilabel_figures(scores, labels)}
     from .testing import summarise  # testing imports this module to write the scores
 
     top = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, num_classes)]
@@ -312,11 +361,13 @@ def fuse_runs(runs: list[str | Path], weights: list[float] | None = None, test_d
     Returns:
         A JSON-ready dict: ``streams`` (per run: ``run``, ``folder``, ``protocol``, ``weight`` and
         :func:`figures`), ``fused`` (:func:`figures`), ``videos`` (fused), ``list_videos``,
-        ``excluded`` (paths unreadable in some run), ``num_classes``, ``list`` (the first run's list file).
+        ``excluded`` (paths unreadable in some run), ``num_classes``, ``list`` (the first run's list file),
+        ``multi_label`` (then the figures are mAP, GAP@20 and Hit@1 of fused sigmoid probabilities).
 
     Raises:
-        FusionError: fewer than two runs, a weight count that differs, a run without saved
-            scores, runs tested on different lists or class maps, no video read in every run.
+        FusionError: fewer than two runs, a weight count that differs, a run without saved scores, runs
+            tested on different lists or class maps, a single-label run with a multi-label one, no
+            video read in every run.
     """
     if len(runs) < 2:
         raise FusionError(f"give at least two runs to fuse, got {len(runs)}")
@@ -330,36 +381,41 @@ def fuse_runs(runs: list[str | Path], weights: list[float] | None = None, test_d
     shared = [p for p in first.paths if all(p not in s.unreadable for s in streams)]
     if not shared:
         raise FusionError(f"no video was read in every run ({', '.join(s.run for s in streams)})")
-    aligned = []
-    for s in streams:
-        row = {p: i for i, p in enumerate(s.paths)}
-        aligned.append(s.scores[[row[p] for p in shared]])
-    labels = first.labels[[{p: i for i, p in enumerate(first.paths)}[p] for p in shared]]
+    rows = [{p: i for i, p in enumerate(s.paths)} for s in streams]
+    aligned = [s.scores[[row[p] for p in shared]] for s, row in zip(streams, rows)]
+    labels = first.labels[[rows[0][p] for p in shared]]
     k = first.num_classes
     fused = fuse_scores(aligned, weights)
     return {"streams": [{"run": s.run, "folder": str(s.folder), "protocol": s.protocol, "weight": w,
                          **figures(m, labels, k)} for s, w, m in zip(streams, weights, aligned)],
             "fused": figures(fused, labels, k), "videos": len(shared), "list_videos": len(first.entries),
             "excluded": sorted(set(first.entries) - set(shared)), "num_classes": k,
-            "list": first.summary.get("list")}
+            "list": first.summary.get("list"), "multi_label": first.multi_label}
 
 
 def format_fusion(result: dict) -> str:
     """:func:`fuse_runs`'s result as the lines ``tsmtrain fuse`` prints: what was fused, then one
     row per stream and one for the fusion: weight, protocol (clips x crops), videos, top-1, top-5,
-    mean class accuracy (percent)."""
-    k = result["num_classes"]
+    mean class accuracy (percent); of multi-label runs mAP, GAP@20 and Hit@1 (printed in percent)."""
+    k, multi = result["num_classes"], result.get("multi_label", False)
     lines = [f"{len(result['streams'])} runs, {result['videos']} videos read in every run (of {result['list_videos']} "
-             f"in the list{' ' + result['list'] if result['list'] else ''}), {k} classes"]
+             f"in the list{' ' + result['list'] if result['list'] else ''}), {k} classes"
+             + (", multi-label (sigmoid probabilities fused)" if multi else "")]
     if result["excluded"]:
         lines.append(f"excluded (unreadable in some run): {', '.join(result['excluded'])}")
     width = max(len("fused"), *(len(s["run"]) for s in result["streams"]))
-    five = "top-5" if k >= 5 else f"top-{k}"
-    lines.append(f"{'stream':<{width}}  {'weight':>6}  {'views':>5}  {'videos':>6}  {'top-1':>7}  {five:>7}  "
-                 f"{'mean class':>10}")
+    if multi:
+        keys, heads = ("mAP", "GAP20", "hit1"), ("mAP", "GAP@20", "Hit@1")
+        scale = 100.0  # fractions printed in percent
+    else:
+        keys = ("top1", "top5", "mean_class_accuracy")
+        heads = ("top-1", "top-5" if k >= 5 else f"top-{k}", "mean class")
+        scale = 1.0
+    lines.append(f"{'stream':<{width}}  {'weight':>6}  {'views':>5}  {'videos':>6}  {heads[0]:>7}  {heads[1]:>7}  "
+                 f"{heads[2]:>10}")
     rows = [(s["run"], f"{s['weight']:g}", s["protocol"], s) for s in result["streams"]]
     rows.append(("fused", "", "", result["fused"]))
     for name, weight, views, f in rows:
-        lines.append(f"{name:<{width}}  {weight:>6}  {views:>5}  {f['videos']:>6}  {f['top1']:>6.2f}%  "
-                     f"{f['top5']:>6.2f}%  {f['mean_class_accuracy']:>9.2f}%")
+        a, b, c = (scale * f[key] for key in keys)
+        lines.append(f"{name:<{width}}  {weight:>6}  {views:>5}  {f['videos']:>6}  {a:>6.2f}%  {b:>6.2f}%  {c:>9.2f}%")
     return "\n".join(lines)

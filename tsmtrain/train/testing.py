@@ -7,7 +7,9 @@ crops: corners, centre and their flips). The network scores each of the K*C view
 scores of all views are averaged per video (:func:`average_view_scores`). The TSM repository's
 ``test_models.py`` averages the views' logits instead (its ``--softmax`` applies softmax after
 the average); mmaction2's ``average_clips='prob'`` (its default for TSM) averages softmax
-scores, as here.
+scores, as here. A multi-label run (``model.loss: sigmoid``) averages each view's per-class
+sigmoid probabilities instead (mmaction2's ``average_clips='prob'`` with a sigmoid head does the
+same), and is scored by mAP, GAP@20 and Hit@1 (:func:`summarise_multilabel`).
 
 Each rank tests its own shard of the list (:class:`~tsmtrain.data.ShardSampler` without
 padding: rank r takes videos r, r + world size, ...), and rank 0 gathers the per-video results
@@ -15,11 +17,13 @@ padding: rank r takes videos r, r + world size, ...), and rank 0 gathers the per
 back exactly once, and computes the figures (:func:`summarise`): top-1, top-5 and mean class
 accuracy (per-class accuracy averaged over the classes present, as ``test_models.py``'s "Class
 Accuracy"). A video that cannot be decoded is never replaced by another one (the test set must
-not change): it is reported with its path and counted as a wrong prediction in every figure.
+not change): it is reported with its path and counted as a wrong prediction in every figure
+(multi-label: its labels are never retrieved and it misses in Hit@1).
 
 Files (rank 0, in ``RUN_DIR/test/test-KclipsxCcrops[-LIST]/``, :func:`write_reports`):
 ``summary.json``, ``per_class.csv``, ``confusion.png``, ``predictions.csv`` and ``scores.npz``
-(every video's K class scores, for late fusion: :mod:`tsmtrain.train.fusion`).
+(every video's K class scores, for late fusion: :mod:`tsmtrain.train.fusion`); a multi-label
+run writes no confusion matrix (:func:`write_multilabel_reports`).
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ from ..models import create_model
 from ..recipe import Recipe
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .fusion import write_scores
+from .multilabel import average_precision, multi_hot
 from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
 from .step import as_memory_format, autocast
 
 __all__ = ["Protocol", "average_view_scores", "load_model", "score_shard", "gather_results", "summarise",
-           "write_reports", "run_test", "predict_videos", "TestReport", "format_report"]
+           "summarise_multilabel", "write_reports", "write_multilabel_reports", "run_test", "predict_videos",
+           "TestReport", "format_report"]
 
 
 @dataclass(frozen=True)
@@ -86,21 +92,27 @@ class Protocol:
                 f"({self.views} view{'s' if self.views > 1 else ''} of {side}x{side})")
 
 
-def average_view_scores(logits: torch.Tensor) -> torch.Tensor:
-    """Per-video class scores from the logits of its views: the softmax of each view, averaged.
+def average_view_scores(logits: torch.Tensor, loss: str = "softmax") -> torch.Tensor:
+    """Per-video class scores from the logits of its views: each view's probabilities, averaged
+    over the views (probabilities, not logits, are averaged).
 
     Args:
-        logits: ``(N, V, K)``: N videos, V views each, K classes.
+        logits: ``(N, V, K)``: N videos, V views each, K classes (log-odds with ``sigmoid``).
+        loss: the recipe's ``model.loss``: ``softmax`` (one label per video: the softmax of each
+            view) or ``sigmoid`` (multi-label: each class's sigmoid probability per view).
 
     Returns:
-        float32 ``(N, K)``, each row summing to 1.
+        float32 ``(N, K)`` of probabilities in 0..1; with ``softmax`` each row sums to 1.
 
     Raises:
-        ValueError: ``logits`` is not 3-dimensional or has no view.
+        ValueError: ``logits`` is not 3-dimensional or has no view, or another ``loss``.
     """
     if logits.dim() != 3 or logits.shape[1] < 1:
         raise ValueError(f"expected logits (N, V, K) with V >= 1, got shape {tuple(logits.shape)}")
-    return logits.float().softmax(dim=-1).mean(dim=1)
+    if loss not in ("softmax", "sigmoid"):
+        raise ValueError(f"loss must be softmax or sigmoid, got {loss!r}")
+    x = logits.float()
+    return (torch.sigmoid(x) if loss == "sigmoid" else x.softmax(dim=-1)).mean(dim=1)
 
 
 def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
@@ -165,10 +177,11 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
             clips' worth, at least one video.
 
     Returns:
-        One dict per video of the shard: ``index`` (in ``records``), ``label``, ``top`` (the
-        ``min(top, classes)`` best classes, best first), ``scores`` (their averaged softmax
-        scores), ``class_scores`` (float32 ``(K,)``: the averaged softmax scores of every class;
-        None when unreadable), ``error`` (None, or why the video could not be read).
+        One dict per video of the shard (:func:`_result`): ``index`` (in ``records``), ``label``,
+        ``labels`` (all its labels, a tuple), ``top`` (the ``min(top, classes)`` best classes, best
+        first), ``scores`` (their probabilities averaged over the views, :func:`average_view_scores`:
+        softmax, or sigmoid for ``model.loss: sigmoid``), ``class_scores`` (float32 ``(K,)``: every
+        class's; None when unreadable), ``error`` (None, or why the video could not be read).
     """
     d = recipe.data
     decoder, where = decoding_target(d.decoder, d.decode_device, torch.device(device))
@@ -181,23 +194,29 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
     k = min(top, recipe.model.num_classes)
     results = []
     for batch in loader:
-        for index, label, error in batch["failed"]:
+        for index, _, error in batch["failed"]:
             log.warning("unreadable video, counted as wrong: %s", error)
-            results.append({"index": index, "label": label, "top": [], "scores": [], "class_scores": None,
-                            "error": error})
+            results.append(_result(index, records[index], error=error))
         if batch["frames"] is None:
             continue
         x = views(batch["frames"].to(device))  # (N, V, T, 3, S, S)
         nv = x.shape[:2]
         with autocast(recipe.train.precision, device):
             logits = model(as_memory_format(x.flatten(0, 1), recipe.train.channels_last))
-        probs = average_view_scores(logits.float().view(*nv, -1))  # (N, K)
+        probs = average_view_scores(logits.float().view(*nv, -1), recipe.model.loss)  # (N, K)
         best = probs.topk(k, dim=1)
         every = probs.cpu().numpy().astype(np.float32)
-        for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
-            results.append({"index": index, "label": label, "top": best.indices[i].tolist(),
-                            "scores": best.values[i].tolist(), "class_scores": every[i].copy(), "error": None})
+        for i, index in enumerate(batch["index"].tolist()):
+            results.append(_result(index, records[index], best.indices[i].tolist(), best.values[i].tolist(),
+                                   every[i].copy()))
     return results
+
+
+def _result(index: int, record: VideoRecord, top: list[int] | None = None, scores: list[float] | None = None,
+            class_scores: np.ndarray | None = None, error: str | None = None) -> dict:
+    """One video's result as :func:`score_shard` returns it (an unreadable one: ``error`` only)."""
+    return {"index": index, "label": record.label, "labels": record.labels, "top": top or [], "scores": scores or [],
+            "class_scores": class_scores, "error": error}
 
 
 def gather_results(engine: Engine, results: list[dict], total: int) -> list[dict] | None:
@@ -254,6 +273,44 @@ def summarise(results: list[dict], num_classes: int) -> dict:
             "top1": 100.0 * top1 / n if n else math.nan, "top5": 100.0 * top5 / n if n else math.nan,
             "mean_class_accuracy": float(np.mean(present)) if present else math.nan,
             "per_class": per_class, "confusion": confusion}
+
+
+def summarise_multilabel(results: list[dict], num_classes: int, top_k: int = 20) -> dict:
+    """The figures of a multi-label test from its per-video results (:func:`score_shard`,
+    gathered; ``class_scores`` the averaged sigmoid probabilities, ``labels`` each video's set).
+
+    mAP, GAP@``top_k`` and Hit@1 as :mod:`tsmtrain.train.multilabel` computes them; when every
+    video was read they equal :func:`~tsmtrain.train.multilabel.multilabel_figures` of the
+    ``(V, K)`` scores and multi-hot labels. An unreadable video counts as missed: its labels
+    stay in each AP's positives (and GAP's) but are never retrieved, and it misses in Hit@1.
+
+    Returns:
+        dict: ``videos``, ``unreadable``, ``mAP``, ``GAP20`` (GAP@``top_k``), ``hit1``
+        (fractions 0..1, as ``metrics.jsonl``'s ``val_mAP``; NaN without a positive label or
+        video), ``per_class`` (one dict per class: ``class``, ``videos`` (its positives),
+        ``unreadable`` (those unread), ``ap`` (0..1, None without a positive video)).
+
+    Raises:
+        ValueError: a label outside ``0..K-1``.
+    """
+    read = [r for r in results if r["error"] is None]
+    scores = np.stack([r["class_scores"] for r in read]).astype(np.float64) if read else np.zeros((0, num_classes))
+    targets = multi_hot([r["labels"] for r in read], num_classes).astype(bool)
+    every = multi_hot([r["labels"] for r in results], num_classes)
+    positives = every.sum(0).astype(np.int64)  # (K,): every video's labels, read or not
+    aps = [average_precision(scores[:, c], targets[:, c], int(positives[c])) if positives[c] else None
+           for c in range(num_classes)]
+    present = [a for a in aps if a is not None]
+    k = min(top_k, num_classes)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (V_read, k)
+    gap = average_precision(np.take_along_axis(scores, top, 1).reshape(-1),
+                            np.take_along_axis(targets, top, 1).reshape(-1), int(every.sum()))
+    hits = int(targets[np.arange(len(read)), scores.argmax(1)].sum()) if read else 0
+    per_class = [{"class": c, "videos": int(positives[c]), "unreadable": int(positives[c] - targets[:, c].sum()),
+                  "ap": aps[c]} for c in range(num_classes)]
+    n = len(results)
+    return {"videos": n, "unreadable": n - len(read), "mAP": float(np.mean(present)) if present else math.nan,
+            "GAP20": gap, "hit1": hits / n if n else math.nan, "per_class": per_class}
 
 
 def _name(names: list[str] | None, c: int) -> str:
@@ -315,6 +372,58 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict], records: li
     return files
 
 
+def write_multilabel_reports(out_dir: Path, summary: dict, results: list[dict], records: list[VideoRecord],
+                             root: str, names: list[str] | None, meta: dict) -> dict[str, Path]:
+    """Write a multi-label test's files into ``out_dir`` (created), as :func:`write_reports`
+    does for one label per video, without a confusion matrix:
+
+    * ``summary.json``: ``meta``, ``"multi_label": true`` and :func:`summarise_multilabel`'s
+      figures (``mAP``, ``GAP20``, ``hit1`` as fractions 0..1, per class its ``ap``);
+    * ``per_class.csv``: class, name, videos (positives), unreadable, ap (0..1, empty without
+      a positive video);
+    * ``predictions.csv``: per video its path, labels (class indices separated by spaces),
+      label names (separated by ``; ``), status, then the top-5 classes, their names and
+      averaged sigmoid probabilities, best first;
+    * ``scores.npz``: ``(V, K)`` averaged sigmoid probabilities with the multi-hot labels
+      (:func:`tsmtrain.train.fusion.write_scores` with ``multi_label=True``).
+
+    Returns:
+        ``{"summary": path, "per_class": path, "predictions": path, "scores": path}``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "confusion.png").unlink(missing_ok=True)  # none of an earlier single-label test
+    files = {k: out_dir / f for k, f in (("summary", "summary.json"), ("per_class", "per_class.csv"),
+                                         ("predictions", "predictions.csv"))}
+    videos = [_relative(records[r["index"]].path, root) for r in results]
+    files["scores"], scores_meta = write_scores(out_dir, videos, [r["labels"] for r in results],
+                                                [r["class_scores"] for r in results], len(summary["per_class"]),
+                                                names, multi_label=True)
+    doc = {**meta, "multi_label": True, "scores": scores_meta, **{k: v for k, v in summary.items()
+                                                                  if k != "per_class"},
+           "per_class": [{**p, "name": _name(names, p["class"])} for p in summary["per_class"]]}
+    files["summary"].write_text(json.dumps(doc, indent=1) + "\n")
+    with files["per_class"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "name", "videos", "unreadable", "ap"])
+        w.writerows([p["class"], _name(names, p["class"]), p["videos"], p["unreadable"],
+                     "" if p["ap"] is None else f"{p['ap']:.6f}"] for p in summary["per_class"])
+    _write_multilabel_predictions(files["predictions"], results, videos, names)
+    return files
+
+
+def _write_multilabel_predictions(path: Path, results: list[dict], videos: list[str], names: list[str] | None) -> None:
+    """``predictions.csv`` of a multi-label test (columns: :func:`write_multilabel_reports`)."""
+    k = max((len(r["top"]) for r in results), default=0)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "labels", "label_names", "status"]
+                   + [f"top{i}_{x}" for i in range(1, k + 1) for x in ("class", "name", "score")])
+        for r, video in zip(results, videos):
+            w.writerow([video, " ".join(map(str, r["labels"])), "; ".join(_name(names, c) for c in r["labels"]),
+                        "ok" if r["error"] is None else r["error"]]
+                       + [x for c, p in zip(r["top"], r["scores"]) for x in (c, _name(names, c), f"{p:.6f}")])
+
+
 def _relative(path: str, root: str) -> str:
     """A video's path relative to ``data.root`` where it lies under it (as in the list file)."""
     path, root_path = Path(path), Path(root)
@@ -358,11 +467,14 @@ class TestReport:
 
     Attributes:
         rank: this rank.
-        summary: :func:`summarise`'s figures (rank 0).
+        summary: :func:`summarise`'s figures, or :func:`summarise_multilabel`'s for a
+            multi-label run (rank 0).
         files: the files written (rank 0).
         checkpoint: the checkpoint tested.
         protocol: the protocol.
         unreadable: ``(path, reason)`` of each unreadable video (rank 0).
+        names: the class names, or None.
+        multi_label: whether the run is multi-label (``model.loss: sigmoid``).
     """
 
     __test__ = False  # not a pytest class
@@ -374,26 +486,50 @@ class TestReport:
     files: dict = field(default_factory=dict)
     unreadable: list = field(default_factory=list)
     names: list | None = None
+    multi_label: bool = False
 
 
 def format_report(report: TestReport, num_classes: int, input_size: int) -> str:
     """Rank 0's report as the lines ``tsmtrain test`` prints: the protocol and checkpoint, top-1,
     top-5 and mean class accuracy (percent), a per-class table when there are at most 20
-    classes, and the files written. Unreadable videos are listed by :func:`run_test`'s caller."""
+    classes, and the files written; for a multi-label run mAP, GAP@20 and Hit@1 (printed in
+    percent) and a per-class AP table instead. Unreadable videos are listed by :func:`run_test`'s
+    caller."""
     s, names = report.summary, report.names
     lines = [f"{report.protocol.describe(input_size)}, {s['videos']} videos, {s['unreadable']} unreadable "
-             f"(counted as wrong), checkpoint {report.checkpoint}"]
+             f"(counted as {'missed' if report.multi_label else 'wrong'}), checkpoint {report.checkpoint}"]
+    lines += (_multilabel_lines if report.multi_label else _single_label_lines)(s, names, num_classes)
+    lines += [f"wrote {path}" for path in report.files.values()]
+    return "\n".join(lines)
+
+
+def _single_label_lines(s: dict, names: list[str] | None, num_classes: int) -> list[str]:
+    """The figures of :func:`summarise` as lines: top-1, top-5 and mean class accuracy, and each
+    class's accuracy when there are at most 20 classes."""
     few = f" (of {num_classes} classes)" if num_classes < 5 else ""
-    lines.append(f"top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%{few}  "
-                 f"mean class accuracy {s['mean_class_accuracy']:.2f}%")
+    lines = [f"top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%{few}  "
+             f"mean class accuracy {s['mean_class_accuracy']:.2f}%"]
     if num_classes <= 20:
         for p in s["per_class"]:
             name = names[p["class"]] if names else str(p["class"])
             acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.2f}%"
             lines.append(f"  {p['class']:>3} {name:<30} {acc:>8}  ({p['correct']}/{p['videos']}"
                          + (f", {p['unreadable']} unreadable)" if p["unreadable"] else ")"))
-    lines += [f"wrote {path}" for path in report.files.values()]
-    return "\n".join(lines)
+    return lines
+
+
+def _multilabel_lines(s: dict, names: list[str] | None, num_classes: int) -> list[str]:
+    """The figures of :func:`summarise_multilabel` as lines: mAP, GAP@20, Hit@1 (percent), and
+    each class's AP and positives when there are at most 20 classes."""
+    lines = [f"mAP {100 * s['mAP']:.2f}%  GAP@20 {100 * s['GAP20']:.2f}%  Hit@1 {100 * s['hit1']:.2f}%  "
+             f"(sigmoid probabilities averaged over the views)"]
+    if num_classes <= 20:
+        for p in s["per_class"]:
+            name = names[p["class"]] if names else str(p["class"])
+            ap = "-" if p["ap"] is None else f"{100 * p['ap']:.2f}%"
+            lines.append(f"  {p['class']:>3} {name:<30} AP {ap:>7}  ({p['videos']} videos"
+                         + (f", {p['unreadable']} unreadable)" if p["unreadable"] else ")"))
+    return lines
 
 
 def _class_names(recipe: Recipe) -> list[str] | None:
@@ -403,13 +539,6 @@ def _class_names(recipe: Recipe) -> list[str] | None:
         return read_class_names(recipe.data.classes, recipe.model.num_classes)
     except ClassNamesError as err:
         raise TrainingError(f"data.classes: {err}") from None
-
-
-def _single_label_only(recipe: Recipe, command: str) -> None:
-    """Refuse a multi-label recipe: its test protocols (sigmoid scores, mAP per view) are not built yet."""
-    if recipe.model.loss == "sigmoid":
-        raise TrainingError(f"model.loss: sigmoid: tsmtrain {command} does not score multi-label runs yet; the "
-                            f"validation of tsmtrain run reports their mAP, GAP@20 and Hit@1 (metrics.jsonl)")
 
 
 def _warn_flips(recipe: Recipe, protocol: Protocol) -> None:
@@ -440,50 +569,57 @@ def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None =
         recipe: the recipe (model, data settings, run directory).
         protocol: clips x crops.
         checkpoint: the checkpoint; None: the run directory's latest.
-        list_file: the videos (``path label`` lines under ``data.root``); None: ``data.val_list``.
+        list_file: the videos (``path label [label ...]`` lines under ``data.root``); None: ``data.val_list``.
         engine: the engine; None: the recipe's (:func:`~tsmtrain.train.runtime.choose_engine`).
 
     Returns:
-        A :class:`TestReport`; rank 0's has the figures and the files, written into
+        A :class:`TestReport`; rank 0's has the figures (top-1, top-5, mean class accuracy; or
+        mAP, GAP@20, Hit@1 for a multi-label run) and the files, written into
         ``RUN_DIR/test/PROTOCOL[-LIST]/``.
 
     Raises:
         TrainingError: no list to test, no checkpoint, a checkpoint of another model, a label
-            map that does not fit ``model.num_classes``, a multi-label run (not yet).
+            map that does not fit ``model.num_classes``.
         tsmtrain.data.ListFileError: a malformed list file.
     """
-    _single_label_only(recipe, "test")
     engine = engine or choose_engine(recipe)
     _console_logging(engine.rank)
     list_file = list_file or recipe.data.val_list
     if list_file is None:
         raise TrainingError("data.val_list is not set: give the videos to test with --list FILE")
-    names = _class_names(recipe)
+    names, multi = _class_names(recipe), recipe.model.loss == "sigmoid"
     if engine.rank == 0:
         _warn_flips(recipe, protocol)
     set_threads(recipe.train.threads, engine.local_size)
     device = choose_device(recipe.train.device, engine.local_rank)
-    records = read_list(list_file, recipe.data.root, recipe.model.num_classes)
+    records = read_list(list_file, recipe.data.root, recipe.model.num_classes, multi_label=multi)
     model, path = load_model(recipe, checkpoint, device)
     if engine.rank == 0:
         log.info("testing %s on %s (%d videos), %s, %d rank(s), device %s", path, list_file, len(records),
                  protocol.describe(recipe.data.input_size), engine.size, device)
     results = score_shard(model, records, recipe, protocol, engine, device)
     merged = gather_results(engine, results, len(records))
-    report = TestReport(engine.rank, path, protocol, names=names)
-    if merged is None:
-        return report
-    report.summary = summarise(merged, recipe.model.num_classes)
+    report = TestReport(engine.rank, path, protocol, names=names, multi_label=multi)
+    if merged is not None:
+        _report_on_rank_0(report, recipe, merged, records, list_file, engine.size)
+    return report
+
+
+def _report_on_rank_0(report: TestReport, recipe: Recipe, merged: list[dict], records: list[VideoRecord],
+                      list_file: str | Path, ranks: int) -> None:
+    """Fill ``report`` with the figures of the gathered results and write the files."""
+    protocol, k = report.protocol, recipe.model.num_classes
+    report.summary = summarise_multilabel(merged, k) if report.multi_label else summarise(merged, k)
     report.unreadable = [(records[r["index"]].path, r["error"]) for r in merged if r["error"] is not None]
     run_dir = recipe.run_dir
     folder = protocol.name if list_file == recipe.data.val_list else f"{protocol.name}-{Path(list_file).stem}"
     meta = {"protocol": {"clips": protocol.clips, "crops": protocol.crops, "views": protocol.views,
                          "view_side": view_side(recipe.data.input_size, protocol.crops)},
-            "checkpoint": str(path), "list": str(list_file), "ranks": engine.size,
+            "checkpoint": str(report.checkpoint), "list": str(list_file), "ranks": ranks,
             "title": f"{run_dir.name}: {protocol.describe(recipe.data.input_size)}, {list_file}"}
-    report.files = write_reports(run_dir / "test" / folder, report.summary, merged, records, recipe.data.root, names,
-                                 meta)
-    return report
+    write = write_multilabel_reports if report.multi_label else write_reports
+    report.files = write(run_dir / "test" / folder, report.summary, merged, records, recipe.data.root, report.names,
+                         meta)
 
 
 @torch.no_grad()
@@ -494,8 +630,10 @@ def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protoc
 
     Returns:
         ``(predictions, checkpoint path, class names or None)``; one prediction per path, in
-        order: ``path``, ``top`` (class indices, best first), ``scores`` (averaged softmax
-        scores), ``error`` (None, or why the file could not be read; then ``top`` is empty).
+        order: ``path``, ``top`` (class indices, best first), ``scores`` (their probabilities
+        averaged over the views, 0..1: softmax, or each class's sigmoid for ``model.loss:
+        sigmoid``, :func:`average_view_scores`), ``error`` (None, or why the file could not be
+        read; then ``top`` is empty).
 
     Raises:
         TrainingError: as :func:`load_model`, or a label map that does not fit.
@@ -503,7 +641,6 @@ def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protoc
     """
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    _single_label_only(recipe, "predict")
     names = _class_names(recipe)
     _warn_flips(recipe, protocol)
     device = torch.device(device)
@@ -519,7 +656,7 @@ def predict_videos(recipe: Recipe, paths: list[str], protocol: Protocol = Protoc
             out.append({"path": p, "top": [], "scores": [], "error": item["error"]})
             continue
         x = views(item["frames"][None].to(device))  # (1, V, T, 3, S, S)
-        probs = average_view_scores(model(x.flatten(0, 1)).view(1, x.shape[1], -1))[0]
+        probs = average_view_scores(model(x.flatten(0, 1)).view(1, x.shape[1], -1), recipe.model.loss)[0]
         best = probs.topk(k)
         out.append({"path": p, "top": best.indices.tolist(), "scores": best.values.tolist(), "error": None})
     return out, path, names
