@@ -49,6 +49,7 @@ from ..models import create_model
 from ..recipe import Recipe
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .fusion import write_scores
+from .head_shards import full_model_state
 from .multilabel import average_precision, multi_hot
 from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
 from .step import as_memory_format, autocast
@@ -142,7 +143,7 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
             raise TrainingError(f"--checkpoint {path}: no such file")
     try:
         state = load_checkpoint(path)
-        weights, saved = state["model"], state.get("recipe", {})
+        weights, saved = full_model_state(path, state, load_checkpoint), state.get("recipe", {})  # a sharded head joined
     except Exception as exc:  # a truncated or foreign file: say which
         raise TrainingError(f"{path}: not a tsmtrain checkpoint ({type(exc).__name__}: {exc})") from None
     keys = ("arch", "num_classes", "shift", "shift_div")
