@@ -185,3 +185,30 @@ def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny
     labels = one["labels"]
     loss = -np.log(one["scores"][np.arange(len(labels)), labels]).mean()
     assert loss == pytest.approx(final["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_multi_label_moe_head_sharded_over_two_horovod_ranks_validates_as_one_process_tests(tmp_path, tiny_demo):
+    pytest.importorskip("horovod.torch", reason="Horovod is not installed (make setup builds it)")
+    from tests.conftest import tiny_recipe
+
+    lists = {}
+    for name in ("train", "val"):  # every other video also carries the other member of its pair
+        rows = [line.split() for line in (tiny_demo / f"{name}.txt").read_text().splitlines() if line.strip()]
+        lists[name] = tmp_path / f"{name}.txt"
+        lists[name].write_text("".join(f"{p} {y} {int(y) ^ 1}\n" if i % 2 else f"{p} {y}\n"
+                                       for i, (p, y) in enumerate(rows)))
+    path = tiny_recipe(tmp_path / "ml.yaml", tiny_demo, "ml", dist={"engine": "horovod", "np": 2},
+                       data={"train_list": str(lists["train"]), "val_list": str(lists["val"])},
+                       model={"loss": "sigmoid", "head": "moe", "head_parallel": True},
+                       optim={"name": "lars", "base_lr": 0.05, "trust_coefficient": 0.02},
+                       schedule={"epochs": 1, "warmup_epochs": 0})
+    _run("run", path)
+    run_dir = tmp_path / "runs" / "ml"
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_mAP" in line][-1]
+    assert final["val_clips"] == 8
+    # the sharded validation (every class's logits gathered) gives the figures of the whole head on one process
+    _run("test", path, "--np", "1")
+    summary = json.loads((run_dir / "test" / "test-1clip-1crop" / "summary.json").read_text())
+    assert summary["mAP"] == pytest.approx(final["val_mAP"], rel=1e-5)
+    assert summary["GAP20"] == pytest.approx(final["val_GAP20"], rel=1e-5)
