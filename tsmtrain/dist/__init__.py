@@ -7,6 +7,8 @@
 * :mod:`tsmtrain.dist.ddp`: :class:`~tsmtrain.dist.ddp.DDPEngine`, ``dist.engine: ddp``
   (``torch.distributed`` with ``DistributedDataParallel``; NCCL on GPUs, Gloo on CPUs).
 * :mod:`tsmtrain.dist.syncbn`: synchronized BatchNorm (``model.sync_bn``) for both engines.
+* :mod:`tsmtrain.dist.head_parallel`: a classifier sharded across ranks (``model.head_parallel``):
+  gathered features, the vocabulary-parallel cross-entropy, for both engines.
 * :mod:`tsmtrain.dist.local`: ``tsmtrain run --np N`` on this host (horovodrun, mpirun or
   torchrun).
 * :mod:`tsmtrain.dist.stop`: the stop protocol every launch shares (the stop signals,

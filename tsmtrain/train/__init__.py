@@ -10,10 +10,12 @@ Modules, from the top:
   autocast, GradScaler, channels_last, torch.compile), shared by the loop and the benchmark
 * :mod:`.evaluate`: :func:`evaluate` and :func:`predict` over every rank's shard
 * :mod:`.testing`: ``tsmtrain test`` and ``tsmtrain predict``: a checkpoint under a K clips x C
-  crops protocol, per-video softmax averages, accuracy figures and report files
+  crops protocol, per-video softmax (multi-label: sigmoid) averages, figures and report files
 * :mod:`.metrics`: ``metrics.jsonl``, the logging interval's sums, the phase clock
 * :mod:`.tensorboard`: the same records as TensorBoard scalars (``train.tensorboard``)
 * :mod:`.checkpoint`: checkpoint files, and saving and restoring a run
+* :mod:`.head_shards`: the per-rank files of a sharded head, joined and split for any number of ranks
+* :mod:`.multilabel`: mAP, GAP@20 and Hit@1 of multi-label runs
 * :mod:`.runtime`: the error type, logging, engine, device, embedded datasets
 * :mod:`.bench`: ``tsmtrain bench step`` and the standalone allreduce benchmark
 """
