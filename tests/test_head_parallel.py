@@ -15,7 +15,7 @@ import torch
 from tests.conftest import venv_env
 from tests.head_parallel_worker import CASES, K, N, run_case
 from tsmtrain.dist.base import LocalEngine
-from tsmtrain.dist.head_parallel import class_shard
+from tsmtrain.dist.head_parallel import HeadParallel, class_shard
 from tsmtrain.models import FeatureClassifier, VideoNet, shard_classifier
 from tsmtrain.train.head_shards import head_state
 
@@ -212,3 +212,28 @@ def test_multi_label_moe_head_sharded_over_two_horovod_ranks_validates_as_one_pr
     summary = json.loads((run_dir / "test" / "test-1clip-1crop" / "summary.json").read_text())
     assert summary["mAP"] == pytest.approx(final["val_mAP"], rel=1e-5)
     assert summary["GAP20"] == pytest.approx(final["val_GAP20"], rel=1e-5)
+
+
+def test_fp16_overflow_in_another_ranks_head_shard_skips_this_ranks_step():
+    from tsmtrain.optim import create_optimizer
+    from tsmtrain.recipe import OptimConfig
+    from tsmtrain.train import TrainStep
+    from tests.head_parallel_worker import TinyNet, batch
+
+    class OtherRankOverflows(LocalEngine):  # one process standing in for a rank whose peer's head overflowed
+        def allreduce(self, values, average=True):
+            return values + 1 if values.dtype == torch.float64 and values.numel() == 1 else values.clone()
+
+    for engine, moves in ((LocalEngine(), True), (OtherRankOverflows(), False)):
+        torch.manual_seed(0)
+        model = TinyNet("linear")
+        cfg = OptimConfig(base_lr=0.5)
+        hp = HeadParallel(engine, K, "softmax")
+        step = TrainStep(model, torch.device("cpu"), "fp16", optimizer=create_optimizer(model, cfg, skip=model.fc),
+                         head_optimizer=create_optimizer(model.fc, cfg), engine=engine, head_parallel=hp)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scale = step.loss_scale()
+        step(*batch(0, "softmax"))
+        moved = not torch.equal(before["fc.weight"], model.fc.weight)
+        assert moved == moves and (step.loss_scale() == scale) == moves  # skipped: the scale is lowered
+        assert torch.equal(before["backbone.weight"], model.backbone.weight) != moves  # the whole step

@@ -385,6 +385,8 @@ class TrainStep:
         self.clock.lap("allreduce_wait")
         self.clock.move("forward_backward", "allreduce_wait", self.engine.hidden_wait_s())  # DDP waited in backward()
         lr = None
+        if scaler is not None and self.head_parallel is not None:
+            self._share_head_overflow()
         for o in optimizers:
             lr = self.schedule.apply(o, step) if self.schedule is not None else None
             if scaler is not None:
@@ -402,6 +404,18 @@ class TrainStep:
             o.zero_grad()  # (Horovod's override takes no set_to_none)
         self.clock.lap("optimizer")
         return lr
+
+    def _share_head_overflow(self) -> None:
+        """fp16 with a sharded head: when any rank's head shard has an inf/NaN gradient, every
+        rank's gradients are made inf (one allreduce), so that every rank skips the whole step
+        and lowers the scale together, as one process with the whole head would. (The
+        backbone's gradients are averaged already, so their own overflow is the same everywhere.)"""
+        head = [p.grad for p in self.model.fc.parameters() if p.grad is not None]
+        bad = torch.tensor([float(any(not bool(torch.isfinite(g).all()) for g in head))], dtype=torch.float64)
+        if self.engine.allreduce(bad, average=False).item() > 0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
 
     def loss_scale(self) -> float | None:
         """The fp16 loss scale now (``None`` without a scaler); reading it waits for the device."""
