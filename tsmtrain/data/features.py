@@ -1,0 +1,185 @@
+"""Extracted features on disk (``tsmtrain extract``) and their dataset (``data.features``).
+
+A features folder holds one sub-folder per list (``train/``, ``val/``), each with:
+
+* ``features-00000.npz``, ``features-00001.npz``, ...: shards of up to ``shard_videos``
+  consecutive videos of the list. Arrays: ``features`` ``(n, D)`` (float16 by default), ``index``
+  int64 ``(n,)`` (line of the video in the list, 0-based), ``labels`` int32 (every label of the n
+  videos, one after the other) and ``label_counts`` int32 ``(n,)``; ``failed_index`` and
+  ``failed_error`` for the videos of the shard that could not be read (never silently left out:
+  :func:`write_index` lists them). Each shard is written to a temporary name and renamed, so a
+  shard file that exists is complete.
+* ``index.json``, written last: the list, its SHA-256, the number of videos, ``dim`` D, the
+  dtype, ``num_classes``, ``multi_label``, the shards, the unreadable videos, and what made the
+  features (checkpoint, protocol, the recipe's ``model`` and ``data`` sections).
+
+:class:`FeatureDataset` serves a folder's features to the training loop in the shape of the
+video loader's batches (:func:`collate_features`), so the loop, its metrics and checkpoints do
+not change. This module imports no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .loader import DataError
+
+__all__ = ["FeatureDataset", "collate_features", "shard_path", "write_shard", "read_shard", "shard_is_complete",
+           "write_index", "read_index", "list_digest", "INDEX"]
+
+INDEX = "index.json"
+"""The name of a split's index file."""
+
+
+def list_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a list file's bytes: which videos, in which order, with which labels."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shard_path(split_dir: Path, shard: int) -> Path:
+    """``split_dir/features-NNNNN.npz``."""
+    return Path(split_dir) / f"features-{shard:05d}.npz"
+
+
+def write_shard(path: Path, features: np.ndarray, index: list[int], labels: list[tuple[int, ...]],
+                failed: list[tuple[int, str]]) -> None:
+    """Write one shard atomically (a temporary file in the same folder, then renamed).
+
+    Args:
+        features: ``(n, D)`` in the dtype to store.
+        index: the videos' lines in the list (0-based), ``n`` of them.
+        labels: each video's labels.
+        failed: ``(line, error)`` of the shard's unreadable videos.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, features=features, index=np.asarray(index, dtype=np.int64),
+                     labels=np.asarray([y for ys in labels for y in ys], dtype=np.int32),
+                     label_counts=np.asarray([len(ys) for ys in labels], dtype=np.int32),
+                     failed_index=np.asarray([i for i, _ in failed], dtype=np.int64),
+                     failed_error=np.asarray([e for _, e in failed], dtype=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_shard(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one shard (:func:`write_shard`).
+
+    Raises:
+        DataError: the file is missing, truncated or not a shard (names the file).
+    """
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{path}: not a readable features shard ({type(err).__name__}: {err})") from None
+
+
+def shard_is_complete(path: Path, videos: int, dim: int | None = None) -> bool:
+    """Whether ``path`` is an intact shard of ``videos`` videos (read or failed) of ``dim``
+    features: what a resumed extraction keeps."""
+    if not path.is_file():
+        return False
+    try:
+        z = read_shard(path)
+    except DataError:
+        return False
+    return len(z["index"]) + len(z["failed_index"]) == videos and (dim is None or z["features"].shape[1] == dim)
+
+
+def write_index(split_dir: Path, doc: dict[str, Any]) -> Path:
+    """Write ``split_dir/index.json`` atomically, adding the shards' files and the unreadable
+    videos gathered from them."""
+    shards = sorted(Path(split_dir).glob("features-*.npz"))
+    unreadable = []
+    for p in shards:
+        z = read_shard(p)
+        unreadable += [[int(i), str(e)] for i, e in zip(z["failed_index"], z["failed_error"])]
+    doc = {**doc, "shards": [p.name for p in shards], "unreadable": unreadable}
+    final = Path(split_dir) / INDEX
+    tmp = final.with_name(f".{INDEX}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, final)
+    return final
+
+
+def read_index(split_dir: str | Path) -> dict[str, Any]:
+    """A split's ``index.json``.
+
+    Raises:
+        DataError: no index (extraction unfinished or another folder) or an unreadable one; the
+            message names the file.
+    """
+    path = Path(split_dir) / INDEX
+    if not path.is_file():
+        raise DataError(f"{path}: no features index; run tsmtrain extract RECIPE --out {Path(split_dir).parent} "
+                        "(an interrupted extraction resumes)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable features index ({err})") from None
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """The features of one split, held in memory as float32 ``(V, D)`` (V readable videos).
+
+    Items (keyed by an index or :class:`~tsmtrain.data.ShardSampler`'s ``(index, epoch)``) are
+    ``{"frames": (D,) float32, "label": int, "labels": tuple}``: the video loader's keys, so the
+    training loop runs unchanged (``frames`` are the features).
+
+    Args:
+        split_dir: ``DIR/train`` or ``DIR/val``.
+
+    Attributes:
+        index: the split's ``index.json``; ``dim``: D; ``unreadable``: ``(line, error)`` of the
+        videos that have no features.
+
+    Raises:
+        DataError: no index, a missing or damaged shard (names it).
+    """
+
+    def __init__(self, split_dir: str | Path):
+        self.split_dir = Path(split_dir)
+        self.index = read_index(self.split_dir)
+        self.dim = int(self.index["dim"])
+        parts, labels = [], []
+        for name in self.index["shards"]:
+            z = read_shard(self.split_dir / name)
+            parts.append(torch.from_numpy(z["features"].astype(np.float32)))
+            bounds = np.concatenate([[0], np.cumsum(z["label_counts"])])
+            labels += [tuple(int(y) for y in z["labels"][a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.features = torch.cat(parts) if parts else torch.zeros(0, self.dim)
+        self.labels = labels
+        self.unreadable = [tuple(u) for u in self.index.get("unreadable", [])]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key) -> dict:
+        index = key[0] if isinstance(key, tuple) else key
+        return {"frames": self.features[index], "label": self.labels[index][0] if self.labels[index] else -1,
+                "labels": self.labels[index]}
+
+
+def collate_features(items: list[dict]) -> dict:
+    """Batch :class:`FeatureDataset` items as :func:`~tsmtrain.data.loader.collate_clips` batches
+    clips: ``frames`` float32 ``(N, D)``, ``label`` int64 ``(N,)``, ``labels`` (a tuple per
+    video), ``failed`` (empty: unreadable videos have no features and are listed in the index)."""
+    return {"frames": torch.stack([it["frames"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+            "labels": [it["labels"] for it in items], "failed": [], "opened": [], "worker": -1}
