@@ -20,8 +20,8 @@ CLI = REPO / "tsmtrain" / "cli"
 MAX_MODULE_LINES = 250
 MAX_FUNCTION_LINES = 40
 
-COMMANDS = ["run", "test", "predict", "fuse", "validate", "model-info", "prepare", "render", "submit", "env", "doctor",
-            "sweep", "report", "bench"]
+COMMANDS = ["run", "test", "predict", "fuse", "extract", "validate", "model-info", "prepare", "render", "submit", "env",
+            "doctor", "sweep", "report", "bench"]
 """Every command, in the order ``tsmtrain --help`` lists them."""
 
 

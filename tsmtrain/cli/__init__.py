@@ -8,6 +8,8 @@ prints what it returns:
 * :mod:`.testing`: ``test`` (:func:`tsmtrain.train.testing.run_test`), ``predict``
   (:func:`tsmtrain.train.testing.predict_videos`), ``fuse`` (:func:`tsmtrain.train.fusion.fuse_runs`:
   late fusion of tested runs)
+* :mod:`.features`: ``extract`` (:func:`tsmtrain.train.extract.extract_features`: features of
+  every video for training the head alone, ``data.features``)
 * :mod:`.cluster`: ``render`` (:func:`tsmtrain.dist.slurm.render_sbatch`), ``submit``
   (:func:`tsmtrain.dist.slurm.submit`), ``env`` (:func:`tsmtrain.dist.base.describe_rank` on
   every rank), and the cluster flags of ``render``, ``submit`` and ``sweep``
@@ -130,11 +132,11 @@ def user_errors() -> Iterator[None]:
 
 
 # the command groups use the helpers above, so they are imported once those exist
-from . import benchmarks, cluster, data, doctor, scaling, testing, training  # noqa: E402
+from . import benchmarks, cluster, data, doctor, features, scaling, testing, training  # noqa: E402
 
 # registered in the order ``tsmtrain --help`` lists them
 for _name, _command in (("run", training.run), ("test", testing.test), ("predict", testing.predict),
-                        ("fuse", testing.fuse),
+                        ("fuse", testing.fuse), ("extract", features.extract),
                         ("validate", training.validate), ("model-info", training.model_info),
                         ("prepare", data.prepare), ("render", cluster.render), ("submit", cluster.submit),
                         ("env", cluster.env), ("doctor", doctor.doctor),
