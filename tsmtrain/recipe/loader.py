@@ -411,6 +411,10 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[s
         for key in ("data.train_list", "data.val_list"):
             if get(key) is not None and not Path(get(key)).is_file():
                 missing(key, get(key), "list file")
+    features = get("data.features")
+    if features is not None and not (Path(features) / "train" / "index.json").is_file():
+        missing("data.features", features, f"features index {Path(features) / 'train' / 'index.json'} (written last "
+                                           f"by tsmtrain extract RECIPE --out {features}, which resumes)")
     if get("model.pretrained") and not Path(get("model.pretrained")).is_file():
         missing("model.pretrained", get("model.pretrained"), "checkpoint file")
     classes = get("data.classes")

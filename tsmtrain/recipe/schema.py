@@ -90,6 +90,10 @@ class DataConfig(_Section):
                                         "index (DIR/index.json) that tsmtrain prepare --shards wrote into DIR")
     train_list: str = Field(..., description="training list file: one `relative/path.ext label` per line")
     val_list: str | None = Field(None, description="validation list file (same format); none: no evaluation")
+    features: str | None = Field(
+        None, description="folder written by tsmtrain extract: train the classifier alone on its features (DIR/train, "
+                          "DIR/val, of the same lists) instead of the videos, as YouTube-8M and Hwang et al. fine-tune "
+                          "the classifier on extracted features")
     classes: str | None = Field(
         None, description="label map: one class name per line, line i naming label i-1 (as mmaction2's "
                           "label_map_k400.txt); as many as model.num_classes; none: classes shown by index")

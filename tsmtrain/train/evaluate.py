@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..data import ShardSampler, build_loader, clip_dataset
-from ..data.loader import decoding_target
+from ..data.features import FeatureDataset, collate_features
+from ..data.loader import collate_clips, decoding_target
 from ..dist.base import Engine
 from ..dist.head_parallel import HeadParallel
 from ..recipe import Recipe
@@ -22,6 +23,8 @@ __all__ = ["predict", "evaluate", "evaluate_epoch"]
 def predict(model, records, recipe: Recipe, engine: Engine, device, transform, head_parallel: HeadParallel | None = None):
     """Run ``model`` in evaluation mode over this rank's shard of ``records``.
 
+    ``records`` may also be a :class:`~tsmtrain.data.features.FeatureDataset` (``data.features``).
+
     Yields ``(logits (N, K), labels, failed paths)`` per batch, on ``device`` (labels ``(N,)``, or
     multi-hot ``(N, K)`` with ``model.loss: sigmoid``: :func:`~tsmtrain.train.step.targets`); videos are
     sampled at segment centres and centre-cropped by ``transform``. The forward runs under the
@@ -33,9 +36,13 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform, h
     many gathers.
     """
     decoder, where = decoding_target(recipe.data.decoder, recipe.data.decode_device, torch.device(device))
-    dataset = clip_dataset(recipe, records, train=False, decode_device=where, decoder=decoder)
+    if isinstance(records, FeatureDataset):  # data.features: the extracted features of the validation list
+        dataset, collate = records, collate_features
+    else:
+        dataset, collate = clip_dataset(recipe, records, train=False, decode_device=where, decoder=decoder), collate_clips
     sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
-    loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False)
+    loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False,
+                          collate=collate)
     was_training = model.training
     model.eval()
     for batch in loader:

@@ -20,17 +20,19 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..data import ShardSampler, build_loader, clip_dataset, read_list
-from ..data.loader import decoding_target
+from ..data.features import INDEX, FeatureDataset, collate_features, list_digest, read_index
+from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.head_parallel import HeadParallel, class_shard
 from ..dist.stop import PREEMPTED_FILE
-from ..models import create_model, shard_classifier
+from ..models import FeatureClassifier, create_model, shard_classifier
 from ..optim import LinearScaling, create_optimizer
 from ..recipe import Recipe, dump_recipe
 from . import checkpoint as ckpt
@@ -115,6 +117,8 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
         tsmtrain.data.ListFileError: a malformed list file.
     """
     d, t = recipe.data, recipe.train
+    if d.features is not None:  # the classifier alone, on extracted features
+        return _feature_loaders(recipe, engine, device, scaling)
     if d.generate is not None:
         if engine.rank == 0:
             prepare_dataset(recipe)
@@ -146,13 +150,76 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
     )
 
 
+def feature_sets(recipe: Recipe) -> tuple[FeatureDataset, FeatureDataset | None]:
+    """The training and validation features of ``data.features`` (:mod:`tsmtrain.data.features`),
+    checked against the recipe.
+
+    Raises:
+        TrainingError: no index, features of other lists (their SHA-256 differs), of another
+            number of classes or of the other kind of labels (the message names the file and key).
+        tsmtrain.data.DataError: a damaged shard.
+    """
+    d, k, multi = recipe.data, recipe.model.num_classes, recipe.model.loss == "sigmoid"
+    sets = []
+    for split, list_file in (("train", d.train_list), ("val", d.val_list)):
+        if list_file is None:
+            sets.append(None)
+            continue
+        index_file = Path(d.features) / split / INDEX
+        try:
+            found = FeatureDataset(index_file.parent)
+        except DataError as err:
+            raise TrainingError(f"data.features: {err}") from None
+        index = found.index
+        if index["list_sha256"] != list_digest(list_file):
+            raise TrainingError(f"data.features: {index_file} holds the features of {index['list']}, not of "
+                                f"{list_file} (their contents differ): extract them again")
+        if (index["num_classes"], index["multi_label"]) != (k, multi):
+            raise TrainingError(f"data.features: {index_file} was extracted for {index['num_classes']} classes "
+                                f"({'multi' if index['multi_label'] else 'single'}-label), the recipe has {k} "
+                                f"({'multi' if multi else 'single'}-label)")
+        for line, error in found.unreadable:
+            log.warning("data.features: %s line %d has no features (unreadable when extracted: %s)", list_file,
+                        line + 1, error)
+        sets.append(found)
+    return sets[0], sets[1]
+
+
+def _feature_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling: LinearScaling) -> Loaders:
+    """:func:`create_loaders` for ``data.features``: batches of features ``(N, D)`` with the video
+    loader's keys, identity transforms, the validation features as ``val_records``."""
+    t = recipe.train
+    train_set, val_set = feature_sets(recipe)
+    sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
+    steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
+    if steps_per_epoch < 1:
+        raise TrainingError(f"data.features: {len(train_set)} training videos give no full global batch of "
+                            f"{scaling.global_batch} clips; lower train.batch_size")
+    return Loaders(
+        train=build_loader(train_set, sampler, t.batch_size, recipe.data.workers, drop_last=True,
+                           collate=collate_features),
+        sampler=sampler, train_tf=_as_float, val_tf=_as_float, val_records=val_set if val_set is not None else [],
+        transform_gen=torch.Generator().manual_seed(t.seed * 1009 + engine.rank), train_size=len(train_set),
+        steps_per_epoch=steps_per_epoch, batch_shape=(t.batch_size, train_set.dim))
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """The transform of features: none (float32 as they are)."""
+    return x.float()
+
+
 def create_network(recipe: Recipe, engine: Engine, device: torch.device) -> torch.nn.Module:
     """The recipe's network (:func:`tsmtrain.models.create_model`) on ``device``, its BatchNorm
     layers synchronized over all ranks with ``model.sync_bn``. Seeds the global generator with
     ``train.seed`` first: the same initial weights on every rank (rank 0's are broadcast anyway).
     """
     torch.manual_seed(recipe.train.seed)
-    model = create_model(recipe.model, recipe.data.num_segments, modality_of(recipe.data).in_channels).to(device)
+    m = recipe.model
+    if recipe.data.features is not None:  # the classifier alone on D-dimensional features
+        dim = int(read_index(Path(recipe.data.features) / "train")["dim"])
+        model = FeatureClassifier(dim, m.num_classes, m.head, m.num_mixtures, m.dropout).to(device)
+    else:
+        model = create_model(m, recipe.data.num_segments, modality_of(recipe.data).in_channels).to(device)
     if recipe.model.head_parallel:  # this rank's classes only, drawn as the whole head would be
         lo, hi = class_shard(recipe.model.num_classes, engine.rank, engine.size)
         shard_classifier(model, lo, hi, recipe.train.seed)
@@ -226,6 +293,7 @@ def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: 
         log.warning("%s", note)
     (recipe.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
-             recipe.run_dir, "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
+             recipe.run_dir, f"the classifier on the features of {recipe.data.features}" if recipe.data.features
+             else "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
              ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
              scaling.global_batch, scaling.lr, steps_per_epoch, recipe.schedule.epochs)

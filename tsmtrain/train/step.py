@@ -158,7 +158,7 @@ def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Clips ``(N, T, C, H, W)`` (or frames ``(N*T, C, H, W)``) in the layout the network
     wants: unchanged when not ``channels_last``, else each frame in NHWC order (strides
     ``(T*H*W*C, H*W*C, 1, W*C, C)``), so that ``x.flatten(0, 1)`` is channels_last."""
-    if not channels_last:
+    if not channels_last or x.dim() < 4:  # (features (N, D) have no layout to change)
         return x
     if x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
