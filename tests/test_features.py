@@ -136,6 +136,10 @@ def test_training_the_head_on_features_reports_validation_and_saves_only_the_hea
     assert [r["step"] for r in records if "loss" in r][-1] == 9  # 24 videos / 8, 3 epochs
     weights = load_checkpoint(latest_checkpoint(run_dir))["model"]
     assert sorted(weights) == ["fc.bias", "fc.weight"] and weights["fc.weight"].shape == (4, 512)
+    # tsmtrain test puts the head on the backbone the features came from and scores the videos
+    _tsmtrain("test", path, "--set", f"data.features={out}", "--set", "run.name=head")
+    summary = json.loads((run_dir / "test" / "test-1clip-1crop" / "summary.json").read_text())
+    assert summary["top1"] == pytest.approx(val[-1]["val_top1"])  # (features stored in float16)
 
 
 def test_bad_feature_folders_are_refused_with_one_line(trained, tmp_path):

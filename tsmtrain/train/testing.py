@@ -41,7 +41,8 @@ import torch
 
 from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
 from ..data.classes import ClassNamesError, read_class_names
-from ..data.loader import decoding_target
+from ..data.features import read_index
+from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
@@ -155,6 +156,8 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
     if segments is not None and segments != recipe.data.num_segments:
         log.warning("%s was trained with %d segments; testing with data.num_segments = %d", path, segments,
                     recipe.data.num_segments)
+    if recipe.data.features is not None:
+        weights = _with_extracted_backbone(recipe, weights, path)
     model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments,
                          modality_of(recipe.data).in_channels)
     try:
@@ -162,6 +165,25 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
     except RuntimeError as exc:
         raise TrainingError(f"{path}: weights do not fit the recipe's model: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), path
+
+
+def _with_extracted_backbone(recipe: Recipe, head: dict, path: Path) -> dict:
+    """The weights of a whole network for a head trained on features (``data.features``): the
+    backbone of the checkpoint the features were extracted from (their index names it), this
+    run's head.
+
+    Raises:
+        TrainingError: no features index, or the checkpoint it names is gone.
+    """
+    try:
+        source = Path(read_index(Path(recipe.data.features) / "train")["checkpoint"])
+    except DataError as err:
+        raise TrainingError(f"data.features: {err}") from None
+    if not source.is_file():
+        raise TrainingError(f"{path} is a head trained on features of {source}, which is gone: its backbone is needed")
+    backbone = full_model_state(source, load_checkpoint(source), load_checkpoint)
+    log.info("the head of %s on the backbone of %s (where data.features came from)", path, source)
+    return {**{k: v for k, v in backbone.items() if not k.startswith("fc.")}, **head}
 
 
 @torch.no_grad()
