@@ -14,6 +14,7 @@ import torch
 from tests.conftest import tiny_recipe, venv_env
 from tsmtrain.data.features import FeatureDataset, read_index, read_shard
 
+pytestmark = pytest.mark.slow  # each trains or extracts through the CLI
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -72,7 +73,6 @@ def test_extract_resumes_keeping_complete_shards(trained):
         assert np.array_equal(read_shard(out / "train" / name)["features"], value), name
 
 
-@pytest.mark.slow
 def test_two_ranks_extract_the_features_of_one(trained):
     tmp, path = trained
     _extract(path, tmp / "one")
