@@ -237,3 +237,29 @@ def test_fp16_overflow_in_another_ranks_head_shard_skips_this_ranks_step():
         moved = not torch.equal(before["fc.weight"], model.fc.weight)
         assert moved == moves and (step.loss_scale() == scale) == moves  # skipped: the scale is lowered
         assert torch.equal(before["backbone.weight"], model.backbone.weight) != moves  # the whole step
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_one_rank_with_the_joined_head(tmp_path, tiny_demo):
+    from tests.conftest import tiny_recipe
+    from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
+    from tsmtrain.train.head_shards import full_model_state
+
+    def recipe(np_, lr, **train):
+        return tiny_recipe(tmp_path / f"r{np_}.yaml", tiny_demo, "r", dist={"engine": "ddp", "np": np_},
+                           model={"head_parallel": True, "num_classes": 4}, optim={"base_lr": lr},
+                           train={"seed": 1, **train})
+
+    _run("run", recipe(2, 0.005, stop_after_steps=4))
+    two = latest_checkpoint(tmp_path / "runs" / "r")
+    joined = full_model_state(two, load_checkpoint(two), load_checkpoint)["fc.weight"]
+    fresh = shard_classifier(VideoNet("resnet18", 4, 4), 0, 4, seed=1).fc.weight.detach()
+    assert not torch.allclose(joined, fresh, atol=1e-6)  # the 4 steps moved the head
+    # one more step on one process, at a learning rate too small to move anything: the head it
+    # ends with is the one it loaded, joined from the 2 ranks' shards
+    done = _run("run", recipe(1, 1e-12, stop_after_steps=5))
+    assert "written by 2 ranks, this run has 1" in done.stderr + done.stdout
+    path = latest_checkpoint(tmp_path / "runs" / "r")
+    one = load_checkpoint(path)
+    assert one["step"] == 5 and one["head_shards"]["size"] == 1 and one["head_shards"]["ranges"] == [(0, 4)]
+    torch.testing.assert_close(full_model_state(path, one, load_checkpoint)["fc.weight"], joined, rtol=0, atol=1e-9)
