@@ -142,7 +142,8 @@ class HeadParallel:
         """This rank's classes' logits for the global batch, ``(N, K_r)``: ``head`` (this rank's
         shard) on every rank's ``features (n_r, D)`` gathered."""
         start = sum(counts[:self.engine.rank])
-        return head(gather_features(features, self.engine, start))
+        # fp32 on the wire: every rank's rows must have one dtype (an empty batch's too, under autocast)
+        return head(gather_features(features.float(), self.engine, start))
 
     def targets(self, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The global batch's targets for this rank's classes: labels ``(N,)`` from every rank's
