@@ -41,10 +41,12 @@ __all__ = ["benchmark_allreduce", "Variant", "available_variants", "parse_varian
            "format_step_report"]
 
 
-def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp16: bool = False) -> dict:
+def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp16: bool = False,
+                        skip: torch.nn.Module | None = None) -> dict:
     """Time a gradient allreduce on its own, not overlapped with backward.
 
-    Every trainable parameter's gradient tensor (zeros where there is none) is allreduced the way
+    Every trainable parameter's gradient tensor but ``skip``'s (a sharded head's, which training
+    never allreduces) (zeros where there is none) is allreduced the way
     the engine does it during backward (:meth:`~tsmtrain.dist.base.Engine.allreduce_gradients`:
     Horovod's named asynchronous allreduces fused by its background thread, DDP's 25 MB
     buckets), ``repeats`` times after a barrier each; the scaling model
@@ -56,8 +58,9 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
         "bytes": bytes sent into one allreduce (2 per value with fp16 compression, else 4),
         "parameters": number of parameters}``.
     """
+    skipped = set() if skip is None else {id(p) for p in skip.parameters()}
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-             for p in model.parameters() if p.requires_grad]
+             for p in model.parameters() if p.requires_grad and id(p) not in skipped]
     if fp16:
         grads = [g.half() for g in grads]
     times = []

@@ -210,7 +210,8 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
                 r.metrics.flush()  # TensorBoard shows the epoch and its evaluation now
     if t.allreduce_benchmark and not stopping:
         r.metrics.write(step=pos.step, allreduce_benchmark=benchmark_allreduce(
-            r.engine, r.model, t.allreduce_benchmark, fp16=r.recipe.dist.fp16_allreduce))
+            r.engine, r.model, t.allreduce_benchmark, fp16=r.recipe.dist.fp16_allreduce,
+            skip=r.model.fc if r.step.head_parallel is not None else None))
     if stopping:
         log.info("stop requested (%s): stopped at step %d of %d with a checkpoint; exit status %d",
                  stop.signal_name or "another rank's signal", pos.step, r.steps_per_epoch * epochs, EXIT_PREEMPTED)
