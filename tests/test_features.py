@@ -155,3 +155,73 @@ def test_bad_feature_folders_are_refused_with_one_line(trained, tmp_path):
     done = _tsmtrain("run", path, "--set", f"data.features={out}", "--set", f"data.train_list={other}",
                      "--set", "run.name=bad2", code=2)
     assert "holds the features of" in done.stderr and "extract them again" in done.stderr
+
+
+def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(trained):
+    """Resuming into a folder of another extraction (dtype, shard size, protocol) would mix two
+    extractions' shards under one index: refused with one line, before any shard is touched."""
+    from typer.testing import CliRunner
+
+    from tsmtrain.cli import app
+    from tsmtrain.data import DataError
+    from tsmtrain.dist.base import LocalEngine
+    from tsmtrain.recipe import load_recipe
+    from tsmtrain.train.extract import extract_features
+    from tsmtrain.train.testing import Protocol
+
+    tmp, path = trained
+    recipe, out = load_recipe(path), tmp / "f5"
+    report = extract_features(recipe, out, Protocol(), shard_videos=5, engine=LocalEngine())
+    assert report.splits["train"]["extracted"] == 5
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
+    for settings, key in ((dict(shard_videos=12), "shard_videos"),
+                          (dict(shard_videos=5, dtype="float32"), "dtype"),
+                          (dict(shard_videos=5, protocol=Protocol(2, 1)), "protocol")):
+        with pytest.raises(DataError, match=f"other settings .*differ in {key}"):
+            extract_features(recipe, out, settings.pop("protocol", Protocol()), engine=LocalEngine(), **settings)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} == files
+    index = read_index(out / "train")
+    assert index["dtype"] == "float16" and len(index["shards"]) == 5 and len(FeatureDataset(out / "train")) == 24
+    done = CliRunner().invoke(app, ["extract", str(path), "--out", str(out), "--shard-videos", "5", "--crops", "3"])
+    assert done.exit_code == 2 and done.stdout == "", done.output
+    assert done.stderr.strip().count("\n") == 0 and "differ in protocol" in done.stderr
+    assert "Traceback" not in done.output
+    kept = extract_features(recipe, out, Protocol(), shard_videos=5, engine=LocalEngine())  # the same settings: resumes
+    assert kept.splits["train"]["kept"] == 5 and kept.splits["val"]["kept"] == 2
+
+
+def test_the_index_covers_every_video_exactly_once(tmp_path):
+    from tsmtrain.data import DataError
+    from tsmtrain.data.features import shard_is_complete, shard_path, write_index, write_shard
+
+    split = tmp_path / "train"
+    f = np.zeros((2, 3), np.float16)
+    write_shard(shard_path(split, 0), f, [0, 1], [(0,), (1,)], [], source="s")
+    write_shard(shard_path(split, 1), f[:1], [3], [(1,)], [(2, "x.mp4: unreadable")], source="s")
+    assert shard_is_complete(shard_path(split, 1), [2, 3], 3, "s")
+    assert not shard_is_complete(shard_path(split, 1), [2, 3], 3, "other")  # another extraction's
+    assert not shard_is_complete(shard_path(split, 1), [3, 4], 3, "s")  # other lines of the list
+    doc = json.loads(write_index(split, {"videos": 4}, shards=2).read_text())
+    assert doc["shards"] == ["features-00000.npz", "features-00001.npz"]
+    assert doc["unreadable"] == [[2, "x.mp4: unreadable"]]
+    write_shard(shard_path(split, 2), f[:1], [1], [(1,)], [], source="s")  # a stale shard of another layout
+    assert json.loads(write_index(split, {"videos": 4}, shards=2).read_text())["shards"][-1] == "features-00001.npz"
+    with pytest.raises(DataError, match=r"lines in two shards: \[1\], in none: \[\]"):
+        write_index(split, {"videos": 4})
+    with pytest.raises(DataError, match=r"in none: \[4\]"):
+        write_index(split, {"videos": 5}, shards=2)
+
+
+def test_the_recipe_check_refuses_features_of_other_classes(trained, tmp_path):
+    from tsmtrain.recipe import RecipeError, load_recipe
+
+    _, path = trained
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "index.json").write_text(json.dumps({"num_classes": 6, "multi_label": True, "dim": 512}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [f"data.features={tmp_path}"])
+    (p,) = err.value.problems
+    assert p.key == "data.features" and "6 classes (multi-label)" in p.message
+    assert "model.num_classes 4" in p.message
+    assert "\n" not in str(p)
+    load_recipe(path, [f"data.features={tmp_path}", "model.num_classes=6", "model.loss=sigmoid"])  # it fits

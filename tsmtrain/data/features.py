@@ -7,8 +7,11 @@ A features folder holds one sub-folder per list (``train/``, ``val/``), each wit
   int64 ``(n,)`` (line of the video in the list, 0-based), ``labels`` int32 (every label of the n
   videos, one after the other) and ``label_counts`` int32 ``(n,)``; ``failed_index`` and
   ``failed_error`` for the videos of the shard that could not be read (never silently left out:
-  :func:`write_index` lists them). Each shard is written to a temporary name and renamed, so a
-  shard file that exists is complete.
+  :func:`write_index` lists them); ``source``: the digest of what made it (:func:`source_digest`).
+  Each shard is written to a temporary name and renamed, so a shard file that exists is complete.
+* ``source.json``, written before the first shard: what makes the features (checkpoint SHA-256,
+  protocol, dtype, shard size, list SHA-256, D, the recipe fields that shape the views). A rerun
+  with other settings is refused (:func:`check_source`) instead of mixing two extractions' shards.
 * ``index.json``, written last: the list, its SHA-256, the number of videos, ``dim`` D, the
   dtype, ``num_classes``, ``multi_label``, the shards, the unreadable videos, and what made the
   features (checkpoint, protocol, the recipe's ``model`` and ``data`` sections).
@@ -25,6 +28,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +38,68 @@ import torch
 from .loader import DataError
 
 __all__ = ["FeatureDataset", "collate_features", "shard_path", "write_shard", "read_shard", "shard_is_complete",
-           "write_index", "read_index", "list_digest", "INDEX"]
+           "write_index", "read_index", "list_digest", "file_digest", "source_digest", "check_source", "write_source",
+           "INDEX", "SOURCE"]
 
 INDEX = "index.json"
 """The name of a split's index file."""
 
+SOURCE = "source.json"
+"""The name of a split's record of what makes its features (:func:`check_source`)."""
+
 
 def list_digest(path: str | Path) -> str:
     """SHA-256 (hex) of a list file's bytes: which videos, in which order, with which labels."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_digest(path)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks (a checkpoint of any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_digest(source: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a source record (:func:`check_source`), as each shard stores it."""
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+
+
+def check_source(split_dir: Path, source: dict[str, Any]) -> None:
+    """Refuse a split folder whose features come from other settings than ``source`` (the
+    checkpoint's SHA-256, protocol, dtype, shard size, list, recipe fields): resuming there would
+    mix two extractions in one index. An absent or empty folder passes.
+
+    Raises:
+        DataError: ``source.json`` differs (names the differing keys), or shards lie there without
+            one (of an unknown extraction); one line, naming the folder.
+    """
+    path = Path(split_dir) / SOURCE
+    if not path.is_file():
+        if any(Path(split_dir).glob("features-*.npz")):
+            raise DataError(f"{split_dir} holds feature shards of an unknown extraction (no {SOURCE}): "
+                            f"extract into another --out, or delete {split_dir}")
+        return
+    try:
+        theirs = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable ({err}); delete {split_dir} and extract again") from None
+    if theirs != source:
+        keys = sorted(k for k in set(theirs) | set(source) if theirs.get(k) != source.get(k))
+        raise DataError(f"{split_dir} holds features extracted with other settings (they differ in "
+                        f"{', '.join(keys)}): extract into another --out, or delete {split_dir} to extract again")
+
+
+def write_source(split_dir: Path, source: dict[str, Any]) -> Path:
+    """Write ``split_dir/source.json`` atomically (:func:`check_source` reads it)."""
+    Path(split_dir).mkdir(parents=True, exist_ok=True)
+    final = Path(split_dir) / SOURCE
+    tmp = final.with_name(f".{SOURCE}.tmp")
+    tmp.write_text(json.dumps(source, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, final)
+    return final
 
 
 def shard_path(split_dir: Path, shard: int) -> Path:
@@ -51,7 +108,7 @@ def shard_path(split_dir: Path, shard: int) -> Path:
 
 
 def write_shard(path: Path, features: np.ndarray, index: list[int], labels: list[tuple[int, ...]],
-                failed: list[tuple[int, str]]) -> None:
+                failed: list[tuple[int, str]], source: str = "") -> None:
     """Write one shard atomically (a temporary file in the same folder, then renamed).
 
     Args:
@@ -59,6 +116,7 @@ def write_shard(path: Path, features: np.ndarray, index: list[int], labels: list
         index: the videos' lines in the list (0-based), ``n`` of them.
         labels: each video's labels.
         failed: ``(line, error)`` of the shard's unreadable videos.
+        source: :func:`source_digest` of the settings that made it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -68,7 +126,7 @@ def write_shard(path: Path, features: np.ndarray, index: list[int], labels: list
                      labels=np.asarray([y for ys in labels for y in ys], dtype=np.int32),
                      label_counts=np.asarray([len(ys) for ys in labels], dtype=np.int32),
                      failed_index=np.asarray([i for i, _ in failed], dtype=np.int64),
-                     failed_error=np.asarray([e for _, e in failed], dtype=str))
+                     failed_error=np.asarray([e for _, e in failed], dtype=str), source=np.asarray(source))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,26 +148,47 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable features shard ({type(err).__name__}: {err})") from None
 
 
-def shard_is_complete(path: Path, videos: int, dim: int | None = None) -> bool:
-    """Whether ``path`` is an intact shard of ``videos`` videos (read or failed) of ``dim``
-    features: what a resumed extraction keeps."""
+def shard_is_complete(path: Path, lines: list[int], dim: int | None = None, source: str | None = None) -> bool:
+    """Whether ``path`` is an intact shard of exactly the list's ``lines`` (read or failed, each
+    once), of ``dim`` features, made with the settings of digest ``source``: what a resumed
+    extraction keeps."""
     if not path.is_file():
         return False
     try:
         z = read_shard(path)
     except DataError:
         return False
-    return len(z["index"]) + len(z["failed_index"]) == videos and (dim is None or z["features"].shape[1] == dim)
+    held = sorted(z["index"].tolist() + z["failed_index"].tolist())
+    return (held == sorted(lines) and len(z["features"]) == len(z["index"])
+            and (dim is None or z["features"].shape[1] == dim)
+            and (source is None or str(z.get("source", "")) == source))
 
 
-def write_index(split_dir: Path, doc: dict[str, Any]) -> Path:
+def write_index(split_dir: Path, doc: dict[str, Any], shards: int | None = None) -> Path:
     """Write ``split_dir/index.json`` atomically, adding the shards' files and the unreadable
-    videos gathered from them."""
-    shards = sorted(Path(split_dir).glob("features-*.npz"))
-    unreadable = []
+    videos gathered from them.
+
+    Args:
+        doc: what the index says besides the shards; with ``videos`` (the list's length), every
+            line ``0..videos-1`` must be in exactly one shard (read or unreadable).
+        shards: the shards ``0..shards-1`` of the index; None: every ``features-*.npz`` there.
+
+    Raises:
+        DataError: a shard is missing or damaged, or a line is in no shard or in two (names them).
+    """
+    shards = (sorted(Path(split_dir).glob("features-*.npz")) if shards is None
+              else [shard_path(split_dir, s) for s in range(shards)])
+    unreadable, lines = [], []
     for p in shards:
         z = read_shard(p)
         unreadable += [[int(i), str(e)] for i, e in zip(z["failed_index"], z["failed_error"])]
+        lines += z["index"].tolist() + z["failed_index"].tolist()
+    if "videos" in doc and sorted(lines) != list(range(doc["videos"])):
+        counts = Counter(lines)
+        twice = sorted(i for i, c in counts.items() if c > 1)[:5]
+        missing = [i for i in range(doc["videos"]) if i not in counts][:5]
+        raise DataError(f"{split_dir}: the shards hold {len(lines)} lines for {doc['videos']} videos (lines in two "
+                        f"shards: {twice}, in none: {missing}); delete {split_dir} and extract again")
     doc = {**doc, "shards": [p.name for p in shards], "unreadable": unreadable}
     final = Path(split_dir) / INDEX
     tmp = final.with_name(f".{INDEX}.tmp")

@@ -12,7 +12,11 @@ would not allow.
 Ranks: shard s of a list is rank ``s mod world size``'s, so the ranks write different files
 and never the same one. Resumable: a shard file is written under a temporary name and renamed,
 so one that exists is complete; a rerun keeps every complete shard and extracts only the
-others. Rank 0 writes each list's ``index.json`` last, once every rank has finished.
+others. A rerun with other settings (another checkpoint, protocol, dtype, shard size, list or
+view settings: ``source.json``, :func:`~tsmtrain.data.features.check_source`) is refused before
+any work, on every rank alike, rather than mixing two extractions' shards. Rank 0 writes each
+list's ``index.json`` last, once every rank has finished, after checking that every video of the
+list is in exactly one shard.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 import torch
 
 from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
-from ..data.features import list_digest, shard_is_complete, shard_path, write_index, write_shard
+from ..data.features import (check_source, file_digest, list_digest, shard_is_complete, shard_path, source_digest,
+                             write_index, write_shard, write_source)
 from ..data.loader import decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TestViews
@@ -84,6 +89,8 @@ def extract_features(recipe: Recipe, out_dir: str | Path, protocol: Protocol = P
         TrainingError: no checkpoint or one of another model (:func:`~tsmtrain.train.testing.load_model`),
             an unknown dtype, ``shard_videos < 1``.
         tsmtrain.data.ListFileError: a malformed list file.
+        tsmtrain.data.DataError: ``out_dir`` holds features of other settings, or the shards do not
+            cover the list exactly once (:func:`~tsmtrain.data.features.write_index`).
     """
     if dtype not in DTYPES:
         raise TrainingError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -95,6 +102,7 @@ def extract_features(recipe: Recipe, out_dir: str | Path, protocol: Protocol = P
     set_threads(recipe.train.threads, engine.local_size)
     device = choose_device(recipe.train.device, engine.local_rank)
     model, path = load_model(recipe, checkpoint, device)
+    weights = file_digest(path)
     report = ExtractReport(engine.rank, Path(out_dir))
     d = recipe.data
     for split, list_file in (("train", d.train_list), ("val", d.val_list)):
@@ -102,12 +110,20 @@ def extract_features(recipe: Recipe, out_dir: str | Path, protocol: Protocol = P
             continue
         records = read_list(list_file, d.root, recipe.model.num_classes, multi_label=recipe.model.loss == "sigmoid")
         split_dir = Path(out_dir) / split
+        source = _source(recipe, list_file, len(records), model.feature_dim, dtype, weights, protocol, shard_videos)
+        check_source(split_dir, source)  # every rank reads the same file: all refuse alike, before any collective
+        engine.barrier()
+        if engine.rank == 0:
+            write_source(split_dir, source)
+        engine.barrier()
         report.splits[split] = _extract_list(model, records, recipe, protocol, engine, device, split_dir,
-                                             shard_videos, dtype)
+                                             shard_videos, dtype, source_digest(source))
         engine.barrier()  # every rank's shards are on disk
         if engine.rank == 0:
-            doc = write_index(split_dir, _index_doc(recipe, list_file, len(records), model.feature_dim, dtype, path,
-                                                    protocol, shard_videos))
+            doc = write_index(split_dir, {**_index_doc(recipe, list_file, len(records), model.feature_dim, dtype, path,
+                                                       protocol, shard_videos),
+                                          "checkpoint_sha256": weights, "source": source_digest(source)},
+                              shards=report.splits[split]["shards"])
             report.splits[split]["unreadable"] = len(_read_json(doc)["unreadable"])
             log.info("%s: %d videos, %d shards, index %s", split, len(records), report.splits[split]["shards"], doc)
         engine.barrier()
@@ -131,20 +147,35 @@ def _index_doc(recipe: Recipe, list_file: str, videos: int, dim: int, dtype: str
             "model": recipe.model.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json")}
 
 
+VIEW_FIELDS = ("root", "num_segments", "input_size", "short_side", "frame_size", "modality", "flow_length",
+               "flow_method", "flow_preset", "flow_bound", "mean", "std")
+"""The ``data`` fields that change a video's views, hence its features."""
+
+
+def _source(recipe: Recipe, list_file: str, videos: int, dim: int, dtype: str, weights: str, protocol: Protocol,
+            shard_videos: int) -> dict:
+    """What makes a split's features (``source.json``): equal records, equal shards."""
+    data = recipe.data.model_dump(mode="json")
+    return {"checkpoint_sha256": weights, "protocol": [protocol.clips, protocol.crops], "dtype": dtype,
+            "shard_videos": shard_videos, "list_sha256": list_digest(list_file), "videos": videos, "dim": dim,
+            "num_classes": recipe.model.num_classes, "multi_label": recipe.model.loss == "sigmoid",
+            "precision": recipe.train.precision, "data": {k: data[k] for k in VIEW_FIELDS}}
+
+
 def _extract_list(model, records: list[VideoRecord], recipe: Recipe, protocol: Protocol, engine: Engine,
-                  device: torch.device, split_dir: Path, shard_videos: int, dtype: str) -> dict:
+                  device: torch.device, split_dir: Path, shard_videos: int, dtype: str, source: str) -> dict:
     """This rank's shards of one list: kept when complete, else extracted and written."""
     shards = (len(records) + shard_videos - 1) // shard_videos
     extracted = kept = 0
     for s in range(engine.rank, shards, engine.size):
         lines = list(range(s * shard_videos, min((s + 1) * shard_videos, len(records))))
         path = shard_path(split_dir, s)
-        if shard_is_complete(path, len(lines), model.feature_dim):
+        if shard_is_complete(path, lines, model.feature_dim, source):
             kept += 1
             continue
         features, index, failed = _features_of(model, [records[i] for i in lines], recipe, protocol, device)
         write_shard(path, features.astype(dtype), [lines[i] for i in index],
-                    [records[lines[i]].labels for i in index], [(lines[i], e) for i, e in failed])
+                    [records[lines[i]].labels for i in index], [(lines[i], e) for i, e in failed], source=source)
         extracted += 1
         log.info("%s: shard %d of %d written (%d videos%s)", split_dir.name, s + 1, shards, len(lines),
                  f", {len(failed)} unreadable" if failed else "")
