@@ -13,6 +13,7 @@ string). :func:`yaml_load` and :func:`line_index` give the same reading to other
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -415,6 +416,12 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[s
     if features is not None and not (Path(features) / "train" / "index.json").is_file():
         missing("data.features", features, f"features index {Path(features) / 'train' / 'index.json'} (written last "
                                            f"by tsmtrain extract RECIPE --out {features}, which resumes)")
+    elif features is not None:
+        why = _features_mismatch(Path(features) / "train" / "index.json", doc)
+        if why:
+            src = overridden.get("data.features", file)
+            problems.append(Problem(src, "data.features", features, why,
+                                    lines.get("data.features") if src == file else None))
     if get("model.pretrained") and not Path(get("model.pretrained")).is_file():
         missing("model.pretrained", get("model.pretrained"), "checkpoint file")
     classes = get("data.classes")
@@ -432,3 +439,21 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[s
                 problems.append(Problem(src, "data.classes", classes, str(err),
                                         lines.get("data.classes") if src == file else None))
     return problems
+
+
+def _features_mismatch(index_file: Path, doc: dict) -> str | None:
+    """Why a features index (``tsmtrain extract``'s) does not fit the raw recipe ``doc``'s
+    ``model.num_classes`` and ``model.loss`` (its labels would not be the recipe's); None when it fits."""
+    try:
+        index = json.loads(index_file.read_text())
+        theirs = (int(index["num_classes"]), bool(index["multi_label"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{index_file}: not a features index ({type(err).__name__}: {err}); extract again"
+    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    k = model.get("num_classes", ModelConfig.model_fields["num_classes"].default)
+    multi = model.get("loss", ModelConfig.model_fields["loss"].default) == "sigmoid"
+    if theirs != (k, multi):
+        kind = {True: "multi", False: "single"}
+        return (f"{index_file} holds features of {theirs[0]} classes ({kind[theirs[1]]}-label), the recipe has "
+                f"model.num_classes {k} ({kind[multi]}-label, model.loss)")
+    return None
