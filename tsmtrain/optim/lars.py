@@ -77,9 +77,12 @@ class LARS(torch.optim.Optimizer):
         return loss
 
     def _norms(self, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(||w||, ||g||)`` of the whole tensor (summed over the ranks' shards with ``sum_across``)."""
+        """``(||w||, ||g||)`` of the whole tensor (summed over the ranks' shards with ``sum_across``).
+
+        Each shard's norm is computed in place, as the unsharded one is; only the two norms are
+        squared (in float64) and summed over the ranks, so no shard-sized copy is made."""
         if self.sum_across is None:
             return torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-        squares = torch.stack([p.double().square().sum(), g.double().square().sum()])
+        squares = torch.stack([torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)]).double().square()
         w2, g2 = self.sum_across(squares).to(p.dtype).sqrt()
         return w2, g2
