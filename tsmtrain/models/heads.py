@@ -143,7 +143,10 @@ def shard_classifier(model: nn.Module, lo: int, hi: int, seed: int) -> nn.Module
     block of :data:`INIT_BLOCK` classes, each block from its own generator seeded by ``seed``,
     the parameter's name and the block: any split of the classes over any number of ranks
     starts from the same head. The distributions are those of :func:`create_head`: a linear
-    head N(0, 0.001) with bias 0; an MoE head ``nn.Linear``'s U(-1/sqrt(D), 1/sqrt(D)).
+    head N(0, 0.001) with bias 0; an MoE head ``nn.Linear``'s U(-1/sqrt(D), 1/sqrt(D)). The
+    whole head is released before the shard is built and one block is drawn at a time, so the
+    memory held at once is the larger of the two heads, never their sum; the shard is put on
+    the device the whole head was on (call this before moving a large model to a GPU).
 
     Raises:
         ValueError: an empty or out-of-range ``[lo, hi)``.
@@ -152,18 +155,20 @@ def shard_classifier(model: nn.Module, lo: int, hi: int, seed: int) -> nn.Module
     if not 0 <= lo < hi <= k:
         raise ValueError(f"classes [{lo}, {hi}) are not a shard of {k} classes")
     mixtures = getattr(model.fc, "num_mixtures", 1)
+    device = next(model.fc.parameters()).device
+    model.fc = nn.Identity()  # the whole head is freed before the shard is built: never both at once
     head = create_head(model.head, model.feature_dim, hi - lo, mixtures)
     with torch.no_grad():
         for name, p in head.named_parameters():
-            p.copy_(_draw_rows(model.head, name, p, lo, hi, k, model.feature_dim, seed))
-    model.fc = head.to(next(model.parameters()).device)
+            _draw_rows(model.head, name, p, lo, hi, k, model.feature_dim, seed)
+    model.fc = head.to(device)
     return model
 
 
-def _draw_rows(kind: str, name: str, p: torch.Tensor, lo: int, hi: int, k: int, d: int, seed: int) -> torch.Tensor:
-    """Rows of classes ``[lo, hi)`` of head parameter ``name``, drawn block by block (:func:`shard_classifier`)."""
+def _draw_rows(kind: str, name: str, p: torch.Tensor, lo: int, hi: int, k: int, d: int, seed: int) -> None:
+    """Fill ``p``, the rows of classes ``[lo, hi)`` of head parameter ``name``, block by block
+    (:func:`shard_classifier`; one block of :data:`INIT_BLOCK` classes in memory at a time)."""
     rows = p.shape[0] // (hi - lo)  # rows per class: 1, or M experts
-    pieces = []
     for block in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1):
         first = block * INIT_BLOCK
         count = min(INIT_BLOCK, k - first)
@@ -174,5 +179,5 @@ def _draw_rows(kind: str, name: str, p: torch.Tensor, lo: int, hi: int, k: int, 
         else:
             bound = 1 / math.sqrt(d)
             full = torch.rand(shape, generator=g) * (2 * bound) - bound
-        pieces.append(full[(max(lo, first) - first) * rows:(min(hi, first + count) - first) * rows])
-    return torch.cat(pieces)
+        start, stop = max(lo, first), min(hi, first + count)
+        p[(start - lo) * rows:(stop - lo) * rows] = full[(start - first) * rows:(stop - first) * rows]

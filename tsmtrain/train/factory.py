@@ -217,12 +217,13 @@ def create_network(recipe: Recipe, engine: Engine, device: torch.device) -> torc
     m = recipe.model
     if recipe.data.features is not None:  # the classifier alone on D-dimensional features
         dim = int(read_index(Path(recipe.data.features) / "train")["dim"])
-        model = FeatureClassifier(dim, m.num_classes, m.head, m.num_mixtures, m.dropout).to(device)
+        model = FeatureClassifier(dim, m.num_classes, m.head, m.num_mixtures, m.dropout)
     else:
-        model = create_model(m, recipe.data.num_segments, modality_of(recipe.data).in_channels).to(device)
+        model = create_model(m, recipe.data.num_segments, modality_of(recipe.data).in_channels)
     if recipe.model.head_parallel:  # this rank's classes only, drawn as the whole head would be
         lo, hi = class_shard(recipe.model.num_classes, engine.rank, engine.size)
-        shard_classifier(model, lo, hi, recipe.train.seed)
+        shard_classifier(model, lo, hi, recipe.train.seed)  # on the CPU: the whole head never reaches the device
+    model = model.to(device)
     if recipe.model.sync_bn:
         model = engine.sync_batchnorm(model)  # BatchNorm over the global batch
     return model
