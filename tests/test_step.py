@@ -57,6 +57,37 @@ def test_fp16_step_with_infinite_gradients_is_skipped_and_the_scale_halves():
     assert not torch.equal(before["fc.weight"], model.fc.weight)  # a finite step is taken
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_step_stops_before_the_weights_change(bad):
+    from tsmtrain.train.step import NonFiniteLoss
+
+    model = tiny()
+    step = with_optimizer(model)
+    x, y = batch()
+    step(x, y, step=0)  # a finite step first: its loss is the last finite one
+    first_loss = float(step._last_finite[1])
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    with pytest.raises(NonFiniteLoss) as err:
+        step(x.clone().fill_(bad), y, step=1)  # NaN/inf frames: NaN loss and gradients
+    assert err.value.step == 2 and err.value.last_finite == (1, pytest.approx(first_loss))
+    assert "step 2" in str(err.value) and "last finite loss" in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())  # nothing applied
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_a_nonfinite_step_is_skipped_when_the_recipe_says_so():
+    model = tiny()
+    step = with_optimizer(model, nonfinite="skip")
+    x, y = batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = step(x.clone().fill_(float("nan")), y, step=0)
+    assert out.stepped and step.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    step(x, y, step=1)  # the next finite batch is applied
+    assert step.skipped_steps == 1 and not torch.equal(before["fc.weight"], model.fc.weight)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_fp16_scaler_state_round_trips():
     step = TrainStep(tiny(), CPU, "fp16")
     step.scaler.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on

@@ -103,6 +103,29 @@ def test_resume_without_checkpoint(tmp_path, tiny_demo):
         train(tiny_recipe(tmp_path, tiny_demo, "fresh"), resume=True)
 
 
+def test_a_diverging_run_stops_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, tiny_demo):
+    """A learning rate far too high: the loss goes to inf/NaN within a few steps. The run must end
+    with exit 2 and one line (the step, the last finite loss, the checkpoint to resume from), not
+    train on to the end with a nan loss and exit 0; no checkpoint with NaN weights is written."""
+    import subprocess
+    import sys
+
+    tiny_recipe(tmp_path, tiny_demo, "diverge")
+    recipe = tmp_path / "diverge.yaml"
+    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe), "--set", "optim.name=sgd",
+                           "--set", "optim.base_lr=1e30", "--set", "schedule.warmup_epochs=0",
+                           "--set", "model.dropout=0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "not finite" in line[0] and "last finite loss" in line[0], proc.stderr[-2000:]
+    assert "no checkpoint was written yet" in line[0]
+    run_dir = tmp_path / "runs" / "diverge"
+    assert latest_checkpoint(run_dir) is None
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert all(loss == loss and abs(loss) != float("inf") for loss in losses)  # only finite losses logged
+
+
 def test_cli_run_reports_malformed_list_with_line(tmp_path):
     import subprocess
     import sys

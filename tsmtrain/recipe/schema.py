@@ -269,6 +269,12 @@ class TrainConfig(_Section):
         "fp32", description="forward and loss under autocast in this dtype (fp32: none); fp16 with a gradient "
                             "scaler, for GPUs; bf16 also on CPUs"
     )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss or gradients are inf or NaN (fp32, bf16): stop: the run ends with "
+                            "one line naming the step, the last finite loss and the checkpoint to resume from; "
+                            "skip: that step's update is skipped on every rank and training goes on (fp16 skips "
+                            "such steps through its gradient scaler either way)"
+    )
     channels_last: bool = Field(False, description="model and input in channels_last (NHWC) memory format")
     compile: bool = Field(
         False, description="torch.compile the model for training (evaluation runs it uncompiled); a compiler "

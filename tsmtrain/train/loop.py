@@ -47,8 +47,8 @@ from .factory import (Loaders, announce_run, create_loaders, create_network, cre
                       start_rank)
 from .metrics import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
-from .runtime import choose_engine, log, progress_bar
-from .step import TrainStep, targets
+from .runtime import TrainingError, choose_engine, log, progress_bar
+from .step import NonFiniteLoss, TrainStep, targets
 from .tensorboard import check_tensorboard
 
 __all__ = ["train", "RunResult"]
@@ -172,7 +172,7 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
                      schedule=create_schedule(recipe, scaling, data.steps_per_epoch),
                      passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
                      clock=clock, loss=recipe.model.loss, head_parallel=head_parallel,
-                     head_optimizer=head_optimizer)
+                     head_optimizer=head_optimizer, nonfinite=t.nonfinite)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
@@ -192,7 +192,10 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
     pos.pending_eval = stopping = False
     with bar or nullcontext():
         while pos.epoch < epochs and pos.step < r.stop_at and not stopping:
-            stopping = _train_epoch(r, pos, stop, bar)
+            try:
+                stopping = _train_epoch(r, pos, stop, bar)
+            except NonFiniteLoss as err:  # on every rank at the same step, before the weights changed
+                raise TrainingError(_nonfinite_message(err, r)) from None
             epoch_done = pos.micro == r.steps_per_epoch * r.passes
             if not epoch_done and pos.step < r.stop_at and not stopping:  # cannot happen unless the sampler is wrong
                 raise RuntimeError(f"the loader ended after {pos.micro} of {r.steps_per_epoch * r.passes} batches")
@@ -218,6 +221,16 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
     return RunResult(pos.step, pos.epoch, pos.eval, r.model, r.engine.rank, preempted=stopping)
 
 
+def _nonfinite_message(err: NonFiniteLoss, r: _Run) -> str:
+    """The one line a run stopped by a non-finite loss ends with: the step, the last finite loss,
+    and the checkpoint a rerun resumes from."""
+    latest = ckpt.latest_checkpoint(r.run_dir)
+    resume = (f"a rerun resumes from {latest.name} in {r.run_dir}" if latest is not None
+              else "no checkpoint was written yet: a rerun starts afresh")
+    return (f"{err}; the run stopped before applying it, without a checkpoint: {resume} (look at that "
+            f"step's data, lower the learning rate, or set train.nonfinite: skip to skip such steps)")
+
+
 def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
     """Optimizer steps from ``pos`` until the epoch ends, ``r.stop_at``, or the ranks agree on a
     stop request; advances ``pos``. Returns whether the run is stopping on request."""
@@ -230,12 +243,16 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
             vote = r.engine.allreduce_async(torch.tensor([float(stop.requested)], dtype=torch.float64),
                                             name="stop_request")
         x, y = _augment(r, batch, interval)  # (N, T, 3, H, W) float, (N,) on the device
+        skipped = r.step.skipped_steps
         out = r.step(x, y, step=pos.step)  # forward, backward; after the last pass the optimizer step
         interval.add_batch(out.loss, out.best, y)
         pos.micro += 1
         if not out.stepped:
             continue  # accumulate another backward pass
         pos.step += 1
+        if r.step.skipped_steps > skipped and r.engine.rank == 0:
+            log.warning("step %d: the loss or a gradient is not finite: its update was skipped (train.nonfinite: "
+                        "skip; %d skipped so far)", pos.step, r.step.skipped_steps)
         interval.steps += 1
         # (a request during the last step changes nothing: the run ends normally)
         stopping = r.engine.synchronize(vote).item() > 0 and pos.step < r.stop_at

@@ -22,7 +22,13 @@ step, with fp16's ``torch.amp.GradScaler``, is the one Horovod documents for AMP
 
 Since ``unscale_`` looks at gradients already averaged over all ranks, a step with an infinite
 gradient on any rank is skipped on every rank, and the scale stays the same everywhere. Without
-fp16 the same order holds with ``optimizer.step()`` and no scaler.
+fp16 the same order holds with ``optimizer.step()`` and no scaler, and the averaged gradients
+are checked before it (``train.nonfinite``): an inf or NaN anywhere (a NaN loss on any rank
+makes every rank's average NaN) stops the run on every rank at the same step with
+:class:`NonFiniteLoss` (``stop``, the default), or skips that step's update on every rank
+(``skip``; BatchNorm's running statistics are put back as the step found them), so that a
+NaN never reaches the weights or a checkpoint. The check reads one flag
+per step back from the device, as the fp16 scaler does.
 
 :class:`TrainStep` also holds what ``train.precision``, ``train.channels_last`` and
 ``train.compile`` change, in plain PyTorch (as torchvision's ``references/video_classification``):
@@ -73,7 +79,8 @@ from ..optim import LRSchedule
 from .metrics import PhaseClock
 from .runtime import TrainingError
 
-__all__ = ["PRECISIONS", "LOSSES", "targets", "classification_loss", "TrainStep", "StepOutput", "autocast",
+__all__ = ["PRECISIONS", "LOSSES", "NONFINITE", "NonFiniteLoss", "targets", "classification_loss", "TrainStep",
+           "StepOutput", "autocast",
            "as_memory_format", "half_precision_note", "ReducedPrecisionConvolutions", "cpu_has_kernels"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -189,6 +196,28 @@ class StepOutput:
     lr: float | None = None
 
 
+NONFINITE = ("stop", "skip")
+"""``train.nonfinite``: what a step whose gradients (or loss) are inf or NaN does, without fp16."""
+
+
+class NonFiniteLoss(TrainingError):
+    """A step's loss or averaged gradients are inf or NaN (``train.nonfinite: stop``); raised on
+    every rank at the same step, before the optimizer step, so the weights are still finite.
+
+    Attributes:
+        step: the optimizer step that failed (1-based: the number it would have had).
+        loss: this rank's loss of the step's last backward pass (may be finite on this rank when
+            another rank's was not: the averaged gradients are NaN everywhere).
+        last_finite: ``(step, loss)`` of the last step taken, or ``None`` before the first.
+    """
+
+    def __init__(self, step: int, loss: float, last_finite: tuple[int, float] | None):
+        self.step, self.loss, self.last_finite = step, loss, last_finite
+        last = ("no step was taken before it" if last_finite is None
+                else f"the last finite loss was {last_finite[1]:.6g} at step {last_finite[0]}")
+        super().__init__(f"step {step}: the loss or a gradient is not finite (this rank's loss: {loss}); {last}")
+
+
 LOSSES = ("softmax", "sigmoid")
 """``model.loss``: one label per clip (cross-entropy), or several (binary cross-entropy per class)."""
 
@@ -251,15 +280,21 @@ class TrainStep:
         head_optimizer: with ``head_parallel``, the optimizer of ``model.fc``'s parameters (not
             wrapped by the engine); ``optimizer`` then holds the others' (``None`` when there are
             none: a head trained alone on features).
+        nonfinite: ``"stop"`` or ``"skip"`` (:data:`NONFINITE`; ``train.nonfinite``): what a step
+            whose averaged gradients hold an inf or NaN does without fp16 (with fp16 the
+            gradient scaler skips it and lowers the scale).
 
     Attributes:
         forward_model: what the training forward calls: the model, wrapped by the engine, then
             compiled, as asked.
         optimizer: the engine's wrapper of ``optimizer`` (``None`` without one).
         scaler: the ``torch.amp.GradScaler`` (fp16), else ``None``.
+        skipped_steps: steps skipped for an inf or NaN gradient (``nonfinite="skip"``).
 
     Raises:
-        ValueError: an unknown precision; ``compile`` without ``batch_shape``.
+        ValueError: an unknown precision, loss or ``nonfinite``; ``compile`` without ``batch_shape``.
+        NonFiniteLoss: from a call whose optimizer step finds an inf or NaN gradient
+            (``nonfinite="stop"``, without fp16).
         TrainingError: ``compile`` and torch.compile fails on this model, device or compiler
             (the message names ``train.compile``).
     """
@@ -269,11 +304,17 @@ class TrainStep:
                  *, optimizer: torch.optim.Optimizer | None = None, engine: Engine | None = None,
                  schedule: LRSchedule | None = None, passes: int = 1, fp16_allreduce: bool = False,
                  clock: PhaseClock | None = None, loss: str = "softmax", head_parallel: HeadParallel | None = None,
-                 head_optimizer: torch.optim.Optimizer | None = None):
+                 head_optimizer: torch.optim.Optimizer | None = None, nonfinite: str = "stop"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite {nonfinite!r}; choose one of {', '.join(NONFINITE)}")
+        self.nonfinite, self.skipped_steps = nonfinite, 0
+        self._loss = None  # this step's last pass's loss (a device tensor)
+        self._last_finite = None  # (step, loss tensor) of the last step taken
+        self._buffers = []  # nonfinite="skip": the buffers as the step in progress found them
         self.loss, self.head_parallel, self.head_optimizer = loss, head_parallel, head_optimizer
         self.model, self.device, self.precision, self.channels_last = model, device, precision, channels_last
         self.engine = engine if engine is not None else LocalEngine()
@@ -309,9 +350,12 @@ class TrainStep:
         """
         self._passes_done += 1
         last = self._passes_done == self.passes
+        if self.nonfinite == "skip" and self._passes_done == 1:  # a skipped step leaves BatchNorm's statistics too
+            self._buffers = [b.detach().clone() for b in self.model.buffers()]
         with self.engine.accumulate(self.forward_model, last=last):  # DDP: no_sync() but on the last pass
             logits, loss, best = self.forward_backward(x, y)  # the allreduce runs during the last backward
         self.clock.lap("forward_backward")
+        self._loss = loss.detach()
         if not last:
             return StepOutput(logits, loss, best)
         self._passes_done = 0
@@ -391,6 +435,19 @@ class TrainStep:
             lr = self.schedule.apply(o, step) if self.schedule is not None else None
             if scaler is not None:
                 scaler.unscale_(o)
+        if scaler is None and not self._gradients_finite(optimizers):
+            for o in optimizers:
+                o.zero_grad()
+            if self.nonfinite == "stop":
+                last = self._last_finite
+                raise NonFiniteLoss(step + 1, self._loss_value(),
+                                    None if last is None else (last[0], float(last[1])))
+            self.skipped_steps += 1
+            with torch.no_grad():  # the NaN batch's BatchNorm statistics go too
+                for b, kept in zip(self.model.buffers(), self._buffers):
+                    b.copy_(kept)
+            self.clock.lap("optimizer")
+            return lr
         # (a sharded head's optimizer is not Horovod's: it starts no allreduce)
         with self.engine.skip_synchronize(optimizer) if optimizer is not None else nullcontext():
             for o in optimizers:
@@ -400,10 +457,25 @@ class TrainStep:
                     o.step()
         if scaler is not None:
             scaler.update()
+        self._last_finite = (step + 1, self._loss)
         for o in optimizers:
             o.zero_grad()  # (Horovod's override takes no set_to_none)
         self.clock.lap("optimizer")
         return lr
+
+    def _loss_value(self) -> float:
+        return float("nan") if self._loss is None else float(self._loss)
+
+    def _gradients_finite(self, optimizers: list[torch.optim.Optimizer]) -> bool:
+        """Whether every gradient the optimizers would apply is finite. The gradients are the
+        ranks' average, so every rank gets the same answer without communicating, except with a
+        sharded head, whose shards' gradients are each rank's own (one allreduce of a flag)."""
+        grads = [p.grad for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+        if self.head_parallel is not None:
+            bad = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
+            finite = self.engine.allreduce(bad, average=False).item() == 0
+        return finite
 
     def _share_head_overflow(self) -> None:
         """fp16 with a sharded head: when any rank's head shard has an inf/NaN gradient, every
