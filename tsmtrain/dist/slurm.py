@@ -13,9 +13,11 @@ launch line and the requeue logic. The launch line depends on the engine:
   ``MASTER_PORT``, :data:`MASTER_PORT_BASE` + job id mod :data:`MASTER_PORT_SPAN`
   (``dist.master_addr`` / ``dist.master_port`` override both); rank 0 listens there.
 
-Values that reach the shell are quoted with :func:`shlex.quote`; values in ``#SBATCH`` lines
-(which sbatch, not the shell, reads) are double-quoted when they hold anything but plain
-characters, and line breaks are refused by the recipe schema, so no value can add a line or a
+Values that reach the shell are quoted with :func:`shlex.quote` (the template's ``q`` filter);
+values in ``#SBATCH`` lines (which sbatch, not the shell, reads) are double-quoted when they hold
+anything but plain characters (the ``sbatch`` filter). Control characters (line breaks, NUL, ...)
+are refused by the recipe schema (:func:`tsmtrain.recipe.schema.control_character`) and again by
+the renderer for every value it writes, comments included, so no value can add a line or a
 command. :func:`submit` writes the script and the resolved recipe into the run directory and
 calls ``sbatch``.
 
@@ -43,7 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..optim import linear_scaling
+from pydantic import ValidationError
+
 from ..recipe import Recipe, dump_recipe, with_absolute_paths
+from ..recipe.problems import _shown
+from ..recipe.schema import control_character
 from .stop import EXIT_PREEMPTED, PREEMPTED_FILE
 
 __all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
@@ -133,10 +139,36 @@ class LaunchError(Exception):
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,:/@%+=-]+$")
 
 
+def _one_line(value: object) -> object:
+    """``value`` unchanged when its text holds no control character (the recipe's rule, kept for
+    every value a job script gets, whatever filter it went through).
+
+    Raises:
+        LaunchError: a line break, NUL or other control character, which would end the line.
+    """
+    why = control_character(str(value))
+    if why:
+        raise LaunchError(f"{_shown(str(value))}: {why}")
+    return value
+
+
+def _shell_value(value: object) -> str:
+    """A value for a shell line: one word, quoted with :func:`shlex.quote`.
+
+    Raises:
+        LaunchError: a control character (:func:`_one_line`).
+    """
+    return shlex.quote(str(_one_line(value)))
+
+
 def _sbatch_value(value: object) -> str:
     """A value for an ``#SBATCH`` line: as it is when plain, else in double quotes (sbatch strips
-    them). The shell never reads these lines, so shell quoting would be wrong here."""
-    text = str(value)
+    them). The shell never reads these lines, so shell quoting would be wrong here.
+
+    Raises:
+        LaunchError: a control character (:func:`_one_line`), a double quote or a backslash.
+    """
+    text = str(_one_line(value))
     if _PLAIN.match(text):
         return text
     if '"' in text or "\\" in text:
@@ -153,8 +185,17 @@ def prepare_job(recipe: Recipe) -> Recipe:
     """The recipe the job runs: absolute paths (the job may start in another directory) and
     ``dist.np`` set to the job's ranks, so that derived values read right. (Cluster values that
     contradict each other or the recipe were already refused by the recipe's validation.)
+
+    Raises:
+        LaunchError: a path made absolute is no longer a valid recipe value (the current
+            directory holds a control character).
     """
-    job = with_absolute_paths(recipe)
+    try:
+        job = with_absolute_paths(recipe)
+    except ValidationError as err:  # a path made absolute against a current directory with a line break
+        e = err.errors()[0]
+        raise LaunchError(f"{'.'.join(map(str, e['loc']))} = {_shown(e['input'])} (made absolute): "
+                          f"{e['msg'].removeprefix('Value error, ')}") from None
     return job.model_copy(update={"dist": job.dist.model_copy(update={"np": job_ranks(job)})})
 
 
@@ -169,13 +210,14 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
             ``exit_preempted``, ``engine`` (``dist.engine``), ``master_addr`` and ``master_port``
             (``dist.master_addr`` / ``dist.master_port``, none when not set),
             ``master_port_base`` and ``master_port_span``, and the filters ``q`` (shell quoting)
-            and ``sbatch``.
+            and ``sbatch``. Every value it writes must be one line (no control character).
 
     Returns:
         The script text.
 
     Raises:
-        LaunchError: the template cannot be read or rendered, or a value cannot be written.
+        LaunchError: the template cannot be read or rendered, or a value cannot be written (a
+            control character anywhere; a double quote or backslash in an ``#SBATCH`` value).
     """
     import jinja2
 
@@ -184,9 +226,10 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
         source = path.read_text()
     except OSError as err:
         raise LaunchError(f"{path}: cannot read the template ({err.strerror or err})") from None
+    # finalize: every {{ value }}, in a comment, a shell line or an #SBATCH line, stays one line
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True, autoescape=False)
-    env.filters["q"] = lambda v: shlex.quote(str(v))
+                             keep_trailing_newline=True, autoescape=False, finalize=_one_line)
+    env.filters["q"] = _shell_value
     env.filters["sbatch"] = _sbatch_value
     c = recipe.cluster
     run_dir = recipe.run_dir

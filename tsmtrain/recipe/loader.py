@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from ..data.classes import ClassNamesError, read_class_names
 from .problems import _MISSING, Problem, RecipeError, _cut, _not_utf8, _shown, validation_problems
-from .schema import ModelConfig, Recipe
+from .schema import ModelConfig, Recipe, control_character
 
 __all__ = ["load_recipe", "apply_overrides", "yaml_load", "line_index"]
 
@@ -399,6 +399,8 @@ def _check_files(doc: dict, file: str, lines: dict[str, int], overridden: dict[s
         return node if isinstance(node, str) else None
 
     def missing(key: str, value: str, what: str) -> None:
+        if control_character(value):  # the schema names the control character: one line, not two
+            return
         src = overridden.get(key, file)
         problems.append(Problem(src, key, value, f"{what} not found", lines.get(key) if src == file else None))
 

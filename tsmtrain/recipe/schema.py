@@ -3,8 +3,9 @@
 A recipe has eight sections (``data``, ``model``, ``optim``, ``schedule``, ``dist``, ``train``,
 ``run``, ``cluster``), each a pydantic model below. Every field has a type, a default where one makes sense
 and a one-line description (``tsmtrain validate`` prints them resolved). Unknown keys are errors,
-so a misspelt key never silently falls back to a default; no float is infinite or NaN, and no
-boolean stands for a number. :class:`Recipe` also refuses impossible combinations of fields.
+so a misspelt key never silently falls back to a default; no float is infinite or NaN, no
+boolean stands for a number, and no text holds a control character (a line break, a NUL, ...).
+:class:`Recipe` also refuses impossible combinations of fields.
 
 Build a recipe with :func:`tsmtrain.recipe.load_recipe` (:mod:`tsmtrain.recipe.loader`), which
 also reads the YAML strictly and checks the files the recipe names.
@@ -39,6 +40,7 @@ __all__ = [
     "time_limit_seconds",
     "with_absolute_paths",
     "dump_recipe",
+    "control_character",
 ]
 
 
@@ -77,6 +79,54 @@ class _Section(BaseModel):
                 and _takes_numbers(annotation)):
             raise ValueError("a boolean is not a number")
         return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_control_characters(cls, value: Any, info) -> Any:
+        """One rule for every text value of a recipe (paths, names, environment variables, set-up
+        lines, #SBATCH options, ...): no control character (U+0000 to U+001F, tab and line breaks
+        included, and U+007F). Many reach the job script of ``tsmtrain render``; a line break there
+        would start a shell line of its own. Sections are walked by their own fields."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return value
+        why = control_character(value)
+        if why:
+            raise ValueError(why)
+        return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL character"}
+
+
+def control_character(value: Any) -> str | None:
+    """Why ``value`` (text, or text in lists, tuples and mappings, keys included) cannot go into a
+    recipe: it holds a control character, named with its code point and where it is (``item 2``,
+    ``the name 'X'``); ``None`` when it holds none. :func:`tsmtrain.dist.slurm.render_sbatch` keeps
+    the same rule for every value it writes."""
+    if isinstance(value, str):
+        found = _CONTROL.search(value)
+        if found is None:
+            return None
+        char = found.group()
+        return (f"holds {_CONTROL_NAMES.get(char, 'a control character')} (U+{ord(char):04X}) at character "
+                f"{found.start() + 1}; a value must be one line of printable text (in a job script, what "
+                "follows a line break runs as a command)")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            why = control_character(item)
+            if why:
+                return f"item {i + 1} {why}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            why = control_character(key)
+            if why:
+                return f"the name {_shown(key)} {why}"
+            why = control_character(item)
+            if why:
+                return f"the value of {_shown(key)} {why}"
+    return None
 
 
 _Positive = Annotated[float, Field(gt=0)]
@@ -317,12 +367,6 @@ def time_limit_seconds(limit: str) -> float:
     return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
 
 
-def _one_line(value: str | None, what: str) -> str | None:
-    if value is not None and ("\n" in value or "\r" in value or "\0" in value):
-        raise ValueError(f"{what} must be one line (a line break would end the #SBATCH line)")
-    return value
-
-
 class ClusterConfig(_Section):
     """The Slurm job that ``tsmtrain render`` / ``tsmtrain submit`` write (ignored by ``tsmtrain run``)."""
 
@@ -359,10 +403,11 @@ class ClusterConfig(_Section):
     def _time(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
-        if isinstance(v, str) and not _TIME_LIMIT.match(v.strip()):
+        # spaces only: a line break is refused (control characters), not stripped
+        if isinstance(v, str) and not _TIME_LIMIT.match(v.strip(" ")):
             raise ValueError("not a Slurm time limit: use minutes, minutes:seconds, hours:minutes:seconds, "
                              "days-hours, days-hours:minutes or days-hours:minutes:seconds")
-        return v.strip() if isinstance(v, str) else v
+        return v.strip(" ") if isinstance(v, str) else v
 
     @field_validator("mem")
     @classmethod
@@ -373,25 +418,17 @@ class ClusterConfig(_Section):
 
     @field_validator("partition", "account", "qos", "constraint", "reservation", "job_name", "python", "mpi")
     @classmethod
-    def _single_line(cls, v: str | None, info) -> str | None:
+    def _not_empty(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("must not be empty")
-        return _one_line(v, info.field_name)
+        return v
 
     @field_validator("sbatch")
     @classmethod
     def _sbatch_lines(cls, v: list[str]) -> list[str]:
-        for line in v:
-            _one_line(line, "each extra #SBATCH option")
+        for line in v:  # one line each: control characters are refused for every field
             if not line.startswith("-"):
                 raise ValueError(f"{_shown(line)}: an #SBATCH option starts with - (e.g. --exclusive)")
-        return v
-
-    @field_validator("setup")
-    @classmethod
-    def _setup_lines(cls, v: list[str]) -> list[str]:
-        for line in v:
-            _one_line(line, "each set-up line")
         return v
 
     @field_validator("env")

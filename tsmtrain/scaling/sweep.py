@@ -402,7 +402,7 @@ bash "${{RUN_DIRS[$i]}}/job.sbatch" >> "${{RUN_DIRS[$i]}}/slurm-${{SLURM_ARRAY_J
 
 def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, array: bool, template,
                    sbatch: str = "sbatch") -> list[dict]:
-    from ..dist.slurm import LaunchError, prepare_job, render_sbatch, submit
+    from ..dist.slurm import LaunchError, _sbatch_value, prepare_job, render_sbatch, submit
 
     records = []
     groups: dict[int, list[int]] = {}
@@ -436,8 +436,9 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
             script = sweep_dir / f"array-{nodes:04d}-nodes.sbatch"
             script.write_text(_ARRAY_SCRIPT.format(
                 points=",".join(map(str, points)), nodes=nodes, last=len(points) - 1,
-                name=f"{Path(meta['recipe']).stem}-sweep",
-                log=str(sweep_dir / "runs" / "array-%A_%a.out").replace("%%", "%"), header=header,
+                # the job script's #SBATCH filter: the recipe file's name and --out are not recipe values
+                name=_sbatch_value(f"{Path(meta['recipe']).stem}-sweep"),
+                log=_sbatch_value(str(sweep_dir / "runs" / "array-%A_%a.out").replace("%%", "%")), header=header,
                 run_dirs=" ".join(shlex.quote(str(_run_dir(sweep_dir, n))) for n in points),
                 ranks=" ".join(str(n) for n in points),
                 per_node=" ".join(str(recipes[n].cluster.ranks_per_node()) for n in points)))
