@@ -16,9 +16,9 @@ With a classifier sharded across ranks (``model.head_parallel``) every rank also
 shard of the head, before rank 0's file (:mod:`~tsmtrain.train.head_shards`); a checkpoint
 with a shard missing or damaged is skipped as a damaged one is.
 
-Files are checked before ``torch.load`` sees them (:func:`check_checkpoint`: not empty, a
+Files are checked before they are unpickled (:func:`check_checkpoint`: not empty, a
 complete zip archive whose members all pass their CRC check): a truncated file, which a disk
-or filesystem failure can still leave, makes ``torch.load`` raise a long traceback, and an
+or filesystem failure can still leave, makes torch's loader raise a long traceback, and an
 empty one aborts the interpreter. A run resumes from the newest intact checkpoint and says
 which newer ones it skipped (:func:`resume_checkpoint`).
 
@@ -117,7 +117,7 @@ def read_tensors(path: str | Path) -> Any:
     """What ``torch.save`` wrote into ``path`` (a checkpoint, a shard, a pretrained ``state_dict``;
     the zip format or the legacy one), read onto the CPU with ``weights_only=True``: tensors and
     plain Python values only (and :data:`OLD_NUMPY_STATE`). The file is not checked for damage
-    (:func:`check_checkpoint` does that), but an empty one is refused before ``torch.load``, which
+    (:func:`check_checkpoint` does that), but an empty one is refused before torch's loader, which
     aborts the interpreter on it.
 
     Raises:
@@ -135,7 +135,7 @@ def read_tensors(path: str | Path) -> Any:
     if zipfile.is_zipfile(path):
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - torch.load below says what is wrong with the file
+        except Exception:  # noqa: BLE001 - the load below says what is wrong with the file
             names = []
         names = [n for n in names if n not in _OLD_NUMPY_NAMES]
         if names:
@@ -309,7 +309,7 @@ def check_checkpoint(path: str | Path, crc: bool = True) -> str | None:
     """Why ``path`` is not an intact checkpoint file, or ``None`` when it is one: not empty, a
     complete zip archive (what ``torch.save`` writes) and, with ``crc``, every member passing its
     CRC-32 check (this reads the whole file; without it only the archive's directory at its end
-    is read). Never calls ``torch.load``, which aborts the interpreter on an empty file.
+    is read). Never unpickles: torch's loader aborts the interpreter on an empty file.
 
     Returns:
         ``None``, or the reason in a few words: ``empty (0 bytes)``, ``truncated (not a complete

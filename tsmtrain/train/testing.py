@@ -177,7 +177,7 @@ def _with_extracted_backbone(recipe: Recipe, head: dict, path: Path) -> dict:
     run's head.
 
     The SHA-256 the features recorded of that checkpoint (``index.json``'s ``checkpoint_sha256``,
-    ``source.json``'s) is checked before the file is opened by ``torch.load``.
+    ``source.json``'s) is checked before the file is unpickled.
 
     Raises:
         TrainingError: no features index, the checkpoint it names is gone, or it is not the file
