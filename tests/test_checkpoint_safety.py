@@ -82,6 +82,13 @@ def test_garbage_is_one_line_without_advice_to_load_unsafely(tmp_path):
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.read_tensors(garbage)
     assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(b"\x80\x02garbage, not a torch file" * 50)  # torch's unpickler reads it, and refuses
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.read_tensors(pickled)
+    message = str(err.value)  # torch 2.14: (Unsupported operand 103)
+    assert message.startswith(f"{pickled}: not a file of tensors and plain values (") and "()" not in message
+    assert "\n" not in message and "weights_only" not in message
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="empty"):
         ckpt.read_tensors(tmp_path / "empty.pt")

@@ -148,11 +148,19 @@ def read_tensors(path: str | Path) -> Any:
         blocked = _BLOCKED.search(text)
         if blocked:
             raise UnsafeCheckpointError(path, [blocked.group(1)]) from None
-        detail = re.search(r"WeightsUnpickler error: (.*)", text)
-        raise CheckpointError(path, "not a file of tensors and plain values "
-                                    f"({detail.group(1).strip() if detail else _first_line(err)})") from None
+        raise CheckpointError(path, f"not a file of tensors and plain values ({_unpickler_detail(text)})") from None
     except Exception as err:  # noqa: BLE001 - unpickling raises anything
         raise CheckpointError(path, f"not a file torch.save wrote ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _unpickler_detail(text: str) -> str:
+    """What torch's weights-only unpickler found wrong (``Unsupported operand 103``), without its
+    advice to load with ``weights_only=False``."""
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    for line in (line.strip() for line in text.splitlines()):
+        if line and "weights_only" not in line and not line.startswith(("Check the documentation", "Please file")):
+            return line
+    return "refused by the weights-only unpickler"
 
 
 class CheckpointWriteError(TrainingError):
