@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,6 +261,33 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one_exactly(tmp_pat
     assert steps == [1, 2, 3, 4, 5, 6]
     ref = {r["step"]: r["loss"] for r in ref_metrics if "loss" in r}
     assert all(r["loss"] == pytest.approx(ref[r["step"]], rel=1e-6) for r in records if "loss" in r)
+
+
+def _old_rng(state):
+    """A rank's random states as the code before weights_only=True wrote them: NumPy's as
+    ``np.random.get_state()`` returns it (a tuple holding a uint32 array)."""
+    n = state["numpy"]
+    return {**state, "numpy": (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_weights_only_resumes_exactly(tmp_path, tiny_demo, uninterrupted):
+    ref_weights, ref_metrics = uninterrupted
+    assert train(tiny_recipe(tmp_path, tiny_demo, "old", **SMALL, **{"train.stop_after_steps": 2})).step == 2
+    path = tmp_path / "runs" / "old" / "checkpoint-00000002.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "rng": [_old_rng(r) for r in state["rng"]]}, path)  # rewritten the old way
+    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+
+    resumed = train(tiny_recipe(tmp_path, tiny_demo, "old", **SMALL))
+
+    assert resumed.step == 6
+    for name, a in ref_weights.items():
+        assert torch.equal(a, resumed.model.state_dict()[name]), name
+    ref = {r["step"]: r["loss"] for r in ref_metrics if "loss" in r}
+    records = [r for r in read_metrics(tmp_path / "runs" / "old") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] == pytest.approx(ref[r["step"]], rel=1e-6) for r in records)
 
 
 @pytest.mark.slow

@@ -277,7 +277,7 @@ def test_train_test_and_predict_with_a_motion_modality(tmp_path, modality, shift
     recipe = load_recipe(path)
     metrics = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_top1" in m for m in metrics) and all(np.isfinite(m.get("loss", 0)) for m in metrics)
-    state = torch.load(sorted(recipe.run_dir.glob("checkpoint*"))[-1], map_location="cpu", weights_only=False)
+    state = torch.load(sorted(recipe.run_dir.glob("checkpoint*"))[-1], map_location="cpu", weights_only=True)
     conv = next(v for k, v in state["model"].items() if k.endswith("conv1.weight"))
     assert conv.shape[1] == Modality(modality, 2).in_channels
     done = invoke("test", path, "--clips", 2, "--crops", 3)

@@ -78,7 +78,8 @@ def model_info(
 
     cfg = load(recipe, sets, check_files=False)
     channels = modality_of(cfg.data).in_channels
-    model = create_model(cfg.model, cfg.data.num_segments, channels)
+    # (random weights: a pretrained file changes neither count, and need not exist here)
+    model = create_model(cfg.model.model_copy(update={"pretrained": None}), cfg.data.num_segments, channels)
     params, macs = count_parameters(model), count_macs(model, cfg.data.input_size)
     name = f"{'TSM' if cfg.model.shift else 'TSN'}-{cfg.model.arch}"
     table = Table(title=f"{name}, {cfg.model.num_classes} classes")

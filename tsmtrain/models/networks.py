@@ -59,7 +59,10 @@ class VideoNet(nn.Module):
     Raises:
         ValueError: unknown ``arch``, ``in_channels < 1``; in ``forward``, an input whose T or
             C_in differs.
-        RuntimeError: ``pretrained`` does not fit the backbone (names the missing keys).
+        tsmtrain.train.TrainingError: ``pretrained`` cannot be used: empty, unreadable, holding
+            Python objects that could run code (refused unread), not a ``state_dict``, or not
+            fitting the backbone (names the missing keys); one line naming ``model.pretrained``
+            and the file (:func:`_load_backbone`).
     """
 
     def __init__(
@@ -182,16 +185,40 @@ def cross_modality_conv(conv: nn.Conv2d, in_channels: int, from_rgb: bool = True
 
 
 def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a torchvision ``state_dict`` (``model.pretrained``; also one saved as
+    ``{"state_dict": ...}`` or with DataParallel's ``module.`` prefix) into ``backbone``, its
+    classifier left out. Read with ``weights_only=True``
+    (:func:`tsmtrain.train.checkpoint.read_tensors`).
+
+    Raises:
+        tsmtrain.train.TrainingError: one line, ``model.pretrained PATH: why``.
+    """
+    from ..train.checkpoint import CheckpointError, read_tensors  # (train imports this module)
+    from ..train.runtime import TrainingError
+
+    def refuse(reason: str) -> TrainingError:
+        return TrainingError(f"model.pretrained {path}: {reason}")
+
+    try:
+        state = read_tensors(path)
+    except CheckpointError as err:
+        raise refuse(err.reason) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise refuse(f"not a state_dict (it holds a {type(state).__name__}"
+                     f"{'' if not isinstance(state, dict) else ' of other values than named tensors'})")
     head = ("fc.", "classifier.")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = {k for k in backbone.state_dict() if not k.startswith(head)}
     missing = sorted(own - set(state))
     if missing:
-        raise RuntimeError(f"{path}: not a checkpoint of this backbone; missing {', '.join(missing[:5])}")
-    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        raise refuse(f"not a checkpoint of this backbone; missing {', '.join(missing[:5])}")
+    try:
+        backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    except RuntimeError as err:  # shapes of another network
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise refuse(f"does not fit this backbone ({lines[1] if len(lines) > 1 else lines[0]})") from None
 
 
 def create_model(cfg, num_segments: int, in_channels: int = 3) -> VideoNet:

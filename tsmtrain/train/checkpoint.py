@@ -16,11 +16,19 @@ With a classifier sharded across ranks (``model.head_parallel``) every rank also
 shard of the head, before rank 0's file (:mod:`~tsmtrain.train.head_shards`); a checkpoint
 with a shard missing or damaged is skipped as a damaged one is.
 
-Files are checked before ``torch.load`` sees them (:func:`check_checkpoint`: not empty, a
+Files are checked before they are unpickled (:func:`check_checkpoint`: not empty, a
 complete zip archive whose members all pass their CRC check): a truncated file, which a disk
-or filesystem failure can still leave, makes ``torch.load`` raise a long traceback, and an
+or filesystem failure can still leave, makes torch's loader raise a long traceback, and an
 empty one aborts the interpreter. A run resumes from the newest intact checkpoint and says
 which newer ones it skipped (:func:`resume_checkpoint`).
+
+Every file is read with ``torch.load(..., weights_only=True)`` (:func:`read_tensors`): tensors and
+plain Python values only. A file whose pickle names any other Python object (a crafted
+checkpoint's ``os.system``) is refused before it is unpickled (:class:`UnsafeCheckpointError`):
+such a file is an attack, not damage, so a resumed run stops instead of skipping it. What a
+checkpoint holds besides tensors is plain (the random states: :func:`rng_state`); checkpoints
+written before, whose NumPy random state is a NumPy array, load with exactly the NumPy types of
+that state allowed (:data:`OLD_NUMPY_STATE`), and resume exactly.
 
 :func:`resume_checkpoint`, :func:`save_run_checkpoint` and :func:`restore_run` are what the
 training loop calls; the functions before them only handle files and random states.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
@@ -50,7 +59,8 @@ from .runtime import TrainingError, log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
            "remove_stale_temporaries", "rng_state", "set_rng_state", "write_json", "Position", "resume_checkpoint",
-           "save_run_checkpoint", "restore_run", "CheckpointError", "CheckpointWriteError", "CORRUPT_SUFFIX"]
+           "save_run_checkpoint", "restore_run", "CheckpointError", "CheckpointWriteError", "CORRUPT_SUFFIX",
+           "UnsafeCheckpointError", "read_tensors", "OLD_NUMPY_STATE"]
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
 _TEMPORARY = ".checkpoint-*.tmp"  # tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp")
@@ -72,6 +82,85 @@ class CheckpointError(TrainingError):
     def __init__(self, path: Path, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = Path(path), reason
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file whose pickle names Python objects besides tensors and plain values (a function such
+    as ``os.system`` that unpickling would call): refused before it is unpickled, never skipped.
+
+    Attributes:
+        names: the objects, as ``module.name`` (``posix.system``).
+    """
+
+    def __init__(self, path: Path, names: list[str]):
+        super().__init__(path, f"refused: it holds Python objects that could run code ({', '.join(names)}); "
+                               f"tsmtrain loads tensors and plain values only")
+        self.names = list(names)
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array unpickling function
+
+OLD_NUMPY_STATE = [_RECONSTRUCT, (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                   (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                   type(np.dtype(np.uint32))]
+"""What ``torch.load(weights_only=True)`` is allowed besides tensors and plain values, only while
+it reads a checkpoint: the NumPy types of ``np.random.get_state()`` (a ``uint32`` array), which
+checkpoints written before the random states became tensors hold (``numpy.core`` under NumPy 1,
+``numpy._core`` under NumPy 2)."""
+
+_OLD_NUMPY_NAMES = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                              "numpy.ndarray", "numpy.dtype"})
+_BLOCKED = re.compile(r"GLOBAL (\S+?)(?: was not| whose|\s|$)")
+
+
+def read_tensors(path: str | Path) -> Any:
+    """What ``torch.save`` wrote into ``path`` (a checkpoint, a shard, a pretrained ``state_dict``;
+    the zip format or the legacy one), read onto the CPU with ``weights_only=True``: tensors and
+    plain Python values only (and :data:`OLD_NUMPY_STATE`). The file is not checked for damage
+    (:func:`check_checkpoint` does that), but an empty one is refused before torch's loader, which
+    aborts the interpreter on it.
+
+    Raises:
+        UnsafeCheckpointError: the file names other Python objects (``reason`` names them); it
+            is refused before it is unpickled (a zip file) or as torch's unpickler meets them.
+        CheckpointError: empty, unreadable, or not something ``torch.save`` wrote (one line; never
+            torch's advice to load with ``weights_only=False``).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(path, "empty (0 bytes)")
+    except OSError as err:
+        raise CheckpointError(path, f"unreadable ({err.strerror or err})") from None
+    if zipfile.is_zipfile(path):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the load below says what is wrong with the file
+            names = []
+        names = [n for n in names if n not in _OLD_NUMPY_NAMES]
+        if names:
+            raise UnsafeCheckpointError(path, names)
+    try:
+        with torch.serialization.safe_globals(OLD_NUMPY_STATE):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        blocked = _BLOCKED.search(text)
+        if blocked:
+            raise UnsafeCheckpointError(path, [blocked.group(1)]) from None
+        raise CheckpointError(path, f"not a file of tensors and plain values ({_unpickler_detail(text)})") from None
+    except Exception as err:  # noqa: BLE001 - unpickling raises anything
+        raise CheckpointError(path, f"not a file torch.save wrote ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _unpickler_detail(text: str) -> str:
+    """What torch's weights-only unpickler found wrong (``Unsupported operand 103``), without its
+    advice to load with ``weights_only=False``."""
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    for line in (line.strip() for line in text.splitlines()):
+        if line and "weights_only" not in line and not line.startswith(("Check the documentation", "Please file")):
+            return line
+    return "refused by the weights-only unpickler"
 
 
 class CheckpointWriteError(TrainingError):
@@ -228,7 +317,7 @@ def check_checkpoint(path: str | Path, crc: bool = True) -> str | None:
     """Why ``path`` is not an intact checkpoint file, or ``None`` when it is one: not empty, a
     complete zip archive (what ``torch.save`` writes) and, with ``crc``, every member passing its
     CRC-32 check (this reads the whole file; without it only the archive's directory at its end
-    is read). Never calls ``torch.load``, which aborts the interpreter on an empty file.
+    is read). Never unpickles: torch's loader aborts the interpreter on an empty file.
 
     Returns:
         ``None``, or the reason in a few words: ``empty (0 bytes)``, ``truncated (not a complete
@@ -261,26 +350,30 @@ def load_checkpoint(path: str | Path, crc: bool = True) -> dict[str, Any]:
         The state dictionary.
 
     Raises:
+        UnsafeCheckpointError: the file holds Python objects that could run code
+            (:func:`read_tensors`); nothing of it was unpickled.
         CheckpointError: the file is missing, empty, truncated, corrupt, or torch cannot load it
             (``reason`` says which).
     """
     reason = check_checkpoint(path, crc=crc)
     if reason is not None:
         raise CheckpointError(path, reason)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - unpickling raises anything
-        raise CheckpointError(path, f"unreadable by torch.load ({type(err).__name__}: {_first_line(err)})") from None
+    state = read_tensors(path)
     if not isinstance(state, dict):
         raise CheckpointError(path, f"not a checkpoint (holds a {type(state).__name__})")
     return state
 
 
 def rng_state(extra: torch.Generator | None = None) -> dict[str, Any]:
-    """This process's Python, NumPy, torch (and CUDA) generator states, and ``extra``'s."""
+    """This process's Python, NumPy, torch (and CUDA) generator states, and ``extra``'s, as
+    tensors and plain values (what ``torch.load(weights_only=True)`` reads): NumPy's Mersenne
+    Twister as ``{"kind", "key" (int64 tensor (624,) of the uint32 key), "pos", "has_gauss",
+    "gauss"}``."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -290,9 +383,14 @@ def rng_state(extra: torch.Generator | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], extra: torch.Generator | None = None) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (or, in checkpoints written before, the same with
+    ``np.random.get_state()``'s tuple as it is)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["gauss"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -369,12 +467,14 @@ def _pick_checkpoint(run_dir: Path, resume: bool | None) -> tuple[Path | None, d
     skipped = []
     for path in found:
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path)  # UnsafeCheckpointError (an attack, not damage) stops the run
             if not {"model", "step", "recipe"} <= state.keys():
                 raise CheckpointError(path, "not a checkpoint of a run (no model, step or recipe)")
             reason = missing_shards(path, state, check_checkpoint)
             if reason is not None:
                 raise CheckpointError(path, reason)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as err:
             skipped.append((path, err.reason))
             continue

@@ -41,14 +41,14 @@ import torch
 
 from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
 from ..data.classes import ClassNamesError, read_class_names
-from ..data.features import read_index
+from ..data.features import INDEX, SOURCE, file_digest, read_index
 from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
 from ..models import create_model
 from ..recipe import Recipe
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .fusion import write_scores
 from .head_shards import full_model_state
 from .multilabel import average_precision, multi_hot
@@ -131,6 +131,8 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
     Raises:
         TrainingError: no checkpoint in the run directory (the message names it), the file is
             missing or unreadable, or it holds another model (names the differing keys).
+        CheckpointError: the file is damaged, or refused (:class:`~tsmtrain.train.checkpoint.UnsafeCheckpointError`:
+            it holds Python objects that could run code).
     """
     run_dir = recipe.run_dir
     if checkpoint is None:
@@ -145,7 +147,9 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
     try:
         state = load_checkpoint(path)
         weights, saved = full_model_state(path, state, load_checkpoint), state.get("recipe", {})  # a sharded head joined
-    except Exception as exc:  # a truncated or foreign file: say which
+    except CheckpointError:  # one line naming the file and why (a file that carries code included)
+        raise
+    except Exception as exc:  # a foreign file: say which
         raise TrainingError(f"{path}: not a tsmtrain checkpoint ({type(exc).__name__}: {exc})") from None
     keys = ("arch", "num_classes", "shift", "shift_div")
     theirs, ours = saved.get("model", {}), recipe.model.model_dump(mode="json")
@@ -172,15 +176,37 @@ def _with_extracted_backbone(recipe: Recipe, head: dict, path: Path) -> dict:
     backbone of the checkpoint the features were extracted from (their index names it), this
     run's head.
 
+    The SHA-256 the features recorded of that checkpoint (``index.json``'s ``checkpoint_sha256``,
+    ``source.json``'s) is checked before the file is unpickled.
+
     Raises:
-        TrainingError: no features index, or the checkpoint it names is gone.
+        TrainingError: no features index, the checkpoint it names is gone, or it is not the file
+            the features were extracted from (its SHA-256 differs, or none was recorded).
     """
+    split = Path(recipe.data.features) / "train"
     try:
-        source = Path(read_index(Path(recipe.data.features) / "train")["checkpoint"])
+        index = read_index(split)
+        source = Path(index["checkpoint"])
+        recorded = {INDEX: index.get("checkpoint_sha256")}
+        if (split / SOURCE).is_file():
+            recorded[SOURCE] = json.loads((split / SOURCE).read_text()).get("checkpoint_sha256")
     except DataError as err:
         raise TrainingError(f"data.features: {err}") from None
+    except (KeyError, TypeError, OSError, ValueError) as err:
+        raise TrainingError(f"data.features: {split / INDEX}: not a features index of tsmtrain extract "
+                            f"({type(err).__name__}: {err})") from None
     if not source.is_file():
         raise TrainingError(f"{path} is a head trained on features of {source}, which is gone: its backbone is needed")
+    recorded = {name: digest for name, digest in recorded.items() if digest}
+    if not recorded:
+        raise TrainingError(f"data.features: {split / INDEX} records no SHA-256 of its checkpoint {source}: "
+                            f"extract the features again")
+    digest = file_digest(source)
+    wrong = [name for name, value in recorded.items() if value != digest]
+    if wrong:
+        raise TrainingError(f"data.features: {source} is not the checkpoint the features were extracted from "
+                            f"(its SHA-256 {digest[:12]}... differs from the one in {split / wrong[0]}): refused "
+                            f"unread")
     backbone = full_model_state(source, load_checkpoint(source), load_checkpoint)
     log.info("the head of %s on the backbone of %s (where data.features came from)", path, source)
     return {**{k: v for k, v in backbone.items() if not k.startswith("fc.")}, **head}
