@@ -222,6 +222,30 @@ def test_a_damaged_sample_is_skipped_and_counted(both, tmp_path):
 
 
 
+
+def test_a_damaged_prepared_file_is_skipped_and_counted_as_a_shard_sample_is(both, tmp_path):
+    """The manifest's CRC-32 of each prepared file (output_crc32) is checked where the file is read."""
+    from tsmtrain.data.decoding import VideoDecodeError
+    from tsmtrain.data.loader import prepared_videos
+
+    copy = _copy(both[0], tmp_path)
+    records = read_list(copy / "train.txt", copy)
+    prepared = prepared_videos(copy)
+    path = records[0].path
+    middle = os.path.getsize(path) // 2
+    with open(path, "r+b") as f:  # one byte of the video's frames changed
+        f.seek(middle)
+        byte = f.read(1)
+        f.seek(middle)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    dataset = VideoClipDataset(records, 4, train=True, short_side=32, prepared=prepared)
+    item = dataset[0]
+    assert item["index"] != 0 and len(item["failed"]) == 1
+    assert "CRC-32 mismatch" in item["failed"][0] and path in item["failed"][0]
+    with pytest.raises(VideoDecodeError, match="CRC-32 mismatch"):
+        dataset.fetch(path)  # what a worker reads for decoding on the GPU
+    assert dataset[1]["failed"] == []
+
 def _edit_index(copy, edit):
     """Apply ``edit(doc)`` to the copy's index.json (written as merge_shards writes it)."""
     doc = json.loads((copy / INDEX).read_text())

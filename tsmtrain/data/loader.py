@@ -208,7 +208,7 @@ class VideoClipDataset(Dataset):
         if self.decoder != "torchcodec" or choose_seek_mode(self.seek_mode, entry is not None) != "exact":
             tables = None
         try:
-            data = Path(path).read_bytes()
+            data = _checked_bytes(path, entry.get("output_crc32") if entry else None)
             self._note_opened(path)
             mappings = Path(tables).read_bytes() if tables else None
         except OSError as err:  # worded as Video words it
@@ -263,6 +263,8 @@ class VideoClipDataset(Dataset):
         else:
             self._note_opened(path)
             mappings = entry.get("frame_mappings") if entry else None
+            if entry and entry.get("output_crc32") is not None:  # read whole and checked, as a shard sample
+                options["data"] = _checked_bytes(path, entry["output_crc32"])
         if self.decoder == "torchcodec":
             options["device"] = self.device
             mode = choose_seek_mode(self.seek_mode, entry is not None)
@@ -345,6 +347,24 @@ class VideoClipDataset(Dataset):
         return frames
 
 
+def _checked_bytes(path: str, crc32: int | None) -> bytes:
+    """The bytes of a file ``tsmtrain prepare`` wrote, read whole; with the ``crc32`` its manifest
+    records, checked against it (as :class:`~tsmtrain.data.shards.ShardReader` checks a sample).
+
+    Raises:
+        VideoDecodeError: the file cannot be read, or its CRC-32 differs (a damaged sample: the
+            loader replaces the video and counts it).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:  # worded as Video words it
+        raise VideoDecodeError(path, "file not found" if isinstance(err, FileNotFoundError)
+                               else err.strerror or str(err)) from None
+    if crc32 is not None and zlib.crc32(data) != crc32:
+        raise VideoDecodeError(path, "CRC-32 mismatch: not the bytes tsmtrain prepare wrote (damaged sample)")
+    return data
+
+
 class FlowFrames:
     """The optical flow of one video, read by flow-field index like frames: field ``i`` is the flow
     from frame ``i`` to ``i + 1`` (:mod:`tsmtrain.data.flow`), quantized to uint8.
@@ -373,13 +393,7 @@ class FlowFrames:
         self._fields = fields
         self._video = None
         if fields is None and crc32 is not None:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as err:
-                raise VideoDecodeError(path, "file not found" if isinstance(err, FileNotFoundError)
-                                       else err.strerror or str(err)) from None
-            if zlib.crc32(data) != crc32:
-                raise VideoDecodeError(path, "CRC-32 mismatch: not the bytes tsmtrain prepare wrote (damaged sample)")
+            data = _checked_bytes(path, crc32)
             self._video = open_video(path, "torchcodec", seek_mode="exact", data=data)
         elif fields is None:
             self._video = open_video(path, "torchcodec", seek_mode="exact")

@@ -681,7 +681,8 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         (``"ok"`` | ``"failed"``), ``reason`` (None or text), ``frames`` (int, 0 when failed),
         ``fps`` (frames/s, float), ``frame_rate`` (exact, ``"30000/1001"``), ``width``, ``height``
         (pixels), ``seconds`` (output duration = frames / fps), ``bytes_in``, ``bytes_out``,
-        ``gop`` (frames), ``frame_mappings`` (sidecar path relative to ``out_dir`` or None),
+        ``gop`` (frames), ``output_crc32`` (CRC-32 of the output's bytes; absent when failed),
+        ``frame_mappings`` (sidecar path relative to ``out_dir`` or None),
         ``list``, ``notes`` (list of text), ``source_info`` (codec, stored size, sar, rotation,
         pix_fmt, frame rates, frames, seconds as ffprobe reported them), ``settings``,
         ``encode_seconds`` (wall time), ``host``, ``time`` (seconds since the epoch). With
@@ -754,6 +755,7 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
                 record.update(flow=flow_target.relative_to(out_dir).as_posix(),
                               flow_bytes=flow_target.stat().st_size, flow_crc32=crc)
             _fsync(str(part))
+            record["output_crc32"] = file_crc32(part)  # checked where the loader reads the whole file
             os.replace(part, target)
         except OSError as err:
             raise _Abort(f"cannot write {target}: {err.strerror or err}") from None
