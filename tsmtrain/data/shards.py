@@ -48,7 +48,9 @@ checks every task's shards and writes the list files, the manifest and, last and
 the index.
 
 Errors: :class:`ShardError` (a :class:`~tsmtrain.data.prepare.ManifestError`: a missing or
-malformed index, a missing or truncated shard, named with the videos it holds) and
+malformed index, an index entry naming a file outside the index's folder or bytes outside its
+shard (refused when the index is loaded), a missing or truncated shard, named with the videos it
+holds) and
 :class:`SampleError` (one sample cannot be read: the loader skips it and counts it, as an
 unreadable video file).
 """
