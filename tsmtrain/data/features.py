@@ -39,7 +39,8 @@ from .loader import DataError
 from .shards import outside_folder
 
 __all__ = ["FeatureDataset", "collate_features", "shard_path", "write_shard", "read_shard", "shard_is_complete",
-           "write_index", "read_index", "check_shard", "list_digest", "file_digest", "source_digest", "check_source", "write_source",
+           "write_index", "read_index", "check_shard", "list_digest", "file_digest", "source_digest", "check_source",
+           "write_source",
            "INDEX", "SOURCE"]
 
 INDEX = "index.json"

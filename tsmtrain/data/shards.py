@@ -164,7 +164,8 @@ def outside_folder(folder: Path, name: object, resolve: bool = True) -> str | No
     except (OSError, RuntimeError) as err:  # a symlink loop
         return f"{name!r} cannot be resolved ({err})"
     if not inside:
-        return f"{name!r} is a symbolic link to {(folder / rel).resolve()}, outside the index's folder {folder}"
+        return (f"{name!r} resolves to {(folder / rel).resolve()}, outside the index's folder {folder} "
+                "(a symbolic link)")
     return None
 
 
@@ -205,9 +206,8 @@ def _index_problems(folder: Path, shards: list, videos: dict) -> list[str]:
         ends.append(s["bytes"] if _whole(s["bytes"]) else -1)
     for n, (rel, r) in enumerate(videos.items()):
         where = f"videos[{n}] ({rel!r})"
-        why = outside_folder(folder, rel, resolve=False)  # a key, never opened: the bytes are in a shard
-        if why:
-            problems.append(f"{where}: {why}")
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):  # a key, never opened: the bytes are in a shard
+            problems.append(f"{where}: {outside_folder(folder, rel, resolve=False)}")
         shard, offset, size = r["shard"], r["offset"], r["size"]
         bad = [f"{key} {_shown(r[key])}" for key in ("shard", "offset", "size") if not _whole(r[key])]
         if bad:
@@ -217,8 +217,8 @@ def _index_problems(folder: Path, shards: list, videos: dict) -> list[str]:
             problems.append(f"{where}: shard {shard}: the index lists {len(shards)} shards")
             continue
         if ends[shard] >= 0 and offset + size > ends[shard]:
-            problems.append(f"{where}: offset {offset} + size {size} ends past the end of shard {shards[shard]['path']}"
-                            f" ({ends[shard]} bytes)")
+            problems.append(f"{where}: offset {offset} + size {size} ends past the end of shard "
+                            f"{shards[shard]['path']} ({ends[shard]} bytes)")
             continue
         for key in ("video", "frame_mappings"):
             span = r["video"] if key == "video" else r.get(key)
