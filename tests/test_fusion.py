@@ -185,6 +185,29 @@ def test_user_mistakes_are_one_error_line(two_runs, tmp_path):
         parse_weights("1,-1", 2)
 
 
+
+def test_labels_out_of_range_are_one_error_line_naming_the_file_and_video(two_runs):
+    """issue 30: `fuse` of score files whose labels are out of range gave a traceback."""
+    a, b = two_runs
+    bad = fake_test(b.parent / "bad" / "test" / "test-1clip-1crop", PATHS, [0, 1, 7, 2, 1], B)
+    line = error_line(invoke("fuse", a, bad.parents[1]))
+    assert f"{bad / SCORES_FILE}: labels: the label video 'v/2.mp4' is 7, outside 0..2 (num_classes 3)" in line
+    lost = fake_test(b.parent / "lost" / "test" / "test-1clip-1crop", PATHS, [0, 1, 2, 2, -1], B)
+    line = error_line(invoke("fuse", a, lost.parents[1]))
+    assert "unreadable_labels: the label video 'v/4.mp4' is -1, outside 0..2" in line
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_are_one_error_line_naming_the_file_and_value(two_runs, value):
+    """issue 30: `fuse` accepted NaN or inf scores (and reported figures computed from them)."""
+    a, b = two_runs
+    scores = [list(row) if row else row for row in B]
+    scores[1][2] = value
+    bad = fake_test(b.parent / "bad" / "test" / "test-1clip-1crop", PATHS, LABELS, scores)
+    line = error_line(invoke("fuse", a, bad.parents[1]))
+    assert f"{bad / SCORES_FILE}: the score of class 2 of video 'v/1.mp4' is {np.float32(value)}" in line
+    assert "(1 scores not finite)" in line
+
 def test_latest_test_or_the_named_one(two_runs):
     a, b = two_runs
     newer = fake_test(a / "test" / "test-1clip-1crop", PATHS, LABELS, B)

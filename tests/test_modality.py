@@ -209,6 +209,52 @@ def test_the_loader_reads_the_flow_prepare_stored(prepared_flow, tmp_path):
         flow_files(prepared_flow, records, prepared_videos(prepared_flow), "farneback", "medium", 20.0)
 
 
+
+def test_flipped_bytes_in_a_flow_file_are_a_damaged_sample(prepared_flow, tmp_path, caplog):
+    """issue 30, item 6: flipping 20 bytes in an FFV1 flow file silently changed frames; the
+    manifest's CRC-32 of each flow file now finds it where it is read, and the video is replaced
+    and counted as a damaged shard sample is. A manifest without checksums still reads (a warning)."""
+    import shutil
+
+    from tsmtrain.data.prepare import MANIFEST
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_flow, copy)
+    records = read_list(copy / "train.txt", copy, 4)
+    prepared = prepared_videos(copy)
+    entry = prepared[records[1].path]
+    assert entry["flow_crc32"] == F.file_crc32(entry["flow"])
+    original, n = Path(entry["flow"]).read_bytes(), entry["flow_frames"]
+    reference = F.read_flow(entry["flow"], range(n))
+    for at in range(len(original) // 2, len(original) - 20, 67):  # 20 bytes flipped where FFV1 does not notice
+        data = bytearray(original)
+        data[at:at + 20] = bytes(b ^ 0xFF for b in data[at:at + 20])
+        Path(entry["flow"]).write_bytes(bytes(data))
+        try:
+            if not np.array_equal(F.read_flow(entry["flow"], range(n)), reference):
+                break  # decodes without an error, to other flow: what the issue found
+        except F.FlowError:
+            pass
+    else:
+        pytest.fail("no 20 flipped bytes changed the flow silently")
+    modality = Modality("flow", 3)
+    flows = flow_files(copy, records, prepared, "dis", "medium", 20.0)
+    ds = VideoClipDataset(records, 2, train=True, prepared=prepared, modality=modality, flows=flows, short_side=40)
+    item = ds[(1, 0)]
+    assert item["index"] != 1 and len(item["failed"]) == 1
+    assert "CRC-32 mismatch" in item["failed"][0] and entry["flow"] in item["failed"][0]
+    assert ds[(0, 0)]["failed"] == []  # the others read as before
+    # a manifest written before the checksums: read unchecked, with one warning
+    lines = (copy / MANIFEST).read_text().splitlines()
+    (copy / MANIFEST).write_text("".join(json.dumps({k: v for k, v in json.loads(line).items()
+                                                     if k != "flow_crc32"}) + "\n" for line in lines))
+    old = prepared_videos(copy)
+    with caplog.at_level("WARNING"):
+        flows = flow_files(copy, records, old, "dis", "medium", 20.0)
+    assert "3 of 3 videos' flow files have no checksum in the manifest" in caplog.text
+    ds = VideoClipDataset(records, 2, train=True, prepared=old, modality=modality, flows=flows, short_side=40)
+    assert ds[(0, 0)]["failed"] == []
+
 def test_videos_without_flow_are_one_error_line(tiny_demo, tmp_path):
     path = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "noflow", data={"modality": "flow"}, dist={"engine": "none"})
     done = invoke("run", path)

@@ -221,6 +221,101 @@ def test_a_damaged_sample_is_skipped_and_counted(both, tmp_path):
     assert "CRC-32 mismatch" in item["failed"][0] and rel in item["failed"][0]
 
 
+
+
+def test_a_damaged_prepared_file_is_skipped_and_counted_as_a_shard_sample_is(both, tmp_path):
+    """The manifest's CRC-32 of each prepared file (output_crc32) is checked where the file is read."""
+    from tsmtrain.data.decoding import VideoDecodeError
+    from tsmtrain.data.loader import prepared_videos
+
+    copy = _copy(both[0], tmp_path)
+    records = read_list(copy / "train.txt", copy)
+    prepared = prepared_videos(copy)
+    path = records[0].path
+    middle = os.path.getsize(path) // 2
+    with open(path, "r+b") as f:  # one byte of the video's frames changed
+        f.seek(middle)
+        byte = f.read(1)
+        f.seek(middle)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    dataset = VideoClipDataset(records, 4, train=True, short_side=32, prepared=prepared)
+    item = dataset[0]
+    assert item["index"] != 0 and len(item["failed"]) == 1
+    assert "CRC-32 mismatch" in item["failed"][0] and path in item["failed"][0]
+    with pytest.raises(VideoDecodeError, match="CRC-32 mismatch"):
+        dataset.fetch(path)  # what a worker reads for decoding on the GPU
+    assert dataset[1]["failed"] == []
+
+def _edit_index(copy, edit):
+    """Apply ``edit(doc)`` to the copy's index.json (written as merge_shards writes it)."""
+    doc = json.loads((copy / INDEX).read_text())
+    edit(doc)
+    (copy / INDEX).write_text(json.dumps(doc, separators=(",", ":")))
+    return doc
+
+
+def test_index_entries_outside_the_folder_or_the_shard_are_refused_when_loaded(both, tmp_path, monkeypatch):
+    """issue 30, item 5: an index followed `../..`, absolute paths and negative offsets, and only
+    the CRC rejected what it read; now the entry is refused, named, before any shard is opened."""
+    copy = _copy(both[1], tmp_path)
+    original = json.loads((copy / INDEX).read_text())
+    first = original["shards"][0]["path"]
+    rel0, sample0 = next(iter(original["videos"].items()))
+    outside = tmp_path / "outside.tar"
+    shutil.copy(copy / first, outside)
+    (copy / "shards" / "link.tar").symlink_to(outside)
+    opened = []
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a[0]) or (_ for _ in ()).throw(AssertionError))
+    cases = [
+        (lambda d: d["shards"][0].update(path="../" * 6 + "etc/passwd"), "shards[0]: path '../../",
+         "leaves the index's folder"),
+        (lambda d: d["shards"][0].update(path=str(outside)), f"shards[0]: path '{outside}' is an absolute path", ""),
+        (lambda d: d["shards"][0].update(path="shards/link.tar"), "shards[0]: path 'shards/link.tar' resolves to "
+         f"{outside}, outside the index's folder", "(a symbolic link)"),
+        (lambda d: d["videos"][rel0].update(offset=-512), f"videos[0] ('{rel0}'): offset -512", "whole number >= 0"),
+        (lambda d: d["videos"][rel0].update(size=original["shards"][sample0["shard"]]["bytes"] + 1),
+         f"videos[0] ('{rel0}'): offset {sample0['offset']} + size", "ends past the end of shard"),
+        (lambda d: d["videos"].update({"../../x.mp4": d["videos"].pop(rel0)}),
+         "('../../x.mp4'): '../../x.mp4' leaves", ""),
+        (lambda d: d["videos"][rel0].update(video=[sample0["video"][0], sample0["size"]]),
+         f"videos[0] ('{rel0}'): video [{sample0['video'][0]}, {sample0['size']}] is not", "inside the sample"),
+    ]
+    for edit, *expected in cases:
+        (copy / INDEX).write_text(json.dumps(original))
+        _edit_index(copy, edit)
+        with pytest.raises(ShardError) as err:
+            ShardIndex.load(copy / INDEX)
+        (line,) = err.value.problems
+        assert line.startswith(f"{copy / INDEX}: ") and all(e in line for e in expected), line
+    assert opened == []  # refused at load: no shard was opened
+
+
+def _size_1e15(both, tmp_path):
+    """A copy of the shards whose index gives its first training video ``"size":1e15``."""
+    copy = _copy(both[1], tmp_path)
+    rel = read_list(copy / "train.txt", copy / INDEX)[0].path[len(str(copy)) + 1:]
+    text = (copy / INDEX).read_text()
+    size = json.loads(text)["videos"][rel]["size"]
+    at = text.index(f'"{rel}":')
+    end = text.index("}", at)
+    (copy / INDEX).write_text(text[:at] + text[at:end].replace(f'"size":{size}', '"size":1e15') + text[end:])
+    assert '"size":1e15' in (copy / INDEX).read_text()
+    return copy, rel
+
+
+def test_a_size_of_1e15_is_one_error_line_in_run_and_bench_data(both, tmp_path):
+    """issue 30, item 4: `size: 1e15` in a shard index was a MemoryError in run and bench data."""
+    copy, rel = _size_1e15(both, tmp_path)
+    path = _recipe(tmp_path / "r.yaml", copy / INDEX, "huge", dist={"engine": "none"}, data={"workers": 0})
+    bench = ["bench", "data", str(path), "--workers", "1", "--clips", "2", "--rounds", "1"]
+    for args in (["run", str(path)], bench):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "MemoryError" not in result.output
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert f"{copy / INDEX}: videos[" in line and f"('{rel}'): size 1e+15: not a whole number >= 0" in line
+    assert not (tmp_path / "runs" / "huge" / "metrics.jsonl").exists()
+
 def test_array_tasks_then_merge_hold_the_same_videos_and_a_missing_task_is_named(tiny_demo, both, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(tiny_demo, root)

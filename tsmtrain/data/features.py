@@ -36,9 +36,11 @@ import numpy as np
 import torch
 
 from .loader import DataError
+from .shards import outside_folder
 
 __all__ = ["FeatureDataset", "collate_features", "shard_path", "write_shard", "read_shard", "shard_is_complete",
-           "write_index", "read_index", "list_digest", "file_digest", "source_digest", "check_source", "write_source",
+           "write_index", "read_index", "check_shard", "list_digest", "file_digest", "source_digest", "check_source",
+           "write_source",
            "INDEX", "SOURCE"]
 
 INDEX = "index.json"
@@ -148,6 +150,40 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable features shard ({type(err).__name__}: {err})") from None
 
 
+def check_shard(path: Path, z: dict[str, np.ndarray], dim: int, num_classes: int | None) -> None:
+    """Refuse a shard's arrays (:func:`read_shard`) that a head cannot train on: ``features`` not
+    ``(n, dim)``, ``index`` or ``label_counts`` not ``(n,)``, label counts that do not add up to
+    ``labels``, a label outside ``0..num_classes-1`` (or negative, without ``num_classes``), a
+    NaN or infinite feature.
+
+    Raises:
+        DataError: one line naming ``path``, the video (its line in the list, 1-based) and the value.
+    """
+    try:
+        features, index, labels, counts = z["features"], z["index"], z["labels"], z["label_counts"]
+    except KeyError as err:
+        raise DataError(f"{path}: not a features shard (no array {err})") from None
+    if features.ndim != 2 or features.shape[1] != dim:
+        raise DataError(f"{path}: features of shape {tuple(features.shape)}, the index says dim {dim} "
+                        f"(expected (videos, {dim})); extract again")
+    n = len(features)
+    if index.shape != (n,) or counts.shape != (n,) or (counts < 0).any() or int(counts.sum()) != len(labels):
+        raise DataError(f"{path}: {n} feature rows but index {tuple(index.shape)}, label_counts "
+                        f"{tuple(counts.shape)} adding up to {int(counts.sum())} for {len(labels)} labels")
+    owner = np.repeat(np.arange(n), counts)  # the row of each label
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes) if isinstance(num_classes, int) else labels < 0)
+    if len(bad):
+        row = int(owner[bad[0]])
+        valid = f"0..{num_classes - 1} (num_classes {num_classes})" if isinstance(num_classes, int) else ">= 0"
+        raise DataError(f"{path}: label {int(labels[bad[0]])} of the video on line {int(index[row]) + 1} of the list "
+                        f"(row {row}) is outside {valid}; {len(bad)} labels are")
+    finite = np.isfinite(features)
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        raise DataError(f"{path}: feature [{row}, {col}] of the video on line {int(index[row]) + 1} of the list is "
+                        f"{features[row, col]} ({int((~finite).sum())} values not finite); extract again")
+
+
 def shard_is_complete(path: Path, lines: list[int], dim: int | None = None, source: str | None = None) -> bool:
     """Whether ``path`` is an intact shard of exactly the list's ``lines`` (read or failed, each
     once), of ``dim`` features, made with the settings of digest ``source``: what a resumed
@@ -229,16 +265,30 @@ class FeatureDataset(torch.utils.data.Dataset):
         videos that have no features.
 
     Raises:
-        DataError: no index, a missing or damaged shard (names it).
+        DataError: no index, a missing or damaged shard (names it); a shard named outside the
+            split's folder, features of another dimension than the index's ``dim``, a label
+            outside ``0..num_classes-1``, a NaN or infinite feature (:func:`check_shard`: names the
+            file, the video's line and the value).
     """
 
     def __init__(self, split_dir: str | Path):
         self.split_dir = Path(split_dir)
         self.index = read_index(self.split_dir)
-        self.dim = int(self.index["dim"])
+        index_file = self.split_dir / INDEX
+        dim, names = self.index.get("dim"), self.index.get("shards")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise DataError(f"{index_file}: dim {json.dumps(dim)} is not a feature dimension (a whole number >= 1)")
+        if not isinstance(names, list):
+            raise DataError(f"{index_file}: shards {json.dumps(names)[:80]} is not a list of files")
+        for n, name in enumerate(names):
+            why = outside_folder(self.split_dir, name)
+            if why:
+                raise DataError(f"{index_file}: shards[{n}]: {why}")
+        self.dim = dim
         parts, labels = [], []
-        for name in self.index["shards"]:
+        for name in names:
             z = read_shard(self.split_dir / name)
+            check_shard(self.split_dir / name, z, dim, self.index.get("num_classes"))
             parts.append(torch.from_numpy(z["features"].astype(np.float32)))
             bounds = np.concatenate([[0], np.cumsum(z["label_counts"])])
             labels += [tuple(int(y) for y in z["labels"][a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -59,7 +59,7 @@ import numpy as np
 __all__ = ["METHODS", "DIS_PRESETS", "DEFAULT_BOUND", "FLOW_SUFFIX", "compute_flow", "quantize_flow",
            "dequantize_flow", "quantization_error", "write_flow", "read_flow", "flow_frames", "flow_of_video",
            "flow_of_dataset", "read_flow_marker", "FLOW_MARKER",
-           "flow_path", "check_flow_settings", "FlowError"]
+           "flow_path", "check_flow_settings", "file_crc32", "FlowError"]
 
 METHODS = ("tvl1", "dis", "farneback")
 """The optical flow methods :func:`compute_flow` knows."""
@@ -319,6 +319,22 @@ def flow_of_video(video_path: str | Path, flow_path: str | Path, fps: Any, metho
     return dict(frames=n - 1, seconds=round(time.time() - started, 3), max_error=round(worst, 4),
                 mean_error=round(total / values, 4), clipped=round(clipped / values, 6),
                 mean_clip_error=round(total_clip / values, 4))
+
+
+def file_crc32(path: str | Path) -> int:
+    """CRC-32 (``zlib.crc32``, as the tar shards' samples carry) of a file's bytes, read in 1 MiB
+    blocks: what ``tsmtrain prepare --flow`` records as a flow file's ``flow_crc32``.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def flow_path(output: str) -> str:

@@ -208,7 +208,7 @@ class VideoClipDataset(Dataset):
         if self.decoder != "torchcodec" or choose_seek_mode(self.seek_mode, entry is not None) != "exact":
             tables = None
         try:
-            data = Path(path).read_bytes()
+            data = _checked_bytes(path, entry.get("output_crc32") if entry else None)
             self._note_opened(path)
             mappings = Path(tables).read_bytes() if tables else None
         except OSError as err:  # worded as Video words it
@@ -263,6 +263,8 @@ class VideoClipDataset(Dataset):
         else:
             self._note_opened(path)
             mappings = entry.get("frame_mappings") if entry else None
+            if entry and entry.get("output_crc32") is not None:  # read whole and checked, as a shard sample
+                options["data"] = _checked_bytes(path, entry["output_crc32"])
         if self.decoder == "torchcodec":
             options["device"] = self.device
             mode = choose_seek_mode(self.seek_mode, entry is not None)
@@ -338,11 +340,29 @@ class VideoClipDataset(Dataset):
             return FlowFrames.computed(self.open(path), **self.flow_settings)
         self._note_opened(flow)
         entry = self.prepared.get(path) or {}
-        frames = FlowFrames(flow, self.frame_size, self.short_side)
+        frames = FlowFrames(flow, self.frame_size, self.short_side, crc32=entry.get("flow_crc32"))
         if entry.get("flow_frames") not in (None, frames.num_frames):
             raise VideoDecodeError(flow, f"{frames.num_frames} flow frames, but tsmtrain prepare recorded "
                                          f"{entry['flow_frames']}; prepare it again")
         return frames
+
+
+def _checked_bytes(path: str, crc32: int | None) -> bytes:
+    """The bytes of a file ``tsmtrain prepare`` wrote, read whole; with the ``crc32`` its manifest
+    records, checked against it (as :class:`~tsmtrain.data.shards.ShardReader` checks a sample).
+
+    Raises:
+        VideoDecodeError: the file cannot be read, or its CRC-32 differs (a damaged sample: the
+            loader replaces the video and counts it).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:  # worded as Video words it
+        raise VideoDecodeError(path, "file not found" if isinstance(err, FileNotFoundError)
+                               else err.strerror or str(err)) from None
+    if crc32 is not None and zlib.crc32(data) != crc32:
+        raise VideoDecodeError(path, "CRC-32 mismatch: not the bytes tsmtrain prepare wrote (damaged sample)")
+    return data
 
 
 class FlowFrames:
@@ -355,19 +375,28 @@ class FlowFrames:
         frame_size: ``(H, W)`` to resize the fields to; else ``short_side`` (resize to that short
             side), else as stored. Resizing is bilinear on the quantized values, which are not
             rescaled (as mmaction2 resizes flow images).
+        crc32: the file's CRC-32 as ``tsmtrain prepare --flow`` recorded it (``flow_crc32``): the
+            whole file is then read in one go, checked, and decoded from memory, as a tar shard's
+            sample is; None (a manifest written before checksums): decoded from the file, unchecked.
 
     Attributes:
         num_frames: flow fields (the video's frames - 1).
 
     Raises:
-        VideoDecodeError: the file cannot be opened.
+        VideoDecodeError: the file cannot be opened, or its CRC-32 differs (a damaged sample: the
+            loader replaces the video and counts it, as it does a damaged shard sample).
     """
 
     def __init__(self, path: str | None, frame_size: tuple[int, int] | None = None, short_side: int | None = None,
-                 fields: torch.Tensor | None = None):
+                 fields: torch.Tensor | None = None, crc32: int | None = None):
         self.path, self.frame_size, self.short_side = path, frame_size, short_side
         self._fields = fields
-        self._video = open_video(path, "torchcodec", seek_mode="exact") if fields is None else None
+        self._video = None
+        if fields is None and crc32 is not None:
+            data = _checked_bytes(path, crc32)
+            self._video = open_video(path, "torchcodec", seek_mode="exact", data=data)
+        elif fields is None:
+            self._video = open_video(path, "torchcodec", seek_mode="exact")
         self.num_frames = len(fields) if fields is not None else self._video.num_frames
 
     @classmethod
@@ -420,7 +449,9 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
 
     A prepared video's flow is the one its manifest record names (``tsmtrain prepare --flow``);
     a dataset that tsmtrain rendered (``data.generate``) keeps its flow beside each video, with
-    the settings in ``root/.flow.json`` (:func:`tsmtrain.data.flow.flow_of_dataset`).
+    the settings in ``root/.flow.json`` (:func:`tsmtrain.data.flow.flow_of_dataset`). Prepared
+    flow files without a recorded ``flow_crc32`` (a manifest older than the checksums) are
+    logged once, as a warning: they are read unchecked.
 
     Returns:
         ``{video path: flow file path}``.
@@ -457,6 +488,13 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
         raise DataError(f"data.modality: flow: {len(missing)} of {len(records)} videos have no optical flow, first "
                         f"{missing[0]}; prepare them with tsmtrain prepare --flow {method} (the folder it writes is "
                         f"data.root)")
+    unchecked = [r.path for r in records if (prepared.get(r.path) or {}).get("flow")
+                 and "flow_crc32" not in prepared[r.path]]
+    if unchecked:
+        log.warning("data.modality: flow: %d of %d videos' flow files have no checksum in the manifest (prepared "
+                    "before flow checksums were recorded), first %s: they are read without an integrity check; "
+                    "prepare them again into a new folder to add checksums", len(unchecked), len(records),
+                    unchecked[0])
     if other:
         path, (m, p, b) = other[0]
         raise DataError(f"data.modality: flow: {len(other)} videos' flow was computed with --flow {m} "

@@ -681,13 +681,15 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         (``"ok"`` | ``"failed"``), ``reason`` (None or text), ``frames`` (int, 0 when failed),
         ``fps`` (frames/s, float), ``frame_rate`` (exact, ``"30000/1001"``), ``width``, ``height``
         (pixels), ``seconds`` (output duration = frames / fps), ``bytes_in``, ``bytes_out``,
-        ``gop`` (frames), ``frame_mappings`` (sidecar path relative to ``out_dir`` or None),
+        ``gop`` (frames), ``output_crc32`` (CRC-32 of the output's bytes; absent when failed),
+        ``frame_mappings`` (sidecar path relative to ``out_dir`` or None),
         ``list``, ``notes`` (list of text), ``source_info`` (codec, stored size, sar, rotation,
         pix_fmt, frame rates, frames, seconds as ffprobe reported them), ``settings``,
         ``encode_seconds`` (wall time), ``host``, ``time`` (seconds since the epoch). With
         ``settings.flow`` also ``flow`` (the flow video, relative to ``out_dir``; None when failed),
         ``flow_method``, ``flow_preset``, ``flow_bound`` (px), ``flow_frames`` (``frames - 1``),
-        ``flow_bytes``, ``flow_seconds`` (wall time of decoding, flow and writing) and
+        ``flow_bytes``, ``flow_crc32`` (CRC-32 of the flow file's bytes, checked each time the
+        loader reads it), ``flow_seconds`` (wall time of decoding, flow and writing) and
         ``flow_max_error``, ``flow_mean_error`` (px: quantization and storage, within the bound),
         ``flow_clipped`` (fraction of values beyond the bound), ``flow_mean_clip_error`` (px:
         mean error with the clipping) (:func:`.flow.flow_of_video`).
@@ -711,7 +713,7 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _Abort(f"cannot create {target.parent}: {err.strerror or err}") from None
-    from .flow import flow_path
+    from .flow import file_crc32, flow_path
 
     flow_target = out_dir / flow_path(video.output)
     for pattern in (f".{target.name}.part-", f".{target.name}{FRAMES_SUFFIX}.part-",
@@ -748,10 +750,12 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
                 record["frame_mappings"] = sidecar.relative_to(out_dir).as_posix()
             if settings.flow is not None:
                 _fsync(str(flow_part))
+                crc = file_crc32(flow_part)  # verified on every read (tsmtrain.data.loader.FlowFrames)
                 os.replace(flow_part, flow_target)
                 record.update(flow=flow_target.relative_to(out_dir).as_posix(),
-                              flow_bytes=flow_target.stat().st_size)
+                              flow_bytes=flow_target.stat().st_size, flow_crc32=crc)
             _fsync(str(part))
+            record["output_crc32"] = file_crc32(part)  # checked where the loader reads the whole file
             os.replace(part, target)
         except OSError as err:
             raise _Abort(f"cannot write {target}: {err.strerror or err}") from None

@@ -48,7 +48,9 @@ checks every task's shards and writes the list files, the manifest and, last and
 the index.
 
 Errors: :class:`ShardError` (a :class:`~tsmtrain.data.prepare.ManifestError`: a missing or
-malformed index, a missing or truncated shard, named with the videos it holds) and
+malformed index, an index entry naming a file outside the index's folder or bytes outside its
+shard (refused when the index is loaded), a missing or truncated shard, named with the videos it
+holds) and
 :class:`SampleError` (one sample cannot be read: the loader skips it and counts it, as an
 unreadable video file).
 """
@@ -73,8 +75,8 @@ from .prepare import (FRAMES_SUFFIX, MANIFEST, SHARDS_DIR, ManifestError, MergeR
                       run_shard, shard_videos)
 
 __all__ = ["INDEX", "WIDS_INDEX", "SHARDS_FOLDER", "STAGING", "DEFAULT_SHARD_SIZE", "INDEX_KIND", "ShardError",
-           "SampleError", "Sample", "ShardIndex", "ShardReader", "is_shard_index", "parse_size", "write_tar",
-           "TaskSummary", "run_task", "task_lines", "merge_shards"]
+           "SampleError", "Sample", "ShardIndex", "ShardReader", "is_shard_index", "outside_folder", "parse_size",
+           "write_tar", "TaskSummary", "run_task", "task_lines", "merge_shards"]
 
 INDEX = "index.json"
 """The shard index in the output folder; ``data.root`` points at it."""
@@ -142,6 +144,93 @@ def is_shard_index(root: str | Path) -> bool:
     """Whether ``data.root`` names a shard index (a ``.json`` file) rather than a folder."""
     path = Path(root)
     return path.suffix == ".json" and path.is_file()
+
+
+def outside_folder(folder: Path, name: object, resolve: bool = True) -> str | None:
+    """Why the file ``name`` that an index in ``folder`` names is not inside ``folder``, or None
+    when it is: not a non-empty relative path, a ``..`` in it, or (``resolve``: symbolic links
+    resolved, one ``lstat`` per path component) a file outside ``folder``."""
+    if not isinstance(name, str) or not name:
+        return f"{_shown(name)} is not a file name"
+    rel = Path(name)
+    if rel.is_absolute():
+        return f"{name!r} is an absolute path (an index names files inside its folder {folder})"
+    if ".." in rel.parts:
+        return f"{name!r} leaves the index's folder {folder} (..)"
+    if not resolve:
+        return None
+    try:
+        inside = (folder / rel).resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        return f"{name!r} cannot be resolved ({err})"
+    if not inside:
+        return (f"{name!r} resolves to {(folder / rel).resolve()}, outside the index's folder {folder} "
+                "(a symbolic link)")
+    return None
+
+
+def _shown(value: object) -> str:
+    """A JSON value as a message names it: ``1e+15`` rather than ``1000000000000000.0``."""
+    if isinstance(value, float) and len(repr(value)) > 12:
+        return f"{value:.6g}"
+    return json.dumps(value)[:80]
+
+
+def _whole(value: object) -> bool:
+    """A JSON whole number >= 0 (not a float such as ``1e15``, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _index_problems(folder: Path, shards: list, videos: dict) -> list[str]:
+    """Every refused entry of a shard index's ``shards`` and ``videos`` (one line each, naming the
+    entry and its value): a shard file outside ``folder`` (:func:`outside_folder`), a size or
+    count that is not a whole number >= 0; a video path outside ``folder``, a shard number not
+    listed, an offset or size that is not a whole number >= 0, a sample that ends past its
+    shard's recorded size, a member (``video``, ``frame_mappings``) outside its sample, a CRC-32
+    out of range.
+
+    Raises:
+        KeyError, TypeError, AttributeError: a record lacks a field or is not an object
+            (:meth:`ShardIndex.load` reports it as malformed).
+    """
+    problems: list[str] = []
+    ends = []
+    for n, s in enumerate(shards):
+        where = f"shards[{n}]"
+        why = outside_folder(folder, s["path"])
+        if why:
+            problems.append(f"{where}: path {why}")
+        for key in ("bytes", "samples"):
+            if not _whole(s[key]):
+                problems.append(f"{where}: {key} {_shown(s[key])} is not a whole number >= 0")
+        ends.append(s["bytes"] if _whole(s["bytes"]) else -1)
+    for n, (rel, r) in enumerate(videos.items()):
+        where = f"videos[{n}] ({rel!r})"
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):  # a key, never opened: the bytes are in a shard
+            problems.append(f"{where}: {outside_folder(folder, rel, resolve=False)}")
+        shard, offset, size = r["shard"], r["offset"], r["size"]
+        bad = [f"{key} {_shown(r[key])}" for key in ("shard", "offset", "size") if not _whole(r[key])]
+        if bad:
+            problems.append(f"{where}: {', '.join(bad)}: not a whole number >= 0")
+            continue
+        if shard >= len(shards):
+            problems.append(f"{where}: shard {shard}: the index lists {len(shards)} shards")
+            continue
+        if ends[shard] >= 0 and offset + size > ends[shard]:
+            problems.append(f"{where}: offset {offset} + size {size} ends past the end of shard "
+                            f"{shards[shard]['path']} ({ends[shard]} bytes)")
+            continue
+        for key in ("video", "frame_mappings"):
+            span = r["video"] if key == "video" else r.get(key)
+            if key != "video" and not span:
+                continue
+            if (not isinstance(span, list) or len(span) != 2 or not all(map(_whole, span))
+                    or span[0] < offset or span[0] + span[1] > offset + size):
+                problems.append(f"{where}: {key} {_shown(span)} is not [offset, size] inside the sample "
+                                f"(bytes {offset} to {offset + size})")
+        if not _whole(r["crc32"]) or r["crc32"] >= 1 << 32:
+            problems.append(f"{where}: crc32 {_shown(r['crc32'])} is not a CRC-32")
+    return problems
 
 
 # --------------------------------------------------------------------------- writing a shard
@@ -262,11 +351,15 @@ class ShardIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> "ShardIndex":
-        """Read an index written by :func:`merge_shards`.
+        """Read an index written by :func:`merge_shards` and check every entry before any shard is
+        opened (:func:`_index_problems`): files inside the index's folder, whole non-negative
+        offsets and sizes, each sample inside its shard's recorded size (which :meth:`check`
+        compares with the file, one ``stat`` per shard, before the first read).
 
         Raises:
-            ShardError: the file cannot be read, is not JSON, is not a tsmtrain shard index, or
-                a record lacks a field (named by key).
+            ShardError: the file cannot be read, is not JSON, is not a tsmtrain shard index, a
+                record lacks a field (named by key), or entries are refused (one line each,
+                naming the index file, the entry and the value; the first 5 and a count).
         """
         path = Path(path)
         try:
@@ -279,6 +372,15 @@ class ShardIndex:
             raise ShardError(f"{path}: not a shard index (no \"kind\": \"{INDEX_KIND}\"); write one with "
                              "tsmtrain prepare --shards")
         try:
+            problems = _index_problems(path.parent, doc["shards"], doc["videos"])
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ShardError(f"{path}: malformed shard index ({type(err).__name__}: {err})") from None
+        if problems:
+            lines = [f"{path}: {line}" for line in problems[:5]]
+            if len(problems) > 5:
+                lines[-1] += f" (and {len(problems) - 5} more entries refused)"
+            raise ShardError(lines)
+        try:
             shards = [dict(path=s["path"], bytes=int(s["bytes"]), samples=int(s["samples"])) for s in doc["shards"]]
             samples = {rel: Sample(key=r["key"], shard=int(r["shard"]), offset=int(r["offset"]), size=int(r["size"]),
                                    video=tuple(r["video"]),
@@ -288,9 +390,6 @@ class ShardIndex:
                        for rel, r in doc["videos"].items()}
         except (KeyError, TypeError, ValueError) as err:
             raise ShardError(f"{path}: malformed shard index ({type(err).__name__}: {err})") from None
-        bad = [rel for rel, s in samples.items() if not 0 <= s.shard < len(shards)]
-        if bad:
-            raise ShardError(f"{path}: {len(bad)} videos name a shard the index does not list, e.g. {bad[0]}")
         return cls(path, path.parent, shards, samples)
 
     def shard_path(self, shard: int) -> Path:

@@ -215,8 +215,9 @@ def load_scores(run: str | Path, test_dir: str | None = None) -> StreamScores:
         A :class:`StreamScores` (``scores`` float32 ``(V, K)``).
 
     Raises:
-        FusionError: no test, a test saved without scores (before they were saved), or a file
-            that is not a scores file.
+        FusionError: no test, a test saved without scores (before they were saved), a file
+            that is not a scores file, a label outside ``0..K-1`` (multi-label: a value not 0 or
+            1), or a NaN or infinite score (names the file, the video and the value).
     """
     folder = find_test_folder(run, test_dir)
     path = folder / SCORES_FILE
@@ -228,18 +229,41 @@ def load_scores(run: str | Path, test_dir: str | None = None) -> StreamScores:
             scores = npz["scores"].astype(np.float32)
             labels, paths = npz["labels"].astype(np.int64), [str(p) for p in npz["paths"]]
             multi = bool(npz["multi_label"]) if "multi_label" in npz.files else False
-            unreadable = {str(p): tuple(np.flatnonzero(y).tolist()) if multi else int(y)
-                          for p, y in zip(npz["unreadable_paths"], npz["unreadable_labels"])}
+            lost, lost_paths = npz["unreadable_labels"].astype(np.int64), [str(p) for p in npz["unreadable_paths"]]
+            unreadable = {p: tuple(np.flatnonzero(y).tolist()) if multi else int(y) for p, y in zip(lost_paths, lost)}
             classes, k = [str(c) for c in npz["classes"]] or None, int(npz["num_classes"])
     except Exception as exc:  # truncated, foreign, or missing an array
         raise FusionError(f"{path}: not a tsmtrain scores file ({type(exc).__name__}: {exc})") from None
     if scores.shape != (len(paths), k) or labels.shape != ((len(paths), k) if multi else (len(paths),)):
         raise FusionError(f"{path}: scores {scores.shape}, labels {labels.shape}, {len(paths)} paths, {k} classes")
+    _check_values(path, scores, (labels, paths), (lost, lost_paths), k, multi)
     try:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}
     return StreamScores(str(run), folder, scores, labels, paths, unreadable, classes, k, summary, multi)
+
+
+def _check_values(path: Path, scores: np.ndarray, read: tuple[np.ndarray, list[str]],
+                  lost: tuple[np.ndarray, list[str]], k: int, multi: bool) -> None:
+    """Refuse the labels (``read`` and ``lost``: the read and unreadable videos' labels and
+    paths; single-label ``(V,)`` in ``0..k-1``, multi-hot ``(V, k)`` of 0 and 1) and the scores
+    (finite) of a scores file that :func:`figures` would index out of range or average into NaN,
+    with one line naming the file, the first bad video and its value."""
+    paths = read[1]
+    for name, (values, who) in (("labels", read), ("unreadable_labels", lost)):
+        bad = (values != 0) & (values != 1) if multi else (values < 0) | (values >= k)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            where = f"class {first[1]} of " if multi else ""
+            valid = "0 or 1 (multi-hot)" if multi else f"0..{k - 1} (num_classes {k})"
+            raise FusionError(f"{path}: {name}: the label {where}video {who[first[0]]!r} is {values[tuple(first)]}, "
+                              f"outside {valid} ({int(bad.sum())} such labels)")
+    finite = np.isfinite(scores)
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        raise FusionError(f"{path}: the score of class {col} of video {paths[row]!r} is {scores[row, col]} "
+                          f"({int((~finite).sum())} scores not finite): test the run again")
 
 
 def _examples(items: list[str]) -> str:
