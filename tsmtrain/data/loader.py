@@ -440,9 +440,7 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
 
     A prepared video's flow is the one its manifest record names (``tsmtrain prepare --flow``);
     a dataset that tsmtrain rendered (``data.generate``) keeps its flow beside each video, with
-    the settings in ``root/.flow.json`` (:func:`tsmtrain.data.preflight.find_flows`). Whether a
-    manifest's flow file is still there is checked once before training
-    (:func:`tsmtrain.data.preflight.data_problems`), not by every rank here.
+    the settings in ``root/.flow.json`` (:func:`tsmtrain.data.flow.flow_of_dataset`).
 
     Returns:
         ``{video path: flow file path}``.

@@ -209,8 +209,10 @@ def _flow_problems(d, records: list[tuple[str, list[VideoRecord]]], prepared: di
     problems = []
     for key, recs in records:
         flows = find_flows(d.root, recs, prepared, d.flow_method, d.flow_preset, d.flow_bound)
-        problems += [f"{video} ({key}): no optical flow; prepare it with tsmtrain prepare --flow {d.flow_method} "
-                     "(the folder it writes is data.root)" for video in flows.missing]
+        if flows.missing:  # as the loader words it (tsmtrain.data.loader.flow_files)
+            problems.append(f"data.modality: flow: {len(flows.missing)} of {len(recs)} videos of {key} have no optical "
+                            f"flow, first {flows.missing[0]}; prepare them with tsmtrain prepare --flow "
+                            f"{d.flow_method} (the folder it writes is data.root)")
         problems += [f"{flow}: missing, the optical flow of {video} ({key}); restore it or prepare the video again "
                      f"(tsmtrain prepare --flow {d.flow_method})"
                      for video, flow in flows.found.items() if not Path(flow).is_file()]
