@@ -210,8 +210,8 @@ def _flow_problems(d, records: list[tuple[str, list[VideoRecord]]], prepared: di
     for key, recs in records:
         flows = find_flows(d.root, recs, prepared, d.flow_method, d.flow_preset, d.flow_bound)
         if flows.missing:  # as the loader words it (tsmtrain.data.loader.flow_files)
-            problems.append(f"data.modality: flow: {len(flows.missing)} of {len(recs)} videos of {key} have no optical "
-                            f"flow, first {flows.missing[0]}; prepare them with tsmtrain prepare --flow "
+            problems.append(f"data.modality: flow: {len(flows.missing)} of {len(recs)} videos have no optical flow, "
+                            f"first {flows.missing[0]} ({key}); prepare them with tsmtrain prepare --flow "
                             f"{d.flow_method} (the folder it writes is data.root)")
         problems += [f"{flow}: missing, the optical flow of {video} ({key}); restore it or prepare the video again "
                      f"(tsmtrain prepare --flow {d.flow_method})"
