@@ -192,9 +192,15 @@ def test_missing_and_truncated_shards_are_named_before_training_with_their_video
     path = _recipe(tmp_path / "r.yaml", copy / INDEX, "broken", dist={"engine": "none"})
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2, result.output
-    text = result.stderr
-    assert f"shard {first}: missing" in text and f"shard {second}:" in text and "(truncated)" in text
-    assert held[0] in text and "it holds" in text
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr  # the first missing shard, and how many problems in all
+    assert f"shard {first}: missing" in errors[0] and "the first of 2 problems with the data files" in errors[0]
+    assert held[0] in errors[0] and "it holds" in errors[0]
+    validate = CliRunner().invoke(app, ["validate", str(path)])  # the same check, with the truncated one
+    assert validate.exit_code == 2 and f"shard {first}: missing" in validate.stderr
+    shutil.copy(both[1] / first.relative_to(copy), first)  # the first one back: the truncated one is named
+    text = CliRunner().invoke(app, ["validate", str(path)]).stderr
+    assert f"shard {second}:" in text and "(truncated)" in text and "problems" not in text
     assert "Traceback" not in result.output and not (tmp_path / "runs" / "broken" / "metrics.jsonl").exists()
     with pytest.raises(ShardError, match="not a shard index"):
         ShardIndex.load(copy / "train.txt")

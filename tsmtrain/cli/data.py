@@ -132,6 +132,9 @@ def _encode_and_merge(plan, settings, task: tuple[int, int] | None, merge: bool,
                   else merge_files(plan, settings, count))
         for line in merge_lines(result):
             print(line)
+        if shard_size is not None:  # the index: what a recipe's data.root names
+            print(f"to train from these shards, set data.root: {result.manifest.parent} in the recipe (its "
+                  f"{result.manifest.name} is read), with the list files above")
 
 
 def _say(lines: list[str]) -> None:

@@ -2,8 +2,9 @@
 
 * ``run RECIPE [--set k=v] [--np N] [--resume/--no-resume]`` -> :func:`tsmtrain.train.train`
   (through :func:`tsmtrain.cli.relaunch` when N ranks must be started on this host)
-* ``validate RECIPE [--set k=v] [--np N]`` -> :func:`tsmtrain.recipe.load_recipe`, printed resolved
-  with the derived values of :func:`tsmtrain.optim.linear_scaling`
+* ``validate RECIPE [--set k=v] [--np N] [--no-files]`` -> :func:`tsmtrain.recipe.load_recipe` and
+  the check before training (:func:`tsmtrain.data.preflight.data_problems`), printed resolved with
+  the derived values of :func:`tsmtrain.optim.linear_scaling`
 * ``model-info RECIPE`` -> :func:`tsmtrain.models.count_parameters`, :func:`tsmtrain.models.count_macs`
 """
 
@@ -13,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, load, relaunch, set_args, user_errors, with_np
+from . import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
 
 __all__ = ["run", "validate", "model_info"]
 
@@ -51,18 +52,40 @@ def validate(
     recipe: str = typer.Argument(..., help="YAML recipe"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     np: Optional[int] = typer.Option(None, "--np", min=1, help="world size for the derived values"),
+    files: bool = typer.Option(
+        True, "--files/--no-files",
+        help="also check the files on this machine, as run does before its first step: the files the recipe "
+             "names, its lists, and what their videos are read from (shard index and shards, flow files, "
+             "features); --no-files: a recipe meant for another machine"),
 ) -> None:
     """Check a recipe and print it resolved, with derived values (global batch, scaled lr)."""
     import yaml
 
     from ..optim import linear_scaling
 
-    cfg = load(recipe, with_np(sets, np))
+    cfg = load(recipe, with_np(sets, np), check_files=files)
+    if files and cfg.data.generate is None:  # a generated dataset is built (and checked) by run
+        _check_data(cfg)
     doc = cfg.model_dump(mode="json")
     scaling = linear_scaling(cfg)
     doc["derived"] = {"world_size": scaling.world_size, "global_batch": scaling.global_batch, "lr": scaling.lr,
                       "run_dir": str(cfg.run_dir)}
     print(yaml.safe_dump(doc, sort_keys=False), end="")
+
+
+def _check_data(cfg) -> None:
+    """:func:`tsmtrain.data.preflight.data_problems` for ``validate``: one ``error:`` line (a
+    malformed list: one per bad line) and exit 2 when a file is missing."""
+    from ..data import ListFileError
+    from ..data.preflight import data_problems, one_line
+    from ..data.prepare import ManifestError
+
+    try:
+        problems = data_problems(cfg)
+    except (ListFileError, ManifestError) as err:
+        fail(str(err).splitlines())
+    if problems:
+        fail(one_line(problems))
 
 
 def model_info(

@@ -6,7 +6,9 @@ decoded from the video file (only those frames; :mod:`tsmtrain.data.decoding`) a
 consecutive frames, ``(T*F, H, W, 3)`` (RGB difference) or ``(T*F, H, W, 2)`` flow fields read
 from the flow video ``tsmtrain prepare --flow`` stored beside the video (:func:`flow_files`). Augmentation happens later, batched on the training device
 (:mod:`tsmtrain.data.transforms`). A video that cannot be opened or decoded is logged by path,
-counted, and replaced by another video of the list, so one bad file never stops training.
+counted, and replaced by another video of the list in training, so one bad file never stops
+training; in validation it is counted as wrong, never replaced (``replace``). What the readers
+will open (shards, flow files, features) is checked before training (:mod:`tsmtrain.data.preflight`).
 
 The videos are files, or samples of indexed tar shards when ``data.root`` names a shard index
 (:mod:`tsmtrain.data.shards`: each worker opens a shard once and reads whole samples from it by
@@ -51,8 +53,9 @@ from .decode_ahead import DecodeAhead
 from .decoding import GPU_ONLY, Video, VideoDecodeError, choose_seek_mode, open_video, probe_gpu_decoding, probe_size
 from .lists import VideoRecord
 from .modality import RGB, Modality, modality_of
+from .preflight import find_flows, prepared_videos
 from .sampling import multi_snippet_indices, snippet_indices
-from .shards import SampleError, ShardIndex, ShardReader, is_shard_index
+from .shards import SampleError, ShardIndex, ShardReader, shard_index_file
 
 __all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "video_source", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
@@ -109,6 +112,9 @@ class VideoClipDataset(Dataset):
             to short side S and the ``(S, S)`` square is cropped from it, so videos of any size
             batch together. None (and no ``frame_size``): frames as stored.
         max_retries: unreadable videos replaced in a row before giving up.
+        replace: replace an unreadable video by another (training); False (validation): its
+            item has ``frames`` None, its own label and index, and the reason in ``failed``, so
+            that it is counted, never evaluated as another video.
         seed: base seed for the sampling offsets.
         seek_mode: torchcodec's seek mode setting, ``"auto"`` (approximate for the videos in
             ``prepared``, exact for the others; :func:`~tsmtrain.data.decoding.choose_seek_mode`),
@@ -129,15 +135,15 @@ class VideoClipDataset(Dataset):
             video is unreadable.
 
     Raises (from ``__getitem__``):
-        DataError: ``max_retries + 1`` videos in a row could not be decoded.
+        DataError: ``max_retries + 1`` videos in a row could not be decoded (with ``replace``).
     """
 
     def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0,
                  seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu",
                  short_side: int | None = None, store: ShardReader | None = None, modality: Modality = RGB,
-                 flows: dict[str, str] | None = None, flow_settings: dict | None = None):
-        self.records, self.num_segments, self.train = records, num_segments, train
+                 flows: dict[str, str] | None = None, flow_settings: dict | None = None, replace: bool = True):
+        self.records, self.num_segments, self.train, self.replace = records, num_segments, train, replace
         self.modality, self.flows, self.flow_settings = modality, flows or {}, flow_settings
         self.decoder, self.frame_size, self.max_retries, self.seed = decoder, frame_size, max_retries, seed
         self.seek_mode, self.prepared, self.device = seek_mode, prepared or {}, device
@@ -168,7 +174,8 @@ class VideoClipDataset(Dataset):
     def _with_retries(self, index: int, epoch: int, failed: list[str], load) -> dict:
         """``load(record, index, epoch)``'s dict for video ``index``, completed into an item; a video
         that cannot be read is replaced by another, deterministically, until ``max_retries + 1``
-        videos in a row (``failed`` holds those already lost for this item) have failed."""
+        videos in a row (``failed`` holds those already lost for this item) have failed; without
+        :attr:`replace`, it is an item of ``frames`` None (:meth:`_unread`)."""
         for attempt in range(len(failed), self.max_retries + 1):
             record = self.records[index]
             try:
@@ -177,10 +184,18 @@ class VideoClipDataset(Dataset):
                         "failed": failed, "opened": self.take_opened()}
             except VideoDecodeError as exc:
                 failed.append(str(exc))
+                if not self.replace:
+                    return self._unread(index, epoch, failed)
                 index = self._replacement(index, attempt)
         raise DataError(
             f"{len(failed)} videos in a row could not be decoded (data.max_retries={self.max_retries}); last: {failed[-1]}"
         )
+
+    def _unread(self, index: int, epoch: int, failed: list[str]) -> dict:
+        """The item of video ``index`` that could not be read (``failed``: why), not replaced."""
+        record = self.records[index]
+        return {"frames": None, "label": record.label, "labels": record.labels, "index": index, "epoch": epoch,
+                "failed": failed, "opened": self.take_opened()}
 
     def _replacement(self, index: int, attempt: int) -> int:
         """The video that replaces unreadable video ``index`` at retry ``attempt``: deterministic,
@@ -222,17 +237,22 @@ class VideoClipDataset(Dataset):
         """Decode an item of encoded bytes (from :meth:`fetch`, in a worker) on :attr:`device`, as
         ``__getitem__`` would have on the CPU: the same frames, sampling offsets and crop, a
         ``frames`` uint8 ``(T, H, W, 3)`` tensor on the GPU. A video NVDEC cannot decode is
-        replaced like an unreadable file (the replacements are read and decoded here).
+        replaced like an unreadable file (the replacements are read and decoded here); without
+        :attr:`replace` it is an item of ``frames`` None, as one that could not be read.
 
         Raises:
             DataError: ``max_retries + 1`` videos in a row could not be read or decoded.
         """
         index, epoch = item["index"], item["epoch"]
         record = self.records[index]
+        if "encoded" not in item:  # not read, not replaced (``replace`` False)
+            return item
         try:
             frames = self._load(record, index, epoch, encoded=item["encoded"])
         except VideoDecodeError as exc:
             failed = item["failed"] + [str(exc)]
+            if not self.replace:
+                return {**self._unread(index, epoch, failed), "opened": item["opened"]}
             replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed, self._decoded)
             return {**replaced, "opened": item["opened"] + replaced["opened"]}
         return {"frames": frames, "label": record.label, "labels": record.labels, "index": index, "epoch": epoch,
@@ -461,29 +481,8 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
             recipe's ``data.flow_method``, ``flow_preset`` (DIS) and ``flow_bound``; the message
             counts them and names the first.
     """
-    from .flow import read_flow_marker, flow_path
-
-    def same(m, p, b):
-        return m == method and (m != "dis" or p == preset) and float(b) == float(bound)
-
-    marker = read_flow_marker(root)
-    out, missing, other = {}, [], []
-    for r in records:
-        entry = prepared.get(r.path) or {}
-        if entry.get("flow"):
-            path, settings = entry["flow"], (entry.get("flow_method"), entry.get("flow_preset"), entry.get("flow_bound"))
-        elif marker is not None and not entry:
-            path = flow_path(r.path)
-            settings = (marker["method"], marker["preset"], marker["bound"])
-            if not Path(path).is_file():
-                missing.append(r.path)
-                continue
-        else:
-            missing.append(r.path)
-            continue
-        if not same(*settings):
-            other.append((r.path, settings))
-        out[r.path] = path
+    flows = find_flows(root, records, prepared, method, preset, bound)
+    missing, other = flows.missing, flows.other
     if missing:
         raise DataError(f"data.modality: flow: {len(missing)} of {len(records)} videos have no optical flow, first "
                         f"{missing[0]}; prepare them with tsmtrain prepare --flow {method} (the folder it writes is "
@@ -501,7 +500,7 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
                         f"--flow-preset {p} --flow-bound {b}, first {path}; the recipe says data.flow_method: "
                         f"{method}, data.flow_preset: {preset}, data.flow_bound: {bound} (set them to match, or "
                         f"prepare again)")
-    return out
+    return flows.found
 
 
 def flow_settings(data) -> dict:
@@ -519,31 +518,6 @@ def _flows(recipe, records: list[VideoRecord], prepared: dict[str, dict], store)
         raise DataError(f"data.modality: flow: data.root {d.root} is a shard index, and flow is not stored in "
                         "shards yet: prepare files (tsmtrain prepare --flow, without --shards)")
     return flow_files(d.root, records, prepared, **flow_settings(d))
-
-
-def prepared_videos(root: str | Path) -> dict[str, dict]:
-    """The videos that ``tsmtrain prepare`` wrote into ``root``, from its manifest.
-
-    Returns:
-        ``{str(root / output): record}`` for every record with status ok, its
-        ``frame_mappings`` made a full path too; an empty dict when ``root`` holds no manifest.
-
-    Raises:
-        ValueError: the manifest is malformed (the message names file and line).
-    """
-    from .prepare import MANIFEST, read_manifest
-
-    root = Path(root)
-    if not (root / MANIFEST).is_file():
-        return {}
-    videos = {}
-    for output, record in read_manifest(root).items():
-        record = dict(record)
-        for key in ("frame_mappings", "flow"):
-            if record.get(key):
-                record[key] = str(root / record[key])
-        videos[str(root / output)] = record
-    return videos
 
 
 @functools.lru_cache(maxsize=4)
@@ -568,10 +542,11 @@ def video_source(root: str | Path, records: list[VideoRecord]) -> tuple[dict[str
             shard is named with the videos it holds), or a record is in no shard.
         tsmtrain.data.prepare.ManifestError: a malformed manifest.
     """
-    if not is_shard_index(root):
+    index_file = shard_index_file(root)
+    if index_file is None:
         return prepared_videos(root), None
-    stat = os.stat(root)
-    index = _load_index(str(root), stat.st_mtime_ns, stat.st_size)  # paths as read_list joins them
+    stat = os.stat(index_file)
+    index = _load_index(str(index_file), stat.st_mtime_ns, stat.st_size)  # paths as read_list joins them
     index.check([r.path for r in records])
     return index.prepared(), ShardReader(index)
 
@@ -618,13 +593,14 @@ def decoding_target(decoder: str, decode_device: str, training_device: torch.dev
 
 
 def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device: str = "cpu",
-                 decoder: str | None = None) -> VideoClipDataset:
+                 decoder: str | None = None, replace: bool = True) -> VideoClipDataset:
     """The clip dataset a recipe's ``data`` section describes (a :class:`tsmtrain.recipe.Recipe`),
     for training or evaluation.
 
     ``decode_device`` and ``decoder`` say where frames are decoded and with which backend
     (default: ``data.decoder`` on the CPU; for a rank, :func:`decoding_target`); ``data.root`` is
-    a folder of files or a shard index (:func:`video_source`, whose errors this raises). With
+    a folder of files or a shard index (:func:`video_source`, whose errors this raises);
+    ``replace``: as :class:`VideoClipDataset` (False for validation). With
     ``data.modality: flow`` every video's flow is found first (:func:`flow_files`, whose
     DataError this raises; flow in shards is refused).
     """
@@ -633,7 +609,7 @@ def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device:
     return VideoClipDataset(records, d.num_segments, train=train, decoder=decoder or d.decoder, frame_size=d.frame_size,
                             max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
                             prepared=prepared, device=decode_device, short_side=short_side(d), store=store,
-                            modality=modality_of(d), flows=_flows(recipe, records, prepared, store))
+                            modality=modality_of(d), flows=_flows(recipe, records, prepared, store), replace=replace)
 
 
 def short_side(data) -> int:
@@ -803,25 +779,34 @@ def collate_clips(items: list[dict]) -> dict:
     files opened for it and ``worker`` the loader worker that made it (-1: this process). In a
     loader worker the frames are stacked into shared memory, so the batch is copied once, not twice.
 
+    Items of videos that could not be read and were not replaced (``frames`` None, validation)
+    are left out of N and listed in ``unread``: ``(label, labels)`` of each; ``frames`` is None
+    when no video of the batch could be read.
+
     Raises:
         DataError: clips differ in frame size; the message names two of the videos and asks
             for ``data.frame_size``.
     """
+    unread = [(it["label"], it.get("labels", (it["label"],))) for it in items if it["frames"] is None]
+    failed = [path for it in items for path in it["failed"]]
+    opened = [path for it in items for path in it.get("opened", ())]
+    items = [it for it in items if it["frames"] is not None]
     _check_one_frame_size(items, "clips", slice(1, 3))
     frames = [it["frames"] for it in items]
     out = None
-    if torch.utils.data.get_worker_info() is not None and frames[0].device.type == "cpu":
+    if frames and torch.utils.data.get_worker_info() is not None and frames[0].device.type == "cpu":
         # in a loader worker, stack straight into shared memory (as torch's default_collate
         # does): the batch then crosses to the training process without another copy
         storage = frames[0].untyped_storage()._new_shared(len(frames) * frames[0].nbytes)
         out = frames[0].new(storage).view(len(frames), *frames[0].shape)
     return {
-        "frames": torch.stack(frames, out=out),
+        "frames": torch.stack(frames, out=out) if frames else None,
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         "labels": [it.get("labels", (it["label"],)) for it in items],
-        "failed": [path for it in items for path in it["failed"]],
-        "opened": [path for it in items for path in it.get("opened", ())],
+        "failed": failed,
+        "opened": opened,
         "worker": _worker_id(),
+        "unread": unread,
     }
 
 

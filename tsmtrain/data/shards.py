@@ -26,7 +26,7 @@ byte offset (:class:`ShardReader`), decoding them from memory.
   with its ``shard``, ``offset`` and ``size``); ``DIR/.staging/`` holds the videos encoded but
   not yet packed, and the journals.
 
-A recipe reads the shards with ``data.root: DIR/index.json`` and the same list files.
+A recipe reads the shards with ``data.root: DIR/index.json`` (or ``data.root: DIR``) and the same list files.
 
 **Why tarfile and pread, not wids.** The tars are written with the standard library's
 :mod:`tarfile` (deterministic headers: the same videos give the same bytes on every run). They
@@ -140,10 +140,21 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def is_shard_index(root: str | Path) -> bool:
-    """Whether ``data.root`` names a shard index (a ``.json`` file) rather than a folder."""
+def shard_index_file(root: str | Path) -> Path | None:
+    """The shard index that ``data.root`` names: the ``.json`` file itself, or ``DIR/index.json``
+    when ``root`` is a folder that ``tsmtrain prepare --shards`` wrote (it holds :data:`INDEX` and
+    :data:`SHARDS_FOLDER`); None for a folder of video files."""
     path = Path(root)
-    return path.suffix == ".json" and path.is_file()
+    if path.suffix == ".json" and path.is_file():
+        return path
+    if (path / INDEX).is_file() and (path / SHARDS_FOLDER).is_dir():
+        return path / INDEX
+    return None
+
+
+def is_shard_index(root: str | Path) -> bool:
+    """Whether ``data.root`` names a shard index (:func:`shard_index_file`) rather than a folder of files."""
+    return shard_index_file(root) is not None
 
 
 def outside_folder(folder: Path, name: object, resolve: bool = True) -> str | None:

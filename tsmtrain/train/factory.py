@@ -1,8 +1,8 @@
 """The parts of a run, built by :func:`tsmtrain.train.loop.train` in this order on every rank.
 
 * :func:`start_rank`: logging, the run directory's leftovers, threads, the device;
-* :func:`create_loaders`: the training loader, its sampler and augmentation, the validation
-  list (:class:`Loaders`);
+* :func:`create_loaders`: the check of every file the lists need (:func:`check_data_files`),
+  the training loader, its sampler and augmentation, the validation list (:class:`Loaders`);
 * :func:`create_network`: the network with the recipe's initial weights, on the device,
   SyncBN if asked;
 * then the loop builds the :class:`~tsmtrain.train.step.TrainStep` from the optimizer
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import ShardSampler, build_loader, clip_dataset, read_list
+from ..data import ListFileError, ShardSampler, build_loader, clip_dataset, read_list
 from ..data.features import INDEX, FeatureDataset, collate_features, list_digest, read_index
 from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
+from ..data.preflight import data_problems, one_line
+from ..data.prepare import ManifestError
 from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.head_parallel import HeadParallel, class_shard
@@ -41,7 +43,8 @@ from .runtime import (TrainingError, choose_device, keep_freed_memory, log, prep
                       setup_logging)
 from .step import TrainStep, half_precision_note
 
-__all__ = ["start_rank", "Loaders", "create_loaders", "create_network", "resume_run", "announce_run"]
+__all__ = ["start_rank", "Loaders", "check_data_files", "create_loaders", "create_network", "resume_run",
+           "announce_run"]
 
 
 def start_rank(recipe: Recipe, engine: Engine, lock: RunLock | None) -> torch.device:
@@ -100,9 +103,38 @@ class Loaders:
     batch_shape: tuple[int, int, int, int, int]
 
 
+def check_data_files(recipe: Recipe, engine: Engine) -> None:
+    """Before the network is built: rank 0 checks every file that the readers of the training
+    and validation lists will open (:func:`tsmtrain.data.preflight.data_problems`: shards, flow
+    files, features), once for the whole job, and every rank learns the verdict (one allreduce),
+    so that a missing file stops every rank before the first step instead of after an epoch.
+
+    Raises:
+        tsmtrain.data.DataError: on rank 0, one line naming the first problem and how many there
+            are; TrainingError on the other ranks, pointing at rank 0's line.
+        tsmtrain.data.ListFileError, tsmtrain.data.prepare.ManifestError: a malformed list file
+            or manifest (rank 0).
+    """
+    error: Exception | None = None
+    if engine.rank == 0:
+        try:
+            problems = data_problems(recipe)
+        except (ListFileError, ManifestError) as err:  # a malformed list or manifest: its own lines
+            error = err
+        else:
+            error = DataError(one_line(problems)) if problems else None
+    if engine.size > 1:  # every rank stops here, before the network, when rank 0 found something
+        found = engine.allreduce(torch.tensor([float(error is not None)], dtype=torch.float64), average=False)
+        if engine.rank != 0 and found.item() > 0:
+            raise TrainingError("rank 0 found a problem with the data files before training (its error line names it)")
+    if error is not None:
+        raise error
+
+
 def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling: LinearScaling) -> Loaders:
     """The training loader, sampler and augmentation, and the validation list, of ``recipe`` on
-    this rank. With ``data.generate`` rank 0 first builds the dataset (every rank waits). One
+    this rank. With ``data.generate`` rank 0 first builds the dataset (every rank waits). Then
+    every file the lists need is checked (:func:`check_data_files`). One
     loader serves the whole run: its workers persist across epochs (the sampler, which runs in
     this process, says which epoch and where in it).
 
@@ -115,14 +147,17 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
     Raises:
         TrainingError: the training list gives no full global batch.
         tsmtrain.data.ListFileError: a malformed list file.
+        tsmtrain.data.DataError: a file that the lists need is missing (:func:`check_data_files`).
     """
     d, t = recipe.data, recipe.train
     if d.features is not None:  # the classifier alone, on extracted features
+        check_data_files(recipe, engine)
         return _feature_loaders(recipe, engine, device, scaling)
     if d.generate is not None:
         if engine.rank == 0:
             prepare_dataset(recipe)
         engine.barrier()
+    check_data_files(recipe, engine)
     multi = recipe.model.loss == "sigmoid"  # multi-label lists
     train_records = read_list(d.train_list, d.root, recipe.model.num_classes, multi_label=multi)
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes, multi_label=multi) if d.val_list else []
