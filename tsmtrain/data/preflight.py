@@ -186,20 +186,14 @@ def _shard_problems(index_file: Path, records: list[tuple[str, list[VideoRecord]
             problems.append(f"{key}: {len(absent)} of its {len(recs)} videos are in no shard of {index_file}, first "
                             f"{absent[0]} (was the list prepared into this index?)")
     for shard in sorted(needed, key=lambda s: (needed[s][0][0] != LISTS[0], s)):  # the training list's first
-        file, expected = index.shard_path(shard), index.shards[shard]["bytes"]
-        try:
-            size = file.stat().st_size
-        except OSError as err:
-            what = f"missing ({err.strerror})"
-        else:
-            if size == expected:
-                continue
-            what = f"{size} bytes, the index records {expected}" + (" (truncated)" if size < expected else "")
+        what = index.size_problem(shard)
+        if what is None:
+            continue
         held = needed[shard]
         keys = ", ".join(k for k in LISTS if any(key == k for key, _ in held))
         shown = ", ".join(v for _, v in held[:3]) + (", ..." if len(held) > 3 else "")
-        problems.append(f"shard {file}: {what}; it holds {len(held)} videos of {keys} ({shown}); restore it or "
-                        "prepare it again")
+        problems.append(f"shard {index.shard_path(shard)}: {what}; it holds {len(held)} videos of {keys} ({shown}); "
+                        "restore it or prepare it again")
     return problems
 
 

@@ -444,21 +444,28 @@ class ShardIndex:
             problems.append(f"{self.path}: {len(absent)} listed videos are in no shard, e.g. {absent[0]} "
                             "(was the list prepared into this index?)")
         for shard in sorted(needed):
-            file, expected = self.shard_path(shard), self.shards[shard]["bytes"]
-            try:
-                size = file.stat().st_size
-            except OSError as err:
-                what = f"missing ({err.strerror})"
-            else:
-                if size == expected:
-                    continue
-                what = f"{size} bytes, the index records {expected}" + (" (truncated)" if size < expected else "")
+            what = self.size_problem(shard)
+            if what is None:
+                continue
             videos = needed[shard]
             shown = ", ".join(videos[:3]) + (", ..." if len(videos) > 3 else "")
-            problems.append(f"shard {file}: {what}; it holds {len(videos)} of the listed videos ({shown}); "
-                            "restore it or prepare it again")
+            problems.append(f"shard {self.shard_path(shard)}: {what}; it holds {len(videos)} of the listed videos "
+                            f"({shown}); restore it or prepare it again")
         if problems:
             raise ShardError(problems)
+
+    def size_problem(self, shard: int) -> str | None:
+        """Why tar shard ``shard`` is not there at the size the index records (one ``stat``):
+        ``missing (No such file or directory)``, ``N bytes, the index records M (truncated)``;
+        ``None`` when it is."""
+        expected = self.shards[shard]["bytes"]
+        try:
+            size = self.shard_path(shard).stat().st_size
+        except OSError as err:
+            return f"missing ({err.strerror})"
+        if size == expected:
+            return None
+        return f"{size} bytes, the index records {expected}" + (" (truncated)" if size < expected else "")
 
     def prepared(self) -> dict[str, dict]:
         """``{full video path: record}`` in the form of :func:`tsmtrain.data.loader.prepared_videos`
