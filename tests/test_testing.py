@@ -209,7 +209,7 @@ def test_one_clip_one_crop_equals_validation(recipe):
     records = read_list(recipe.data.val_list, recipe.data.root)
     model, _ = load_model(recipe, _checkpoint(recipe), torch.device("cpu"))
     tf = VideoTransform(train=False, input_size=recipe.data.input_size, mean=recipe.data.mean, std=recipe.data.std)
-    logits = torch.cat([lg for lg, _, _ in eval_predict(model, records, recipe, LocalEngine(), "cpu", tf)])
+    logits = torch.cat([lg for lg, _, _, _ in eval_predict(model, records, recipe, LocalEngine(), "cpu", tf)])
     probs = logits.softmax(1)
     out = score_shard(model, records, recipe, Protocol(1, 1), LocalEngine(), torch.device("cpu"), top=4)
     assert [r["top"][0] for r in out] == probs.argmax(1).tolist()
