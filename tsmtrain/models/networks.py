@@ -25,6 +25,8 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ..errors import TrainingError
+from ..tensorfile import CheckpointError, read_tensors
 from .heads import create_head
 from .shift import TemporalShift
 
@@ -59,7 +61,7 @@ class VideoNet(nn.Module):
     Raises:
         ValueError: unknown ``arch``, ``in_channels < 1``; in ``forward``, an input whose T or
             C_in differs.
-        tsmtrain.train.TrainingError: ``pretrained`` cannot be used: empty, unreadable, holding
+        tsmtrain.errors.TrainingError: ``pretrained`` cannot be used: empty, unreadable, holding
             Python objects that could run code (refused unread), not a ``state_dict``, or not
             fitting the backbone (names the missing keys); one line naming ``model.pretrained``
             and the file (:func:`_load_backbone`).
@@ -188,14 +190,11 @@ def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
     """Load a torchvision ``state_dict`` (``model.pretrained``; also one saved as
     ``{"state_dict": ...}`` or with DataParallel's ``module.`` prefix) into ``backbone``, its
     classifier left out. Read with ``weights_only=True``
-    (:func:`tsmtrain.train.checkpoint.read_tensors`).
+    (:func:`tsmtrain.tensorfile.read_tensors`).
 
     Raises:
-        tsmtrain.train.TrainingError: one line, ``model.pretrained PATH: why``.
+        tsmtrain.errors.TrainingError: one line, ``model.pretrained PATH: why``.
     """
-    from ..train.checkpoint import CheckpointError, read_tensors  # (train imports this module)
-    from ..train.runtime import TrainingError
-
     def refuse(reason: str) -> TrainingError:
         return TrainingError(f"model.pretrained {path}: {reason}")
 

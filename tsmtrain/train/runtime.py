@@ -14,16 +14,13 @@ import torch
 
 from ..dist import DistError, create_engine, launched_by_launcher
 from ..dist.base import Engine, LocalEngine
+from ..errors import TrainingError  # (re-exported: where the training package has always named it)
 from ..recipe import Recipe
 
 __all__ = ["TrainingError", "setup_logging", "choose_engine", "choose_device",
            "set_threads", "keep_freed_memory", "progress_bar", "prepare_dataset", "prepare_sweep_data", "log"]
 
 log = logging.getLogger("tsmtrain")
-
-
-class TrainingError(RuntimeError):
-    """A run cannot proceed for a reason the user can fix (named in the message)."""
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -1,0 +1,126 @@
+"""Reading files that ``torch.save`` wrote (checkpoints, a sharded head's files, a
+``model.pretrained`` ``state_dict``) without ever running code from them.
+
+Every file is read with ``torch.load(..., weights_only=True)`` (:func:`read_tensors`): tensors and
+plain Python values only. PyTorch made that the default in 2.6 because a pickle can name any
+function for the unpickler to call (a crafted ``__reduce__`` calling ``os.system``). For a zip
+file the names its pickle would import are listed first
+(``torch.serialization.get_unsafe_globals_in_checkpoint``) and anything else is refused by name
+before unpickling. Used by :mod:`tsmtrain.train.checkpoint` and :mod:`tsmtrain.models.networks`,
+so it imports neither.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import TrainingError
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "read_tensors", "OLD_NUMPY_STATE", "first_line"]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message (its type's name when it has none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint file that cannot be loaded: empty, truncated, corrupt, or not a checkpoint.
+
+    Attributes:
+        path: the file.
+        reason: why, in a few words (``truncated (not a complete zip archive)``).
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file whose pickle names Python objects besides tensors and plain values (a function such
+    as ``os.system`` that unpickling would call): refused before it is unpickled, never skipped.
+
+    Attributes:
+        names: the objects, as ``module.name`` (``posix.system``).
+    """
+
+    def __init__(self, path: Path, names: list[str]):
+        super().__init__(path, f"refused: it holds Python objects that could run code ({', '.join(names)}); "
+                               f"tsmtrain loads tensors and plain values only")
+        self.names = list(names)
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array unpickling function
+
+OLD_NUMPY_STATE = [_RECONSTRUCT, (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                   (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                   type(np.dtype(np.uint32))]
+"""What ``torch.load(weights_only=True)`` is allowed besides tensors and plain values, only while
+it reads a checkpoint: the NumPy types of ``np.random.get_state()`` (a ``uint32`` array), which
+checkpoints written before the random states became tensors hold (``numpy.core`` under NumPy 1,
+``numpy._core`` under NumPy 2)."""
+
+_OLD_NUMPY_NAMES = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                              "numpy.ndarray", "numpy.dtype"})
+_BLOCKED = re.compile(r"GLOBAL (\S+?)(?: was not| whose|\s|$)")
+
+
+def read_tensors(path: str | Path) -> Any:
+    """What ``torch.save`` wrote into ``path`` (a checkpoint, a shard, a pretrained ``state_dict``;
+    the zip format or the legacy one), read onto the CPU with ``weights_only=True``: tensors and
+    plain Python values only (and :data:`OLD_NUMPY_STATE`). The file is not checked for damage
+    (:func:`check_checkpoint` does that), but an empty one is refused before torch's loader, which
+    aborts the interpreter on it.
+
+    Raises:
+        UnsafeCheckpointError: the file names other Python objects (``reason`` names them); it
+            is refused before it is unpickled (a zip file) or as torch's unpickler meets them.
+        CheckpointError: empty, unreadable, or not something ``torch.save`` wrote (one line; never
+            torch's advice to load with ``weights_only=False``).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(path, "empty (0 bytes)")
+    except OSError as err:
+        raise CheckpointError(path, f"unreadable ({err.strerror or err})") from None
+    if zipfile.is_zipfile(path):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the load below says what is wrong with the file
+            names = []
+        names = [n for n in names if n not in _OLD_NUMPY_NAMES]
+        if names:
+            raise UnsafeCheckpointError(path, names)
+    try:
+        with torch.serialization.safe_globals(OLD_NUMPY_STATE):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        blocked = _BLOCKED.search(text)
+        if blocked:
+            raise UnsafeCheckpointError(path, [blocked.group(1)]) from None
+        raise CheckpointError(path, f"not a file of tensors and plain values ({_unpickler_detail(text)})") from None
+    except Exception as err:  # noqa: BLE001 - unpickling raises anything
+        raise CheckpointError(path, f"not a file torch.save wrote ({type(err).__name__}: {first_line(err)})") from None
+
+
+def _unpickler_detail(text: str) -> str:
+    """What torch's weights-only unpickler found wrong (``Unsupported operand 103``), without its
+    advice to load with ``weights_only=False``."""
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    for line in (line.strip() for line in text.splitlines()):
+        if line and "weights_only" not in line and not line.startswith(("Check the documentation", "Please file")):
+            return line
+    return "refused by the weights-only unpickler"
+
+
