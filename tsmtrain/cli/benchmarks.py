@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, fail, load
+from .common import SET_HELP, fail, load
 
 __all__ = ["bench_app", "bench_data", "bench_step"]
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, fail, load
+from .common import SET_HELP, fail, load
 
 __all__ = ["render", "submit", "env", "with_cluster_flags", "CLUSTER_FLAGS", "TEMPLATE_HELP"]
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, fail, load
+from .common import SET_HELP, fail, load
 from .plan import plan_command
 
 __all__ = ["prepare"]

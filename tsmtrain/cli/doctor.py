@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, load
+from .common import SET_HELP, load
 
 __all__ = ["doctor"]
 

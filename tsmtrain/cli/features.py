@@ -2,7 +2,7 @@
 
 * ``extract RECIPE --out DIR [--clips K] [--crops 1|3|10] [--checkpoint PATH] [--shard-videos N]
   [--dtype float16|float32] [--np N]`` -> :func:`tsmtrain.train.extract.extract_features`
-  (through :func:`tsmtrain.cli.relaunch` when N ranks must be started on this host). A rerun
+  (through :func:`tsmtrain.cli.common.relaunch` when N ranks must be started on this host). A rerun
   resumes: complete shards are kept. Train the head on them with ``--set data.features=DIR``.
 """
 
@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, load, relaunch, set_args, user_errors, with_np
+from .common import SET_HELP, load, relaunch, set_args, user_errors, with_np
 from .testing import CHECKPOINT_HELP, _protocol
 
 __all__ = ["extract"]

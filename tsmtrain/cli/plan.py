@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from . import fail, load, set_args
+from .common import fail, load, set_args
 
 __all__ = ["plan_command"]
 

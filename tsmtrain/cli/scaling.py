@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, fail, load
+from .common import SET_HELP, fail, load
 from .cluster import TEMPLATE_HELP, with_cluster_flags
 
 __all__ = ["sweep", "report", "point_line"]

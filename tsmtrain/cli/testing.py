@@ -2,7 +2,7 @@
 view protocol, and the late fusion of tested runs.
 
 * ``test RECIPE [--checkpoint PATH] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
-  :func:`tsmtrain.train.testing.run_test` (through :func:`tsmtrain.cli.relaunch` when N ranks
+  :func:`tsmtrain.train.testing.run_test` (through :func:`tsmtrain.cli.common.relaunch` when N ranks
   must be started on this host), printed by :func:`tsmtrain.train.testing.format_report`
 * ``predict RECIPE VIDEO... [--checkpoint PATH] [--top K]`` ->
   :func:`tsmtrain.train.testing.predict_videos`; exits 1 when a video is unreadable
@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
+from .common import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
 
 __all__ = ["test", "predict", "fuse", "prediction_lines"]
 

@@ -1,7 +1,7 @@
 """``tsmtrain run``, ``tsmtrain validate`` and ``tsmtrain model-info``.
 
 * ``run RECIPE [--set k=v] [--np N] [--resume/--no-resume]`` -> :func:`tsmtrain.train.train`
-  (through :func:`tsmtrain.cli.relaunch` when N ranks must be started on this host)
+  (through :func:`tsmtrain.cli.common.relaunch` when N ranks must be started on this host)
 * ``validate RECIPE [--set k=v] [--np N] [--no-files]`` -> :func:`tsmtrain.recipe.load_recipe` and
   the check before training (:func:`tsmtrain.data.preflight.data_problems`), printed resolved with
   the derived values of :func:`tsmtrain.optim.linear_scaling`
@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from . import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
+from .common import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
 
 __all__ = ["run", "validate", "model_info"]
 
