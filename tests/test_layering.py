@@ -1,0 +1,111 @@
+"""The package's shape: no module-level import cycle anywhere in tsmtrain/ (the CLI's included),
+and the networks stand alone (tsmtrain.models imports neither data, dist nor train), read from
+the source with ``ast``."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "tsmtrain"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(node):
+    """The import statements run when the module is imported: its body's, and those of its
+    ``if``/``try`` blocks, except ``if TYPE_CHECKING:``; not those inside functions or classes."""
+    for stmt in node.body if hasattr(node, "body") else []:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            yield stmt
+        elif isinstance(stmt, ast.If):
+            if "TYPE_CHECKING" not in ast.unparse(stmt.test):
+                yield from _top_level_imports(stmt)
+                yield from _top_level_imports(ast.Module(body=stmt.orelse, type_ignores=[]))
+        elif isinstance(stmt, ast.Try):
+            for block in (stmt.body, stmt.orelse, stmt.finalbody, *(h.body for h in stmt.handlers)):
+                yield from _top_level_imports(ast.Module(body=block, type_ignores=[]))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: the tsmtrain modules it imports at module level}``."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for stmt in _top_level_imports(ast.parse(path.read_text())):
+            if isinstance(stmt, ast.Import):
+                targets = [a.name for a in stmt.names]
+            else:
+                base = package.split(".")[: len(package.split(".")) - stmt.level + 1] if stmt.level else []
+                base = ".".join(base + ([stmt.module] if stmt.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in stmt.names]
+            edges |= {t for t in targets if t in files and t != name}
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan's algorithm), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            members = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                members.append(w)
+                if w == v:
+                    break
+            if len(members) > 1:
+                found.append(sorted(members))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_checks_see_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_level_import_cycle():
+    graph = import_graph()
+    assert "tsmtrain.cli.common" in graph["tsmtrain.cli.training"]  # the walk resolves relative imports
+    assert cycles(graph) == []
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere (inside functions too), as absolute names."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            found.add(".".join(base + ([node.module] if node.module else [])))
+    return found
+
+
+def test_the_networks_import_neither_data_dist_nor_train():
+    for path in sorted((PACKAGE / "models").rglob("*.py")):
+        bad = sorted(n for n in _absolute_imports(path)
+                     if n.startswith(("tsmtrain.data", "tsmtrain.dist", "tsmtrain.train")))
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
