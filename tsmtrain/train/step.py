@@ -22,8 +22,8 @@ step, with fp16's ``torch.amp.GradScaler``, is the one Horovod documents for AMP
 
 Since ``unscale_`` looks at gradients already averaged over all ranks, a step with an infinite
 gradient on any rank is skipped on every rank, and the scale stays the same everywhere. Without
-fp16 the same order holds with ``optimizer.step()`` and no scaler, and the averaged gradients
-are checked before it (``train.nonfinite``): an inf or NaN anywhere (a NaN loss on any rank
+fp16 the same order holds with ``optimizer.step()`` and no scaler, and the classifier's averaged
+gradients are checked before it (``train.nonfinite``): an inf or NaN anywhere (a NaN loss on any rank
 makes every rank's average NaN) stops the run on every rank at the same step with
 :class:`NonFiniteLoss` (``stop``, the default), or skips that step's update on every rank
 (``skip``; BatchNorm's running statistics are put back as the step found them), so that a
@@ -467,10 +467,15 @@ class TrainStep:
         return float("nan") if self._loss is None else float(self._loss)
 
     def _gradients_finite(self, optimizers: list[torch.optim.Optimizer]) -> bool:
-        """Whether every gradient the optimizers would apply is finite. The gradients are the
-        ranks' average, so every rank gets the same answer without communicating, except with a
+        """Whether the classifier's gradients (``model.fc``; without one, every gradient the
+        optimizers would apply) are finite: any inf or NaN of the forward pass or the loss reaches
+        them, and they are a small part of the network's, so the check adds little to the step (an
+        overflow inside the backward pass alone is not caught). The gradients are the ranks' average, so every rank gets the same answer without communicating, except with a
         sharded head, whose shards' gradients are each rank's own (one allreduce of a flag)."""
-        grads = [p.grad for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]
+        head = getattr(self.model, "fc", None)
+        params = (list(head.parameters()) if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters())
+                  else [p for o in optimizers for g in o.param_groups for p in g["params"]])
+        grads = [p.grad for p in params if p.grad is not None]
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
         if self.head_parallel is not None:
             bad = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
