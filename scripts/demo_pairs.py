@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from tsmtrain.train.fusion import FusionError, check_same_test, fuse_scores, load_scores, parse_weights
+from tsmtrain.eval.fusion import FusionError, check_same_test, fuse_scores, load_scores, parse_weights
 
 
 def pair_figures(confusion: np.ndarray) -> tuple[float, float, float]:

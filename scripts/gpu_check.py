@@ -8,7 +8,7 @@ the standard library: ``check`` (the driver) and ``install`` run before anything
 Made here, into the bundle (``gpu_bundle.sh``):
 
 * ``bundle-demo DIR [--small]``: the demo dataset into DIR/data/demo, with the project's own code
-  (``tsmtrain.train.runtime.prepare_dataset`` on configs/demo.yaml, as ``tsmtrain run`` does);
+  (``tsmtrain.prep.datasets.prepare_dataset`` on configs/demo.yaml, as ``tsmtrain run`` does);
   ``--small``: 8 train and 4 validation clips per class (the ``--cpu-only`` stand-in bundle).
 * ``bundle-clips DIR --small``: the reference clips of ../shared/clips prepared with ``tsmtrain
   prepare`` into DIR/data/shared_clips (the full bundle prepares all 15 in gpu_bundle.sh).
@@ -131,13 +131,13 @@ def bundle_demo(args) -> int:
     """The demo dataset in BUNDLE/data/demo, rendered by the project's own code."""
     root = Path(args.bundle).resolve() / "data" / "demo"
     if args.small:
-        from tsmtrain.data.synthetic import generate_demo_dataset
+        from tsmtrain.prep.synthetic import generate_demo_dataset
 
         train, val = SMALL_PER_CLASS
         generate_demo_dataset(root, num_classes=4, train_per_class=train, val_per_class=val)
     else:
         from tsmtrain.recipe import load_recipe
-        from tsmtrain.train.runtime import prepare_dataset
+        from tsmtrain.prep.datasets import prepare_dataset
 
         recipe = load_recipe(REPO / "configs" / "demo.yaml",
                              [f"data.root={root}", f"data.train_list={root / 'train.txt'}",

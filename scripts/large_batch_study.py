@@ -2,7 +2,7 @@
 machinery (linear scaling rule, gradual warmup, LARS) and lose it without?
 
 One recipe (default ``configs/large_batch_study.yaml``: TSM-ResNet18 from scratch on the
-project's rendered study dataset, :func:`tsmtrain.data.synthetic.generate_study_dataset`) is
+project's rendered study dataset, :func:`tsmtrain.prep.synthetic.generate_study_dataset`) is
 trained at global batches B0, 4xB0 and 16xB0 (``--batches 1,4,16``: multiples of B0 =
 ``train.batch_size``), all for the same epochs and from the same seed. The larger batches
 accumulate gradients on one process (``dist.engine: none``, ``dist.backward_passes_per_step``
@@ -169,7 +169,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], Path, dict]:
 
 def render(recipe, data_root: Path, clips: int, val_clips: int) -> float:
     """Render the study dataset for ``recipe.model.num_classes`` classes; returns seconds taken."""
-    from tsmtrain.data.synthetic import generate_study_dataset
+    from tsmtrain.prep.synthetic import generate_study_dataset
 
     k = recipe.model.num_classes
     if clips < k or val_clips < k:

@@ -1,7 +1,7 @@
 """Build the "arrow of time" dataset from the real footage in ../shared/clips.
 
 Windows of about 2 s cut from each real-footage source, each written forward (label 0) and
-time-reversed (label 1), train and validation split by source (see tsmtrain/data/arrow.py):
+time-reversed (label 1), train and validation split by source (see tsmtrain/prep/arrow_of_time.py):
 
     python scripts/make_arrow_of_time.py [--clips DIR] [--out DIR] [--window 2.0] ...
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tsmtrain.data.arrow import build_arrow_of_time
+from tsmtrain.prep.arrow_of_time import build_arrow_of_time
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tsmtrain.models import VideoNet
-from tsmtrain.train.runtime import keep_freed_memory
+from tsmtrain.train.setup import keep_freed_memory
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def make_video(path: Path, frames: int = 12, size: int = 32) -> Path:
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """The embedded demo dataset at a tiny size: 4 classes, 6 train and 2 val clips each."""
-    from tsmtrain.data.synthetic import generate_demo_dataset
+    from tsmtrain.prep.synthetic import generate_demo_dataset
 
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed (make setup installs it)")

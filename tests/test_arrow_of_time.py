@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import REPO, SHARED_CLIPS
 
-from tsmtrain.data import arrow
+from tsmtrain.prep import arrow_of_time as arrow
 
 needs_clips = pytest.mark.skipif(not SHARED_CLIPS.is_dir(), reason=f"real clips folder {SHARED_CLIPS} is absent")
 

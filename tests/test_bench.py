@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from tsmtrain.train.bench import Variant, available_variants, parse_variants
+from tsmtrain.bench.step import Variant, available_variants, parse_variants
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import tiny_recipe
-from tsmtrain.data.bench import CLIPS_PER_S_PER_CORE, DataBenchError, bench_data, load_data_bench
+from tsmtrain.bench.data import CLIPS_PER_S_PER_CORE, DataBenchError, bench_data, load_data_bench
 from tsmtrain.recipe import load_recipe
 
 pytestmark = pytest.mark.video

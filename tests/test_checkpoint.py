@@ -27,7 +27,7 @@ from tests.conftest import venv_env
 from tests.test_train import read_metrics, tiny_recipe
 from tsmtrain.train import TrainingError, train
 from tsmtrain.train import checkpoint as ckpt
-from tsmtrain.train.metrics import truncate_metrics
+from tsmtrain.train.metrics_log import truncate_metrics
 from tsmtrain.train.rundir import LOCK_FILE, RunDirInUse, RunLock, claim_run_dir, lock_holder
 
 REPO = Path(__file__).resolve().parents[1]

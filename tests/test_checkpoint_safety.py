@@ -167,7 +167,7 @@ def trained(tmp_path_factory, tiny_demo):
     """A tiny run trained for 1 step, its features extracted, and the crafted file beside them."""
     from tsmtrain.recipe import load_recipe
     from tsmtrain.train import train
-    from tsmtrain.train.extract import extract_features
+    from tsmtrain.eval.extract import extract_features
 
     tmp = tmp_path_factory.mktemp("safety")
     path = tiny_recipe(tmp / "r.yaml", tiny_demo, "r", dist={"engine": "none"},

@@ -188,3 +188,26 @@ def test_nothing_outside_the_cli_imports_it():
             continue
         cli = sorted(n for n in _imported(path) if n == "tsmtrain.cli" or n.startswith("tsmtrain.cli."))
         assert not cli, f"{path.relative_to(REPO)} imports {cli}"
+
+
+HELP_SNAPSHOT = REPO / "tests" / "data" / "help.txt"
+"""Every command's ``--help`` at 100 columns, as it was before the package moves of issue 31
+(regenerate only for a deliberate change of an option or a docstring)."""
+
+
+def all_help() -> str:
+    """``tsmtrain --help`` and every command's and subcommand's, one after the other."""
+    out = ["$ tsmtrain --help\n" + invoke("--help").output]
+    for args in commands():
+        out.append(f"$ tsmtrain {' '.join(args)} --help\n" + invoke(*args, "--help").output)
+    return "".join(out)
+
+
+def test_every_help_is_byte_identical_to_the_snapshot(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setenv("TERM", "dumb")
+    for name in ("FORCE_COLOR", "NO_COLOR", "LINES"):
+        monkeypatch.delenv(name, raising=False)
+    now = all_help()
+    assert now.count("$ tsmtrain ") == len(commands()) + 1
+    assert now == HELP_SNAPSHOT.read_text(), "a --help changed: compare with tests/data/help.txt"

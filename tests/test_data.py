@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsmtrain.data import DataError, ListFileError, ShardSampler, VideoClipDataset, VideoRecord, collate_clips, read_list
+from tsmtrain.data import DataError, ListFileError, RankSampler, VideoClipDataset, VideoRecord, collate_clips, read_list
 from tests.conftest import make_video
 from tsmtrain.data.decoding import VideoDecodeError
 
@@ -49,16 +49,16 @@ def test_a_huge_bad_line_gives_a_short_message(tmp_path):
 
 
 def test_shard_sampler_partitions_and_pads():
-    shards = [ShardSampler(10, r, 4, shuffle=True, seed=3).shard() for r in range(4)]
+    shards = [RankSampler(10, r, 4, shuffle=True, seed=3).shard() for r in range(4)]
     assert all(len(s) == 3 for s in shards)  # padded to 12
     assert set(sum(shards, [])) == set(range(10))
-    again = ShardSampler(10, 1, 4, shuffle=True, seed=3)
+    again = RankSampler(10, 1, 4, shuffle=True, seed=3)
     assert again.shard() == shards[1]
     again.set_epoch(1)
     assert again.shard() != shards[1]  # new permutation each epoch
     again.set_epoch(1, skip=2)
     assert [i for i, _ in again] == again.shard()[2:] and len(again) == 1
-    evals = [ShardSampler(10, r, 4, shuffle=False, pad=False).shard() for r in range(4)]
+    evals = [RankSampler(10, r, 4, shuffle=False, pad=False).shard() for r in range(4)]
     assert sorted(sum(evals, [])) == list(range(10))
 
 
@@ -101,11 +101,12 @@ def test_prepared_videos_use_approximate_seeking_and_their_recorded_frame_counts
     frames as exact seeking, and a file changed after preparation is refused by name."""
     import json
 
-    from tsmtrain.data import prepared_videos
-    from tsmtrain.data.prepare import MANIFEST, Settings, plan_videos, prepare
+    from tsmtrain.data.readers.files import prepared_videos
+    from tsmtrain.data.manifest import MANIFEST
+    from tsmtrain.prep.encode import Settings, make_worklist, prepare
 
     out = tmp_path / "prepared"
-    prepare(plan_videos([tiny_demo / "val.txt"], tiny_demo, out), Settings(short_side=32), jobs=1, progress=False)
+    prepare(make_worklist([tiny_demo / "val.txt"], tiny_demo, out), Settings(short_side=32), jobs=1, progress=False)
     prepared = prepared_videos(out)
     records = read_list(out / "val.txt", out)
     assert len(prepared) == len(records) == 8 and all(r.path in prepared for r in records)

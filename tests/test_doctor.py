@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_recipe
 from tsmtrain.cli import app
-from tsmtrain.train.doctor import (FIGURES, NO_CUDA, allreduce_bandwidth, bus_bandwidth, loader_clips_per_s,
+from tsmtrain.bench.doctor import (FIGURES, NO_CUDA, allreduce_bandwidth, bus_bandwidth, loader_clips_per_s,
                                    step_figures)
 
 REPO = Path(__file__).resolve().parents[1]

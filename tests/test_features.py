@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_recipe, venv_env
-from tsmtrain.data.features import FeatureDataset, read_index, read_shard
+from tsmtrain.data.readers.features import FeatureDataset, read_index, read_feature_file
 
 pytestmark = pytest.mark.slow  # each trains or extracts through the CLI
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +48,9 @@ def test_extract_writes_every_video_once_in_float16_shards(trained):
         index = read_index(out / split)
         assert index["videos"] == videos and index["dim"] == 512 and index["dtype"] == "float16"
         assert index["shards"] == [f"features-{s:05d}.npz" for s in range((videos + 4) // 5)]
-        lines = np.concatenate([read_shard(out / split / name)["index"] for name in index["shards"]])
+        lines = np.concatenate([read_feature_file(out / split / name)["index"] for name in index["shards"]])
         assert sorted(lines.tolist()) == list(range(videos))  # every video exactly once
-        assert all(read_shard(out / split / n)["features"].dtype == np.float16 for n in index["shards"])
+        assert all(read_feature_file(out / split / n)["features"].dtype == np.float16 for n in index["shards"])
         assert index["unreadable"] == []
     labels = [int(line.split()[1]) for line in Path(json.loads((out / "train" / "index.json").read_text())["list"])
               .read_text().splitlines()]
@@ -61,7 +61,7 @@ def test_extract_resumes_keeping_complete_shards(trained):
     tmp, path = trained
     out = tmp / "f2"
     _extract(path, out)
-    before = {p.name: read_shard(p)["features"] for p in (out / "train").glob("features-*.npz")}
+    before = {p.name: read_feature_file(p)["features"] for p in (out / "train").glob("features-*.npz")}
     (out / "train" / "features-00001.npz").unlink()  # never written
     damaged = out / "train" / "features-00003.npz"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a write cut short (not renamed in real life)
@@ -70,7 +70,7 @@ def test_extract_resumes_keeping_complete_shards(trained):
     assert "train: 24 videos, 5 shards (2 extracted, 3 kept)" in done.stdout
     assert "val: 8 videos, 2 shards (0 extracted, 2 kept)" in done.stdout
     for name, value in before.items():
-        assert np.array_equal(read_shard(out / "train" / name)["features"], value), name
+        assert np.array_equal(read_feature_file(out / "train" / name)["features"], value), name
 
 
 def test_two_ranks_extract_the_features_of_one(trained):
@@ -90,7 +90,7 @@ def test_head_on_features_equals_the_head_trained_end_to_end_with_a_frozen_backb
     from tsmtrain.optim import create_optimizer
     from tsmtrain.recipe import OptimConfig, load_recipe
     from tsmtrain.train import TrainStep
-    from tsmtrain.train.testing import load_model
+    from tsmtrain.eval.protocols import load_model
 
     tmp, path = trained
     out = tmp / "f32"
@@ -166,8 +166,8 @@ def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(trained):
     from tsmtrain.data import DataError
     from tsmtrain.dist.base import LocalEngine
     from tsmtrain.recipe import load_recipe
-    from tsmtrain.train.extract import extract_features
-    from tsmtrain.train.testing import Protocol
+    from tsmtrain.eval.extract import extract_features
+    from tsmtrain.eval.protocols import Protocol
 
     tmp, path = trained
     recipe, out = load_recipe(path), tmp / "f5"
@@ -192,19 +192,20 @@ def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(trained):
 
 def test_the_index_covers_every_video_exactly_once(tmp_path):
     from tsmtrain.data import DataError
-    from tsmtrain.data.features import shard_is_complete, shard_path, write_index, write_shard
+    from tsmtrain.eval.feature_files import feature_file_is_complete, write_index, write_feature_file
+    from tsmtrain.data.readers.features import feature_file_path
 
     split = tmp_path / "train"
     f = np.zeros((2, 3), np.float16)
-    write_shard(shard_path(split, 0), f, [0, 1], [(0,), (1,)], [], source="s")
-    write_shard(shard_path(split, 1), f[:1], [3], [(1,)], [(2, "x.mp4: unreadable")], source="s")
-    assert shard_is_complete(shard_path(split, 1), [2, 3], 3, "s")
-    assert not shard_is_complete(shard_path(split, 1), [2, 3], 3, "other")  # another extraction's
-    assert not shard_is_complete(shard_path(split, 1), [3, 4], 3, "s")  # other lines of the list
+    write_feature_file(feature_file_path(split, 0), f, [0, 1], [(0,), (1,)], [], source="s")
+    write_feature_file(feature_file_path(split, 1), f[:1], [3], [(1,)], [(2, "x.mp4: unreadable")], source="s")
+    assert feature_file_is_complete(feature_file_path(split, 1), [2, 3], 3, "s")
+    assert not feature_file_is_complete(feature_file_path(split, 1), [2, 3], 3, "other")  # another extraction's
+    assert not feature_file_is_complete(feature_file_path(split, 1), [3, 4], 3, "s")  # other lines of the list
     doc = json.loads(write_index(split, {"videos": 4}, shards=2).read_text())
     assert doc["shards"] == ["features-00000.npz", "features-00001.npz"]
     assert doc["unreadable"] == [[2, "x.mp4: unreadable"]]
-    write_shard(shard_path(split, 2), f[:1], [1], [(1,)], [], source="s")  # a stale shard of another layout
+    write_feature_file(feature_file_path(split, 2), f[:1], [1], [(1,)], [], source="s")  # a stale shard of another layout
     assert json.loads(write_index(split, {"videos": 4}, shards=2).read_text())["shards"][-1] == "features-00001.npz"
     with pytest.raises(DataError, match=r"lines in two shards: \[1\], in none: \[\]"):
         write_index(split, {"videos": 4})

@@ -13,7 +13,9 @@ import pytest
 from tests.conftest import make_video
 from tests.test_prepare import _cli, _run
 from tsmtrain.data import flow as F
-from tsmtrain.data.prepare import MANIFEST, SHARDS_DIR, PrepareError, Settings, check_options
+from tsmtrain.prep import flow_files as FF
+from tsmtrain.data.manifest import MANIFEST, JOURNALS_DIR
+from tsmtrain.prep.encode import PrepareError, Settings, check_options
 
 cv2 = pytest.importorskip("cv2")
 
@@ -40,7 +42,7 @@ def test_write_then_read_by_index_is_lossless(tmp_path):
     flow = rng.normal(0, 6, size=(7, 24, 40, 2)).astype(np.float32)
     q = F.quantize_flow(flow)
     path = tmp_path / "x.flow.mkv"
-    F.write_flow(path, q, fps="30000/1001")
+    FF.write_flow(path, q, fps="30000/1001")
     assert F.flow_frames(path) == 7
     got = F.read_flow(path, [6, 0, 3, 3])
     assert got.shape == (4, 24, 40, 2) and got.dtype == np.uint8
@@ -153,7 +155,7 @@ def test_sigkill_then_restart_gives_the_same_flow(flow_sources, tmp_path):
     _prepare(flow_sources, reference)
     child = _cli("prepare", "--list", flow_sources / "train.txt", "--root", flow_sources, "--out", out,
                  "--flow", "dis", "--jobs", 1, start_new_session=True)
-    journal = out / SHARDS_DIR / "manifest-0-of-1.jsonl"
+    journal = out / JOURNALS_DIR / "manifest-0-of-1.jsonl"
     deadline = time.monotonic() + 120
     while child.poll() is None and not (journal.exists() and b'"status":"ok"' in journal.read_bytes()):
         assert time.monotonic() < deadline
@@ -166,7 +168,7 @@ def test_sigkill_then_restart_gives_the_same_flow(flow_sources, tmp_path):
 
     def files(folder):
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-                if p.is_file() and SHARDS_DIR not in p.parts and p.name != MANIFEST}
+                if p.is_file() and JOURNALS_DIR not in p.parts and p.name != MANIFEST}
 
     assert files(out) == files(reference)  # videos, flow, frame tables, list files: byte for byte
     assert not list(out.rglob(".*part*"))

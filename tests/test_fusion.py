@@ -15,8 +15,8 @@ from tsmtrain.cli import app
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train.checkpoint import save_checkpoint
-from tsmtrain.train.fusion import (SCORES_FILE, FusionError, figures, fuse_runs, fuse_scores, list_fingerprint,
-                                   load_scores, parse_weights, write_scores)
+from tsmtrain.eval.fusion import (SCORES_FILE, FusionError, figures, fuse_runs, fuse_scores, list_fingerprint,
+                                  load_scores, parse_weights, write_scores)
 
 NAMES = ["left to right", "right to left", "growing", "shrinking"]
 
@@ -183,7 +183,6 @@ def test_user_mistakes_are_one_error_line(two_runs, tmp_path):
     assert "not a tsmtrain scores file" in error_line(invoke("fuse", a, b))
     with pytest.raises(FusionError):
         parse_weights("1,-1", 2)
-
 
 
 def test_labels_out_of_range_are_one_error_line_naming_the_file_and_video(two_runs):

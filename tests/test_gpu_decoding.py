@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import make_video
-from tsmtrain.data import DataError, ShardSampler, VideoClipDataset, VideoRecord, build_loader
+from tsmtrain.data import DataError, RankSampler, VideoClipDataset, VideoRecord, build_loader
 from tsmtrain.data import decoding
 from tsmtrain.data.decode_ahead import DecodeAhead
 from tsmtrain.data.loader import decoding_target
@@ -173,7 +173,7 @@ def _videos(tmp_path, count=6):
 
 
 def _epochs(dataset, workers, epochs=2, batch=2):
-    sampler = ShardSampler(len(dataset), 0, 1, shuffle=True, pad=True, seed=3)
+    sampler = RankSampler(len(dataset), 0, 1, shuffle=True, pad=True, seed=3)
     loader = build_loader(dataset, sampler, batch, workers, drop_last=True, persistent=True)
     out = []
     for epoch in range(epochs):

@@ -17,7 +17,7 @@ from tests.head_parallel_worker import CASES, K, N, run_case
 from tsmtrain.dist.base import LocalEngine
 from tsmtrain.dist.head_parallel import HeadParallel, class_shard
 from tsmtrain.models import FeatureClassifier, VideoNet, shard_classifier
-from tsmtrain.train.head_shards import head_state
+from tsmtrain.train.head_slices import head_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def _run(*args, timeout=600) -> subprocess.CompletedProcess:
 def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny_demo):
     from tests.conftest import tiny_recipe
     from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-    from tsmtrain.train.head_shards import shard_files
+    from tsmtrain.train.head_slices import slice_files
 
     def recipe(name, **train):
         return tiny_recipe(tmp_path / f"{name}.yaml", tiny_demo, name, dist={"engine": "ddp", "np": 2},
@@ -162,9 +162,9 @@ def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny
     assert "fc.weight" not in a["model"] and a["head_shards"]["ranges"] == [(0, 2), (2, 4)]
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
-    assert [p.name for p in shard_files(whole)] == [p.name for p in shard_files(parts)] == [
+    assert [p.name for p in slice_files(whole)] == [p.name for p in slice_files(parts)] == [
         f"{whole.stem}.head-0-of-2.pt", f"{whole.stem}.head-1-of-2.pt"]
-    for x, y in zip(shard_files(whole), shard_files(parts)):
+    for x, y in zip(slice_files(whole), slice_files(parts)):
         sx, sy = torch.load(x), torch.load(y)
         for name, value in sx["fc"].items():
             assert torch.equal(value, sy["fc"][name]), (x.name, name)
@@ -243,7 +243,7 @@ def test_fp16_overflow_in_another_ranks_head_shard_skips_this_ranks_step():
 def test_a_sharded_checkpoint_resumes_on_one_rank_with_the_joined_head(tmp_path, tiny_demo):
     from tests.conftest import tiny_recipe
     from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-    from tsmtrain.train.head_shards import full_model_state
+    from tsmtrain.train.head_slices import full_model_state
 
     def recipe(np_, lr, **train):
         return tiny_recipe(tmp_path / f"r{np_}.yaml", tiny_demo, "r", dist={"engine": "ddp", "np": np_},

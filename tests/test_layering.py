@@ -109,3 +109,42 @@ def test_the_networks_import_neither_data_dist_nor_train():
         bad = sorted(n for n in _absolute_imports(path)
                      if n.startswith(("tsmtrain.data", "tsmtrain.dist", "tsmtrain.train")))
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_the_online_data_path_never_imports_the_preparation_package():
+    """A loader worker imports :mod:`tsmtrain.data.loader` (and, by a dataset, its readers):
+    none of them may load :mod:`tsmtrain.prep` (ffmpeg, tar writing, flow computation), at module
+    level or inside a function."""
+    offenders = []
+    for path in sorted((PACKAGE / "data").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                if "prep" in target.split(".") or target.startswith("tsmtrain.prep"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: from {target}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno}: import {a.name}" for a in node.names
+                              if a.name.startswith("tsmtrain.prep")]
+    assert not offenders, offenders
+
+
+def test_importing_the_loader_loads_no_preparation_module():
+    """The same, by running it: a fresh interpreter imports the loader and the readers and lists
+    the tsmtrain modules it loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tsmtrain.data.loader, tsmtrain.data.readers\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('tsmtrain'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=REPO).stdout.split()
+    assert "tsmtrain.data.loader" in loaded and "tsmtrain.data.readers.tar" in loaded
+    assert not [m for m in loaded if m.startswith(("tsmtrain.prep", "tsmtrain.eval", "tsmtrain.train", "tsmtrain.bench"))]
+
+
+def test_the_recipe_package_imports_no_data_module():
+    """The recipe schema and loader stand on their own (the label map is the recipe's:
+    :mod:`tsmtrain.recipe.label_map`)."""
+    graph = import_graph()
+    assert not [(m, t) for m, ts in graph.items() if m.startswith("tsmtrain.recipe") for t in ts
+                if t.startswith("tsmtrain.data")]

@@ -15,11 +15,14 @@ from tests.conftest import make_video, tiny_recipe
 from tsmtrain.cli import app
 from tsmtrain.data import VideoRecord, read_list
 from tsmtrain.data import flow as F
+from tsmtrain.prep import flow_files as FF
 from tsmtrain.data.decoding import open_video
-from tsmtrain.data.loader import DataError, FlowFrames, VideoClipDataset, clip_dataset, flow_files, prepared_videos
+from tsmtrain.data.loader import DataError, FlowFrames, VideoClipDataset, clip_dataset, flow_files
+from tsmtrain.data.readers.files import prepared_videos
 from tsmtrain.data.modality import FLOW_MEAN, Modality, modality_of
 from tsmtrain.data.sampling import multi_clip_indices, multi_snippet_indices, segment_indices, snippet_indices
-from tsmtrain.data.transforms import IMAGENET_STD, TestViews, VideoTransform
+from tsmtrain.data.modality import IMAGENET_STD
+from tsmtrain.data.transforms import TestViews, VideoTransform
 from tsmtrain.models import VideoNet, count_macs
 from tsmtrain.recipe import RecipeError, load_recipe
 
@@ -209,14 +212,13 @@ def test_the_loader_reads_the_flow_prepare_stored(prepared_flow, tmp_path):
         flow_files(prepared_flow, records, prepared_videos(prepared_flow), "farneback", "medium", 20.0)
 
 
-
 def test_flipped_bytes_in_a_flow_file_are_a_damaged_sample(prepared_flow, tmp_path, caplog):
     """issue 30, item 6: flipping 20 bytes in an FFV1 flow file silently changed frames; the
     manifest's CRC-32 of each flow file now finds it where it is read, and the video is replaced
     and counted as a damaged shard sample is. A manifest without checksums still reads (a warning)."""
     import shutil
 
-    from tsmtrain.data.prepare import MANIFEST
+    from tsmtrain.data.manifest import MANIFEST
 
     copy = tmp_path / "copy"
     shutil.copytree(prepared_flow, copy)
@@ -265,8 +267,8 @@ def test_videos_without_flow_are_one_error_line(tiny_demo, tmp_path):
 
 
 def test_flow_of_a_rendered_dataset_is_made_once(tmp_path, monkeypatch):
-    from tsmtrain.data import synthetic
-    from tsmtrain.train.runtime import prepare_dataset
+    from tsmtrain.prep import synthetic
+    from tsmtrain.prep.datasets import prepare_dataset
 
     monkeypatch.setattr(synthetic, "generate_demo_dataset",
                         functools.partial(synthetic.generate_demo_dataset, train_per_class=2, val_per_class=1,
@@ -283,7 +285,7 @@ def test_flow_of_a_rendered_dataset_is_made_once(tmp_path, monkeypatch):
     expect = F.quantize_flow(F.compute_flow(open_video(videos[0]).get(range(8))))
     assert q.shape == (7, 32, 32, 2) and np.abs(q.astype(int) - expect).max() <= 1
     stamp = Path(F.flow_path(str(videos[0]))).stat().st_mtime_ns
-    assert F.flow_of_dataset(root, [str(v) for v in videos]) == 0  # all there: nothing again
+    assert FF.flow_of_dataset(root, [str(v) for v in videos]) == 0  # all there: nothing again
     assert Path(F.flow_path(str(videos[0]))).stat().st_mtime_ns == stamp
     records = read_list(recipe.data.train_list, root, 4)
     ds = clip_dataset(recipe, records, train=False)
@@ -308,13 +310,13 @@ def test_predict_computes_the_flow_of_a_video_never_prepared(tmp_path):
 
 @pytest.mark.parametrize("modality,shift", [("flow", False), ("rgb_diff", True)])
 def test_train_test_and_predict_with_a_motion_modality(tmp_path, modality, shift, monkeypatch):
-    from tsmtrain.data import synthetic
+    from tsmtrain.prep import synthetic
 
     root = tmp_path / "demo"
     synthetic.generate_demo_dataset(root, num_classes=4, train_per_class=2, val_per_class=1, frames=8, size=32)
     if modality == "flow":
         videos = [r.path for name in ("train.txt", "val.txt") for r in read_list(root / name, root, 4)]
-        F.flow_of_dataset(root, videos)
+        FF.flow_of_dataset(root, videos)
     path = tiny_recipe(tmp_path / "r.yaml", root, modality, dist={"engine": "none"}, model={"shift": shift},
                        data={"modality": modality, "flow_length": 2, "workers": 0},
                        schedule={"epochs": 1, "warmup_epochs": 0})

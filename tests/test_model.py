@@ -4,6 +4,7 @@ import torchvision
 
 from tsmtrain.models import VideoNet, count_macs, count_parameters
 from tsmtrain.models.shift import TemporalShift
+from tsmtrain.errors import TrainingError
 
 
 @pytest.mark.parametrize("arch,blocks", [("resnet18", 8), ("resnet50", 16), ("mobilenet_v2", 10)])
@@ -59,7 +60,7 @@ def test_pretrained_local_file(tmp_path):
     assert torch.equal(model.backbone.layer1[0].conv1.net.weight, ref.layer1[0].conv1.weight)
     assert model.fc.out_features == 10
     torch.save({"bogus": torch.zeros(1)}, path)
-    with pytest.raises(RuntimeError, match="missing"):
+    with pytest.raises(TrainingError, match="missing"):
         VideoNet("resnet18", 10, 4, pretrained=path)
 
 

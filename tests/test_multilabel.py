@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tsmtrain.models.heads import MoEHead, create_head
-from tsmtrain.train.multilabel import (average_precision, global_average_precision, hit_at_1,
-                                       mean_average_precision, multi_hot, multilabel_figures)
+from tsmtrain.eval.multilabel_metrics import (average_precision, global_average_precision, hit_at_1,
+                                              mean_average_precision, multi_hot, multilabel_figures)
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -208,7 +208,7 @@ def test_multi_label_training_reports_map_gap_and_hit(tiny_demo, tmp_path):
 def test_multilabel_demo_clips_and_lists(tmp_path):
     from tsmtrain.data import read_list
     from tsmtrain.data.decoding import open_video
-    from tsmtrain.data.synthetic import generate_multilabel_dataset, render_multilabel_clip
+    from tsmtrain.prep.synthetic import generate_multilabel_dataset, render_multilabel_clip
 
     rng = np.random.default_rng(0)
     forward = render_multilabel_clip([0], np.random.default_rng(1), frames=8, size=32)

@@ -20,11 +20,11 @@ from tsmtrain.dist.base import LocalEngine
 from tsmtrain.models import create_model
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train.checkpoint import save_checkpoint
-from tsmtrain.train.fusion import SCORES_FILE, fuse_runs, list_fingerprint, load_scores
-from tsmtrain.train.multilabel import (average_precision, global_average_precision, hit_at_1,
-                                       mean_average_precision, multi_hot, multilabel_figures)
-from tsmtrain.train.testing import (Protocol, average_view_scores, gather_results, load_model, score_shard,
-                                    summarise_multilabel)
+from tsmtrain.eval.fusion import SCORES_FILE, fuse_runs, list_fingerprint, load_scores
+from tsmtrain.eval.multilabel_metrics import (average_precision, global_average_precision, hit_at_1,
+                                              mean_average_precision, multi_hot, multilabel_figures)
+from tsmtrain.eval.protocols import (Protocol, average_view_scores, gather_results, load_model, score_part,
+                                     summarise_multilabel)
 
 ONE, TWO = "test-1clip-1crop", "test-2clips-1crop"
 
@@ -139,7 +139,7 @@ def test_views_are_averaged_as_probabilities(runs):
     known = torch.tensor([[[0.0, ln3], [ln3, ln3]]])  # (N=1, V=2, K=2)
     assert torch.allclose(average_view_scores(known, "sigmoid"), torch.tensor([[0.625, 0.75]]))
     assert not torch.allclose(average_view_scores(known, "sigmoid"), torch.sigmoid(known.mean(1)), atol=1e-3)
-    shard = score_shard(KnownLogits([known[0]]), records[:1], recipe, Protocol(2, 1), LocalEngine(),
+    shard = score_part(KnownLogits([known[0]]), records[:1], recipe, Protocol(2, 1), LocalEngine(),
                         torch.device("cpu"), top=2, videos_per_batch=1)
     assert shard[0]["top"] == [1, 0] and shard[0]["scores"] == pytest.approx([0.75, 0.625])
     assert shard[0]["labels"] == records[0].labels
@@ -151,7 +151,7 @@ def test_two_ranks_give_the_figures_of_one(runs):
     recipe = runs[0]["a"]
     records = _list(recipe)[0]
     model, _ = load_model(recipe, None, torch.device("cpu"))
-    shards = [score_shard(model, records, recipe, Protocol(), FakeRank(r, 2), torch.device("cpu")) for r in (0, 1)]
+    shards = [score_part(model, records, recipe, Protocol(), FakeRank(r, 2), torch.device("cpu")) for r in (0, 1)]
     merged = gather_results(FakeRank(0, 2, shards), shards[0], len(records))
     s = summarise_multilabel(merged, 4)
     saved = json.loads((_folder(recipe) / "summary.json").read_text())

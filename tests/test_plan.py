@@ -9,9 +9,9 @@ import pytest
 
 from tests.conftest import SHARED_CLIPS
 from tests.test_cli import error_lines, invoke
-from tsmtrain.data.plan import (Encoding, Measurement, PlanError, check_plan_options, choose_encoding, parse_gops,
+from tsmtrain.prep.plan import (Encoding, Measurement, PlanError, check_plan_options, choose_encoding, parse_gops,
                                 reference_encoding, sample_videos)
-from tsmtrain.data.prepare import Video
+from tsmtrain.prep.encode import SourceVideo
 
 
 def rows(*table):
@@ -60,7 +60,7 @@ def test_ties_and_short_sides():
 
 
 def test_sample_is_spread_over_the_list_and_options_are_checked():
-    videos = [Video(i, f"/v/{i}.mp4", f"{i}.mp4", "train.txt") for i in range(100)]
+    videos = [SourceVideo(i, f"/v/{i}.mp4", f"{i}.mp4", "train.txt") for i in range(100)]
     assert [v.index for v in sample_videos(videos, 4)] == [12, 37, 62, 87]
     assert sample_videos(videos, 4) == sample_videos(videos, 4) and sample_videos(videos[:3], 12) == videos[:3]
     assert parse_gops("16,1,4,1") == [16, 1, 4]

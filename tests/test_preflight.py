@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tests.conftest import make_video, tiny_recipe
 from tsmtrain.cli import app
 from tsmtrain.data import VideoRecord
-from tsmtrain.data.shards import INDEX, ShardIndex
+from tsmtrain.data.readers.tar import INDEX, ShardIndex
 
 pytestmark = pytest.mark.video
 
@@ -51,7 +51,7 @@ def _recipe(path: Path, root: Path, lists: Path, name: str, **sections) -> Path:
 def sharded(tmp_path_factory):
     """A tiny demo (8 train, 4 validation videos) prepared with --shards, one video per shard
     (--shard-size 1), through the CLI; returns (the output folder, what prepare printed)."""
-    from tsmtrain.data.synthetic import generate_demo_dataset
+    from tsmtrain.prep.synthetic import generate_demo_dataset
 
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed")
@@ -114,7 +114,7 @@ def test_data_root_at_the_shards_folder_reads_its_index(sharded, tmp_path):
     from tsmtrain.data.transforms import VideoTransform
     from tsmtrain.dist.base import LocalEngine
     from tsmtrain.recipe import load_recipe
-    from tsmtrain.train.evaluate import evaluate
+    from tsmtrain.eval.evaluate import evaluate
 
     out, printed = sharded
     assert f"set data.root: {out} in the recipe" in printed
@@ -216,7 +216,7 @@ def test_an_unreadable_validation_video_counts_as_wrong_and_is_never_replaced(ti
     from tsmtrain.data.transforms import VideoTransform
     from tsmtrain.dist.base import LocalEngine
     from tsmtrain.recipe import load_recipe
-    from tsmtrain.train.evaluate import evaluate
+    from tsmtrain.eval.evaluate import evaluate
 
     good = sorted((tiny_demo / "videos" / "val").glob("0_*.mp4"))[0]  # label 0
     corrupt = tmp_path / "corrupt.mp4"

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import REPO, SHARED_CLIPS, make_video
 from tsmtrain.cli import app
-from tsmtrain.data.prepare import (MANIFEST, SHARDS_DIR, ManifestError, PrepareError, Settings, merge, parse_shard,
-                                   plan_videos, prepare, read_journal, read_manifest, run_shard, shard_videos)
+from tsmtrain.data.manifest import MANIFEST, JOURNALS_DIR, ManifestError, read_journal, read_manifest
+from tsmtrain.prep.encode import (PrepareError, Settings, merge, parse_task, make_worklist, prepare, run_task,
+                                  task_videos)
 
 pytestmark = pytest.mark.video
 
@@ -206,7 +207,7 @@ def test_sigkill_mid_run_then_restart_gives_the_same_outputs(prepared, sources, 
     reference, _ = prepared
     out = tmp_path / "out"
     child = _cli("prepare", *_lists(sources), "--out", out, "--jobs", 1, start_new_session=True)
-    journal = out / SHARDS_DIR / "manifest-0-of-1.jsonl"
+    journal = out / JOURNALS_DIR / "manifest-0-of-1.jsonl"
     while child.poll() is None and not (journal.exists() and b'"status":"ok"' in journal.read_bytes()):
         time.sleep(0.01)  # until at least one video is prepared
     assert child.poll() is None, "the run finished before it could be killed"
@@ -218,14 +219,13 @@ def test_sigkill_mid_run_then_restart_gives_the_same_outputs(prepared, sources, 
 
     def files(folder):
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-                if p.is_file() and SHARDS_DIR not in p.parts and p.name != MANIFEST}
+                if p.is_file() and JOURNALS_DIR not in p.parts and p.name != MANIFEST}
 
     assert files(out) == files(reference)  # videos, frame tables, list files: byte for byte
     assert not [p for p in out.rglob(".*part*")], "temporary files left behind"
     volatile = {"time", "encode_seconds", "host"}
     strip = lambda records: [{k: v for k, v in r.items() if k not in volatile} for r in records]  # noqa: E731
     assert strip(_manifest(out)) == strip(_manifest(reference))
-
 
 
 def _proc(pid):
@@ -279,7 +279,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR
 @linux_only
 def test_a_child_started_by_a_pool_thread_dies_with_the_process_on_sigkill():
     """The helper every ffmpeg/ffprobe goes through: its child gets SIGKILL when the process dies."""
-    code = ("from concurrent.futures import ThreadPoolExecutor\nfrom tsmtrain.data.prepare import _run\n"
+    code = ("from concurrent.futures import ThreadPoolExecutor\nfrom tsmtrain.prep.encode import _run\n"
             "with ThreadPoolExecutor(1) as pool:\n    pool.submit(_run, ['sleep', '120']).result()\n")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -365,18 +365,18 @@ def test_shards_partition_the_list_exactly(tmp_path):
     root.mkdir()
     (root / "train.txt").write_text("".join(f"c{i % 5}/v{i}.avi {i % 5}\n" for i in range(23)))
     (root / "val.txt").write_text("c0/v0.avi 0\nc9/w.mkv 9\n")
-    plan = plan_videos([root / "train.txt", root / "val.txt"], root, tmp_path / "out")
+    plan = make_worklist([root / "train.txt", root / "val.txt"], root, tmp_path / "out")
     assert [v.output for v in plan.videos] == [f"c{i % 5}/v{i}.mp4" for i in range(23)] + ["c9/w.mp4"]
     for n in (1, 2, 3, 7, 24, 30):
-        parts = [shard_videos(plan.videos, (i, n)) for i in range(n)]
+        parts = [task_videos(plan.videos, (i, n)) for i in range(n)]
         indices = sorted(v.index for part in parts for v in part)
         assert indices == list(range(len(plan.videos)))  # every video in exactly one shard
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
         assert all(v.index % n == i for i, part in enumerate(parts) for v in part)
-    assert parse_shard("3/8") == (3, 8)
+    assert parse_task("3/8") == (3, 8)
     for bad in ("8/8", "-1/4", "1", "a/b", "0/0"):
         with pytest.raises(PrepareError, match="--shard"):
-            parse_shard(bad)
+            parse_task(bad)
 
 
 def test_plan_refuses_colliding_outputs_and_paths_outside_the_root(tmp_path):
@@ -384,11 +384,11 @@ def test_plan_refuses_colliding_outputs_and_paths_outside_the_root(tmp_path):
     root.mkdir()
     (root / "a.txt").write_text("x/a.avi 0\nx/a.mp4 1\n../up.mp4 0\n")
     with pytest.raises(PrepareError) as info:
-        plan_videos([root / "a.txt"], root, tmp_path / "out")
+        make_worklist([root / "a.txt"], root, tmp_path / "out")
     text = str(info.value)
     assert "would both become x/a.mp4" in text and "not inside the root" in text
     with pytest.raises(PrepareError, match="replace them"):
-        plan_videos([root / "a.txt"], root, root)
+        make_worklist([root / "a.txt"], root, root)
 
 
 def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path):
@@ -398,20 +398,20 @@ def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path)
     (root / "c1/bad.mp4").write_text("not a video")
     (root / "train.txt").write_text("".join(f"c{i % 2}/v{i}.mp4 {i % 2}\n" for i in range(5)) + "c1/bad.mp4 1\n")
     args = ["prepare", "--list", str(root / "train.txt"), "--root", str(root)]
-    plan = plan_videos([root / "train.txt"], root, tmp_path / "sharded")
-    run_shard(plan, Settings(), (1, 3), jobs=2, progress=False)
-    run_shard(plan, Settings(), (0, 3), jobs=2, progress=False)
+    plan = make_worklist([root / "train.txt"], root, tmp_path / "sharded")
+    run_task(plan, Settings(), (1, 3), jobs=2, progress=False)
+    run_task(plan, Settings(), (0, 3), jobs=2, progress=False)
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sharded"), "--merge"])
     assert result.exit_code == 2 and "shards have no journal" in result.stderr and "2/3" in result.stderr
     assert not (tmp_path / "sharded" / MANIFEST).exists()
     journal = tmp_path / "sharded/.shards/manifest-1-of-3.jsonl"
     assert {Path(r["source"]).name for r in read_journal(journal)} == {"v1.mp4", "v4.mp4"}
-    run_shard(plan, Settings(), (2, 3), jobs=2, progress=False)
+    run_task(plan, Settings(), (2, 3), jobs=2, progress=False)
     with pytest.raises(PrepareError, match="not prepared with these settings"):
         merge(plan, Settings(short_side=128))
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sharded"), "--merge"])
     assert result.exit_code == 0, result.stderr
-    summary, _ = prepare(plan_videos([root / "train.txt"], root, tmp_path / "single"), Settings(), jobs=2,
+    summary, _ = prepare(make_worklist([root / "train.txt"], root, tmp_path / "single"), Settings(), jobs=2,
                          progress=False)
     assert (summary.ok, summary.failed, summary.done_before) == (5, 1, 0)
     for name in ("train.txt", MANIFEST):
@@ -424,9 +424,9 @@ def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path)
         assert a == b
     assert (tmp_path / "single/train.txt").read_text().count("\n") == 5
     # failed videos are tried again only when asked
-    again = run_shard(plan, Settings(), (2, 3), jobs=2, progress=False)
+    again = run_task(plan, Settings(), (2, 3), jobs=2, progress=False)
     assert (again.videos, again.done_before, again.failed) == (2, 2, 0)
-    again = run_shard(plan, Settings(), (2, 3), jobs=2, progress=False, retry_failed=True)
+    again = run_task(plan, Settings(), (2, 3), jobs=2, progress=False, retry_failed=True)
     assert (again.done_before, again.failed, again.failures[0][0]) == (1, 1, str(root / "c1/bad.mp4"))
 
 
@@ -468,9 +468,9 @@ def test_manifest_and_journal_errors_name_file_and_line(tmp_path):
     journal = tmp_path / "j.jsonl"
     journal.write_text(json.dumps(good) + '\n{"source": "/s/b.av')
     assert read_journal(journal) == [good]
-    from tsmtrain.data.prepare import _Journal
+    from tsmtrain.prep.journal import Journal
 
-    j = _Journal(journal)
+    j = Journal(journal)
     j.append({**good, "source": "/s/c.avi"})
     j.close()
     assert [r["source"] for r in read_journal(journal)] == ["/s/a.avi", "/s/c.avi"]

@@ -322,7 +322,7 @@ def test_non_utf8_recipe_is_one_line_with_the_byte_offset(tmp_path):
 
 
 def test_non_utf8_label_map_names_the_byte(tmp_path):
-    from tsmtrain.data.classes import ClassNamesError, read_class_names
+    from tsmtrain.recipe.label_map import ClassNamesError, read_class_names
 
     classes = tmp_path / "classes.txt"
     classes.write_bytes(b"run\njump\n\xffsit\n")
@@ -339,7 +339,7 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("module", ["tsmtrain.recipe", "tsmtrain.data.classes", "tsmtrain.data.lists",
+@pytest.mark.parametrize("module", ["tsmtrain.recipe", "tsmtrain.recipe.label_map", "tsmtrain.data.lists",
                                     "tsmtrain.dist.slurm"])
 def test_recipe_check_imports_no_torch(module):
     """validate, render and submit run on login nodes without torch: what they import must not load it."""
@@ -351,7 +351,7 @@ def test_recipe_check_imports_no_torch(module):
 def test_recipe_check_of_a_label_map_loads_no_torch(tmp_path):
     path = write(tmp_path, {"data": {"classes": str(tmp_path / "classes.txt")}})
     (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
-    out = _fresh(f"import sys\nfrom tsmtrain.recipe import load_recipe\nfrom tsmtrain.data import read_class_names\n"
+    out = _fresh(f"import sys\nfrom tsmtrain.recipe import load_recipe\nfrom tsmtrain.recipe.label_map import read_class_names\n"
                  f"r = load_recipe({str(path)!r})\nprint(read_class_names(r.data.classes, r.model.num_classes))\n"
                  f"assert 'torch' not in sys.modules")
     assert out.returncode == 0, out.stderr[-2000:]

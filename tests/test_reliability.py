@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO, SHARED_CLIPS, make_video, tiny_recipe, venv_env
-from tsmtrain.data import DataError, ShardSampler, VideoClipDataset, VideoRecord, build_loader, collate_clips
-from tsmtrain.data.loader import shutdown_loaders, short_side_size
+from tsmtrain.data import DataError, RankSampler, VideoClipDataset, VideoRecord, build_loader, collate_clips
+from tsmtrain.data.loader import shutdown_loaders
+from tsmtrain.data.transforms import short_side_size
 
 TSMTRAIN = [sys.executable, "-m", "tsmtrain"]
 
@@ -59,7 +60,7 @@ def _worker_pids(loader_iter) -> list[int]:
 
 def test_a_data_error_in_a_worker_arrives_with_its_own_message_and_the_workers_end():
     loader = build_loader(_Items(fail_at=5, error=DataError("video #5 is bad: set data.something")),
-                          ShardSampler(64, shuffle=False), batch_size=2, workers=2, drop_last=False, persistent=True)
+                          RankSampler(64, shuffle=False), batch_size=2, workers=2, drop_last=False, persistent=True)
     it = iter(loader)
     pids = _worker_pids(it)
     with pytest.raises(DataError) as err:
@@ -71,7 +72,7 @@ def test_a_data_error_in_a_worker_arrives_with_its_own_message_and_the_workers_e
 
 
 def test_workers_ignore_stop_signals_but_are_killed_at_shutdown():
-    loader = build_loader(_Items(), ShardSampler(64, shuffle=False), batch_size=2, workers=1, drop_last=False,
+    loader = build_loader(_Items(), RankSampler(64, shuffle=False), batch_size=2, workers=1, drop_last=False,
                           persistent=True)
     it = iter(loader)
     next(it)
@@ -89,9 +90,9 @@ _SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {repo!r})
 from tests.test_reliability import _Items
-from tsmtrain.data import ShardSampler, build_loader
+from tsmtrain.data import RankSampler, build_loader
 loader = build_loader(_Items(fail_at={fail_at}, error=ZeroDivisionError("a bug"), delay={delay}),
-                      ShardSampler(64, shuffle=False), batch_size=2, workers=2, drop_last=False, persistent=True)
+                      RankSampler(64, shuffle=False), batch_size=2, workers=2, drop_last=False, persistent=True)
 it = iter(loader)
 print(" ".join(str(w.pid) for w in it._workers), flush=True)
 for batch in it:
@@ -126,12 +127,15 @@ def test_workers_die_with_a_killed_training_process():
 # --------------------------------------------------------------------------- mixed sizes
 
 
-def test_short_side_size_keeps_the_aspect_ratio():
-    assert short_side_size(720, 1280, 256) == (256, 455)
-    assert short_side_size(360, 640, 256) == (256, 455)
-    assert short_side_size(1280, 720, 128) == (228, 128)
-    assert short_side_size(100, 100, 37) == (37, 37)
-    assert short_side_size(300, 301, 256) == (256, 257)
+def test_short_side_size_keeps_the_aspect_ratio_as_torchvision_resize_does():
+    """One rounding everywhere: the long side as torchvision's ``Resize(int)`` computes it,
+    ``int(short * long / shorter)`` (truncated, not rounded)."""
+    from torchvision.transforms.functional import _compute_resized_output_size
+
+    for h, w, s in [(720, 1280, 256), (360, 640, 256), (1280, 720, 128), (100, 100, 37), (300, 301, 256), (240, 427, 128)]:
+        assert short_side_size(h, w, s) == tuple(_compute_resized_output_size((h, w), [s])), (h, w, s)
+    assert short_side_size(1280, 720, 128) == (227, 128)  # 227.6 truncated
+    assert short_side_size(300, 301, 256) == (256, 256)  # 256.85 truncated
 
 
 def test_videos_of_different_sizes_batch_after_short_side_resize_and_square_crop(tmp_path):
@@ -149,15 +153,19 @@ def test_videos_of_different_sizes_batch_after_short_side_resize_and_square_crop
     assert {tuple(it["frames"].shape) for it in items} == {(4, 24, 24, 3)}
     assert collate_clips(items[:3])["frames"].shape == (3, 4, 24, 24, 3)
     assert torch.equal(ds[(1, 2)]["frames"], ds[(1, 2)]["frames"])  # the crop follows (seed, epoch, index)
-    # the 96x40 video is resized to 58x24: training crops move along its width, evaluation takes the centre
-    full = VideoClipDataset(recs[1:2], 4, train=False, frame_size=(24, 58))[0]["frames"]
+    # the 96x40 video is resized to 57x24 (the transforms' rounding, short_side_size): training crops
+    # move along its width, evaluation takes the centre
+    h, w = short_side_size(40, 96, 24)
+    assert (h, w) == (24, 57)
+    full = VideoClipDataset(recs[1:2], 4, train=False, frame_size=(h, w))[0]["frames"]
     centre = VideoClipDataset(recs[1:2], 4, train=False, short_side=24)[0]["frames"]
-    assert torch.equal(centre, full[:, :, 17:41])
+    left = (w - 24) // 2
+    assert torch.equal(centre, full[:, :, left:left + 24])
     offsets = set()
     for epoch in range(12):
         crop = ds[(1, epoch)]["frames"]
-        frames = VideoClipDataset(recs, 4, train=True, frame_size=(24, 58), seed=3)[(1, epoch)]["frames"]
-        hits = [x for x in range(35) if torch.equal(frames[:, :, x:x + 24], crop)]
+        frames = VideoClipDataset(recs, 4, train=True, frame_size=(h, w), seed=3)[(1, epoch)]["frames"]
+        hits = [x for x in range(w - 24 + 1) if torch.equal(frames[:, :, x:x + 24], crop)]
         assert hits, "the square is not a crop of the resized frames"
         offsets.add(hits[0])
     assert len(offsets) > 2
@@ -234,8 +242,8 @@ def test_a_rank_whose_data_fails_ends_the_whole_job(tmp_path, tiny_demo, engine)
     root = tmp_path / "data"
     shutil.copytree(tiny_demo, root)
     records = read_list(root / "train.txt", root)
-    rank1 = ShardSampler(len(records), 1, 2, seed=0).shard()
-    rank0 = ShardSampler(len(records), 0, 2, seed=0).shard()
+    rank1 = RankSampler(len(records), 1, 2, seed=0).shard()
+    rank0 = RankSampler(len(records), 0, 2, seed=0).shard()
     for i in rank1[:4]:
         if i not in rank0[:4]:
             Path(records[i].path).write_bytes(b"\0" * 2000)

@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 
 from tests.conftest import REPO, tiny_recipe
 from tsmtrain.cli import app
-from tsmtrain.data import ShardSampler, VideoClipDataset, build_loader, read_list
-from tsmtrain.data.loader import MultiClipDataset, collate_views, video_source
-from tsmtrain.data.prepare import PrepareError, Settings, plan_videos, prepare
-from tsmtrain.data.shards import (INDEX, WIDS_INDEX, ShardError, ShardIndex, ShardReader, merge_shards, parse_size,
-                                  run_task)
+from tsmtrain.data import RankSampler, VideoClipDataset, build_loader, read_list
+from tsmtrain.data.loader import MultiClipDataset, collate_views
+from tsmtrain.data.readers import create_reader
+from tsmtrain.prep.encode import PrepareError, Settings, make_worklist, prepare
+from tsmtrain.data.readers.tar import INDEX, ShardError, ShardIndex, TarShardReader
+from tsmtrain.prep.tar_writer import WIDS_INDEX, merge_tar_shards, parse_size, pack_task
 
 pytestmark = pytest.mark.video
 
@@ -31,7 +32,7 @@ SHARD_SIZE = 12_000  # bytes: the tiny demo's 32 videos (about 2.5 KB each) in 8
 
 
 def _plan(demo, out):
-    return plan_videos([demo / "train.txt", demo / "val.txt"], demo, out)
+    return make_worklist([demo / "train.txt", demo / "val.txt"], demo, out)
 
 
 def _recipe(path, root, name, **sections):
@@ -48,9 +49,9 @@ def both(tiny_demo, tmp_path_factory):
     base = tmp_path_factory.mktemp("shards")
     prepare(_plan(tiny_demo, base / "files"), SETTINGS, jobs=2, progress=False)
     plan = _plan(tiny_demo, base / "tars")
-    summary = run_task(plan, SETTINGS, (0, 1), SHARD_SIZE, jobs=2, progress=False)
+    summary = pack_task(plan, SETTINGS, (0, 1), SHARD_SIZE, jobs=2, progress=False)
     assert summary.encoding.failed == 0 and summary.shards_written > 1
-    merge_shards(plan, SETTINGS, SHARD_SIZE, 1)
+    merge_tar_shards(plan, SETTINGS, SHARD_SIZE, 1)
     return base / "files", base / "tars"
 
 
@@ -59,7 +60,7 @@ def test_every_video_is_in_one_shard_with_the_bytes_of_the_per_file_copy(both):
     index = ShardIndex.load(tars / INDEX)
     manifest = [json.loads(line) for line in (files / "manifest.jsonl").read_text().splitlines()]
     assert sorted(index.samples) == sorted(r["output"] for r in manifest)
-    reader = ShardReader(index)
+    reader = TarShardReader(index)
     members = {}
     for number, shard in enumerate(index.shards):
         with tarfile.open(tars / shard["path"]) as tar:  # the tar headers, read by the standard library
@@ -91,7 +92,7 @@ def test_batches_from_shards_equal_batches_from_files_on_two_ranks_over_two_epoc
     sets = []
     for folder, root in sources:
         records = read_list(folder / "train.txt", root)
-        prepared, store = video_source(root, records)
+        prepared, store = create_reader(root, records)
         sets.append(VideoClipDataset(records, 4, train=True, seed=7, seek_mode=seek_mode, short_side=32,
                                      prepared=prepared, store=store))
     assert sets[0].store is None and sets[1].store is not None
@@ -100,7 +101,7 @@ def test_batches_from_shards_equal_batches_from_files_on_two_ranks_over_two_epoc
         for rank in (0, 1):
             loaders = []
             for dataset in sets:
-                sampler = ShardSampler(len(dataset), rank, 2, shuffle=True, seed=7)
+                sampler = RankSampler(len(dataset), rank, 2, shuffle=True, seed=7)
                 sampler.set_epoch(epoch)
                 loaders.append(build_loader(dataset, sampler, 3, 1, drop_last=True))
             for a, b in zip(*loaders, strict=True):
@@ -111,7 +112,7 @@ def test_batches_from_shards_equal_batches_from_files_on_two_ranks_over_two_epoc
     views = []
     for folder, root in sources:  # tsmtrain test's multi-view clips, too
         records = read_list(folder / "val.txt", root)
-        prepared, store = video_source(root, records)
+        prepared, store = create_reader(root, records)
         views.append(collate_views([MultiClipDataset(records, 4, 2, prepared=prepared, store=store,
                                                      short_side=32)[i] for i in range(len(records))]))
     assert torch.equal(views[0]["frames"], views[1]["frames"])
@@ -219,7 +220,7 @@ def test_a_damaged_sample_is_skipped_and_counted(both, tmp_path):
         f.seek(sample.video[0] + 100)
         f.write(bytes([byte[0] ^ 0xFF]))
     records = read_list(copy / "train.txt", copy / INDEX)
-    prepared, store = video_source(copy / INDEX, records)  # same size: the check before training passes
+    prepared, store = create_reader(copy / INDEX, records)  # same size: the check before training passes
     dataset = VideoClipDataset(records, 4, train=True, short_side=32, prepared=prepared, store=store)
     position = next(i for i, r in enumerate(records) if r.path == str(copy / rel))
     item = dataset[position]
@@ -227,12 +228,10 @@ def test_a_damaged_sample_is_skipped_and_counted(both, tmp_path):
     assert "CRC-32 mismatch" in item["failed"][0] and rel in item["failed"][0]
 
 
-
-
 def test_a_damaged_prepared_file_is_skipped_and_counted_as_a_shard_sample_is(both, tmp_path):
     """The manifest's CRC-32 of each prepared file (output_crc32) is checked where the file is read."""
     from tsmtrain.data.decoding import VideoDecodeError
-    from tsmtrain.data.loader import prepared_videos
+    from tsmtrain.data.readers.files import prepared_videos
 
     copy = _copy(both[0], tmp_path)
     records = read_list(copy / "train.txt", copy)
@@ -253,7 +252,7 @@ def test_a_damaged_prepared_file_is_skipped_and_counted_as_a_shard_sample_is(bot
     assert dataset[1]["failed"] == []
 
 def _edit_index(copy, edit):
-    """Apply ``edit(doc)`` to the copy's index.json (written as merge_shards writes it)."""
+    """Apply ``edit(doc)`` to the copy's index.json (written as merge_tar_shards writes it)."""
     doc = json.loads((copy / INDEX).read_text())
     edit(doc)
     (copy / INDEX).write_text(json.dumps(doc, separators=(",", ":")))
@@ -328,17 +327,17 @@ def test_array_tasks_then_merge_hold_the_same_videos_and_a_missing_task_is_named
     (root / "train.txt").write_text("".join((tiny_demo / "train.txt").read_text().splitlines(True)[:5]))
     (root / "videos" / "train" / "broken.mp4").write_bytes(b"not a video")
     (root / "train.txt").write_text((root / "train.txt").read_text() + "videos/train/broken.mp4 1\n")
-    plan = plan_videos([root / "train.txt"], root, tmp_path / "out")
-    run_task(plan, SETTINGS, (1, 2), SHARD_SIZE, jobs=2, progress=False)
+    plan = make_worklist([root / "train.txt"], root, tmp_path / "out")
+    pack_task(plan, SETTINGS, (1, 2), SHARD_SIZE, jobs=2, progress=False)
     with pytest.raises(PrepareError, match=r"1 of 2 tasks have no shard journal.*0/2"):
-        merge_shards(plan, SETTINGS, SHARD_SIZE)
-    run_task(plan, SETTINGS, (0, 2), SHARD_SIZE, jobs=2, progress=False)
+        merge_tar_shards(plan, SETTINGS, SHARD_SIZE)
+    pack_task(plan, SETTINGS, (0, 2), SHARD_SIZE, jobs=2, progress=False)
     with pytest.raises(PrepareError, match="--shard-size 5000"):
-        merge_shards(plan, SETTINGS, 5000)
-    result = merge_shards(plan, SETTINGS, SHARD_SIZE)
+        merge_tar_shards(plan, SETTINGS, 5000)
+    result = merge_tar_shards(plan, SETTINGS, SHARD_SIZE)
     assert (result.ok, result.failed, result.shards) == (5, 1, 2)
     index, reference = ShardIndex.load(tmp_path / "out" / INDEX), ShardIndex.load(both[1] / INDEX)
-    reader, ref_reader = ShardReader(index), ShardReader(reference)
+    reader, ref_reader = TarShardReader(index), TarShardReader(reference)
     assert len(index.samples) == 5 and {Path(s["path"]).name[:20] for s in index.shards} == {
         "shard-00000-of-00002", "shard-00001-of-00002"}
     for rel in index.samples:
@@ -359,7 +358,7 @@ def test_shard_sizes_and_option_errors():
 
 @pytest.mark.slow
 def test_bench_data_from_shards_opens_each_shard_it_touches_once(both, tmp_path):
-    from tsmtrain.data.bench import bench_data
+    from tsmtrain.bench.data import bench_data
     from tsmtrain.recipe import load_recipe
 
     files, tars = both

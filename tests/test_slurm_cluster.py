@@ -219,7 +219,7 @@ def test_prepare_as_a_job_array_then_merge(cluster, tmp_path, tiny_demo):
     merge = subprocess.run([sys.executable, "-m", "tsmtrain", "prepare", *args, "--merge"], capture_output=True,
                            text=True, cwd=REPO)
     assert merge.returncode == 0, merge.stderr
-    from tsmtrain.data.prepare import read_manifest
+    from tsmtrain.data.manifest import read_manifest
 
     assert len(read_manifest(out)) == 24
     assert len((out / "train.txt").read_text().splitlines()) == 24

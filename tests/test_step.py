@@ -12,7 +12,7 @@ from tsmtrain.models import VideoNet
 from tsmtrain.optim import create_optimizer
 from tsmtrain.recipe import OptimConfig
 from tsmtrain.train import TrainingError, TrainStep
-from tsmtrain.train.metrics import PhaseClock
+from tsmtrain.train.metrics_log import PhaseClock
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -298,7 +298,7 @@ def test_freed_memory_is_kept_for_the_next_step():
     # keep_freed_memory the process keeps it (and the next step's blocks come from it)
     script = """
 import torch
-from tsmtrain.train.runtime import keep_freed_memory
+from tsmtrain.train.setup import keep_freed_memory
 
 def resident_mib():
     with open("/proc/self/statm") as f:

@@ -2,7 +2,7 @@ import decord
 import numpy as np
 import pytest
 
-from tsmtrain.data.synthetic import generate_demo_dataset, render_clip
+from tsmtrain.prep.synthetic import generate_demo_dataset, render_clip
 
 
 @pytest.mark.parametrize("pair", [0, 1, 2])
@@ -52,7 +52,7 @@ def test_invalid_class_counts(tmp_path):
 
 @pytest.mark.parametrize("pair", range(6))
 def test_study_second_class_of_a_pair_is_the_first_reversed(pair):
-    from tsmtrain.data.synthetic import render_study_clip
+    from tsmtrain.prep.synthetic import render_study_clip
 
     a = render_study_clip(2 * pair, np.random.default_rng(5), frames=8, size=32)
     b = render_study_clip(2 * pair + 1, np.random.default_rng(5), frames=8, size=32)
@@ -62,7 +62,7 @@ def test_study_second_class_of_a_pair_is_the_first_reversed(pair):
 
 
 def test_study_clips_have_noise_and_distractors():
-    from tsmtrain.data.synthetic import render_study_clip
+    from tsmtrain.prep.synthetic import render_study_clip
 
     clean = render_study_clip(4, np.random.default_rng(3), frames=8, size=32, distractors=0, noise=0)
     noisy = render_study_clip(4, np.random.default_rng(3), frames=8, size=32, distractors=0, noise=20)
@@ -77,7 +77,7 @@ def test_study_clips_have_noise_and_distractors():
 
 
 def test_generate_study_lists_and_videos(tmp_path):
-    from tsmtrain.data.synthetic import generate_study_dataset
+    from tsmtrain.prep.synthetic import generate_study_dataset
 
     train, val = generate_study_dataset(tmp_path, num_classes=12, train_per_class=1, val_per_class=1, frames=8)
     rows = [line.split() for line in train.read_text().splitlines()]

@@ -13,7 +13,7 @@ import yaml
 from tsmtrain.recipe import load_recipe
 from tsmtrain.train import BREAKDOWN, TrainingError, train
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tsmtrain.train.metrics import MetricsWriter
+from tsmtrain.train.metrics_log import MetricsWriter
 from tsmtrain.train.tensorboard import TensorBoardSink, check_tensorboard, scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_off_writes_nothing_and_imports_nothing_only_rank_0_writes_missing_is_on
     path, _ = tiny_recipe(tmp_path, tiny_demo, "off")
     code = (
         "import sys\nfrom pathlib import Path\nfrom tsmtrain.recipe import load_recipe\n"
-        "from tsmtrain.train import train\nfrom tsmtrain.train.metrics import MetricsWriter\n"
+        "from tsmtrain.train import train\nfrom tsmtrain.train.metrics_log import MetricsWriter\n"
         f"train(load_recipe({str(path)!r}, ['train.tensorboard=false', 'train.stop_after_steps=1']))\n"
         f"w = MetricsWriter.for_rank(Path({str(tmp_path / 'rank1')!r}), rank=1, tensorboard=True)\n"
         "w.write(step=1, loss=1.0); w.flush(); w.close()\n"

@@ -17,13 +17,13 @@ from tsmtrain.data import read_list
 from tsmtrain.data.sampling import multi_clip_indices, segment_indices
 from tsmtrain.data.transforms import TestViews, VideoTransform, view_boxes, view_side
 from tsmtrain.models import create_model
-from tsmtrain.data.classes import ClassNamesError, read_class_names
+from tsmtrain.recipe.label_map import ClassNamesError, read_class_names
 from tsmtrain.recipe import RecipeError, load_recipe
 from tsmtrain.train.checkpoint import save_checkpoint
-from tsmtrain.train.evaluate import predict as eval_predict
-from tsmtrain.train.runtime import TrainingError
-from tsmtrain.train.testing import (Protocol, average_view_scores, gather_results, load_model, predict_videos,
-                                 run_test, score_shard, summarise)
+from tsmtrain.eval.evaluate import predict as eval_predict
+from tsmtrain.train.setup import TrainingError
+from tsmtrain.eval.protocols import (Protocol, average_view_scores, gather_results, load_model, predict_videos,
+                                     run_test, score_part, summarise)
 from tsmtrain.dist.base import LocalEngine
 
 NAMES = ["left to right", "right to left", "growing", "shrinking"]
@@ -145,7 +145,7 @@ def test_views_of_each_video_are_averaged(recipe):
     g = torch.Generator().manual_seed(3)
     table = [torch.randn(protocol.views, 4, generator=g) * 3 for _ in records]
     model = KnownLogits(table)
-    out = score_shard(model, records, recipe, protocol, LocalEngine(), torch.device("cpu"), top=4,
+    out = score_part(model, records, recipe, protocol, LocalEngine(), torch.device("cpu"), top=4,
                       videos_per_batch=1)
     assert model.shapes == [(6, 4, 3, 36, 36)] * 3  # 2 clips x 3 crops of one video per call, 4 frames each
     for video, result in zip(table, out):
@@ -176,13 +176,13 @@ def test_each_video_counted_once_over_two_ranks(recipe, tmp_path):
     assert len(records) == 7
     model, _ = load_model(recipe, _checkpoint(recipe), torch.device("cpu"))
     protocol = Protocol(2, 1)
-    shards = [score_shard(model, records, recipe, protocol, FakeRank(r, 2), torch.device("cpu")) for r in (0, 1)]
+    shards = [score_part(model, records, recipe, protocol, FakeRank(r, 2), torch.device("cpu")) for r in (0, 1)]
     assert [len(s) for s in shards] == [4, 3]
     assert {r["index"] for r in shards[0]}.isdisjoint(r["index"] for r in shards[1])
     merged = gather_results(FakeRank(0, 2, shards), shards[0], len(records))
     assert [r["index"] for r in merged] == list(range(7))
     assert gather_results(FakeRank(1, 2, shards), shards[1], len(records)) is None
-    alone = score_shard(model, records, recipe, protocol, LocalEngine(), torch.device("cpu"))
+    alone = score_part(model, records, recipe, protocol, LocalEngine(), torch.device("cpu"))
     assert [(r["top"], r["error"] is None) for r in merged] == [(r["top"], r["error"] is None) for r in alone]
     assert np.allclose([r["scores"] for r in merged[:6]], [r["scores"] for r in alone[:6]], atol=1e-5)
     assert "missing.mp4" in merged[6]["error"] and merged[6]["top"] == []
@@ -211,7 +211,7 @@ def test_one_clip_one_crop_equals_validation(recipe):
     tf = VideoTransform(train=False, input_size=recipe.data.input_size, mean=recipe.data.mean, std=recipe.data.std)
     logits = torch.cat([lg for lg, _, _, _ in eval_predict(model, records, recipe, LocalEngine(), "cpu", tf)])
     probs = logits.softmax(1)
-    out = score_shard(model, records, recipe, Protocol(1, 1), LocalEngine(), torch.device("cpu"), top=4)
+    out = score_part(model, records, recipe, Protocol(1, 1), LocalEngine(), torch.device("cpu"), top=4)
     assert [r["top"][0] for r in out] == probs.argmax(1).tolist()
     assert np.allclose([r["scores"][0] for r in out], probs.max(1).values.numpy(), atol=1e-6)
 
@@ -283,7 +283,7 @@ def test_predict_on_a_demo_clip(recipe):
     assert 0 < sum(out[0]["scores"]) <= 1 + 1e-6
     assert out[1]["error"] and "nowhere.mp4" in out[1]["error"]
     model, _ = load_model(recipe, None, torch.device("cpu"))
-    shard = score_shard(model, records[:1], recipe, Protocol(2, 3), LocalEngine(), torch.device("cpu"), top=3)
+    shard = score_part(model, records[:1], recipe, Protocol(2, 3), LocalEngine(), torch.device("cpu"), top=3)
     assert shard[0]["top"] == out[0]["top"] and np.allclose(shard[0]["scores"], out[0]["scores"], atol=1e-6)
 
 

@@ -5,19 +5,19 @@ prints what it returns:
 
 * :mod:`.training`: ``run`` (:func:`tsmtrain.train.train`), ``validate`` (the resolved recipe),
   ``model-info`` (:mod:`tsmtrain.models` parameter and multiply-add counts)
-* :mod:`.testing`: ``test`` (:func:`tsmtrain.train.testing.run_test`), ``predict``
-  (:func:`tsmtrain.train.testing.predict_videos`), ``fuse`` (:func:`tsmtrain.train.fusion.fuse_runs`:
+* :mod:`.testing`: ``test`` (:func:`tsmtrain.eval.protocols.run_test`), ``predict``
+  (:func:`tsmtrain.eval.protocols.predict_videos`), ``fuse`` (:func:`tsmtrain.eval.fusion.fuse_runs`:
   late fusion of tested runs)
-* :mod:`.features`: ``extract`` (:func:`tsmtrain.train.extract.extract_features`: features of
+* :mod:`.features`: ``extract`` (:func:`tsmtrain.eval.extract.extract_features`: features of
   every video for training the head alone, ``data.features``)
 * :mod:`.cluster`: ``render`` (:func:`tsmtrain.dist.slurm.render_sbatch`), ``submit``
   (:func:`tsmtrain.dist.slurm.submit`), ``env`` (:func:`tsmtrain.dist.base.describe_rank` on
   every rank), and the cluster flags of ``render``, ``submit`` and ``sweep``
-* :mod:`.doctor`: ``doctor`` (:func:`tsmtrain.train.doctor.run_doctor`: a node's readiness
+* :mod:`.doctor`: ``doctor`` (:func:`tsmtrain.bench.doctor.run_doctor`: a node's readiness
   table and figures)
-* :mod:`.data`: ``prepare`` (:mod:`tsmtrain.data.prepare`: re-encode the videos for training)
-* :mod:`.benchmarks`: ``bench data`` (:mod:`tsmtrain.data.bench`), ``bench step``
-  (:func:`tsmtrain.train.bench.bench_step`)
+* :mod:`.data`: ``prepare`` (:mod:`tsmtrain.prep.encode`: re-encode the videos for training)
+* :mod:`.benchmarks`: ``bench data`` (:mod:`tsmtrain.bench.data`), ``bench step``
+  (:func:`tsmtrain.bench.step.bench_step`)
 * :mod:`.scaling`: ``sweep`` (:mod:`tsmtrain.scaling.sweep`), ``report``
   (:mod:`tsmtrain.scaling.report`, :mod:`tsmtrain.scaling.model`)
 

@@ -1,9 +1,9 @@
 """``tsmtrain bench data`` and ``tsmtrain bench step``: the data path and the training step.
 
-* ``bench data RECIPE [--workers 1,2,4] [--json F]`` -> :func:`tsmtrain.data.bench.bench_data`,
-  printed by :func:`~tsmtrain.data.bench.progress_line` and :func:`~tsmtrain.data.bench.summary_lines`
-* ``bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.train.bench.bench_step`, printed by
-  :func:`tsmtrain.train.bench.format_step_report`
+* ``bench data RECIPE [--workers 1,2,4] [--json F]`` -> :func:`tsmtrain.bench.data.bench_data`,
+  printed by :func:`~tsmtrain.bench.data.progress_line` and :func:`~tsmtrain.bench.data.summary_lines`
+* ``bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.bench.step.bench_step`, printed by
+  :func:`tsmtrain.bench.step.format_step_report`
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def bench_data(
     from rich.console import Console
 
     from ..data import DataError, ListFileError
-    from ..data.bench import DataBenchError, check_split, header_line, load_data_bench, progress_line, summary_lines
-    from ..data.bench import bench_data as run_bench
-    from ..data.prepare import ManifestError
+    from ..bench.data import DataBenchError, check_split, header_line, load_data_bench, progress_line, summary_lines
+    from ..bench.data import bench_data as run_bench
+    from ..data.manifest import ManifestError
     from ..scaling.sweep import parse_workers
 
     try:
@@ -86,9 +86,9 @@ def bench_step(
     import json
 
     from ..train import TrainingError
-    from ..train.bench import bench_step as run_bench
-    from ..train.bench import format_step_report, parse_variants
-    from ..train.runtime import choose_device
+    from ..bench.step import bench_step as run_bench
+    from ..bench.step import format_step_report, parse_variants
+    from ..train.setup import choose_device
 
     cfg = load(recipe, sets, check_files=False)
     try:

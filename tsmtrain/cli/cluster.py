@@ -3,7 +3,7 @@
 * ``render RECIPE [cluster flags]`` -> :func:`tsmtrain.dist.slurm.render_sbatch`
 * ``submit RECIPE [cluster flags] [--dry-run]`` -> :func:`tsmtrain.dist.slurm.submit`
 * ``env [RECIPE]`` -> :func:`tsmtrain.dist.base.describe_rank` on every rank (the engine from
-  :func:`tsmtrain.train.runtime.choose_engine`), and what Horovod and torch.distributed were
+  :func:`tsmtrain.train.setup.choose_engine`), and what Horovod and torch.distributed were
   built with
 
 :func:`with_cluster_flags` gives ``render``, ``submit`` and ``sweep`` one option per key of the
@@ -133,11 +133,11 @@ def env(
 
 
 def _engine(cfg):
-    """The engine ``env`` describes: the recipe's (:func:`tsmtrain.train.runtime.choose_engine`,
+    """The engine ``env`` describes: the recipe's (:func:`tsmtrain.train.setup.choose_engine`,
     whose errors are one ``error:`` line, exit 2), or without a recipe Horovod's, on the CPU."""
     from ..recipe import DistConfig, Recipe, TrainConfig
     from ..train import TrainingError
-    from ..train.runtime import choose_engine
+    from ..train.setup import choose_engine
 
     # no recipe: the default dist section (Horovod) and no GPU; nothing else of it is read
     cfg = cfg or Recipe.model_construct(dist=DistConfig(), train=TrainConfig(device="cpu"))

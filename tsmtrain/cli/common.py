@@ -91,7 +91,7 @@ def user_errors() -> Iterator[None]:
     one ``error:`` line per line of its message (exit 2), Ctrl-C exits 130, another rank's failure
     is one line (exit 1); anything else is an internal error and propagates (traceback)."""
     from ..data import DataError, ListFileError
-    from ..data.prepare import ManifestError
+    from ..data.manifest import ManifestError
     from ..train import TrainingError
 
     try:

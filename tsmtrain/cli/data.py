@@ -1,9 +1,9 @@
 """``tsmtrain prepare``: re-encode a recipe's (or list files') videos for training.
 
 ``prepare RECIPE|--list FILE --root ROOT --out DIR [--shard I/N | --merge]`` ->
-:func:`tsmtrain.data.prepare.check_options`, :func:`~tsmtrain.data.prepare.run_shard` and
-:func:`~tsmtrain.data.prepare.merge`, printed by :func:`~tsmtrain.data.prepare.summary_lines` and
-:func:`~tsmtrain.data.prepare.merge_lines`. Ctrl-C exits 130 (run it again to continue).
+:func:`tsmtrain.prep.encode.check_options`, :func:`~tsmtrain.prep.encode.run_task` and
+:func:`~tsmtrain.prep.encode.merge`, printed by :func:`~tsmtrain.prep.encode.summary_lines` and
+:func:`~tsmtrain.prep.encode.merge_lines`. Ctrl-C exits 130 (run it again to continue).
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def prepare(
         return plan_command(plan, recipe, lists, root, out, short_side, gops, target, cores_per_gpu, sample, rounds,
                             json_file, dict(fps=fps, crf=crf, preset=preset, fastdecode=fastdecode), jobs, decoder,
                             frame_mappings, retry_failed, shard, merge, tasks, shards, sets)
-    from ..data.prepare import ManifestError, PrepareError, Settings, check_options, parse_shard, plan_videos
-    from ..data.shards import parse_size
+    from ..data.manifest import ManifestError
+    from ..prep.encode import PrepareError, Settings, check_options, parse_task, make_worklist
+    from ..prep.tar_writer import parse_size
 
     settings = Settings(short_side=short_side[-1], gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode,
                         flow=flow, flow_preset=flow_preset, flow_bound=flow_bound)
@@ -98,9 +99,9 @@ def prepare(
         d = load(recipe, sets).data
         root, lists = d.root, [d.train_list] + ([d.val_list] if d.val_list else [])
     try:
-        plan = plan_videos(lists, root, out)
+        plan = make_worklist(lists, root, out)
         _say([f"warning: {warning}" for warning in plan.warnings])
-        _encode_and_merge(plan, settings, task=parse_shard(shard) if shard is not None else None, merge=merge,
+        _encode_and_merge(plan, settings, task=parse_task(shard) if shard is not None else None, merge=merge,
                           tasks=tasks, shard_size=size, jobs=jobs, decoder=decoder, frame_mappings=frame_mappings,
                           retry_failed=retry_failed)
     except (PrepareError, ManifestError) as err:
@@ -115,20 +116,20 @@ def _encode_and_merge(plan, settings, task: tuple[int, int] | None, merge: bool,
                       retry_failed: bool) -> None:
     """Encode array task ``task`` (all videos when None) unless ``merge``, as files or, with a
     ``shard_size``, into tar shards; then, unless it was one task of several, merge."""
-    from ..data import shards as packing
-    from ..data.prepare import check_tools, merge as merge_files, merge_lines, run_shard, summary_lines
+    from ..prep import tar_writer as packing
+    from ..prep.encode import check_tools, merge as merge_files, merge_lines, run_task, summary_lines
 
     if not merge:
         check_tools(decoder)
         if shard_size is not None:
-            done = packing.run_task(plan, settings, task or (0, 1), shard_size, jobs, decoder, retry_failed)
-            _say(summary_lines(done.encoding, sharded=task is not None) + packing.task_lines(done))
+            done = packing.pack_task(plan, settings, task or (0, 1), shard_size, jobs, decoder, retry_failed)
+            _say(summary_lines(done.encoding, sharded=task is not None) + packing.pack_lines(done))
         else:
-            summary = run_shard(plan, settings, task or (0, 1), jobs, decoder, frame_mappings, retry_failed)
+            summary = run_task(plan, settings, task or (0, 1), jobs, decoder, frame_mappings, retry_failed)
             _say(summary_lines(summary, sharded=task is not None))
     if task is None:
         count = tasks if merge else 1
-        result = (packing.merge_shards(plan, settings, shard_size, count) if shard_size is not None
+        result = (packing.merge_tar_shards(plan, settings, shard_size, count) if shard_size is not None
                   else merge_files(plan, settings, count))
         for line in merge_lines(result):
             print(line)

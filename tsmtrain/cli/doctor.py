@@ -1,8 +1,8 @@
 """``tsmtrain doctor [RECIPE] [--json FILE]``: is this node ready, and how fast will it train?
 
--> :func:`tsmtrain.train.doctor.run_doctor`; prints its rows as a table and
-:func:`~tsmtrain.train.doctor.verdict_line`, writes :meth:`~tsmtrain.train.doctor.DoctorResult.record`
-with ``--json``, and exits with :attr:`~tsmtrain.train.doctor.DoctorResult.exit_status` (0: what
+-> :func:`tsmtrain.bench.doctor.run_doctor`; prints its rows as a table and
+:func:`~tsmtrain.bench.doctor.verdict_line`, writes :meth:`~tsmtrain.bench.doctor.DoctorResult.record`
+with ``--json``, and exits with :attr:`~tsmtrain.bench.doctor.DoctorResult.exit_status` (0: what
 the recipe asks for works here; 1: a required check failed; 2: a bad recipe).
 """
 
@@ -34,7 +34,7 @@ def doctor(
     from rich.console import Console
     from rich.table import Table
 
-    from ..train.doctor import run_doctor, verdict_line
+    from ..bench.doctor import run_doctor, verdict_line
 
     cfg = load(recipe, sets) if recipe else None
     progress = Console(stderr=True, highlight=False)

@@ -1,7 +1,7 @@
 """``tsmtrain extract``: the trained network's features of every video, for training the head alone.
 
 * ``extract RECIPE --out DIR [--clips K] [--crops 1|3|10] [--checkpoint PATH] [--shard-videos N]
-  [--dtype float16|float32] [--np N]`` -> :func:`tsmtrain.train.extract.extract_features`
+  [--dtype float16|float32] [--np N]`` -> :func:`tsmtrain.eval.extract.extract_features`
   (through :func:`tsmtrain.cli.common.relaunch` when N ranks must be started on this host). A rerun
   resumes: complete shards are kept. Train the head on them with ``--set data.features=DIR``.
 """
@@ -37,7 +37,7 @@ def extract(
     relaunch(cfg, ["extract", recipe, *set_args(sets), "--out", out, "--clips", str(clips), "--crops", str(crops),
                    "--shard-videos", str(shard_videos), "--dtype", dtype,
                    *(["--checkpoint", checkpoint] if checkpoint else [])])
-    from ..train.extract import extract_features
+    from ..eval.extract import extract_features
 
     with user_errors():
         report = extract_features(cfg, out, protocol, checkpoint=checkpoint, shard_videos=shard_videos, dtype=dtype)

@@ -1,9 +1,9 @@
 """``tsmtrain prepare --plan``: the encoding that feeds a GPU with a cluster's cores.
 
 ``prepare RECIPE|--list FILE --root ROOT --out DIR --plan --target T --cores-per-gpu C`` ->
-:func:`tsmtrain.data.plan.check_plan_options` and :func:`~tsmtrain.data.plan.plan_encoding`
+:func:`tsmtrain.prep.plan.check_plan_options` and :func:`~tsmtrain.prep.plan.plan_encoding`
 (trial encodings of a sample in ``DIR/.plan/``), printed as a table
-(:func:`~tsmtrain.data.plan.table_rows`) and :func:`~tsmtrain.data.plan.choice_lines`.
+(:func:`~tsmtrain.prep.plan.table_rows`) and :func:`~tsmtrain.prep.plan.choice_lines`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def plan_command(plan: bool, recipe: Optional[str], lists: list[str], root: Opti
     sample, print the table and the choice; ``encoding``: prepare's other settings (fps, crf,
     preset, fastdecode). Also called when an option of the plan comes without ``--plan``."""
     from ..data import DataError, ListFileError
-    from ..data.plan import (DEFAULT_GOPS, DEFAULT_ROUNDS, DEFAULT_SAMPLE, PlanError, check_plan_options,
-                             parse_gops, plan_encoding)
-    from ..data.prepare import ManifestError, PrepareError, Settings, check_options, check_tools, plan_videos
+    from ..prep.plan import (DEFAULT_GOPS, DEFAULT_ROUNDS, DEFAULT_SAMPLE, PlanError, check_plan_options, parse_gops,
+                             plan_encoding)
+    from ..data.manifest import ManifestError
+    from ..prep.encode import PrepareError, Settings, check_options, check_tools, make_worklist
 
     sample = DEFAULT_SAMPLE if sample is None else sample
     rounds = DEFAULT_ROUNDS if rounds is None else rounds
@@ -47,7 +48,7 @@ def plan_command(plan: bool, recipe: Optional[str], lists: list[str], root: Opti
     source = [recipe, *set_args(sets)] if recipe is not None else [*_list_args(lists), "--root", root]
     try:
         check_tools(decoder)
-        videos = plan_videos(lists, root, out)
+        videos = make_worklist(lists, root, out)
         result = plan_encoding(videos, root, cfg, target, cores_per_gpu, gop_list, short_sides, settings, sample,
                                rounds, jobs, decoder, frame_mappings, retry_failed, source, say=_say)
     except (PlanError, PrepareError, ManifestError, ListFileError, DataError) as err:
@@ -70,7 +71,7 @@ def _show(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..data.plan import TABLE_COLUMNS, choice_lines, table_rows
+    from ..prep.plan import TABLE_COLUMNS, choice_lines, table_rows
 
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
     table = Table(title=f"{result.rows[0].videos} sample videos, {result.rows[0].clips} clips per measurement, "

@@ -51,7 +51,7 @@ def sweep(
     from ..dist.slurm import LaunchError
     from ..scaling.records import SweepError
     from ..scaling.sweep import parse_workers, plan_sweep, run_sweep
-    from ..train.runtime import prepare_sweep_data
+    from ..prep.datasets import prepare_sweep_data
 
     if array and local:
         fail("--array: job arrays are for --submit")
@@ -154,8 +154,8 @@ def _data_spec(options: dict):
     if given.get("layout", "files") not in LAYOUTS:
         fail(f"--layout {given['layout']!r}: one of {', '.join(LAYOUTS)}")
     if "shard_bytes" in given:
-        from ..data.prepare import PrepareError
-        from ..data.shards import parse_size  # the syntax of tsmtrain prepare --shard-size
+        from ..prep.encode import PrepareError
+        from ..prep.tar_writer import parse_size
 
         try:
             given["shard_bytes"] = parse_size(given["shard_bytes"])
@@ -186,7 +186,7 @@ def _predictions(meta: dict, records: list[dict], predict: str, network: str, da
     try:
         net = load_network(network)
         if data_bench is not None:
-            from ..data.bench import DataBenchError, load_data_bench  # torch: only with --data-bench
+            from ..bench.data import DataBenchError, load_data_bench
 
             try:
                 rate = load_data_bench(data_bench)["clips_per_s_per_core"]

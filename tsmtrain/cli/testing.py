@@ -2,12 +2,12 @@
 view protocol, and the late fusion of tested runs.
 
 * ``test RECIPE [--checkpoint PATH] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
-  :func:`tsmtrain.train.testing.run_test` (through :func:`tsmtrain.cli.common.relaunch` when N ranks
-  must be started on this host), printed by :func:`tsmtrain.train.testing.format_report`
+  :func:`tsmtrain.eval.protocols.run_test` (through :func:`tsmtrain.cli.common.relaunch` when N ranks
+  must be started on this host), printed by :func:`tsmtrain.eval.protocols.format_report`
 * ``predict RECIPE VIDEO... [--checkpoint PATH] [--top K]`` ->
-  :func:`tsmtrain.train.testing.predict_videos`; exits 1 when a video is unreadable
+  :func:`tsmtrain.eval.protocols.predict_videos`; exits 1 when a video is unreadable
 * ``fuse RUN... [--weights W,W] [--test-dir NAME] [--json FILE]`` ->
-  :func:`tsmtrain.train.fusion.fuse_runs`, printed by :func:`tsmtrain.train.fusion.format_fusion`
+  :func:`tsmtrain.eval.fusion.fuse_runs`, printed by :func:`tsmtrain.eval.fusion.format_fusion`
 
 A multi-label run (``model.loss: sigmoid``) is scored by the per-class sigmoid probabilities
 averaged over the views, and reported by mAP, GAP@20 and Hit@1 instead of top-1, top-5 and mean
@@ -30,9 +30,9 @@ CHECKPOINT_HELP = "checkpoint file (default: the run directory's latest)"
 
 
 def _protocol(clips: int, crops: int):
-    """The :class:`tsmtrain.train.testing.Protocol` of ``--clips`` and ``--crops``; exits 2 on
+    """The :class:`tsmtrain.eval.protocols.Protocol` of ``--clips`` and ``--crops``; exits 2 on
     one that does not exist."""
-    from ..train.testing import Protocol
+    from ..eval.protocols import Protocol
 
     try:
         return Protocol(clips, crops)
@@ -62,7 +62,7 @@ def test(
     relaunch(cfg, ["test", recipe, *set_args(sets), "--clips", str(clips), "--crops", str(crops),
                    *(["--checkpoint", checkpoint] if checkpoint else []),
                    *(["--list", list_file] if list_file else [])])
-    from ..train.testing import format_report, run_test
+    from ..eval.protocols import format_report, run_test
 
     with user_errors():
         report = run_test(cfg, protocol, checkpoint=checkpoint, list_file=list_file)
@@ -86,7 +86,7 @@ def predict(
     (softmax; sigmoid per class for a multi-label run), on the CPU."""
     from ..data import DataError
     from ..train import TrainingError
-    from ..train.testing import predict_videos
+    from ..eval.protocols import predict_videos
 
     protocol = _protocol(clips, crops)
     cfg = load(recipe, sets, check_files=False)
@@ -105,7 +105,7 @@ def predict(
 
 
 def prediction_lines(results: list[dict], names: list[str] | None) -> list[str]:
-    """The lines ``predict`` prints per video of :func:`tsmtrain.train.testing.predict_videos`:
+    """The lines ``predict`` prints per video of :func:`tsmtrain.eval.protocols.predict_videos`:
     ``PATH: unreadable: REASON``, or ``PATH:`` then one ``SCORE  CLASS  NAME`` line per top class."""
     lines = []
     for r in results:
@@ -131,7 +131,7 @@ def fuse(
     runs: mAP, GAP@20 and Hit@1 of their sigmoid probabilities)."""
     import json
 
-    from ..train.fusion import FusionError, format_fusion, fuse_runs, parse_weights
+    from ..eval.fusion import FusionError, format_fusion, fuse_runs, parse_weights
 
     try:
         result = fuse_runs(runs, parse_weights(weights, len(runs)) if weights is not None else None, test_dir)

@@ -78,7 +78,7 @@ def _check_data(cfg) -> None:
     malformed list: one per bad line) and exit 2 when a file is missing."""
     from ..data import ListFileError
     from ..data.preflight import data_problems, one_line
-    from ..data.prepare import ManifestError
+    from ..data.manifest import ManifestError
 
     try:
         problems = data_problems(cfg)

@@ -147,7 +147,7 @@ class Video:
             decoder is created on the current CUDA stream of that device, so frames are ready in
             stream order).
         data: the encoded video itself (e.g. a sample read from a tar shard,
-            :mod:`tsmtrain.data.shards`), decoded from memory; ``path`` then only names it in
+            :mod:`tsmtrain.prep.tar_writer`), decoded from memory; ``path`` then only names it in
             messages. ``frame_mappings`` may then be the frame table's bytes too.
 
     Attributes:

@@ -57,7 +57,7 @@ def read_list(list_file: str | Path, root: str | Path, num_classes: int | None =
     Args:
         list_file: the list file.
         root: the folder its paths are relative to; a shard index file
-            (:mod:`tsmtrain.data.shards`) stands for its own folder, where the per-file
+            (:mod:`tsmtrain.prep.tar_writer`) stands for its own folder, where the per-file
             preparation would have put the videos.
         num_classes: labels must be below it (None: any non-negative label).
         multi_label: lines may give several labels, ``path label label ...`` (each once).

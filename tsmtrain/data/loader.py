@@ -11,7 +11,7 @@ training; in validation it is counted as wrong, never replaced (``replace``). Wh
 will open (shards, flow files, features) is checked before training (:mod:`tsmtrain.data.preflight`).
 
 The videos are files, or samples of indexed tar shards when ``data.root`` names a shard index
-(:mod:`tsmtrain.data.shards`: each worker opens a shard once and reads whole samples from it by
+(:mod:`tsmtrain.prep.tar_writer`: each worker opens a shard once and reads whole samples from it by
 offset, decoded from memory). Both give the same clips, bit for bit: the sampler, the sampling
 offsets and the decoder's input bytes are the same.
 
@@ -53,11 +53,14 @@ from .decode_ahead import DecodeAhead
 from .decoding import GPU_ONLY, Video, VideoDecodeError, choose_seek_mode, open_video, probe_gpu_decoding, probe_size
 from .lists import VideoRecord
 from .modality import RGB, Modality, modality_of
-from .preflight import find_flows, prepared_videos
+from .preflight import find_flows
+from .readers import create_reader
+from .readers.files import prepared_videos, read_checked
 from .sampling import multi_snippet_indices, snippet_indices
-from .shards import SampleError, ShardIndex, ShardReader, shard_index_file
+from .transforms import short_side_size
+from .readers.tar import SampleError, TarShardReader
 
-__all__ = ["DataError", "short_side_size", "shutdown_loaders", "VideoClipDataset", "ShardSampler", "collate_clips", "build_loader", "prepared_videos", "video_source", "clip_dataset",
+__all__ = ["DataError", "shutdown_loaders", "VideoClipDataset", "RankSampler", "collate_clips", "build_loader", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
            "decoding_target", "flow_files", "FlowFrames"]
 
@@ -80,19 +83,10 @@ class DataError(ValueError):
         super().__init__(message)
 
 
-def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """``(H, W)`` of a ``height`` x ``width`` frame resized so its short side is ``short_side``
-    pixels, keeping the aspect ratio (the long side rounded to the nearest pixel, never below
-    ``short_side``)."""
-    if height <= width:
-        return short_side, max(short_side, round(width * short_side / height))
-    return max(short_side, round(height * short_side / width)), short_side
-
-
 class VideoClipDataset(Dataset):
     """Clips of ``num_segments`` frames from the videos of a list file.
 
-    Items are indexed by ``(index, epoch)`` pairs (as :class:`ShardSampler` yields them) or
+    Items are indexed by ``(index, epoch)`` pairs (as :class:`RankSampler` yields them) or
     plain indices (epoch 0). Training offsets are drawn from a generator seeded by
     ``(seed, epoch, index)``, so a clip does not depend on which worker loads it, and a run
     resumed mid-epoch sees the same clips.
@@ -124,8 +118,8 @@ class VideoClipDataset(Dataset):
             with exact seeking their stored frame mappings spare the scan at open.
         device: ``"cpu"``, or a CUDA device to decode on with NVDEC (in the training process:
             :func:`build_loader` then uses no worker processes).
-        store: a :class:`~tsmtrain.data.shards.ShardReader` when the videos are samples of tar
-            shards (:func:`video_source`); a sample that cannot be read counts as an
+        store: a :class:`~tsmtrain.data.readers.tar.TarShardReader` when the videos are samples of tar
+            shards (:func:`create_reader`); a sample that cannot be read counts as an
             unreadable video.
         modality: what a segment holds (:mod:`tsmtrain.data.modality`): ``frames`` is then
             ``(T*F, H, W, C)``, F frames per segment, C = 2 for flow.
@@ -141,7 +135,7 @@ class VideoClipDataset(Dataset):
     def __init__(self, records: list[VideoRecord], num_segments: int, train: bool, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, max_retries: int = 10, seed: int = 0,
                  seek_mode: str = "auto", prepared: dict[str, dict] | None = None, device: str = "cpu",
-                 short_side: int | None = None, store: ShardReader | None = None, modality: Modality = RGB,
+                 short_side: int | None = None, store: TarShardReader | None = None, modality: Modality = RGB,
                  flows: dict[str, str] | None = None, flow_settings: dict | None = None, replace: bool = True):
         self.records, self.num_segments, self.train, self.replace = records, num_segments, train, replace
         self.modality, self.flows, self.flow_settings = modality, flows or {}, flow_settings
@@ -223,7 +217,7 @@ class VideoClipDataset(Dataset):
         if self.decoder != "torchcodec" or choose_seek_mode(self.seek_mode, entry is not None) != "exact":
             tables = None
         try:
-            data = _checked_bytes(path, entry.get("output_crc32") if entry else None)
+            data = read_checked(path, entry.get("output_crc32") if entry else None)
             self._note_opened(path)
             mappings = Path(tables).read_bytes() if tables else None
         except OSError as err:  # worded as Video words it
@@ -284,7 +278,7 @@ class VideoClipDataset(Dataset):
             self._note_opened(path)
             mappings = entry.get("frame_mappings") if entry else None
             if entry and entry.get("output_crc32") is not None:  # read whole and checked, as a shard sample
-                options["data"] = _checked_bytes(path, entry["output_crc32"])
+                options["data"] = read_checked(path, entry["output_crc32"])
         if self.decoder == "torchcodec":
             options["device"] = self.device
             mode = choose_seek_mode(self.seek_mode, entry is not None)
@@ -367,24 +361,6 @@ class VideoClipDataset(Dataset):
         return frames
 
 
-def _checked_bytes(path: str, crc32: int | None) -> bytes:
-    """The bytes of a file ``tsmtrain prepare`` wrote, read whole; with the ``crc32`` its manifest
-    records, checked against it (as :class:`~tsmtrain.data.shards.ShardReader` checks a sample).
-
-    Raises:
-        VideoDecodeError: the file cannot be read, or its CRC-32 differs (a damaged sample: the
-            loader replaces the video and counts it).
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:  # worded as Video words it
-        raise VideoDecodeError(path, "file not found" if isinstance(err, FileNotFoundError)
-                               else err.strerror or str(err)) from None
-    if crc32 is not None and zlib.crc32(data) != crc32:
-        raise VideoDecodeError(path, "CRC-32 mismatch: not the bytes tsmtrain prepare wrote (damaged sample)")
-    return data
-
-
 class FlowFrames:
     """The optical flow of one video, read by flow-field index like frames: field ``i`` is the flow
     from frame ``i`` to ``i + 1`` (:mod:`tsmtrain.data.flow`), quantized to uint8.
@@ -413,7 +389,7 @@ class FlowFrames:
         self._fields = fields
         self._video = None
         if fields is None and crc32 is not None:
-            data = _checked_bytes(path, crc32)
+            data = read_checked(path, crc32)
             self._video = open_video(path, "torchcodec", seek_mode="exact", data=data)
         elif fields is None:
             self._video = open_video(path, "torchcodec", seek_mode="exact")
@@ -469,7 +445,7 @@ def flow_files(root: str | Path, records: list[VideoRecord], prepared: dict[str,
 
     A prepared video's flow is the one its manifest record names (``tsmtrain prepare --flow``);
     a dataset that tsmtrain rendered (``data.generate``) keeps its flow beside each video, with
-    the settings in ``root/.flow.json`` (:func:`tsmtrain.data.flow.flow_of_dataset`). Prepared
+    the settings in ``root/.flow.json`` (:func:`tsmtrain.prep.flow_files.flow_of_dataset`). Prepared
     flow files without a recorded ``flow_crc32`` (a manifest older than the checksums) are
     logged once, as a warning: they are read unchecked.
 
@@ -520,37 +496,6 @@ def _flows(recipe, records: list[VideoRecord], prepared: dict[str, dict], store)
     return flow_files(d.root, records, prepared, **flow_settings(d))
 
 
-@functools.lru_cache(maxsize=4)
-def _load_index(path: str, mtime_ns: int, size: int) -> ShardIndex:
-    """One read of a shard index per process while the file is unchanged (train and validation
-    sets share it)."""
-    return ShardIndex.load(path)
-
-
-def video_source(root: str | Path, records: list[VideoRecord]) -> tuple[dict[str, dict], ShardReader | None]:
-    """Where ``records``' videos come from, by ``data.root``: a folder (files; the manifest of
-    ``tsmtrain prepare`` in it gives the prepared ones, :func:`prepared_videos`) or a shard index
-    (:mod:`tsmtrain.data.shards`).
-
-    Returns:
-        ``(prepared, store)``: the prepared videos' records by path, and a
-        :class:`~tsmtrain.data.shards.ShardReader` (None for files).
-
-    Raises:
-        tsmtrain.data.shards.ShardError: the index is unreadable, or a shard holding one of
-            ``records`` is missing or truncated (checked now, before any clip is read: every such
-            shard is named with the videos it holds), or a record is in no shard.
-        tsmtrain.data.prepare.ManifestError: a malformed manifest.
-    """
-    index_file = shard_index_file(root)
-    if index_file is None:
-        return prepared_videos(root), None
-    stat = os.stat(index_file)
-    index = _load_index(str(index_file), stat.st_mtime_ns, stat.st_size)  # paths as read_list joins them
-    index.check([r.path for r in records])
-    return index.prepared(), ShardReader(index)
-
-
 @functools.lru_cache(maxsize=None)
 def decoding_target(decoder: str, decode_device: str, training_device: torch.device) -> tuple[str, str]:
     """Which backend decodes where on this rank: the recipe's ``data.decoder`` and
@@ -599,13 +544,13 @@ def clip_dataset(recipe, records: list[VideoRecord], train: bool, decode_device:
 
     ``decode_device`` and ``decoder`` say where frames are decoded and with which backend
     (default: ``data.decoder`` on the CPU; for a rank, :func:`decoding_target`); ``data.root`` is
-    a folder of files or a shard index (:func:`video_source`, whose errors this raises);
+    a folder of files or a shard index (:func:`create_reader`, whose errors this raises);
     ``replace``: as :class:`VideoClipDataset` (False for validation). With
     ``data.modality: flow`` every video's flow is found first (:func:`flow_files`, whose
     DataError this raises; flow in shards is refused).
     """
     d = recipe.data
-    prepared, store = video_source(d.root, records)
+    prepared, store = create_reader(d.root, records)
     return VideoClipDataset(records, d.num_segments, train=train, decoder=decoder or d.decoder, frame_size=d.frame_size,
                             max_retries=d.max_retries, seed=recipe.train.seed, seek_mode=d.seek_mode,
                             prepared=prepared, device=decode_device, short_side=short_side(d), store=store,
@@ -641,7 +586,7 @@ class MultiClipDataset(VideoClipDataset):
     def __init__(self, records: list[VideoRecord], num_segments: int, num_clips: int = 1, decoder: str = "torchcodec",
                  frame_size: tuple[int, int] | None = None, seek_mode: str = "auto",
                  prepared: dict[str, dict] | None = None, device: str = "cpu", short_side: int | None = None,
-                 store: ShardReader | None = None, modality: Modality = RGB, flows: dict[str, str] | None = None,
+                 store: TarShardReader | None = None, modality: Modality = RGB, flows: dict[str, str] | None = None,
                  flow_settings: dict | None = None):
         super().__init__(records, num_segments, train=False, decoder=decoder, frame_size=frame_size, max_retries=0,
                          seek_mode=seek_mode, prepared=prepared, device=device, short_side=short_side, store=store,
@@ -670,7 +615,7 @@ class MultiClipDataset(VideoClipDataset):
 def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decode_device: str = "cpu",
                        decoder: str | None = None, compute_flow: bool = False) -> MultiClipDataset:
     """The :class:`MultiClipDataset` of a recipe's ``data`` section (decoder, frame size, seek mode,
-    modality, files or shards of ``data.root``: :func:`video_source`, whose errors this raises)
+    modality, files or shards of ``data.root``: :func:`create_reader`, whose errors this raises)
     with K = ``num_clips``; ``decode_device`` and ``decoder`` as :func:`clip_dataset`.
 
     With ``data.modality: flow`` the videos' flow files are found first (:func:`flow_files`, whose
@@ -678,7 +623,7 @@ def multi_clip_dataset(recipe, records: list[VideoRecord], num_clips: int, decod
     has one, and the others' flow is computed as they are read, with the recipe's flow settings
     (``tsmtrain predict`` on any video file)."""
     d = recipe.data
-    prepared, store = video_source(d.root, records)
+    prepared, store = create_reader(d.root, records)
     if compute_flow and d.modality == "flow":
         known = [r for r in records if (prepared.get(r.path) or {}).get("flow")]
         flows, settings = flow_files(d.root, known, prepared, **flow_settings(d)), flow_settings(d)
@@ -722,7 +667,7 @@ def collate_views(items: list[dict]) -> dict:
     }
 
 
-class ShardSampler(Sampler):
+class RankSampler(Sampler):
     """This rank's share of an epoch, as ``(index, epoch)`` pairs.
 
     The whole list is permuted with a generator seeded by ``seed + epoch`` (identical on all
@@ -908,7 +853,7 @@ def shutdown_loaders() -> None:
 atexit.register(shutdown_loaders)
 
 
-def build_loader(dataset: VideoClipDataset, sampler: ShardSampler, batch_size: int, workers: int,
+def build_loader(dataset: VideoClipDataset, sampler: RankSampler, batch_size: int, workers: int,
                  drop_last: bool, pin_memory: bool = False, persistent: bool = False,
                  collate=collate_clips) -> DataLoader | DecodeAhead:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.

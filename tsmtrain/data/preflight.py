@@ -7,7 +7,7 @@ every list of the recipe, ``data.train_list`` and ``data.val_list``, and what th
 read from:
 
 * a shard index (``data.root`` at ``DIR/index.json``, or at ``DIR`` that ``tsmtrain prepare
-  --shards`` wrote: :func:`~tsmtrain.data.shards.shard_index_file`): the index must load (well
+  --shards`` wrote: :func:`~tsmtrain.data.readers.tar.shard_index_file`): the index must load (well
   formed), every listed video must be in it, and every shard holding one must exist with the
   size the index records (one ``stat`` per shard; the samples' CRC-32 is checked as they are read);
 * ``data.modality: flow``: every video's flow file (:func:`find_flows`) must exist and have been
@@ -28,37 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .lists import VideoRecord, read_list
-from .prepare import MANIFEST, SHARDS_DIR, ManifestError, read_manifest
-from .shards import INDEX, SHARDS_FOLDER, ShardIndex, shard_index_file
+from .manifest import JOURNALS_DIR, ManifestError
+from .readers.files import prepared_videos
+from .readers.tar import INDEX, SHARDS_FOLDER, ShardIndex, shard_index_file
 
-__all__ = ["data_problems", "one_line", "prepared_videos", "find_flows", "Flows"]
+__all__ = ["data_problems", "one_line", "find_flows", "Flows"]
 
 LISTS = ("data.train_list", "data.val_list")
 """The recipe keys of the lists checked, in order."""
-
-
-def prepared_videos(root: str | Path) -> dict[str, dict]:
-    """The videos that ``tsmtrain prepare`` wrote into ``root``, from its manifest.
-
-    Returns:
-        ``{str(root / output): record}`` for every record with status ok, its
-        ``frame_mappings`` and ``flow`` made full paths too; an empty dict when ``root`` holds no
-        manifest.
-
-    Raises:
-        tsmtrain.data.prepare.ManifestError: the manifest is malformed (names file and line).
-    """
-    root = Path(root)
-    if not (root / MANIFEST).is_file():
-        return {}
-    videos = {}
-    for output, record in read_manifest(root).items():
-        record = dict(record)
-        for key in ("frame_mappings", "flow"):
-            if record.get(key):
-                record[key] = str(root / record[key])
-        videos[str(root / output)] = record
-    return videos
 
 
 @dataclass
@@ -82,7 +59,7 @@ def find_flows(root: str | Path, records: list[VideoRecord], prepared: dict[str,
     """Where the flow file of each video of ``records`` is. A prepared video's flow is the one its
     manifest record names (``tsmtrain prepare --flow``); a dataset that tsmtrain rendered
     (``data.generate``) keeps its flow beside each video, with the settings in
-    ``root/.flow.json`` (:func:`tsmtrain.data.flow.flow_of_dataset`), and a video whose flow file
+    ``root/.flow.json`` (:func:`tsmtrain.prep.flow_files.flow_of_dataset`), and a video whose flow file
     is not there has none. A manifest's flow file is not looked for here (:func:`data_problems` does)."""
     from .flow import flow_path, read_flow_marker
 
@@ -133,7 +110,7 @@ def data_problems(recipe) -> list[str]:
     Raises:
         tsmtrain.data.ListFileError: a list file is missing or malformed (one line per bad line, as ``run``
             reports it).
-        tsmtrain.data.prepare.ManifestError: ``data.root``'s manifest is malformed.
+        tsmtrain.data.manifest.ManifestError: ``data.root``'s manifest is malformed.
     """
     d = recipe.data
     lists = [(key, getattr(d, key.split(".")[1])) for key in LISTS]
@@ -146,7 +123,7 @@ def data_problems(recipe) -> list[str]:
     if index_file is not None:
         return _shard_problems(index_file, records, d)
     problems = []
-    if (Path(d.root) / SHARDS_FOLDER).is_dir() and (Path(d.root) / SHARDS_DIR).is_dir():
+    if (Path(d.root) / SHARDS_FOLDER).is_dir() and (Path(d.root) / JOURNALS_DIR).is_dir():
         problems.append(f"data.root: {d.root} holds tar shards but no {INDEX}: finish it with tsmtrain prepare ... "
                         f"--shards --merge (the videos are read from the index it writes)")
         return problems

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .modality import IMAGENET_MEAN, IMAGENET_STD, RGB, Modality
+from .modality import RGB, Modality
 TSM_SCALES = (1.0, 0.875, 0.75, 0.66)
 EVAL_RESIZE_RATIO = 256 / 224
 MAX_DISTORT = 1

@@ -124,7 +124,7 @@ class Engine:
         """Average ``grads`` over all ranks in place, the way this engine does it in training
         (Horovod: one named asynchronous allreduce per tensor, fused by its background thread;
         DDP: flat buckets of 25 MB), and wait for the result. Used by
-        :func:`tsmtrain.train.benchmark_allreduce` to time the allreduce on its own."""
+        :func:`tsmtrain.bench.allreduce.benchmark_allreduce` to time the allreduce on its own."""
         handles = [self.allreduce_async(g, name=f"allreduce_benchmark.{i}") for i, g in enumerate(grads)]
         for h in handles:
             self.synchronize(h)

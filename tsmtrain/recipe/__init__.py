@@ -11,7 +11,7 @@
 Loading collects *every* problem (unknown key, wrong type, missing file, impossible combination)
 before raising one :class:`RecipeError`; the CLI prints them one per line and exits with status 2.
 The learning rate a recipe gives on N ranks (the linear scaling rule) is
-:func:`tsmtrain.optim.linear_scaling`; class-name files are read by :mod:`tsmtrain.data.classes`.
+:func:`tsmtrain.optim.linear_scaling`; label maps (class-name files) are read by :mod:`.label_map`.
 
 This package imports no torch: ``tsmtrain validate``, ``render`` and ``submit`` run without it.
 """

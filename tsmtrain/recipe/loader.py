@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..data.classes import ClassNamesError, read_class_names
+from .label_map import ClassNamesError, read_class_names
 from .problems import _MISSING, Problem, RecipeError, _cut, _not_utf8, _shown, validation_problems
 from .schema import ModelConfig, Recipe, control_character
 

@@ -154,7 +154,7 @@ def plan_sweep(recipe: Recipe, recipe_file: str, workers: list[int], sweep_dir: 
 
     Args:
         recipe: the validated recipe; a dataset it generates (``data.generate``) must be built
-            already (:func:`tsmtrain.train.runtime.prepare_sweep_data`), once, before the points
+            already (:func:`tsmtrain.prep.datasets.prepare_sweep_data`), once, before the points
             share it.
         recipe_file: its path (recorded in ``sweep.json``).
         workers: worker counts (ranks).

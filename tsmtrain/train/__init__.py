@@ -1,5 +1,4 @@
-"""Training: the loop that ``tsmtrain run`` runs on every rank, ``tsmtrain test`` / ``predict``, and
-``tsmtrain bench step``.
+"""Training: the loop that ``tsmtrain run`` runs on every rank.
 
 Modules, from the top:
 
@@ -7,27 +6,25 @@ Modules, from the top:
 * :mod:`.factory`: the parts of a run that :func:`train` builds (device, loaders, network,
   resuming from a checkpoint)
 * :mod:`.step`: :class:`TrainStep`, one optimizer step (passes, gradient wait, learning rate,
-  autocast, GradScaler, channels_last, torch.compile), shared by the loop and the benchmark
-* :mod:`.evaluate`: :func:`evaluate` and :func:`predict` over every rank's shard
-* :mod:`.testing`: ``tsmtrain test`` and ``tsmtrain predict``: a checkpoint under a K clips x C
-  crops protocol, per-video softmax (multi-label: sigmoid) averages, figures and report files
-* :mod:`.metrics`: ``metrics.jsonl``, the logging interval's sums, the phase clock
+  autocast, GradScaler, channels_last, torch.compile), shared by the loop and ``bench step``
+* :mod:`.metrics_log`: ``metrics.jsonl``, the logging interval's sums, the phase clock
 * :mod:`.tensorboard`: the same records as TensorBoard scalars (``train.tensorboard``)
 * :mod:`.checkpoint`: checkpoint files, and saving and restoring a run
-* :mod:`.head_shards`: the per-rank files of a sharded head, joined and split for any number of ranks
-* :mod:`.multilabel`: mAP, GAP@20 and Hit@1 of multi-label runs
-* :mod:`.runtime`: the error type, logging, engine, device, embedded datasets
-* :mod:`.bench`: ``tsmtrain bench step`` and the standalone allreduce benchmark
+* :mod:`.head_slices`: the per-rank files of a classifier split by classes across ranks (head
+  slices), joined and split again for any number of ranks
+* :mod:`.rundir`: the run directory: its lock, its recipe, its latest checkpoint
+* :mod:`.setup`: what a run sets up around its loop: logging, engine, device, threads, the host
+  allocator, the progress bar
+
+Validation and testing are :mod:`tsmtrain.eval`; ``bench step`` and ``doctor`` are
+:mod:`tsmtrain.bench`; the embedded datasets are built by :mod:`tsmtrain.prep.datasets`.
 """
 
 from ..dist.stop import EXIT_PREEMPTED, STOP_SIGNAL, STOP_SIGNALS  # the stop protocol, re-exported
-from .bench import benchmark_allreduce
-from .evaluate import evaluate, predict
-from .loop import RunResult, train
+from ..errors import TrainingError
 from ..scaling.records import BREAKDOWN
-from ..data import clip_dataset
-from .runtime import TrainingError, prepare_dataset
+from .loop import RunResult, train
 from .step import PRECISIONS, TrainStep
 
-__all__ = ["train", "evaluate", "predict", "clip_dataset", "prepare_dataset", "benchmark_allreduce", "TrainingError",
-           "RunResult", "EXIT_PREEMPTED", "STOP_SIGNAL", "STOP_SIGNALS", "BREAKDOWN", "TrainStep", "PRECISIONS"]
+__all__ = ["train", "TrainingError", "RunResult", "EXIT_PREEMPTED", "STOP_SIGNAL", "STOP_SIGNALS", "BREAKDOWN",
+           "TrainStep", "PRECISIONS"]

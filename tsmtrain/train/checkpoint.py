@@ -13,7 +13,7 @@ that fails (a full disk) removes its temporary file and stops every rank with on
 the file and the cause (:class:`CheckpointWriteError`).
 
 With a classifier sharded across ranks (``model.head_parallel``) every rank also writes its
-shard of the head, before rank 0's file (:mod:`~tsmtrain.train.head_shards`); a checkpoint
+shard of the head, before rank 0's file (:mod:`~tsmtrain.train.head_slices`); a checkpoint
 with a shard missing or damaged is skipped as a damaged one is.
 
 Files are checked before they are unpickled (:func:`check_checkpoint`: not empty, a
@@ -54,8 +54,8 @@ import torch
 from ..dist.stop import PREEMPTED_FILE
 from ..tensorfile import OLD_NUMPY_STATE, CheckpointError, UnsafeCheckpointError, first_line, read_tensors
 from ..scaling.records import write_json  # the atomic JSON writer (re-exported here)
-from .head_shards import head_state, missing_shards, shard_files, shard_path
-from .runtime import TrainingError, log
+from .head_slices import head_state, missing_slices, slice_files, slice_path
+from .setup import TrainingError, log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
            "remove_stale_temporaries", "rng_state", "set_rng_state", "write_json", "Position", "resume_checkpoint",
@@ -93,7 +93,7 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
     write_atomically(state, final, latest_checkpoint(run_dir))
     for old in checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
-        for shard in shard_files(old):  # a sharded head's files go with their checkpoint
+        for shard in slice_files(old):  # a sharded head's files go with their checkpoint
             shard.unlink(missing_ok=True)
     return final
 
@@ -167,8 +167,6 @@ def _write_cause(exc: BaseException, noted: OSError | None, run_dir: Path) -> st
     except OSError:
         pass
     return first_line(exc)
-
-
 
 
 def _fsync_dir(path: Path) -> None:
@@ -311,7 +309,7 @@ class Position:
         step: optimizer steps done.
         epoch: epochs done.
         micro: backward passes done in the current epoch.
-        eval: the last evaluation (:func:`tsmtrain.train.evaluate`'s result), ``{}`` before one.
+        eval: the last evaluation (:func:`tsmtrain.eval.evaluate`'s result), ``{}`` before one.
         pending_eval: the run stopped at an epoch's end before evaluating it.
     """
 
@@ -375,7 +373,7 @@ def _pick_checkpoint(run_dir: Path, resume: bool | None) -> tuple[Path | None, d
             state = load_checkpoint(path)  # UnsafeCheckpointError (an attack, not damage) stops the run
             if not {"model", "step", "recipe"} <= state.keys():
                 raise CheckpointError(path, "not a checkpoint of a run (no model, step or recipe)")
-            reason = missing_shards(path, state, check_checkpoint)
+            reason = missing_slices(path, state, check_checkpoint)
             if reason is not None:
                 raise CheckpointError(path, reason)
         except UnsafeCheckpointError:
@@ -459,13 +457,13 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
 
 
 def _write_head_shard(engine, run_dir: Path, model, train_step, step: int) -> str | None:
-    """With a sharded head, every rank writes its shard (:mod:`~tsmtrain.train.head_shards`)
+    """With a sharded head, every rank writes its shard (:mod:`~tsmtrain.train.head_slices`)
     and learns whether all did; returns the first failure (one line) or ``None``."""
     sharded = getattr(train_step, "head_parallel", None)  # (a sharded head)
     if sharded is None:
         return None
     failure = None
-    path = shard_path(run_dir / f"checkpoint-{step:08d}.pt", engine.rank, engine.size)
+    path = slice_path(run_dir / f"checkpoint-{step:08d}.pt", engine.rank, engine.size)
     optimizer = train_step.head_optimizer
     try:
         write_atomically({"fc": model.fc.state_dict(), "classes": (sharded.lo, sharded.hi),

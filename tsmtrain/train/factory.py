@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import ListFileError, ShardSampler, build_loader, clip_dataset, read_list
-from ..data.features import INDEX, FeatureDataset, collate_features, list_digest, read_index
+from ..data import ListFileError, RankSampler, build_loader, clip_dataset, read_list
+from ..data.readers.features import INDEX, FeatureDataset, collate_features, list_digest, read_index
 from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
 from ..data.preflight import data_problems, one_line
-from ..data.prepare import ManifestError
+from ..data.manifest import ManifestError
 from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.head_parallel import HeadParallel, class_shard
@@ -39,8 +39,8 @@ from ..optim import LinearScaling, create_optimizer
 from ..recipe import Recipe, dump_recipe
 from . import checkpoint as ckpt
 from .rundir import RunLock
-from .runtime import (TrainingError, choose_device, keep_freed_memory, log, prepare_dataset, set_threads,
-                      setup_logging)
+from .setup import TrainingError, choose_device, keep_freed_memory, log, set_threads, setup_logging
+from ..prep.datasets import prepare_dataset
 from .step import TrainStep, half_precision_note
 
 __all__ = ["start_rank", "Loaders", "check_data_files", "create_loaders", "create_network", "resume_run",
@@ -93,7 +93,7 @@ class Loaders:
     """
 
     train: torch.utils.data.DataLoader
-    sampler: ShardSampler
+    sampler: RankSampler
     train_tf: VideoTransform
     val_tf: VideoTransform
     val_records: list
@@ -112,7 +112,7 @@ def check_data_files(recipe: Recipe, engine: Engine) -> None:
     Raises:
         tsmtrain.data.DataError: on rank 0, one line naming the first problem and how many there
             are; TrainingError on the other ranks, pointing at rank 0's line.
-        tsmtrain.data.ListFileError, tsmtrain.data.prepare.ManifestError: a malformed list file
+        tsmtrain.data.ListFileError, tsmtrain.data.manifest.ManifestError: a malformed list file
             or manifest (rank 0).
     """
     error: Exception | None = None
@@ -163,7 +163,7 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
     val_records = read_list(d.val_list, d.root, recipe.model.num_classes, multi_label=multi) if d.val_list else []
     decoder, where = decoding_target(d.decoder, d.decode_device, device)
     train_set = clip_dataset(recipe, train_records, train=True, decode_device=where, decoder=decoder)
-    sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
+    sampler = RankSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
     steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
     if steps_per_epoch < 1:
         raise TrainingError(
@@ -186,7 +186,7 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
 
 
 def feature_sets(recipe: Recipe) -> tuple[FeatureDataset, FeatureDataset | None]:
-    """The training and validation features of ``data.features`` (:mod:`tsmtrain.data.features`),
+    """The training and validation features of ``data.features`` (:mod:`tsmtrain.data.readers.features`),
     checked against the recipe.
 
     Raises:
@@ -225,7 +225,7 @@ def _feature_loaders(recipe: Recipe, engine: Engine, device: torch.device, scali
     loader's keys, identity transforms, the validation features as ``val_records``."""
     t = recipe.train
     train_set, val_set = feature_sets(recipe)
-    sampler = ShardSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
+    sampler = RankSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
     steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
     if steps_per_epoch < 1:
         raise TrainingError(f"data.features: {len(train_set)} training videos give no full global batch of "

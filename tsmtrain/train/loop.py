@@ -7,13 +7,13 @@ checkpoint when resuming), then runs epochs (:func:`_run`). :func:`_train_epoch`
 torchvision's ``train_one_epoch``: for each batch, the augmentation on the device, one call of
 the step (forward and loss under autocast, backward with the ring-allreduce, and after the
 last of ``dist.backward_passes_per_step`` passes the LARS/SGD step at the scheduled rate), and
-the metrics out. Every ``eval_every`` epochs it evaluates (:mod:`~tsmtrain.train.evaluate`),
+the metrics out. Every ``eval_every`` epochs it evaluates (:mod:`~tsmtrain.eval.evaluate`),
 every ``checkpoint_every`` it checkpoints (:mod:`~tsmtrain.train.checkpoint`). Rank 0 writes
 the run directory:
 
 * ``recipe.yaml``: the resolved recipe,
 * ``metrics.jsonl``: one JSON object per logging interval and per evaluation
-  (:mod:`~tsmtrain.train.metrics`),
+  (:mod:`~tsmtrain.train.metrics_log`),
 * ``tensorboard/``: the same numbers as TensorBoard scalars (``train.tensorboard``,
   :mod:`~tsmtrain.train.tensorboard`),
 * ``train.log``: the text log (also skipped videos, by path),
@@ -41,13 +41,13 @@ from ..dist.stop import EXIT_PREEMPTED, StopRequest
 from ..optim import create_schedule, linear_scaling
 from ..recipe import Recipe
 from . import checkpoint as ckpt
-from .bench import benchmark_allreduce
-from .evaluate import evaluate_epoch
+from ..bench.allreduce import benchmark_allreduce
+from ..eval.evaluate import evaluate_epoch
 from .factory import (Loaders, announce_run, create_loaders, create_network, create_optimizers, resume_run,
                       start_rank)
-from .metrics import Interval, MetricsWriter, PhaseClock
+from .metrics_log import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
-from .runtime import TrainingError, choose_engine, log, progress_bar
+from .setup import TrainingError, choose_engine, log, progress_bar
 from .step import NonFiniteLoss, TrainStep, targets
 from .tensorboard import check_tensorboard
 

@@ -58,7 +58,7 @@ The head's parameters have their own optimizer (``head_optimizer``), which the e
 wrap: their gradients are exact on their rank and are never allreduced. Both optimizers take
 the same learning rate, in the same step.
 
-The phases of a step are timed on the run's :class:`~tsmtrain.train.metrics.PhaseClock`
+The phases of a step are timed on the run's :class:`~tsmtrain.train.metrics_log.PhaseClock`
 (``forward_backward``, ``allreduce_wait``, ``optimizer``; the loop times the data and the
 augmentation).
 """
@@ -76,8 +76,8 @@ from torch.overrides import TorchFunctionMode
 from ..dist.base import Engine, LocalEngine
 from ..dist.head_parallel import HeadParallel
 from ..optim import LRSchedule
-from .metrics import PhaseClock
-from .runtime import TrainingError
+from .metrics_log import PhaseClock
+from .setup import TrainingError
 
 __all__ = ["PRECISIONS", "LOSSES", "NONFINITE", "NonFiniteLoss", "targets", "classification_loss", "TrainStep",
            "StepOutput", "autocast",
@@ -227,7 +227,7 @@ def targets(batch: dict, model_cfg) -> torch.Tensor:
     (``model.loss: softmax``), or float32 ``(N, K)`` with 1 at each clip's labels (``sigmoid``)."""
     if model_cfg.loss == "softmax":
         return batch["label"]
-    from .multilabel import multi_hot
+    from ..eval.multilabel_metrics import multi_hot
 
     return torch.from_numpy(multi_hot(batch["labels"], model_cfg.num_classes))
 

@@ -2,7 +2,7 @@
 
 With ``train.tensorboard: true`` (the default) rank 0 writes every record it appends to
 ``metrics.jsonl`` also to ``RUN_DIR/tensorboard/`` through ``torch.utils.tensorboard``
-(:class:`TensorBoardSink`, fed by :class:`~tsmtrain.train.metrics.MetricsWriter`), so that
+(:class:`TensorBoardSink`, fed by :class:`~tsmtrain.train.metrics_log.MetricsWriter`), so that
 ``tensorboard --logdir runs/NAME/tensorboard`` shows the run while it trains. metrics.jsonl
 stays the machine-readable record; the event files hold its numbers, nothing more.
 
@@ -29,7 +29,7 @@ import importlib.util
 import numbers
 from pathlib import Path
 
-from .runtime import TrainingError
+from .setup import TrainingError
 
 __all__ = ["TensorBoardSink", "scalars", "check_tensorboard", "TENSORBOARD_DIR"]
 
@@ -58,7 +58,7 @@ def scalars(record: dict) -> list[tuple[str, float]]:
     """The TensorBoard scalars of one ``metrics.jsonl`` record, as ``(tag, value)`` pairs.
 
     Args:
-        record: what :meth:`~tsmtrain.train.metrics.MetricsWriter.write` appends (``step`` is
+        record: what :meth:`~tsmtrain.train.metrics_log.MetricsWriter.write` appends (``step`` is
             the global step and is not itself a scalar).
 
     Returns:

@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decoding import VideoDecodeError, choose_seek_mode
-from .lists import read_list
-from .decoding import GPU_ONLY
-from .loader import build_loader, clip_dataset
-from .sampling import segment_indices
-from .transforms import VideoTransform
+from ..data.decoding import VideoDecodeError, choose_seek_mode
+from ..data.lists import read_list
+from ..data.decoding import GPU_ONLY
+from ..data.loader import build_loader, clip_dataset
+from ..data.sampling import segment_indices
+from ..data.transforms import VideoTransform
 
 __all__ = ["DataBenchError", "DataBench", "bench_data", "load_data_bench", "check_split", "header_line",
            "progress_line", "summary_lines", "CLIPS_PER_S_PER_CORE", "SPLITS"]
@@ -162,7 +162,7 @@ class DataBench:
 def header_line(recipe_path: str, data, clips: int, rounds: int) -> str:
     """The line ``tsmtrain bench data`` prints first: what is read (the recipe's ``data``
     section: decoder, frames per clip, frame size) and how often."""
-    from .shards import is_shard_index
+    from ..data.readers.tar import is_shard_index
 
     return (f"{recipe_path}: {data.decoder}" + (" from tar shards" if is_shard_index(data.root) else "")
             + f", {data.num_segments} frames per clip"

@@ -8,7 +8,7 @@ the usual format (``relative/path.mp4 label``). Built by ``scripts/make_arrow_of
 by ``tsmtrain run`` itself for a recipe with ``data.generate: arrow_of_time``.
 
 Idempotent: a marker file with the parameters is written last; a second run with the same
-parameters does nothing (the marker of :func:`tsmtrain.data.synthetic.is_complete`, shared with
+parameters does nothing (the marker of :func:`tsmtrain.prep.synthetic.is_complete`, shared with
 the rendered datasets).
 """
 

@@ -23,7 +23,7 @@ import torch
 
 from ..dist.base import Engine
 from ..scaling.records import BREAKDOWN  # the phases of breakdown_s, defined once for the scaling study
-from .runtime import TrainingError, log
+from .setup import TrainingError, log
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
 __all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN", "truncate_metrics"]

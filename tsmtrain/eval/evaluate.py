@@ -1,20 +1,20 @@
 """Evaluation: the model over a list of videos on every rank's shard, top-1/top-5 and loss
 summed over all ranks; for multi-label runs (``model.loss: sigmoid``) also mAP, GAP@20 and Hit@1
-of the scores gathered from every rank (:mod:`tsmtrain.train.multilabel`)."""
+of the scores gathered from every rank (:mod:`tsmtrain.eval.multilabel_metrics`)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..data import ShardSampler, build_loader, clip_dataset
-from ..data.features import FeatureDataset, collate_features
+from ..data import RankSampler, build_loader, clip_dataset
+from ..data.readers.features import FeatureDataset, collate_features
 from ..data.loader import collate_clips, decoding_target
 from ..dist.base import Engine
 from ..dist.head_parallel import HeadParallel
 from ..recipe import Recipe
-from .metrics import MetricsWriter
-from .runtime import log
-from .step import as_memory_format, autocast, classification_loss, targets
+from ..train.metrics_log import MetricsWriter
+from ..train.setup import log
+from ..train.step import as_memory_format, autocast, classification_loss, targets
 
 __all__ = ["predict", "evaluate", "evaluate_epoch"]
 
@@ -23,7 +23,7 @@ __all__ = ["predict", "evaluate", "evaluate_epoch"]
 def predict(model, records, recipe: Recipe, engine: Engine, device, transform, head_parallel: HeadParallel | None = None):
     """Run ``model`` in evaluation mode over this rank's shard of ``records``.
 
-    ``records`` may also be a :class:`~tsmtrain.data.features.FeatureDataset` (``data.features``).
+    ``records`` may also be a :class:`~tsmtrain.data.readers.features.FeatureDataset` (``data.features``).
 
     Yields ``(logits (N, K), labels, failed, unread)`` per batch, on ``device``: labels ``(N,)``, or
     multi-hot ``(N, K)`` with ``model.loss: sigmoid`` (:func:`~tsmtrain.train.step.targets`);
@@ -44,7 +44,7 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform, h
     else:
         dataset = clip_dataset(recipe, records, train=False, decode_device=where, decoder=decoder, replace=False)
         collate = collate_clips
-    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
+    sampler = RankSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
     loader = build_loader(dataset, sampler, recipe.train.batch_size, recipe.data.workers, drop_last=False,
                           collate=collate)
     was_training = model.training
@@ -85,7 +85,7 @@ def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform,
     counts once whatever the number of ranks. With ``model.loss: sigmoid`` top-1 is Hit@1 (the
     best class is one of the labels), top-5 counts a label among the best 5, and ``mAP``,
     ``GAP20`` and ``hit1`` (fractions) come from every rank's scores gathered
-    (:func:`gather_rows`, :func:`~tsmtrain.train.multilabel.multilabel_figures`).
+    (:func:`gather_rows`, :func:`~tsmtrain.eval.multilabel_metrics.multilabel_figures`).
 
     A video that cannot be read counts as wrong (top-1, top-5; for multi-label, scores of 0, all
     labels missed), as ``tsmtrain test`` counts it, and in ``skipped_videos``; ``clips`` counts
@@ -116,7 +116,7 @@ def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform,
               "loss": tot[0].item() / max(tot[5].item(), 1),
               "clips": int(tot[3].item()), "skipped_videos": int(tot[4].item())}
     if multi:
-        from .multilabel import multilabel_figures
+        from .multilabel_metrics import multilabel_figures
 
         both = gather_rows(engine, torch.cat(kept) if kept else torch.zeros(0, 2 * recipe.model.num_classes,
                                                                               dtype=torch.float64))

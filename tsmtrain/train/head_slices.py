@@ -21,22 +21,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["shard_path", "shard_files", "head_state", "full_model_state", "missing_shards"]
+__all__ = ["slice_path", "slice_files", "head_state", "full_model_state", "missing_slices"]
 
 _SHARD = re.compile(r"^checkpoint-(\d{8})\.head-(\d+)-of-(\d+)\.pt$")
 
 
-def shard_path(checkpoint: Path, rank: int, size: int) -> Path:
+def slice_path(checkpoint: Path, rank: int, size: int) -> Path:
     """``checkpoint-STEP.head-R-of-S.pt`` beside the main file ``checkpoint``."""
     return checkpoint.with_name(f"{checkpoint.stem}.head-{rank}-of-{size}.pt")
 
 
-def shard_files(checkpoint: Path) -> list[Path]:
+def slice_files(checkpoint: Path) -> list[Path]:
     """Every shard file of ``checkpoint`` found on disk (of any number of ranks)."""
     return sorted(p for p in checkpoint.parent.glob(f"{checkpoint.stem}.head-*-of-*.pt") if _SHARD.match(p.name))
 
 
-def missing_shards(checkpoint: Path, state: dict[str, Any], check) -> str | None:
+def missing_slices(checkpoint: Path, state: dict[str, Any], check) -> str | None:
     """Why the head shards ``state["head_shards"]`` names are not all there and intact, or
     ``None`` (also for a checkpoint without shards). ``check``: the file check
     (:func:`tsmtrain.train.checkpoint.check_checkpoint`)."""
@@ -44,7 +44,7 @@ def missing_shards(checkpoint: Path, state: dict[str, Any], check) -> str | None
     if not split:
         return None
     for rank in range(split["size"]):
-        path = shard_path(checkpoint, rank, split["size"])
+        path = slice_path(checkpoint, rank, split["size"])
         if not path.is_file():
             return f"its head shard {path.name} is missing"
         reason = check(path)
@@ -70,7 +70,7 @@ def head_state(checkpoint: Path, state: dict[str, Any], lo: int, hi: int, load) 
     parts = []
     for rank, (a, b) in enumerate(split["ranges"]):
         if a < hi and lo < b:
-            shard = load(shard_path(checkpoint, rank, split["size"]))
+            shard = load(slice_path(checkpoint, rank, split["size"]))
             parts.append((a, b, shard))
     fc = {name: _join([(a, b, s["fc"][name]) for a, b, s in parts], lo, hi) for name in parts[0][2]["fc"]}
     optimizer = parts[0][2].get("optimizer")

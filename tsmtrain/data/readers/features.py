@@ -25,23 +25,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .loader import DataError
-from .shards import outside_folder
+from ..loader import DataError
+from .tar import outside_folder
 
-__all__ = ["FeatureDataset", "collate_features", "shard_path", "write_shard", "read_shard", "shard_is_complete",
-           "write_index", "read_index", "check_shard", "list_digest", "file_digest", "source_digest", "check_source",
-           "write_source",
-           "INDEX", "SOURCE"]
+__all__ = ["FeatureDataset", "collate_features", "feature_file_path", "read_feature_file", "read_index",
+           "check_feature_file", "list_digest", "file_digest", "source_digest", "check_source", "INDEX", "SOURCE"]
 
 INDEX = "index.json"
 """The name of a split's index file."""
@@ -94,51 +89,13 @@ def check_source(split_dir: Path, source: dict[str, Any]) -> None:
                         f"{', '.join(keys)}): extract into another --out, or delete {split_dir} to extract again")
 
 
-def write_source(split_dir: Path, source: dict[str, Any]) -> Path:
-    """Write ``split_dir/source.json`` atomically (:func:`check_source` reads it)."""
-    Path(split_dir).mkdir(parents=True, exist_ok=True)
-    final = Path(split_dir) / SOURCE
-    tmp = final.with_name(f".{SOURCE}.tmp")
-    tmp.write_text(json.dumps(source, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, final)
-    return final
-
-
-def shard_path(split_dir: Path, shard: int) -> Path:
+def feature_file_path(split_dir: Path, shard: int) -> Path:
     """``split_dir/features-NNNNN.npz``."""
     return Path(split_dir) / f"features-{shard:05d}.npz"
 
 
-def write_shard(path: Path, features: np.ndarray, index: list[int], labels: list[tuple[int, ...]],
-                failed: list[tuple[int, str]], source: str = "") -> None:
-    """Write one shard atomically (a temporary file in the same folder, then renamed).
-
-    Args:
-        features: ``(n, D)`` in the dtype to store.
-        index: the videos' lines in the list (0-based), ``n`` of them.
-        labels: each video's labels.
-        failed: ``(line, error)`` of the shard's unreadable videos.
-        source: :func:`source_digest` of the settings that made it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=features, index=np.asarray(index, dtype=np.int64),
-                     labels=np.asarray([y for ys in labels for y in ys], dtype=np.int32),
-                     label_counts=np.asarray([len(ys) for ys in labels], dtype=np.int32),
-                     failed_index=np.asarray([i for i, _ in failed], dtype=np.int64),
-                     failed_error=np.asarray([e for _, e in failed], dtype=str), source=np.asarray(source))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_shard(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of one shard (:func:`write_shard`).
+def read_feature_file(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one shard (:func:`write_feature_file`).
 
     Raises:
         DataError: the file is missing, truncated or not a shard (names the file).
@@ -150,8 +107,8 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable features shard ({type(err).__name__}: {err})") from None
 
 
-def check_shard(path: Path, z: dict[str, np.ndarray], dim: int, num_classes: int | None) -> None:
-    """Refuse a shard's arrays (:func:`read_shard`) that a head cannot train on: ``features`` not
+def check_feature_file(path: Path, z: dict[str, np.ndarray], dim: int, num_classes: int | None) -> None:
+    """Refuse a shard's arrays (:func:`read_feature_file`) that a head cannot train on: ``features`` not
     ``(n, dim)``, ``index`` or ``label_counts`` not ``(n,)``, label counts that do not add up to
     ``labels``, a label outside ``0..num_classes-1`` (or negative, without ``num_classes``), a
     NaN or infinite feature.
@@ -182,55 +139,6 @@ def check_shard(path: Path, z: dict[str, np.ndarray], dim: int, num_classes: int
         row, col = (int(i) for i in np.argwhere(~finite)[0])
         raise DataError(f"{path}: feature [{row}, {col}] of the video on line {int(index[row]) + 1} of the list is "
                         f"{features[row, col]} ({int((~finite).sum())} values not finite); extract again")
-
-
-def shard_is_complete(path: Path, lines: list[int], dim: int | None = None, source: str | None = None) -> bool:
-    """Whether ``path`` is an intact shard of exactly the list's ``lines`` (read or failed, each
-    once), of ``dim`` features, made with the settings of digest ``source``: what a resumed
-    extraction keeps."""
-    if not path.is_file():
-        return False
-    try:
-        z = read_shard(path)
-    except DataError:
-        return False
-    held = sorted(z["index"].tolist() + z["failed_index"].tolist())
-    return (held == sorted(lines) and len(z["features"]) == len(z["index"])
-            and (dim is None or z["features"].shape[1] == dim)
-            and (source is None or str(z.get("source", "")) == source))
-
-
-def write_index(split_dir: Path, doc: dict[str, Any], shards: int | None = None) -> Path:
-    """Write ``split_dir/index.json`` atomically, adding the shards' files and the unreadable
-    videos gathered from them.
-
-    Args:
-        doc: what the index says besides the shards; with ``videos`` (the list's length), every
-            line ``0..videos-1`` must be in exactly one shard (read or unreadable).
-        shards: the shards ``0..shards-1`` of the index; None: every ``features-*.npz`` there.
-
-    Raises:
-        DataError: a shard is missing or damaged, or a line is in no shard or in two (names them).
-    """
-    shards = (sorted(Path(split_dir).glob("features-*.npz")) if shards is None
-              else [shard_path(split_dir, s) for s in range(shards)])
-    unreadable, lines = [], []
-    for p in shards:
-        z = read_shard(p)
-        unreadable += [[int(i), str(e)] for i, e in zip(z["failed_index"], z["failed_error"])]
-        lines += z["index"].tolist() + z["failed_index"].tolist()
-    if "videos" in doc and sorted(lines) != list(range(doc["videos"])):
-        counts = Counter(lines)
-        twice = sorted(i for i, c in counts.items() if c > 1)[:5]
-        missing = [i for i in range(doc["videos"]) if i not in counts][:5]
-        raise DataError(f"{split_dir}: the shards hold {len(lines)} lines for {doc['videos']} videos (lines in two "
-                        f"shards: {twice}, in none: {missing}); delete {split_dir} and extract again")
-    doc = {**doc, "shards": [p.name for p in shards], "unreadable": unreadable}
-    final = Path(split_dir) / INDEX
-    tmp = final.with_name(f".{INDEX}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, final)
-    return final
 
 
 def read_index(split_dir: str | Path) -> dict[str, Any]:
@@ -267,7 +175,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     Raises:
         DataError: no index, a missing or damaged shard (names it); a shard named outside the
             split's folder, features of another dimension than the index's ``dim``, a label
-            outside ``0..num_classes-1``, a NaN or infinite feature (:func:`check_shard`: names the
+            outside ``0..num_classes-1``, a NaN or infinite feature (:func:`check_feature_file`: names the
             file, the video's line and the value).
     """
 
@@ -287,8 +195,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.dim = dim
         parts, labels = [], []
         for name in names:
-            z = read_shard(self.split_dir / name)
-            check_shard(self.split_dir / name, z, dim, self.index.get("num_classes"))
+            z = read_feature_file(self.split_dir / name)
+            check_feature_file(self.split_dir / name, z, dim, self.index.get("num_classes"))
             parts.append(torch.from_numpy(z["features"].astype(np.float32)))
             bounds = np.concatenate([[0], np.cumsum(z["label_counts"])])
             labels += [tuple(int(y) for y in z["labels"][a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

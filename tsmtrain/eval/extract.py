@@ -1,11 +1,11 @@
 """``tsmtrain extract``: one feature vector per video, for training the classifier alone.
 
 For every video of the recipe's training and validation lists: its views under a test
-protocol (``--clips`` x ``--crops``, :class:`~tsmtrain.train.testing.Protocol`), the trained
+protocol (``--clips`` x ``--crops``, :class:`~tsmtrain.eval.protocols.Protocol`), the trained
 network's features of each view (:meth:`~tsmtrain.models.networks.VideoNet.features`: the
 backbone's pooled output averaged over the segments; evaluation mode, so no dropout), averaged
 over the views: ``(D,)``, stored float16 by default in shards with an index
-(:mod:`tsmtrain.data.features`). The seed's "full-batch fine-tuning" of the classifier (Hwang et
+(:mod:`tsmtrain.data.readers.features`). The seed's "full-batch fine-tuning" of the classifier (Hwang et
 al., KDD 2019) then trains the head on them (``data.features: DIR``) at batches a backbone
 would not allow.
 
@@ -13,7 +13,7 @@ Ranks: shard s of a list is rank ``s mod world size``'s, so the ranks write diff
 and never the same one. Resumable: a shard file is written under a temporary name and renamed,
 so one that exists is complete; a rerun keeps every complete shard and extracts only the
 others. A rerun with other settings (another checkpoint, protocol, dtype, shard size, list or
-view settings: ``source.json``, :func:`~tsmtrain.data.features.check_source`) is refused before
+view settings: ``source.json``, :func:`~tsmtrain.data.readers.features.check_source`) is refused before
 any work, on every rank alike, rather than mixing two extractions' shards. Rank 0 writes each
 list's ``index.json`` last, once every rank has finished, after checking that every video of the
 list is in exactly one shard.
@@ -28,17 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
-from ..data.features import (check_source, file_digest, list_digest, shard_is_complete, shard_path, source_digest,
-                             write_index, write_shard, write_source)
+from ..data import RankSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
+from ..data.readers.features import check_source, file_digest, list_digest, feature_file_path, source_digest
+from .feature_files import feature_file_is_complete, write_index, write_feature_file, write_source
 from ..data.loader import decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TestViews
 from ..dist.base import Engine
 from ..recipe import Recipe
-from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
-from .step import as_memory_format, autocast
-from .testing import Protocol, _console_logging, load_model
+from ..train.setup import TrainingError, choose_device, choose_engine, log, set_threads
+from ..train.step import as_memory_format, autocast
+from .protocols import Protocol, _console_logging, load_model
 
 __all__ = ["extract_features", "ExtractReport", "SHARD_VIDEOS", "DTYPES"]
 
@@ -86,11 +86,11 @@ def extract_features(recipe: Recipe, out_dir: str | Path, protocol: Protocol = P
         An :class:`ExtractReport`.
 
     Raises:
-        TrainingError: no checkpoint or one of another model (:func:`~tsmtrain.train.testing.load_model`),
+        TrainingError: no checkpoint or one of another model (:func:`~tsmtrain.eval.protocols.load_model`),
             an unknown dtype, ``shard_videos < 1``.
         tsmtrain.data.ListFileError: a malformed list file.
         tsmtrain.data.DataError: ``out_dir`` holds features of other settings, or the shards do not
-            cover the list exactly once (:func:`~tsmtrain.data.features.write_index`).
+            cover the list exactly once (:func:`~tsmtrain.eval.feature_files.write_index`).
     """
     if dtype not in DTYPES:
         raise TrainingError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -139,7 +139,7 @@ def _read_json(path: Path) -> dict:
 
 def _index_doc(recipe: Recipe, list_file: str, videos: int, dim: int, dtype: str, checkpoint: Path,
                protocol: Protocol, shard_videos: int) -> dict:
-    """What ``index.json`` says of the features besides the shards (:func:`~tsmtrain.data.features.write_index`)."""
+    """What ``index.json`` says of the features besides the shards (:func:`~tsmtrain.eval.feature_files.write_index`)."""
     return {"list": str(list_file), "list_sha256": list_digest(list_file), "videos": videos, "dim": dim,
             "dtype": dtype, "num_classes": recipe.model.num_classes, "multi_label": recipe.model.loss == "sigmoid",
             "shard_videos": shard_videos, "checkpoint": str(checkpoint),
@@ -169,12 +169,12 @@ def _extract_list(model, records: list[VideoRecord], recipe: Recipe, protocol: P
     extracted = kept = 0
     for s in range(engine.rank, shards, engine.size):
         lines = list(range(s * shard_videos, min((s + 1) * shard_videos, len(records))))
-        path = shard_path(split_dir, s)
-        if shard_is_complete(path, lines, model.feature_dim, source):
+        path = feature_file_path(split_dir, s)
+        if feature_file_is_complete(path, lines, model.feature_dim, source):
             kept += 1
             continue
         features, index, failed = _features_of(model, [records[i] for i in lines], recipe, protocol, device)
-        write_shard(path, features.astype(dtype), [lines[i] for i in index],
+        write_feature_file(path, features.astype(dtype), [lines[i] for i in index],
                     [records[lines[i]].labels for i in index], [(lines[i], e) for i, e in failed], source=source)
         extracted += 1
         log.info("%s: shard %d of %d written (%d videos%s)", split_dir.name, s + 1, shards, len(lines),
@@ -191,7 +191,7 @@ def _features_of(model, records: list[VideoRecord], recipe: Recipe, protocol: Pr
     d = recipe.data
     decoder, where = decoding_target(d.decoder, d.decode_device, torch.device(device))
     dataset = multi_clip_dataset(recipe, records, protocol.clips, decode_device=where, decoder=decoder)
-    sampler = ShardSampler(len(dataset), 0, 1, shuffle=False, pad=False)
+    sampler = RankSampler(len(dataset), 0, 1, shuffle=False, pad=False)
     n = max(1, recipe.train.batch_size // protocol.views)
     loader = build_loader(dataset, sampler, n, d.workers, drop_last=False, collate=collate_views)
     views = TestViews(d.input_size, protocol.crops, modality=modality_of(d)).to(device)

@@ -10,14 +10,14 @@ videos instead of guessing:
    and spread evenly over the de-duplicated list (:func:`sample_videos`; lists sorted by class
    give every part of the list a say). Their list is ``OUT/.plan/sample.txt``.
 2. **Encode.** Each encoding (every GOP of ``gops`` at every short side of ``short_sides``, the
-   other settings as given) is prepared by :mod:`tsmtrain.data.prepare` (``run_shard`` and
+   other settings as given) is prepared by :mod:`tsmtrain.prep.encode` (``run_task`` and
    ``merge``: verified outputs, a manifest) into ``OUT/.plan/short<S>-gop<G>/``. The trial
    folders are kept: a second plan with the same settings encodes nothing again (``prepare``'s
    resume), and ``rm -r OUT/.plan`` removes them. They never mix with what ``tsmtrain prepare
    --out OUT`` writes (``OUT/<path>.mp4``, ``OUT/manifest.jsonl``, ``OUT/.shards/``). A video that
    fails at any encoding is left out of every measurement and named with its reason; fewer than
    2 videos left is an error.
-3. **Measure.** Each encoding is read by :func:`tsmtrain.data.bench.bench_data` with one loader
+3. **Measure.** Each encoding is read by :func:`tsmtrain.bench.data.bench_data` with one loader
    worker, i.e. on one core: the recipe's ``data`` section (decoder, segments, frame size, seek
    mode; ``auto`` chooses approximate seeking for prepared videos, as in training) in training
    mode (random offsets), over ``CLIPS_PER_VIDEO`` clips per sample video (the same clips at
@@ -37,7 +37,7 @@ mean size of the prepared sample videos in bytes, relative bytes against the def
 (GOP 16 at short side 256 when measured, else the largest GOP at the largest short side asked).
 
 Errors: :class:`PlanError` (a bad option or too few usable videos; ``problems`` holds one line
-each, naming the option); :mod:`tsmtrain.data.prepare`'s errors pass through.
+each, naming the option); :mod:`tsmtrain.prep.encode`'s errors pass through.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .prepare import MANIFEST, Plan, Settings, Video, merge, plan_videos, read_journal, run_shard
+from ..data.manifest import MANIFEST, read_journal
+from .encode import Worklist, Settings, SourceVideo, merge, make_worklist, run_task
 
 __all__ = ["PlanError", "Encoding", "Measurement", "Choice", "PlanResult", "PLAN_DIR", "SAMPLE_LIST",
            "MEASURED_LIST", "DEFAULT_GOPS", "DEFAULT_SAMPLE", "DEFAULT_ROUNDS", "CLIPS_PER_VIDEO", "parse_gops",
@@ -235,7 +236,7 @@ def check_plan_options(plan: bool, target: float | None, cores_per_gpu: float | 
         raise PlanError(problems)
 
 
-def sample_videos(videos: Sequence[Video], count: int) -> list[Video]:
+def sample_videos(videos: Sequence[SourceVideo], count: int) -> list[SourceVideo]:
     """``count`` videos spread evenly over ``videos`` (the middle of each of ``count`` equal
     parts), in list order; all of them when there are no more than ``count``."""
     n = len(videos)
@@ -281,7 +282,7 @@ def choose_encoding(rows: Sequence[Measurement], target: float, cores_per_gpu: f
     return Choice(target, cores_per_gpu, chosen, fastest)
 
 
-def _write_sample_list(plan: Plan, sample: Sequence[Video], root: str | Path) -> Path:
+def _write_sample_list(plan: Worklist, sample: Sequence[SourceVideo], root: str | Path) -> Path:
     """Write :data:`SAMPLE_LIST` into ``plan.out_dir / PLAN_DIR``: the sample's paths relative
     to ``root`` with the label of each video's first list line."""
     labels: dict[int, int] = {}
@@ -296,7 +297,7 @@ def _write_sample_list(plan: Plan, sample: Sequence[Video], root: str | Path) ->
     return path
 
 
-def encode_sample(plan: Plan, sample: Sequence[Video], root: str | Path, trials: Sequence[Encoding],
+def encode_sample(plan: Worklist, sample: Sequence[SourceVideo], root: str | Path, trials: Sequence[Encoding],
                   settings: Settings, jobs: int | None = None, decoder: str = "torchcodec",
                   frame_mappings: bool = True, retry_failed: bool = False,
                   say: Callable[[str], None] = lambda line: None) -> tuple[dict[Encoding, dict[str, dict]], list[str]]:
@@ -310,16 +311,16 @@ def encode_sample(plan: Plan, sample: Sequence[Video], root: str | Path, trials:
 
     Raises:
         PlanError: fewer than 2 videos were prepared at every encoding (the reasons named).
-        tsmtrain.data.prepare.PrepareError, ManifestError: as ``run_shard`` and ``merge``.
+        tsmtrain.prep.encode.PrepareError, ManifestError: as ``run_task`` and ``merge``.
     """
     sample_list = _write_sample_list(plan, sample, root)
     records: dict[Encoding, dict[str, dict]] = {}
     reasons: dict[str, str] = {}
     for trial in trials:
         folder = plan.out_dir / PLAN_DIR / trial.folder
-        trial_plan = plan_videos([sample_list], root, folder)
+        trial_plan = make_worklist([sample_list], root, folder)
         trial_settings = trial.settings(settings)
-        done = run_shard(trial_plan, trial_settings, (0, 1), jobs, decoder, frame_mappings, retry_failed,
+        done = run_task(trial_plan, trial_settings, (0, 1), jobs, decoder, frame_mappings, retry_failed,
                          progress=False)
         merge(trial_plan, trial_settings, 1)
         records[trial] = {}
@@ -363,7 +364,7 @@ def measure_encodings(recipe, out_dir: str | Path, records: dict[Encoding, dict[
                       decoder: str = "torchcodec",
                       say: Callable[[str], None] = lambda line: None) -> tuple[list[Measurement], list[str]]:
     """Measure clips/s per core of every encoding in ``records`` (from :func:`encode_sample`,
-    folders in ``out_dir/.plan``) with :func:`tsmtrain.data.bench.bench_data` and one loader
+    folders in ``out_dir/.plan``) with :func:`tsmtrain.bench.data.bench_data` and one loader
     worker, in ``rounds`` alternating rounds (reversed every other round); figures are medians.
 
     Args:
@@ -378,7 +379,7 @@ def measure_encodings(recipe, out_dir: str | Path, records: dict[Encoding, dict[
     Raises:
         PlanError: fewer than 2 clips of an encoding could be decoded.
     """
-    from .bench import DataBenchError, bench_data
+    from ..bench.data import DataBenchError, bench_data
 
     trials = list(records)
     benches: dict[Encoding, list] = {t: [] for t in trials}
@@ -483,7 +484,7 @@ def prepare_command(source: Sequence[str], out: str | Path, choice: Measurement,
     return " ".join(shlex.quote(a) for a in args)
 
 
-def plan_encoding(plan: Plan, root: str | Path, recipe, target: float, cores_per_gpu: float,
+def plan_encoding(plan: Worklist, root: str | Path, recipe, target: float, cores_per_gpu: float,
                   gops: Sequence[int] = DEFAULT_GOPS, short_sides: Sequence[int] = (256,),
                   settings: Settings = Settings(), sample: int = DEFAULT_SAMPLE, rounds: int = DEFAULT_ROUNDS,
                   jobs: int | None = None, decoder: str = "torchcodec", frame_mappings: bool = True,
@@ -492,21 +493,21 @@ def plan_encoding(plan: Plan, root: str | Path, recipe, target: float, cores_per
     """Sample, encode, measure and choose (the module's steps 1-4).
 
     Args:
-        plan: :func:`tsmtrain.data.prepare.plan_videos` of the list files with ``--out``.
+        plan: :func:`tsmtrain.prep.encode.make_worklist` of the list files with ``--out``.
         root: the folder the lists' paths are relative to.
         recipe: the recipe whose ``data`` section reads the videos, or None (the default).
         target: clips/s one GPU trains at; cores_per_gpu: the cores each GPU gets.
         gops, short_sides: the encodings (frames between keyframes, pixels).
         settings: the other encoding settings (frame rate, quality, preset, fastdecode).
         sample, rounds: videos sampled, alternating rounds.
-        jobs, decoder, frame_mappings, retry_failed: as :func:`tsmtrain.data.prepare.run_shard`
+        jobs, decoder, frame_mappings, retry_failed: as :func:`tsmtrain.prep.encode.run_task`
             (``decoder`` also reads the videos without a recipe).
         source: the arguments naming the videos, for the printed command.
         say: called with a line of progress per encoding and per measurement.
 
     Raises:
         PlanError: bad options (see :func:`check_plan_options`), or too few usable videos.
-        tsmtrain.data.prepare.PrepareError, ManifestError: as the preparation raises them.
+        tsmtrain.prep.encode.PrepareError, ManifestError: as the preparation raises them.
     """
     check_plan_options(True, target, cores_per_gpu, gops, short_sides, sample, rounds)
     trials = encodings(gops, short_sides)

@@ -16,10 +16,10 @@ under 5 minutes):
 * **GPU decoding**: clips/s of the recipe's clip dataset decoded on GPU 0 by each GPU decoder
   that works there (:func:`loader_clips_per_s` with ``decode_device="cuda:0"``);
 * **loader (CPU)**: clips/s per core of the recipe's loader with one worker
-  (:func:`tsmtrain.data.bench.bench_data`, a short ``tsmtrain bench data``);
+  (:func:`tsmtrain.bench.data.bench_data`, a short ``tsmtrain bench data``);
 * **training step**: clips/s per GPU of the recipe's network as TSM and TSN, in the recipe's own
   precision and memory format, fp32 + channels_last and bf16 + channels_last, on a synthetic
-  batch (:func:`tsmtrain.train.bench.bench_step`), and the peak GPU memory it allocated;
+  batch (:func:`tsmtrain.bench.step.bench_step`), and the peak GPU memory it allocated;
 * **NCCL allreduce** of the recipe's gradient bytes across the node's GPUs, one process per GPU
   (:func:`allreduce_bandwidth`): algorithm bandwidth and bus bandwidth as nccl-tests reports them;
 * **loader cores per GPU**: the verdict: step clips/s per GPU divided by loader clips/s per core,
@@ -303,7 +303,7 @@ def loader_clips_per_s(recipe, backend: str, decode_device: str, clips: int = 32
 
 
 def step_figures(recipe, steps: int = 5, budget_s: float = 20.0, say: Callable[[str], None] = _nothing) -> dict:
-    """The training step of ``recipe`` on its ``train.device`` (:func:`tsmtrain.train.bench.bench_step`
+    """The training step of ``recipe`` on its ``train.device`` (:func:`tsmtrain.bench.step.bench_step`
     on a synthetic batch of ``train.batch_size`` clips, ``steps`` rounds at most, ``budget_s``
     seconds per variant), for the recipe's own precision and memory format (uncompiled), fp32,
     fp32 + channels_last and bf16 + channels_last (where bf16 runs).
@@ -318,8 +318,8 @@ def step_figures(recipe, steps: int = 5, budget_s: float = 20.0, say: Callable[[
     Raises:
         tsmtrain.train.TrainingError: ``train.device: cuda`` without a GPU.
     """
-    from .bench import Variant, available_variants, bench_step
-    from .runtime import choose_device
+    from .step import Variant, available_variants, bench_step
+    from ..train.setup import choose_device
 
     device = choose_device(recipe.train.device, 0)
     t = recipe.train
@@ -470,7 +470,7 @@ def run_doctor(recipe=None, recipe_path: str | None = None, clips: int = 32, ste
 
     Args:
         recipe: the recipe (with its overrides applied); its ``data.generate`` dataset is built
-            first when it is not there yet (:func:`tsmtrain.train.runtime.prepare_dataset`).
+            first when it is not there yet (:func:`tsmtrain.prep.datasets.prepare_dataset`).
         recipe_path: recorded in the result.
         clips: clips per data measurement (CPU loader, each GPU decoder), at least 2.
         steps: measured rounds of each step variant at most; ``budget_s``: seconds per variant.
@@ -510,7 +510,7 @@ def run_doctor(recipe=None, recipe_path: str | None = None, clips: int = 32, ste
 
 def _prepare(recipe) -> str | None:
     """Build the recipe's ``data.generate`` dataset if needed; the error's first line, or None."""
-    from .runtime import prepare_dataset
+    from ..prep.datasets import prepare_dataset
 
     try:
         prepare_dataset(recipe)
@@ -520,7 +520,7 @@ def _prepare(recipe) -> str | None:
 
 
 def _loader_row(recipe, clips: int, result: DoctorResult, prepared: str | None) -> Row:
-    from ..data.bench import bench_data
+    from .data import bench_data
 
     if prepared is not None:
         return Row("loader (CPU)", "fail", "", f"data.generate: {prepared}")

@@ -22,7 +22,7 @@ not change): it is reported with its path and counted as a wrong prediction in e
 
 Files (rank 0, in ``RUN_DIR/test/test-KclipsxCcrops[-LIST]/``, :func:`write_reports`):
 ``summary.json``, ``per_class.csv``, ``confusion.png``, ``predictions.csv`` and ``scores.npz``
-(every video's K class scores, for late fusion: :mod:`tsmtrain.train.fusion`); a multi-label
+(every video's K class scores, for late fusion: :mod:`tsmtrain.eval.fusion`); a multi-label
 run writes no confusion matrix (:func:`write_multilabel_reports`).
 """
 
@@ -39,23 +39,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import ShardSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
-from ..data.classes import ClassNamesError, read_class_names
-from ..data.features import INDEX, SOURCE, file_digest, read_index
+from ..data import RankSampler, VideoRecord, build_loader, collate_views, multi_clip_dataset, read_list
+from ..recipe.label_map import ClassNamesError, read_class_names
+from ..data.readers.features import INDEX, SOURCE, file_digest, read_index
 from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
 from ..models import create_model
 from ..recipe import Recipe
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ..train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .fusion import write_scores
-from .head_shards import full_model_state
-from .multilabel import average_precision, multi_hot
-from .runtime import TrainingError, choose_device, choose_engine, log, set_threads
-from .step import as_memory_format, autocast
+from ..train.head_slices import full_model_state
+from .multilabel_metrics import average_precision, multi_hot
+from ..train.setup import TrainingError, choose_device, choose_engine, log, set_threads
+from ..train.step import as_memory_format, autocast
 
-__all__ = ["Protocol", "average_view_scores", "load_model", "score_shard", "gather_results", "summarise",
+__all__ = ["Protocol", "average_view_scores", "load_model", "score_part", "gather_results", "summarise",
            "summarise_multilabel", "write_reports", "write_multilabel_reports", "run_test", "predict_videos",
            "TestReport", "format_report"]
 
@@ -213,7 +213,7 @@ def _with_extracted_backbone(recipe: Recipe, head: dict, path: Path) -> dict:
 
 
 @torch.no_grad()
-def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Recipe, protocol: Protocol,
+def score_part(model: torch.nn.Module, records: list[VideoRecord], recipe: Recipe, protocol: Protocol,
                engine: Engine, device: torch.device, top: int = 5, videos_per_batch: int | None = None) -> list[dict]:
     """Score this rank's shard of ``records`` under ``protocol``.
 
@@ -235,7 +235,7 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
     d = recipe.data
     decoder, where = decoding_target(d.decoder, d.decode_device, torch.device(device))
     dataset = multi_clip_dataset(recipe, records, protocol.clips, decode_device=where, decoder=decoder)
-    sampler = ShardSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
+    sampler = RankSampler(len(dataset), engine.rank, engine.size, shuffle=False, pad=False)
     n = videos_per_batch or max(1, recipe.train.batch_size // protocol.views)
     loader = build_loader(dataset, sampler, n, d.workers, drop_last=False, collate=collate_views)
     views = TestViews(d.input_size, protocol.crops, modality=modality_of(d)).to(device)
@@ -263,13 +263,13 @@ def score_shard(model: torch.nn.Module, records: list[VideoRecord], recipe: Reci
 
 def _result(index: int, record: VideoRecord, top: list[int] | None = None, scores: list[float] | None = None,
             class_scores: np.ndarray | None = None, error: str | None = None) -> dict:
-    """One video's result as :func:`score_shard` returns it (an unreadable one: ``error`` only)."""
+    """One video's result as :func:`score_part` returns it (an unreadable one: ``error`` only)."""
     return {"index": index, "label": record.label, "labels": record.labels, "top": top or [], "scores": scores or [],
             "class_scores": class_scores, "error": error}
 
 
 def gather_results(engine: Engine, results: list[dict], total: int) -> list[dict] | None:
-    """Every rank's :func:`score_shard` results on rank 0, in list order; None on the other ranks.
+    """Every rank's :func:`score_part` results on rank 0, in list order; None on the other ranks.
 
     Raises:
         RuntimeError: a video came back twice or not at all (the sharding is broken).
@@ -288,7 +288,7 @@ def gather_results(engine: Engine, results: list[dict], total: int) -> list[dict
 
 
 def summarise(results: list[dict], num_classes: int) -> dict:
-    """The figures of a test from its per-video results (:func:`score_shard`, gathered).
+    """The figures of a test from its per-video results (:func:`score_part`, gathered).
 
     An unreadable video counts as a wrong prediction (in top-1, top-5, its class's accuracy);
     it is left out of the confusion matrix and counted in ``unreadable`` instead.
@@ -325,11 +325,11 @@ def summarise(results: list[dict], num_classes: int) -> dict:
 
 
 def summarise_multilabel(results: list[dict], num_classes: int, top_k: int = 20) -> dict:
-    """The figures of a multi-label test from its per-video results (:func:`score_shard`,
+    """The figures of a multi-label test from its per-video results (:func:`score_part`,
     gathered; ``class_scores`` the averaged sigmoid probabilities, ``labels`` each video's set).
 
-    mAP, GAP@``top_k`` and Hit@1 as :mod:`tsmtrain.train.multilabel` computes them; when every
-    video was read they equal :func:`~tsmtrain.train.multilabel.multilabel_figures` of the
+    mAP, GAP@``top_k`` and Hit@1 as :mod:`tsmtrain.eval.multilabel_metrics` computes them; when every
+    video was read they equal :func:`~tsmtrain.eval.multilabel_metrics.multilabel_figures` of the
     ``(V, K)`` scores and multi-hot labels. An unreadable video counts as missed: its labels
     stay in each AP's positives (and GAP's) but are never retrieved, and it misses in Hit@1.
 
@@ -378,7 +378,7 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict], records: li
       it), label, label name, status (``ok`` or the decoding error), then the top-5 classes,
       their names and averaged softmax scores, best first;
     * ``scores.npz``: per readable video its ``(K,)`` averaged softmax scores, with labels and
-      paths (:func:`tsmtrain.train.fusion.write_scores`; ``summary.json`` gets its ``scores``
+      paths (:func:`tsmtrain.eval.fusion.write_scores`; ``summary.json`` gets its ``scores``
       section: the list's and the class map's fingerprints, the unreadable videos), when the
       results have ``class_scores``.
 
@@ -434,7 +434,7 @@ def write_multilabel_reports(out_dir: Path, summary: dict, results: list[dict], 
       label names (separated by ``; ``), status, then the top-5 classes, their names and
       averaged sigmoid probabilities, best first;
     * ``scores.npz``: ``(V, K)`` averaged sigmoid probabilities with the multi-hot labels
-      (:func:`tsmtrain.train.fusion.write_scores` with ``multi_label=True``).
+      (:func:`tsmtrain.eval.fusion.write_scores` with ``multi_label=True``).
 
     Returns:
         ``{"summary": path, "per_class": path, "predictions": path, "scores": path}``.
@@ -619,7 +619,7 @@ def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None =
         protocol: clips x crops.
         checkpoint: the checkpoint; None: the run directory's latest.
         list_file: the videos (``path label [label ...]`` lines under ``data.root``); None: ``data.val_list``.
-        engine: the engine; None: the recipe's (:func:`~tsmtrain.train.runtime.choose_engine`).
+        engine: the engine; None: the recipe's (:func:`~tsmtrain.train.setup.choose_engine`).
 
     Returns:
         A :class:`TestReport`; rank 0's has the figures (top-1, top-5, mean class accuracy; or
@@ -646,7 +646,7 @@ def run_test(recipe: Recipe, protocol: Protocol, checkpoint: str | Path | None =
     if engine.rank == 0:
         log.info("testing %s on %s (%d videos), %s, %d rank(s), device %s", path, list_file, len(records),
                  protocol.describe(recipe.data.input_size), engine.size, device)
-    results = score_shard(model, records, recipe, protocol, engine, device)
+    results = score_part(model, records, recipe, protocol, engine, device)
     merged = gather_results(engine, results, len(records))
     report = TestReport(engine.rank, path, protocol, names=names, multi_label=multi)
     if merged is not None:

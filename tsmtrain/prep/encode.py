@@ -84,22 +84,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .lists import ListFileError, read_list
+from ..data.lists import ListFileError, read_list
+from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST, ManifestError, read_journal, read_manifest
+from ..io import FileWriteError, write_text
+from .journal import Journal, journal_files, journal_path, latest_records
 
-__all__ = ["MANIFEST", "SHARDS_DIR", "FRAMES_SUFFIX", "PrepareError", "ManifestError", "Settings", "Video",
-           "Plan", "plan_videos", "parse_shard", "shard_videos", "default_jobs", "check_tools", "probe_source",
-           "choose_fps", "output_size", "encode_command", "prepare_video", "run_shard", "merge", "prepare",
-           "read_manifest", "read_journal", "ShardSummary", "MergeResult", "check_options", "summary_lines",
+__all__ = ["MANIFEST", "JOURNALS_DIR", "FRAMES_SUFFIX", "PrepareError", "ManifestError", "Settings", "SourceVideo",
+           "Worklist", "make_worklist", "parse_task", "task_videos", "default_jobs", "check_tools", "probe_source",
+           "choose_fps", "output_size", "encode_command", "prepare_video", "run_task", "merge", "prepare",
+           "read_manifest", "read_journal", "TaskSummary", "MergeResult", "check_options", "summary_lines",
            "merge_lines"]
 
-MANIFEST = "manifest.jsonl"
-"""The merged manifest in the output folder: one JSON record per video."""
-
-SHARDS_DIR = ".shards"
-"""Folder in the output folder holding the journals ``manifest-I-of-N.jsonl``."""
-
-FRAMES_SUFFIX = ".frames.json"
-"""Appended to an output's name for its frame table (torchcodec ``custom_frame_mappings``)."""
 
 FPS_RANGE = (1.0, 240.0)
 """Frame rates (frames/s) accepted from a source's header; outside it the header is not trusted."""
@@ -113,8 +108,6 @@ PROBE_TIMEOUT_S = 300
 ENCODE_TIMEOUT_S = 3600
 """Seconds after which the ffmpeg of one video is killed (the video is recorded as failed)."""
 
-_JOURNAL = re.compile(r"^manifest-(\d+)-of-(\d+)\.jsonl$")
-
 
 class PrepareError(Exception):
     """A preparation cannot start or finish for a reason the user can fix; ``problems`` holds one
@@ -123,10 +116,6 @@ class PrepareError(Exception):
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
-
-
-class ManifestError(ValueError):
-    """A manifest or journal file is missing or has a malformed line (named as ``FILE:LINE``)."""
 
 
 class _SourceError(Exception):
@@ -187,7 +176,7 @@ class Settings:
                     out.append(f"--fps {self.fps}: outside {FPS_RANGE[0]:g}..{FPS_RANGE[1]:g} frames/s")
             except (ValueError, ZeroDivisionError):
                 out.append(f"--fps {self.fps!r}: not a frame rate (e.g. 25, 29.97 or 30000/1001)")
-        from .flow import check_flow_settings
+        from ..data.flow import check_flow_settings
 
         return out + check_flow_settings(self.flow, self.flow_preset, self.flow_bound)
 
@@ -200,7 +189,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Video:
+class SourceVideo:
     """One video to prepare.
 
     Attributes:
@@ -217,7 +206,7 @@ class Video:
 
 
 @dataclass
-class Plan:
+class Worklist:
     """Every video of some list files, once each, in list order.
 
     Attributes:
@@ -228,12 +217,12 @@ class Plan:
     """
 
     out_dir: Path
-    videos: list[Video]
+    videos: list[SourceVideo]
     lists: list[tuple[str, list[tuple[int, int]]]]
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_videos(list_files: Sequence[str | Path], root: str | Path, out_dir: str | Path) -> Plan:
+def make_worklist(list_files: Sequence[str | Path], root: str | Path, out_dir: str | Path) -> Worklist:
     """Read the list files and decide every output path.
 
     Each source ``ROOT/rel/name.ext`` becomes ``out_dir/rel/name.mp4``. A source named by several
@@ -258,7 +247,7 @@ def plan_videos(list_files: Sequence[str | Path], root: str | Path, out_dir: str
         problems.append(f"two list files are named {name}: their new lists in {out_dir} would collide")
     if not list_files:
         problems.append("no list file given")
-    videos: list[Video] = []
+    videos: list[SourceVideo] = []
     by_source: dict[str, int] = {}
     by_output: dict[str, str] = {}
     lists = []
@@ -284,7 +273,7 @@ def plan_videos(list_files: Sequence[str | Path], root: str | Path, out_dir: str
                     continue
                 by_output[output] = str(rel)
                 by_source[key] = len(videos)
-                videos.append(Video(len(videos), key, output, name))
+                videos.append(SourceVideo(len(videos), key, output, name))
             index = by_source[key]
             in_lists.setdefault(index, set()).add(name)
             lines.append((index, record.label))
@@ -293,10 +282,10 @@ def plan_videos(list_files: Sequence[str | Path], root: str | Path, out_dir: str
         raise PrepareError(problems)
     shared = sum(1 for v in in_lists.values() if len(v) > 1)
     warnings = [f"{shared} video(s) are in more than one list file"] if shared else []
-    return Plan(out_dir, videos, lists, warnings)
+    return Worklist(out_dir, videos, lists, warnings)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
+def parse_task(text: str) -> tuple[int, int]:
     """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``.
 
     Raises:
@@ -339,7 +328,7 @@ def check_options(recipe: str | None, lists: Sequence[str], root: str | None, sh
         raise PrepareError(problems)
 
 
-def shard_videos(videos: Sequence[Video], shard: tuple[int, int]) -> list[Video]:
+def task_videos(videos: Sequence[SourceVideo], shard: tuple[int, int]) -> list[SourceVideo]:
     """The videos of shard ``(I, N)``: every N-th, starting at the I-th (``index % N == I``)."""
     i, n = shard
     return [v for v in videos if v.index % n == i]
@@ -393,7 +382,7 @@ def _die_with_parent() -> Callable[[], None] | None:
 
     Linux sends the signal when the *thread* that forked the child exits, not the process. That is
     safe here only because every child is started by :func:`_run`, i.e. ``subprocess.run``, whose
-    thread (a pool thread of :func:`run_shard`, or the main thread) waits for its own child before
+    thread (a pool thread of :func:`run_task`, or the main thread) waits for its own child before
     it does anything else, on a timeout and on an exception too (``run`` kills the child and waits
     for it): no child outlives the thread that started it. Do not start a child here with
     ``Popen`` from a thread that may exit before the child ends: the child would be killed.
@@ -630,7 +619,7 @@ def _verify(path: str, size: tuple[int, int], fps: Fraction, settings: Settings,
         problems.append(f"keyframes at {keys[:-1][:8]}...: more than {settings.gop} frames apart")
     if problems:
         raise _SourceError("verification failed: " + "; ".join(problems))
-    from .decoding import VideoDecodeError, open_video
+    from ..data.decoding import VideoDecodeError, open_video
 
     try:
         video = open_video(path, decoder)
@@ -653,26 +642,11 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, flushed, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(part, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-
-
 class _Abort(Exception):
     """Stop the whole run (the machine, not the video, is the problem: disk full, no permission)."""
 
 
-def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder: str = "torchcodec",
+def prepare_video(video: SourceVideo, out_dir: str | Path, settings: Settings, decoder: str = "torchcodec",
                   frame_mappings: bool = True) -> dict:
     """Encode, verify and publish one video; never raises for a problem of the video itself.
 
@@ -713,7 +687,7 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _Abort(f"cannot create {target.parent}: {err.strerror or err}") from None
-    from .flow import file_crc32, flow_path
+    from ..data.flow import file_crc32, flow_path
 
     flow_target = out_dir / flow_path(video.output)
     for pattern in (f".{target.name}.part-", f".{target.name}{FRAMES_SUFFIX}.part-",
@@ -746,7 +720,7 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
         try:
             if frame_mappings:
                 sidecar = target.with_name(target.name + FRAMES_SUFFIX)
-                _write_atomic(sidecar, json.dumps({"frames": frames}, separators=(",", ":")))
+                write_text(sidecar, json.dumps({"frames": frames}, separators=(",", ":")))
                 record["frame_mappings"] = sidecar.relative_to(out_dir).as_posix()
             if settings.flow is not None:
                 _fsync(str(flow_part))
@@ -757,7 +731,7 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
             _fsync(str(part))
             record["output_crc32"] = file_crc32(part)  # checked where the loader reads the whole file
             os.replace(part, target)
-        except OSError as err:
+        except (OSError, FileWriteError) as err:
             raise _Abort(f"cannot write {target}: {err.strerror or err}") from None
         record.update(output=video.output, status="ok", frames=len(frames), fps=float(fps),
                       frame_rate=f"{fps.numerator}/{fps.denominator}", width=size[0], height=size[1],
@@ -774,7 +748,8 @@ def prepare_video(video: Video, out_dir: str | Path, settings: Settings, decoder
 def _flow(part: Path, flow_part: Path, fps: Fraction, settings: Settings, decoder: str) -> dict:
     """Compute, write and verify the flow of the verified output ``part`` into ``flow_part``;
     returns the record's flow fields. Raises _SourceError (the video's problem) or _Abort."""
-    from .flow import FlowError, flow_of_video
+    from ..data.flow import FlowError
+    from .flow_files import flow_of_video
 
     try:
         done = flow_of_video(part, flow_part, f"{fps.numerator}/{fps.denominator}", settings.flow,
@@ -793,90 +768,7 @@ def _flow(part: Path, flow_part: Path, fps: Fraction, settings: Settings, decode
 # --------------------------------------------------------------------------- journals and manifest
 
 
-def _journal_path(out_dir: Path, shard: tuple[int, int]) -> Path:
-    return out_dir / SHARDS_DIR / f"manifest-{shard[0]}-of-{shard[1]}.jsonl"
-
-
-def _parse_lines(path: Path, text: str, tolerate_partial_tail: bool,
-                 required: tuple[str, ...] = ("source", "status")) -> list[dict]:
-    records = []
-    lines = text.split("\n")
-    last = len(lines) - 1  # text after the last newline: empty, or a line cut by a kill
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or any(key not in record for key in required):
-                raise ValueError(f"not a record with {' and '.join(required)}")
-        except ValueError as err:
-            if tolerate_partial_tail and number - 1 == last:
-                break  # written up to a kill; the video is simply not done
-            raise ManifestError(f"{path}:{number}: malformed record ({err}): {line[:120]!r}") from None
-        records.append(record)
-    return records
-
-
-def read_journal(path: str | Path, required: tuple[str, ...] = ("source", "status")) -> list[dict]:
-    """The records of a journal, in the order written: JSON objects with the ``required`` keys
-    (a video's ``source`` and ``status`` by default). A last line cut short by a kill (no
-    newline at its end) is ignored.
-
-    Raises:
-        ManifestError: the file cannot be read, or a complete line is not a record.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ManifestError(f"{path}: cannot read: {err.strerror or err}") from None
-    return _parse_lines(path, text, tolerate_partial_tail=True, required=required)
-
-
-def read_manifest(out_dir: str | Path) -> dict[str, dict]:
-    """The ``ok`` records of ``out_dir/manifest.jsonl``, keyed by ``output`` (relative to ``out_dir``).
-
-    Each record has at least ``source``, ``output``, ``status``, ``reason``, ``frames``, ``fps``
-    (frames/s), ``width``, ``height`` (pixels), ``seconds``, ``bytes_in``, ``bytes_out``, ``gop``
-    (frames), ``frame_mappings`` (sidecar path relative to ``out_dir`` or None) and ``list``
-    (see :func:`prepare_video`).
-
-    Raises:
-        ManifestError: the manifest is missing or a line is not a JSON record (``FILE:LINE``).
-    """
-    path = Path(out_dir) / MANIFEST
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ManifestError(f"{path}: cannot read the manifest: {err.strerror or err}") from None
-    return {r["output"]: r for r in _parse_lines(path, text, tolerate_partial_tail=False) if r["status"] == "ok"}
-
-
-def _journals(out_dir: Path, pattern: re.Pattern = _JOURNAL) -> dict[tuple[int, int], Path]:
-    """``{(I, N): path}`` of the journals in ``out_dir/.shards`` whose names match ``pattern``
-    (groups I and N; the video journals by default)."""
-    found = {}
-    folder = out_dir / SHARDS_DIR
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = pattern.match(path.name)
-            if match:
-                found[(int(match[1]), int(match[2]))] = path
-    return found
-
-
-def _latest_records(out_dir: Path) -> dict[str, dict]:
-    """The newest record per source over every journal in ``out_dir``."""
-    latest: dict[str, dict] = {}
-    for path in _journals(out_dir).values():
-        for record in read_journal(path):
-            old = latest.get(record["source"])
-            if old is None or record.get("time", 0) >= old.get("time", 0):
-                latest[record["source"]] = record
-    return latest
-
-
-def _is_done(record: dict | None, video: Video, out_dir: Path, settings: Settings, retry_failed: bool,
+def already_prepared(record: dict | None, video: SourceVideo, out_dir: Path, settings: Settings, retry_failed: bool,
              frame_mappings: bool = False) -> bool:
     if record is None or record.get("settings") != settings.key():
         return False
@@ -897,37 +789,12 @@ def _is_done(record: dict | None, video: Video, out_dir: Path, settings: Setting
             and (sidecar is None or (out_dir / sidecar).is_file()))
 
 
-class _Journal:
-    """Append-only record file of one shard; a line cut short by a kill is cut off on open."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file = open(path, "ab+")
-        self._file.seek(0, os.SEEK_END)
-        end = self._file.tell()
-        if end:
-            self._file.seek(0)
-            data = self._file.read()
-            if not data.endswith(b"\n"):
-                self._file.truncate(data.rfind(b"\n") + 1)
-        self._file.seek(0, os.SEEK_END)
-
-    def append(self, record: dict) -> None:
-        self._file.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-
 # --------------------------------------------------------------------------- a shard
 
 
 @dataclass
-class ShardSummary:
-    """What :func:`run_shard` did.
+class TaskSummary:
+    """What :func:`run_task` did.
 
     Attributes:
         shard: ``(I, N)``.
@@ -1001,16 +868,16 @@ class _Progress:
             self.bar.stop()
 
 
-def run_shard(plan: Plan, settings: Settings, shard: tuple[int, int] = (0, 1), jobs: int | None = None,
+def run_task(plan: Worklist, settings: Settings, shard: tuple[int, int] = (0, 1), jobs: int | None = None,
               decoder: str = "torchcodec", frame_mappings: bool = True, retry_failed: bool = False,
-              progress: bool = True, on_record: Callable[[dict], None] | None = None) -> ShardSummary:
+              progress: bool = True, on_record: Callable[[dict], None] | None = None) -> TaskSummary:
     """Prepare the videos of one shard that are not done yet, ``jobs`` at a time.
 
     Records go to ``out_dir/.shards/manifest-I-of-N.jsonl`` as each video finishes. Records in
     any journal of the folder (another N, an earlier run) count (:func:`prepare` explains "done").
 
     Args:
-        plan: from :func:`plan_videos`.
+        plan: from :func:`make_worklist`.
         settings: the encoding.
         shard: ``(I, N)``: this run takes the videos with ``index % N == I``.
         jobs: ffmpeg processes at once (default :func:`default_jobs`).
@@ -1027,14 +894,14 @@ def run_shard(plan: Plan, settings: Settings, shard: tuple[int, int] = (0, 1), j
     """
     out_dir = plan.out_dir
     jobs = jobs or default_jobs()
-    mine = shard_videos(plan.videos, shard)
+    mine = task_videos(plan.videos, shard)
     try:
-        journal = _Journal(_journal_path(out_dir, shard))
+        journal = Journal(journal_path(out_dir, shard))
     except OSError as err:
         raise PrepareError(f"--out {out_dir}: cannot write the journal: {err.strerror or err}") from None
-    latest = _latest_records(out_dir)
-    todo = [v for v in mine if not _is_done(latest.get(v.source), v, out_dir, settings, retry_failed, frame_mappings)]
-    summary = ShardSummary(shard, len(mine), done_before=len(mine) - len(todo))
+    latest = latest_records(out_dir)
+    todo = [v for v in mine if not already_prepared(latest.get(v.source), v, out_dir, settings, retry_failed, frame_mappings)]
+    summary = TaskSummary(shard, len(mine), done_before=len(mine) - len(todo))
     started = time.monotonic()
     label = "prepare" if shard == (0, 1) else f"prepare shard {shard[0]}/{shard[1]}"
     bar = _Progress(len(todo), label) if progress else None
@@ -1082,12 +949,12 @@ def run_shard(plan: Plan, settings: Settings, shard: tuple[int, int] = (0, 1), j
     return summary
 
 
-def summary_lines(summary: ShardSummary, sharded: bool, failures: int = 20) -> list[str]:
-    """What ``tsmtrain prepare`` prints (on stderr) after :func:`run_shard`: the counts, the rate
+def summary_lines(summary: TaskSummary, sharded: bool, failures: int = 20) -> list[str]:
+    """What ``tsmtrain prepare`` prints (on stderr) after :func:`run_task`: the counts, the rate
     when videos were prepared now, and the first ``failures`` failures with their reasons.
 
     Args:
-        summary: from :func:`run_shard`.
+        summary: from :func:`run_task`.
         sharded: the run was one shard of several (``--shard I/N``): the line names the shard.
         failures: failures listed by name; the others are counted (their reasons are in the journal).
     """
@@ -1125,7 +992,7 @@ class MergeResult:
     shards: int
 
 
-def merge(plan: Plan, settings: Settings, shards: int | None = None) -> MergeResult:
+def merge(plan: Worklist, settings: Settings, shards: int | None = None) -> MergeResult:
     """Write the manifest and the new list files from the shard journals.
 
     Args:
@@ -1140,23 +1007,23 @@ def merge(plan: Plan, settings: Settings, shards: int | None = None) -> MergeRes
         ManifestError: a journal has a malformed line.
     """
     out_dir = plan.out_dir
-    found = _journals(out_dir)
+    found = journal_files(out_dir)
     if shards is None:
         counts = sorted({n for _, n in found})
         if not counts:
-            raise PrepareError(f"{out_dir / SHARDS_DIR}: no shard journals (manifest-I-of-N.jsonl): "
+            raise PrepareError(f"{out_dir / JOURNALS_DIR}: no shard journals (manifest-I-of-N.jsonl): "
                                "run the shards (--shard I/N) first")
         if len(counts) > 1:
-            raise PrepareError(f"{out_dir / SHARDS_DIR}: journals of {', '.join(map(str, counts))} shards: "
+            raise PrepareError(f"{out_dir / JOURNALS_DIR}: journals of {', '.join(map(str, counts))} shards: "
                                "say which with --tasks N")
         shards = counts[0]
     missing = [i for i in range(shards) if (i, shards) not in found]
     if missing:
         names = ", ".join(f"{i}/{shards}" for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise PrepareError(f"{len(missing)} of {shards} shards have no journal in {out_dir / SHARDS_DIR}: "
+        raise PrepareError(f"{len(missing)} of {shards} shards have no journal in {out_dir / JOURNALS_DIR}: "
                            f"{names}; run them (--shard I/{shards}) before --merge")
-    latest = _latest_records(out_dir)
-    undone = [v for v in plan.videos if not _is_done(latest.get(v.source), v, out_dir, settings, False)]
+    latest = latest_records(out_dir)
+    undone = [v for v in plan.videos if not already_prepared(latest.get(v.source), v, out_dir, settings, False)]
     if undone:
         shown = "; ".join(f"{v.source} (shard {v.index % shards}/{shards})" for v in undone[:5])
         by_shard = sorted({v.index % shards for v in undone})
@@ -1175,9 +1042,9 @@ def merge(plan: Plan, settings: Settings, shards: int | None = None) -> MergeRes
     for name, lines in plan.lists:
         kept = [f"{plan.videos[i].output} {label}\n" for i, label in lines if records[i]["status"] == "ok"]
         path = out_dir / name
-        _write_atomic(path, "".join(kept))
+        write_text(path, "".join(kept))
         lists.append((path, len(kept), len(lines) - len(kept)))
-    _write_atomic(out_dir / MANIFEST, text)
+    write_text(out_dir / MANIFEST, text)
     ok = sum(r["status"] == "ok" for r in records)
     return MergeResult(out_dir / MANIFEST, lists, ok, len(records) - ok, shards)
 
@@ -1190,11 +1057,11 @@ def merge_lines(result: MergeResult) -> list[str]:
     return lines + [f"wrote {result.manifest}: {result.ok} ok, {result.failed} failed"]
 
 
-def prepare(plan: Plan, settings: Settings, jobs: int | None = None, decoder: str = "torchcodec",
+def prepare(plan: Worklist, settings: Settings, jobs: int | None = None, decoder: str = "torchcodec",
             frame_mappings: bool = True, retry_failed: bool = False,
-            progress: bool = True) -> tuple[ShardSummary, MergeResult]:
+            progress: bool = True) -> tuple[TaskSummary, MergeResult]:
     """Prepare every video of ``plan`` on this machine and write the list files and manifest
-    (:func:`run_shard` with shard 0/1, then :func:`merge`).
+    (:func:`run_task` with shard 0/1, then :func:`merge`).
 
     A video counts as done, and is skipped, when the newest record for its source in any journal
     of the output folder is ``ok``, was made with the same ``settings`` from a source of the same
@@ -1202,9 +1069,9 @@ def prepare(plan: Plan, settings: Settings, jobs: int | None = None, decoder: st
     record counts as done unless ``retry_failed``.
 
     Raises:
-        PrepareError, ManifestError: as :func:`run_shard` and :func:`merge`.
+        PrepareError, ManifestError: as :func:`run_task` and :func:`merge`.
     """
-    summary = run_shard(plan, settings, (0, 1), jobs, decoder, frame_mappings, retry_failed, progress)
+    summary = run_task(plan, settings, (0, 1), jobs, decoder, frame_mappings, retry_failed, progress)
     return summary, merge(plan, settings, 1)
 
 

@@ -29,9 +29,9 @@ int64 ``(U, K)`` multi-hot (1 at each of the video's labels).
 test, a named test folder of it, or a test folder itself), refuses streams tested on different
 lists or class maps or a single-label stream with a multi-label one (:func:`check_same_test`),
 fuses the videos read in every run (:func:`fuse_scores`) and computes top-1, top-5 and mean class
-accuracy of each stream and of the fusion on them with :func:`tsmtrain.train.testing.summarise`
+accuracy of each stream and of the fusion on them with :func:`tsmtrain.eval.protocols.summarise`
 (:func:`figures`); of multi-label streams mAP, GAP@20 and Hit@1
-(:func:`tsmtrain.train.multilabel.multilabel_figures`).
+(:func:`tsmtrain.eval.multilabel_metrics.multilabel_figures`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .multilabel import multi_hot, multilabel_figures
+from .multilabel_metrics import multi_hot, multilabel_figures
 
 __all__ = ["SCORES_FILE", "FusionError", "StreamScores", "list_fingerprint", "classes_fingerprint", "write_scores",
            "find_test_folder", "load_scores", "check_same_test", "parse_weights", "fuse_scores", "figures",
@@ -349,9 +349,9 @@ def fuse_scores(scores: list[np.ndarray], weights: list[float] | None = None) ->
 
 def figures(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """Top-1, top-5 and mean class accuracy of per-video scores, by
-    :func:`tsmtrain.train.testing.summarise` (top-5 is top-``min(5, K)``; ties: the lower class);
+    :func:`tsmtrain.eval.protocols.summarise` (top-5 is top-``min(5, K)``; ties: the lower class);
     of multi-label scores (``labels`` multi-hot ``(V, K)``) mAP, GAP@20 and Hit@1 by
-    :func:`tsmtrain.train.multilabel.multilabel_figures`.
+    :func:`tsmtrain.eval.multilabel_metrics.multilabel_figures`.
 
     Args:
         scores: ``(V, K)``; labels: ``(V,)``, or 0/1 ``(V, K)`` for multi-label scores.
@@ -364,7 +364,7 @@ def figures(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
         if len(scores) == 0:
             return {"videos": 0, "mAP": math.nan, "GAP20": math.nan, "hit1": math.nan}
         return {"videos": len(scores), **multilabel_figures(scores, labels)}
-    from .testing import summarise  # testing imports this module to write the scores
+    from .protocols import summarise
 
     top = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, num_classes)]
     results = [{"label": int(y), "top": t.tolist(), "error": None} for y, t in zip(labels, top)]
