@@ -6,6 +6,7 @@ import torch
 
 from tsmtrain.data import DataError, ListFileError, RankSampler, VideoClipDataset, VideoRecord, collate_clips, read_list
 from tests.conftest import make_video
+from tsmtrain.data.manifest import ManifestError
 from tsmtrain.data.decoding import VideoDecodeError
 
 
@@ -92,7 +93,7 @@ def test_collate_refuses_mixed_sizes_with_advice(tmp_path):
     a = make_video(tmp_path / "a.mp4", size=32)
     b = make_video(tmp_path / "b.mp4", size=40)
     ds = VideoClipDataset([VideoRecord(str(a), 0), VideoRecord(str(b), 0)], 4, train=False)
-    with pytest.raises(ValueError, match="data.frame_size"):
+    with pytest.raises(DataError, match="data.frame_size"):
         collate_clips([ds[0], ds[1]])
 
 
@@ -130,6 +131,6 @@ def test_prepared_videos_use_approximate_seeking_and_their_recorded_frame_counts
         VideoClipDataset(records, 4, train=True, prepared=changed).open(records[1].path)
     assert prepared_videos(tmp_path) == {}  # no manifest: nothing prepared
     (out / MANIFEST).write_text((out / MANIFEST).read_text() + "{not json\n")
-    with pytest.raises(ValueError, match=f"{MANIFEST}:9"):
+    with pytest.raises(ManifestError, match=f"{MANIFEST}:9"):
         prepared_videos(out)
     json.loads((out / MANIFEST).read_text().splitlines()[0])  # the good lines are untouched

@@ -5,7 +5,12 @@ status 2. Kept at the top of the package, importing nothing, so that every packa
 networks, the file readers, the torch-free scaling code) can raise one.
 
 Errors that are not the user's to fix (a bug, a lost node) are not :class:`UserError`: they
-end the process with a traceback.
+end the process with a traceback. Four exceptions are internal signals, caught where they are
+raised and never shown as such: :class:`~tsmtrain.data.decoding.VideoDecodeError` and
+:class:`~tsmtrain.data.readers.tar.SampleError` (one unreadable video or sample: the loader
+replaces it and counts it) and ``prep.encode``'s ``_SourceError`` and ``_Abort`` (a source that
+cannot be prepared is recorded as failed; a full disk stops the task as a
+:class:`~tsmtrain.prep.encode.PrepareError`).
 """
 
 from __future__ import annotations

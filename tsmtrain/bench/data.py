@@ -44,6 +44,7 @@ from ..data.decoding import GPU_ONLY
 from ..data.loader import build_loader, clip_dataset
 from ..data.sampling import segment_indices
 from ..data.transforms import VideoTransform
+from ..errors import UserError
 
 __all__ = ["DataBenchError", "DataBench", "bench_data", "load_data_bench", "check_split", "header_line",
            "progress_line", "summary_lines", "CLIPS_PER_S_PER_CORE", "SPLITS"]
@@ -52,7 +53,7 @@ CLIPS_PER_S_PER_CORE = "clips_per_s_per_core"
 """The key of the JSON record that ``tsmtrain report --data-bench`` reads."""
 
 
-class DataBenchError(ValueError):
+class DataBenchError(UserError):
     """The benchmark cannot run: no readable video, a bad worker count, ..."""
 
 

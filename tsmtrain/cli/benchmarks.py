@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .common import SET_HELP, fail, load
+from ..errors import UserError
 
 __all__ = ["bench_app", "bench_data", "bench_step"]
 
@@ -39,17 +40,15 @@ def bench_data(
     frames, and the batched augmentation on the device."""
     from rich.console import Console
 
-    from ..data import DataError, ListFileError
-    from ..bench.data import DataBenchError, check_split, header_line, load_data_bench, progress_line, summary_lines
+    from ..bench.data import check_split, header_line, load_data_bench, progress_line, summary_lines
     from ..bench.data import bench_data as run_bench
-    from ..data.manifest import ManifestError
     from ..scaling.sweep import parse_workers
 
     try:
         check_split(split)
         counts = parse_workers(workers, "--workers")
         baseline = load_data_bench(against) if against else None
-    except ValueError as err:  # DataBenchError and SweepError among them
+    except UserError as err:
         fail(str(err))
     cfg = load(recipe, sets)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -57,7 +56,7 @@ def bench_data(
     try:
         result = run_bench(cfg, recipe, counts, clips=clips, target=target, split=split, rounds=rounds,
                            on_result=lambda stage, row: console.print(progress_line(stage, row)))
-    except (DataBenchError, ListFileError, ManifestError, DataError) as err:
+    except UserError as err:
         fail(str(err).splitlines())
     if baseline is not None:
         result.compare(baseline, against)
@@ -85,7 +84,6 @@ def bench_step(
     shift against a copy of its input."""
     import json
 
-    from ..train import TrainingError
     from ..bench.step import bench_step as run_bench
     from ..bench.step import format_step_report, parse_variants
     from ..train.setup import choose_device
@@ -94,14 +92,14 @@ def bench_step(
     try:
         device = choose_device(cfg.train.device, 0)
         chosen = parse_variants(variants, device) if variants is not None else None
-    except TrainingError as err:
+    except UserError as err:
         fail(str(err))
     except ValueError as err:
         fail(f"--variants: {err}")
     try:
         result = run_bench(cfg, chosen, steps=steps, warmup=warmup, budget_s=budget,
                            say=lambda line: print(line, file=sys.stderr, flush=True))
-    except TrainingError as err:
+    except UserError as err:
         fail(str(err).splitlines())
     print(format_step_report(result))
     if json_file:

@@ -19,6 +19,7 @@ from typing import Optional
 import typer
 
 from .common import SET_HELP, fail, load
+from ..errors import UserError
 
 __all__ = ["render", "submit", "env", "with_cluster_flags", "CLUSTER_FLAGS", "TEMPLATE_HELP"]
 
@@ -53,7 +54,7 @@ def with_cluster_flags(command):
 
 def _job(recipe: str, sets, template, flags: dict, dry_run: bool | None):
     """The rendered script (``dry_run`` None) or :func:`tsmtrain.dist.slurm.submit`'s result."""
-    from ..dist.slurm import LaunchError, prepare_job, render_sbatch, submit
+    from ..dist.slurm import prepare_job, render_sbatch, submit
 
     # rendering may happen away from the cluster's file system; submitting happens beside it
     cfg = load(recipe, sets, check_files=dry_run is not None, flags=flags)
@@ -61,7 +62,7 @@ def _job(recipe: str, sets, template, flags: dict, dry_run: bool | None):
         if dry_run is None:
             return render_sbatch(prepare_job(cfg), template)
         return submit(cfg, template, dry_run=dry_run)
-    except LaunchError as err:
+    except UserError as err:
         fail(str(err))
 
 
@@ -136,12 +137,11 @@ def _engine(cfg):
     """The engine ``env`` describes: the recipe's (:func:`tsmtrain.train.setup.choose_engine`,
     whose errors are one ``error:`` line, exit 2), or without a recipe Horovod's, on the CPU."""
     from ..recipe import DistConfig, Recipe, TrainConfig
-    from ..train import TrainingError
     from ..train.setup import choose_engine
 
     # no recipe: the default dist section (Horovod) and no GPU; nothing else of it is read
     cfg = cfg or Recipe.model_construct(dist=DistConfig(), train=TrainConfig(device="cpu"))
     try:
         return choose_engine(cfg)
-    except TrainingError as err:
+    except UserError as err:
         fail(str(err))

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Iterator, NoReturn
 
 import typer
 
-from ..recipe import RecipeError, load_recipe
+from ..recipe import load_recipe
+from ..errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import Recipe
@@ -54,7 +55,7 @@ def load(recipe: str, sets: list[str], check_files: bool = True, flags: dict | N
     a recipe with problems prints one ``error:`` line each and exits 2."""
     try:
         return load_recipe(recipe, sets, check_files=check_files, flags=flags)
-    except RecipeError as err:
+    except UserError as err:
         fail([str(p) for p in err.problems])
 
 
@@ -87,16 +88,13 @@ def set_args(sets: list[str]) -> list[str]:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Around the work of ``run`` and ``test``: a training, list-file, manifest or data error is
-    one ``error:`` line per line of its message (exit 2), Ctrl-C exits 130, another rank's failure
-    is one line (exit 1); anything else is an internal error and propagates (traceback)."""
-    from ..data import DataError, ListFileError
-    from ..data.manifest import ManifestError
-    from ..train import TrainingError
-
+    """Around the work of ``run`` and ``test``: a user mistake (any
+    :class:`~tsmtrain.errors.UserError`) is one ``error:`` line per line of its message (exit 2),
+    Ctrl-C exits 130, another rank's failure is one line (exit 1); anything else is an internal
+    error and propagates (traceback)."""
     try:
         yield
-    except (TrainingError, ListFileError, ManifestError, DataError) as err:
+    except UserError as err:
         fail(str(err).splitlines())
     except KeyboardInterrupt:
         raise typer.Exit(130)

@@ -15,6 +15,7 @@ import typer
 
 from .common import SET_HELP, fail, load
 from .plan import plan_command
+from ..errors import UserError
 
 __all__ = ["prepare"]
 
@@ -84,8 +85,7 @@ def prepare(
         return plan_command(plan, recipe, lists, root, out, short_side, gops, target, cores_per_gpu, sample, rounds,
                             json_file, dict(fps=fps, crf=crf, preset=preset, fastdecode=fastdecode), jobs, decoder,
                             frame_mappings, retry_failed, shard, merge, tasks, shards, sets)
-    from ..data.manifest import ManifestError
-    from ..prep.encode import PrepareError, Settings, check_options, parse_task, make_worklist
+    from ..prep.encode import Settings, check_options, parse_task, make_worklist
     from ..prep.tar_writer import parse_size
 
     settings = Settings(short_side=short_side[-1], gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode,
@@ -93,7 +93,7 @@ def prepare(
     try:
         check_options(recipe, lists, root, shard, merge, tasks, settings, shards)
         size = parse_size(shard_size) if shards else None
-    except PrepareError as err:
+    except UserError as err:
         fail(err.problems)
     if recipe is not None:
         d = load(recipe, sets).data
@@ -104,7 +104,7 @@ def prepare(
         _encode_and_merge(plan, settings, task=parse_task(shard) if shard is not None else None, merge=merge,
                           tasks=tasks, shard_size=size, jobs=jobs, decoder=decoder, frame_mappings=frame_mappings,
                           retry_failed=retry_failed)
-    except (PrepareError, ManifestError) as err:
+    except UserError as err:
         fail(str(err).splitlines())
     except KeyboardInterrupt:
         _say(["interrupted: run the same command again to continue"])

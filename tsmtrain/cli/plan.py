@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from .common import fail, load, set_args
+from ..errors import UserError
 
 __all__ = ["plan_command"]
 
@@ -27,11 +28,9 @@ def plan_command(plan: bool, recipe: Optional[str], lists: list[str], root: Opti
     """Check the plan's options (one ``error:`` line each, exit 2), encode and measure the
     sample, print the table and the choice; ``encoding``: prepare's other settings (fps, crf,
     preset, fastdecode). Also called when an option of the plan comes without ``--plan``."""
-    from ..data import DataError, ListFileError
-    from ..prep.plan import (DEFAULT_GOPS, DEFAULT_ROUNDS, DEFAULT_SAMPLE, PlanError, check_plan_options, parse_gops,
+    from ..prep.plan import (DEFAULT_GOPS, DEFAULT_ROUNDS, DEFAULT_SAMPLE, check_plan_options, parse_gops,
                              plan_encoding)
-    from ..data.manifest import ManifestError
-    from ..prep.encode import PrepareError, Settings, check_options, check_tools, make_worklist
+    from ..prep.encode import Settings, check_options, check_tools, make_worklist
 
     sample = DEFAULT_SAMPLE if sample is None else sample
     rounds = DEFAULT_ROUNDS if rounds is None else rounds
@@ -40,7 +39,7 @@ def plan_command(plan: bool, recipe: Optional[str], lists: list[str], root: Opti
         gop_list = list(DEFAULT_GOPS) if gops is None else parse_gops(gops)
         check_plan_options(plan, target, cores_per_gpu, gop_list, short_sides, sample, rounds, shard, merge, shards)
         check_options(recipe, lists, root, None, False, tasks, settings)
-    except (PlanError, PrepareError) as err:
+    except UserError as err:
         fail(err.problems)
     cfg = load(recipe, sets) if recipe is not None else None
     if cfg is not None:
@@ -51,7 +50,7 @@ def plan_command(plan: bool, recipe: Optional[str], lists: list[str], root: Opti
         videos = make_worklist(lists, root, out)
         result = plan_encoding(videos, root, cfg, target, cores_per_gpu, gop_list, short_sides, settings, sample,
                                rounds, jobs, decoder, frame_mappings, retry_failed, source, say=_say)
-    except (PlanError, PrepareError, ManifestError, ListFileError, DataError) as err:
+    except UserError as err:
         fail(str(err).splitlines())
     except KeyboardInterrupt:
         _say("interrupted: run the same command again to continue (finished encodings are kept)")

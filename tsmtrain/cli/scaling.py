@@ -19,6 +19,7 @@ import typer
 
 from .common import SET_HELP, fail, load
 from .cluster import TEMPLATE_HELP, with_cluster_flags
+from ..errors import UserError
 
 __all__ = ["sweep", "report", "point_line"]
 
@@ -47,9 +48,6 @@ def sweep(
     directory; run it again to resume or extend it. Then: tsmtrain report SWEEP_DIR."""
     from rich.console import Console
 
-    from ..data import ListFileError
-    from ..dist.slurm import LaunchError
-    from ..scaling.records import SweepError
     from ..scaling.sweep import parse_workers, plan_sweep, run_sweep
     from ..prep.datasets import prepare_sweep_data
 
@@ -61,7 +59,7 @@ def sweep(
     try:
         plan = plan_sweep(cfg, recipe, parse_workers(workers), out, strong=strong, global_batch=global_batch,
                           launch=launch, steps=steps, warmup=warmup, rerun=rerun, videos=prepare_sweep_data(cfg))
-    except (SweepError, ListFileError) as err:
+    except UserError as err:
         fail(str(err))
     console.print(f"sweep {plan.sweep_dir}: {plan.meta['mode']} scaling of {plan.meta['model']}, "
                   f"{warmup} warm-up + {steps} measured steps per point")
@@ -71,7 +69,7 @@ def sweep(
         records = run_sweep(plan, launch=launch, array=array, timeout=timeout, template=template,
                             on_point=lambda r: console.print(point_line(r), highlight=False if r["status"] == "failed"
                                                              else None))
-    except (SweepError, LaunchError) as err:
+    except UserError as err:
         fail(str(err))
     console.print(f"records in {plan.sweep_dir / 'points'}; table and plots: tsmtrain report {plan.sweep_dir}")
     if any(r["status"] == "failed" for r in records):
@@ -117,7 +115,6 @@ def report(
     file system, for data in files and in shards."""
     from rich.console import Console
 
-    from ..scaling.records import SweepError
     from ..scaling.report import load_sweep, print_report, table_rows, write_report
     from ..scaling.sweep import collect
 
@@ -139,7 +136,7 @@ def report(
         # a pipe or log file gets the whole table rather than 80 squeezed columns
         print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220),
                      filesystem=filesystem)
-    except SweepError as err:
+    except UserError as err:
         fail(str(err))
     for path in (getattr(files, name) for name in vars(files)):
         print(f"wrote {path}")
@@ -154,12 +151,11 @@ def _data_spec(options: dict):
     if given.get("layout", "files") not in LAYOUTS:
         fail(f"--layout {given['layout']!r}: one of {', '.join(LAYOUTS)}")
     if "shard_bytes" in given:
-        from ..prep.encode import PrepareError
         from ..prep.tar_writer import parse_size
 
         try:
             given["shard_bytes"] = parse_size(given["shard_bytes"])
-        except PrepareError as err:
+        except UserError as err:
             fail(str(err))
     try:
         return DataSpec(**given)
@@ -176,7 +172,7 @@ def _predictions(meta: dict, records: list[dict], predict: str, network: str, da
     SweepError."""
     from dataclasses import asdict, replace
 
-    from ..scaling.model import LAYOUTS, NetworkError, basis_from_sweep, load_network
+    from ..scaling.model import LAYOUTS, basis_from_sweep, load_network
     from ..scaling.model import predict as model_predict
     from ..scaling.report import filesystem_table
     from ..scaling.sweep import parse_workers
@@ -186,18 +182,18 @@ def _predictions(meta: dict, records: list[dict], predict: str, network: str, da
     try:
         net = load_network(network)
         if data_bench is not None:
-            from ..bench.data import DataBenchError, load_data_bench
+            from ..bench.data import load_data_bench
 
             try:
                 rate = load_data_bench(data_bench)["clips_per_s_per_core"]
-            except DataBenchError as err:
+            except UserError as err:
                 fail(str(err))
             net = net.with_data_ceiling(rate)
             print(f"model: data ceiling {net.data_clips_per_s_per_node:.0f} clips/s per node = {rate:.2f} "
                   f"clips/s per core ({data_bench}) x {net.cores_per_node - net.ranks_per_node} loader cores",
                   file=sys.stderr)
         basis = basis_from_sweep(meta, records)
-    except NetworkError as err:
+    except UserError as err:
         fail(str(err))
     except ValueError as err:
         fail(f"--predict: {err}")

@@ -23,6 +23,7 @@ from typing import Optional
 import typer
 
 from .common import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
+from ..errors import UserError
 
 __all__ = ["test", "predict", "fuse", "prediction_lines"]
 
@@ -84,8 +85,6 @@ def predict(
 ) -> None:
     """Print the top classes of each video file with their probabilities averaged over the views
     (softmax; sigmoid per class for a multi-label run), on the CPU."""
-    from ..data import DataError
-    from ..train import TrainingError
     from ..eval.protocols import predict_videos
 
     protocol = _protocol(clips, crops)
@@ -94,7 +93,7 @@ def predict(
         fail(f"data.classes = {cfg.data.classes!r}: label map file not found")
     try:
         results, path, names = predict_videos(cfg, videos, protocol, checkpoint=checkpoint, top=top)
-    except (TrainingError, DataError) as err:
+    except UserError as err:
         fail(str(err).splitlines())
     kind = "sigmoid probabilities (multi-label)" if cfg.model.loss == "sigmoid" else "softmax scores"
     print(f"checkpoint {path}, {protocol.describe(cfg.data.input_size)}, {kind} averaged over the views")
@@ -131,11 +130,11 @@ def fuse(
     runs: mAP, GAP@20 and Hit@1 of their sigmoid probabilities)."""
     import json
 
-    from ..eval.fusion import FusionError, format_fusion, fuse_runs, parse_weights
+    from ..eval.fusion import format_fusion, fuse_runs, parse_weights
 
     try:
         result = fuse_runs(runs, parse_weights(weights, len(runs)) if weights is not None else None, test_dir)
-    except FusionError as err:
+    except UserError as err:
         fail(str(err))
     print(format_fusion(result))
     if json_file:

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .common import SET_HELP, fail, load, relaunch, set_args, user_errors, with_np
+from ..errors import UserError
 
 __all__ = ["run", "validate", "model_info"]
 
@@ -76,13 +77,11 @@ def validate(
 def _check_data(cfg) -> None:
     """:func:`tsmtrain.data.preflight.data_problems` for ``validate``: one ``error:`` line (a
     malformed list: one per bad line) and exit 2 when a file is missing."""
-    from ..data import ListFileError
     from ..data.preflight import data_problems, one_line
-    from ..data.manifest import ManifestError
 
     try:
         problems = data_problems(cfg)
-    except (ListFileError, ManifestError) as err:
+    except UserError as err:
         fail(str(err).splitlines())
     if problems:
         fail(one_line(problems))

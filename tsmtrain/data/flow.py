@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from ..errors import UserError
 
 __all__ = ["METHODS", "DIS_PRESETS", "DEFAULT_BOUND", "FLOW_SUFFIX", "compute_flow", "quantize_flow",
            "dequantize_flow", "quantization_error", "read_flow", "flow_frames", "read_flow_marker", "FLOW_MARKER",
@@ -73,7 +74,7 @@ CHUNK = 32
 """Frames decoded at a time by :func:`flow_of_video` (memory stays bounded on long videos)."""
 
 
-class FlowError(Exception):
+class FlowError(UserError):
     """The flow of a video cannot be computed, written or read back (the message says why)."""
 
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import UserError
 
 __all__ = ["ListFileError", "VideoRecord", "read_list"]
 
 
-class ListFileError(ValueError):
+class ListFileError(UserError):
     """A dataset list file is missing or has malformed lines; ``problems`` holds one line each."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 @dataclass(frozen=True)

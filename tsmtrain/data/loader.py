@@ -59,6 +59,7 @@ from .readers.files import prepared_videos, read_checked
 from .sampling import multi_snippet_indices, snippet_indices
 from .transforms import short_side_size
 from .readers.tar import SampleError, TarShardReader
+from ..errors import UserError
 
 __all__ = ["DataError", "shutdown_loaders", "VideoClipDataset", "RankSampler", "collate_clips", "build_loader", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
@@ -67,7 +68,7 @@ __all__ = ["DataError", "shutdown_loaders", "VideoClipDataset", "RankSampler", "
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A mistake in the data or in how the recipe reads it, found while loading clips: too many
     unreadable videos in a row, or clips that cannot be batched. The message names the culprit
     (video path, recipe key); the CLI prints it as one line and exits with status 2.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from ..errors import UserError
 
 __all__ = ["MANIFEST", "JOURNALS_DIR", "FRAMES_SUFFIX", "ManifestError", "read_journal", "read_manifest"]
 
@@ -23,7 +24,7 @@ FRAMES_SUFFIX = ".frames.json"
 """Appended to an output's name for its frame table (torchcodec ``custom_frame_mappings``)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest or journal file is missing or has a malformed line (named as ``FILE:LINE``)."""
 
 

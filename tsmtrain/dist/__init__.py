@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any
+from ..errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Engine
@@ -54,7 +55,7 @@ def peer_failure(exc: BaseException) -> str | None:
     return None
 
 
-class DistError(RuntimeError):
+class DistError(UserError):
     """The ranks cannot start or meet for a reason the user can fix; the message names the
     recipe key (``dist.master_port``, ...) or the missing program."""
 

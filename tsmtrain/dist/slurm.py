@@ -51,6 +51,7 @@ from ..recipe import Recipe, dump_recipe, with_absolute_paths
 from ..recipe.problems import _shown
 from ..recipe.schema import control_character
 from .stop import EXIT_PREEMPTED, PREEMPTED_FILE
+from ..errors import UserError
 
 __all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
            "expand_nodelist", "tasks_on_node", "default_master_port", "MASTER_PORT_BASE", "MASTER_PORT_SPAN"]
@@ -132,7 +133,7 @@ def tasks_on_node(tasks_per_node: str, node_index: int) -> int:
     return counts[node_index]
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """A job cannot be rendered or submitted for a reason the user can fix (named in the message)."""
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .multilabel_metrics import multi_hot, multilabel_figures
+from ..errors import UserError
 
 __all__ = ["SCORES_FILE", "FusionError", "StreamScores", "list_fingerprint", "classes_fingerprint", "write_scores",
            "find_test_folder", "load_scores", "check_same_test", "parse_weights", "fuse_scores", "figures",
@@ -58,7 +59,7 @@ SCORES_FILE = "scores.npz"
 _EXAMPLES = 3  # paths named in a message about a difference
 
 
-class FusionError(ValueError):
+class FusionError(UserError):
     """A fusion that cannot be done: a run without saved scores, streams tested on different
     lists or class maps, bad weights. The message is one line naming the runs."""
 

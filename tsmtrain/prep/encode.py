@@ -88,6 +88,7 @@ from ..data.lists import ListFileError, read_list
 from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST, ManifestError, read_journal, read_manifest
 from ..io import FileWriteError, write_text
 from .journal import Journal, journal_files, journal_path, latest_records
+from ..errors import UserError
 
 __all__ = ["MANIFEST", "JOURNALS_DIR", "FRAMES_SUFFIX", "PrepareError", "ManifestError", "Settings", "SourceVideo",
            "Worklist", "make_worklist", "parse_task", "task_videos", "default_jobs", "check_tools", "probe_source",
@@ -109,13 +110,10 @@ ENCODE_TIMEOUT_S = 3600
 """Seconds after which the ffmpeg of one video is killed (the video is recorded as failed)."""
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A preparation cannot start or finish for a reason the user can fix; ``problems`` holds one
     line per problem, each naming the culprit (file, option, shard)."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 class _SourceError(Exception):

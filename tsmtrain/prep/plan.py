@@ -53,6 +53,7 @@ from pathlib import Path
 
 from ..data.manifest import MANIFEST, read_journal
 from .encode import Worklist, Settings, SourceVideo, merge, make_worklist, run_task
+from ..errors import UserError
 
 __all__ = ["PlanError", "Encoding", "Measurement", "Choice", "PlanResult", "PLAN_DIR", "SAMPLE_LIST",
            "MEASURED_LIST", "DEFAULT_GOPS", "DEFAULT_SAMPLE", "DEFAULT_ROUNDS", "CLIPS_PER_VIDEO", "parse_gops",
@@ -82,13 +83,10 @@ CLIPS_PER_VIDEO = 4
 """Clips per sample video in each measurement (other frames each time: epochs 0, 1, ...)."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The plan cannot run: a bad option, or fewer than 2 usable sample videos; ``problems``
     holds one line per problem, each naming the option or the videos."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import reprlib
 from pathlib import Path
+from ..errors import UserError
 
 __all__ = ["ClassNamesError", "read_class_names"]
 
 
-class ClassNamesError(ValueError):
+class ClassNamesError(UserError):
     """A label map (``data.classes``) cannot be read, is malformed, or does not match
     ``model.num_classes``; the message names the file (and line)."""
 

@@ -18,6 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..errors import UserError
+
+COMBINATIONS = "tsmtrain_combinations"
+"""The pydantic error type of the schema's impossible combinations of fields; its context's
+``rows`` hold one ``(key, value, why)`` each (read back by :func:`validation_problems`)."""
+
 __all__ = ["Problem", "RecipeError", "validation_problems", "closest"]
 
 
@@ -68,13 +74,9 @@ class Problem:
         return f"{where}: {what}{self.message}"
 
 
-class RecipeError(Exception):
-    """Raised by :func:`~tsmtrain.recipe.loader.load_recipe` with every :class:`Problem` found;
-    ``str()`` gives one per line."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+class RecipeError(UserError):
+    """Raised by :func:`~tsmtrain.recipe.loader.load_recipe` with every :class:`Problem` found
+    (``problems``); ``str()`` gives one per line."""
 
 
 def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
@@ -98,17 +100,16 @@ def validation_problems(err: ValidationError, schema: type[BaseModel], file: str
             flag such as ``--nodes``): their problems name that, with no line.
 
     Returns:
-        One :class:`Problem` per error (the schema's combination checks, raised as one
-        ``ValueError`` of rows ``key``, ``value``, ``why`` separated by the 0x1f character, give
-        one per row); pydantic's union and tuple sub-locations are dropped, and a problem
+        One :class:`Problem` per error (the schema's combination checks, raised as one error of
+        type :data:`~tsmtrain.recipe.schema.COMBINATIONS` with ``(key, value, why)`` rows in its
+        context, give one per row); pydantic's union and tuple sub-locations are dropped, and a problem
         repeated (``std: [0, 0, 0]``) is given once.
     """
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        if e["type"] == "value_error" and "\x1f" in str(e.get("ctx", {}).get("error", "")):
-            for row in str(e["ctx"]["error"]).split("\n"):
-                key, value, why = row.split("\x1f")
+        if e["type"] == COMBINATIONS:
+            for key, value, why in e["ctx"]["rows"]:
                 src = overridden.get(key, file)
                 problems.append(Problem(src, key, value, why, lines.get(key) if src == file else None))
             continue

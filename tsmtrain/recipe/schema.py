@@ -22,8 +22,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from .problems import _shown
+from .problems import COMBINATIONS, _shown
 
 __all__ = [
     "Recipe",
@@ -448,8 +449,9 @@ class Recipe(_Section):
     """A whole recipe. Build it with :func:`~tsmtrain.recipe.loader.load_recipe` (which also checks files).
 
     Raises:
-        pydantic.ValidationError: on validation, with one ``ValueError`` row (``key``, ``value``,
-            ``why``, separated by the 0x1f character) per impossible combination of fields.
+        pydantic.ValidationError: on validation; the impossible combinations of fields are one
+            error of type :data:`COMBINATIONS` whose ``ctx["rows"]`` holds a ``(key, value, why)``
+            per combination.
     """
 
     data: DataConfig
@@ -546,7 +548,8 @@ class Recipe(_Section):
         if c.signal_seconds >= time_limit_seconds(c.time):
             problems.append(("cluster.signal_seconds", c.signal_seconds, f"not shorter than the time limit {c.time!r}"))
         if problems:
-            raise ValueError("\n".join(f"{k}\x1f{v!r}\x1f{why}" for k, v, why in problems))
+            raise PydanticCustomError(COMBINATIONS, "{count} impossible combinations of fields",
+                                      {"count": len(problems), "rows": [(k, repr(v), why) for k, v, why in problems]})
         return self
 
     @property

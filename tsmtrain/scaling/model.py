@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tsmtrain.recipe import closest, line_index, yaml_load
+from ..errors import UserError
 
 __all__ = [
     "LinkSpec",
@@ -166,7 +167,7 @@ class NetworkSpec(BaseModel):
         return self.model_copy(update={"data_clips_per_s_per_node": clips_per_s_per_core * workers})
 
 
-class NetworkError(ValueError):
+class NetworkError(UserError):
     """A network file that cannot be used. The message names the file, the key and (where known)
     the line, one problem per line."""
 

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
+from ..errors import UserError
 
 __all__ = ["BREAKDOWN", "RecordField", "RECORD_FIELDS", "RECORD_KEYS", "REQUIRED_KEYS", "OK_KEYS", "META_KEYS",
            "STATUSES", "SweepError", "read_json", "write_json", "point_path", "point_files", "new_record",
@@ -88,7 +89,7 @@ META_KEYS = ("recipe", "mode", "steps", "warmup_steps")
 """The keys ``sweep.json`` must have to be reported (:func:`read_meta`)."""
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot run, or a sweep directory that cannot be reported, as asked: a bad
     worker list, a directory of another sweep, a global batch that does not divide, a missing or
     malformed ``sweep.json`` or point record. The message names the option, point or file."""

@@ -51,9 +51,6 @@ class ShardError(ManifestError):
     """The shard index is missing or malformed, or a shard is missing, truncated or changed; the
     message names the file (and the videos a bad shard holds). ``problems`` holds one line each."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 class SampleError(ValueError):
