@@ -148,3 +148,40 @@ def test_the_recipe_package_imports_no_data_module():
     graph = import_graph()
     assert not [(m, t) for m, ts in graph.items() if m.startswith("tsmtrain.recipe") for t in ts
                 if t.startswith("tsmtrain.data")]
+
+
+INTERNAL_SIGNALS = {"UserError", "VideoDecodeError", "SampleError", "_SourceError", "_Abort"}
+"""Exception classes allowed to derive from a built-in exception: the one base of user mistakes,
+and the internal signals tsmtrain.errors lists (caught where they are raised, never shown)."""
+
+
+def _exception_classes():
+    import builtins
+
+    builtin = {n for n in dir(builtins) if isinstance(getattr(builtins, n), type)
+               and issubclass(getattr(builtins, n), BaseException)}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(b) for b in node.bases}
+                yield path, node, bases & builtin
+
+
+def test_every_user_mistake_derives_from_the_one_base():
+    direct = {node.name: str(path.relative_to(REPO)) for path, node, builtin in _exception_classes() if builtin}
+    assert set(direct) <= INTERNAL_SIGNALS, {k: v for k, v in direct.items() if k not in INTERNAL_SIGNALS}
+    assert "UserError" in direct
+
+
+def test_the_cli_catches_the_one_base_not_its_subclasses():
+    """Every ``except`` in tsmtrain/cli names UserError (or a built-in such as ValueError from a
+    parser), never a subclass of UserError: a new error type needs no new catch."""
+    user_types = {node.name for _, node, _ in _exception_classes()} - INTERNAL_SIGNALS
+    caught = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                names = {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node.type)
+                         if isinstance(n, (ast.Name, ast.Attribute))}
+                caught += [f"{path.name}:{node.lineno} {n}" for n in names & user_types]
+    assert not caught, caught
