@@ -50,16 +50,16 @@ def test_a_huge_bad_line_gives_a_short_message(tmp_path):
 
 
 def test_shard_sampler_partitions_and_pads():
-    shards = [RankSampler(10, r, 4, shuffle=True, seed=3).shard() for r in range(4)]
+    shards = [RankSampler(10, r, 4, shuffle=True, seed=3).indices() for r in range(4)]
     assert all(len(s) == 3 for s in shards)  # padded to 12
     assert set(sum(shards, [])) == set(range(10))
     again = RankSampler(10, 1, 4, shuffle=True, seed=3)
-    assert again.shard() == shards[1]
+    assert again.indices() == shards[1]
     again.set_epoch(1)
-    assert again.shard() != shards[1]  # new permutation each epoch
+    assert again.indices() != shards[1]  # new permutation each epoch
     again.set_epoch(1, skip=2)
-    assert [i for i, _ in again] == again.shard()[2:] and len(again) == 1
-    evals = [RankSampler(10, r, 4, shuffle=False, pad=False).shard() for r in range(4)]
+    assert [i for i, _ in again] == again.indices()[2:] and len(again) == 1
+    evals = [RankSampler(10, r, 4, shuffle=False, pad=False).indices() for r in range(4)]
     assert sorted(sum(evals, [])) == list(range(10))
 
 

@@ -242,8 +242,8 @@ def test_a_rank_whose_data_fails_ends_the_whole_job(tmp_path, tiny_demo, engine)
     root = tmp_path / "data"
     shutil.copytree(tiny_demo, root)
     records = read_list(root / "train.txt", root)
-    rank1 = RankSampler(len(records), 1, 2, seed=0).shard()
-    rank0 = RankSampler(len(records), 0, 2, seed=0).shard()
+    rank1 = RankSampler(len(records), 1, 2, seed=0).indices()
+    rank0 = RankSampler(len(records), 0, 2, seed=0).indices()
     for i in rank1[:4]:
         if i not in rank0[:4]:
             Path(records[i].path).write_bytes(b"\0" * 2000)

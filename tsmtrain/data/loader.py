@@ -682,7 +682,7 @@ class RankSampler(Sampler):
         size: number of videos in the list.
         rank, world_size: this rank and the number of ranks.
         shuffle: permute each epoch (training) or keep list order (evaluation).
-        pad: pad so all ranks have equal shares (training); without it, shards may differ by one.
+        pad: pad so all ranks have equal parts (training); without it, parts may differ by one.
         seed: base seed.
     """
 
@@ -700,7 +700,7 @@ class RankSampler(Sampler):
         return {"epoch": self.epoch, "skip": self.skip, "seed": self.seed, "size": self.size,
                 "world_size": self.world_size, "shuffle": self.shuffle, "pad": self.pad}
 
-    def shard(self) -> list[int]:
+    def indices(self) -> list[int]:
         """This rank's indices for the current epoch, before ``skip``."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -713,10 +713,10 @@ class RankSampler(Sampler):
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
-        return iter([(i, self.epoch) for i in self.shard()[self.skip :]])
+        return iter([(i, self.epoch) for i in self.indices()[self.skip :]])
 
     def __len__(self) -> int:
-        return max(0, len(self.shard()) - self.skip)
+        return max(0, len(self.indices()) - self.skip)
 
 
 def collate_clips(items: list[dict]) -> dict:

@@ -164,7 +164,7 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
     decoder, where = decoding_target(d.decoder, d.decode_device, device)
     train_set = clip_dataset(recipe, train_records, train=True, decode_device=where, decoder=decoder)
     sampler = RankSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
-    steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
+    steps_per_epoch = len(sampler.indices()) // t.batch_size // recipe.dist.backward_passes_per_step
     if steps_per_epoch < 1:
         raise TrainingError(
             f"{d.train_list}: {len(train_set)} videos give no full global batch of {scaling.global_batch} clips "
@@ -226,7 +226,7 @@ def _feature_loaders(recipe: Recipe, engine: Engine, device: torch.device, scali
     t = recipe.train
     train_set, val_set = feature_sets(recipe)
     sampler = RankSampler(len(train_set), engine.rank, engine.size, shuffle=True, pad=True, seed=t.seed)
-    steps_per_epoch = len(sampler.shard()) // t.batch_size // recipe.dist.backward_passes_per_step
+    steps_per_epoch = len(sampler.indices()) // t.batch_size // recipe.dist.backward_passes_per_step
     if steps_per_epoch < 1:
         raise TrainingError(f"data.features: {len(train_set)} training videos give no full global batch of "
                             f"{scaling.global_batch} clips; lower train.batch_size")
