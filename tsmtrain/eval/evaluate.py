@@ -1,4 +1,4 @@
-"""Evaluation: the model over a list of videos on every rank's shard, top-1/top-5 and loss
+"""Evaluation: the model over a list of videos on every rank's part, top-1/top-5 and loss
 summed over all ranks; for multi-label runs (``model.loss: sigmoid``) also mAP, GAP@20 and Hit@1
 of the scores gathered from every rank (:mod:`tsmtrain.eval.multilabel_metrics`)."""
 
@@ -21,7 +21,7 @@ __all__ = ["predict", "evaluate", "evaluate_epoch"]
 
 @torch.no_grad()
 def predict(model, records, recipe: Recipe, engine: Engine, device, transform, head_parallel: HeadParallel | None = None):
-    """Run ``model`` in evaluation mode over this rank's shard of ``records``.
+    """Run ``model`` in evaluation mode over this rank's part of ``records``.
 
     ``records`` may also be a :class:`~tsmtrain.data.readers.features.FeatureDataset` (``data.features``).
 
@@ -33,7 +33,7 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform, h
     sampled at segment centres and centre-cropped by ``transform``. The forward runs under the
     recipe's ``train.precision`` and memory format (``train.channels_last``), uncompiled.
 
-    With ``head_parallel`` (``model.fc`` is this rank's shard of the classifier) every rank's
+    With ``head_parallel`` (``model.fc`` is this rank's slice of the classifier) every rank's
     features are scored by every rank's classes and each rank gets all K logits of its own
     clips; ranks with fewer batches then run empty ones, so that every rank takes part in as
     many gathers.
@@ -55,22 +55,22 @@ def predict(model, records, recipe: Recipe, engine: Engine, device, transform, h
                             "labels": [u[1] for u in unread]}, recipe.model).to(device)
         if batch["frames"] is None:  # no video of the batch could be read
             logits = (torch.zeros(0, recipe.model.num_classes, device=device) if head_parallel is None
-                      else _sharded_logits(model, None, head_parallel))  # the gather all ranks take part in
+                      else _sliced_logits(model, None, head_parallel))  # the gather all ranks take part in
             yield logits.float(), targets(batch, recipe.model).to(device), batch["failed"], unread_y
             continue
         x = as_memory_format(transform(batch["frames"].to(device)), recipe.train.channels_last)
         with autocast(recipe.train.precision, device):
-            logits = model(x) if head_parallel is None else _sharded_logits(model, x, head_parallel)
+            logits = model(x) if head_parallel is None else _sliced_logits(model, x, head_parallel)
         yield logits.float(), targets(batch, recipe.model).to(device), batch["failed"], unread_y
     if head_parallel is not None:  # as many gathers as the rank with the most batches
         for _ in range(max(head_parallel.counts(len(loader))) - len(loader)):
-            _sharded_logits(model, None, head_parallel)
+            _sliced_logits(model, None, head_parallel)
     model.train(was_training)
 
 
-def _sharded_logits(model, x: torch.Tensor | None, head_parallel: HeadParallel) -> torch.Tensor:
+def _sliced_logits(model, x: torch.Tensor | None, head_parallel: HeadParallel) -> torch.Tensor:
     """All K logits ``(n, K)`` of this rank's clips ``x`` (``None``: an empty batch, ``n = 0``)
-    with a head sharded across ranks."""
+    with a head sliced across ranks."""
     fc = model.fc
     features = model(x, classify=False) if x is not None else next(fc.parameters()).new_zeros(0, model.feature_dim)
     counts = head_parallel.counts(len(features))
@@ -81,7 +81,7 @@ def evaluate(model, records, recipe: Recipe, engine: Engine, device, transform,
              head_parallel: HeadParallel | None = None) -> dict:
     """Top-1, top-5 (percent) and mean loss on a list of videos, over all ranks.
 
-    Each rank evaluates its own shard (:func:`predict`); sums are allreduced, so every video
+    Each rank evaluates its own part (:func:`predict`); sums are allreduced, so every video
     counts once whatever the number of ranks. With ``model.loss: sigmoid`` top-1 is Hit@1 (the
     best class is one of the labels), top-5 counts a label among the best 5, and ``mAP``,
     ``GAP20`` and ``hit1`` (fractions) come from every rank's scores gathered

@@ -11,7 +11,7 @@ scores, as here. A multi-label run (``model.loss: sigmoid``) averages each view'
 sigmoid probabilities instead (mmaction2's ``average_clips='prob'`` with a sigmoid head does the
 same), and is scored by mAP, GAP@20 and Hit@1 (:func:`summarise_multilabel`).
 
-Each rank tests its own shard of the list (:class:`~tsmtrain.data.ShardSampler` without
+Each rank tests its own part of the list (:class:`~tsmtrain.data.RankSampler` without
 padding: rank r takes videos r, r + world size, ...), and rank 0 gathers the per-video results
 (:meth:`~tsmtrain.dist.base.Engine.allgather_object`), checks that every video of the list came
 back exactly once, and computes the figures (:func:`summarise`): top-1, top-5 and mean class
@@ -146,7 +146,7 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
             raise TrainingError(f"--checkpoint {path}: no such file")
     try:
         state = load_checkpoint(path)
-        weights, saved = full_model_state(path, state, load_checkpoint), state.get("recipe", {})  # a sharded head joined
+        weights, saved = full_model_state(path, state, load_checkpoint), state.get("recipe", {})  # a sliced head joined
     except CheckpointError:  # one line naming the file and why (a file that carries code included)
         raise
     except Exception as exc:  # a foreign file: say which
@@ -215,7 +215,7 @@ def _with_extracted_backbone(recipe: Recipe, head: dict, path: Path) -> dict:
 @torch.no_grad()
 def score_part(model: torch.nn.Module, records: list[VideoRecord], recipe: Recipe, protocol: Protocol,
                engine: Engine, device: torch.device, top: int = 5, videos_per_batch: int | None = None) -> list[dict]:
-    """Score this rank's shard of ``records`` under ``protocol``.
+    """Score this rank's part of ``records`` under ``protocol``.
 
     Rank r takes videos r, r + world size, ... (no padding: every video on exactly one rank).
     Each batch's views (``(N, K*C, T, 3, V, V)``, :class:`~tsmtrain.data.transforms.TestViews`)
@@ -226,7 +226,7 @@ def score_part(model: torch.nn.Module, records: list[VideoRecord], recipe: Recip
             clips' worth, at least one video.
 
     Returns:
-        One dict per video of the shard (:func:`_result`): ``index`` (in ``records``), ``label``,
+        One dict per video of the part (:func:`_result`): ``index`` (in ``records``), ``label``,
         ``labels`` (all its labels, a tuple), ``top`` (the ``min(top, classes)`` best classes, best
         first), ``scores`` (their probabilities averaged over the views, :func:`average_view_scores`:
         softmax, or sigmoid for ``model.loss: sigmoid``), ``class_scores`` (float32 ``(K,)``: every
@@ -272,12 +272,12 @@ def gather_results(engine: Engine, results: list[dict], total: int) -> list[dict
     """Every rank's :func:`score_part` results on rank 0, in list order; None on the other ranks.
 
     Raises:
-        RuntimeError: a video came back twice or not at all (the sharding is broken).
+        RuntimeError: a video came back twice or not at all (the split into parts is broken).
     """
-    shards = engine.allgather_object(results, name="test_results")
+    parts = engine.allgather_object(results, name="test_results")
     if engine.rank != 0:
         return None
-    merged = sorted((r for shard in shards for r in shard), key=lambda r: r["index"])
+    merged = sorted((r for part in parts for r in part), key=lambda r: r["index"])
     indices = [r["index"] for r in merged]
     if indices != list(range(total)):
         seen = set(indices)

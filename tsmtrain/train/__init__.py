@@ -20,11 +20,24 @@ Validation and testing are :mod:`tsmtrain.eval`; ``bench step`` and ``doctor`` a
 :mod:`tsmtrain.bench`; the embedded datasets are built by :mod:`tsmtrain.prep.datasets`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ..dist.stop import EXIT_PREEMPTED, STOP_SIGNAL, STOP_SIGNALS  # the stop protocol, re-exported
 from ..errors import TrainingError
+from ..lazy import lazy_exports
 from ..scaling.records import BREAKDOWN
-from .loop import RunResult, train
-from .step import PRECISIONS, TrainStep
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .loop import RunResult, train
+    from .step import PRECISIONS, TrainStep
 
 __all__ = ["train", "TrainingError", "RunResult", "EXIT_PREEMPTED", "STOP_SIGNAL", "STOP_SIGNALS", "BREAKDOWN",
            "TrainStep", "PRECISIONS"]
+
+_LAZY = {"train": ".loop", "RunResult": ".loop", "TrainStep": ".step", "PRECISIONS": ".step"}
+"""Names imported on first use (PEP 562), so that importing one module of the package (the
+metrics log, the step's helpers) does not import the loop, which imports :mod:`tsmtrain.eval`."""
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
