@@ -9,19 +9,21 @@ that names a folder adds the folder to ``sys.path`` without running the ``.pth``
 this environment's editable install of tsmtrain (a ``__editable__`` finder) stays off; every
 check asserts that ``tsmtrain`` is imported from the new environment's site-packages."""
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-
-pytestmark = pytest.mark.slow
 
 DEMO = "configs/demo.yaml"
 DEMO_FILES = [DEMO, "configs/lists/demo_classes.txt"]  # the demo recipe and the files it names
@@ -79,6 +81,7 @@ def installed(tmp_path_factory):
     return wheel, python, site, env
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_file_of_the_package(installed):
     wheel = installed[0]
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -86,6 +89,7 @@ def test_the_wheel_holds_every_file_of_the_package(installed):
     assert not missing, f"{wheel.name} lacks {missing}: add them to [tool.setuptools.package-data]"
 
 
+@pytest.mark.slow
 def test_the_installed_package_reads_its_data_files_from_site_packages(installed, tmp_path):
     _, python, site, env = installed
     code = ("import tsmtrain, tsmtrain.dist.slurm as s, tsmtrain.models.shift as m, tsmtrain.data.decoding as d\n"
@@ -98,6 +102,7 @@ def test_the_installed_package_reads_its_data_files_from_site_packages(installed
         assert Path(path).is_relative_to(site / "tsmtrain") and exists == "True", line
 
 
+@pytest.mark.slow
 def test_the_installed_cli_validates_renders_and_submits_the_demo_outside_the_repository(installed, tmp_path):
     _, python, site, env = installed
     for f in DEMO_FILES:
@@ -118,6 +123,7 @@ def test_the_installed_cli_validates_renders_and_submits_the_demo_outside_the_re
     assert (tmp_path / "runs" / "demo" / "recipe.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_the_installed_cli_trains_the_demo_recipe_for_one_epoch(installed, tiny_demo, tmp_path):
     """The demo recipe on the tiny rendered demo (conftest's ``tiny_demo``: 24 training clips at
     32x32) instead of its own 1,000 clips at 64x64, for one epoch."""
@@ -133,3 +139,30 @@ def test_the_installed_cli_trains_the_demo_recipe_for_one_epoch(installed, tiny_
     out = _run([python.parent / "tsmtrain", "run", DEMO, *overrides], cwd=tmp_path, env=env)
     assert "final validation top-1" in out.stdout + out.stderr
     assert [p.name for p in (tmp_path / "runs" / "tiny").glob("checkpoint-*.pt")] == ["checkpoint-00000006.pt"]
+
+
+NOT_FROM_PIP = {"horovod": "built by hand with a patch (docs/installing.md#without-root)"}
+"""Libraries the package imports that no dependency or extra installs, and why."""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_library_the_package_imports_is_a_dependency_or_an_extra():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    declared = {_canonical(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]) for r in requirements}
+    installs = {m: {_canonical(d) for d in ds} for m, ds in importlib.metadata.packages_distributions().items()}
+    installs.setdefault("PyNvVideoCodec", {"pynvvideocodec"})  # the gpu extra; not installed on CPU machines
+    imported = set()
+    for path in (REPO / "tsmtrain").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(m for m in imported if m not in sys.stdlib_module_names and m != "tsmtrain")
+    assert "psutil" in third_party and "torchcodec" in third_party  # the walk finds lazy imports too
+    undeclared = [m for m in third_party if m not in NOT_FROM_PIP and not installs.get(m, {m}) & declared]
+    assert not undeclared, f"tsmtrain imports {undeclared}, which no dependency or extra of pyproject.toml installs"
