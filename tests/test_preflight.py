@@ -5,6 +5,7 @@ a `prepare --shards` folder; an unreadable validation video counted as wrong, ne
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,24 @@ def test_an_unreadable_validation_video_counts_as_wrong_and_is_never_replaced(ti
                       VideoTransform(train=False, input_size=32))
     assert (result["clips"], result["skipped_videos"]) == (2, 1)
     assert result["top1"] == 50.0 and result["top5"] == 50.0  # the readable one right, the unreadable one wrong
+
+
+# --------------------------------------------------------------------------- the decoder's package
+
+
+@pytest.mark.parametrize("decoder, extra", [("torchcodec", "torchcodec"), ("decord", "decord")])
+def test_a_decoder_that_is_not_installed_is_one_line_before_training(tiny_demo, tmp_path, monkeypatch, decoder, extra):
+    """Before: a pip install without the decoder's extra trained until the loader workers failed,
+    with a traceback from a worker. Now: validate and run name data.decoder and the extra."""
+    module = {"torchcodec": "torchcodec", "decord": "decord"}[decoder]
+    path = _recipe(tmp_path / "r.yaml", tiny_demo, tiny_demo, "nodecoder", data={"decoder": decoder})
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    for command in ("validate", "run"):
+        result = invoke(command, path)
+        assert result.exit_code == 2, result.output
+        (line,) = errors(result)
+        assert f"data.decoder: {decoder}: the {module} package is not installed" in line
+        assert f"tsmtrain[{extra}]" in line and "Traceback" not in result.output
+    assert no_step_taken(tmp_path / "runs" / "nodecoder")
+    monkeypatch.undo()
+    assert invoke("validate", path).exit_code == 0

@@ -13,7 +13,9 @@ read from:
 * ``data.modality: flow``: every video's flow file (:func:`find_flows`) must exist and have been
   computed with the recipe's ``data.flow_method``, ``flow_preset`` and ``flow_bound``;
 * with exact torchcodec seeking (``data.seek_mode: exact``), each prepared video's frame table;
-* ``data.features``: the index of each list (``DIR/train``, ``DIR/val``) and every shard it names.
+* ``data.features``: the index of each list (``DIR/train``, ``DIR/val``) and every shard it names;
+* otherwise ``data.decoder``'s package must be installed (a ``pip install tsmtrain`` without the
+  decoder's extra; looked up, not imported).
 
 Video files themselves are not looked at: a video that cannot be read is skipped and replaced in
 training (counted in ``skipped_videos``), and counted as wrong in validation, never replaced.
@@ -23,7 +25,9 @@ Nothing here imports torch: ``validate`` runs on login nodes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +40,11 @@ __all__ = ["data_problems", "one_line", "find_flows", "Flows"]
 
 LISTS = ("data.train_list", "data.val_list")
 """The recipe keys of the lists checked, in order."""
+
+DECODER_PACKAGES = {"torchcodec": ("torchcodec", "torchcodec"), "decord": ("decord", "decord"),
+                    "pynvvideocodec": ("PyNvVideoCodec", "gpu")}
+"""``data.decoder``: (the module it imports, the extra of ``pip install tsmtrain[EXTRA]`` that
+installs it)."""
 
 
 @dataclass
@@ -117,6 +126,9 @@ def data_problems(recipe) -> list[str]:
     lists = [(key, path) for key, path in lists if path is not None]
     if d.features is not None:  # the classifier alone: its features, not the videos, are read
         return _features_problems(Path(d.features), lists)
+    missing = _missing_decoder(d.decoder)
+    if missing:  # every video would fail in the loader workers
+        return [missing]
     multi = recipe.model.loss == "sigmoid"
     records = [(key, read_list(path, d.root, recipe.model.num_classes, multi_label=multi)) for key, path in lists]
     index_file = shard_index_file(d.root)
@@ -138,6 +150,24 @@ def data_problems(recipe) -> list[str]:
                     problems.append(f"{table}: missing, the frame table of {r.path} ({key}, data.seek_mode: "
                                     "exact); restore it or prepare the video again")
     return problems
+
+
+def _missing_decoder(decoder: str) -> str | None:
+    """The problem line when ``decoder``'s package is not installed (found by name, not imported:
+    no torch here), else None."""
+    module, extra = DECODER_PACKAGES[decoder]
+    if module in sys.modules:  # imported already (or blocked: None)
+        found = sys.modules[module] is not None
+    else:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+    if found:
+        return None
+    others = ", ".join(k for k in DECODER_PACKAGES if k != decoder)
+    return (f"data.decoder: {decoder}: the {module} package is not installed; install it with "
+            f"pip install 'tsmtrain[{extra}]', or set data.decoder to another decoder ({others})")
 
 
 def _shard_problems(index_file: Path, records: list[tuple[str, list[VideoRecord]]], d) -> list[str]:

@@ -13,7 +13,7 @@
   torchrun).
 * :mod:`tsmtrain.dist.stop`: the stop protocol every launch shares (the stop signals,
   :data:`~tsmtrain.dist.stop.EXIT_PREEMPTED`, ``preempted.json``); no torch.
-* :mod:`tsmtrain.dist.slurm`: the sbatch script (``slurm/job.sbatch.j2``), ``tsmtrain submit``,
+* :mod:`tsmtrain.dist.slurm`: the sbatch script (``templates/job.sbatch.j2``), ``tsmtrain submit``,
   and where DDP ranks meet under srun. It never imports torch, so rendering a job is fast and
   works on a login node without it.
 

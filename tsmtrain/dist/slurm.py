@@ -1,8 +1,8 @@
 """Slurm jobs: the sbatch script (``tsmtrain render``, ``tsmtrain submit``), and where DDP ranks
 meet under srun.
 
-:func:`render_sbatch` fills a Jinja2 template (``slurm/job.sbatch.j2`` in the repository, or the
-user's own) from the recipe's ``cluster`` section: the ``#SBATCH`` header, the set-up lines, the
+:func:`render_sbatch` fills a Jinja2 template (``tsmtrain/dist/templates/job.sbatch.j2``, package
+data, or the user's own) from the recipe's ``cluster`` section: the ``#SBATCH`` header, the set-up lines, the
 launch line and the requeue logic. The launch line depends on the engine:
 
 * Horovod: ``srun --mpi=pmix --kill-on-bad-exit=1 python -m tsmtrain run RECIPE`` (the ranks find
@@ -56,8 +56,9 @@ from ..errors import UserError
 __all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
            "expand_nodelist", "tasks_on_node", "default_master_port", "MASTER_PORT_BASE", "MASTER_PORT_SPAN"]
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
-"""The repository's ``slurm/`` folder of job templates."""
+TEMPLATE_DIR = Path(__file__).with_name("templates")
+"""The package's folder of job templates (``tsmtrain/dist/templates``, package data: installed with
+the package, so ``render`` and ``submit`` work from a wheel as from a checkout)."""
 
 DEFAULT_TEMPLATE = "job.sbatch.j2"
 
@@ -205,7 +206,7 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
 
     Args:
         recipe: the job's recipe, with absolute paths.
-        template: a Jinja2 template file; default ``slurm/job.sbatch.j2``. It sees ``recipe``,
+        template: a Jinja2 template file; default :data:`TEMPLATE_DIR` ``/job.sbatch.j2``. It sees ``recipe``,
             ``cluster``, ``run_dir``, ``recipe_file``, ``log_file``, ``python``, ``ranks``,
             ``tasks_per_node``, ``signal_spec``, ``launcher``, ``max_requeues``,
             ``exit_preempted``, ``engine`` (``dist.engine``), ``master_addr`` and ``master_port``

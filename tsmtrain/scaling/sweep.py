@@ -470,7 +470,7 @@ def run_sweep(plan: SweepPlan, launch: str = "local", array: bool = False, timeo
         launch: ``"local"`` (``tsmtrain run --np N`` on this host, one point at a time) or
             ``"submit"`` (sbatch, one job per point; with ``array`` one job array per node count).
         timeout: seconds after which a local point is killed and recorded as failed.
-        template: a job template for ``submit`` (default ``slurm/job.sbatch.j2``).
+        template: a job template for ``submit`` (default ``tsmtrain/dist/templates/job.sbatch.j2``).
         on_point: called with each record as it is written.
 
     Returns:
