@@ -27,7 +27,7 @@ CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "m
                  "qos", "constraint", "reservation", "job_name", "launcher", "max_requeues", "signal_seconds", "python")
 """The cluster section's keys that are also flags of render, submit and sweep (--nodes, --time, ...)."""
 
-TEMPLATE_HELP = "your own Jinja2 job template (default slurm/job.sbatch.j2)"
+TEMPLATE_HELP = "your own Jinja2 job template (default tsmtrain/dist/templates/job.sbatch.j2)"
 
 
 def with_cluster_flags(command):
