@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from tsmtrain.dist.stop import EXIT_PREEMPTED, PREEMPTED_FILE, preempted_status
-from tsmtrain.dist.slurm import prepare_job, render_sbatch
+from tsmtrain.dist import slurm
+from tsmtrain.dist.slurm import ArrayJob, LaunchError, prepare_job, render_sbatch, sbatch_script
 from tsmtrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +261,31 @@ def test_submit_without_sbatch_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "sbatch not found" in done.stderr
 
 
+def test_sbatch_is_run_in_one_place_and_its_refusal_is_one_line(tmp_path, monkeypatch):
+    """sbatch_script (submit's and the sweep's array's): the job id from --parsable, sbatch's last
+    error line when it refuses, and a kill with the seconds named when it does not answer."""
+    callers = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "tsmtrain").rglob("*.py")
+                     if '"--parsable"' in p.read_text())
+    assert callers == ["tsmtrain/dist/slurm.py"], callers
+    stub = tmp_path / "sbatch"
+    script = tmp_path / "job.sbatch"
+    script.write_text("#!/bin/bash\n")
+    stub.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"; echo "123;cluster"\n')
+    stub.chmod(0o755)
+    assert sbatch_script(script, sbatch=str(stub)) == "123"
+    assert (tmp_path / "args").read_text().split() == ["--parsable", str(script)]
+    stub.write_text('#!/bin/sh\necho "sbatch: error: first" >&2\n'
+                    'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\nexit 1\n')
+    with pytest.raises(LaunchError) as err:
+        sbatch_script(script, sbatch=str(stub))
+    assert str(err.value) == f"sbatch refused {script}: sbatch: error: Batch job submission failed: " \
+                             "Invalid partition name specified"
+    stub.write_text("#!/bin/sh\nexec sleep 60\n")
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT_S", 1)
+    with pytest.raises(LaunchError, match=f"^{script} not submitted: sbatch ran past its 1 s timeout"):
+        sbatch_script(script, sbatch=str(stub))
+
+
 def test_own_template_and_template_errors(tmp_path):
     path = write_recipe(tmp_path)
     own = tmp_path / "own.j2"
@@ -271,6 +297,35 @@ def test_own_template_and_template_errors(tmp_path):
     assert done.returncode == 2 and "no_such_value" in done.stderr and "Traceback" not in done.stderr
     done = cli("render", str(path), "--template", str(tmp_path / "absent.j2"))
     assert done.returncode == 2 and "absent.j2" in done.stderr
+
+
+def test_the_template_renders_a_job_array(tmp_path):
+    """`array` (tsmtrain sweep --array): the same template writes the array's --array, --job-name
+    and --output and otherwise the allocation's #SBATCH lines unchanged; task i runs point i's job
+    script with its ranks. A template that ignores `array` is refused, not submitted as one job."""
+    path = write_recipe(tmp_path, cluster={"nodes": 1, "tasks_per_node": 4, "time": "30:00", "partition": "p",
+                                           "sbatch": ["--exclusive"]})
+    job = prepare_job(load_recipe(path, check_files=False))
+    runs = [tmp_path / "runs" / "w1", tmp_path / "runs" / "w 4"]
+    array = ArrayJob("job-sweep", f"{tmp_path}/runs/array-%A_%a.out", [str(r) for r in runs], [1, 4], [1, 4])
+    script, single = render_sbatch(job, command="sweep", array=array), render_sbatch(job)
+    h = header(script)
+    assert (h["--array"], h["--job-name"], h["--output"]) == ("0-1", "job-sweep", f"{tmp_path}/runs/array-%A_%a.out")
+    assert {k: v for k, v in h.items() if k not in ("--array", "--job-name", "--output")} == \
+        {k: v for k, v in header(single).items() if k not in ("--job-name", "--output")}
+    assert "srun" not in script and "scontrol" not in script  # the tasks' own scripts launch and requeue
+    for run_dir, ranks in zip(runs, (1, 4)):  # each task's job script, a stand-in that says what it sees
+        run_dir.mkdir(parents=True)
+        (run_dir / "job.sbatch").write_text('echo "$(basename "$PWD") $SLURM_NTASKS $SLURM_NTASKS_PER_NODE"\n')
+    for task, ranks in ((0, 1), (1, 4)):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_JOB_ID": "77", "SLURM_NTASKS": "4"}
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert (runs[task] / f"slurm-77_{task}.out").read_text() == f"{tmp_path.name} {ranks} {ranks}\n"
+    own = tmp_path / "own.j2"
+    own.write_text("#!/bin/bash\n#SBATCH --nodes={{ cluster.nodes }}\n")
+    with pytest.raises(LaunchError, match="own.j2: writes no '#SBATCH --array=' line"):
+        render_sbatch(job, own, command="sweep", array=array)
 
 
 def test_kinetics_recipe_renders_the_summit_layout():

@@ -276,27 +276,7 @@ def _survivors(pgid, seen, within):
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 
 
-@linux_only
-def test_a_child_started_by_a_pool_thread_dies_with_the_process_on_sigkill():
-    """The helper every ffmpeg/ffprobe goes through: its child gets SIGKILL when the process dies."""
-    code = ("from concurrent.futures import ThreadPoolExecutor\nfrom tsmtrain.prep.encode import _run\n"
-            "with ThreadPoolExecutor(1) as pool:\n    pool.submit(_run, ['sleep', '120']).result()\n")
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline, seen = time.monotonic() + 60, {}
-        while not seen and child.poll() is None and time.monotonic() < deadline:
-            seen = _children(child.pid, "sleep")
-            time.sleep(0.02)
-        assert seen, f"no sleep child within 60 s (exit {child.poll()})"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=10)
-        assert not _survivors(child.pid, seen, within=10), "the child outlived its parent"
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.pid, signal.SIGKILL)  # what a failure left behind
-        child.kill()
-        child.wait(timeout=10)
+# (a child started from a pool thread dies with the process: tests/test_child.py)
 
 
 @pytest.mark.slow

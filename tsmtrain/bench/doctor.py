@@ -160,7 +160,13 @@ def required_checks(recipe) -> set[str]:
 
 
 def _run(cmd: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    """A probe (``nvidia-smi``, ``mpirun --version``): its exit status is the caller's to read.
+
+    Raises:
+        tsmtrain.child.ChildError: it could not be started or ran past ``timeout`` seconds."""
+    from ..child import run  # (not at the top: the allreduce ranks run this file as a script)
+
+    return run(cmd, timeout=timeout, check=False)
 
 
 # --------------------------------------------------------------------------- environment
@@ -200,12 +206,14 @@ def environment_rows(horovod_needs_nccl: bool = False) -> list[Row]:
 
 
 def _driver_row(cuda: bool) -> Row:
+    from ..child import ChildError
+
     if shutil.which("nvidia-smi") is None:
         return Row("NVIDIA driver", "skipped", "", "nvidia-smi is not on PATH" if cuda else NO_CUDA)
     try:
         proc = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return Row("NVIDIA driver", "fail", "", f"nvidia-smi: {_first_line(err)}")
+    except ChildError as err:
+        return Row("NVIDIA driver", "fail", "", _first_line(err))
     versions = sorted(set(proc.stdout.split()))
     if proc.returncode != 0 or not versions:
         return Row("NVIDIA driver", "fail", "", f"nvidia-smi exited {proc.returncode}: "
@@ -244,6 +252,8 @@ def _horovod_row(needs_nccl: bool) -> Row:
 
 
 def _mpi_row(torch_mpi: bool) -> Row:
+    from ..child import ChildError
+
     mpirun = shutil.which("mpirun")
     tail = f"torch MPI backend {'yes' if torch_mpi else 'no'}"
     if mpirun is None:
@@ -251,8 +261,8 @@ def _mpi_row(torch_mpi: bool) -> Row:
     try:
         out = _run([mpirun, "--version"])
         version = (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else ""
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return Row("MPI", "fail", mpirun, f"mpirun --version: {_first_line(err)}; {tail}")
+    except ChildError as err:
+        return Row("MPI", "fail", mpirun, f"{_first_line(err)}; {tail}")
     return Row("MPI", "ok", version or mpirun, f"{mpirun}; {tail}")
 
 
@@ -414,6 +424,8 @@ def allreduce_bandwidth(nbytes: int, ranks: int, backend: str = "nccl", iters: i
     """
     if ranks < 2:
         raise ValueError(f"an allreduce needs 2 ranks or more, got {ranks}")
+    from ..child import DEVNULL, start
+
     port = _free_port()
     # this file run as a script: it imports torch and nothing of tsmtrain (seconds, not tens)
     code = f"import runpy; runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')"
@@ -423,9 +435,9 @@ def allreduce_bandwidth(nbytes: int, ranks: int, backend: str = "nccl", iters: i
         try:
             for r, (out, err) in enumerate(outs):
                 with open(out, "w") as o, open(err, "w") as e:
-                    procs.append(subprocess.Popen(
+                    procs.append(start(  # dies with this thread, which waits for it
                         [sys.executable, "-c", code, str(r), str(ranks), str(port), str(nbytes), str(iters), backend,
-                         str(timeout_s)], stdout=o, stderr=e, stdin=subprocess.DEVNULL))
+                         str(timeout_s)], stdout=o, stderr=e, stdin=DEVNULL))
             _wait_all(procs, outs, timeout_s)
         finally:
             for p in procs:

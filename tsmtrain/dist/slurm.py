@@ -19,7 +19,8 @@ anything but plain characters (the ``sbatch`` filter). Control characters (line 
 are refused by the recipe schema (:func:`tsmtrain.recipe.schema.control_character`) and again by
 the renderer for every value it writes, comments included, so no value can add a line or a
 command. :func:`submit` writes the script and the resolved recipe into the run directory and
-calls ``sbatch``.
+calls ``sbatch`` (:func:`sbatch_script`, the one place that does, through :func:`tsmtrain.child.run`).
+With an :class:`ArrayJob` the same template renders a job array (``tsmtrain sweep --array``).
 
 Stopping (the protocol between the script and :mod:`tsmtrain.train`, :mod:`tsmtrain.dist.stop`):
 the job asks for ``--signal=USR2@SECONDS`` and ``--requeue``; on SIGUSR2, or SIGTERM (``scancel``, preemption),
@@ -39,11 +40,11 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..child import ChildError, run
 from ..optim import linear_scaling
 from pydantic import ValidationError
 
@@ -53,7 +54,7 @@ from ..recipe.schema import control_character
 from .stop import EXIT_PREEMPTED, PREEMPTED_FILE
 from ..errors import UserError
 
-__all__ = ["render_sbatch", "submit", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
+__all__ = ["render_sbatch", "submit", "sbatch_script", "ArrayJob", "SubmitResult", "LaunchError", "TEMPLATE_DIR", "job_ranks", "prepare_job",
            "expand_nodelist", "tasks_on_node", "default_master_port", "MASTER_PORT_BASE", "MASTER_PORT_SPAN"]
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
@@ -201,7 +202,33 @@ def prepare_job(recipe: Recipe) -> Recipe:
     return job.model_copy(update={"dist": job.dist.model_copy(update={"np": job_ranks(job)})})
 
 
-def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, command: str = "render") -> str:
+@dataclass
+class ArrayJob:
+    """A job array whose task ``i`` runs the job script ``run_dirs[i]/job.sbatch`` (written by
+    :func:`submit` with ``dry_run``; its ``#SBATCH`` lines are comments to bash) with ``ranks[i]``
+    ranks, ``ranks_per_node[i]`` per node, inside the allocation of the widest job, the one
+    :func:`render_sbatch` is given (``tsmtrain sweep --submit --array``: one array per node count).
+
+    Attributes:
+        job_name: the array's ``--job-name``; ``log_file``: its ``--output`` (sbatch's patterns:
+            ``%A`` the array's id, ``%a`` the task's; a literal ``%`` written ``%%``).
+        run_dirs, ranks, ranks_per_node: one entry per task.
+    """
+
+    job_name: str
+    log_file: str
+    run_dirs: list[str]
+    ranks: list[int]
+    ranks_per_node: list[int]
+
+    @property
+    def spec(self) -> str:
+        """The ``--array`` value: ``0-N`` for N + 1 tasks."""
+        return f"0-{len(self.run_dirs) - 1}"
+
+
+def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, command: str = "render",
+                  array: ArrayJob | None = None) -> str:
     """The sbatch script that runs ``recipe`` (already passed through :func:`prepare_job`).
 
     Args:
@@ -211,15 +238,20 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
             ``tasks_per_node``, ``signal_spec``, ``launcher``, ``max_requeues``,
             ``exit_preempted``, ``engine`` (``dist.engine``), ``master_addr`` and ``master_port``
             (``dist.master_addr`` / ``dist.master_port``, none when not set),
-            ``master_port_base`` and ``master_port_span``, and the filters ``q`` (shell quoting)
-            and ``sbatch``. Every value it writes must be one line (no control character).
+            ``master_port_base`` and ``master_port_span``, ``array`` (below), and the filters ``q``
+            (shell quoting) and ``sbatch``. Every value it writes must be one line (no control character).
+        command: the tsmtrain command named in the script's comments.
+        array: render a job array instead (:class:`ArrayJob`; the template's ``array``, ``None``
+            otherwise): the header asks for ``recipe``'s allocation, with the array's
+            ``--array``, ``--job-name`` and ``--output``; the body runs task i's job script.
 
     Returns:
         The script text.
 
     Raises:
         LaunchError: the template cannot be read or rendered, or a value cannot be written (a
-            control character anywhere; a double quote or backslash in an ``#SBATCH`` value).
+            control character anywhere; a double quote or backslash in an ``#SBATCH`` value), or
+            with ``array``, the template writes no ``#SBATCH --array`` line (it ignores ``array``).
     """
     import jinja2
 
@@ -245,7 +277,7 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
         ranks=ranks, tasks_per_node=per_node, launcher=c.launcher, max_requeues=c.max_requeues,
         signal_spec=("" if c.launcher == "srun" else "B:") + f"USR2@{c.signal_seconds}",
         signal_seconds=c.signal_seconds, exit_preempted=EXIT_PREEMPTED, preempted_file=PREEMPTED_FILE, job_name=c.job_name or recipe.run.name,
-        command=command, template_name=path.name, engine=dist.engine,
+        command=command, template_name=path.name, engine=dist.engine, array=array,
         master_addr=dist.master_addr, master_port=dist.master_port, master_port_base=MASTER_PORT_BASE,
         master_port_span=MASTER_PORT_SPAN,
         title=f"tsmtrain job: run {recipe.run.name!r} ({'TSM' if recipe.model.shift else 'TSN'}-{recipe.model.arch})",
@@ -254,11 +286,44 @@ def render_sbatch(recipe: Recipe, template: str | os.PathLike | None = None, com
                  f"engine {dist.engine}"),
     )
     try:
-        return env.from_string(source).render(**context)
+        text = env.from_string(source).render(**context)
     except jinja2.TemplateSyntaxError as err:
         raise LaunchError(f"{path}:{err.lineno}: template syntax error: {err.message}") from None
     except jinja2.UndefinedError as err:
         raise LaunchError(f"{path}: {err.message} (available: {', '.join(sorted(context))})") from None
+    if array is not None and not any(line.startswith("#SBATCH --array=") for line in text.splitlines()):
+        raise LaunchError(f"{path}: writes no '#SBATCH --array=' line for a job array: the template must "
+                          f"render its `array` parameter (see {DEFAULT_TEMPLATE})")
+    return text
+
+
+SBATCH_TIMEOUT_S = 120
+"""Seconds sbatch may take to answer (a busy controller) before it is killed and the submission
+counts as refused."""
+
+
+def sbatch_script(script: str | os.PathLike, cwd: str | os.PathLike | None = None, sbatch: str = "sbatch") -> str:
+    """Submit ``script`` with ``sbatch --parsable`` (run from ``cwd``; ``None``: the current
+    folder): the one place tsmtrain calls sbatch, through :func:`tsmtrain.child.run`.
+
+    Returns:
+        The job id (an array's id for a job array).
+
+    Raises:
+        LaunchError: ``sbatch`` is not found (a login node has it), refuses the script (its last
+            error line), or does not answer within :data:`SBATCH_TIMEOUT_S`.
+    """
+    program = shutil.which(sbatch)
+    if program is None:
+        raise LaunchError(f"{sbatch} not found: submit from a Slurm login node (or submit {script} yourself "
+                          f"with sbatch)")
+    try:
+        done = run([program, "--parsable", str(script)], cwd=cwd, timeout=SBATCH_TIMEOUT_S)
+    except ChildError as err:
+        if err.returncode is None:  # killed at the timeout, or not started
+            raise LaunchError(f"{script} not submitted: {err}") from None
+        raise LaunchError(f"sbatch refused {script}: {err.last_line}") from None
+    return done.stdout.strip().split(";")[0]
 
 
 @dataclass
@@ -300,12 +365,4 @@ def submit(recipe: Recipe, template: str | os.PathLike | None = None, dry_run: b
     log_pattern = str(run_dir / "slurm-%j.out")
     if dry_run:
         return SubmitResult(script, recipe_file, log_pattern, None)
-    program = shutil.which(sbatch)
-    if program is None:
-        raise LaunchError(f"{sbatch} not found: submit from a Slurm login node (or pass --dry-run and "
-                          f"submit {script} yourself)")
-    done = subprocess.run([program, "--parsable", str(script)], cwd=run_dir, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise LaunchError(f"sbatch refused {script}: {done.stderr.strip() or done.stdout.strip()}")
-    job_id = done.stdout.strip().split(";")[0]
-    return SubmitResult(script, recipe_file, log_pattern, job_id)
+    return SubmitResult(script, recipe_file, log_pattern, sbatch_script(script, cwd=run_dir, sbatch=sbatch))

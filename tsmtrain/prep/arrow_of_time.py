@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import random
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..child import run
 from .synthetic import is_complete, mark_complete
 
 __all__ = ["REAL_SOURCES", "SAME_FOOTAGE", "footage", "build_arrow_of_time"]
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S, ENCODE_TIMEOUT_S = 120, 600
+"""Seconds after which an ffprobe of a source, and the ffmpeg of one window, are killed."""
 
 # The real-footage sources of ../shared/clips; the other files there are codec edge cases.
 REAL_SOURCES = (
@@ -58,8 +60,8 @@ def footage(name: str) -> str:
 
 
 def _probe(path: Path, *entries: str) -> str:
-    out = subprocess.run(["ffprobe", "-v", "error", *entries, "-of", "csv=p=0", str(path)],
-                         capture_output=True, text=True, check=True)
+    out = run(["ffprobe", "-v", "error", *entries, "-of", "csv=p=0", str(path)], timeout=PROBE_TIMEOUT_S,
+              what=f"reading {path}")
     return out.stdout.strip()
 
 
@@ -67,6 +69,9 @@ def duration(path: Path) -> float:
     """Duration of the video stream in seconds (ffprobe), else of the container.
 
     The two differ: torchcodec_nasa_13013.mp4 holds 13.0 s of video in a 16.6 s file.
+
+    Raises:
+        tsmtrain.child.ChildError: ffprobe is missing, fails or runs past its timeout.
     """
     stream = _probe(path, "-select_streams", "v:0", "-show_entries", "stream=duration")
     try:
@@ -76,20 +81,26 @@ def duration(path: Path) -> float:
 
 
 def video_packets(path: Path) -> int:
-    """Number of video packets (about the frames) in a file; 0 when it has no video."""
+    """Number of video packets (about the frames) in a file; 0 when it has no video.
+
+    Raises:
+        tsmtrain.child.ChildError: ffprobe is missing, fails or runs past its timeout.
+    """
     found = _probe(path, "-select_streams", "v:0", "-count_packets", "-show_entries", "stream=nb_read_packets")
     return int(found) if found.isdigit() else 0
 
 
 def write_window(src: Path, start: float, window: float, short_side: int, reverse: bool, out: Path) -> None:
-    """Write ``window`` seconds of ``src`` from ``start``, forward or reversed, as H.264."""
+    """Write ``window`` seconds of ``src`` from ``start``, forward or reversed, as H.264.
+
+    Raises:
+        tsmtrain.child.ChildError: ffmpeg is missing, fails or runs past its timeout.
+    """
     scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
     vf = f"{scale},reverse" if reverse else scale
     cmd = ["ffmpeg", "-loglevel", "error", "-y", "-ss", f"{start:.3f}", "-t", f"{window:.3f}", "-i", str(src),
            "-an", "-vf", vf, "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed on {src} at {start:.1f}s: {proc.stderr.strip()}")
+    run(cmd, timeout=ENCODE_TIMEOUT_S, what=f"on {src} at {start:.1f}s")
 
 
 def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: float = 2.0, short_side: int = 128,
@@ -109,7 +120,8 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
     Raises:
         FileNotFoundError: ``clips_dir`` or one of the sources is missing.
         ValueError: ``val_sources`` leaves no footage for training or none for validation.
-        RuntimeError: ffmpeg fails (the message names the source and time).
+        tsmtrain.child.ChildError: ffmpeg or ffprobe is missing, fails or runs past its timeout (the
+            message names the source, and the time of the window).
     """
     clips_dir, out_dir = Path(clips_dir), Path(out_dir)
     if not clips_dir.is_dir():

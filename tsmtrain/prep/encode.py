@@ -41,7 +41,7 @@ with the same settings, from a source of the same size, and its output exists wi
 size. So a run stopped at any moment (``kill -9``, a node lost, a time limit) and started again
 redoes only the videos in flight, and a second run of a finished preparation encodes nothing.
 Failed videos are not tried again unless ``retry_failed``. On Linux the ffmpeg and ffprobe a run
-started die with it, even when it is killed with ``kill -9`` (``PR_SET_PDEATHSIG``): none is left
+started die with it, even when it is killed with ``kill -9`` (:mod:`tsmtrain.child`): none is left
 encoding for nobody.
 
 **On a cluster.** ``shard=(I, N)`` takes every N-th video (videos ``I, I+N, I+2N, ...`` of the
@@ -71,11 +71,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -84,6 +81,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from ..child import ChildError, ChildTimeout, run
 from ..data.lists import ListFileError, read_list
 from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST, ManifestError, read_journal, read_manifest
 from ..io import FileWriteError, write_text
@@ -349,7 +347,11 @@ def check_tools(decoder: str) -> None:
     problems = [f"{tool} not found on PATH: install ffmpeg (apt-get install ffmpeg, or module load ffmpeg)"
                 for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
     if not problems:
-        encoders = _run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+        try:
+            encoders = run(["ffmpeg", "-hide_banner", "-encoders"], timeout=PROBE_TIMEOUT_S, check=False).stdout
+        except ChildError as err:  # it hangs, or cannot be started
+            problems.append(str(err))
+            encoders = "libx264"  # (not the problem then)
         if "libx264" not in encoders:
             problems.append(f"{shutil.which('ffmpeg')} has no libx264 encoder: use an ffmpeg built with --enable-libx264")
     modules = {"torchcodec": "torchcodec.decoders", "decord": "decord"}
@@ -365,69 +367,6 @@ def check_tools(decoder: str) -> None:
         raise PrepareError(problems)
 
 
-# --------------------------------------------------------------------------- child processes
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_prctl: Any = None  # libc's prctl, looked up once, in the parent (never between fork and exec); False: none
-_prctl_lock = threading.Lock()
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child (ffmpeg, ffprobe) get SIGKILL when this process dies,
-    even by SIGKILL (a ``kill -9``, a Slurm time limit, the OOM killer): on Linux,
-    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` in the child between fork and exec (kept across exec).
-    ``None`` (nothing to do) on other systems, or when libc's prctl cannot be found.
-
-    Linux sends the signal when the *thread* that forked the child exits, not the process. That is
-    safe here only because every child is started by :func:`_run`, i.e. ``subprocess.run``, whose
-    thread (a pool thread of :func:`run_task`, or the main thread) waits for its own child before
-    it does anything else, on a timeout and on an exception too (``run`` kills the child and waits
-    for it): no child outlives the thread that started it. Do not start a child here with
-    ``Popen`` from a thread that may exit before the child ends: the child would be killed.
-
-    The parent may die between fork and prctl; the child would then miss the signal (it goes to
-    the new parent, init or a subreaper). So after prctl the child checks that its parent is still
-    this process and exits at once if not.
-
-    CPython warns that ``preexec_fn`` is not safe with threads (the child of a fork may block on
-    a lock another thread held): this one runs a single ctypes call of prctl, looked up in
-    advance, and ``os.getppid``, two system calls that take no lock, so it is safe enough
-    (``subprocess`` has no other way to run code between fork and exec; ``process_group``,
-    ``start_new_session`` and ``pass_fds`` do not tie a child's life to its parent's). The cost:
-    with a ``preexec_fn`` CPython forks instead of using vfork/posix_spawn (a few ms per child).
-    """
-    global _prctl
-    if not sys.platform.startswith("linux"):
-        return None
-    with _prctl_lock:
-        if _prctl is None:
-            try:
-                import ctypes
-
-                prctl = ctypes.CDLL(None).prctl  # the symbols of this process, libc's among them
-                prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-                prctl.restype = ctypes.c_int
-            except (ImportError, OSError, AttributeError):
-                prctl = False
-            _prctl = prctl
-    if not _prctl:
-        return None
-    prctl, parent, kill = _prctl, os.getpid(), int(signal.SIGKILL)
-
-    def child(option: int = _PR_SET_PDEATHSIG) -> None:  # runs in the child, between fork and exec
-        prctl(option, kill, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: no signal will come
-            os._exit(137)
-
-    return child
-
-
-def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-    """``subprocess.run`` for every child of a preparation: it dies with this process (see
-    :func:`_die_with_parent`), and is waited for by the calling thread (``run`` always waits)."""
-    return subprocess.run(cmd, preexec_fn=_die_with_parent(), **kwargs)
-
-
 # --------------------------------------------------------------------------- one video
 
 
@@ -439,10 +378,11 @@ def _last_line(text: str, path: str) -> str:
 
 def _ffprobe_json(args: list[str], path: str) -> dict:
     try:
-        done = _run(["ffprobe", "-v", "error", *args, "-of", "json", path], capture_output=True, text=True,
-                    timeout=PROBE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+        done = run(["ffprobe", "-v", "error", *args, "-of", "json", path], timeout=PROBE_TIMEOUT_S, check=False)
+    except ChildTimeout:
         raise _SourceError(f"ffprobe took more than {PROBE_TIMEOUT_S} s") from None
+    except ChildError as err:  # not started: no video can be read
+        raise _Abort(str(err)) from None
     if done.returncode != 0:
         raise _SourceError(f"cannot read: {_last_line(done.stderr, path)}")
     try:
@@ -470,7 +410,7 @@ def probe_source(path: str | Path) -> dict:
 
     Raises:
         _SourceError: missing, empty or unreadable file, or no video stream (the message is the
-            manifest's reason).
+            manifest's reason). _Abort: ffprobe cannot be started.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -702,9 +642,11 @@ def prepare_video(video: SourceVideo, out_dir: str | Path, settings: Settings, d
         record["notes"] = notes
         cmd = encode_command(video.source, info["index"], str(part), size, fps, settings)
         try:
-            done = _run(cmd, capture_output=True, text=True, timeout=ENCODE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+            done = run(cmd, timeout=ENCODE_TIMEOUT_S, check=False)
+        except ChildTimeout:
             raise _SourceError(f"ffmpeg took more than {ENCODE_TIMEOUT_S} s") from None
+        except ChildError as err:  # not started: no video can be encoded
+            raise _Abort(str(err)) from None
         if "No space left on device" in done.stderr or "Permission denied" in done.stderr:
             raise _Abort(f"ffmpeg cannot write {part}: {_last_line(done.stderr, str(part))}")
         if done.returncode != 0:

@@ -4,7 +4,6 @@ FFV1 video (``NAME.flow.mkv``, two 8-bit planes), the folder's settings in a mar
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..child import PIPE, start
 from ..data.flow import (CHUNK, DEFAULT_BOUND, FLOW_MARKER, FlowError, dequantize_flow, flow_engine, flow_path,
                          gray_frames, open_for_flow, opencv, quantize_flow, read_flow, read_flow_marker, stack_planes)
 
@@ -21,20 +21,17 @@ __all__ = ["write_flow", "flow_of_video", "flow_of_dataset"]
 class _Writer:
     """An ffmpeg that encodes gray ``2H x W`` frames from its stdin into FFV1 in Matroska.
 
-    Started and waited for by the same thread (see :func:`tsmtrain.prep.encode._die_with_parent`:
-    it dies with this process, even by SIGKILL)."""
+    Started, fed and waited for by the same thread (see :mod:`tsmtrain.child`: it dies with
+    that thread, so with this process, even by SIGKILL)."""
 
     def __init__(self, path: str | Path, height: int, width: int, fps: Any):
-        from .encode import _die_with_parent
-
         self.path = str(path)
         rate = str(fps)
         cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo",
                "-pix_fmt", "gray", "-s", f"{width}x{2 * height}", "-r", rate, "-i", "-", "-map_metadata", "-1",
                "-fflags", "+bitexact", "-flags:v", "+bitexact", "-c:v", "ffv1", "-level", "3", "-g", "1",
                "-slicecrc", "1", "-threads", "1", "-pix_fmt", "gray", "-color_range", "pc", "-f", "matroska", self.path]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     preexec_fn=_die_with_parent())
+        self.proc = start(cmd, stdin=PIPE, stderr=PIPE, what=f"writing {self.path}")  # ChildError: not started
         self.shape = (height, width)
         self.frames = 0
 
@@ -72,6 +69,7 @@ def write_flow(path: str | Path, q_flow: np.ndarray, fps: Any = 25) -> None:
 
     Raises:
         FlowError: ffmpeg failed (disk full, ...). ValueError: not uint8 (T, H, W, 2), T >= 1.
+        tsmtrain.child.ChildError: ffmpeg cannot be started (not installed).
     """
     q_flow = np.asarray(q_flow)
     if q_flow.ndim != 4 or q_flow.shape[-1] != 2 or not len(q_flow):

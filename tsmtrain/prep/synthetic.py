@@ -33,17 +33,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from ..child import ProgramNotFound, run
 
 __all__ = ["render_clip", "generate_demo_dataset", "render_study_clip", "generate_study_dataset", "STUDY_PAIRS",
            "COMPLETE_MARKER", "is_complete", "mark_complete", "render_multilabel_clip", "generate_multilabel_dataset",
            "MULTILABEL_CLASSES"]
 
 log = logging.getLogger(__name__)
+ENCODE_TIMEOUT_S = 600
+"""Seconds after which the ffmpeg of one rendered clip is killed (a few frames: it takes milliseconds)."""
 PAIRS = ("left-to-right / right-to-left", "growing / shrinking", "counter-clockwise / clockwise")
 
 
@@ -236,9 +239,7 @@ def _encode(clip: np.ndarray, path: Path, fps: int) -> None:
     cmd = ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
            "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "veryfast",
            "-crf", "18", str(path)]
-    proc = subprocess.run(cmd, input=clip.tobytes(), capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
+    run(cmd, input=clip.tobytes(), text=False, timeout=ENCODE_TIMEOUT_S, what=f"writing {path}")
 
 
 def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, Path]:
@@ -253,13 +254,15 @@ def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, 
         ``(train_list, val_list)``.
 
     Raises:
-        RuntimeError: ffmpeg is missing (only when something is to be rendered) or fails.
+        tsmtrain.child.ChildError: ffmpeg is missing (only when something is to be rendered), fails or
+            runs past its timeout (the message names the file).
     """
     train_list, val_list = root / "train.txt", root / "val.txt"
     if is_complete(root, params):  # (a GPU node without ffmpeg can read a dataset rendered elsewhere)
         return train_list, val_list
     if shutil.which("ffmpeg") is None:
-        raise RuntimeError(f"ffmpeg not found: the {kind} dataset is encoded with it (apt-get install ffmpeg)")
+        raise ProgramNotFound(f"ffmpeg not found: the {kind} dataset is encoded with it (apt-get install ffmpeg)",
+                              ["ffmpeg"])
     jobs = []
     for split, per_class, split_seed in (("train", params["train_per_class"], 0), ("val", params["val_per_class"], 1)):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
@@ -295,7 +298,8 @@ def generate_demo_dataset(root: str | Path, num_classes: int = 4, train_per_clas
 
     Raises:
         ValueError: ``num_classes`` odd or outside 2 .. 6.
-        RuntimeError: ffmpeg is missing or fails (the message names the file).
+        tsmtrain.child.ChildError: ffmpeg is missing, fails or runs past its timeout (the message names
+            the file).
     """
     if num_classes % 2 or not 2 <= num_classes <= 2 * len(PAIRS):
         raise ValueError(f"num_classes must be even and in 2..{2 * len(PAIRS)}, got {num_classes}")
@@ -319,7 +323,8 @@ def generate_study_dataset(root: str | Path, num_classes: int = 12, train_per_cl
 
     Raises:
         ValueError: ``num_classes`` odd or outside 2 .. 12, or fewer than one clip per class.
-        RuntimeError: ffmpeg is missing or fails (the message names the file).
+        tsmtrain.child.ChildError: ffmpeg is missing, fails or runs past its timeout (the message names
+            the file).
     """
     if num_classes % 2 or not 2 <= num_classes <= 2 * len(STUDY_PAIRS):
         raise ValueError(f"num_classes must be even and in 2..{2 * len(STUDY_PAIRS)}, got {num_classes}")
@@ -403,7 +408,8 @@ def generate_multilabel_dataset(root: str | Path, train_videos: int = 800, val_v
         ``(train_list, val_list)``.
 
     Raises:
-        RuntimeError: ffmpeg is missing or fails (the message names the file).
+        tsmtrain.child.ChildError: ffmpeg is missing, fails or runs past its timeout (the message names
+            the file).
     """
     root = Path(root)
     params = dict(kind="multilabel", train_videos=train_videos, val_videos=val_videos, frames=frames, size=size,
@@ -412,7 +418,8 @@ def generate_multilabel_dataset(root: str | Path, train_videos: int = 800, val_v
     if is_complete(root, params):
         return train_list, val_list
     if shutil.which("ffmpeg") is None:
-        raise RuntimeError("ffmpeg not found: the multilabel dataset is encoded with it (apt-get install ffmpeg)")
+        raise ProgramNotFound("ffmpeg not found: the multilabel dataset is encoded with it (apt-get install ffmpeg)",
+                              ["ffmpeg"])
     jobs = []
     for split, count, split_seed in (("train", train_videos, 0), ("val", val_videos, 1)):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
+from ..child import STDOUT, ChildError, ChildTimeout, run, start
 from ..optim import linear_scaling
 from ..recipe import Recipe, dump_recipe
 from .records import (BREAKDOWN, SweepError, new_record, point_files, point_path, read_json, read_meta, read_record,
@@ -321,7 +323,9 @@ def _run_local(recipe: Recipe, sweep_dir: Path, meta: dict, timeout: float | Non
     with open(log, "w") as out:
         out.write("+ " + shlex.join(cmd) + "\n")
         out.flush()
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # its own session, killed as a group at the timeout; if the sweep dies, SIGTERM: the run's stop
+        # request, which `tsmtrain run --np N` passes on to its ranks (SIGKILL would orphan them)
+        child = start(cmd, stdout=out, stderr=STDOUT, start_new_session=True, death_signal=signal.SIGTERM)
         try:
             status = child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -337,12 +341,22 @@ def _run_local(recipe: Recipe, sweep_dir: Path, meta: dict, timeout: float | Non
     return _finish(record, sweep_dir, meta, status, log)
 
 
+SQUEUE_TIMEOUT_S = 60
+"""Seconds squeue may take to answer before it is killed (the point then stays ``submitted``)."""
+
+
 def _job_state(job_id: str) -> str | None:
-    """Slurm's state of a job still known to squeue (PENDING, RUNNING, ...), else ``None``."""
+    """Slurm's state of a job still known to squeue (PENDING, RUNNING, ...; ``UNKNOWN`` when
+    squeue did not answer in :data:`SQUEUE_TIMEOUT_S`), else ``None``."""
     squeue = shutil.which("squeue")
     if squeue is None:
         return None
-    done = subprocess.run([squeue, "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    try:
+        done = run([squeue, "-h", "-j", job_id, "-o", "%T"], timeout=SQUEUE_TIMEOUT_S, check=False)
+    except ChildTimeout:  # a busy controller: the job may well be queued, so it stays submitted
+        return "UNKNOWN"
+    except ChildError:
+        return None
     state = done.stdout.strip().splitlines()
     return state[0] if done.returncode == 0 and state else None
 
@@ -381,28 +395,9 @@ def collect(sweep_dir: str | os.PathLike) -> list[dict]:
     return changed
 
 
-_ARRAY_SCRIPT = """#!/bin/bash
-# tsmtrain sweep: points {points} as one job array on {nodes} node(s); task i runs the job script
-# of point i (its #SBATCH lines are comments here) with that point's ranks.
-#SBATCH --job-name={name}
-#SBATCH --array=0-{last}
-#SBATCH --output={log}
-#SBATCH --open-mode=append
-#SBATCH --requeue
-{header}
-
-RUN_DIRS=({run_dirs})
-RANKS=({ranks})
-PER_NODE=({per_node})
-i=${{SLURM_ARRAY_TASK_ID}}
-export SLURM_NTASKS=${{RANKS[$i]}} SLURM_NPROCS=${{RANKS[$i]}} SLURM_NTASKS_PER_NODE=${{PER_NODE[$i]}}
-bash "${{RUN_DIRS[$i]}}/job.sbatch" >> "${{RUN_DIRS[$i]}}/slurm-${{SLURM_ARRAY_JOB_ID}}_$i.out" 2>&1
-"""
-
-
 def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, array: bool, template,
                    sbatch: str = "sbatch") -> list[dict]:
-    from ..dist.slurm import LaunchError, _sbatch_value, prepare_job, render_sbatch, submit
+    from ..dist.slurm import ArrayJob, LaunchError, prepare_job, render_sbatch, sbatch_script, submit
 
     records = []
     groups: dict[int, list[int]] = {}
@@ -426,32 +421,23 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
             record.update(status="submitted", job_id=result.job_id, log=result.log_pattern,
                           seconds=time.perf_counter() - t0)
             records.append(record)
-        if use_array:
-            widest = max(points)
-            job = prepare_job(recipes[widest])
-            script_text = render_sbatch(job, template, command="sweep")
-            header = "\n".join(line for line in script_text.splitlines()
-                               if line.startswith("#SBATCH") and not line.startswith(
-                                   ("#SBATCH --job-name", "#SBATCH --output", "#SBATCH --open-mode", "#SBATCH --requeue")))
+        if use_array:  # the template renders the array: the widest point's allocation, task i runs point i
+            array_job = ArrayJob(
+                # the recipe file's name and --out are not recipe values: they go through the same filters
+                job_name=f"{Path(meta['recipe']).stem}-sweep",
+                log_file=str(sweep_dir / "runs").replace("%", "%%") + "/array-%A_%a.out",
+                run_dirs=[str(_run_dir(sweep_dir, n)) for n in points], ranks=list(points),
+                ranks_per_node=[recipes[n].cluster.ranks_per_node() for n in points])
             script = sweep_dir / f"array-{nodes:04d}-nodes.sbatch"
-            script.write_text(_ARRAY_SCRIPT.format(
-                points=",".join(map(str, points)), nodes=nodes, last=len(points) - 1,
-                # the job script's #SBATCH filter: the recipe file's name and --out are not recipe values
-                name=_sbatch_value(f"{Path(meta['recipe']).stem}-sweep"),
-                log=_sbatch_value(str(sweep_dir / "runs" / "array-%A_%a.out").replace("%%", "%")), header=header,
-                run_dirs=" ".join(shlex.quote(str(_run_dir(sweep_dir, n))) for n in points),
-                ranks=" ".join(str(n) for n in points),
-                per_node=" ".join(str(recipes[n].cluster.ranks_per_node()) for n in points)))
-            program = shutil.which(sbatch)
-            done = subprocess.run([program or sbatch, "--parsable", str(script)], capture_output=True,
-                                  text=True) if program else None
+            script.write_text(render_sbatch(prepare_job(recipes[max(points)]), template, command="sweep",
+                                            array=array_job))
             array_records = [r for r in records if r["workers"] in points and r["status"] == "submitted"]
-            if done is None or done.returncode != 0:
-                reason = "sbatch not found" if done is None else done.stderr.strip() or done.stdout.strip()
+            try:
+                array_id = sbatch_script(script, sbatch=sbatch)
+            except LaunchError as err:
                 for r in array_records:
-                    r.update(status="failed", error=f"sbatch refused {script}: {reason}")
+                    r.update(status="failed", error=str(err))
             else:
-                array_id = done.stdout.strip().split(";")[0]
                 for r in array_records:
                     r.update(job_id=f"{array_id}_{points.index(r['workers'])}")
         for r in records:
