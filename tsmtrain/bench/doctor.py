@@ -53,6 +53,8 @@ from typing import Callable
 
 import torch
 
+from ..io import write_json
+
 __all__ = ["Row", "DoctorResult", "run_doctor", "environment_rows", "required_checks", "loader_clips_per_s",
            "step_figures", "allreduce_bandwidth", "allreduce_worker", "gradient_bytes", "bus_bandwidth", "verdict_line",
            "NO_CUDA", "FIGURES", "RECORD_VERSION"]
@@ -115,9 +117,12 @@ class DoctorResult:
                 "figures": self.figures, "exit_status": self.exit_status}
 
     def write(self, path: str | Path) -> None:
-        """Write :meth:`record` to ``path`` as JSON (its folders are made)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.record(), indent=2) + "\n")
+        """Write :meth:`record` to ``path`` as JSON (its folders are made).
+
+        Raises:
+            FileWriteError: it cannot be written (names ``path`` and why; :func:`tsmtrain.io.write_json`).
+        """
+        write_json(path, self.record(), indent=2)
 
 
 def _nothing(line: str) -> None:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -83,10 +82,9 @@ def bench_step(
     """Time forward+backward+optimizer of the recipe's network as TSM and TSN, in every precision,
     memory format and compile variant that runs here, on a synthetic batch; and the temporal
     shift against a copy of its input."""
-    import json
-
     from ..train import TrainingError
     from ..bench.step import bench_step as run_bench
+    from ..io import write_json
     from ..bench.step import format_step_report, parse_variants
     from ..train.setup import choose_device
 
@@ -105,5 +103,5 @@ def bench_step(
         fail(str(err).splitlines())
     print(format_step_report(result))
     if json_file:
-        Path(json_file).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(json_file, result)
         print(f"wrote {json_file}")
