@@ -53,8 +53,6 @@ from typing import Callable
 
 import torch
 
-from ..io import write_json
-
 __all__ = ["Row", "DoctorResult", "run_doctor", "environment_rows", "required_checks", "loader_clips_per_s",
            "step_figures", "allreduce_bandwidth", "allreduce_worker", "gradient_bytes", "bus_bandwidth", "verdict_line",
            "NO_CUDA", "FIGURES", "RECORD_VERSION"]
@@ -122,6 +120,8 @@ class DoctorResult:
         Raises:
             FileWriteError: it cannot be written (names ``path`` and why; :func:`tsmtrain.io.write_json`).
         """
+        from ..io import write_json  # not at the top: this file also runs as a script (allreduce_bandwidth)
+
         write_json(path, self.record(), indent=2)
 
 
