@@ -213,3 +213,44 @@ def test_only_tsmtrain_io_renames_a_file_into_place():
     assert ALLOWED <= found  # the allow-list names what is there
     io_calls = {ast.unparse(c) for c in renames(ast.parse((REPO / "tsmtrain" / "io.py").read_text()))}
     assert io_calls == {"os.replace(part, path)"}
+
+
+WRITES_IN_PLACE = {
+    # append-only journals, the designed exception (docs/failures.md, "Files on disk")
+    ("tsmtrain/prep/journal.py", "open(path, 'ab+')"),
+    ("tsmtrain/train/metrics_log.py", "open(self.path, 'a')"),
+    # streams a child process writes into, read for its last lines: no one resumes from them
+    ("tsmtrain/scaling/sweep.py", "open(log, 'w')"),
+    ("tsmtrain/bench/doctor.py", "open(out, 'w')"),
+    ("tsmtrain/bench/doctor.py", "open(err, 'w')"),
+}
+
+
+def writes_in_place(tree: ast.AST) -> list[str]:
+    """The calls in ``tree`` that write a file where it lies: ``X.write_text``/``X.write_bytes``
+    (``Path``'s), and ``open(X, MODE)`` with ``w``, ``a`` or ``x`` in MODE, unless X is ``part``
+    (the temporary file :func:`tsmtrain.io.write_atomic` gives)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Attribute) and node.func.attr in {"write_text", "write_bytes"}:
+            found.append(ast.unparse(node))
+        elif isinstance(node.func, ast.Name) and node.func.id == "open" and len(node.args) >= 2:
+            mode = node.args[1]
+            if (isinstance(mode, ast.Constant) and set(str(mode.value)) & set("wax")
+                    and ast.unparse(node.args[0]) != "part"):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_durable_files_are_written_through_tsmtrain_io():
+    found = set()
+    for path in sorted((REPO / "tsmtrain").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel != "tsmtrain/io.py":
+            found |= {(rel, call) for call in writes_in_place(ast.parse(path.read_text()))}
+    assert found - WRITES_IN_PLACE == set(), "write durable files with tsmtrain.io (write_atomic, write_*, commit)"
+    assert WRITES_IN_PLACE <= found  # the allow-list names what is there
+    assert writes_in_place(ast.parse("p.write_text(s)\nopen(p, 'wb')\nopen(part, 'wb')\nopen(p)\nopen(p, 'rb')\n")) \
+        == ["p.write_text(s)", "open(p, 'wb')"]

@@ -434,7 +434,7 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
                                if line.startswith("#SBATCH") and not line.startswith(
                                    ("#SBATCH --job-name", "#SBATCH --output", "#SBATCH --open-mode", "#SBATCH --requeue")))
             script = sweep_dir / f"array-{nodes:04d}-nodes.sbatch"
-            script.write_text(_ARRAY_SCRIPT.format(
+            write_text(script, _ARRAY_SCRIPT.format(
                 points=",".join(map(str, points)), nodes=nodes, last=len(points) - 1,
                 # the job script's #SBATCH filter: the recipe file's name and --out are not recipe values
                 name=_sbatch_value(f"{Path(meta['recipe']).stem}-sweep"),
