@@ -5,12 +5,15 @@ records, reports, feature files): a reader sees the old file or the whole new on
 even when the process is killed or the machine loses power mid-write. The data go to a
 temporary file in the same folder (so the rename never crosses file systems), are flushed and
 ``fsync``-ed, the temporary file is renamed over the target (POSIX ``rename`` is atomic), and
-the folder is ``fsync``-ed so the rename itself survives a power loss. When any step fails
-(disk full, no permission, a kill), the temporary file is removed and the old file is left as
-it was.
+the folder is ``fsync``-ed so the rename itself survives a power loss. When a step fails
+(disk full, no permission), the temporary file is removed and the old file is left as it was;
+a kill (``SIGKILL``, a lost node) can leave only the hidden temporary file (``.NAME.part-...``),
+which no reader takes for the file. A file another program writes (ffmpeg) is given such a
+temporary name and put in place by :func:`commit`.
 
-Append-only journals (``tsmtrain prepare``'s) are the one exception by design: each record is
-one line, ``fsync``-ed, and a last line cut short by a kill is cut off when read.
+Append-only journals (``tsmtrain prepare``'s, the run's ``metrics.jsonl``) are the one exception
+by design: each record is one line appended, and a last line cut short by a kill is cut off
+when read. ``tests/test_io.py`` checks that no other module writes a file in place.
 """
 
 from __future__ import annotations
