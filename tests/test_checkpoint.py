@@ -10,6 +10,7 @@
   file left and the previous checkpoint intact, on every rank.
 """
 
+import builtins
 import json
 import os
 import shutil
@@ -338,7 +339,7 @@ def test_stale_temporary_file_is_removed_at_start(tmp_path, tiny_demo):
 def _disk_full(monkeypatch):
     """Checkpoint writes go to /dev/full: the kernel answers ENOSPC, as on a full disk (the same
     patch the CLI tests install in the child process, :data:`SITECUSTOMIZE`)."""
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", ckpt.tempfile.mkstemp)  # restored after the test
+    monkeypatch.setattr(builtins, "open", builtins.open)  # restored after the test
     exec(SITECUSTOMIZE, {})
 
 
@@ -402,16 +403,16 @@ def test_a_failed_write_stops_every_rank_with_rank_0s_line(tmp_path, monkeypatch
 
 
 SITECUSTOMIZE = '''
-import os, tempfile
-_real = tempfile.mkstemp
-def _full(*args, **kwargs):  # checkpoint writes go to /dev/full (ENOSPC), as on a full disk
-    fd, name = _real(*args, **kwargs)
-    if os.path.basename(name).startswith(".checkpoint-"):
+import builtins, os
+_real = builtins.open
+def _full(file, mode="r", *args, **kwargs):  # checkpoint writes go to /dev/full (ENOSPC), as on a full disk
+    f = _real(file, mode, *args, **kwargs)
+    if "w" in mode and os.path.basename(str(file)).startswith(".checkpoint-"):  # tsmtrain.io's temporary file
         full = os.open("/dev/full", os.O_WRONLY)
-        os.dup2(full, fd)
+        os.dup2(full, f.fileno())
         os.close(full)
-    return fd, name
-tempfile.mkstemp = _full
+    return f
+builtins.open = _full
 '''
 
 
@@ -455,7 +456,7 @@ def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "lo')  # killed mid-write
     assert truncate_metrics(path, 3) == 3  # steps 4 and 5, and the line cut short
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:3] + records[-1:]
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
     inode = path.stat().st_ino
     assert truncate_metrics(path, 3) == 0 and path.stat().st_ino == inode  # nothing to drop: not rewritten
     assert truncate_metrics(tmp_path / "absent.jsonl", 3) == 0

@@ -296,7 +296,8 @@ def test_one_record_schema(tmp_path):
 
 
 def test_write_json_is_atomic(tmp_path):
-    from tsmtrain.scaling.records import read_json, write_json
+    from tsmtrain.io import write_json
+    from tsmtrain.scaling.records import read_json
 
     path = tmp_path / "sub" / "doc.json"
     write_json(path, {"a": 1})

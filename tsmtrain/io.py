@@ -5,12 +5,15 @@ records, reports, feature files): a reader sees the old file or the whole new on
 even when the process is killed or the machine loses power mid-write. The data go to a
 temporary file in the same folder (so the rename never crosses file systems), are flushed and
 ``fsync``-ed, the temporary file is renamed over the target (POSIX ``rename`` is atomic), and
-the folder is ``fsync``-ed so the rename itself survives a power loss. When any step fails
-(disk full, no permission, a kill), the temporary file is removed and the old file is left as
-it was.
+the folder is ``fsync``-ed so the rename itself survives a power loss. When a step fails
+(disk full, no permission), the temporary file is removed and the old file is left as it was;
+a kill (``SIGKILL``, a lost node) can leave only the hidden temporary file (``.NAME.part-...``),
+which no reader takes for the file. A file another program writes (ffmpeg) is given such a
+temporary name and put in place by :func:`commit`.
 
-Append-only journals (``tsmtrain prepare``'s) are the one exception by design: each record is
-one line, ``fsync``-ed, and a last line cut short by a kill is cut off when read.
+Append-only journals (``tsmtrain prepare``'s, the run's ``metrics.jsonl``) are the one exception
+by design: each record is one line appended, and a last line cut short by a kill is cut off
+when read. ``tests/test_io.py`` checks that no other module writes a file in place.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["write_atomic", "write_bytes", "write_text", "write_json", "read_json", "fsync_folder",
+__all__ = ["write_atomic", "commit", "write_bytes", "write_text", "write_json", "read_json", "fsync_folder",
            "FileWriteError", "JsonFileError"]
 
 
@@ -62,8 +65,9 @@ def _part_path(path: Path) -> Path:
 @contextlib.contextmanager
 def write_atomic(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path beside ``path`` to write by any means (``torch.save``, ``np.savez``,
-    ffmpeg, ``tarfile``); when the block ends without an exception the file is ``fsync``-ed,
-    renamed over ``path`` and the folder ``fsync``-ed. Creates the parent folder.
+    ffmpeg, ``tarfile``); when the block ends without an exception the file is put in place by
+    :func:`commit` (``fsync``, rename over ``path``, ``fsync`` of the folder). Creates the parent
+    folder.
 
     Raises:
         FileWriteError: an ``OSError`` while writing, syncing or renaming (``ENOSPC``: "no space
@@ -76,6 +80,26 @@ def write_atomic(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield part
+    except OSError as err:
+        _remove(part)
+        raise FileWriteError(f"{path}: cannot write: {_reason(err)}") from err
+    except BaseException:
+        _remove(part)
+        raise
+    commit(part, path)
+
+
+def commit(part: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put ``part``, a whole file written beside ``path`` (in the same folder; by
+    :func:`write_atomic`'s block, or by another program such as ffmpeg that was given the name),
+    in place of ``path``: ``fsync`` it, rename it over ``path``, ``fsync`` the folder.
+
+    Raises:
+        FileWriteError: the sync or the rename failed (names ``path`` and why); ``part`` is
+            removed and ``path`` keeps its old content.
+    """
+    path = Path(path)
+    try:
         fd = os.open(part, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -83,10 +107,10 @@ def write_atomic(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.replace(part, path)
     except OSError as err:
-        _remove(part)
+        _remove(Path(part))
         raise FileWriteError(f"{path}: cannot write: {_reason(err)}") from err
-    except BaseException:
-        _remove(part)
+    except BaseException:  # a KeyboardInterrupt between the sync and the rename
+        _remove(Path(part))
         raise
     fsync_folder(path.parent)
 

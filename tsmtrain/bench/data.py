@@ -45,6 +45,7 @@ from ..data.loader import build_loader, clip_dataset
 from ..data.sampling import segment_indices
 from ..data.transforms import VideoTransform
 from ..errors import UserError
+from ..io import write_json
 
 __all__ = ["DataBenchError", "DataBench", "bench_data", "load_data_bench", "check_split", "header_line",
            "progress_line", "summary_lines", "CLIPS_PER_S_PER_CORE", "SPLITS"]
@@ -155,9 +156,12 @@ class DataBench:
         return ratio
 
     def write(self, path: str | Path) -> None:
-        """Write :meth:`record` to ``path`` as JSON (the folders it needs are made)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.record(), indent=2) + "\n")
+        """Write :meth:`record` to ``path`` as JSON (the folders it needs are made).
+
+        Raises:
+            FileWriteError: it cannot be written (names ``path`` and why; :func:`tsmtrain.io.write_json`).
+        """
+        write_json(path, self.record(), indent=2)
 
 
 def header_line(recipe_path: str, data, clips: int, rounds: int) -> str:

@@ -115,9 +115,14 @@ class DoctorResult:
                 "figures": self.figures, "exit_status": self.exit_status}
 
     def write(self, path: str | Path) -> None:
-        """Write :meth:`record` to ``path`` as JSON (its folders are made)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.record(), indent=2) + "\n")
+        """Write :meth:`record` to ``path`` as JSON (its folders are made).
+
+        Raises:
+            FileWriteError: it cannot be written (names ``path`` and why; :func:`tsmtrain.io.write_json`).
+        """
+        from ..io import write_json  # not at the top: this file also runs as a script (allreduce_bandwidth)
+
+        write_json(path, self.record(), indent=2)
 
 
 def _nothing(line: str) -> None:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -82,10 +81,9 @@ def bench_step(
     """Time forward+backward+optimizer of the recipe's network as TSM and TSN, in every precision,
     memory format and compile variant that runs here, on a synthetic batch; and the temporal
     shift against a copy of its input."""
-    import json
-
     from ..bench.step import bench_step as run_bench
     from ..bench.step import format_step_report, parse_variants
+    from ..io import write_json
     from ..train.setup import choose_device
 
     cfg = load(recipe, sets, check_files=False)
@@ -103,5 +101,8 @@ def bench_step(
         fail(str(err).splitlines())
     print(format_step_report(result))
     if json_file:
-        Path(json_file).write_text(json.dumps(result, indent=1) + "\n")
+        try:
+            write_json(json_file, result)
+        except UserError as err:
+            fail(f"--json: {err}")
         print(f"wrote {json_file}")

@@ -128,9 +128,8 @@ def fuse(
     """Late fusion of tested runs (e.g. two streams): the weighted average of their saved per-video
     class scores; top-1, top-5 and mean class accuracy of each run and of the fusion (multi-label
     runs: mAP, GAP@20 and Hit@1 of their sigmoid probabilities)."""
-    import json
-
     from ..eval.fusion import format_fusion, fuse_runs, parse_weights
+    from ..io import write_json
 
     try:
         result = fuse_runs(runs, parse_weights(weights, len(runs)) if weights is not None else None, test_dir)
@@ -139,7 +138,7 @@ def fuse(
     print(format_fusion(result))
     if json_file:
         try:
-            Path(json_file).write_text(json.dumps(result, indent=1) + "\n")
-        except OSError as err:
-            fail(f"--json {json_file}: cannot write it: {err.strerror or err}")
+            write_json(json_file, result)
+        except UserError as err:
+            fail(f"--json: {err}")
         print(f"wrote {json_file}")

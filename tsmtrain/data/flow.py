@@ -239,10 +239,14 @@ computed (:func:`flow_of_dataset`): ``{"method", "preset", "bound", "videos"}``.
 
 def read_flow_marker(root: str | Path) -> dict | None:
     """The settings in ``root``'s :data:`FLOW_MARKER`, or None when there is none (or ``root`` is
-    not a folder)."""
-    import json
+    not a folder).
+
+    Raises:
+        JsonFileError: the marker is unreadable or not a JSON object (names it and the line).
+    """
+    from ..io import read_json
 
     marker = Path(root) / FLOW_MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    return read_json(marker, "flow marker") if marker.is_file() else None
 
 

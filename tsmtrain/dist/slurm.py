@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..child import ChildError, run
+from ..io import write_text
 from ..optim import linear_scaling
 from pydantic import ValidationError
 
@@ -359,8 +360,8 @@ def submit(recipe: Recipe, template: str | os.PathLike | None = None, dry_run: b
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_file, script = run_dir / "recipe.yaml", run_dir / "job.sbatch"
-    recipe_file.write_text(dump_recipe(job))
-    script.write_text(text)
+    write_text(recipe_file, dump_recipe(job))
+    write_text(script, text)
     script.chmod(0o755)
     log_pattern = str(run_dir / "slurm-%j.out")
     if dry_run:

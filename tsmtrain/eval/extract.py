@@ -35,6 +35,7 @@ from ..data.loader import decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TestViews
 from ..dist.base import Engine
+from ..io import read_json
 from ..recipe import Recipe
 from ..train.setup import TrainingError, choose_device, choose_engine, log, set_threads
 from ..train.step import as_memory_format, autocast
@@ -124,17 +125,11 @@ def extract_features(recipe: Recipe, out_dir: str | Path, protocol: Protocol = P
                                                        protocol, shard_videos),
                                           "checkpoint_sha256": weights, "source": source_digest(source)},
                               shards=report.splits[split]["shards"])
-            report.splits[split]["unreadable"] = len(_read_json(doc)["unreadable"])
+            report.splits[split]["unreadable"] = len(read_json(doc, "features index")["unreadable"])
             log.info("%s: %d videos, %d shards, index %s", split, len(records), report.splits[split]["shards"], doc)
         engine.barrier()
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def _index_doc(recipe: Recipe, list_file: str, videos: int, dim: int, dtype: str, checkpoint: Path,

@@ -5,8 +5,6 @@ record and, last, the index; every file through :mod:`tsmtrain.io`'s atomic writ
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +13,26 @@ import numpy as np
 from collections import Counter
 
 from ..data.loader import DataError
+from ..io import write_atomic, write_json, write_text
 from ..data.readers.features import INDEX, SOURCE, feature_file_path, read_feature_file
 
 __all__ = ["write_source", "write_feature_file", "feature_file_is_complete", "write_index"]
 
 
 def write_source(split_dir: Path, source: dict[str, Any]) -> Path:
-    """Write ``split_dir/source.json`` atomically (:func:`check_source` reads it)."""
-    Path(split_dir).mkdir(parents=True, exist_ok=True)
+    """Write ``split_dir/source.json`` atomically (:func:`check_source` reads it).
+
+    Raises:
+        FileWriteError: it cannot be written (names the file and why).
+    """
     final = Path(split_dir) / SOURCE
-    tmp = final.with_name(f".{SOURCE}.tmp")
-    tmp.write_text(json.dumps(source, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, final)
+    write_text(final, json.dumps(source, indent=1, sort_keys=True) + "\n")
     return final
 
 
 def write_feature_file(path: Path, features: np.ndarray, index: list[int], labels: list[tuple[int, ...]],
                 failed: list[tuple[int, str]], source: str = "") -> None:
-    """Write one shard atomically (a temporary file in the same folder, then renamed).
+    """Write one shard atomically (:func:`tsmtrain.io.write_atomic`).
 
     Args:
         features: ``(n, D)`` in the dtype to store.
@@ -40,23 +40,17 @@ def write_feature_file(path: Path, features: np.ndarray, index: list[int], label
         labels: each video's labels.
         failed: ``(line, error)`` of the shard's unreadable videos.
         source: :func:`source_digest` of the settings that made it.
+
+    Raises:
+        FileWriteError: it cannot be written (names the file and why); no part of it is left.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with write_atomic(path) as part:
+        with open(part, "wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez(f, features=features, index=np.asarray(index, dtype=np.int64),
                      labels=np.asarray([y for ys in labels for y in ys], dtype=np.int32),
                      label_counts=np.asarray([len(ys) for ys in labels], dtype=np.int32),
                      failed_index=np.asarray([i for i, _ in failed], dtype=np.int64),
                      failed_error=np.asarray([e for _, e in failed], dtype=str), source=np.asarray(source))
-
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def feature_file_is_complete(path: Path, lines: list[int], dim: int | None = None, source: str | None = None) -> bool:
@@ -102,7 +96,5 @@ def write_index(split_dir: Path, doc: dict[str, Any], shards: int | None = None)
                         f"shards: {twice}, in none: {missing}); delete {split_dir} and extract again")
     doc = {**doc, "shards": [p.name for p in shards], "unreadable": unreadable}
     final = Path(split_dir) / INDEX
-    tmp = final.with_name(f".{INDEX}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, final)
+    write_json(final, doc)
     return final

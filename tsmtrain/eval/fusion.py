@@ -39,13 +39,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..io import write_atomic
 from .multilabel_metrics import multi_hot, multilabel_figures
 from ..errors import UserError
 
@@ -110,6 +110,7 @@ def write_scores(out_dir: Path, paths: list[str], labels: list[int] | list[Seque
 
     Raises:
         ValueError: the lengths differ, a score vector is not ``(K,)``, a multi-label label outside 0..K-1.
+        FileWriteError: the file cannot be written (:func:`tsmtrain.io.write_atomic`).
     """
     if not len(paths) == len(labels) == len(scores):
         raise ValueError(f"{len(paths)} paths, {len(labels)} labels, {len(scores)} score vectors")
@@ -121,15 +122,14 @@ def write_scores(out_dir: Path, paths: list[str], labels: list[int] | list[Seque
         raise ValueError(f"score vectors of shape {matrix.shape[1:]}, expected ({num_classes},)")
     fingerprint, chosen = list_fingerprint(paths, labels), lambda rows: [labels[i] for i in rows]
     path = Path(out_dir) / SCORES_FILE
-    tmp = path.with_name(f".{SCORES_FILE}.{os.getpid()}.npz")
-    np.savez_compressed(tmp, scores=matrix, labels=_label_array(chosen(read), num_classes, multi_label),
-                        paths=np.array([paths[i] for i in read], dtype=str),
-                        unreadable_paths=np.array([paths[i] for i in lost], dtype=str),
-                        unreadable_labels=_label_array(chosen(lost), num_classes, multi_label),
-                        classes=np.array(names or [], dtype=str),
-                        num_classes=np.int64(num_classes), list_sha256=np.array(fingerprint),
-                        multi_label=np.bool_(multi_label))
-    tmp.replace(path)
+    with write_atomic(path) as part, open(part, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+        np.savez_compressed(f, scores=matrix, labels=_label_array(chosen(read), num_classes, multi_label),
+                            paths=np.array([paths[i] for i in read], dtype=str),
+                            unreadable_paths=np.array([paths[i] for i in lost], dtype=str),
+                            unreadable_labels=_label_array(chosen(lost), num_classes, multi_label),
+                            classes=np.array(names or [], dtype=str),
+                            num_classes=np.int64(num_classes), list_sha256=np.array(fingerprint),
+                            multi_label=np.bool_(multi_label))
     meta = {"file": SCORES_FILE, "videos": len(read), "unreadable": [paths[i] for i in lost],
             "num_classes": num_classes, "classes_sha256": classes_fingerprint(names, num_classes),
             "list_sha256": fingerprint, "multi_label": bool(multi_label)}

@@ -46,6 +46,7 @@ from ..data.loader import DataError, decoding_target
 from ..data.modality import modality_of
 from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
+from ..io import write_atomic, write_json
 from ..models import create_model
 from ..recipe import Recipe
 from ..train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -400,15 +401,15 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict], records: li
                                                        summary["confusion"].shape[0], names)
     doc = {**meta, **{k: v for k, v in summary.items() if k not in ("per_class", "confusion")},
            "per_class": [{**p, "name": _name(names, p["class"])} for p in summary["per_class"]]}
-    files["summary"].write_text(json.dumps(doc, indent=1) + "\n")
-    with files["per_class"].open("w", newline="") as f:
+    write_json(files["summary"], doc)
+    with write_atomic(files["per_class"]) as part, open(part, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "name", "videos", "correct", "unreadable", "accuracy"])
         for p in summary["per_class"]:
             w.writerow([p["class"], _name(names, p["class"]), p["videos"], p["correct"], p["unreadable"],
                         "" if p["accuracy"] is None else f"{p['accuracy']:.2f}"])
     k = max((len(r["top"]) for r in results), default=0)
-    with files["predictions"].open("w", newline="") as f:
+    with write_atomic(files["predictions"]) as part, open(part, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["video", "label", "label_name", "status"]
                    + [f"top{i}_{x}" for i in range(1, k + 1) for x in ("class", "name", "score")])
@@ -450,8 +451,8 @@ def write_multilabel_reports(out_dir: Path, summary: dict, results: list[dict], 
     doc = {**meta, "multi_label": True, "scores": scores_meta, **{k: v for k, v in summary.items()
                                                                   if k != "per_class"},
            "per_class": [{**p, "name": _name(names, p["class"])} for p in summary["per_class"]]}
-    files["summary"].write_text(json.dumps(doc, indent=1) + "\n")
-    with files["per_class"].open("w", newline="") as f:
+    write_json(files["summary"], doc)
+    with write_atomic(files["per_class"]) as part, open(part, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "name", "videos", "unreadable", "ap"])
         w.writerows([p["class"], _name(names, p["class"]), p["videos"], p["unreadable"],
@@ -463,7 +464,7 @@ def write_multilabel_reports(out_dir: Path, summary: dict, results: list[dict], 
 def _write_multilabel_predictions(path: Path, results: list[dict], videos: list[str], names: list[str] | None) -> None:
     """``predictions.csv`` of a multi-label test (columns: :func:`write_multilabel_reports`)."""
     k = max((len(r["top"]) for r in results), default=0)
-    with path.open("w", newline="") as f:
+    with write_atomic(path) as part, open(part, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["video", "labels", "label_names", "status"]
                    + [f"top{i}_{x}" for i in range(1, k + 1) for x in ("class", "name", "score")])
@@ -506,7 +507,8 @@ def _plot_confusion(path: Path, confusion: np.ndarray, names: list[str] | None, 
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with write_atomic(path) as part, open(part, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 

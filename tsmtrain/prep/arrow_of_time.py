@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..child import run
+from ..io import write_text
 from .synthetic import is_complete, mark_complete
 
 __all__ = ["REAL_SOURCES", "SAME_FOOTAGE", "footage", "build_arrow_of_time"]
@@ -157,7 +158,7 @@ def build_arrow_of_time(clips_dir: str | Path, out_dir: str | Path, window: floa
         log.warning("dropping %d windows without video: %s", len(empty), ", ".join(sorted(empty)))
         stems = {e.rsplit("_", 1)[0] for e in empty}
         rows = {k: [r for r in v if r.split()[0].rsplit("_", 1)[0] not in stems] for k, v in rows.items()}
-    train_list.write_text("\n".join(rows["train"]) + "\n")
-    val_list.write_text("\n".join(rows["val"]) + "\n")
+    write_text(train_list, "\n".join(rows["train"]) + "\n")
+    write_text(val_list, "\n".join(rows["val"]) + "\n")
     mark_complete(out_dir, params)
     return train_list, val_list

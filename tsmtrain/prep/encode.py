@@ -84,7 +84,7 @@ from typing import Any
 from ..child import ChildError, ChildTimeout, run
 from ..data.lists import ListFileError, read_list
 from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST, ManifestError, read_journal, read_manifest
-from ..io import FileWriteError, write_text
+from ..io import FileWriteError, commit, write_text
 from .journal import Journal, journal_files, journal_path, latest_records
 from ..errors import UserError
 
@@ -572,14 +572,6 @@ def _verify(path: str, size: tuple[int, int], fps: Fraction, settings: Settings,
     return frames
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Abort(Exception):
     """Stop the whole run (the machine, not the video, is the problem: disk full, no permission)."""
 
@@ -663,16 +655,16 @@ def prepare_video(video: SourceVideo, out_dir: str | Path, settings: Settings, d
                 write_text(sidecar, json.dumps({"frames": frames}, separators=(",", ":")))
                 record["frame_mappings"] = sidecar.relative_to(out_dir).as_posix()
             if settings.flow is not None:
-                _fsync(str(flow_part))
                 crc = file_crc32(flow_part)  # verified on every read (tsmtrain.data.loader.FlowFrames)
-                os.replace(flow_part, flow_target)
+                commit(flow_part, flow_target)  # ffmpeg wrote it: fsync, rename, fsync of the folder
                 record.update(flow=flow_target.relative_to(out_dir).as_posix(),
                               flow_bytes=flow_target.stat().st_size, flow_crc32=crc)
-            _fsync(str(part))
             record["output_crc32"] = file_crc32(part)  # checked where the loader reads the whole file
-            os.replace(part, target)
-        except (OSError, FileWriteError) as err:
+            commit(part, target)
+        except OSError as err:
             raise _Abort(f"cannot write {target}: {err.strerror or err}") from None
+        except FileWriteError as err:  # names the file and why
+            raise _Abort(str(err)) from None
         record.update(output=video.output, status="ok", frames=len(frames), fps=float(fps),
                       frame_rate=f"{fps.numerator}/{fps.denominator}", width=size[0], height=size[1],
                       seconds=round(float(len(frames) / fps), 6), bytes_out=target.stat().st_size)

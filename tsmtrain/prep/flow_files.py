@@ -14,6 +14,7 @@ import numpy as np
 from ..child import PIPE, start
 from ..data.flow import (CHUNK, DEFAULT_BOUND, FLOW_MARKER, FlowError, dequantize_flow, flow_engine, flow_path,
                          gray_frames, open_for_flow, opencv, quantize_flow, read_flow, read_flow_marker, stack_planes)
+from ..io import write_atomic, write_text
 
 __all__ = ["write_flow", "flow_of_video", "flow_of_dataset"]
 
@@ -163,6 +164,7 @@ def flow_of_dataset(root: str | Path, videos: Sequence[str], method: str = "dis"
 
     Raises:
         FlowError: a video's flow could not be computed (the message names it).
+        FileWriteError: a flow file or the marker cannot be written (names it).
     """
     import json
     import os
@@ -177,16 +179,13 @@ def flow_of_dataset(root: str | Path, videos: Sequence[str], method: str = "dis"
 
     def one(video: str) -> None:
         target = Path(flow_path(video))
-        part = target.with_name(f".{target.name}.part-{os.getpid()}")
         try:
-            flow_of_video(video, part, 25, method, preset, bound)
-            os.replace(part, target)
+            with write_atomic(target) as part:  # ffmpeg writes the temporary file; a failure removes it
+                flow_of_video(video, part, 25, method, preset, bound)
         except FlowError as err:
             raise FlowError(f"{video}: {err}") from None
-        finally:
-            part.unlink(missing_ok=True)
 
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         list(pool.map(one, todo))
-    marker.write_text(json.dumps(settings))
+    write_text(marker, json.dumps(settings))
     return len(todo)

@@ -47,7 +47,9 @@ def latest_records(out_dir: Path) -> dict[str, dict]:
 
 
 class Journal:
-    """Append-only record file of one shard; a line cut short by a kill is cut off on open."""
+    """Append-only record file of one shard; a line cut short by a kill is cut off on open. The
+    one kind of durable file not written through :mod:`tsmtrain.io` (by design: a record is
+    appended and ``fsync``-ed, never the whole file rewritten)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)

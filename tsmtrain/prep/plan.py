@@ -42,7 +42,6 @@ each, naming the option); :mod:`tsmtrain.prep.encode`'s errors pass through.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -52,6 +51,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..data.manifest import MANIFEST, read_journal
+from ..io import write_json, write_text
 from .encode import Worklist, Settings, SourceVideo, merge, make_worklist, run_task
 from ..errors import UserError
 
@@ -291,7 +291,7 @@ def _write_sample_list(plan: Worklist, sample: Sequence[SourceVideo], root: str 
     folder = plan.out_dir / PLAN_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SAMPLE_LIST
-    path.write_text("".join(f"{Path(v.source).relative_to(base).as_posix()} {labels[v.index]}\n" for v in sample))
+    write_text(path, "".join(f"{Path(v.source).relative_to(base).as_posix()} {labels[v.index]}\n" for v in sample))
     return path
 
 
@@ -340,7 +340,7 @@ def encode_sample(plan: Worklist, sample: Sequence[SourceVideo], root: str | Pat
         kept = {source: by_source[source] for source in usable}
         records[trial] = kept
         text = "".join(f"{record['output']} 0\n" for record in kept.values())
-        (plan.out_dir / PLAN_DIR / trial.folder / MEASURED_LIST).write_text(text)
+        write_text(plan.out_dir / PLAN_DIR / trial.folder / MEASURED_LIST, text)
     return records, left_out
 
 
@@ -455,9 +455,12 @@ class PlanResult:
                 "host": {"hostname": platform.node(), "cores": os.cpu_count(), "machine": platform.machine()}}
 
     def write(self, path: str | Path) -> None:
-        """Write :meth:`record` to ``path`` as JSON (the folders it needs are made)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.record(), indent=2) + "\n")
+        """Write :meth:`record` to ``path`` as JSON (the folders it needs are made).
+
+        Raises:
+            FileWriteError: it cannot be written (names ``path`` and why; :func:`tsmtrain.io.write_json`).
+        """
+        write_json(path, self.record(), indent=2)
 
 
 def prepare_command(source: Sequence[str], out: str | Path, choice: Measurement, settings: Settings) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..child import ProgramNotFound, run
+from ..io import write_text
 
 __all__ = ["render_clip", "generate_demo_dataset", "render_study_clip", "generate_study_dataset", "STUDY_PAIRS",
            "COMPLETE_MARKER", "is_complete", "mark_complete", "render_multilabel_clip", "generate_multilabel_dataset",
@@ -230,8 +231,9 @@ def is_complete(root: str | Path, params: dict) -> bool:
 
 
 def mark_complete(root: str | Path, params: dict) -> None:
-    """Write ``root``'s :data:`COMPLETE_MARKER` with ``params``: the last step of a build."""
-    (Path(root) / COMPLETE_MARKER).write_text(json.dumps(params))
+    """Write ``root``'s :data:`COMPLETE_MARKER` with ``params``: the last step of a build (the
+    videos before it are written in place: a build killed before its marker is made again)."""
+    write_text(Path(root) / COMPLETE_MARKER, json.dumps(params))
 
 
 def _encode(clip: np.ndarray, path: Path, fps: int) -> None:
@@ -279,7 +281,7 @@ def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, 
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(work, jobs))
     for split, path in (("train", train_list), ("val", val_list)):
-        path.write_text("".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
+        write_text(path, "".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
     mark_complete(root, params)
     return train_list, val_list
 
@@ -436,6 +438,6 @@ def generate_multilabel_dataset(root: str | Path, train_videos: int = 800, val_v
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(work, jobs))
     for split, path in (("train", train_list), ("val", val_list)):
-        path.write_text("".join(f"{rel} {' '.join(map(str, c))}\n" for s, rel, c, _ in jobs if s == split))
+        write_text(path, "".join(f"{rel} {' '.join(map(str, c))}\n" for s, rel, c, _ in jobs if s == split))
     mark_complete(root, params)
     return train_list, val_list

@@ -70,7 +70,8 @@ from pathlib import Path
 
 from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST, read_journal
 from ..data.readers.tar import INDEX, INDEX_KIND, SHARDS_FOLDER
-from .encode import (MergeResult, Worklist, PrepareError, Settings, TaskSummary, SourceVideo, already_prepared, write_text,
+from ..io import FileWriteError, write_atomic, write_text
+from .encode import (MergeResult, Worklist, PrepareError, Settings, TaskSummary, SourceVideo, already_prepared,
                      run_task, task_videos)
 from .journal import Journal, journal_files, latest_records
 
@@ -128,8 +129,8 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 def write_tar(path: Path, samples: Sequence[tuple[str, Sequence[tuple[str, bytes]]]]) -> list[dict]:
     """Write ``samples`` (``(key, [(extension, data), ...])``) as one ustar tar file at ``path``.
 
-    The file is written beside ``path`` as ``.NAME.part-PID``, flushed, read back (every header
-    where the returned offsets say, by :mod:`tarfile`), then renamed to ``path``.
+    The file is written beside ``path`` (:func:`tsmtrain.io.write_atomic`), flushed, read back
+    (every header where the returned offsets say, by :mod:`tarfile`), then put in place.
 
     Returns:
         Per sample: ``key``, ``offset`` (bytes from the start of the file to the sample's first
@@ -138,12 +139,11 @@ def write_tar(path: Path, samples: Sequence[tuple[str, Sequence[tuple[str, bytes
         (``members``).
 
     Raises:
-        OSError: the file cannot be written.
+        FileWriteError: the file cannot be written (names it and why; no part of it is left).
         RuntimeError: the written file does not read back as written (a bug or a bad disk).
     """
-    part = path.with_name(f".{path.name}.part-{os.getpid()}")
     entries = []
-    try:
+    with write_atomic(path) as part:
         with open(part, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, members in samples:
@@ -161,13 +161,7 @@ def write_tar(path: Path, samples: Sequence[tuple[str, Sequence[tuple[str, bytes
                             raise RuntimeError(f"{part}: member {key + ext} did not take one ustar header")
                     entry["size"], entry["crc32"] = tar.offset - entry["offset"], crc
                     entries.append(entry)
-            raw.flush()
-            os.fsync(raw.fileno())
         _check_tar(part, entries)
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
     return entries
 
 
@@ -292,10 +286,9 @@ class _Packer:
             staged.extend(path for _, path in files)
         target = self.out_dir / name
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             entries = write_tar(target, samples)
-        except OSError as err:
-            raise PrepareError(f"cannot write shard {target}: {err.strerror or err}") from None
+        except FileWriteError as err:  # "PATH: cannot write: no space left on the device"
+            raise PrepareError(str(err)) from None
         for entry, (video, _) in zip(entries, self.batch):
             entry.update(source=video.source, output=video.output)
         self.journal.append({"tar": name, "bytes": target.stat().st_size, "number": self.number,

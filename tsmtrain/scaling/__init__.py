@@ -28,7 +28,7 @@ from .model import (BACKWARD_SHARE, DEFAULT_SHARD_BYTES, KINETICS400_TRAIN_VIDEO
                     ring_allreduce_seconds, shard_count, shard_opens_in_epoch)
 from .records import (BREAKDOWN, META_KEYS, OK_KEYS, RECORD_FIELDS, RECORD_KEYS, REQUIRED_KEYS, STATUSES,
                       RecordField, SweepError, check_record, new_record, point_files, point_path, read_json,
-                      read_meta, read_record, write_json)
+                      read_meta, read_record)
 from .report import (COLUMNS, FILESYSTEM_COLUMNS, FileSystemTable, ReportFiles, filesystem_table, load_sweep,
                      print_report, table_rows, write_report)
 from .sweep import (ALLREDUCE_REPEATS, SweepPlan, benchmark_recipe, collect, measure_point, parse_workers,
@@ -37,7 +37,7 @@ from .sweep import (ALLREDUCE_REPEATS, SweepPlan, benchmark_recipe, collect, mea
 __all__ = [
     # records
     "BREAKDOWN", "RecordField", "RECORD_FIELDS", "RECORD_KEYS", "REQUIRED_KEYS", "OK_KEYS", "META_KEYS", "STATUSES",
-    "SweepError", "read_json", "write_json", "point_path", "point_files", "new_record", "check_record",
+    "SweepError", "read_json", "point_path", "point_files", "new_record", "check_record",
     "read_record", "read_meta",
     # sweep
     "SweepPlan", "plan_sweep", "run_sweep", "collect", "measure_point", "parse_workers", "benchmark_recipe",

@@ -6,8 +6,8 @@ per point, ``points/workers-NNNN.json``, with the keys of :data:`RECORD_FIELDS`.
 the one place that says which keys a record has, which of them a reader needs (:data:`REQUIRED_KEYS`)
 and which must hold a value when the point is ok (:data:`OK_KEYS`); the phases of a step's
 breakdown (:data:`BREAKDOWN`, also what the training loop writes to ``metrics.jsonl``); the
-error of the whole package (:class:`SweepError`); and its one JSON reader (:func:`read_json`) and
-one atomic JSON writer (:func:`write_json`).
+error of the whole package (:class:`SweepError`); and its JSON reader (:func:`read_json`, whose
+messages name the sweep's files). Its files are written by :func:`tsmtrain.io.write_json`.
 
 Imports only the standard library: the training loop imports :data:`BREAKDOWN` from here, and
 ``tsmtrain report`` never loads torch.
@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
 from ..errors import UserError
 
 __all__ = ["BREAKDOWN", "RecordField", "RECORD_FIELDS", "RECORD_KEYS", "REQUIRED_KEYS", "OK_KEYS", "META_KEYS",
-           "STATUSES", "SweepError", "read_json", "write_json", "point_path", "point_files", "new_record",
+           "STATUSES", "SweepError", "read_json", "point_path", "point_files", "new_record",
            "check_record", "read_record", "read_meta"]
 
 BREAKDOWN = ("data", "augment", "forward_backward", "allreduce_wait", "optimizer", "other")
@@ -120,26 +121,6 @@ def read_json(path: str | os.PathLike, advice: str = "") -> dict:
     if not isinstance(doc, dict):
         raise SweepError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     return doc
-
-
-def write_json(path: str | os.PathLike, doc: dict[str, Any]) -> None:
-    """Write ``doc`` as JSON to ``path`` atomically (a temporary file beside it, then a rename), so
-    a reader sees the old file or the new one, never half of one. Creates the parent folder; the
-    temporary file is removed when the write fails.
-
-    Raises:
-        OSError: the file cannot be written.
-        TypeError: a value JSON cannot hold.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def point_path(sweep_dir: str | os.PathLike, workers: int) -> Path:

@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import write_atomic, write_text
 from .records import BREAKDOWN, SweepError, point_files, read_meta, read_record
 
 __all__ = ["ReportFiles", "COLUMNS", "FILESYSTEM_COLUMNS", "FileSystemTable", "load_sweep", "table_rows",
@@ -276,7 +277,7 @@ def _markdown(meta: dict, rows: list[dict], filesystem: FileSystemTable | None =
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     """Full precision (``repr`` of floats), seconds per step, efficiency as a fraction."""
-    with open(path, "w", newline="") as f:
+    with write_atomic(path) as part, open(part, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for r in rows:
@@ -364,7 +365,8 @@ def _line_plots(meta: dict, rows: list[dict], throughput: Path, efficiency: Path
         ax.grid(True, alpha=0.3)
         if ok or pred or bad:
             ax.legend(fontsize=8)
-        fig.savefig(path, dpi=120)
+        with write_atomic(path) as part, open(part, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
 
 
 def _breakdown_plot(meta: dict, rows: list[dict], path: Path) -> None:
@@ -404,7 +406,8 @@ def _breakdown_plot(meta: dict, rows: list[dict], path: Path) -> None:
     ax.set_title(f"step-time breakdown: {_title(meta)}")
     if labelled:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(path, dpi=120)
+    with write_atomic(path) as part, open(part, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
 
 
 def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None,
@@ -429,7 +432,7 @@ def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None,
     out.mkdir(exist_ok=True)
     files = ReportFiles(*(out / name for name in ("report.md", "report.csv", "throughput.png", "efficiency.png",
                                                   "breakdown.png")))
-    files.markdown.write_text(_markdown(meta, rows, filesystem))
+    write_text(files.markdown, _markdown(meta, rows, filesystem))
     _write_csv(files.csv, rows)
     _line_plots(meta, rows, files.throughput, files.efficiency)
     _breakdown_plot(meta, rows, files.breakdown)

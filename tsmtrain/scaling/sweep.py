@@ -44,10 +44,10 @@ from typing import Callable
 from pydantic import ValidationError
 
 from ..child import STDOUT, ChildError, ChildTimeout, run, start
+from ..io import write_json, write_text
 from ..optim import linear_scaling
 from ..recipe import Recipe, dump_recipe
-from .records import (BREAKDOWN, SweepError, new_record, point_files, point_path, read_json, read_meta, read_record,
-                      write_json)
+from .records import BREAKDOWN, SweepError, new_record, point_files, point_path, read_json, read_meta, read_record
 
 __all__ = ["SweepPlan", "plan_sweep", "run_sweep", "collect", "measure_point", "parse_workers", "benchmark_recipe",
            "ALLREDUCE_REPEATS"]
@@ -314,7 +314,7 @@ def _run_local(recipe: Recipe, sweep_dir: Path, meta: dict, timeout: float | Non
     shutil.rmtree(run_dir, ignore_errors=True)  # a point starts afresh (an earlier try may have left a checkpoint)
     run_dir.mkdir(parents=True)
     recipe_file = run_dir.parent / f"workers-{n:04d}.yaml"
-    recipe_file.write_text(dump_recipe(recipe))
+    write_text(recipe_file, dump_recipe(recipe))
     record = _base_record(recipe, "local")
     record.update(warmup_steps=meta["warmup_steps"], steps=meta["steps"])
     log = run_dir / "point.log"
@@ -429,7 +429,7 @@ def _submit_points(recipes: dict[int, Recipe], sweep_dir: Path, meta: dict, arra
                 run_dirs=[str(_run_dir(sweep_dir, n)) for n in points], ranks=list(points),
                 ranks_per_node=[recipes[n].cluster.ranks_per_node() for n in points])
             script = sweep_dir / f"array-{nodes:04d}-nodes.sbatch"
-            script.write_text(render_sbatch(prepare_job(recipes[max(points)]), template, command="sweep",
+            write_text(script, render_sbatch(prepare_job(recipes[max(points)]), template, command="sweep",
                                             array=array_job))
             array_records = [r for r in records if r["workers"] in points and r["status"] == "submitted"]
             try:

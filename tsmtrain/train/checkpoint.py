@@ -5,12 +5,13 @@ the epoch and the position inside it (``micro``, and the sampler's state: epoch,
 seed, list size), every rank's random-number-generator states, every rank's BatchNorm
 statistics when it was written mid-epoch (``rank_buffers``; they are averaged at epoch ends),
 whether the epoch's evaluation is still due (``pending_eval``), the fp16 gradient scaler's state
-(``scaler``), and the recipe. Rank 0 writes it atomically: into a temporary file in the run
-directory (``.checkpoint-*.tmp``), flushed and fsync'ed, then renamed over the final name, so a
-job killed mid-write leaves the previous checkpoint intact and never a truncated one; the next
-start removes the temporary file such a kill leaves (:func:`remove_stale_temporaries`). A write
-that fails (a full disk) removes its temporary file and stops every rank with one line naming
-the file and the cause (:class:`CheckpointWriteError`).
+(``scaler``), and the recipe. Rank 0 writes it atomically (:func:`tsmtrain.io.write_atomic`):
+into a temporary file in the run directory (``.checkpoint-*.pt.part-*``), flushed and fsync'ed,
+then renamed over the final name (and the folder fsync'ed), so a job killed mid-write leaves
+the previous checkpoint intact and never a truncated one; the next start removes the temporary
+file such a kill leaves (:func:`remove_stale_temporaries`). A write that fails (a full disk)
+removes its temporary file and stops every rank with one line naming the file and the cause
+(:class:`CheckpointWriteError`).
 
 With a classifier sharded across ranks (``model.head_parallel``) every rank also writes its
 shard of the head, before rank 0's file (:mod:`~tsmtrain.train.head_slices`); a checkpoint
@@ -41,7 +42,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -53,17 +53,18 @@ import torch
 
 from ..dist.stop import PREEMPTED_FILE
 from ..tensorfile import OLD_NUMPY_STATE, CheckpointError, UnsafeCheckpointError, first_line, read_tensors
-from ..scaling.records import write_json  # the atomic JSON writer (re-exported here)
+from ..io import FileWriteError, write_atomic, write_json
 from .head_slices import head_state, missing_slices, slice_files, slice_path
 from .setup import TrainingError, log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
-           "remove_stale_temporaries", "rng_state", "set_rng_state", "write_json", "Position", "resume_checkpoint",
+           "remove_stale_temporaries", "rng_state", "set_rng_state", "Position", "resume_checkpoint",
            "save_run_checkpoint", "restore_run", "CheckpointError", "CheckpointWriteError", "CORRUPT_SUFFIX",
            "UnsafeCheckpointError", "read_tensors", "OLD_NUMPY_STATE"]
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
-_TEMPORARY = ".checkpoint-*.tmp"  # tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp")
+_TEMPORARIES = (".checkpoint-*.part-*",  # tsmtrain.io.write_atomic's temporary files of checkpoint-*.pt
+                ".checkpoint-*.tmp")  # and those of tsmtrain versions before it
 _NEARLY_FULL = 64 * 2**20  # bytes: less free space than this after a failed write means the disk is full
 
 CORRUPT_SUFFIX = ".corrupt"
@@ -107,29 +108,17 @@ def write_atomically(state: dict[str, Any], final: Path, previous: Path | None =
             message says is intact).
     """
     run_dir = final.parent
-    tmp, sink = None, None
+    sink = None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
-        with os.fdopen(fd, "wb") as f:
+        with write_atomic(final) as part, open(part, "wb") as f:  # fsync, rename, fsync of the folder
             sink = _Sink(f)
             torch.save(state, sink)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        tmp = None
-    except (OSError, RuntimeError) as exc:
-        cause = _write_cause(exc, sink.error if sink else None, run_dir)  # while the temporary file fills the disk
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    except (FileWriteError, RuntimeError) as exc:  # the temporary file is gone, the old files untouched
+        err = exc.__cause__ or exc if isinstance(exc, FileWriteError) else exc  # FileWriteError: from the OSError
+        cause = _write_cause(err, sink.error if sink else None, run_dir)  # while the temporary file fills the disk
         kept = (f"the previous checkpoint {previous.name} is intact" if previous is not None
                 else "no earlier checkpoint was written")
         raise CheckpointWriteError(f"cannot write checkpoint {final}: {cause}; {kept}") from exc
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(run_dir)  # the rename itself survives a crash of the host
 
 
 class _Sink:
@@ -169,29 +158,17 @@ def _write_cause(exc: BaseException, noted: OSError | None, run_dir: Path) -> st
     return first_line(exc)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Remove the temporary files (``.checkpoint-*.tmp``) of checkpoint writes that were killed
-    (``kill -9``, a node failure) from ``run_dir``, saying so in the log. Call it only while
+    """Remove the temporary files (``.checkpoint-*.pt.part-*``; ``.checkpoint-*.tmp`` of earlier
+    versions) of checkpoint writes that were killed (``kill -9``, a node failure) from
+    ``run_dir``, saying so in the log. Call it only while
     holding the run directory (:mod:`~tsmtrain.train.rundir`): a running run's file would go too.
 
     Returns:
         The files removed.
     """
     removed = []
-    for tmp in sorted(Path(run_dir).glob(_TEMPORARY)):
+    for tmp in sorted(p for pattern in _TEMPORARIES for p in Path(run_dir).glob(pattern)):
         try:
             size = tmp.stat().st_size
             tmp.unlink()
@@ -439,8 +416,8 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
                 try:
                     write_json(marker, {"step": pos.step, "checkpoint": path.name,
                                         "job": os.environ.get("SLURM_JOB_ID"), "time": time.time()})
-                except OSError as err:
-                    raise TrainingError(f"cannot write {marker}: {_write_cause(err, None, run_dir)}; "
+                except FileWriteError as err:
+                    raise TrainingError(f"cannot write {marker}: {_write_cause(err.__cause__ or err, None, run_dir)}; "
                                         f"the checkpoint {path.name} is intact") from err
         except TrainingError as err:
             failure = str(err)

@@ -34,6 +34,7 @@ from ..data.transforms import VideoTransform
 from ..dist.base import Engine
 from ..dist.head_parallel import HeadParallel, class_shard
 from ..dist.stop import PREEMPTED_FILE
+from ..io import write_text
 from ..models import FeatureClassifier, create_model, shard_classifier
 from ..optim import LinearScaling, create_optimizer
 from ..recipe import Recipe, dump_recipe
@@ -327,7 +328,7 @@ def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: 
     note = half_precision_note(t.precision, device)
     if note:
         log.warning("%s", note)
-    (recipe.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    write_text(recipe.run_dir / "recipe.yaml", dump_recipe(recipe))
     log.info("run %s: %s, %d ranks (%s), device %s, %s%s%s, global batch %d, lr %.4g, %d steps/epoch x %d epochs",
              recipe.run_dir, f"the classifier on the features of {recipe.data.features}" if recipe.data.features
              else "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,

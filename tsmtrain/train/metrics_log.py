@@ -14,7 +14,6 @@ once, as TensorBoard's ``purge_step`` does for the event files.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..dist.base import Engine
+from ..io import FileWriteError, write_bytes
 from ..scaling.records import BREAKDOWN  # the phases of breakdown_s, defined once for the scaling study
 from .setup import TrainingError, log
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
@@ -38,6 +38,8 @@ _TIMED = BREAKDOWN[1:-1]  # the phases PhaseClock times; data is always timed on
 class MetricsWriter:
     """Appends JSON records to ``metrics.jsonl`` on rank 0 (``path`` None on the other ranks),
     and the same records as TensorBoard scalars when given a ``tensorboard`` sink.
+    ``metrics.jsonl`` is an append-only journal, by design not written through
+    :mod:`tsmtrain.io`: a line cut short by a kill is dropped on resume (:func:`truncate_metrics`).
 
     A context manager: leaving it closes the sink, whether the run ended, stopped on request or
     failed.
@@ -112,7 +114,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     """Make ``path`` (``metrics.jsonl``) hold only records with ``step <= last_step``: a run that
     resumes from the checkpoint of ``last_step`` logs the later steps again. Lines that are not a
     JSON object (the last one, cut short by a kill mid-write) go too. The file is rewritten
-    atomically (a temporary file beside it, then a rename), and only when it changes.
+    atomically (:func:`tsmtrain.io.write_bytes`), and only when it changes.
 
     Returns:
         The number of lines removed (0 also when there is no such file).
@@ -145,16 +147,10 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             keep.append(line)
     if not (later or malformed or ends_cut):
         return 0
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.writelines(line + b"\n" for line in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise TrainingError(f"cannot rewrite {path}: {err.strerror or err}") from None
+        write_bytes(path, b"".join(line + b"\n" for line in keep))
+    except FileWriteError as err:  # "PATH: cannot write: why"
+        raise TrainingError(str(err)) from None
     if later:
         log.info("%s: dropped %d records of steps after %d, logged by an earlier start after its checkpoint",
                  path, later, last_step)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...io import JsonFileError, read_json
 from ..loader import DataError
 from .tar import outside_folder
 
@@ -80,9 +81,9 @@ def check_source(split_dir: Path, source: dict[str, Any]) -> None:
                             f"extract into another --out, or delete {split_dir}")
         return
     try:
-        theirs = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable ({err}); delete {split_dir} and extract again") from None
+        theirs = read_json(path, "features source record")
+    except JsonFileError as err:  # names the file (and the line)
+        raise DataError(f"{err}; delete {split_dir} and extract again") from None
     if theirs != source:
         keys = sorted(k for k in set(theirs) | set(source) if theirs.get(k) != source.get(k))
         raise DataError(f"{split_dir} holds features extracted with other settings (they differ in "
@@ -153,9 +154,9 @@ def read_index(split_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: no features index; run tsmtrain extract RECIPE --out {Path(split_dir).parent} "
                         "(an interrupted extraction resumes)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable features index ({err})") from None
+        return read_json(path, "features index")
+    except JsonFileError as err:  # names the file (and the line)
+        raise DataError(str(err)) from None
 
 
 class FeatureDataset(torch.utils.data.Dataset):
