@@ -85,11 +85,11 @@ def test_flow_of_a_moving_square_points_the_way_it_moves(method):
 def test_bad_flow_options_and_shards_are_refused():
     with pytest.raises(PrepareError) as err:
         check_options(None, ["a.txt"], "root", None, False, None,
-                      Settings(flow="raft", flow_bound=0), shards=False)
+                      Settings(flow="raft", flow_bound=0), tar_shards=False)
     assert any("--flow 'raft'" in p for p in err.value.problems)
     assert any("--flow-bound 0" in p for p in err.value.problems)
     with pytest.raises(PrepareError, match="--flow with --shards is not supported yet"):
-        check_options(None, ["a.txt"], "root", None, False, None, Settings(flow="dis"), shards=True)
+        check_options(None, ["a.txt"], "root", None, False, None, Settings(flow="dis"), tar_shards=True)
     assert "flow" not in Settings().key()  # old records (before flow) still count as done
     assert Settings(flow="dis").key()["flow"] == "dis"
 

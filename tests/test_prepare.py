@@ -382,7 +382,7 @@ def test_shards_then_merge_refuses_a_missing_shard_and_matches_one_run(tmp_path)
     run_task(plan, Settings(), (1, 3), jobs=2, progress=False)
     run_task(plan, Settings(), (0, 3), jobs=2, progress=False)
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sharded"), "--merge"])
-    assert result.exit_code == 2 and "shards have no journal" in result.stderr and "2/3" in result.stderr
+    assert result.exit_code == 2 and "tasks have no journal" in result.stderr and "2/3" in result.stderr
     assert not (tmp_path / "sharded" / MANIFEST).exists()
     journal = tmp_path / "sharded/.shards/manifest-1-of-3.jsonl"
     assert {Path(r["source"]).name for r in read_journal(journal)} == {"v1.mp4", "v4.mp4"}

@@ -335,7 +335,7 @@ def test_array_tasks_then_merge_hold_the_same_videos_and_a_missing_task_is_named
     with pytest.raises(PrepareError, match="--shard-size 5000"):
         merge_tar_shards(plan, SETTINGS, 5000)
     result = merge_tar_shards(plan, SETTINGS, SHARD_SIZE)
-    assert (result.ok, result.failed, result.shards) == (5, 1, 2)
+    assert (result.ok, result.failed, result.tasks) == (5, 1, 2)
     index, reference = ShardIndex.load(tmp_path / "out" / INDEX), ShardIndex.load(both[1] / INDEX)
     reader, ref_reader = TarShardReader(index), TarShardReader(reference)
     assert len(index.samples) == 5 and {Path(s["path"]).name[:20] for s in index.shards} == {

@@ -213,7 +213,7 @@ def test_prepare_as_a_job_array_then_merge(cluster, tmp_path, tiny_demo):
     logs = sorted(tmp_path.glob("prepare-*.out"))
     assert len(logs) == 2, logs
     for log in logs:
-        assert "tsmtrain prepare: shard" in log.read_text()
+        assert "tsmtrain prepare: array task" in log.read_text()
     journals = sorted(p.name for p in (out / ".shards").iterdir())
     assert journals == ["manifest-0-of-2.jsonl", "manifest-1-of-2.jsonl"], [log.read_text() for log in logs]
     merge = subprocess.run([sys.executable, "-m", "tsmtrain", "prepare", *args, "--merge"], capture_output=True,

@@ -123,10 +123,10 @@ def _encode_and_merge(plan, settings, task: tuple[int, int] | None, merge: bool,
         check_tools(decoder)
         if shard_size is not None:
             done = packing.pack_task(plan, settings, task or (0, 1), shard_size, jobs, decoder, retry_failed)
-            _say(summary_lines(done.encoding, sharded=task is not None) + packing.pack_lines(done))
+            _say(summary_lines(done.encoding, one_of_several=task is not None) + packing.pack_lines(done))
         else:
             summary = run_task(plan, settings, task or (0, 1), jobs, decoder, frame_mappings, retry_failed)
-            _say(summary_lines(summary, sharded=task is not None))
+            _say(summary_lines(summary, one_of_several=task is not None))
     if task is None:
         count = tasks if merge else 1
         result = (packing.merge_tar_shards(plan, settings, shard_size, count) if shard_size is not None

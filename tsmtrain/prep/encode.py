@@ -36,7 +36,7 @@ What ``DIR`` holds afterwards:
 
 **Resuming.** Each video is encoded into a hidden temporary file beside its output
 (``.NAME.mp4.part-PID``), verified, flushed to disk and renamed; only then is its record appended
-to the shard's journal. A video counts as done when the journal has an ``ok`` record for it, made
+to the task's journal. A video counts as done when the journal has an ``ok`` record for it, made
 with the same settings, from a source of the same size, and its output exists with the recorded
 size. So a run stopped at any moment (``kill -9``, a node lost, a time limit) and started again
 redoes only the videos in flight, and a second run of a finished preparation encodes nothing.
@@ -44,9 +44,9 @@ Failed videos are not tried again unless ``retry_failed``. On Linux the ffmpeg a
 started die with it, even when it is killed with ``kill -9`` (:mod:`tsmtrain.child`): none is left
 encoding for nobody.
 
-**On a cluster.** ``shard=(I, N)`` takes every N-th video (videos ``I, I+N, I+2N, ...`` of the
+**On a cluster.** ``task=(I, N)`` takes every N-th video (videos ``I, I+N, I+2N, ...`` of the
 de-duplicated list, 0-based) and writes only its journal; :func:`merge` then writes the list files
-and the manifest from all N journals. With Slurm, one array task per shard
+and the manifest from all N journals. With Slurm, one array task per ``I``
 (``slurm/prepare.sbatch`` in the repository; its first argument is N)::
 
     JOB=$(sbatch --parsable --array=0-99 --cpus-per-task=16 slurm/prepare.sbatch 100 \\
@@ -56,10 +56,10 @@ and the manifest from all N journals. With Slurm, one array task per shard
 
 where each task runs ``tsmtrain prepare ARGS --shard $SLURM_ARRAY_TASK_ID/100 --jobs
 $SLURM_CPUS_PER_TASK``. A task stopped by its time limit continues where it stopped when the same
-index is submitted again (``--array=17``). A merge with a shard missing names it and writes nothing.
+index is submitted again (``--array=17``). A merge with a task missing names it and writes nothing.
 
-Errors: :class:`PrepareError` (a problem the user can fix: a missing list file, a bad shard,
-ffmpeg missing, a shard journal missing at merge time; ``problems`` holds one line each) and
+Errors: :class:`PrepareError` (a problem the user can fix: a missing list file, a bad task,
+ffmpeg missing, a task journal missing at merge time; ``problems`` holds one line each) and
 :class:`ManifestError` (a malformed manifest or journal line, named by file and line).
 """
 
@@ -110,7 +110,7 @@ ENCODE_TIMEOUT_S = 3600
 
 class PrepareError(UserError):
     """A preparation cannot start or finish for a reason the user can fix; ``problems`` holds one
-    line per problem, each naming the culprit (file, option, shard)."""
+    line per problem, each naming the culprit (file, option, task)."""
 
 
 
@@ -189,7 +189,7 @@ class SourceVideo:
     """One video to prepare.
 
     Attributes:
-        index: position in the de-duplicated plan (0-based; shards take ``index % N == I``).
+        index: position in the de-duplicated plan (0-based; tasks take ``index % N == I``).
         source: absolute path of the source file.
         output: output path relative to the output folder (POSIX, ends in ``.mp4``).
         list: base name of the first list file that names it.
@@ -289,18 +289,18 @@ def parse_task(text: str) -> tuple[int, int]:
     """
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match:
-        raise PrepareError(f"--shard {text!r}: expected I/N, e.g. 0/8 (shard I of N, I counted from 0)")
+        raise PrepareError(f"--shard {text!r}: expected I/N, e.g. 0/8 (task I of N, I counted from 0)")
     i, n = int(match[1]), int(match[2])
     if n < 1 or not 0 <= i < n:
-        raise PrepareError(f"--shard {text}: I must be in 0..N-1 (shards are counted from 0)")
+        raise PrepareError(f"--shard {text}: I must be in 0..N-1 (tasks are counted from 0)")
     return i, n
 
 
-def check_options(recipe: str | None, lists: Sequence[str], root: str | None, shard: str | None, merge: bool,
-                  tasks: int | None, settings: Settings, shards: bool = False) -> None:
+def check_options(recipe: str | None, lists: Sequence[str], root: str | None, task: str | None, merge: bool,
+                  tasks: int | None, settings: Settings, tar_shards: bool = False) -> None:
     """Check the options of ``tsmtrain prepare`` together, before anything is read: a recipe or
-    list files (with their ``root``), ``shard`` (``--shard I/N``) or ``merge`` (with ``tasks``,
-    ``--tasks N``), the encoding ``settings`` and ``shards`` (``--shards``: not with flow yet).
+    list files (with their ``root``), ``task`` (``--shard I/N``) or ``merge`` (with ``tasks``,
+    ``--tasks N``), the encoding ``settings`` and ``tar_shards`` (``--shards``: not with flow yet).
 
     Raises:
         PrepareError: one line per problem, each naming the option.
@@ -313,20 +313,20 @@ def check_options(recipe: str | None, lists: Sequence[str], root: str | None, sh
         problems.append("--list: give --root, the folder its paths are relative to")
     if recipe is not None and root is not None:
         problems.append("--root: the recipe's data.root is used; give --root only with --list")
-    if shard is not None and merge:
-        problems.append("--shard and --merge: run the shards first, then one --merge")
+    if task is not None and merge:
+        problems.append("--shard and --merge: run the tasks first, then one --merge")
     if tasks is not None and not merge:
         problems.append("--tasks goes with --merge (a task is chosen with --shard I/N)")
     problems += settings.problems()
-    if shards and settings.flow is not None:
+    if tar_shards and settings.flow is not None:
         problems.append("--flow with --shards is not supported yet: prepare files (no --shards) for flow")
     if problems:
         raise PrepareError(problems)
 
 
-def task_videos(videos: Sequence[SourceVideo], shard: tuple[int, int]) -> list[SourceVideo]:
-    """The videos of shard ``(I, N)``: every N-th, starting at the I-th (``index % N == I``)."""
-    i, n = shard
+def task_videos(videos: Sequence[SourceVideo], task: tuple[int, int]) -> list[SourceVideo]:
+    """The videos of task ``(I, N)``: every N-th, starting at the I-th (``index % N == I``)."""
+    i, n = task
     return [v for v in videos if v.index % n == i]
 
 
@@ -721,7 +721,7 @@ def already_prepared(record: dict | None, video: SourceVideo, out_dir: Path, set
             and (sidecar is None or (out_dir / sidecar).is_file()))
 
 
-# --------------------------------------------------------------------------- a shard
+# --------------------------------------------------------------------------- a task
 
 
 @dataclass
@@ -729,8 +729,8 @@ class TaskSummary:
     """What :func:`run_task` did.
 
     Attributes:
-        shard: ``(I, N)``.
-        videos: videos in the shard.
+        task: ``(I, N)``.
+        videos: videos in the task.
         done_before: videos already done (skipped).
         ok, failed: videos prepared now, and those that failed now.
         seconds: wall time of the run (s).
@@ -740,7 +740,7 @@ class TaskSummary:
         flow_seconds: with flow: wall time (s) of the flow of the videos prepared now, summed.
     """
 
-    shard: tuple[int, int]
+    task: tuple[int, int]
     videos: int
     done_before: int = 0
     ok: int = 0
@@ -800,10 +800,10 @@ class _Progress:
             self.bar.stop()
 
 
-def run_task(plan: Worklist, settings: Settings, shard: tuple[int, int] = (0, 1), jobs: int | None = None,
+def run_task(plan: Worklist, settings: Settings, task: tuple[int, int] = (0, 1), jobs: int | None = None,
               decoder: str = "torchcodec", frame_mappings: bool = True, retry_failed: bool = False,
               progress: bool = True, on_record: Callable[[dict], None] | None = None) -> TaskSummary:
-    """Prepare the videos of one shard that are not done yet, ``jobs`` at a time.
+    """Prepare the videos of one task that are not done yet, ``jobs`` at a time.
 
     Records go to ``out_dir/.shards/manifest-I-of-N.jsonl`` as each video finishes. Records in
     any journal of the folder (another N, an earlier run) count (:func:`prepare` explains "done").
@@ -811,7 +811,7 @@ def run_task(plan: Worklist, settings: Settings, shard: tuple[int, int] = (0, 1)
     Args:
         plan: from :func:`make_worklist`.
         settings: the encoding.
-        shard: ``(I, N)``: this run takes the videos with ``index % N == I``.
+        task: ``(I, N)``: this run takes the videos with ``index % N == I``.
         jobs: ffmpeg processes at once (default :func:`default_jobs`).
         decoder: the decoder that verifies each output (``"torchcodec"`` or ``"decord"``).
         frame_mappings: write the ``.frames.json`` frame tables.
@@ -826,16 +826,16 @@ def run_task(plan: Worklist, settings: Settings, shard: tuple[int, int] = (0, 1)
     """
     out_dir = plan.out_dir
     jobs = jobs or default_jobs()
-    mine = task_videos(plan.videos, shard)
+    mine = task_videos(plan.videos, task)
     try:
-        journal = Journal(journal_path(out_dir, shard))
+        journal = Journal(journal_path(out_dir, task))
     except OSError as err:
         raise PrepareError(f"--out {out_dir}: cannot write the journal: {err.strerror or err}") from None
     latest = latest_records(out_dir)
     todo = [v for v in mine if not already_prepared(latest.get(v.source), v, out_dir, settings, retry_failed, frame_mappings)]
-    summary = TaskSummary(shard, len(mine), done_before=len(mine) - len(todo))
+    summary = TaskSummary(task, len(mine), done_before=len(mine) - len(todo))
     started = time.monotonic()
-    label = "prepare" if shard == (0, 1) else f"prepare shard {shard[0]}/{shard[1]}"
+    label = "prepare" if task == (0, 1) else f"prepare task {task[0]}/{task[1]}"
     bar = _Progress(len(todo), label) if progress else None
     pending: set[Future] = set()
     queue = iter(todo)
@@ -881,17 +881,17 @@ def run_task(plan: Worklist, settings: Settings, shard: tuple[int, int] = (0, 1)
     return summary
 
 
-def summary_lines(summary: TaskSummary, sharded: bool, failures: int = 20) -> list[str]:
+def summary_lines(summary: TaskSummary, one_of_several: bool, failures: int = 20) -> list[str]:
     """What ``tsmtrain prepare`` prints (on stderr) after :func:`run_task`: the counts, the rate
     when videos were prepared now, and the first ``failures`` failures with their reasons.
 
     Args:
         summary: from :func:`run_task`.
-        sharded: the run was one shard of several (``--shard I/N``): the line names the shard.
+        one_of_several: the run was one task of several (``--shard I/N``): the line names the task.
         failures: failures listed by name; the others are counted (their reasons are in the journal).
     """
     s = summary
-    label = f"shard {s.shard[0]}/{s.shard[1]}: " if sharded else ""
+    label = f"task {s.task[0]}/{s.task[1]}: " if one_of_several else ""
     rate = (f" in {s.seconds:.1f} s: {s.videos_per_s:.2f} videos/s, "
             f"{s.source_seconds / s.seconds if s.seconds else 0:.1f} s of video per s") if s.ok + s.failed else ""
     lines = [f"{label}{s.videos} videos: {s.ok} prepared, {s.failed} failed, {s.done_before} already done{rate}"]
@@ -914,55 +914,55 @@ class MergeResult:
         manifest: the manifest file.
         lists: ``(path, videos listed, lines left out)`` per new list file.
         ok, failed: videos in the manifest by status.
-        shards: N, the shard count merged.
+        tasks: N, the task count merged.
     """
 
     manifest: Path
     lists: list[tuple[Path, int, int]]
     ok: int
     failed: int
-    shards: int
+    tasks: int
 
 
-def merge(plan: Worklist, settings: Settings, shards: int | None = None) -> MergeResult:
-    """Write the manifest and the new list files from the shard journals.
+def merge(plan: Worklist, settings: Settings, tasks: int | None = None) -> MergeResult:
+    """Write the manifest and the new list files from the task journals.
 
     Args:
-        plan: the same list files as the shards were given.
-        settings: the same settings as the shards were given.
-        shards: N; ``None``: the N of the journals in the folder (there must be one N).
+        plan: the same list files as the tasks were given.
+        settings: the same settings as the tasks were given.
+        tasks: N; ``None``: the N of the journals in the folder (there must be one N).
 
     Raises:
-        PrepareError: no journals; journals of several N and no ``shards``; a shard's journal
+        PrepareError: no journals; journals of several N and no ``tasks``; a task's journal
             missing (all named); videos without a record made with these settings (how many, the
-            first few, and their shards).
+            first few, and their tasks).
         ManifestError: a journal has a malformed line.
     """
     out_dir = plan.out_dir
     found = journal_files(out_dir)
-    if shards is None:
+    if tasks is None:
         counts = sorted({n for _, n in found})
         if not counts:
-            raise PrepareError(f"{out_dir / JOURNALS_DIR}: no shard journals (manifest-I-of-N.jsonl): "
-                               "run the shards (--shard I/N) first")
+            raise PrepareError(f"{out_dir / JOURNALS_DIR}: no task journals (manifest-I-of-N.jsonl): "
+                               "run the tasks (--shard I/N) first")
         if len(counts) > 1:
-            raise PrepareError(f"{out_dir / JOURNALS_DIR}: journals of {', '.join(map(str, counts))} shards: "
+            raise PrepareError(f"{out_dir / JOURNALS_DIR}: journals of {', '.join(map(str, counts))} tasks: "
                                "say which with --tasks N")
-        shards = counts[0]
-    missing = [i for i in range(shards) if (i, shards) not in found]
+        tasks = counts[0]
+    missing = [i for i in range(tasks) if (i, tasks) not in found]
     if missing:
-        names = ", ".join(f"{i}/{shards}" for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise PrepareError(f"{len(missing)} of {shards} shards have no journal in {out_dir / JOURNALS_DIR}: "
-                           f"{names}; run them (--shard I/{shards}) before --merge")
+        names = ", ".join(f"{i}/{tasks}" for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise PrepareError(f"{len(missing)} of {tasks} tasks have no journal in {out_dir / JOURNALS_DIR}: "
+                           f"{names}; run them (--shard I/{tasks}) before --merge")
     latest = latest_records(out_dir)
     undone = [v for v in plan.videos if not already_prepared(latest.get(v.source), v, out_dir, settings, False)]
     if undone:
-        shown = "; ".join(f"{v.source} (shard {v.index % shards}/{shards})" for v in undone[:5])
-        by_shard = sorted({v.index % shards for v in undone})
+        shown = "; ".join(f"{v.source} (task {v.index % tasks}/{tasks})" for v in undone[:5])
+        by_task = sorted({v.index % tasks for v in undone})
         raise PrepareError([f"{len(undone)} of {len(plan.videos)} videos are not prepared with these settings "
                             f"({', '.join(f'{k}={v}' for k, v in settings.key().items())}): {shown}"
                             + (" ..." if len(undone) > 5 else ""),
-                            f"run shard(s) {', '.join(map(str, by_shard[:20]))} of {shards} again (same options) "
+                            f"run task(s) {', '.join(map(str, by_task[:20]))} of {tasks} again (same options) "
                             "before --merge"])
     records = []
     for video in plan.videos:
@@ -978,7 +978,7 @@ def merge(plan: Worklist, settings: Settings, shards: int | None = None) -> Merg
         lists.append((path, len(kept), len(lines) - len(kept)))
     write_text(out_dir / MANIFEST, text)
     ok = sum(r["status"] == "ok" for r in records)
-    return MergeResult(out_dir / MANIFEST, lists, ok, len(records) - ok, shards)
+    return MergeResult(out_dir / MANIFEST, lists, ok, len(records) - ok, tasks)
 
 
 def merge_lines(result: MergeResult) -> list[str]:
@@ -993,7 +993,7 @@ def prepare(plan: Worklist, settings: Settings, jobs: int | None = None, decoder
             frame_mappings: bool = True, retry_failed: bool = False,
             progress: bool = True) -> tuple[TaskSummary, MergeResult]:
     """Prepare every video of ``plan`` on this machine and write the list files and manifest
-    (:func:`run_task` with shard 0/1, then :func:`merge`).
+    (:func:`run_task` with task 0/1, then :func:`merge`).
 
     A video counts as done, and is skipped, when the newest record for its source in any journal
     of the output folder is ``ok``, was made with the same ``settings`` from a source of the same

@@ -18,8 +18,8 @@ __all__ = ["journal_path", "journal_files", "latest_records", "Journal"]
 _JOURNAL = re.compile(r"^manifest-(\d+)-of-(\d+)\.jsonl$")
 
 
-def journal_path(out_dir: Path, shard: tuple[int, int]) -> Path:
-    return out_dir / JOURNALS_DIR / f"manifest-{shard[0]}-of-{shard[1]}.jsonl"
+def journal_path(out_dir: Path, task: tuple[int, int]) -> Path:
+    return out_dir / JOURNALS_DIR / f"manifest-{task[0]}-of-{task[1]}.jsonl"
 
 
 def journal_files(out_dir: Path, pattern: re.Pattern = _JOURNAL) -> dict[tuple[int, int], Path]:
@@ -47,7 +47,7 @@ def latest_records(out_dir: Path) -> dict[str, dict]:
 
 
 class Journal:
-    """Append-only record file of one shard; a line cut short by a kill is cut off on open. The
+    """Append-only record file of one task; a line cut short by a kill is cut off on open. The
     one kind of durable file not written through :mod:`tsmtrain.io` (by design: a record is
     appended and ``fsync``-ed, never the whole file rewritten)."""
 
