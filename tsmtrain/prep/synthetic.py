@@ -259,31 +259,51 @@ def _render_dataset(root: Path, params: dict, kind: str, render) -> tuple[Path, 
         tsmtrain.child.ChildError: ffmpeg is missing (only when something is to be rendered), fails or
             runs past its timeout (the message names the file).
     """
-    train_list, val_list = root / "train.txt", root / "val.txt"
-    if is_complete(root, params):  # (a GPU node without ffmpeg can read a dataset rendered elsewhere)
-        return train_list, val_list
+    if _needs_rendering(root, params, kind):
+        jobs = []
+        for split, per_class, split_seed in (("train", params["train_per_class"], 0),
+                                             ("val", params["val_per_class"], 1)):
+            for cls in range(params["num_classes"]):
+                for i in range(per_class):
+                    rng = np.random.default_rng(np.random.SeedSequence([params["seed"], split_seed, cls, i]))
+                    jobs.append((split, f"videos/{split}/{cls}_{i:04d}.mp4", [cls], rng))
+        _render_jobs(root, params, kind, jobs, lambda labels, rng: render(labels[0], rng))
+    return root / "train.txt", root / "val.txt"
+
+
+def _needs_rendering(root: Path, params: dict, kind: str) -> bool:
+    """False when ``root``'s completion marker holds ``params`` (a GPU node without ffmpeg can
+    read a dataset rendered elsewhere); True otherwise.
+
+    Raises:
+        tsmtrain.child.ProgramNotFound: something is to be rendered and ffmpeg is missing.
+    """
+    if is_complete(root, params):
+        return False
     if shutil.which("ffmpeg") is None:
         raise ProgramNotFound(f"ffmpeg not found: the {kind} dataset is encoded with it (apt-get install ffmpeg)",
                               ["ffmpeg"])
-    jobs = []
-    for split, per_class, split_seed in (("train", params["train_per_class"], 0), ("val", params["val_per_class"], 1)):
+    return True
+
+
+def _render_jobs(root: Path, params: dict, kind: str, jobs: list, render) -> None:
+    """Encode every job ``(split, relative path, labels, rng)`` as ``render(labels, rng)``
+    (uint8 ``(frames, H, W, 3)``) at ``params["fps"]``, three ffmpeg at a time; then write
+    ``train.txt`` and ``val.txt`` (``path label...`` lines) and, last, the completion marker."""
+    for split in {job[0] for job in jobs}:
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-        for cls in range(params["num_classes"]):
-            for i in range(per_class):
-                rel = f"videos/{split}/{cls}_{i:04d}.mp4"
-                jobs.append((split, rel, cls, np.random.SeedSequence([params["seed"], split_seed, cls, i])))
     log.info("rendering %d %s clips into %s", len(jobs), kind, root)
 
     def work(job):
-        _, rel, cls, seq = job
-        _encode(render(cls, np.random.default_rng(seq)), root / rel, params["fps"])
+        _, rel, labels, rng = job
+        _encode(render(labels, rng), root / rel, params["fps"])
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(work, jobs))
-    for split, path in (("train", train_list), ("val", val_list)):
-        write_text(path, "".join(f"{rel} {cls}\n" for s, rel, cls, _ in jobs if s == split))
+    for split in ("train", "val"):
+        write_text(root / f"{split}.txt",
+                   "".join(f"{rel} {' '.join(map(str, labels))}\n" for s, rel, labels, _ in jobs if s == split))
     mark_complete(root, params)
-    return train_list, val_list
 
 
 def generate_demo_dataset(root: str | Path, num_classes: int = 4, train_per_class: int = 200,
@@ -416,28 +436,13 @@ def generate_multilabel_dataset(root: str | Path, train_videos: int = 800, val_v
     root = Path(root)
     params = dict(kind="multilabel", train_videos=train_videos, val_videos=val_videos, frames=frames, size=size,
                   fps=fps, seed=seed, version=1)
-    train_list, val_list = root / "train.txt", root / "val.txt"
-    if is_complete(root, params):
-        return train_list, val_list
-    if shutil.which("ffmpeg") is None:
-        raise ProgramNotFound("ffmpeg not found: the multilabel dataset is encoded with it (apt-get install ffmpeg)",
-                              ["ffmpeg"])
-    jobs = []
-    for split, count, split_seed in (("train", train_videos, 0), ("val", val_videos, 1)):
-        (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, split_seed, i]))
-            classes = sorted(rng.choice(MULTILABEL_CLASSES, int(rng.integers(1, 4)), replace=False).tolist())
-            jobs.append((split, f"videos/{split}/{i:05d}.mp4", classes, rng))
-    log.info("rendering %d multilabel clips into %s", len(jobs), root)
-
-    def work(job):
-        _, rel, classes, rng = job
-        _encode(render_multilabel_clip(classes, rng, frames, size), root / rel, fps)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        list(pool.map(work, jobs))
-    for split, path in (("train", train_list), ("val", val_list)):
-        write_text(path, "".join(f"{rel} {' '.join(map(str, c))}\n" for s, rel, c, _ in jobs if s == split))
-    mark_complete(root, params)
-    return train_list, val_list
+    if _needs_rendering(root, params, "multilabel"):
+        jobs = []
+        for split, count, split_seed in (("train", train_videos, 0), ("val", val_videos, 1)):
+            for i in range(count):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, split_seed, i]))
+                classes = sorted(rng.choice(MULTILABEL_CLASSES, int(rng.integers(1, 4)), replace=False).tolist())
+                jobs.append((split, f"videos/{split}/{i:05d}.mp4", classes, rng))
+        _render_jobs(root, params, "multilabel", jobs,
+                     lambda classes, rng: render_multilabel_clip(classes, rng, frames, size))
+    return root / "train.txt", root / "val.txt"
