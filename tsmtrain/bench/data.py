@@ -221,7 +221,7 @@ def _keys(size: int, clips: int, seed: int) -> list[tuple[int, int]]:
     return [(order[i % size], i // size) for i in range(clips)]
 
 
-class _Keys(list):
+class _SwappableSampler(list):
     """A sampler whose keys can be swapped between passes of a loader with persistent workers."""
 
 
@@ -324,7 +324,7 @@ def bench_data(recipe, recipe_path: str = "", workers: list[int] | tuple[int, ..
             # ---- the loader at each worker count, over the clips that decoded
             for w in workers:
                 if w not in loaders:  # warm-up pass: starts the workers, loads the libraries
-                    sampler = _Keys(good[: w * batch])
+                    sampler = _SwappableSampler(good[: w * batch])
                     loaders[w] = (build_loader(dataset, sampler, batch, w, drop_last=False, persistent=True), sampler)
                     for b in loaders[w][0]:
                         note(w, b)

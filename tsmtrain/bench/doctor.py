@@ -125,7 +125,8 @@ class DoctorResult:
         write_json(path, self.record(), indent=2)
 
 
-def _nothing(line: str) -> None:
+def _say_nothing(line: str) -> None:
+    """The default progress callback: print nothing."""
     pass
 
 
@@ -317,7 +318,7 @@ def loader_clips_per_s(recipe, backend: str, decode_device: str, clips: int = 32
     return count / (time.perf_counter() - start)
 
 
-def step_figures(recipe, steps: int = 5, budget_s: float = 20.0, say: Callable[[str], None] = _nothing) -> dict:
+def step_figures(recipe, steps: int = 5, budget_s: float = 20.0, say: Callable[[str], None] = _say_nothing) -> dict:
     """The training step of ``recipe`` on its ``train.device`` (:func:`tsmtrain.bench.step.bench_step`
     on a synthetic batch of ``train.batch_size`` clips, ``steps`` rounds at most, ``budget_s``
     seconds per variant), for the recipe's own precision and memory format (uncompiled), fp32,
@@ -481,7 +482,7 @@ def _wait_all(procs: list[subprocess.Popen], outs: list[tuple[Path, Path]], time
 
 
 def run_doctor(recipe=None, recipe_path: str | None = None, clips: int = 32, steps: int = 5, budget_s: float = 20.0,
-               timeout_s: float = 60.0, say: Callable[[str], None] = _nothing) -> DoctorResult:
+               timeout_s: float = 60.0, say: Callable[[str], None] = _say_nothing) -> DoctorResult:
     """Check this node for ``recipe`` (a :class:`tsmtrain.recipe.Recipe`; None: the environment
     rows only, no data, no step, no allreduce).
 

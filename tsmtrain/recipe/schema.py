@@ -464,7 +464,7 @@ class Recipe(_Section):
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
-    def _combinations(self) -> "Recipe":
+    def _impossible_combinations(self) -> "Recipe":
         problems: list[tuple[str, Any, str]] = []
         s = self.schedule
         if s.warmup_epochs > s.epochs:
