@@ -132,7 +132,7 @@ class Engine:
     def average_buffers(self, model: nn.Module) -> None:
         """Average floating-point buffers (BatchNorm running mean and variance) over all ranks.
 
-        Each rank's BatchNorm statistics come from its own shard; averaging them before
+        Each rank's BatchNorm statistics come from its own part of the batch; averaging them before
         evaluation and checkpointing makes every rank hold the same model (as timm's
         ``distribute_bn(reduce=True)``).
         """

@@ -119,7 +119,7 @@ def extract_features(recipe: Recipe, out_dir: str | Path, protocol: Protocol = P
         engine.barrier()
         report.splits[split] = _extract_list(model, records, recipe, protocol, engine, device, split_dir,
                                              shard_videos, dtype, source_digest(source))
-        engine.barrier()  # every rank's shards are on disk
+        engine.barrier()  # every rank's feature files are on disk
         if engine.rank == 0:
             doc = write_index(split_dir, {**_index_doc(recipe, list_file, len(records), model.feature_dim, dtype, path,
                                                        protocol, shard_videos),
@@ -159,7 +159,7 @@ def _source(recipe: Recipe, list_file: str, videos: int, dim: int, dtype: str, w
 
 def _extract_list(model, records: list[VideoRecord], recipe: Recipe, protocol: Protocol, engine: Engine,
                   device: torch.device, split_dir: Path, shard_videos: int, dtype: str, source: str) -> dict:
-    """This rank's shards of one list: kept when complete, else extracted and written."""
+    """This rank's feature files of one list: kept when complete, else extracted and written."""
     shards = (len(records) + shard_videos - 1) // shard_videos
     extracted = kept = 0
     for s in range(engine.rank, shards, engine.size):

@@ -36,7 +36,7 @@ class LARS(torch.optim.Optimizer):
         sum_across: for a tensor split across ranks (a head sharded by
             :mod:`tsmtrain.dist.head_parallel`): a function summing a tensor over the ranks; the
             norms ``||w||`` and ``||g||`` are then those of the whole tensor (the squares of
-            every rank's shard summed), so the sharded step equals the unsharded one. ``None``:
+            every rank's slice summed), so the sharded step equals the unsharded one. ``None``:
             each tensor is whole on this rank.
     """
 

@@ -398,7 +398,7 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
     if engine.rank == 0 and failure is None:
         try:
             weights = model.state_dict()
-            if sharded is not None:  # each rank's shard is in its own file
+            if sharded is not None:  # each rank's head slice is in its own file
                 weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
             state = {
                 "model": weights, "optimizer": None if optimizer is None else optimizer.state_dict(),

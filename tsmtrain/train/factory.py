@@ -81,7 +81,7 @@ class Loaders:
     Attributes:
         train: the training loader: batches of ``frames`` uint8 ``(N, T, H, W, 3)``, ``label``
             int64 ``(N,)``, ``failed`` (videos that could not be decoded), N = ``train.batch_size``.
-        sampler: its :class:`~tsmtrain.data.ShardSampler` (this rank's shard, the epoch and the
+        sampler: its :class:`~tsmtrain.data.RankSampler` (this rank's part, the epoch and the
             position in it).
         train_tf: the training augmentation, on the device: uint8 ``(N, T, H, W, 3)`` -> float32
             ``(N, T, C_in, S, S)`` (C_in: 3 for RGB, :mod:`tsmtrain.data.modality`).

@@ -53,7 +53,7 @@ per step back from the device, as the fp16 scaler does.
 
 **A head sharded across ranks** (``model.head_parallel``, :mod:`tsmtrain.dist.head_parallel`):
 the engine's wrapper runs the network up to its features (``net(x, classify=False)``), this
-rank's shard of the classifier scores every rank's features, and the loss is the global batch's.
+rank's slice of the classifier scores every rank's features, and the loss is the global batch's.
 The head's parameters have their own optimizer (``head_optimizer``), which the engine does not
 wrap: their gradients are exact on their rank and are never allreduced. Both optimizers take
 the same learning rate, in the same step.
@@ -276,7 +276,7 @@ class TrainStep:
         loss: ``"softmax"`` or ``"sigmoid"`` (:func:`classification_loss`; ``model.loss``).
         head_parallel: this rank's part of a classifier sharded across ranks
             (:class:`~tsmtrain.dist.head_parallel.HeadParallel`); ``model.fc`` is then this
-            rank's shard. ``None``: the whole head on every rank.
+            rank's slice. ``None``: the whole head on every rank.
         head_optimizer: with ``head_parallel``, the optimizer of ``model.fc``'s parameters (not
             wrapped by the engine); ``optimizer`` then holds the others' (``None`` when there are
             none: a head trained alone on features).
@@ -396,7 +396,7 @@ class TrainStep:
         return logits, loss, best
 
     def _sharded_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(to_backward, loss, best)`` with this rank's shard of the head
+        """``(to_backward, loss, best)`` with this rank's slice of the head
         (:class:`~tsmtrain.dist.head_parallel.HeadParallel`): features through the engine's
         wrapper, gathered, scored by this rank's classes, the global batch's loss."""
         hp = self.head_parallel

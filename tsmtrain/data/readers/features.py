@@ -162,7 +162,7 @@ def read_index(split_dir: str | Path) -> dict[str, Any]:
 class FeatureDataset(torch.utils.data.Dataset):
     """The features of one split, held in memory as float32 ``(V, D)`` (V readable videos).
 
-    Items (keyed by an index or :class:`~tsmtrain.data.ShardSampler`'s ``(index, epoch)``) are
+    Items (keyed by an index or :class:`~tsmtrain.data.RankSampler`'s ``(index, epoch)``) are
     ``{"frames": (D,) float32, "label": int, "labels": tuple}``: the video loader's keys, so the
     training loop runs unchanged (``frames`` are the features).
 
