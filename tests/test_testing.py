@@ -62,7 +62,7 @@ def test_crop_boxes_hand_computed():
     assert boxes == [(0, 0, 256, 256, False), (0, 42, 256, 256, False), (0, 84, 256, 256, False)]
     size, boxes = view_boxes(240, 320, 224, 10)  # ws = (341 - 224) // 4 = 29, hs = (256 - 224) // 4 = 8
     corners = [(0, 0), (0, 116), (32, 0), (32, 116), (16, 58)]
-    assert boxes == [(t, l, 224, 224, f) for t, l in corners for f in (False, True)]
+    assert boxes == [(top, left, 224, 224, f) for top, left in corners for f in (False, True)]
     # portrait 320x240: the three squares run down the long side
     size, boxes = view_boxes(320, 240, 224, 3)
     assert size == (341, 256) and [b[:2] for b in boxes] == [(0, 0), (42, 0), (84, 0)]
