@@ -13,10 +13,11 @@
 """
 
 import json
+import os
 import pickle
 import random
 import subprocess
-import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,30 +25,48 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import tiny_recipe, venv_env
+from tests.conftest import tiny_recipe
 from tsmtrain.train import TrainingError
 from tsmtrain.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 300
 REFUSED = "refused: it holds Python objects that could run code (posix.system); tsmtrain loads tensors and plain values only"
 
 
+class _Evil:
+    """Unpickled, it runs ``touch MARKER``: its ``__reduce__`` names ``os.system``, not this class."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def write_evil(path: Path, marker: Path) -> Path:
-    """The issue's crafted file: unpickling it runs ``touch MARKER`` (legacy: the pre-zip format)."""
-    code = ("import os, sys, torch\n"
-            "class E:\n"
-            "    def __reduce__(self):\n"
-            "        return (os.system, ('touch ' + sys.argv[2],))\n"
-            "torch.save({'model': {}, 'x': E()}, sys.argv[1], _use_new_zipfile_serialization=sys.argv[3] == 'zip')\n")
-    fmt = "legacy" if path.suffix == ".legacy" else "zip"
-    subprocess.run([sys.executable, "-c", code, str(path), str(marker), fmt], check=True, timeout=TIMEOUT)
+    """The issue's crafted file: unpickling it runs ``touch MARKER`` (legacy: the pre-zip format).
+    Written in this process: the pickle holds ``posix.system`` and its argument, nothing of this module."""
+    torch.save({"model": {}, "x": _Evil(marker)}, path, _use_new_zipfile_serialization=path.suffix != ".legacy")
     return path
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "tsmtrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=venv_env(), cwd=cwd)
+    """``tsmtrain ARGS`` run from ``cwd`` in this process (a subprocess costs seconds of imports):
+    its exit status, stdout, and stderr with the traceback of any exception that escaped the CLI."""
+    from typer.testing import CliRunner
+
+    from tsmtrain.cli import app
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], prog_name="tsmtrain")
+    finally:
+        os.chdir(here)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
 
 def one_error_line(proc, *parts):
