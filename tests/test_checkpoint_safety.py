@@ -16,8 +16,6 @@ import json
 import os
 import pickle
 import random
-import subprocess
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import tiny_recipe
+from tests.conftest import run_cli, tiny_recipe
 from tsmtrain.train import TrainingError
 from tsmtrain.train import checkpoint as ckpt
 
@@ -51,22 +49,7 @@ def write_evil(path: Path, marker: Path) -> Path:
 
 
 def cli(*args, cwd=REPO):
-    """``tsmtrain ARGS`` run from ``cwd`` in this process (a subprocess costs seconds of imports):
-    its exit status, stdout, and stderr with the traceback of any exception that escaped the CLI."""
-    from typer.testing import CliRunner
-
-    from tsmtrain.cli import app
-
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(app, [str(a) for a in args], prog_name="tsmtrain")
-    finally:
-        os.chdir(here)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(*result.exc_info))
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+    return run_cli(*args, cwd=cwd)  # in this process: 11 children cost a minute of imports
 
 
 def one_error_line(proc, *parts):
