@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import run_cli
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.dist.stop import PREEMPTED_FILE
 from tsmtrain.models import create_model
@@ -107,14 +108,10 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_the_checkpoint(
     """A learning rate far too high: the loss goes to inf/NaN within a few steps. The run must end
     with exit 2 and one line (the step, the last finite loss, the checkpoint to resume from), not
     train on to the end with a nan loss and exit 0; no checkpoint with NaN weights is written."""
-    import subprocess
-    import sys
-
     tiny_recipe(tmp_path, tiny_demo, "diverge")
     recipe = tmp_path / "diverge.yaml"
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe), "--set", "optim.name=sgd",
-                           "--set", "optim.base_lr=1e30", "--set", "schedule.warmup_epochs=0",
-                           "--set", "model.dropout=0"], capture_output=True, text=True, timeout=600)
+    proc = run_cli("run", recipe, "--set", "optim.name=sgd", "--set", "optim.base_lr=1e30",
+                   "--set", "schedule.warmup_epochs=0", "--set", "model.dropout=0")  # in this process
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     line = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -127,16 +124,13 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_the_checkpoint(
 
 
 def test_cli_run_reports_malformed_list_with_line(tmp_path):
-    import subprocess
-    import sys
-
     listing = tmp_path / "train.txt"
     listing.write_text("a.mp4 0\nb.mp4 zero\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "train_list": str(listing)},
                                       "model": {"num_classes": 2}, "dist": {"engine": "none"},
                                       "run": {"dir": str(tmp_path / "runs")}}))
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], capture_output=True, text=True)
+    proc = run_cli("run", recipe)
     assert proc.returncode == 2, proc.stderr
     assert f"{listing}:2" in proc.stderr and "Traceback" not in proc.stderr
 
