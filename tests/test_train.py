@@ -36,8 +36,16 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_writes_run_directory(tmp_path, tiny_demo):
-    result = train(tiny_recipe(tmp_path, tiny_demo, "full"))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_demo):
+    """The 12-step run of tiny_recipe (2 epochs, LARS, seed 1): its folder and its TrainResult,
+    read by the run-directory test and the exact-resume test's reference."""
+    tmp = tmp_path_factory.mktemp("full")
+    return tmp, train(tiny_recipe(tmp, tiny_demo, "full"))
+
+
+def test_run_writes_run_directory(full_run):
+    tmp_path, result = full_run
     run_dir = tmp_path / "runs" / "full"
     steps = [r for r in read_metrics(run_dir) if "loss" in r]
     assert result.step == 12 and len(steps) == 12  # 24 clips / 4 per step x 2 epochs
@@ -58,8 +66,8 @@ def test_run_writes_run_directory(tmp_path, tiny_demo):
     assert max(lrs) == pytest.approx(0.2) and lrs[-1] < 0.02
 
 
-def test_resume_continues_exactly(tmp_path, tiny_demo):
-    full = train(tiny_recipe(tmp_path, tiny_demo, "ref"))
+def test_resume_continues_exactly(tmp_path, tiny_demo, full_run):
+    full_dir, full = full_run  # the uninterrupted run of the same recipe
     part = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"train.stop_after_steps": 3}))
     assert part.step == 3
     state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "cut"))
@@ -67,7 +75,7 @@ def test_resume_continues_exactly(tmp_path, tiny_demo):
     assert state["sampler"]["epoch"] == 0 and state["sampler"]["skip"] == 3 * 4 and state["sampler"]["size"] == 24
     resumed = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"data.workers": 1}), resume=True)
     assert resumed.step == full.step
-    ref = read_metrics(tmp_path / "runs" / "ref")
+    ref = read_metrics(full_dir / "runs" / "full")
     cut = read_metrics(tmp_path / "runs" / "cut")
     ref_steps = {r["step"]: r for r in ref if "loss" in r}
     after = [r for r in cut if "loss" in r][3:]
