@@ -1,9 +1,10 @@
 # make demo: install everything (Debian packages, .venv, torch, Horovod) and train the demo.
 # make test: install everything and run the whole test suite.
+# make lint: ruff on tsmtrain/ and tests/ (its rules are in pyproject.toml).
 VENV ?= .venv
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo demo-tsn test clean
+.PHONY: setup demo demo-tsn test lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +20,9 @@ demo-tsn: setup
 
 test: setup
 	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check tsmtrain tests
 
 clean:
 	rm -rf runs data/demo data/demo_multilabel .pytest_cache

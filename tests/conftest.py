@@ -86,3 +86,26 @@ def stop_requested(monkeypatch):
         return self
 
     monkeypatch.setattr(StopRequest, "__enter__", requested)
+
+
+def run_cli(*args, cwd: Path | None = None):
+    """``tsmtrain ARGS`` in this process, as a child would run it from ``cwd`` (default: here), without
+    a child's seconds of imports: a ``subprocess.CompletedProcess`` with the exit status, stdout, and
+    stderr with the traceback of any exception that escaped the CLI appended (a child prints it)."""
+    import os
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from tsmtrain.cli import app
+
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], prog_name="tsmtrain")
+    finally:
+        os.chdir(here)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["tsmtrain", *map(str, args)], result.exit_code, result.stdout, stderr)

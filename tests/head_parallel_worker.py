@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tsmtrain.dist.base import LocalEngine
 from tsmtrain.dist.head_parallel import HeadParallel
 from tsmtrain.models import create_head, shard_classifier
 from tsmtrain.optim import create_optimizer

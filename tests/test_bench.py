@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import run_cli
 from tsmtrain.bench.step import Variant, available_variants, parse_variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,6 @@ def test_bench_step_prints_and_writes_every_figure(tmp_path):
 
 
 def test_bench_step_refuses_an_unknown_variant(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "bench", "step", str(recipe(tmp_path)),
-                           "--variants", "fp32,int8"], capture_output=True, text=True, cwd=REPO)
+    proc = run_cli("bench", "step", recipe(tmp_path), "--variants", "fp32,int8")  # in this process
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: --variants: 'int8' is not a variant")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_recipe as recipe_file
-from tests.conftest import venv_env
+from tests.conftest import run_cli, venv_env
 from tests.test_train import read_metrics, tiny_recipe
 from tsmtrain.train import TrainingError, train
 from tsmtrain.train import checkpoint as ckpt
@@ -124,7 +124,7 @@ def test_second_run_on_a_held_directory_is_refused_in_one_line(tmp_path, tiny_de
         stale = run_dir / ".checkpoint-held.tmp"  # the holder's write in progress: not to be removed
         stale.write_bytes(b"x" * 1000)
         start = time.monotonic()
-        proc = cli("-m", "tsmtrain", "run", path)
+        proc = run_cli("run", path)  # in this process: the lock's holder is another process all the same
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert time.monotonic() - start < 120
         assert "Traceback" not in proc.stderr
@@ -426,7 +426,8 @@ def test_full_disk_through_the_cli(tmp_path, tiny_demo, engine):
     path = recipe_file(tmp_path / f"{name}.yaml", tiny_demo, name, dist={"engine": engine, "np": ranks},
                        data={"input_size": 8, "num_segments": 2, "workers": 0},
                        schedule={"epochs": 1, "warmup_epochs": 0}, train={"batch_size": 4 // ranks})
-    first = cli("-m", "tsmtrain", "run", path, "--set", "train.stop_after_steps=1")
+    first_run = ("run", path, "--set", "train.stop_after_steps=1")  # one process: no launcher, so in this one
+    first = run_cli(*first_run) if ranks == 1 else cli("-m", "tsmtrain", *first_run)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / name
     (tmp_path / "site").mkdir()

@@ -50,7 +50,6 @@ def test_two_ddp_ranks_are_identical_and_equal_horovod(tmp_path, tiny_demo):
         for name, a in r0["model"].items():
             assert torch.equal(a, r1["model"][name]), (engine, name)
         weights[engine] = r0["model"]
-    moved = 0
     for name, a in weights["ddp"].items():
         b = weights["horovod"][name]
         if a.is_floating_point():

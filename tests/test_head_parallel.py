@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import venv_env
+from tests.conftest import run_cli, venv_env
 from tests.head_parallel_worker import CASES, K, N, run_case
 from tsmtrain.dist.base import LocalEngine
 from tsmtrain.dist.head_parallel import HeadParallel, class_shard
@@ -135,26 +135,49 @@ def test_shards_join_and_split_for_another_number_of_ranks(tmp_path):
         assert opt["state"][0]["step"] == 4.0
 
 
-def _run(*args, timeout=600) -> subprocess.CompletedProcess:
+def _run(*args, timeout=600, child=True) -> subprocess.CompletedProcess:
+    """``tsmtrain ARGS``, exit status 0; ``child=False``: in this process through run_cli (one rank:
+    no launcher starts anything, and a child would only add seconds of imports)."""
+    if not child:
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
     proc = subprocess.run([sys.executable, "-m", "tsmtrain", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-@pytest.mark.slow
-def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny_demo):
+def _sharded_recipe(folder, root, name, np_=2, lr=0.005, **train):
+    """The tiny recipe of a 2-rank DDP run with the classifier sharded (``model.head_parallel``), seed 1."""
     from tests.conftest import tiny_recipe
+
+    return tiny_recipe(folder / f"{name}-{np_}.yaml", root, name, dist={"engine": "ddp", "np": np_},
+                       model={"head_parallel": True, "num_classes": 4}, optim={"base_lr": lr},
+                       train={"seed": 1, **train})
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory, tiny_demo):
+    """The run directory of a sharded 2-rank run stopped mid-epoch at step 4 (of 12); the tests
+    resume copies of it, so that the 2-rank start that gets there is paid once."""
+    folder = tmp_path_factory.mktemp("sharded")
+    _run("run", _sharded_recipe(folder, tiny_demo, "parts", stop_after_steps=4))
+    return folder / "runs" / "parts"
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny_demo, stopped_at_4):
+    import shutil
+
     from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
     from tsmtrain.train.head_slices import slice_files
 
     def recipe(name, **train):
-        return tiny_recipe(tmp_path / f"{name}.yaml", tiny_demo, name, dist={"engine": "ddp", "np": 2},
-                           model={"head_parallel": True, "num_classes": 4}, optim={"base_lr": 0.005},
-                           train={"seed": 1, **train})
+        return _sharded_recipe(tmp_path, tiny_demo, name, **train)
 
     _run("run", recipe("whole"))
-    _run("run", recipe("parts", stop_after_steps=4))  # 12 steps in all: stopped mid-epoch at 4
+    shutil.copytree(stopped_at_4, tmp_path / "runs" / "parts")  # 12 steps in all: stopped mid-epoch at 4
     _run("run", recipe("parts"))  # resumed from step 4
     whole, parts = latest_checkpoint(tmp_path / "runs" / "whole"), latest_checkpoint(tmp_path / "runs" / "parts")
     assert whole.name == parts.name
@@ -172,7 +195,7 @@ def test_sharded_checkpoint_resumes_bitwise_and_tests_on_one_rank(tmp_path, tiny
             assert torch.equal(entry["momentum_buffer"], sy["optimizer"]["state"][index]["momentum_buffer"])
     # the 2-rank checkpoint tested by one process and by two: the same scores
     tested = tmp_path / "runs" / "whole" / "test" / "test-1clip-1crop"
-    _run("test", recipe("whole"), "--np", "1")
+    _run("test", recipe("whole"), "--np", "1", child=False)
     one = dict(np.load(tested / "scores.npz"))
     _run("test", recipe("whole"), "--np", "2")
     two = dict(np.load(tested / "scores.npz"))
@@ -208,7 +231,7 @@ def test_multi_label_moe_head_sharded_over_two_horovod_ranks_validates_as_one_pr
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_mAP" in line][-1]
     assert final["val_clips"] == 8
     # the sharded validation (every class's logits gathered) gives the figures of the whole head on one process
-    _run("test", path, "--np", "1")
+    _run("test", path, "--np", "1", child=False)
     summary = json.loads((run_dir / "test" / "test-1clip-1crop" / "summary.json").read_text())
     assert summary["mAP"] == pytest.approx(final["val_mAP"], rel=1e-5)
     assert summary["GAP20"] == pytest.approx(final["val_GAP20"], rel=1e-5)
@@ -240,24 +263,23 @@ def test_fp16_overflow_in_another_ranks_head_shard_skips_this_ranks_step():
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_resumes_on_one_rank_with_the_joined_head(tmp_path, tiny_demo):
-    from tests.conftest import tiny_recipe
+def test_a_sharded_checkpoint_resumes_on_one_rank_with_the_joined_head(tmp_path, tiny_demo, stopped_at_4):
+    import shutil
+
     from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
     from tsmtrain.train.head_slices import full_model_state
 
     def recipe(np_, lr, **train):
-        return tiny_recipe(tmp_path / f"r{np_}.yaml", tiny_demo, "r", dist={"engine": "ddp", "np": np_},
-                           model={"head_parallel": True, "num_classes": 4}, optim={"base_lr": lr},
-                           train={"seed": 1, **train})
+        return _sharded_recipe(tmp_path, tiny_demo, "r", np_, lr, **train)
 
-    _run("run", recipe(2, 0.005, stop_after_steps=4))
+    shutil.copytree(stopped_at_4, tmp_path / "runs" / "r")  # 2 ranks, lr 0.005, stopped at step 4
     two = latest_checkpoint(tmp_path / "runs" / "r")
     joined = full_model_state(two, load_checkpoint(two), load_checkpoint)["fc.weight"]
     fresh = shard_classifier(VideoNet("resnet18", 4, 4), 0, 4, seed=1).fc.weight.detach()
     assert not torch.allclose(joined, fresh, atol=1e-6)  # the 4 steps moved the head
     # one more step on one process, at a learning rate too small to move anything: the head it
     # ends with is the one it loaded, joined from the 2 ranks' shards
-    done = _run("run", recipe(1, 1e-12, stop_after_steps=5))
+    done = _run("run", recipe(1, 1e-12, stop_after_steps=5), child=False)
     assert "written by 2 ranks, this run has 1" in done.stderr + done.stdout
     path = latest_checkpoint(tmp_path / "runs" / "r")
     one = load_checkpoint(path)

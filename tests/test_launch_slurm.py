@@ -87,10 +87,10 @@ def test_256_nodes_of_6_gpus(tmp_path):
     assert "srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task=7 \\" in lines
     assert "MAX_REQUEUES=5" in lines
     # the set-up comes before the launch, the header before everything else
-    assert lines.index("module load cuda/10.1") < next(i for i, l in enumerate(lines) if l.startswith("srun"))
-    last_header = max(i for i, l in enumerate(lines) if l.startswith("#SBATCH"))
-    assert all(not l.startswith("#SBATCH") for l in lines[last_header + 1:])
-    assert all(l.startswith("#") for l in lines[:last_header + 1])
+    assert lines.index("module load cuda/10.1") < next(i for i, line in enumerate(lines) if line.startswith("srun"))
+    last_header = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    assert all(not line.startswith("#SBATCH") for line in lines[last_header + 1:])
+    assert all(line.startswith("#") for line in lines[:last_header + 1])
 
 
 def test_mpirun_job(tmp_path):
@@ -101,7 +101,7 @@ def test_mpirun_job(tmp_path):
     lines = script.splitlines()
     assert 'mpirun -np "$SLURM_NTASKS" --map-by ppr:4:node --bind-to none \\' in lines
     assert "    -x PATH -x LD_LIBRARY_PATH -x OMP_NUM_THREADS \\" in lines
-    assert "srun" not in "\n".join(l for l in lines if not l.startswith("#"))
+    assert "srun" not in "\n".join(line for line in lines if not line.startswith("#"))
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 

@@ -33,7 +33,7 @@ def test_tsm_mixes_frames_and_tsn_does_not():
     for shift, mixes in ((True, True), (False, False)):
         model = VideoNet("resnet18", 3, 4, shift=shift).eval()
         x = torch.randn(1, 4, 3, 32, 32)
-        frame_logits = lambda inp: model.backbone(inp.flatten(0, 1))  # noqa: E731
+        frame_logits = lambda inp, model=model: model.backbone(inp.flatten(0, 1))  # noqa: E731
         y = x.clone()
         y[0, 3] += 1.0  # change only the last frame
         changed = (frame_logits(x) - frame_logits(y)).abs().amax(1)

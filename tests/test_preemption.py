@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - make setup builds it
 
 
 def write_recipe(tmp_path, root, name):
-    return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule={"epochs": 3},
+    return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule={"epochs": 2},
                        dist={"np": 2, "launcher": "mpi"}, train={"seed": 3})
 
 
@@ -52,7 +52,7 @@ def test_sigusr2_checkpoints_and_resume_equals_uninterrupted(tmp_path, tiny_demo
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     assert "stop requested" in out
     state = load_checkpoint(latest_checkpoint(run_dir))
-    total = 3 * 24 // 4
+    total = 2 * 24 // 4
     assert 3 <= state["step"] < total
     if state["micro"]:  # stopped mid-epoch: both ranks' BatchNorm statistics are kept
         assert len(state["rank_buffers"]) == 2

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import REPO, SHARED_CLIPS, make_video
+from tests.conftest import REPO, SHARED_CLIPS, make_video, run_cli
 from tsmtrain.cli import app
 from tsmtrain.data.manifest import MANIFEST, JOURNALS_DIR, ManifestError, read_journal, read_manifest
 from tsmtrain.prep.encode import (PrepareError, Settings, merge, parse_task, make_worklist, prepare, run_task,
@@ -52,10 +52,11 @@ def _cli(*args, **kw):
 
 
 def _run(*args):
-    child = _cli(*args)
-    out, err = child.communicate()
-    assert child.returncode == 0, err
-    return out, err
+    """tsmtrain in this process (run_cli: a child's exit status, stdout and stderr without its
+    seconds of imports); ``_cli`` starts a real child where a test signals or kills it."""
+    done = run_cli(*args, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
 
 
 @pytest.fixture(scope="module")

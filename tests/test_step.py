@@ -261,7 +261,7 @@ class FakeEvent:
 
 def test_phase_clock_on_events_reads_them_only_at_the_interval_end():
     clock = PhaseClock(torch.device("cuda"), enabled=True, event=FakeEvent)
-    for step in range(3):
+    for _ in range(3):
         FakeEvent.clock[0] += 5.0  # data wait: not the clock's
         clock.mark()
         for phase, seconds in (("augment", 0.5), ("forward_backward", 2.0), ("allreduce_wait", 0.25),

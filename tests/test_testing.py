@@ -62,7 +62,7 @@ def test_crop_boxes_hand_computed():
     assert boxes == [(0, 0, 256, 256, False), (0, 42, 256, 256, False), (0, 84, 256, 256, False)]
     size, boxes = view_boxes(240, 320, 224, 10)  # ws = (341 - 224) // 4 = 29, hs = (256 - 224) // 4 = 8
     corners = [(0, 0), (0, 116), (32, 0), (32, 116), (16, 58)]
-    assert boxes == [(t, l, 224, 224, f) for t, l in corners for f in (False, True)]
+    assert boxes == [(top, left, 224, 224, f) for top, left in corners for f in (False, True)]
     # portrait 320x240: the three squares run down the long side
     size, boxes = view_boxes(320, 240, 224, 3)
     assert size == (341, 256) and [b[:2] for b in boxes] == [(0, 0), (42, 0), (84, 0)]
@@ -291,17 +291,19 @@ def test_predict_command_prints_class_names(recipe, tmp_path):
     _checkpoint(recipe)
     recipe_file = tmp_path / "r.yaml"
     clip = read_list(recipe.data.val_list, recipe.data.root)[0].path
-    done = subprocess.run([sys.executable, "-m", "tsmtrain", "predict", str(recipe_file), clip, "--top", "2",
-                           "--set", "data.workers=0"],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    from typer.testing import CliRunner
+
+    from tsmtrain.cli import app
+
+    # the CLI in this process (a child costs seconds of imports); an exception escaping it fails here
+    done = CliRunner().invoke(app, ["predict", str(recipe_file), clip, "--top", "2", "--set", "data.workers=0"])
+    assert done.exit_code == 0 and done.exception is None, done.stderr
     lines = done.stdout.splitlines()
     assert lines[1] == f"{clip}:" and len(lines) == 4
     assert all(any(n in line for n in NAMES) for line in lines[2:])
-    missing = subprocess.run([sys.executable, "-m", "tsmtrain", "test", str(recipe_file), "--set", "run.name=none"],
-                             capture_output=True, text=True, cwd=REPO)
-    assert missing.returncode == 2 and "no checkpoint in the run directory" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    missing = CliRunner().invoke(app, ["test", str(recipe_file), "--set", "run.name=none"])
+    assert missing.exit_code == 2 and "no checkpoint in the run directory" in missing.stderr
+    assert isinstance(missing.exception, SystemExit) and "Traceback" not in missing.stderr
 
 
 @pytest.mark.slow

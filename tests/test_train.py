@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import run_cli
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from tsmtrain.dist.stop import PREEMPTED_FILE
 from tsmtrain.models import create_model
@@ -35,8 +36,16 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_writes_run_directory(tmp_path, tiny_demo):
-    result = train(tiny_recipe(tmp_path, tiny_demo, "full"))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_demo):
+    """The 12-step run of tiny_recipe (2 epochs, LARS, seed 1): its folder and its TrainResult,
+    read by the run-directory test and the exact-resume test's reference."""
+    tmp = tmp_path_factory.mktemp("full")
+    return tmp, train(tiny_recipe(tmp, tiny_demo, "full"))
+
+
+def test_run_writes_run_directory(full_run):
+    tmp_path, result = full_run
     run_dir = tmp_path / "runs" / "full"
     steps = [r for r in read_metrics(run_dir) if "loss" in r]
     assert result.step == 12 and len(steps) == 12  # 24 clips / 4 per step x 2 epochs
@@ -57,8 +66,8 @@ def test_run_writes_run_directory(tmp_path, tiny_demo):
     assert max(lrs) == pytest.approx(0.2) and lrs[-1] < 0.02
 
 
-def test_resume_continues_exactly(tmp_path, tiny_demo):
-    full = train(tiny_recipe(tmp_path, tiny_demo, "ref"))
+def test_resume_continues_exactly(tmp_path, tiny_demo, full_run):
+    full_dir, full = full_run  # the uninterrupted run of the same recipe
     part = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"train.stop_after_steps": 3}))
     assert part.step == 3
     state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "cut"))
@@ -66,7 +75,7 @@ def test_resume_continues_exactly(tmp_path, tiny_demo):
     assert state["sampler"]["epoch"] == 0 and state["sampler"]["skip"] == 3 * 4 and state["sampler"]["size"] == 24
     resumed = train(tiny_recipe(tmp_path, tiny_demo, "cut", **{"data.workers": 1}), resume=True)
     assert resumed.step == full.step
-    ref = read_metrics(tmp_path / "runs" / "ref")
+    ref = read_metrics(full_dir / "runs" / "full")
     cut = read_metrics(tmp_path / "runs" / "cut")
     ref_steps = {r["step"]: r for r in ref if "loss" in r}
     after = [r for r in cut if "loss" in r][3:]
@@ -107,14 +116,10 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_the_checkpoint(
     """A learning rate far too high: the loss goes to inf/NaN within a few steps. The run must end
     with exit 2 and one line (the step, the last finite loss, the checkpoint to resume from), not
     train on to the end with a nan loss and exit 0; no checkpoint with NaN weights is written."""
-    import subprocess
-    import sys
-
     tiny_recipe(tmp_path, tiny_demo, "diverge")
     recipe = tmp_path / "diverge.yaml"
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe), "--set", "optim.name=sgd",
-                           "--set", "optim.base_lr=1e30", "--set", "schedule.warmup_epochs=0",
-                           "--set", "model.dropout=0"], capture_output=True, text=True, timeout=600)
+    proc = run_cli("run", recipe, "--set", "optim.name=sgd", "--set", "optim.base_lr=1e30",
+                   "--set", "schedule.warmup_epochs=0", "--set", "model.dropout=0")  # in this process
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     line = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -127,16 +132,13 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_the_checkpoint(
 
 
 def test_cli_run_reports_malformed_list_with_line(tmp_path):
-    import subprocess
-    import sys
-
     listing = tmp_path / "train.txt"
     listing.write_text("a.mp4 0\nb.mp4 zero\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "train_list": str(listing)},
                                       "model": {"num_classes": 2}, "dist": {"engine": "none"},
                                       "run": {"dir": str(tmp_path / "runs")}}))
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], capture_output=True, text=True)
+    proc = run_cli("run", recipe)
     assert proc.returncode == 2, proc.stderr
     assert f"{listing}:2" in proc.stderr and "Traceback" not in proc.stderr
 

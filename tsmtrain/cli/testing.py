@@ -69,7 +69,7 @@ def test(
         report = run_test(cfg, protocol, checkpoint=checkpoint, list_file=list_file)
     if report.rank != 0:
         return
-    for path, reason in report.unreadable:
+    for _path, reason in report.unreadable:
         print(f"unreadable: {reason}", file=sys.stderr)
     print(format_report(report, cfg.model.num_classes, cfg.data.input_size))
 

@@ -55,7 +55,7 @@ from .lists import VideoRecord
 from .modality import RGB, Modality, modality_of
 from .preflight import find_flows
 from .readers import create_reader
-from .readers.files import prepared_videos, read_checked
+from .readers.files import read_checked
 from .sampling import multi_snippet_indices, snippet_indices
 from .transforms import short_side_size
 from .readers.tar import SampleError, TarShardReader

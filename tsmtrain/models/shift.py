@@ -34,6 +34,7 @@ implementations give bitwise the same result:
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -72,7 +73,10 @@ def native_shift():
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(name="tsmtrain_temporal_shift", sources=[str(NATIVE_SOURCE)],
+        # one build folder per checkout: torch's build.ninja names the source's path, so two checkouts
+        # sharing one cache would rebuild it (and make each other's processes wait) in turn
+        where = hashlib.sha1(str(NATIVE_SOURCE.resolve()).encode()).hexdigest()[:8]
+        module = cpp_extension.load(name=f"tsmtrain_temporal_shift_{where}", sources=[str(NATIVE_SOURCE)],
                                     extra_cflags=["-O3", "-fopenmp"], is_python_module=True, verbose=False)
         return module.temporal_shift
     except Exception as exc:  # a missing compiler or ninja, a failed build: the PyTorch shift still works

@@ -255,7 +255,7 @@ def make_worklist(list_files: Sequence[str | Path], root: str | Path, out_dir: s
             problems.extend(err.problems)
             continue
         lines = []
-        for number, record in enumerate(records, start=1):
+        for record in records:
             source = Path(record.path)
             rel = source.relative_to(root) if source.is_relative_to(root) else None
             if rel is None or ".." in rel.parts or not rel.parts:

@@ -22,6 +22,7 @@ from .schema import (NARROWEST_SHIFTED_LAYER, PATH_FIELDS, ClusterConfig, DataCo
                      OptimConfig, Recipe, RunConfig, ScheduleConfig, TrainConfig, dump_recipe, time_limit_seconds,
                      with_absolute_paths)
 
-from . import loader, problems, schema
-
-__all__ = [*schema.__all__, *problems.__all__, *loader.__all__]
+__all__ = ["Recipe", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "DistConfig", "TrainConfig",
+           "RunConfig", "ClusterConfig", "NARROWEST_SHIFTED_LAYER", "PATH_FIELDS", "time_limit_seconds",
+           "with_absolute_paths", "dump_recipe", "Problem", "RecipeError", "validation_problems", "closest",
+           "load_recipe", "apply_overrides", "yaml_load", "line_index"]

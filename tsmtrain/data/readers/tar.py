@@ -313,7 +313,7 @@ class ShardIndex:
         return f"{size} bytes, the index records {expected}" + (" (truncated)" if size < expected else "")
 
     def prepared(self) -> dict[str, dict]:
-        """``{full video path: record}`` in the form of :func:`tsmtrain.data.loader.prepared_videos`
+        """``{full video path: record}`` in the form of :func:`tsmtrain.data.readers.files.prepared_videos`
         (``frames``, ``width``, ``height``, ``fps``), so that the loader treats shard samples as
         the prepared videos they are (approximate seeking, frame count check, no size probe)."""
         return {str(self.folder / rel): {"frames": s.frames, "width": s.width, "height": s.height, "fps": s.fps,
