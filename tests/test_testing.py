@@ -21,7 +21,7 @@ from tsmtrain.recipe.label_map import ClassNamesError, read_class_names
 from tsmtrain.recipe import RecipeError, load_recipe
 from tsmtrain.train.checkpoint import save_checkpoint
 from tsmtrain.eval.evaluate import predict as eval_predict
-from tsmtrain.train.setup import TrainingError
+from tsmtrain.errors import TrainingError
 from tsmtrain.eval.protocols import (Protocol, average_view_scores, gather_results, load_model, predict_videos,
                                      run_test, score_part, summarise)
 from tsmtrain.dist.base import LocalEngine

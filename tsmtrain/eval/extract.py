@@ -37,7 +37,8 @@ from ..data.transforms import TestViews
 from ..dist.base import Engine
 from ..io import read_json
 from ..recipe import Recipe
-from ..train.setup import TrainingError, choose_device, choose_engine, log, set_threads
+from ..errors import TrainingError
+from ..train.setup import choose_device, choose_engine, log, set_threads
 from ..train.step import as_memory_format, autocast
 from .protocols import Protocol, _console_logging, load_model
 

@@ -53,7 +53,8 @@ from ..train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoi
 from .fusion import write_scores
 from ..train.head_slices import full_model_state
 from .multilabel_metrics import average_precision, multi_hot
-from ..train.setup import TrainingError, choose_device, choose_engine, log, set_threads
+from ..errors import TrainingError
+from ..train.setup import choose_device, choose_engine, log, set_threads
 from ..train.step import as_memory_format, autocast
 
 __all__ = ["Protocol", "average_view_scores", "load_model", "score_part", "gather_results", "summarise",

@@ -83,15 +83,15 @@ from typing import Any
 
 from ..child import ChildError, ChildTimeout, run
 from ..data.lists import ListFileError, read_list
-from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST, ManifestError, read_journal, read_manifest
+from ..data.manifest import FRAMES_SUFFIX, JOURNALS_DIR, MANIFEST
 from ..io import FileWriteError, commit, write_text
 from .journal import Journal, journal_files, journal_path, latest_records
 from ..errors import UserError
 
-__all__ = ["MANIFEST", "JOURNALS_DIR", "FRAMES_SUFFIX", "PrepareError", "ManifestError", "Settings", "SourceVideo",
+__all__ = ["PrepareError", "Settings", "SourceVideo",
            "Worklist", "make_worklist", "parse_task", "task_videos", "default_jobs", "check_tools", "probe_source",
            "choose_fps", "output_size", "encode_command", "prepare_video", "run_task", "merge", "prepare",
-           "read_manifest", "read_journal", "TaskSummary", "MergeResult", "check_options", "summary_lines",
+           "TaskSummary", "MergeResult", "check_options", "summary_lines",
            "merge_lines"]
 
 

@@ -55,7 +55,8 @@ from ..dist.stop import PREEMPTED_FILE
 from ..tensorfile import OLD_NUMPY_STATE, CheckpointError, UnsafeCheckpointError, first_line, read_tensors
 from ..io import FileWriteError, write_atomic, write_json
 from .head_slices import head_state, missing_slices, slice_files, slice_path
-from .setup import TrainingError, log
+from ..errors import TrainingError
+from .setup import log
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "checkpoints", "check_checkpoint", "load_checkpoint",
            "remove_stale_temporaries", "rng_state", "set_rng_state", "Position", "resume_checkpoint",

@@ -40,7 +40,8 @@ from ..optim import LinearScaling, create_optimizer
 from ..recipe import Recipe, dump_recipe
 from . import checkpoint as ckpt
 from .rundir import RunLock
-from .setup import TrainingError, choose_device, keep_freed_memory, log, set_threads, setup_logging
+from ..errors import TrainingError
+from .setup import choose_device, keep_freed_memory, log, set_threads, setup_logging
 from ..prep.datasets import prepare_dataset
 from .step import TrainStep, half_precision_note
 

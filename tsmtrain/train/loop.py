@@ -47,7 +47,8 @@ from .factory import (Loaders, announce_run, create_loaders, create_network, cre
                       start_rank)
 from .metrics_log import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
-from .setup import TrainingError, choose_engine, log, progress_bar
+from ..errors import TrainingError
+from .setup import choose_engine, log, progress_bar
 from .step import NonFiniteLoss, TrainStep, targets
 from .tensorboard import check_tensorboard
 

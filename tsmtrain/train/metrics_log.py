@@ -23,7 +23,8 @@ import torch
 from ..dist.base import Engine
 from ..io import FileWriteError, write_bytes
 from ..scaling.records import BREAKDOWN  # the phases of breakdown_s, defined once for the scaling study
-from .setup import TrainingError, log
+from ..errors import TrainingError
+from .setup import log
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
 __all__ = ["MetricsWriter", "PhaseClock", "Interval", "BREAKDOWN", "truncate_metrics"]

@@ -24,7 +24,7 @@ import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .setup import TrainingError
+from ..errors import TrainingError
 
 __all__ = ["LOCK_FILE", "RunLock", "RunDirInUse", "claim_run_dir", "lock_holder"]
 

@@ -13,10 +13,10 @@ import torch
 
 from ..dist import DistError, create_engine, launched_by_launcher
 from ..dist.base import Engine, LocalEngine
-from ..errors import TrainingError  # (re-exported: where the training package has always named it)
+from ..errors import TrainingError
 from ..recipe import Recipe
 
-__all__ = ["TrainingError", "setup_logging", "choose_engine", "choose_device", "set_threads", "keep_freed_memory",
+__all__ = ["setup_logging", "choose_engine", "choose_device", "set_threads", "keep_freed_memory",
            "progress_bar", "log"]
 
 log = logging.getLogger("tsmtrain")

@@ -77,7 +77,7 @@ from ..dist.base import Engine, LocalEngine
 from ..dist.head_parallel import HeadParallel
 from ..optim import LRSchedule
 from .metrics_log import PhaseClock
-from .setup import TrainingError
+from ..errors import TrainingError
 
 __all__ = ["PRECISIONS", "LOSSES", "NONFINITE", "NonFiniteLoss", "targets", "classification_loss", "TrainStep",
            "StepOutput", "autocast",

@@ -29,7 +29,7 @@ import importlib.util
 import numbers
 from pathlib import Path
 
-from .setup import TrainingError
+from ..errors import TrainingError
 
 __all__ = ["TensorBoardSink", "scalars", "check_tensorboard", "TENSORBOARD_DIR"]
 
