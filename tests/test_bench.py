@@ -67,3 +67,51 @@ def test_bench_step_refuses_an_unknown_variant(tmp_path):
     proc = run_cli("bench", "step", recipe(tmp_path), "--variants", "fp32,int8")  # in this process
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: --variants: 'int8' is not a variant")
+
+
+# ---- bench allreduce
+
+
+def test_bus_bandwidth_follows_nccl_tests():
+    from tsmtrain.bench.allreduce import bus_bandwidth
+
+    algbw, busbw = bus_bandwidth(1e9, 2.0, 4)
+    assert algbw == pytest.approx(5e8) and busbw == pytest.approx(5e8 * 2 * 3 / 4)
+    assert bus_bandwidth(1e6, 1.0, 1) == (1e6, 0.0)  # one rank sends nothing
+    with pytest.raises(ValueError):
+        bus_bandwidth(1e6, 0.0, 2)
+
+
+def test_allreduce_sizes_on_one_process():
+    from tsmtrain.bench.allreduce import allreduce_sizes, format_allreduce_row
+    from tsmtrain.dist.base import LocalEngine
+
+    lines = []
+    rows = allreduce_sizes(LocalEngine(), [1000, 4096], repeats=2, warmup=0, say=lines.append)
+    assert [r["bytes"] for r in rows] == [1000, 4096] and [r["count"] for r in rows] == [250, 1024]
+    assert all(r["seconds"] > 0 and r["min_s"] <= r["seconds"] <= r["max_s"] and r["busbw_gb_per_s"] == 0
+               for r in rows)
+    assert lines == [format_allreduce_row(r) for r in rows]
+
+
+@pytest.mark.slow
+def test_bench_allreduce_on_two_ranks_reports_bus_bandwidth(tmp_path):
+    out = tmp_path / "ar.json"
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
+                           sys.executable, "-m", "tsmtrain", "bench", "allreduce", "--engine", "ddp",
+                           "--sizes", "64KB,1MB", "--repeats", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "# allreduce: 2 ranks (ddp) on 1 host(s)" in done.stdout and "busbw" in done.stdout
+    record = json.loads(out.read_text())
+    assert record["ranks"] == 2 and [r["bytes"] for r in record["rows"]] == [64000, 1000000]
+    for row in record["rows"]:  # busbw = algbw x 2(n-1)/n = algbw for two ranks
+        assert row["algbw_gb_per_s"] > 0 and row["busbw_gb_per_s"] == pytest.approx(row["algbw_gb_per_s"])
+
+
+def test_bench_allreduce_refuses_bad_sizes_and_engines():
+    proc = run_cli("bench", "allreduce", "--sizes", "1MB,lots")
+    assert proc.returncode == 2 and "--sizes" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("bench", "allreduce", "--engine", "none")
+    assert proc.returncode == 2 and "--engine: 'none'" in proc.stderr

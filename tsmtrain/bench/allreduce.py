@@ -4,13 +4,15 @@ with the wait measured in training."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
 
 from ..dist.base import Engine
+from ..errors import UserError
 
-__all__ = ["benchmark_allreduce"]
+__all__ = ["benchmark_allreduce", "bench_allreduce", "parse_sizes", "bus_bandwidth", "allreduce_sizes", "format_allreduce_row", "ALLREDUCE_HEADER"]
 
 
 def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp16: bool = False,
@@ -47,3 +49,114 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
     return dict(seconds=sorted(times)[len(times) // 2], times_s=times, repeats=repeats,
                 bytes=sum(g.numel() * g.element_size() for g in grads),
                 parameters=sum(p.numel() for p in model.parameters()))
+
+
+def bus_bandwidth(size_bytes: float, seconds: float, ranks: int) -> tuple[float, float]:
+    """``(algbw, busbw)`` in bytes/s of an allreduce of ``size_bytes`` that took ``seconds`` on
+    ``ranks`` ranks, as nccl-tests defines them (NVIDIA nccl-tests, doc/PERFORMANCE.md):
+    ``algbw = size / time`` and ``busbw = algbw x 2(n-1)/n``, the rate each rank's link carries in
+    a ring-allreduce (which sends and receives ``2(n-1)/n x size`` per rank), so that busbw can be
+    compared with a link's bandwidth whatever the rank count. 0 for one rank (nothing is sent).
+
+    Raises:
+        ValueError: a time that is not positive or fewer than one rank.
+    """
+    if seconds <= 0 or ranks < 1:
+        raise ValueError(f"allreduce bandwidth needs a positive time and at least one rank (got {seconds}, {ranks})")
+    algbw = size_bytes / seconds
+    return algbw, algbw * 2 * (ranks - 1) / ranks
+
+
+def allreduce_sizes(engine: Engine, sizes: list[int], repeats: int = 5, warmup: int = 1,
+                    say=None) -> list[dict]:
+    """Time allreduces of float32 tensors of each size in ``sizes`` (bytes) across all ranks, the
+    way the engine averages gradients (:meth:`~tsmtrain.dist.base.Engine.allreduce_gradients`).
+
+    Every rank must call it with the same arguments. Each size: ``warmup`` untimed allreduces,
+    then ``repeats`` timed ones, each after a barrier; a repeat's time is the slowest rank's (the
+    allreduce is done when every rank has the sum).
+
+    Returns:
+        One dict per size: ``{"bytes", "count" (float32 values), "seconds" (mean over repeats),
+        "min_s", "max_s", "algbw_gb_per_s", "busbw_gb_per_s"}`` (GB = 1e9 bytes; see
+        :func:`bus_bandwidth`). ``say``: called with one line per size on rank 0.
+    """
+    rows = []
+    for size in sizes:
+        tensor = torch.ones(max(1, size // 4), dtype=torch.float32)
+        for _ in range(warmup):
+            engine.allreduce_gradients([tensor])
+        times = []
+        for _ in range(repeats):
+            engine.barrier()
+            t0 = time.perf_counter()
+            engine.allreduce_gradients([tensor])
+            times.append(time.perf_counter() - t0)
+        slowest = _max_over_ranks(engine, times)
+        mean = sum(slowest) / len(slowest)
+        nbytes = tensor.numel() * 4
+        algbw, busbw = bus_bandwidth(nbytes, mean, engine.size)
+        row = dict(bytes=nbytes, count=tensor.numel(), seconds=mean, min_s=min(slowest), max_s=max(slowest),
+                   algbw_gb_per_s=algbw / 1e9, busbw_gb_per_s=busbw / 1e9)
+        rows.append(row)
+        if say is not None and engine.rank == 0:
+            say(format_allreduce_row(row))
+    return rows
+
+
+def _max_over_ranks(engine: Engine, times: list[float]) -> list[float]:
+    gathered = engine.allgather_object(times, name=f"allreduce_sizes.times.{len(times)}")
+    return [float(max(column)) for column in zip(*gathered)]
+
+
+ALLREDUCE_HEADER = ("#       size(B)        count    time(ms)  algbw(GB/s)  busbw(GB/s)\n"
+                    "#  (float32, sum over all ranks; busbw = algbw x 2(n-1)/n, as nccl-tests reports it)")
+
+
+def format_allreduce_row(row: dict) -> str:
+    """One line of the table :func:`allreduce_sizes` measures, in nccl-tests' columns."""
+    return (f"{row['bytes']:15d} {row['count']:12d} {row['seconds'] * 1e3:11.3f} {row['algbw_gb_per_s']:12.4f} "
+            f"{row['busbw_gb_per_s']:12.4f}")
+
+
+class SizeError(UserError):
+    """A ``--sizes`` entry that is not a size in bytes."""
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"1MB,45MB,256MiB"`` -> bytes, in the given order (units as
+    :func:`tsmtrain.prep.tar_writer.parse_size` reads them).
+
+    Raises:
+        SizeError: an entry that is not a size, one under 4 bytes (one float32), or none at all.
+    """
+    from ..prep.tar_writer import parse_size
+
+    sizes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            size = parse_size(item)
+        except (UserError, ValueError):
+            raise SizeError(f"--sizes: {item!r} is not a size in bytes (e.g. 1MB, 45MB, 256MiB)") from None
+        if size < 4:
+            raise SizeError(f"--sizes: {item!r} is under 4 bytes, one float32")
+        sizes.append(size)
+    if not sizes:
+        raise SizeError(f"--sizes: {text!r} names no size; give e.g. 1MB,64MB")
+    return sizes
+
+
+def bench_allreduce(engine: Engine, sizes: list[int], repeats: int = 5, warmup: int = 1, say=print) -> dict:
+    """``tsmtrain bench allreduce`` on every rank of a job: rank 0 says (``say``) a header with
+    the ranks and their hosts, then one nccl-tests row per size (:func:`allreduce_sizes`).
+
+    Returns:
+        ``{"tsmtrain_bench_allreduce": 1, "engine", "ranks", "hosts" (one per rank), "rows"}``.
+    """
+    hosts = engine.allgather_object(socket.gethostname(), name="bench_allreduce.hosts")
+    if engine.rank == 0:
+        say(f"# allreduce: {engine.size} ranks ({engine.name}) on {len(set(hosts))} host(s): "
+            f"{', '.join(dict.fromkeys(hosts))}")
+        say(ALLREDUCE_HEADER)
+    rows = allreduce_sizes(engine, sizes, repeats=repeats, warmup=warmup, say=say)
+    return {"tsmtrain_bench_allreduce": 1, "engine": engine.name, "ranks": engine.size, "hosts": hosts, "rows": rows}

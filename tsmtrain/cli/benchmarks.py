@@ -1,9 +1,13 @@
-"""``tsmtrain bench data`` and ``tsmtrain bench step``: the data path and the training step.
+"""``tsmtrain bench data``, ``bench step`` and ``bench allreduce``: the data path, the training step
+and the network.
 
 * ``bench data RECIPE [--workers 1,2,4] [--json F]`` -> :func:`tsmtrain.bench.data.bench_data`,
   printed by :func:`~tsmtrain.bench.data.progress_line` and :func:`~tsmtrain.bench.data.summary_lines`
 * ``bench step RECIPE [--json FILE]`` -> :func:`tsmtrain.bench.step.bench_step`, printed by
   :func:`tsmtrain.bench.step.format_step_report`
+* ``bench allreduce [RECIPE] [--engine E] [--sizes 1MB,64MB] [--json F]`` (on every rank of a job) ->
+  :func:`tsmtrain.bench.allreduce.allreduce_sizes`, printed by
+  :func:`~tsmtrain.bench.allreduce.format_allreduce_row`
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import typer
 from .common import SET_HELP, fail, load
 from ..errors import UserError
 
-__all__ = ["bench_app", "bench_data", "bench_step"]
+__all__ = ["bench_app", "bench_data", "bench_step", "bench_allreduce"]
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the data path and the training step.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the data path, the training step and the allreduce.")
 
 
 @bench_app.command("data")
@@ -106,3 +110,44 @@ def bench_step(
         except UserError as err:
             fail(f"--json: {err}")
         print(f"wrote {json_file}")
+
+
+@bench_app.command("allreduce")
+def bench_allreduce(
+    recipe: Optional[str] = typer.Argument(None, help="YAML recipe: its dist.engine and dist section (default: "
+                                                      "--engine with default settings)"),
+    engine_name: Optional[str] = typer.Option(None, "--engine", help="horovod or ddp (default: the recipe's, "
+                                                                     "else horovod)"),
+    sizes: str = typer.Option("1MB,4MB,16MB,64MB", "--sizes", help="allreduce sizes in bytes, e.g. 1MB,45MB,256MiB"),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="timed allreduces per size"),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="untimed allreduces per size first"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    json_file: Optional[str] = typer.Option(None, "--json", help="rank 0 also writes the table to this JSON file"),
+) -> None:
+    """Allreduce bandwidth across the ranks of a job, as nccl-tests reports it (time, algbw,
+    busbw): run it on every rank, e.g. `srun --mpi=pmix tsmtrain bench allreduce` or
+    `srun tsmtrain bench allreduce --engine ddp`."""
+    from ..bench.allreduce import bench_allreduce as run_bench
+    from ..bench.allreduce import parse_sizes
+    from ..dist import create_engine
+    from ..io import write_json
+
+    cfg = load(recipe, sets, check_files=False) if recipe else None
+    name = engine_name or (cfg.dist.engine if cfg else "horovod")
+    if name not in ("horovod", "ddp"):
+        fail(f"--engine: {name!r}: choose horovod or ddp (an allreduce needs ranks)")
+    try:
+        byte_sizes = parse_sizes(sizes)
+        engine = create_engine(name, cfg.dist if cfg else None)
+    except ImportError as err:
+        fail(f"--engine {name}: {err}")
+    except UserError as err:
+        fail(str(err))
+    record = run_bench(engine, byte_sizes, repeats=repeats, warmup=warmup, say=lambda line: print(line, flush=True))
+    if engine.rank == 0 and json_file:
+        try:
+            write_json(json_file, record)
+        except UserError as err:
+            fail(f"--json: {err}")
+        print(f"wrote {json_file}")
+    engine.shutdown()
