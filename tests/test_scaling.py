@@ -117,6 +117,30 @@ def test_basis_from_sweep_overlap_and_compute_per_clip():
     assert basis.mode == "weak" and basis.batch_per_rank == 4
 
 
+def test_basis_from_a_chosen_point():
+    records = [record(1, forward_backward=0.10), record(4, forward_backward=0.30)]
+    basis = basis_from_sweep(WEAK, records, reference_workers=1)
+    assert basis.reference_workers == 1
+    assert basis.compute_s_per_clip == pytest.approx((0.02 + 0.10 + 0.04 + 0.02) / 4)
+    with pytest.raises(ValueError, match="--basis 2: the sweep has no ok point with 2 workers"):
+        basis_from_sweep(WEAK, records, reference_workers=2)
+
+
+def test_comparison_rows_set_the_model_against_the_measured_points():
+    from tsmtrain.scaling.report import comparison_rows
+
+    records = [record(1), record(2, allreduce=0.5), record(4, allreduce=1.0), record(8, status="failed")]
+    predictions = [{"workers": n, "allreduce_s": a, "step_time_s": t}
+                   for n, a, t in ((1, 0.0, 0.4), (2, 0.4, 0.9), (8, 2.0, 3.0))]
+    rows = comparison_rows(records, predictions)
+    assert [r["workers"] for r in rows] == [1, 2]  # 4: not predicted; 8: failed
+    one, two = rows
+    assert one["allreduce_diff"] is None and one["busbw_measured_gb_per_s"] is None  # one rank sends nothing
+    assert two["allreduce_diff"] == pytest.approx((0.4 - 0.5) / 0.5)
+    assert two["busbw_measured_gb_per_s"] == pytest.approx(44_700_000 / 0.5 * 2 * 1 / 2 / 1e9)
+    assert two["step_diff"] == pytest.approx((0.9 - two["step_measured_s"]) / two["step_measured_s"])
+
+
 def test_overlap_is_clipped_to_zero_and_one():
     assert basis_from_sweep(WEAK, [record(2, wait=0.5, allreduce=0.1)]).overlap_fraction == 0.0
     assert basis_from_sweep(WEAK, [record(2, wait=0.0, allreduce=0.1)]).overlap_fraction == 1.0

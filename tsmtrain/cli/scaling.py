@@ -3,10 +3,11 @@
 * ``sweep RECIPE --workers 1,2,4 [--strong] [--local/--submit]`` ->
   :func:`tsmtrain.scaling.sweep.plan_sweep`, :func:`~tsmtrain.scaling.sweep.run_sweep`; exits 1
   when a point failed
-* ``report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--data-bench F] [--videos N --epochs E
+* ``report SWEEP_DIR [--predict 256,1536 --network NET.yaml [--basis N] [--data-bench F] [--videos N --epochs E
   --video-bytes B --layout files|shards --shard-size 1GiB --sidecar-reads 0|1 --workers-per-rank W]]`` ->
   :func:`tsmtrain.scaling.report.write_report`, with the points of :func:`tsmtrain.scaling.model.predict`
-  for both data layouts (:class:`tsmtrain.scaling.model.DataSpec`) and their file-system table
+  for both data layouts (:class:`tsmtrain.scaling.model.DataSpec`), their file-system table, and the
+  model against the measured points (:func:`tsmtrain.scaling.report.comparison_rows`)
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def report(
     sidecar_reads: Optional[int] = typer.Option(None, "--sidecar-reads", min=0, max=1, help="with --predict: files "
                                                 "opened beside each video per clip: 1 with data.seek_mode exact (its "
                                                 ".frames.json), 0 otherwise (the default)"),
+    basis: Optional[int] = typer.Option(None, "--basis", min=1, help="with --predict: the measured point (workers) "
+                                        "whose compute per clip the model uses (default: the one with the most)"),
     workers_per_rank: Optional[int] = typer.Option(None, "--workers-per-rank", min=1, help="with --predict: loader "
                                                    "workers per rank, data.workers (default 6)"),
 ) -> None:
@@ -115,13 +118,15 @@ def report(
     file system, for data in files and in shards."""
     from rich.console import Console
 
-    from ..scaling.report import load_sweep, print_report, table_rows, write_report
+    from ..scaling.report import comparison_rows, load_sweep, print_report, table_rows, write_report
     from ..scaling.sweep import collect
 
     data_options = {"videos": videos, "epochs": epochs, "video_bytes": video_bytes, "layout": layout,
                     "shard_bytes": shard_size, "sidecar_reads": sidecar_reads, "workers_per_rank": workers_per_rank}
     if (predict is None) != (network is None):
         fail("--predict and --network go together: the model needs worker counts and a network")
+    if basis is not None and predict is None:
+        fail("--basis goes with --predict and --network: it picks the point the model's compute comes from")
     if data_bench is not None and predict is None:
         fail("--data-bench goes with --predict and --network: it sets the model's data ceiling")
     if predict is None and any(v is not None for v in data_options.values()):
@@ -131,11 +136,11 @@ def report(
         collect(sweep_dir) if (Path(sweep_dir) / "sweep.json").exists() else None
         meta, records = load_sweep(sweep_dir)
         predictions, filesystem = (None, None) if predict is None else _predictions(
-            meta, records, predict, network, data_bench, data_options)
+            meta, records, predict, network, data_bench, data_options, basis)
         files = write_report(sweep_dir, predictions, filesystem)
         # a pipe or log file gets the whole table rather than 80 squeezed columns
         print_report(meta, table_rows(meta, records, predictions), Console(width=None if sys.stdout.isatty() else 220),
-                     filesystem=filesystem)
+                     filesystem=filesystem, comparison=comparison_rows(records, predictions))
     except UserError as err:
         fail(str(err))
     for path in (getattr(files, name) for name in vars(files)):
@@ -164,9 +169,9 @@ def _data_spec(options: dict):
 
 
 def _predictions(meta: dict, records: list[dict], predict: str, network: str, data_bench: str | None,
-                 data_options: dict):
+                 data_options: dict, basis_workers: int | None = None):
     """``(points, table)``: the scaling model's points (dicts) for ``--predict`` on ``--network``
-    (with ``--data-bench``'s ceiling) for the data ``data_options`` describe (:func:`_data_spec`),
+    (with ``--data-bench``'s ceiling; compute from the ``--basis`` point) for the data ``data_options`` describe (:func:`_data_spec`),
     and the :class:`tsmtrain.scaling.report.FileSystemTable` of both layouts; notes on stderr. A
     bad network, benchmark record, data option or basis exits 2; a bad ``--predict`` raises
     SweepError."""
@@ -192,7 +197,7 @@ def _predictions(meta: dict, records: list[dict], predict: str, network: str, da
             print(f"model: data ceiling {net.data_clips_per_s_per_node:.0f} clips/s per node = {rate:.2f} "
                   f"clips/s per core ({data_bench}) x {net.cores_per_node - net.ranks_per_node} loader cores",
                   file=sys.stderr)
-        basis = basis_from_sweep(meta, records)
+        basis = basis_from_sweep(meta, records, basis_workers)
     except UserError as err:
         fail(str(err))
     except ValueError as err:

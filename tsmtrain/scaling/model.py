@@ -601,11 +601,14 @@ def _field(record: dict, key: str, where: str) -> Any:
     return value
 
 
-def basis_from_sweep(meta: dict, records: list[dict]) -> ScalingBasis:
+def basis_from_sweep(meta: dict, records: list[dict], reference_workers: int | None = None) -> ScalingBasis:
     """Reduce a sweep (``sweep.json`` and its point records, as
     :func:`tsmtrain.scaling.report.load_sweep` returns them) to a :class:`ScalingBasis`.
 
-    * reference point: the ok point with the most workers; compute per clip =
+    * reference point: the ok point with ``reference_workers`` workers, by default the one with
+      the most (on a real cluster the most representative; where ranks share cores, as on the
+      emulated cluster of ``scripts/slurm-local.sh``, a smaller one's compute is each rank's
+      own); compute per clip =
       ``(augment + forward_backward + optimizer + other) / batch_per_rank`` seconds from its
       ``breakdown_s``, and its ``data`` wait per step;
     * overlap fraction: ``clip(1 - allreduce_wait / allreduce_s, 0, 1)`` at the ok point with
@@ -615,7 +618,8 @@ def basis_from_sweep(meta: dict, records: list[dict]) -> ScalingBasis:
       mode, ``global_batch`` in strong mode), else from the reference point.
 
     Raises:
-        ValueError: no ok point, an unknown mode, or an ok point missing a measured field.
+        ValueError: no ok point, no ok point with ``reference_workers``, an unknown mode, or an ok
+            point missing a measured field.
     """
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
@@ -623,7 +627,13 @@ def basis_from_sweep(meta: dict, records: list[dict]) -> ScalingBasis:
     mode = meta.get("mode")
     if mode not in ("weak", "strong"):
         raise ValueError(f"sweep mode must be 'weak' or 'strong' (got {mode!r})")
-    ref = max(ok, key=lambda r: r["workers"])
+    if reference_workers is None:
+        ref = max(ok, key=lambda r: r["workers"])
+    else:
+        ref = next((r for r in ok if r["workers"] == reference_workers), None)
+        if ref is None:
+            raise ValueError(f"--basis {reference_workers}: the sweep has no ok point with {reference_workers} "
+                             f"workers (ok: {', '.join(str(r['workers']) for r in ok)})")
     where = f"point workers-{ref['workers']:04d}"
     bd = _field(ref, "breakdown_s", where)
     bpr = _field(ref, "batch_per_rank", where)

@@ -37,7 +37,7 @@ from ..io import write_atomic, write_text
 from .records import BREAKDOWN, SweepError, point_files, read_meta, read_record
 
 __all__ = ["ReportFiles", "COLUMNS", "FILESYSTEM_COLUMNS", "FileSystemTable", "load_sweep", "table_rows",
-           "filesystem_table", "write_report", "print_report"]
+           "filesystem_table", "comparison_rows", "COMPARISON_HEADERS", "write_report", "print_report"]
 
 PREDICTED_BREAKDOWN = ("compute", "data", "allreduce_exposed")
 """Phases of a predicted step (``breakdown_s`` of a :class:`tsmtrain.scaling.model.Prediction`).
@@ -172,6 +172,61 @@ def table_rows(meta: dict, records: list[dict], predictions: list | None = None)
     return rows
 
 
+COMPARISON_HEADERS = {
+    "workers": "workers", "nodes": "nodes",
+    "allreduce_measured_s": "allreduce measured (ms)", "allreduce_predicted_s": "allreduce predicted (ms)",
+    "allreduce_diff": "diff", "busbw_measured_gb_per_s": "busbw measured (GB/s)",
+    "step_measured_s": "step measured (ms)", "step_predicted_s": "step predicted (ms)", "step_diff": "diff",
+}
+"""Columns of the model-vs-measured table (:func:`comparison_rows`) and their headers."""
+
+
+def comparison_rows(records: list[dict], predictions: list | None) -> list[dict]:
+    """The model against the sweep at every worker count both have (an ok measured point and a
+    prediction): one row each with the keys of :data:`COMPARISON_HEADERS`.
+
+    ``allreduce_measured_s`` is the point's standalone gradient allreduce (seconds, the
+    ``train.allreduce_benchmark`` median), ``allreduce_predicted_s`` the model's
+    (:func:`tsmtrain.scaling.model.allreduce_seconds`); ``busbw_measured_gb_per_s`` its bus
+    bandwidth as nccl-tests defines it (:func:`tsmtrain.bench.allreduce.bus_bandwidth`, GB =
+    1e9 bytes; ``None`` for one worker); ``step_*`` the seconds per optimizer step; each ``*_diff``
+    is (predicted - measured) / measured, a fraction (``None`` where the measured value is 0, and
+    for the allreduce of one worker, which sends nothing).
+    """
+    predicted = {p["workers"]: p for p in map(_as_dict, predictions or [])}
+    rows = []
+    for r in records:
+        p = predicted.get(r["workers"])
+        if r["status"] != "ok" or p is None:
+            continue
+        n, measured_ar = r["workers"], r.get("allreduce_s") or 0.0
+        busbw = (r["gradient_bytes"] / measured_ar * 2 * (n - 1) / n / 1e9
+                 if n > 1 and measured_ar > 0 and r.get("gradient_bytes") else None)
+        rows.append({"workers": n, "nodes": r.get("nodes"),
+                     "allreduce_measured_s": measured_ar, "allreduce_predicted_s": p["allreduce_s"],
+                     "allreduce_diff": _diff(p["allreduce_s"], measured_ar) if n > 1 else None,
+                     "busbw_measured_gb_per_s": busbw,
+                     "step_measured_s": r["step_time_s"], "step_predicted_s": p["step_time_s"],
+                     "step_diff": _diff(p["step_time_s"], r["step_time_s"])})
+    return rows
+
+
+def _diff(predicted: float, measured: float) -> float | None:
+    return (predicted - measured) / measured if measured else None
+
+
+def _cmp_fmt(column: str, value) -> str:
+    if value is None:
+        return "-"
+    if column.endswith("_diff"):
+        return f"{value:+.0%}"
+    if column.endswith("gb_per_s"):
+        return f"{value:.4g}"
+    if column.endswith("_s"):
+        return f"{value * 1e3:.4g}"
+    return str(value)
+
+
 def filesystem_table(data, by_layout: dict[str, list]) -> FileSystemTable:
     """The file-system table of predictions made for each layout of ``data``.
 
@@ -245,7 +300,8 @@ def _title(meta: dict) -> str:
     return f"{meta.get('model') or 'model'} ({recipe}), {meta['mode']} scaling"
 
 
-def _markdown(meta: dict, rows: list[dict], filesystem: FileSystemTable | None = None) -> str:
+def _markdown(meta: dict, rows: list[dict], filesystem: FileSystemTable | None = None,
+              comparison: list[dict] | None = None) -> str:
     base = next((r for r in rows if r["kind"] == "measured" and r["status"] == "ok"), None)
     batch = (f"{meta.get('batch_per_rank')} clips per rank" if meta["mode"] == "weak"
              else f"global batch {meta.get('global_batch')} clips")
@@ -266,6 +322,11 @@ def _markdown(meta: dict, rows: list[dict], filesystem: FileSystemTable | None =
         if r["kind"] == "predicted":
             cells[0] = "*predicted*"
         lines.append("| " + " | ".join(cells) + " |")
+    if comparison:
+        lines += ["", "## Model vs measured", "", "At the worker counts both have; diff = (predicted - measured) / "
+                  "measured.", "", "| " + " | ".join(COMPARISON_HEADERS.values()) + " |",
+                  "|" + "|".join("---:" for _ in COMPARISON_HEADERS) + "|"]
+        lines += ["| " + " | ".join(_cmp_fmt(c, r[c]) for c in COMPARISON_HEADERS) + " |" for r in comparison]
     if filesystem is not None:
         lines += ["", "## File system", "", filesystem.caption, "",
                   "| " + " | ".join(FILESYSTEM_HEADERS[c] for c in FILESYSTEM_COLUMNS) + " |",
@@ -285,10 +346,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
                              for c in COLUMNS])
 
 
-def print_report(meta: dict, rows: list[dict], console=None, filesystem: FileSystemTable | None = None) -> None:
+def print_report(meta: dict, rows: list[dict], console=None, filesystem: FileSystemTable | None = None,
+                 comparison: list[dict] | None = None) -> None:
     """Print ``rows`` (from :func:`table_rows`) as a rich table: clips/s, efficiency in %,
     step time and breakdown in ms per step; failed rows in red with their error, predicted rows
-    dimmed; then ``filesystem`` (from :func:`filesystem_table`), if given, as a second table.
+    dimmed; then ``comparison`` (from :func:`comparison_rows`), if not empty, as the model against
+    the measured points; then ``filesystem`` (from :func:`filesystem_table`), if given.
     ``console`` defaults to a new :class:`rich.console.Console` (stdout)."""
     from rich.console import Console
     from rich.markup import escape
@@ -306,6 +369,13 @@ def print_report(meta: dict, rows: list[dict], console=None, filesystem: FileSys
         style = "red" if r["status"] == "failed" else "dim" if r["kind"] == "predicted" else None
         table.add_row(*(escape(_fmt(c, r[c])) for c in columns), style=style)  # errors may hold [...]
     console.print(table)
+    if comparison:
+        cmp = Table(title="Model vs measured", caption="diff = (predicted - measured) / measured")
+        for header in COMPARISON_HEADERS.values():
+            cmp.add_column(header, justify="right")
+        for r in comparison:
+            cmp.add_row(*(_cmp_fmt(c, r[c]) for c in COMPARISON_HEADERS))
+        console.print(cmp)
     if filesystem is not None:
         fs = Table(title="File system: what the predicted points ask of it", caption=escape(filesystem.caption))
         for c in FILESYSTEM_COLUMNS:
@@ -432,7 +502,7 @@ def write_report(sweep_dir: str | os.PathLike, predictions: list | None = None,
     out.mkdir(exist_ok=True)
     files = ReportFiles(*(out / name for name in ("report.md", "report.csv", "throughput.png", "efficiency.png",
                                                   "breakdown.png")))
-    write_text(files.markdown, _markdown(meta, rows, filesystem))
+    write_text(files.markdown, _markdown(meta, rows, filesystem, comparison_rows(records, predictions)))
     _write_csv(files.csv, rows)
     _line_plots(meta, rows, files.throughput, files.efficiency)
     _breakdown_plot(meta, rows, files.breakdown)
