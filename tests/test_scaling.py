@@ -484,3 +484,12 @@ def test_filesystem_section_errors_name_key_and_line(tmp_path, section, message)
     with pytest.raises(NetworkError) as err:
         load_network(path)
     assert f"{path}{message}" in str(err.value), str(err.value)
+
+
+def test_emulated_networks_load_and_give_the_cap_as_the_ring_bandwidth():
+    # configs/networks/emulated-*.yaml: one rank per node, the tbf cap as the inter-node bandwidth
+    for rate, gbytes in (("100mbit", 0.0125), ("1gbit", 0.125)):
+        net = load_network(REPO / "configs" / "networks" / f"emulated-{rate}.yaml")
+        assert net.ranks_per_node == 1 and net.inter_node.bandwidth_gb_per_s == gbytes
+        # 4 nodes, 45 MB: 2*3/4 x 45e6 / cap + 6 hops x 5 us
+        assert allreduce_seconds(4, 45e6, net) == pytest.approx(1.5 * 45e6 / (gbytes * 1e9) + 6 * 5e-6)
