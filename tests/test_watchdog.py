@@ -328,3 +328,89 @@ def test_job_script_exports_the_network_interface(tmp_path, launcher):
     env = {"PATH": os.environ["PATH"]}
     check = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True, env=env)
     assert check.returncode == 0, check.stderr
+
+
+# ---- end to end: a rank of `tsmtrain run --np 2` stopped mid-run
+
+def _below(pid):
+    """The ``python -m tsmtrain`` processes under ``pid`` (ranks and their loader workers)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if proc.cmdline()[1:3] == ["-m", "tsmtrain"]:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _rank_process(procs, variable, rank):
+    """The rank ``rank`` itself among ``procs`` (its loader workers share its environment)."""
+    import psutil
+
+    for proc in procs:
+        try:
+            if proc.environ().get(variable) == str(rank) and proc.parent().cmdline()[1:3] != ["-m", "tsmtrain"]:
+                return proc
+        except psutil.Error:
+            pass
+    return None
+
+
+def _alive(proc):
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@pytest.mark.parametrize("engine,variable", [("ddp", "RANK"), ("horovod", "HOROVOD_RANK")])
+def test_a_stopped_rank_ends_the_job_and_the_next_start_resumes(tmp_path, tiny_demo, engine, variable):
+    """Rank 1 frozen (SIGSTOP, as a node whose link went down) after the first checkpoint: rank 0
+    names it after dist.timeout_seconds and ends the job, the launcher ends the rest, nothing is
+    left running, and the same command resumes from the last checkpoint to the end."""
+    from tests.conftest import steps_logged
+    from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "lost", schedule={"epochs": 4},
+                         dist={"engine": engine, "np": 2, "timeout_seconds": 5})
+    run_dir = tmp_path / "runs" / "lost"
+    cmd = [sys.executable, "-m", "tsmtrain", "run", str(recipe)]
+    proc = subprocess.Popen(cmd, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO)
+    seen, frozen = [], None
+    try:
+        assert wait_for(lambda: latest_checkpoint(run_dir) is not None and steps_logged(run_dir) > 6
+                        or proc.poll() is not None, 300)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        seen = _below(proc.pid)
+        frozen = _rank_process(seen, variable, 1)
+        assert frozen is not None, [p.cmdline() for p in seen]
+        frozen.suspend()  # SIGSTOP
+        out, _ = proc.communicate(timeout=300)  # ends: it does not hang in the allreduce
+    finally:
+        for p in seen:
+            if _alive(p):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+    host = socket.gethostname()
+    assert proc.returncode not in (0, None), out[-3000:]
+    assert f"tsmtrain: world size 2 on 1 host: ranks 0-1 {host}" in out
+    lost = [line[line.index("tsmtrain: "):] for line in out.splitlines() if " lost: " in line]  # ([0]<stderr>: horovodrun's)
+    assert len(lost) == 1, out[-3000:]
+    assert lost[0].startswith(f"tsmtrain: rank 1 on host {host} lost: no heartbeat for 5 s (last seen at step ")
+    assert lost[0] in (run_dir / "train.log").read_text()
+    assert [p.pid for p in seen if _alive(p)] == []  # no rank, and no loader worker, left running
+
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    again = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {state['step']}" in again.stderr
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 4 * 6

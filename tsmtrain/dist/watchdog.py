@@ -39,6 +39,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import UserError
+
 __all__ = ["Watchdog", "start_watchdog", "world_line", "loss_line", "end_process", "WatchdogError",
            "INTERVAL_S", "CONNECT_TIMEOUT_S"]
 
@@ -54,8 +56,9 @@ CLOSED = "its connection closed without a goodbye (the process died)"
 log = logging.getLogger("tsmtrain")
 
 
-class WatchdogError(OSError):
-    """This rank could not reach rank 0's watchdog at any of its addresses (the message names them)."""
+class WatchdogError(UserError):
+    """This rank could not reach rank 0's watchdog at any of its addresses (the message names them
+    and ``cluster.network_interface``, which chooses them)."""
 
 
 def loss_line(rank: int, host: str, why: str, step: int | None) -> str:
@@ -246,7 +249,7 @@ class Watchdog:
             self._thread.start()
             return self
         raise WatchdogError(f"cannot reach rank 0's watchdog on host {zero['host']} at port {zero['port']}: "
-                            + "; ".join(errors))
+                            + "; ".join(errors) + " (cluster.network_interface chooses rank 0's address)")
 
     def contact(self) -> dict:
         """What the other ranks need to connect to rank 0's watchdog: addresses, port, token, host."""
