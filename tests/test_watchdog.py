@@ -323,6 +323,9 @@ def test_job_script_exports_the_network_interface(tmp_path, launcher):
     assert "export HOROVOD_GLOO_IFACE=ib0\n" in text
     assert "export OMPI_MCA_btl_tcp_if_include=ib0 OMPI_MCA_oob_tcp_if_include=ib0\n" in text
     assert text.index("GLOO_SOCKET_IFNAME=ib0") < text.index(" -m tsmtrain run ")
+    over = render_sbatch(prepare_job(load_recipe(path, ["cluster.network_interface=ib0",
+                                                        "cluster.env={GLOO_SOCKET_IFNAME: eth1}"], check_files=False)))
+    assert over.index("GLOO_SOCKET_IFNAME=ib0") < over.index("export GLOO_SOCKET_IFNAME=eth1")  # cluster.env wins
     if launcher == "mpirun":  # mpirun passes on only what -x names (OMPI_MCA_* it reads itself)
         assert "-x GLOO_SOCKET_IFNAME -x NCCL_SOCKET_IFNAME -x HOROVOD_GLOO_IFACE" in text
     env = {"PATH": os.environ["PATH"]}

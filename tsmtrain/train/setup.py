@@ -70,13 +70,14 @@ def choose_engine(recipe: Recipe) -> Engine:
 
 def start_watchdog(recipe: Recipe, engine: Engine):
     """This rank's liveness watchdog (:func:`tsmtrain.dist.watchdog.start_watchdog`, timeout
-    ``dist.timeout_seconds``; rank 0 is reached at ``cluster.network_interface``, else the
-    interface the environment names, else any of its addresses): ``(watchdog, world line)``,
+    ``dist.timeout_seconds``; rank 0 is reached at the interface the environment names, which the
+    job script sets from ``cluster.network_interface``, else at any of its addresses):
+    ``(watchdog, world line)``,
     ``(None, "")`` for one process. Every rank calls it right after :func:`choose_engine`."""
     from ..dist.netif import named_interface
     from ..dist.watchdog import start_watchdog as start
 
-    return start(engine, recipe.dist.timeout_seconds, recipe.cluster.network_interface or named_interface())
+    return start(engine, recipe.dist.timeout_seconds, named_interface())
 
 
 def choose_device(setting: str, local_rank: int) -> torch.device:
