@@ -152,7 +152,8 @@ def test_connecting_to_nothing_names_the_addresses():
 @pytest.fixture
 def rank0():
     lost = []
-    dog = Watchdog.listen("node1", 3.0, ["127.0.0.1"], interval_s=0.2, on_lost=lost.append)
+    dog = Watchdog.listen("node1", 3.0, ["127.0.0.1"], on_lost=lost.append)  # heartbeats 1 s apart, as the clients'
+
     yield dog, lost
     dog.stop()
 
@@ -190,6 +191,21 @@ def test_a_stopped_rank_is_reported_after_the_timeout(rank0):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_every_rank_silent_at_once_blames_rank_0s_own_network(rank0):
+    dog, lost = rank0
+    procs = [start_client(dog, rank) for rank in (1, 2)]
+    try:
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)  # as rank 0's own link going down: everyone silent
+        assert wait_for(lambda: lost, 30)
+        assert lost[0].startswith("tsmtrain: rank 0 on host node1 lost contact with all 2 other ranks: no heartbeat "
+                                  "for 3 s (this host's own network may be down); ending the job")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_rank_ending_cleanly_is_not_reported(rank0):

@@ -16,7 +16,8 @@ one connection each, driven by one daemon thread per process.
   (:meth:`Watchdog.stop`), so a clean end is never reported as a loss.
 * Rank 0: a connection that closes without a goodbye (the process died) or sends nothing for
   ``timeout_s`` (its link is down, its node froze) is a lost rank: one line on stderr and in
-  ``train.log`` (:func:`loss_line`), and rank 0 exits with status 1, which makes srun
+  ``train.log`` (:func:`loss_line`; when every other rank fell silent at once, the line blames
+  rank 0's own network), and rank 0 exits with status 1, which makes srun
   ``--kill-on-bad-exit``, mpirun or torchrun end the other ranks.
 * The other ranks: rank 0's connection closing without a goodbye, or silent for ``timeout_s``,
   ends them the same way, so that no rank keeps running on a node cut off from the rest.
@@ -47,7 +48,7 @@ __all__ = ["Watchdog", "start_watchdog", "world_line", "loss_line", "end_process
 INTERVAL_S = 1.0
 """Seconds between heartbeats."""
 
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 5.0
 """Seconds a rank waits for each of rank 0's addresses to accept and welcome it."""
 
 RESUME = "ending the job (resume: run again, it continues from the last checkpoint)"
@@ -147,6 +148,17 @@ def _send(sock: socket.socket, message: dict) -> bool:
     return True
 
 
+def _readable(socks: list[socket.socket], timeout_s: float) -> list[socket.socket]:
+    """The sockets of ``socks`` with something to read (or closed), waiting up to ``timeout_s``;
+    ``poll``, not ``select``, which cannot watch descriptors above 1023 (rank 0 of a large job)."""
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        by_fd[sock.fileno()] = sock
+        poller.register(sock, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(timeout_s * 1000) if fd in by_fd]
+
+
 class Watchdog:
     """One rank's end of the watchdog; create it with :meth:`listen` (rank 0) or :meth:`connect`.
 
@@ -198,7 +210,8 @@ class Watchdog:
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         _SOCKETS.add(self.listener)
         self.listener.bind(("0.0.0.0", 0))
-        self.listener.listen(128)
+        self.listener.listen(4096)  # every rank connects at once (the kernel caps it at somaxconn)
+        self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
         self.addrs, self.token = list(addrs), secrets.token_hex(8)
         self._thread.start()
@@ -270,13 +283,19 @@ class Watchdog:
                 if now - peer.seen > self.timeout_s:
                     if peer.rank is None:  # connected but never said hello: not a rank
                         self._drop(peer)
+                    elif self.rank == 0 and len(self.peers) > 1 and all(  # (heartbeats are an interval apart)
+                            now - p.seen > max(self.timeout_s - 2 * self.interval_s, self.interval_s)
+                            for p in self.peers):
+                        self._report(f"tsmtrain: rank 0 on host {self.host} lost contact with all {len(self.peers)} "
+                                     f"other ranks: no heartbeat for {self.timeout_s:g} s (this host's own network "
+                                     f"may be down); {RESUME}")
                     else:
                         self._lost(peer, f"no heartbeat for {self.timeout_s:g} s")
             if self._done:
                 return
             socks = [p.sock for p in self.peers] + ([self.listener] if self.listener is not None else [])
             try:
-                ready, _, _ = select.select(socks, [], [], max(0.0, min(0.2, next_beat - time.monotonic())))
+                ready = _readable(socks, max(0.0, min(0.2, next_beat - time.monotonic())))
             except (OSError, ValueError):  # a socket closed by stop() meanwhile
                 continue
             for sock in ready:
@@ -288,13 +307,14 @@ class Watchdog:
                         self._read(peer)
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        _SOCKETS.add(sock)
-        self.peers.append(_Peer(sock))
+        while True:  # every connection waiting (the listener does not block)
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            sock.setblocking(False)
+            _SOCKETS.add(sock)
+            self.peers.append(_Peer(sock))
 
     def _read(self, peer: _Peer) -> None:
         try:
@@ -341,6 +361,9 @@ class Watchdog:
         else:
             line = (f"tsmtrain: rank {self.rank} on host {self.host} lost contact with rank 0 on host "
                     f"{peer.host}: {why}; stopping")
+        self._report(line)
+
+    def _report(self, line: str) -> None:
         with self._lock:
             if self._done:
                 return
@@ -370,7 +393,7 @@ class Watchdog:
                     pass
         deadline = time.monotonic() + linger_s
         while open_peers and time.monotonic() < deadline:
-            ready, _, _ = select.select([p.sock for p in open_peers], [], [], deadline - time.monotonic())
+            ready = _readable([p.sock for p in open_peers], max(0.0, deadline - time.monotonic()))
             for peer in [p for p in open_peers if p.sock in ready]:
                 try:
                     if peer.sock.recv(65536):
