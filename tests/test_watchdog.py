@@ -433,3 +433,21 @@ def test_a_stopped_rank_ends_the_job_and_the_next_start_resumes(tmp_path, tiny_d
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {state['step']}" in again.stderr
     assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 4 * 6
+
+
+def test_ddp_sets_the_chosen_interface_and_says_so(monkeypatch, capsys):
+    from tsmtrain.dist import ddp
+
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(netif, "choose_gloo_interface",
+                        lambda addr: ("eth0", "this host's name node2 resolves to loopback (127.0.1.1)"))
+    ddp._choose_interface("node1", cuda=True)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "eth0"
+    err = capsys.readouterr().err
+    assert err.startswith("tsmtrain: this host's name node2 resolves to loopback (127.0.1.1), so Gloo would bind")
+    assert "GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME=eth0 (the interface that reaches rank 0 at node1;" in err
+    monkeypatch.setattr(netif, "choose_gloo_interface", lambda addr: None)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    ddp._choose_interface("node1", cuda=False)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0" and capsys.readouterr().err == ""

@@ -148,13 +148,14 @@ def _send(sock: socket.socket, message: dict) -> bool:
     return True
 
 
-def _readable(socks: list[socket.socket], timeout_s: float) -> list[socket.socket]:
-    """The sockets of ``socks`` with something to read (or closed), waiting up to ``timeout_s``;
-    ``poll``, not ``select``, which cannot watch descriptors above 1023 (rank 0 of a large job)."""
+def _readable(watched: dict[socket.socket, Any], timeout_s: float) -> list[Any]:
+    """The values of ``watched`` whose socket has something to read (or closed), waiting up to
+    ``timeout_s``; ``poll``, not ``select``, which cannot watch descriptors above 1023 (rank 0 of
+    a large job)."""
     poller = select.poll()
     by_fd = {}
-    for sock in socks:
-        by_fd[sock.fileno()] = sock
+    for sock, value in watched.items():
+        by_fd[sock.fileno()] = value
         poller.register(sock, select.POLLIN)
     return [by_fd[fd] for fd, _ in poller.poll(timeout_s * 1000) if fd in by_fd]
 
@@ -293,18 +294,18 @@ class Watchdog:
                         self._lost(peer, f"no heartbeat for {self.timeout_s:g} s")
             if self._done:
                 return
-            socks = [p.sock for p in self.peers] + ([self.listener] if self.listener is not None else [])
+            watched: dict[socket.socket, Any] = {p.sock: p for p in self.peers}
+            if self.listener is not None:
+                watched[self.listener] = None
             try:
-                ready = _readable(socks, max(0.0, min(0.2, next_beat - time.monotonic())))
+                ready = _readable(watched, max(0.0, min(0.2, next_beat - time.monotonic())))
             except (OSError, ValueError):  # a socket closed by stop() meanwhile
                 continue
-            for sock in ready:
-                if sock is self.listener:
+            for peer in ready:
+                if peer is None:
                     self._accept()
-                else:
-                    peer = next((p for p in self.peers if p.sock is sock), None)
-                    if peer is not None:
-                        self._read(peer)
+                elif peer in self.peers:
+                    self._read(peer)
 
     def _accept(self) -> None:
         while True:  # every connection waiting (the listener does not block)
@@ -393,8 +394,7 @@ class Watchdog:
                     pass
         deadline = time.monotonic() + linger_s
         while open_peers and time.monotonic() < deadline:
-            ready = _readable([p.sock for p in open_peers], max(0.0, deadline - time.monotonic()))
-            for peer in [p for p in open_peers if p.sock in ready]:
+            for peer in _readable({p.sock: p for p in open_peers}, max(0.0, deadline - time.monotonic())):
                 try:
                     if peer.sock.recv(65536):
                         continue
