@@ -105,6 +105,21 @@ def test_ranks_that_say_goodbye_are_not_reported():
     assert lost == []
 
 
+def test_a_loss_on_rank_0_stops_the_other_ranks_with_the_reason():
+    dogs, _, lost = start_ranks(3, timeout_s=30.0)
+    assert wait_for(lambda: len(dogs[0].peers) == 2)
+    dogs[2]._done = True  # rank 2 dies: its thread stops, its connection closes without a goodbye
+    dogs[2]._thread.join()
+    dogs[2].peers[0].sock.close()
+    assert wait_for(lambda: len(lost) == 2, 20)
+    host = socket.gethostname()
+    assert lost[0].startswith(f"tsmtrain: rank 2 on host {host} lost: {CLOSED}")
+    assert lost[1] == (f"tsmtrain: rank 1 on host {host} stopping: rank 0 on host {host} is ending the job "
+                       f"(rank 2 on host {host} lost)")
+    for dog in dogs:
+        dog.stop()
+
+
 def test_rank_0_that_says_goodbye_is_not_reported():
     dogs, _, lost = start_ranks(2)
     dogs[0].stop()

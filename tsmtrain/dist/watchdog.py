@@ -20,7 +20,9 @@ one connection each, driven by one daemon thread per process.
   rank 0's own network), and rank 0 exits with status 1, which makes srun
   ``--kill-on-bad-exit``, mpirun or torchrun end the other ranks.
 * The other ranks: rank 0's connection closing without a goodbye, or silent for ``timeout_s``,
-  ends them the same way, so that no rank keeps running on a node cut off from the rest.
+  ends them the same way, so that no rank keeps running on a node cut off from the rest. Before
+  rank 0 exits on a loss it tells them (``abort``): they stop with one line saying that rank 0 is
+  ending the job and which rank was lost.
 
 No torch here.
 """
@@ -289,7 +291,7 @@ class Watchdog:
                             for p in self.peers):
                         self._report(f"tsmtrain: rank 0 on host {self.host} lost contact with all {len(self.peers)} "
                                      f"other ranks: no heartbeat for {self.timeout_s:g} s (this host's own network "
-                                     f"may be down); {RESUME}")
+                                     f"may be down); {RESUME}", "rank 0 lost contact with every rank")
                     else:
                         self._lost(peer, f"no heartbeat for {self.timeout_s:g} s")
             if self._done:
@@ -347,6 +349,10 @@ class Watchdog:
                 _send(peer.sock, {"t": "welcome"})
             elif kind == "hb":
                 peer.step = message.get("step")
+            elif kind == "abort":  # rank 0 is ending the job because of another rank
+                self._report(f"tsmtrain: rank {self.rank} on host {self.host} stopping: rank 0 on host {peer.host} "
+                             f"is ending the job ({str(message.get('why'))[:200]})")
+                return
             elif kind == "bye":  # a clean end: close our side once it has closed its own
                 self._drop(peer)
                 return
@@ -358,18 +364,24 @@ class Watchdog:
 
     def _lost(self, peer: _Peer, why: str) -> None:
         if self.rank == 0:
-            line = loss_line(peer.rank, peer.host, why, peer.step)
+            self._report(loss_line(peer.rank, peer.host, why, peer.step), f"rank {peer.rank} on host {peer.host} lost")
         else:
-            line = (f"tsmtrain: rank {self.rank} on host {self.host} lost contact with rank 0 on host "
-                    f"{peer.host}: {why}; stopping")
-        self._report(line)
+            self._report(f"tsmtrain: rank {self.rank} on host {self.host} lost contact with rank 0 on host "
+                         f"{peer.host}: {why}; stopping")
 
-    def _report(self, line: str) -> None:
+    def _report(self, line: str, abort: str = "") -> None:
+        """Report ``line`` once (:attr:`on_lost`); rank 0 first tells the other ranks that it is
+        ending the job and why (``abort``), so that they stop with that reason rather than
+        report rank 0 itself as lost."""
         with self._lock:
             if self._done:
                 return
             self._done = True
             self.lost_line = line
+        if abort:
+            for peer in self.peers:
+                if peer.rank is not None:
+                    _send(peer.sock, {"t": "abort", "why": abort})
         self.on_lost(line)
 
     # ---- the end
