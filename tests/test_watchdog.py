@@ -466,3 +466,31 @@ def test_ddp_sets_the_chosen_interface_and_says_so(monkeypatch, capsys):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
     ddp._choose_interface("node1", cuda=False)
     assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0" and capsys.readouterr().err == ""
+
+
+def test_rank_0_watches_more_ranks_than_select_could():
+    """1,100 ranks (sockets above descriptor 1023, which select() cannot watch) connect at once,
+    say hello and are watched; one of them closing without a goodbye is reported by its rank."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2400:
+        pytest.skip(f"this process may open {hard} files; the test needs 2,400")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2400), hard))
+    lost = []
+    dog = Watchdog.listen("node1", 60.0, ["127.0.0.1"], on_lost=lost.append)
+    socks = []
+    try:
+        for rank in range(1, 1101):
+            s = socket.create_connection(("127.0.0.1", dog.port))
+            s.sendall(json.dumps({"t": "hello", "rank": rank, "host": f"n{rank}", "token": dog.token}).encode() + b"\n")
+            socks.append(s)
+        assert wait_for(lambda: sum(p.rank is not None for p in dog.peers) == 1100, 60)
+        socks.pop().close()  # rank 1100, on the highest descriptor
+        assert wait_for(lambda: lost, 30)
+        assert lost[0].startswith(f"tsmtrain: rank 1100 on host n1100 lost: {CLOSED}")
+    finally:
+        for s in socks:
+            s.close()
+        dog.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
