@@ -273,29 +273,20 @@ class Watchdog:
 
     # ---- the thread
     def _watch(self) -> None:
-        next_beat = 0.0
+        next_beat = last = time.monotonic()
         while not self._done:
             now = time.monotonic()
+            if now - last > 1.0:  # this thread itself did not run (a starved process): not the peers' silence
+                for peer in self.peers:
+                    peer.seen = min(now, peer.seen + (now - last))
+            last = now
             if now >= next_beat:
                 next_beat = now + self.interval_s
                 message = {"t": "hb", "step": self.step}
                 for peer in list(self.peers):
                     if peer.rank is not None and not _send(peer.sock, message):
                         self._lost(peer, CLOSED)
-            for peer in list(self.peers):
-                if now - peer.seen > self.timeout_s:
-                    if peer.rank is None:  # connected but never said hello: not a rank
-                        self._drop(peer)
-                    elif self.rank == 0 and len(self.peers) > 1 and all(  # (heartbeats are an interval apart)
-                            now - p.seen > max(self.timeout_s - 2 * self.interval_s, self.interval_s)
-                            for p in self.peers):
-                        self._report(f"tsmtrain: rank 0 on host {self.host} lost contact with all {len(self.peers)} "
-                                     f"other ranks: no heartbeat for {self.timeout_s:g} s (this host's own network "
-                                     f"may be down); {RESUME}", "rank 0 lost contact with every rank")
-                    else:
-                        self._lost(peer, f"no heartbeat for {self.timeout_s:g} s")
-            if self._done:
-                return
+            # read what has arrived before judging anyone silent
             watched: dict[socket.socket, Any] = {p.sock: p for p in self.peers}
             if self.listener is not None:
                 watched[self.listener] = None
@@ -304,10 +295,28 @@ class Watchdog:
             except (OSError, ValueError):  # a socket closed by stop() meanwhile
                 continue
             for peer in ready:
+                if self._done:
+                    return
                 if peer is None:
                     self._accept()
                 elif peer in self.peers:
                     self._read(peer)
+            self._check_silence(time.monotonic())
+
+    def _check_silence(self, now: float) -> None:
+        """Report the first rank (on rank 0) or rank 0 (elsewhere) silent for ``timeout_s``."""
+        for peer in list(self.peers):
+            if self._done or now - peer.seen <= self.timeout_s:
+                continue
+            if peer.rank is None:  # connected but never said hello: not a rank
+                self._drop(peer)
+            elif self.rank == 0 and len(self.peers) > 1 and all(  # (heartbeats are an interval apart)
+                    now - p.seen > max(self.timeout_s - 2 * self.interval_s, self.interval_s) for p in self.peers):
+                self._report(f"tsmtrain: rank 0 on host {self.host} lost contact with all {len(self.peers)} "
+                             f"other ranks: no heartbeat for {self.timeout_s:g} s (this host's own network "
+                             f"may be down); {RESUME}", "rank 0 lost contact with every rank")
+            else:
+                self._lost(peer, f"no heartbeat for {self.timeout_s:g} s")
 
     def _accept(self) -> None:
         while True:  # every connection waiting (the listener does not block)
