@@ -496,3 +496,30 @@ def test_rank_0_watches_more_ranks_than_select_could():
             s.close()
         dog.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_stalled_watchdog_thread_does_not_blame_its_peers(monkeypatch):
+    """Rank 0's own thread not scheduled for longer than the timeout (a loaded machine): the
+    heartbeats that arrived meanwhile are read before anyone is judged silent, and nothing is
+    reported."""
+    import tsmtrain.dist.watchdog as wd
+
+    lost = []
+    zero = Watchdog.listen("node1", 2.0, ["127.0.0.1"], interval_s=0.2, on_lost=lost.append)
+    one = Watchdog.connect(1, "node2", zero.contact(), 30.0, interval_s=0.2, on_lost=lost.append)
+    assert wait_for(lambda: any(p.rank == 1 for p in zero.peers), 10)
+    readable, stalled = wd._readable, []
+
+    def stall_once(watched, timeout_s):  # not scheduled after its poll returned: the heartbeats wait unread
+        ready = readable(watched, timeout_s)
+        if threading.current_thread().name == "tsmtrain-watchdog-0" and not stalled and not ready:
+            stalled.append(True)
+            time.sleep(3.0)
+        return ready
+
+    monkeypatch.setattr(wd, "_readable", stall_once)
+    assert wait_for(lambda: stalled, 10)
+    time.sleep(4.0)
+    one.stop()
+    zero.stop()
+    assert lost == []

@@ -273,20 +273,15 @@ class Watchdog:
 
     # ---- the thread
     def _watch(self) -> None:
-        next_beat = last = time.monotonic()
+        next_beat = time.monotonic()
         while not self._done:
             now = time.monotonic()
-            if now - last > 1.0:  # this thread itself did not run (a starved process): not the peers' silence
-                for peer in self.peers:
-                    peer.seen = min(now, peer.seen + (now - last))
-            last = now
             if now >= next_beat:
                 next_beat = now + self.interval_s
                 message = {"t": "hb", "step": self.step}
                 for peer in list(self.peers):
                     if peer.rank is not None and not _send(peer.sock, message):
                         self._lost(peer, CLOSED)
-            # read what has arrived before judging anyone silent
             watched: dict[socket.socket, Any] = {p.sock: p for p in self.peers}
             if self.listener is not None:
                 watched[self.listener] = None
@@ -301,10 +296,22 @@ class Watchdog:
                     self._accept()
                 elif peer in self.peers:
                     self._read(peer)
-            self._check_silence(time.monotonic())
+            self._check_silence()
 
-    def _check_silence(self, now: float) -> None:
-        """Report the first rank (on rank 0) or rank 0 (elsewhere) silent for ``timeout_s``."""
+    def _check_silence(self) -> None:
+        """Report the first rank (on rank 0) or rank 0 (elsewhere) silent for ``timeout_s``. What
+        has arrived is read first: this thread may itself not have run for a while (a loaded
+        machine), and heartbeats waiting in the socket are not silence."""
+        now = time.monotonic()
+        if not any(now - p.seen > self.timeout_s for p in self.peers):
+            return
+        try:
+            for peer in _readable({p.sock: p for p in self.peers}, 0.0):
+                if peer in self.peers:
+                    self._read(peer)
+        except (OSError, ValueError):
+            return
+        now = time.monotonic()
         for peer in list(self.peers):
             if self._done or now - peer.seen <= self.timeout_s:
                 continue
