@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -137,6 +138,28 @@ def rendezvous(dist: Any = None, environ: Mapping[str, str] | None = None) -> Re
     return Rendezvous(rank, size, local_rank, local_size, addr, port, source)
 
 
+def _choose_interface(master_addr: str | None, cuda: bool, say: bool = True) -> None:
+    """Set ``GLOO_SOCKET_IFNAME`` (and ``NCCL_SOCKET_IFNAME`` on GPUs, when unset) to the interface
+    that reaches rank 0 when Gloo would otherwise bind to loopback
+    (:func:`tsmtrain.dist.netif.choose_gloo_interface`), with one line saying so (``say``: one
+    rank per host says it)."""
+    from .netif import choose_gloo_interface
+
+    chosen = choose_gloo_interface(master_addr)
+    if chosen is None:
+        return
+    name, why = chosen
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+    also = ""
+    if cuda and not os.environ.get("NCCL_SOCKET_IFNAME"):
+        os.environ["NCCL_SOCKET_IFNAME"] = name
+        also = " and NCCL_SOCKET_IFNAME"
+    if say:
+        print(f"tsmtrain: {why}, so Gloo would bind there and the other hosts could not reach it: "
+              f"GLOO_SOCKET_IFNAME{also}={name} (the interface that reaches rank 0 at {master_addr}; "
+              "cluster.network_interface sets it)", file=sys.stderr, flush=True)
+
+
 class DDPEngine(Engine):
     """``torch.distributed`` data parallelism; joins the process group on construction.
 
@@ -166,6 +189,8 @@ class DDPEngine(Engine):
         backend = "nccl" if cuda else "gloo"
         if cuda:
             torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+        if self.size > self.local_size:  # ranks on several hosts: Gloo must not bind to loopback
+            _choose_interface(where.addr or os.environ.get("MASTER_ADDR"), cuda, say=self.local_rank == 0)
         try:
             if where.source == "torchrun":
                 tdist.init_process_group(backend, init_method="env://")

@@ -280,6 +280,12 @@ class DistConfig(_Section):
     master_port: int | None = Field(
         None, ge=1024, le=65535, description="ddp under srun/mpirun: port where rank 0 listens; none: MASTER_PORT, "
                                              "else 20000 + Slurm job id % 12000")
+    timeout_seconds: int = Field(
+        30, ge=5, le=86400, description="the collective timeout: a rank whose process died, or that sent no "
+                                        "heartbeat for this many seconds (its link is down, its node froze), is "
+                                        "declared lost, and the whole job ends within about this time with one line "
+                                        "naming the rank and host (tsmtrain's watchdog, beside the engine; a slow "
+                                        "step, checkpoint or evaluation does not trigger it)")
 
     @field_validator("master_addr")
     @classmethod
@@ -352,6 +358,7 @@ class RunConfig(_Section):
 _TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
 _MEMORY = re.compile(r"^\d+[KMGT]?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # Linux: at most IFNAMSIZ - 1 characters, no '/', ':' or space
 
 
 def time_limit_seconds(limit: str) -> float:
@@ -390,6 +397,10 @@ class ClusterConfig(_Section):
         [], description="shell lines run before the launch, verbatim (module load ..., source venv/bin/activate)"
     )
     env: dict[str, str] = Field({}, description="environment variables exported for every rank (NCCL_*, HOROVOD_*)")
+    network_interface: str | None = Field(
+        None, description="network interface the ranks talk over, e.g. eth0 or ib0: exported as GLOO_SOCKET_IFNAME, "
+                          "NCCL_SOCKET_IFNAME, HOROVOD_GLOO_IFACE and OpenMPI's btl/oob_tcp_if_include; none: each "
+                          "library's own choice (DDP avoids a host name that resolves to loopback)")
     launcher: Literal["srun", "mpirun"] = Field("srun", description="srun (ranks through PMIx), or mpirun inside the allocation")
     mpi: str = Field("pmix", description="srun --mpi plugin")
     python: str | None = Field(
@@ -422,6 +433,14 @@ class ClusterConfig(_Section):
     def _not_empty(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("network_interface")
+    @classmethod
+    def _interface(cls, v: str | None) -> str | None:
+        if v is not None and (v in (".", "..") or not _IFNAME.match(v)):
+            raise ValueError(f"{_shown(v)} is not a network interface name (1 to 15 letters, digits, '.', '_' "
+                             "or '-'; `ip link` lists them, without the @... after a name)")
         return v
 
     @field_validator("sbatch")

@@ -38,6 +38,7 @@ import torch
 
 from ..dist.base import Engine
 from ..dist.stop import EXIT_PREEMPTED, StopRequest
+from ..dist.watchdog import Watchdog
 from ..optim import create_schedule, linear_scaling
 from ..recipe import Recipe
 from . import checkpoint as ckpt
@@ -48,7 +49,7 @@ from .factory import (Loaders, announce_run, create_loaders, create_network, cre
 from .metrics_log import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
 from ..errors import TrainingError
-from .setup import choose_engine, log, progress_bar
+from .setup import choose_engine, log, progress_bar, start_watchdog
 from .step import NonFiniteLoss, TrainStep, targets
 from .tensorboard import check_tensorboard
 
@@ -90,6 +91,7 @@ class _Run:
     metrics: MetricsWriter
     clock: PhaseClock
     stop_at: int  # the optimizer step the run ends at (last epoch's end, or train.stop_after_steps)
+    watchdog: Watchdog | None = None  # told each optimizer step (its heartbeats carry it)
 
     @property
     def run_dir(self) -> Path:
@@ -147,21 +149,27 @@ def train(recipe: Recipe, resume: bool | None = None) -> RunResult:
     with StopRequest() as stop:
         check_tensorboard(recipe.train.tensorboard)  # on every rank, before any collective
         engine = choose_engine(recipe)
+        # a lost rank ends the job within dist.timeout_seconds; every exit from here says goodbye first
+        watchdog, world = start_watchdog(recipe, engine)
         # one run per run directory: rank 0 locks it before writing anything there (other ranks: None)
-        with claim_run_dir(engine, recipe.run_dir) or nullcontext() as lock:
-            run, pos = _set_up(recipe, engine, lock, resume)
+        with watchdog or nullcontext(), claim_run_dir(engine, recipe.run_dir) or nullcontext() as lock:
+            run, pos = _set_up(recipe, engine, lock, resume, world)
+            run.watchdog = watchdog
             with run.metrics:  # closes the TensorBoard event file however the run ends
                 return _run(run, pos, stop)
 
 
 def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
-            wanted: bool | None) -> tuple[_Run, ckpt.Position]:
+            wanted: bool | None, world: str = "") -> tuple[_Run, ckpt.Position]:
     """Build this rank's run in the run directory that rank 0 holds (``lock``): device, data,
     network, the training step with its optimizer and learning rate schedule, and the position
-    to start from (``wanted``: :func:`train`'s ``resume``)."""
+    to start from (``wanted``: :func:`train`'s ``resume``). Rank 0 logs ``world`` (the ranks'
+    hosts) first."""
     t = recipe.train
     scaling = linear_scaling(recipe, engine.size)
     device = start_rank(recipe, engine, lock)
+    if world and engine.rank == 0:
+        log.info("%s", world)
     data = create_loaders(recipe, engine, device, scaling)
     model = create_network(recipe, engine, device)
     optimizer, head_optimizer, head_parallel = create_optimizers(recipe, engine, model)  # a sharded head: its own
@@ -187,6 +195,8 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
 def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
     """Epochs until the last, ``stop_at`` or a stop request; evaluation and checkpoints."""
     r, t, epochs = run, run.recipe.train, run.recipe.schedule.epochs
+    if r.watchdog is not None:
+        r.watchdog.step = pos.step
     bar = progress_bar(r.engine.rank == 0, r.steps_per_epoch * epochs, pos.step)
     if pos.pending_eval and r.data.val_records:  # the run stopped at an epoch's end before evaluating it
         pos.eval = r.evaluate(pos)
@@ -251,6 +261,8 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
         if not out.stepped:
             continue  # accumulate another backward pass
         pos.step += 1
+        if r.watchdog is not None:
+            r.watchdog.step = pos.step
         if r.step.skipped_steps > skipped and r.engine.rank == 0:
             log.warning("step %d: the loss or a gradient is not finite: its update was skipped (train.nonfinite: "
                         "skip; %d skipped so far)", pos.step, r.step.skipped_steps)

@@ -16,7 +16,7 @@ from ..dist.base import Engine, LocalEngine
 from ..errors import TrainingError
 from ..recipe import Recipe
 
-__all__ = ["setup_logging", "choose_engine", "choose_device", "set_threads", "keep_freed_memory",
+__all__ = ["setup_logging", "choose_engine", "start_watchdog", "choose_device", "set_threads", "keep_freed_memory",
            "progress_bar", "log"]
 
 log = logging.getLogger("tsmtrain")
@@ -66,6 +66,18 @@ def choose_engine(recipe: Recipe) -> Engine:
         raise TrainingError(f"dist.engine: {recipe.dist.engine}: cannot import it ({err}); run make setup") from None
     except DistError as err:
         raise TrainingError(str(err)) from None
+
+
+def start_watchdog(recipe: Recipe, engine: Engine):
+    """This rank's liveness watchdog (:func:`tsmtrain.dist.watchdog.start_watchdog`, timeout
+    ``dist.timeout_seconds``; rank 0 is reached at the interface the environment names, which the
+    job script sets from ``cluster.network_interface``, else at any of its addresses):
+    ``(watchdog, world line)``,
+    ``(None, "")`` for one process. Every rank calls it right after :func:`choose_engine`."""
+    from ..dist.netif import named_interface
+    from ..dist.watchdog import start_watchdog as start
+
+    return start(engine, recipe.dist.timeout_seconds, named_interface())
 
 
 def choose_device(setting: str, local_rank: int) -> torch.device:
