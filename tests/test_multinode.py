@@ -86,7 +86,8 @@ def wait_for(job_id: str, log: Path, timeout: float = 300, until=ENDED) -> str:
 
 def recipe_for(tmp_path: Path, root: Path, name: str, engine: str, **sections) -> Path:
     dist = {"engine": engine, **sections.pop("dist", {})}
-    return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule={"epochs": 2}, train={"seed": 5},
+    schedule = {"epochs": 2, **sections.pop("schedule", {})}
+    return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule=schedule, train={"seed": 5},
                        dist=dist, cluster={"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time": "10:00"},
                        **sections)
 
@@ -183,7 +184,7 @@ def test_usr2_on_a_two_node_job_requeues_and_equals_the_uninterrupted_run(refere
         assert torch.equal(value, cut[name]), name
 
 
-def test_a_link_lost_mid_run_ends_the_job_names_the_rank_and_leaves_nothing(reference, tmp_path, tiny_demo):
+def test_a_link_lost_mid_run_ends_the_job_names_the_rank_and_leaves_nothing(nodes, tmp_path, tiny_demo):
     timeout_s = 10
     recipe = recipe_for(tmp_path, tiny_demo, "lost", "ddp", dist={"timeout_seconds": timeout_s},
                         schedule={"epochs": 4})
