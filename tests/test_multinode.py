@@ -4,7 +4,7 @@ unchanged across nodes with both engines, a USR2 stop requeues and resumes bitwi
 whose link goes down ends the job with a line naming it and leaves no rank behind.
 
 The module starts the 2-node cluster and, when it ends, gives back the cluster it found (the
-one-node cluster of .ci/run, or none). It skips, saying why, without root, without Slurm, or
+one-node cluster of .ci/run, an emulated one with its node count and link rate, or none). It skips, saying why, without root, without Slurm, or
 where network namespaces cannot be made (slurm-local.sh exits 4 or 5).
 """
 
@@ -46,14 +46,17 @@ def nodes():
     """A 2-node emulated cluster for this module; the cluster found before is restored after."""
     if os.geteuid() != 0:
         pytest.skip("emulating nodes needs root (network and UTS namespaces)")
-    before = slurm_local("status", check=False)
-    one_node_before = before.returncode == 0 and "emulated" not in before.stdout
+    up_before = slurm_local("status", check=False).returncode == 0
+    saved = Path("/run/tsmtrain-slurm-local")  # "NODES RATE" of the cluster that is up
+    nodes_before, rate_before = saved.read_text().split() if up_before and saved.exists() else ("1", "-")
     start_two_nodes()
     yield
-    if one_node_before:
+    if not up_before:
+        slurm_local("stop")
+    elif nodes_before == "1":
         slurm_local("start")
     else:
-        slurm_local("stop")
+        slurm_local("start", "--nodes", nodes_before, *(("--link-rate", rate_before) if rate_before != "-" else ()))
 
 
 def node_names(text: str) -> set[str]:
