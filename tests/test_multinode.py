@@ -11,20 +11,19 @@ where network namespaces cannot be made (slurm-local.sh exits 4 or 5).
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import steps_logged, tiny_recipe, venv_env
+from tests.conftest import tiny_recipe
+from tests.slurm_jobs import ENDED, submit, usr2_requeue_and_finish, wait_for, wait_for_steps
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.multinode]
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "scripts" / "slurm-local.sh"
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def slurm_local(*args, check=True) -> subprocess.CompletedProcess:
@@ -61,30 +60,6 @@ def nodes():
 
 def node_names(text: str) -> set[str]:
     return set(re.findall(r"\bnode\d+\b", text))
-
-
-def submit(recipe: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "tsmtrain", "submit", str(recipe)], capture_output=True, text=True,
-                          env=venv_env())
-    assert done.returncode == 0, done.stderr
-    return re.search(r"submitted job (\d+)", done.stdout).group(1)
-
-
-def job_state(job_id: str) -> str | None:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    match = re.search(r"JobState=(\S+)", out)
-    return match.group(1) if match else None
-
-
-def wait_for(job_id: str, log: Path, timeout: float = 300, until=ENDED) -> str:
-    deadline, state = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        state = job_state(job_id)
-        if state is None or state in until:
-            return state or "GONE"
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_id])
-    pytest.fail(f"job {job_id} still {state} after {timeout} s; log:\n{log.read_text() if log.exists() else ''}")
 
 
 def recipe_for(tmp_path: Path, root: Path, name: str, engine: str, **sections) -> Path:
@@ -171,19 +146,11 @@ def test_two_node_job_trains_to_the_end_with_each_engine(reference, engine):
 def test_usr2_on_a_two_node_job_requeues_and_equals_the_uninterrupted_run(reference, tmp_path, tiny_demo):
     job = submit(recipe_for(tmp_path, tiny_demo, "cut", "horovod"))
     run_dir = tmp_path / "runs" / "cut"
-    log = run_dir / f"slurm-{job}.out"
-    deadline = time.monotonic() + 180
-    while steps_logged(run_dir) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert steps_logged(run_dir) >= 3, log.read_text() if log.exists() else "no log"
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    state = wait_for(job, log)
-    text = log.read_text()
-    assert state in ("COMPLETED", "GONE"), f"job {job} ended {state}; log:\n{text}"
-    assert "requeueing job" in text and "start 2 on 2 node(s)" in text, text
+    text = usr2_requeue_and_finish(job, run_dir)
+    assert "start 2 on 2 node(s)" in text, text
     stopped = re.search(r"stopped at step (\d+) of 12", text)
     assert stopped and 3 <= int(stopped.group(1)) < 12, text
-    assert "resuming from" in text and text.count("tsmtrain: run finished") == 1, text
+    assert text.count("tsmtrain: run finished") == 1, text
     ref = weights(reference["horovod"][0])
     cut = weights(run_dir)
     for name, value in ref.items():
@@ -197,10 +164,7 @@ def test_a_link_lost_mid_run_ends_the_job_names_the_rank_and_leaves_nothing(node
     job = submit(recipe)
     run_dir = tmp_path / "runs" / "lost"
     log = run_dir / f"slurm-{job}.out"
-    deadline = time.monotonic() + 180
-    while steps_logged(run_dir) < 8 and time.monotonic() < deadline:  # past the first epoch's checkpoint
-        time.sleep(0.2)
-    assert steps_logged(run_dir) >= 8, log.read_text() if log.exists() else "no log"
+    wait_for_steps(run_dir, log, 8)  # past the first epoch's checkpoint
     slurm_local("link", "node2", "down")
     cut = time.monotonic()
     try:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import steps_logged, tiny_recipe, venv_env
+from tests.slurm_jobs import submit, usr2_requeue_and_finish, wait_for, wait_for_steps
 from tsmtrain.dist.stop import EXIT_PREEMPTED
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -37,35 +38,6 @@ def write_recipe(tmp_path, root, name, epochs=2, **cluster):
     cluster = {"nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "time": "10:00", **cluster}
     return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule={"epochs": epochs}, train={"seed": 5},
                        cluster=cluster)
-
-
-def submit(recipe, *flags) -> str:
-    done = subprocess.run([sys.executable, "-m", "tsmtrain", "submit", str(recipe), *flags],
-                          capture_output=True, text=True, env=venv_env())
-    assert done.returncode == 0, done.stderr
-    return re.search(r"submitted job (\d+)", done.stdout).group(1)
-
-
-def job_state(job_id: str) -> str | None:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    match = re.search(r"JobState=(\S+)", out)
-    return match.group(1) if match else None
-
-
-def wait_for(job_id: str, log: Path, timeout: float = 600) -> str:
-    """Wait until the job has ended for good (not requeued); returns its last state.
-
-    A requeued job starts again only once its credential has expired (slurm.conf's
-    AuthInfo cred_expire; slurm-local.sh sets it short). Forcing an earlier start makes Slurm
-    kill the job ("Job credential revoked")."""
-    deadline, state = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        state = job_state(job_id)
-        if state is None or state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return state or "GONE"
-        time.sleep(1)
-    subprocess.run(["scancel", job_id])
-    pytest.fail(f"job {job_id} still {state} after {timeout} s; log:\n{log.read_text() if log.exists() else ''}")
 
 
 def test_two_rank_job_runs_to_completion(cluster, tmp_path, tiny_demo):
@@ -105,15 +77,7 @@ def test_usr2_checkpoints_requeues_and_equals_uninterrupted(cluster, tmp_path, t
     lingering.chmod(0o755)
     job = submit(write_recipe(tmp_path, tiny_demo, "cut", python=str(lingering)))
     run_dir = tmp_path / "runs" / "cut"
-    log = run_dir / f"slurm-{job}.out"
-    deadline = time.monotonic() + 300
-    while steps_logged(run_dir) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert steps_logged(run_dir) >= 3, log.read_text() if log.exists() else "no log"
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    state = wait_for(job, log)
-    text = log.read_text()
-    assert state in ("COMPLETED", "GONE"), f"job {job} ended {state}; log:\n{text}"
+    text = usr2_requeue_and_finish(job, run_dir)
     assert "after the ranks had checkpointed and stopped; treating it as a stop" in text, text
     assert "requeueing job" in text and "start 2 on" in text, text
     stopped = re.search(r"stopped at step (\d+) of 12", text)
@@ -130,9 +94,7 @@ def test_requeue_limit_stops_with_a_message(cluster, tmp_path, tiny_demo):
     job = submit(write_recipe(tmp_path, tiny_demo, "limit", epochs=3, max_requeues=0))
     run_dir = tmp_path / "runs" / "limit"
     log = run_dir / f"slurm-{job}.out"
-    deadline = time.monotonic() + 300
-    while steps_logged(run_dir) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_steps(run_dir, log, 2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     state = wait_for(job, log)
     text = log.read_text()
