@@ -8,7 +8,7 @@ Modules, in the order the study uses them:
 * :mod:`.sweep`: ``tsmtrain sweep``: plan the points, run them here or submit them to Slurm,
   measure each from its ``metrics.jsonl``, settle submitted jobs (:func:`collect`)
 * :mod:`.report`: ``tsmtrain report``: the table (Markdown, CSV, terminal) and three plots of a
-  sweep directory
+  sweep directory, and the model against the measured points
 * :mod:`.model`: the scaling model: a ring-allreduce cost on a described network
   (:class:`NetworkSpec`) and the step time, clips/s and efficiency it predicts at worker counts
   not run (:func:`predict`), with the file opens/s and GB/s the data asks of the file system
@@ -29,8 +29,8 @@ from .model import (BACKWARD_SHARE, DEFAULT_SHARD_BYTES, KINETICS400_TRAIN_VIDEO
 from .records import (BREAKDOWN, META_KEYS, OK_KEYS, RECORD_FIELDS, RECORD_KEYS, REQUIRED_KEYS, STATUSES,
                       RecordField, SweepError, check_record, new_record, point_files, point_path, read_json,
                       read_meta, read_record)
-from .report import (COLUMNS, FILESYSTEM_COLUMNS, FileSystemTable, ReportFiles, filesystem_table, load_sweep,
-                     print_report, table_rows, write_report)
+from .report import (COLUMNS, COMPARISON_HEADERS, FILESYSTEM_COLUMNS, FileSystemTable, ReportFiles, comparison_rows,
+                     filesystem_table, load_sweep, print_report, table_rows, write_report)
 from .sweep import (ALLREDUCE_REPEATS, SweepPlan, benchmark_recipe, collect, measure_point, parse_workers,
                     plan_sweep, run_sweep)
 
@@ -44,7 +44,7 @@ __all__ = [
     "ALLREDUCE_REPEATS",
     # report
     "ReportFiles", "COLUMNS", "FILESYSTEM_COLUMNS", "FileSystemTable", "load_sweep", "table_rows",
-    "filesystem_table", "write_report", "print_report",
+    "filesystem_table", "comparison_rows", "COMPARISON_HEADERS", "write_report", "print_report",
     # model
     "LinkSpec", "FileSystemSpec", "NetworkSpec", "NetworkError", "load_network", "ring_allreduce_seconds",
     "hierarchical_allreduce_seconds", "allreduce_seconds", "exposed_allreduce_seconds", "ScalingBasis",
