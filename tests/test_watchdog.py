@@ -414,7 +414,7 @@ def test_a_stopped_rank_ends_the_job_and_the_next_start_resumes(tmp_path, tiny_d
     from tests.conftest import steps_logged
     from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "lost", schedule={"epochs": 4},
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "lost", schedule={"epochs": 2},
                          dist={"engine": engine, "np": 2, "timeout_seconds": 10})
     run_dir = tmp_path / "runs" / "lost"
     cmd = [sys.executable, "-m", "tsmtrain", "run", str(recipe)]
@@ -429,6 +429,11 @@ def test_a_stopped_rank_ends_the_job_and_the_next_start_resumes(tmp_path, tiny_d
         frozen = _rank_process(seen, variable, 1)
         assert frozen is not None, [p.cmdline() for p in seen]
         frozen.suspend()  # SIGSTOP
+        # once rank 0 has named it, let the frozen rank run again, so that the launcher's SIGTERM
+        # ends it at once instead of after the grace period before SIGKILL (torchrun's is 30 s)
+        train_log = run_dir / "train.log"
+        wait_for(lambda: " lost: " in train_log.read_text() or proc.poll() is not None, 120)
+        frozen.resume()
         out, _ = proc.communicate(timeout=300)  # ends: it does not hang in the allreduce
     finally:
         for p in seen:
@@ -449,7 +454,7 @@ def test_a_stopped_rank_ends_the_job_and_the_next_start_resumes(tmp_path, tiny_d
     again = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {state['step']}" in again.stderr
-    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 4 * 6
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 2 * 6
 
 
 def test_ddp_sets_the_chosen_interface_and_says_so(monkeypatch, capsys):
