@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_recipe
 from tsmtrain.cli import app
-from tsmtrain.bench.doctor import (FIGURES, NO_CUDA, allreduce_bandwidth, bus_bandwidth, loader_clips_per_s,
-                                   step_figures)
+from tsmtrain.bench.doctor import FIGURES, NO_CUDA, allreduce_bandwidth, loader_clips_per_s, step_figures
+from tsmtrain.scaling.model import bus_bandwidth
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

@@ -11,8 +11,9 @@ import torch
 
 from ..dist.base import Engine
 from ..errors import UserError
+from ..scaling.model import bus_bandwidth
 
-__all__ = ["benchmark_allreduce", "bench_allreduce", "parse_sizes", "bus_bandwidth", "allreduce_sizes", "format_allreduce_row", "ALLREDUCE_HEADER"]
+__all__ = ["benchmark_allreduce", "bench_allreduce", "parse_sizes", "allreduce_sizes", "format_allreduce_row", "ALLREDUCE_HEADER"]
 
 
 def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp16: bool = False,
@@ -51,22 +52,6 @@ def benchmark_allreduce(engine: Engine, model: torch.nn.Module, repeats: int, fp
                 parameters=sum(p.numel() for p in model.parameters()))
 
 
-def bus_bandwidth(size_bytes: float, seconds: float, ranks: int) -> tuple[float, float]:
-    """``(algbw, busbw)`` in bytes/s of an allreduce of ``size_bytes`` that took ``seconds`` on
-    ``ranks`` ranks, as nccl-tests defines them (NVIDIA nccl-tests, doc/PERFORMANCE.md):
-    ``algbw = size / time`` and ``busbw = algbw x 2(n-1)/n``, the rate each rank's link carries in
-    a ring-allreduce (which sends and receives ``2(n-1)/n x size`` per rank), so that busbw can be
-    compared with a link's bandwidth whatever the rank count. 0 for one rank (nothing is sent).
-
-    Raises:
-        ValueError: a time that is not positive or fewer than one rank.
-    """
-    if seconds <= 0 or ranks < 1:
-        raise ValueError(f"allreduce bandwidth needs a positive time and at least one rank (got {seconds}, {ranks})")
-    algbw = size_bytes / seconds
-    return algbw, algbw * 2 * (ranks - 1) / ranks
-
-
 def allreduce_sizes(engine: Engine, sizes: list[int], repeats: int = 5, warmup: int = 1,
                     say=None) -> list[dict]:
     """Time allreduces of float32 tensors of each size in ``sizes`` (bytes) across all ranks, the
@@ -79,7 +64,7 @@ def allreduce_sizes(engine: Engine, sizes: list[int], repeats: int = 5, warmup: 
     Returns:
         One dict per size: ``{"bytes", "count" (float32 values), "seconds" (mean over repeats),
         "min_s", "max_s", "algbw_gb_per_s", "busbw_gb_per_s"}`` (GB = 1e9 bytes; see
-        :func:`bus_bandwidth`). ``say``: called with one line per size on rank 0.
+        :func:`tsmtrain.scaling.model.bus_bandwidth`). ``say``: called with one line per size on rank 0.
     """
     rows = []
     for size in sizes:
@@ -95,9 +80,9 @@ def allreduce_sizes(engine: Engine, sizes: list[int], repeats: int = 5, warmup: 
         slowest = _max_over_ranks(engine, times)
         mean = sum(slowest) / len(slowest)
         nbytes = tensor.numel() * 4
-        algbw, busbw = bus_bandwidth(nbytes, mean, engine.size)
+        algbw = nbytes / mean
         row = dict(bytes=nbytes, count=tensor.numel(), seconds=mean, min_s=min(slowest), max_s=max(slowest),
-                   algbw_gb_per_s=algbw / 1e9, busbw_gb_per_s=busbw / 1e9)
+                   algbw_gb_per_s=algbw / 1e9, busbw_gb_per_s=bus_bandwidth(algbw, engine.size) / 1e9)
         rows.append(row)
         if say is not None and engine.rank == 0:
             say(format_allreduce_row(row))

@@ -53,8 +53,10 @@ from typing import Callable
 
 import torch
 
+from tsmtrain.scaling.model import bus_bandwidth  # absolute: this file also runs as the allreduce worker script
+
 __all__ = ["Row", "DoctorResult", "run_doctor", "environment_rows", "required_checks", "loader_clips_per_s",
-           "step_figures", "allreduce_bandwidth", "allreduce_worker", "gradient_bytes", "bus_bandwidth", "verdict_line",
+           "step_figures", "allreduce_bandwidth", "allreduce_worker", "gradient_bytes", "verdict_line",
            "NO_CUDA", "FIGURES", "RECORD_VERSION"]
 
 RECORD_VERSION = 1
@@ -364,12 +366,6 @@ def gradient_bytes(recipe) -> int:
     return 4 * count_parameters(model)
 
 
-def bus_bandwidth(algbw: float, ranks: int) -> float:
-    """Bus bandwidth of an allreduce, as nccl-tests defines it (its doc/PERFORMANCE.md):
-    ``algbw * 2 (n - 1) / n`` for ``n`` ranks, ``algbw`` = bytes / seconds; same unit as ``algbw``."""
-    return algbw * 2 * (ranks - 1) / ranks
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -420,7 +416,7 @@ def allreduce_bandwidth(nbytes: int, ranks: int, backend: str = "nccl", iters: i
 
     Returns:
         ``{"ranks", "bytes", "seconds" (median over ``iters`` of the slowest rank's seconds),
-        "algbw_gb_per_s" (bytes / seconds / 1e9), "busbw_gb_per_s" (:func:`bus_bandwidth`, as
+        "algbw_gb_per_s" (bytes / seconds / 1e9), "busbw_gb_per_s" (:func:`tsmtrain.scaling.model.bus_bandwidth`, as
         nccl-tests), "times_s"}``.
 
     Raises:

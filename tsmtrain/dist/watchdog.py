@@ -470,7 +470,7 @@ def start_watchdog(engine: Any, timeout_s: float, interface: str | None = None, 
     dog = None
     if engine.rank == 0:
         dog = Watchdog.listen(host, timeout_s, candidate_addresses(interface), interval_s, on_lost)
-    me = {"host": host, "pid": os.getpid(), "contact": dog.contact() if dog else None}
+    me = {"host": host, "contact": dog.contact() if dog else None}
     everyone = engine.allgather_object(me, name="watchdog.hello")
     zero = everyone[0]["contact"]
     failure = ""

@@ -25,7 +25,7 @@ from .model import (BACKWARD_SHARE, DEFAULT_SHARD_BYTES, KINETICS400_TRAIN_VIDEO
                     NetworkSpec, Prediction, ScalingBasis, allreduce_seconds, basis_from_sweep, epoch_seconds,
                     expected_distinct_shards, exposed_allreduce_seconds, file_opens_per_s, filesystem_load,
                     hierarchical_allreduce_seconds, load_network, opens_per_clip, predict, read_gb_per_s,
-                    ring_allreduce_seconds, shard_count, shard_opens_in_epoch)
+                    ring_allreduce_seconds, shard_count, shard_opens_in_epoch, bus_bandwidth)
 from .records import (BREAKDOWN, META_KEYS, OK_KEYS, RECORD_FIELDS, RECORD_KEYS, REQUIRED_KEYS, STATUSES,
                       RecordField, SweepError, check_record, new_record, point_files, point_path, read_json,
                       read_meta, read_record)
@@ -47,7 +47,7 @@ __all__ = [
     "filesystem_table", "comparison_rows", "COMPARISON_HEADERS", "write_report", "print_report",
     # model
     "LinkSpec", "FileSystemSpec", "NetworkSpec", "NetworkError", "load_network", "ring_allreduce_seconds",
-    "hierarchical_allreduce_seconds", "allreduce_seconds", "exposed_allreduce_seconds", "ScalingBasis",
+    "hierarchical_allreduce_seconds", "allreduce_seconds", "exposed_allreduce_seconds", "bus_bandwidth", "ScalingBasis",
     "basis_from_sweep", "Prediction", "predict", "BACKWARD_SHARE", "NETWORK_BOUND_SHARE",
     # model: the file system
     "DataSpec", "LAYOUTS", "DEFAULT_SHARD_BYTES", "KINETICS400_TRAIN_VIDEOS", "PREPARED_VIDEO_BYTES",

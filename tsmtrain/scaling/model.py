@@ -43,6 +43,7 @@ __all__ = [
     "NetworkError",
     "load_network",
     "ring_allreduce_seconds",
+    "bus_bandwidth",
     "hierarchical_allreduce_seconds",
     "allreduce_seconds",
     "exposed_allreduce_seconds",
@@ -75,6 +76,14 @@ forward). The gradient allreduce can hide only behind backward."""
 NETWORK_BOUND_SHARE = 0.10
 """A predicted point is ``limited_by="network"`` when its exposed allreduce exceeds this share of
 its step time."""
+
+
+def bus_bandwidth(algbw: float, ranks: int) -> float:
+    """Bus bandwidth of an allreduce, as nccl-tests defines it (NVIDIA nccl-tests,
+    doc/PERFORMANCE.md): ``algbw x 2(n-1)/n`` for ``n`` ranks, ``algbw`` = bytes / seconds; the
+    rate each rank's link carries in a ring-allreduce, comparable with a link's bandwidth whatever
+    the rank count; same unit as ``algbw``, 0 for one rank (nothing is sent)."""
+    return algbw * 2 * (ranks - 1) / ranks
 
 
 # --------------------------------------------------------------------------- network description

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import write_atomic, write_text
+from .model import bus_bandwidth
 from .records import BREAKDOWN, SweepError, point_files, read_meta, read_record
 
 __all__ = ["ReportFiles", "COLUMNS", "FILESYSTEM_COLUMNS", "FileSystemTable", "load_sweep", "table_rows",
@@ -188,7 +189,7 @@ def comparison_rows(records: list[dict], predictions: list | None) -> list[dict]
     ``allreduce_measured_s`` is the point's standalone gradient allreduce (seconds, the
     ``train.allreduce_benchmark`` median), ``allreduce_predicted_s`` the model's
     (:func:`tsmtrain.scaling.model.allreduce_seconds`); ``busbw_measured_gb_per_s`` its bus
-    bandwidth as nccl-tests defines it (:func:`tsmtrain.bench.allreduce.bus_bandwidth`, GB =
+    bandwidth as nccl-tests defines it (:func:`tsmtrain.scaling.model.bus_bandwidth`, GB =
     1e9 bytes; ``None`` for one worker); ``step_*`` the seconds per optimizer step; each ``*_diff``
     is (predicted - measured) / measured, a fraction (``None`` where the measured value is 0, and
     for the allreduce of one worker, which sends nothing).
@@ -200,7 +201,7 @@ def comparison_rows(records: list[dict], predictions: list | None) -> list[dict]
         if r["status"] != "ok" or p is None:
             continue
         n, measured_ar = r["workers"], r.get("allreduce_s") or 0.0
-        busbw = (r["gradient_bytes"] / measured_ar * 2 * (n - 1) / n / 1e9
+        busbw = (bus_bandwidth(r["gradient_bytes"] / measured_ar, n) / 1e9
                  if n > 1 and measured_ar > 0 and r.get("gradient_bytes") else None)
         rows.append({"workers": n, "nodes": r.get("nodes"),
                      "allreduce_measured_s": measured_ar, "allreduce_predicted_s": p["allreduce_s"],
@@ -220,11 +221,9 @@ def _cmp_fmt(column: str, value) -> str:
         return "-"
     if column.endswith("_diff"):
         return f"{value:+.0%}"
-    if column.endswith("gb_per_s"):
-        return f"{value:.4g}"
-    if column.endswith("_s"):
-        return f"{value * 1e3:.4g}"
-    return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return _number(value * 1e3 if column.endswith("_s") else value)
 
 
 def filesystem_table(data, by_layout: dict[str, list]) -> FileSystemTable:
@@ -275,6 +274,11 @@ def _fmt(column: str, value) -> str:
         value = value * 1000
     if isinstance(value, int):
         return str(value)
+    return _number(value)
+
+
+def _number(value: float) -> str:
+    """4 significant digits, whole from 1,000 up."""
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
