@@ -223,7 +223,8 @@ def _cmp_fmt(column: str, value) -> str:
         return f"{value:+.0%}"
     if isinstance(value, int):
         return str(value)
-    return _number(value * 1e3 if column.endswith("_s") else value)
+    seconds = column.endswith("_s") and not column.endswith("_per_s")
+    return _number(value * 1e3 if seconds else value)
 
 
 def filesystem_table(data, by_layout: dict[str, list]) -> FileSystemTable:
