@@ -493,3 +493,12 @@ def test_emulated_networks_load_and_give_the_cap_as_the_ring_bandwidth():
         assert net.ranks_per_node == 1 and net.inter_node.bandwidth_gb_per_s == gbytes
         # 4 nodes, 45 MB: 2*3/4 x 45e6 / cap + 6 hops x 5 us
         assert allreduce_seconds(4, 45e6, net) == pytest.approx(1.5 * 45e6 / (gbytes * 1e9) + 6 * 5e-6)
+
+
+def test_comparison_cells_give_times_in_ms_and_bandwidth_in_gb_per_s():
+    from tsmtrain.scaling.report import _cmp_fmt
+
+    assert _cmp_fmt("step_measured_s", 11.25) == "11250"  # ms, whole from 1,000 up
+    assert _cmp_fmt("allreduce_predicted_s", 0.3577) == "357.7"
+    assert _cmp_fmt("busbw_measured_gb_per_s", 0.008018) == "0.008018"  # not a time
+    assert _cmp_fmt("step_diff", -0.41) == "-41%" and _cmp_fmt("allreduce_diff", None) == "-"
