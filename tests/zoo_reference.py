@@ -660,10 +660,10 @@ def mmaction2_checkpoint(model: MMRecognizer2D, path, epoch: int = 50, iters_per
 
     base_values = [0.02]
     common = {"param_name": "lr", "by_epoch": True, "base_values": base_values, "last_step": epoch,
-              "verbose": False, "_global_step": epoch}
+              "_global_step": epoch, "verbose": False, "_last_value": [0.0002]}
     milestones = collections.Counter([25, 45]) if with_objects else {25: 1, 45: 1}
     schedulers = [  # mmengine/optim/scheduler: state_dict() = __dict__ without 'optimizer'
-        {"start_factor": 0.1, "end_factor": 1.0, "begin": 0, "end": 5, **common},
+        {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 4, "begin": 0, "end": 5, **common},
         {"milestones": milestones, "gamma": 0.1, "begin": 0, "end": 50, **common},
     ]
     ckpt = {"meta": meta, "state_dict": state_dict,
