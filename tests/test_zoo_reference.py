@@ -303,3 +303,13 @@ def test_timm_resnet50_keys_are_torchvision_keys():
     timm_sd, tv = z.timm_resnet50_state_dict(), torchvision.models.resnet50().state_dict()
     assert {k: v.shape for k, v in timm_sd.items()} == {k: v.shape for k, v in tv.items()}
     assert "layer1.0.downsample.0.weight" in timm_sd and "fc.weight" in timm_sd
+
+
+def test_mmaction2_0x_container(tmp_path):
+    model = z.mmaction2_recognizer("resnet18", 10, 8, True)
+    z.mmaction2_checkpoint_0x(model, tmp_path / "pub.pth")
+    ckpt = torch.load(tmp_path / "pub.pth", weights_only=True)
+    assert set(ckpt) == {"meta", "state_dict"} and "cfg" not in ckpt["meta"] and "mmcv_version" in ckpt["meta"]
+    assert ckpt["state_dict"].keys() == model.state_dict().keys()
+    full = z.mmaction2_checkpoint_0x(model, tmp_path / "epoch_50.pth", published=False)
+    assert set(full) == {"meta", "state_dict", "optimizer"}

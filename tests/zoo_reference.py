@@ -50,6 +50,12 @@ mmaction2 1.x Recognizer2D (saved by mmengine ``Runner.save_checkpoint``)
     ``mmengine.logging.history_buffer.HistoryBuffer`` (with numpy arrays) and MultiStepLR's
     ``collections.Counter``: ``weights_only=True`` refuses it. ``tools/deployment/publish_model.py``
     keeps only ``meta`` and ``state_dict`` (plain ``torch.save``, new zip format) -- the zoo's files.
+    Zoo names: ``tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb_20220831-64d69186.pth``
+    (1x1x8 = clip_len x frame_interval x num_clips: T = 8); also
+    ``tsm_imagenet-pretrained-mobilenetv2_8xb16-1x1x8-100e_kinetics400-rgb_20230414-401127fd.pth``,
+    ``tsn_imagenet-pretrained-r50_8xb32-1x1x3-100e_kinetics400-rgb_20220906-cd10898e.pth`` (configs README). mmaction2 0.x files (mmcv runner) hold the
+    same state_dict keys in ``{'meta': {'env_info', 'seed', 'config_name', 'work_dir', 'epoch', 'iter',
+    'mmcv_version', 'time'}, 'state_dict'[, 'optimizer']}``: no config text (see mmaction2_checkpoint_0x).
     Input of the backbone: (N*T, 3, H, W) normalised (the data_preprocessor normalises 0..255 with
     mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375)); logits = cls_head output (N, C).
 
@@ -692,6 +698,23 @@ def mmaction2_published(model: MMRecognizer2D, path, epoch: int = 50) -> dict:
         ckpt.pop(k, None)
     for k in ("data_preprocessor.mean", "data_preprocessor.std"):
         ckpt["state_dict"].pop(k, None)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def mmaction2_checkpoint_0x(model: MMRecognizer2D, path, epoch: int = 50, published: bool = True) -> dict:
+    """An mmaction2 0.x file (mmcv runner, v0.24.1 tools/train.py + tools/deployment/publish_model.py):
+    ``{'meta': {'env_info', 'seed', 'config_name', 'work_dir', 'epoch', 'iter', 'mmcv_version',
+    'time'}, 'state_dict', 'optimizer'}``; published drops 'optimizer' (plain torch.save). The same
+    state_dict keys as 1.x; no config text, so T and shift_div are only in the file name
+    (``tsm_r50_1x1x8_50e_kinetics400_rgb_20200607-af7fb746.pth``: 1x1x8 = clip_len x interval x T)."""
+    meta = {"env_info": "sys.platform: linux\nPython: 3.7.7\nPyTorch: 1.5.0", "seed": None,
+            "config_name": "tsm_r50_1x1x8_50e_kinetics400_rgb.py", "work_dir": "tsm_r50_1x1x8_50e_kinetics400_rgb",
+            "epoch": epoch, "iter": epoch * 100, "mmcv_version": "1.7.0", "time": "Sun Jun  7 10:07:30 2020"}
+    ckpt = {"meta": meta, "state_dict": model.state_dict()}
+    if not published:
+        ckpt["optimizer"] = _stepped_optimizer_state(
+            model, lambda twin: torch.optim.SGD(twin.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4))
     torch.save(ckpt, path)
     return ckpt
 
