@@ -313,3 +313,12 @@ def test_mmaction2_0x_container(tmp_path):
     assert ckpt["state_dict"].keys() == model.state_dict().keys()
     full = z.mmaction2_checkpoint_0x(model, tmp_path / "epoch_50.pth", published=False)
     assert set(full) == {"meta", "state_dict", "optimizer"}
+
+
+def test_official_checkpoint_without_optimizer_and_mobilenetv2(tmp_path):
+    model = z.official_tsn("mobilenetv2", 10, 8, True)
+    z.official_checkpoint(model, tmp_path / "m.pth", with_optimizer=False)
+    ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert set(ckpt) == {"epoch", "arch", "state_dict", "best_prec1"} and ckpt["arch"] == "mobilenetv2"
+    assert "module.base_model.features.3.conv.0.net.weight" in ckpt["state_dict"]
+    assert "module.new_fc.weight" in ckpt["state_dict"] and len(ckpt["state_dict"]) == 314
