@@ -15,6 +15,7 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import torch
 
 from .errors import TrainingError
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "read_tensors", "OLD_NUMPY_STATE", "first_line"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "read_tensors", "OLD_NUMPY_STATE", "NUMPY_VALUES", "first_line",
+           "Inert"]
 
 
 def first_line(exc: BaseException) -> str:
@@ -69,15 +71,53 @@ it reads a checkpoint: the NumPy types of ``np.random.get_state()`` (a ``uint32`
 checkpoints written before the random states became tensors hold (``numpy.core`` under NumPy 1,
 ``numpy._core`` under NumPy 2)."""
 
+
+
+class Inert:
+    """What an object of another project's class becomes when a file is read with ``inert=``
+    names (:func:`read_tensors`): an empty shell holding the object's pickled fields as plain
+    values in its ``__dict__``. None of the class's code exists or runs; no method is called on
+    unpickling (the weights-only unpickler sets ``__dict__`` only on classes it was given).
+
+    Attributes:
+        name: ``module.qualname`` of the class the file named, once read (``__dict__``).
+    """
+
+    def __init__(self, *args, **kwargs):  # what a pickled call to the class passed (a Counter's dict)
+        self.args, self.kwargs = args, kwargs
+
+    def __repr__(self) -> str:
+        return f"<inert {type(self).__name__}>"
+
+
+def _inert_class(name: str) -> type:
+    """A subclass of :class:`Inert` standing for the class ``name`` (``module.qualname``)."""
+    return type(name.rsplit(".", 1)[-1], (Inert,), {"__module__": __name__})
+
+
+_SCALAR = np.int64(0).__reduce__()[0]  # numpy's scalar unpickling function
+
+NUMPY_VALUES = [_SCALAR, (_SCALAR, "numpy.core.multiarray.scalar"), (_SCALAR, "numpy._core.multiarray.scalar"),
+                *{type(np.dtype(t)) for t in (np.bool_, np.int32, np.int64, np.float32, np.float64)}]
+"""Also allowed with ``numpy_values=True`` (:func:`read_tensors`): NumPy scalars (an ``np.int64``
+seed in mmengine's ``meta``) and the dtypes they name; values, no code."""
+_NUMPY_VALUE_NAMES = frozenset({"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
+                               | {f"numpy.dtypes.{type(np.dtype(t)).__name__}"
+                                  for t in (np.bool_, np.int32, np.int64, np.float32, np.float64)})
+
 _OLD_NUMPY_NAMES = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
                               "numpy.ndarray", "numpy.dtype"})
 _BLOCKED = re.compile(r"GLOBAL (\S+?)(?: was not| whose|\s|$)")
 
 
-def read_tensors(path: str | Path) -> Any:
+def read_tensors(path: str | Path, inert: Iterable[str] = (), numpy_values: bool = False) -> Any:
     """What ``torch.save`` wrote into ``path`` (a checkpoint, a shard, a pretrained ``state_dict``;
     the zip format or the legacy one), read onto the CPU with ``weights_only=True``: tensors and
-    plain Python values only (and :data:`OLD_NUMPY_STATE`). The file is not checked for damage
+    plain Python values only (and :data:`OLD_NUMPY_STATE`). ``inert`` names (``module.qualname``) classes
+    of other projects that a file may hold besides its tensors (mmengine's ``HistoryBuffer`` in a
+    training checkpoint's ``message_hub``): each is read as an :class:`Inert` shell, without its code.
+    ``numpy_values`` also allows :data:`NUMPY_VALUES`.
+    The file is not checked for damage
     (:func:`check_checkpoint` does that), but an empty one is refused before torch's loader, which
     aborts the interpreter on it.
 
@@ -87,7 +127,7 @@ def read_tensors(path: str | Path) -> Any:
         CheckpointError: empty, unreadable, or not something ``torch.save`` wrote (one line; never
             torch's advice to load with ``weights_only=False``).
     """
-    path = Path(path)
+    path, inert = Path(path), frozenset(inert)
     try:
         if path.stat().st_size == 0:
             raise CheckpointError(path, "empty (0 bytes)")
@@ -98,11 +138,13 @@ def read_tensors(path: str | Path) -> Any:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # noqa: BLE001 - the load below says what is wrong with the file
             names = []
-        names = [n for n in names if n not in _OLD_NUMPY_NAMES]
+        allowed = _OLD_NUMPY_NAMES | inert | (_NUMPY_VALUE_NAMES if numpy_values else frozenset())
+        names = [n for n in names if n not in allowed]
         if names:
             raise UnsafeCheckpointError(path, names)
+    shells = [(_inert_class(name), name) for name in inert]
     try:
-        with torch.serialization.safe_globals(OLD_NUMPY_STATE):
+        with torch.serialization.safe_globals(OLD_NUMPY_STATE + shells + (NUMPY_VALUES if numpy_values else [])):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
