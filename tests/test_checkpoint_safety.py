@@ -244,7 +244,7 @@ def _pretrained(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, why", [("empty", "empty (0 bytes)"), ("garbage", "not a file"),
-                                       ("wrong keys", "not a checkpoint of this backbone; missing"),
+                                       ("wrong keys", "not weights of a format tsmtrain reads"),
                                        ("a list", "not a state_dict (it holds a list)"), ("code", REFUSED)])
 def test_unusable_pretrained_files_are_one_line(tmp_path, kind, why):
     from tsmtrain.models import VideoNet

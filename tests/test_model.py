@@ -60,7 +60,12 @@ def test_pretrained_local_file(tmp_path):
     assert torch.equal(model.backbone.layer1[0].conv1.net.weight, ref.layer1[0].conv1.weight)
     assert model.fc.out_features == 10
     torch.save({"bogus": torch.zeros(1)}, path)
-    with pytest.raises(TrainingError, match="missing"):
+    with pytest.raises(TrainingError, match="not weights of a format tsmtrain reads.*bogus"):
+        VideoNet("resnet18", 10, 4, pretrained=path)
+    state = ref.state_dict()
+    del state["layer4.1.bn2.running_var"]
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"holds no layer4\.1\.bn2\.running_var"):
         VideoNet("resnet18", 10, 4, pretrained=path)
 
 

@@ -25,10 +25,9 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ..errors import TrainingError
-from ..tensorfile import CheckpointError, read_tensors
 from .heads import create_head
 from .shift import TemporalShift
+from .weights import load_weights
 
 __all__ = ["VideoNet", "create_model", "count_parameters", "count_macs", "cross_modality_conv", "first_conv"]
 
@@ -45,9 +44,11 @@ class VideoNet(nn.Module):
         shift: insert the residual temporal shift (TSM); ``False`` gives TSN.
         shift_div: 1/shift_div of the channels shift each way.
         dropout: dropout probability before the classifier.
-        pretrained: path of a local torchvision ``state_dict`` for the backbone (the ImageNet
-            classifier in it is ignored); nothing is downloaded. With ``in_channels`` other
-            than 3 its first convolution is adapted by :func:`cross_modality_conv`.
+        pretrained: path of a local weights file to start from, nothing downloaded: a torchvision
+            or timm ImageNet backbone, or a whole video network of the TSM repository, mmaction2
+            or tsmtrain (:func:`tsmtrain.models.weights.load_weights`; a classifier of another
+            class count is left out). With ``in_channels`` other than 3 an RGB first
+            convolution is adapted by :func:`cross_modality_conv`'s rule.
         in_channels: C_in, channels per segment: 3 (RGB), 2L (L flow fields), 3L (L RGB
             differences).
         head: ``"linear"``: the classifier scores every segment and the scores are averaged
@@ -61,10 +62,13 @@ class VideoNet(nn.Module):
     Raises:
         ValueError: unknown ``arch``, ``in_channels < 1``; in ``forward``, an input whose T or
             C_in differs.
-        tsmtrain.errors.TrainingError: ``pretrained`` cannot be used: empty, unreadable, holding
-            Python objects that could run code (refused unread), not a ``state_dict``, or not
-            fitting the backbone (names the missing keys); one line naming ``model.pretrained``
-            and the file (:func:`_load_backbone`).
+        tsmtrain.models.weights.WeightsError: ``pretrained`` cannot be used: empty, unreadable,
+            holding Python objects that could run code (refused unread), not a ``state_dict``, of
+            another network, or with a key that fits nothing; one line naming ``model.pretrained``
+            and the file (:func:`~tsmtrain.models.weights.load_weights`).
+
+    Attributes:
+        weights_report: the :class:`~tsmtrain.models.weights.WeightsReport` of ``pretrained``, or None.
     """
 
     def __init__(
@@ -86,10 +90,9 @@ class VideoNet(nn.Module):
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         self.arch, self.num_segments, self.is_tsm, self.in_channels = arch, num_segments, shift, in_channels
+        self.shift_div = shift_div
         backbone = getattr(torchvision.models, arch)(weights=None)
-        if pretrained is not None:
-            _load_backbone(backbone, pretrained)
-        if in_channels != 3:
+        if in_channels != 3:  # (from_rgb: no random draw; the loaded RGB kernel's average replaces it below)
             _set_first_conv(backbone, cross_modality_conv(first_conv(backbone), in_channels, pretrained is not None))
         if arch.startswith("resnet"):
             feature_dim = backbone.fc.in_features
@@ -103,6 +106,9 @@ class VideoNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head, self.feature_dim, self.num_classes = head, feature_dim, num_classes
         self.fc = create_head(head, feature_dim, num_classes, num_mixtures)  # linear: N(0, 0.001) as TSN/TSM
+        self.weights_report = None
+        if pretrained is not None:
+            self.weights_report = load_weights(self, pretrained, need_classifier=False, label="model.pretrained")
 
     def forward(self, x: torch.Tensor, classify: bool = True) -> torch.Tensor:
         """Logits ``(N, K)`` of clips ``(N, T, C_in, H, W)``; ``classify=False``: the features
@@ -184,40 +190,6 @@ def cross_modality_conv(conv: nn.Conv2d, in_channels: int, from_rgb: bool = True
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
     return new
-
-
-def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
-    """Load a torchvision ``state_dict`` (``model.pretrained``; also one saved as
-    ``{"state_dict": ...}`` or with DataParallel's ``module.`` prefix) into ``backbone``, its
-    classifier left out. Read with ``weights_only=True``
-    (:func:`tsmtrain.tensorfile.read_tensors`).
-
-    Raises:
-        tsmtrain.errors.TrainingError: one line, ``model.pretrained PATH: why``.
-    """
-    def refuse(reason: str) -> TrainingError:
-        return TrainingError(f"model.pretrained {path}: {reason}")
-
-    try:
-        state = read_tensors(path)
-    except CheckpointError as err:
-        raise refuse(err.reason) from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise refuse(f"not a state_dict (it holds a {type(state).__name__}"
-                     f"{'' if not isinstance(state, dict) else ' of other values than named tensors'})")
-    head = ("fc.", "classifier.")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = {k for k in backbone.state_dict() if not k.startswith(head)}
-    missing = sorted(own - set(state))
-    if missing:
-        raise refuse(f"not a checkpoint of this backbone; missing {', '.join(missing[:5])}")
-    try:
-        backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    except RuntimeError as err:  # shapes of another network
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise refuse(f"does not fit this backbone ({lines[1] if len(lines) > 1 else lines[0]})") from None
 
 
 def create_model(cfg, num_segments: int, in_channels: int = 3) -> VideoNet:
