@@ -8,6 +8,8 @@ prints what it returns:
 * :mod:`.testing`: ``test`` (:func:`tsmtrain.eval.protocols.run_test`), ``predict``
   (:func:`tsmtrain.eval.protocols.predict_videos`), ``fuse`` (:func:`tsmtrain.eval.fusion.fuse_runs`:
   late fusion of tested runs)
+* :mod:`.weights`: ``convert`` (:func:`tsmtrain.models.weights.convert_weights`: weights from
+  one project's format to another's)
 * :mod:`.features`: ``extract`` (:func:`tsmtrain.eval.extract.extract_features`: features of
   every video for training the head alone, ``data.features``)
 * :mod:`.cluster`: ``render`` (:func:`tsmtrain.dist.slurm.render_sbatch`), ``submit``
@@ -32,7 +34,7 @@ in the library imports this package.
 
 from __future__ import annotations
 
-from . import benchmarks, cluster, data, doctor, features, scaling, testing, training
+from . import benchmarks, cluster, data, doctor, features, scaling, testing, training, weights
 from .common import SET_HELP, app, fail, load, relaunch, set_args, user_errors, with_np
 
 __all__ = ["app", "bench_app", "fail", "load", "with_np", "relaunch", "set_args", "user_errors", "SET_HELP"]
@@ -42,6 +44,7 @@ __all__ = ["app", "bench_app", "fail", "load", "with_np", "relaunch", "set_args"
 for _name, _command in (("run", training.run), ("test", testing.test), ("predict", testing.predict),
                         ("fuse", testing.fuse), ("extract", features.extract),
                         ("validate", training.validate), ("model-info", training.model_info),
+                        ("convert", weights.convert),
                         ("prepare", data.prepare), ("render", cluster.render), ("submit", cluster.submit),
                         ("env", cluster.env), ("doctor", doctor.doctor),
                         ("sweep", scaling.sweep), ("report", scaling.report)):

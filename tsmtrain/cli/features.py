@@ -1,6 +1,6 @@
 """``tsmtrain extract``: the trained network's features of every video, for training the head alone.
 
-* ``extract RECIPE --out DIR [--clips K] [--crops 1|3|10] [--checkpoint PATH] [--shard-videos N]
+* ``extract RECIPE --out DIR [--clips K] [--crops 1|3|10] [--weights FILE] [--shard-videos N]
   [--dtype float16|float32] [--np N]`` -> :func:`tsmtrain.eval.extract.extract_features`
   (through :func:`tsmtrain.cli.common.relaunch` when N ranks must be started on this host). A rerun
   resumes: complete shards are kept. Train the head on them with ``--set data.features=DIR``.
@@ -21,7 +21,7 @@ __all__ = ["extract"]
 def extract(
     recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
     out: str = typer.Option(..., "--out", help="features folder: DIR/train and DIR/val, shards and index.json"),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    checkpoint: Optional[str] = typer.Option(None, "--weights", "--checkpoint", help=CHECKPOINT_HELP),
     clips: int = typer.Option(1, "--clips", help="K: clips per video whose features are averaged (as tsmtrain test)"),
     crops: int = typer.Option(1, "--crops", help="crops per clip: 1, 3 or 10 (as tsmtrain test)"),
     shard_videos: int = typer.Option(1024, "--shard-videos", min=1, help="videos per shard file"),
@@ -36,7 +36,7 @@ def extract(
     cfg = load(recipe, sets)
     relaunch(cfg, ["extract", recipe, *set_args(sets), "--out", out, "--clips", str(clips), "--crops", str(crops),
                    "--shard-videos", str(shard_videos), "--dtype", dtype,
-                   *(["--checkpoint", checkpoint] if checkpoint else [])])
+                   *(["--weights", checkpoint] if checkpoint else [])])
     from ..eval.extract import extract_features
 
     with user_errors():

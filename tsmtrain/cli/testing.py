@@ -1,10 +1,10 @@
 """``tsmtrain test``, ``tsmtrain predict`` and ``tsmtrain fuse``: a trained checkpoint under a
 view protocol, and the late fusion of tested runs.
 
-* ``test RECIPE [--checkpoint PATH] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
+* ``test RECIPE [--weights FILE] [--clips K] [--crops 1|3|10] [--list FILE] [--np N]`` ->
   :func:`tsmtrain.eval.protocols.run_test` (through :func:`tsmtrain.cli.common.relaunch` when N ranks
   must be started on this host), printed by :func:`tsmtrain.eval.protocols.format_report`
-* ``predict RECIPE VIDEO... [--checkpoint PATH] [--top K]`` ->
+* ``predict RECIPE VIDEO... [--weights FILE] [--top K]`` ->
   :func:`tsmtrain.eval.protocols.predict_videos`; exits 1 when a video is unreadable
 * ``fuse RUN... [--weights W,W] [--test-dir NAME] [--json FILE]`` ->
   :func:`tsmtrain.eval.fusion.fuse_runs`, printed by :func:`tsmtrain.eval.fusion.format_fusion`
@@ -27,7 +27,8 @@ from ..errors import UserError
 
 __all__ = ["test", "predict", "fuse", "prediction_lines"]
 
-CHECKPOINT_HELP = "checkpoint file (default: the run directory's latest)"
+CHECKPOINT_HELP = ("weights: a tsmtrain checkpoint, or a model-zoo file of the TSM repository or mmaction2 "
+                   "(default: the run directory's latest checkpoint; --checkpoint is the old name)")
 
 
 def _protocol(clips: int, crops: int):
@@ -43,7 +44,7 @@ def _protocol(clips: int, crops: int):
 
 def test(
     recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    checkpoint: Optional[str] = typer.Option(None, "--weights", "--checkpoint", help=CHECKPOINT_HELP),
     clips: int = typer.Option(1, "--clips", help="K: clips per video, spread evenly over it"),
     crops: int = typer.Option(1, "--crops", help="crops per clip: 1 (centre), 3 (along the long side, at the resize "
                                                  "size), 10 (corners, centre and their flips)"),
@@ -61,7 +62,7 @@ def test(
     sets = with_np(sets, np)
     cfg = load(recipe, sets)
     relaunch(cfg, ["test", recipe, *set_args(sets), "--clips", str(clips), "--crops", str(crops),
-                   *(["--checkpoint", checkpoint] if checkpoint else []),
+                   *(["--weights", checkpoint] if checkpoint else []),
                    *(["--list", list_file] if list_file else [])])
     from ..eval.protocols import format_report, run_test
 
@@ -77,7 +78,7 @@ def test(
 def predict(
     recipe: str = typer.Argument(..., help="YAML recipe of the trained run"),
     videos: list[str] = typer.Argument(..., help="video files"),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    checkpoint: Optional[str] = typer.Option(None, "--weights", "--checkpoint", help=CHECKPOINT_HELP),
     top: int = typer.Option(5, "--top", min=1, help="classes to print per video"),
     clips: int = typer.Option(1, "--clips", help="K: clips per video (as tsmtrain test)"),
     crops: int = typer.Option(1, "--crops", help="crops per clip: 1, 3 or 10 (as tsmtrain test)"),

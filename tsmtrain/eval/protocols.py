@@ -48,6 +48,7 @@ from ..data.transforms import TEST_CROPS, TestViews, view_side
 from ..dist.base import Engine
 from ..io import write_atomic, write_json
 from ..models import create_model
+from ..models.weights import load_weights
 from ..recipe import Recipe
 from ..train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .fusion import write_scores
@@ -124,7 +125,9 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
 
     Args:
         recipe: the recipe (its ``model`` section must be the checkpoint's).
-        checkpoint: a checkpoint file; None: the latest in the run directory
+        checkpoint: a weights file (``--weights``): a tsmtrain checkpoint, or a model-zoo file of
+            the TSM repository or mmaction2 (:func:`tsmtrain.models.weights.load_weights`, its
+            report logged); None: the latest checkpoint in the run directory
             (``run.dir/run.name``, :func:`~tsmtrain.train.checkpoint.latest_checkpoint`).
 
     Returns:
@@ -133,21 +136,30 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
     Raises:
         TrainingError: no checkpoint in the run directory (the message names it), the file is
             missing or unreadable, or it holds another model (names the differing keys).
-        CheckpointError: the file is damaged, or refused (:class:`~tsmtrain.train.checkpoint.UnsafeCheckpointError`:
+        CheckpointError: a run checkpoint that is damaged, or refused (:class:`~tsmtrain.train.checkpoint.UnsafeCheckpointError`:
             it holds Python objects that could run code).
+        tsmtrain.models.weights.WeightsError: a weights file that cannot be used (one line).
     """
     run_dir = recipe.run_dir
     if checkpoint is None:
         path = latest_checkpoint(run_dir)
         if path is None:
             raise TrainingError(f"no checkpoint in the run directory {run_dir}: train the recipe first "
-                                f"(tsmtrain run) or give --checkpoint PATH")
+                                f"(tsmtrain run) or give --weights FILE")
+        state = load_checkpoint(path)
     else:
         path = Path(checkpoint)
         if not path.is_file():
-            raise TrainingError(f"--checkpoint {path}: no such file")
+            raise TrainingError(f"--weights {path}: no such file")
+        state = _run_checkpoint(path)
+    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments,
+                         modality_of(recipe.data).in_channels)
+    if state is None:  # a model-zoo file, a converted one, or a bare state_dict
+        report = load_weights(model, path, need_classifier=True, label="--weights")
+        for line in report.lines():
+            log.info("%s", line)
+        return model.to(device).eval(), path
     try:
-        state = load_checkpoint(path)
         weights, saved = full_model_state(path, state, load_checkpoint), state.get("recipe", {})  # a sliced head joined
     except CheckpointError:  # one line naming the file and why (a file that carries code included)
         raise
@@ -164,13 +176,22 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None, device: torch.devi
                     recipe.data.num_segments)
     if recipe.data.features is not None:
         weights = _with_extracted_backbone(recipe, weights, path)
-    model = create_model(recipe.model.model_copy(update={"pretrained": None}), recipe.data.num_segments,
-                         modality_of(recipe.data).in_channels)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise TrainingError(f"{path}: weights do not fit the recipe's model: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), path
+
+
+def _run_checkpoint(path: Path) -> dict | None:
+    """The state of a checkpoint ``tsmtrain run`` wrote (a dict with ``model`` and ``step``), or
+    None for any other file (read again by :func:`~tsmtrain.models.weights.load_weights`, which
+    says what is wrong with it, if anything)."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return None
+    return state if isinstance(state.get("model"), dict) and "step" in state else None
 
 
 def _with_extracted_backbone(recipe: Recipe, head: dict, path: Path) -> dict:
