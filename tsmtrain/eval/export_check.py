@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models.export import FORMATS, ExportError, export_model, load_exported, max_relative_difference
 from .protocols import load_model
 
-__all__ = ["TOLERANCE", "ExportReport", "export_checked", "decode_view", "median_ms"]
+__all__ = ["TOLERANCE", "ExportReport", "export_checked", "decode_view", "median_ms", "eager_runner"]
 
 TOLERANCE = 1e-4  # the largest max relative difference (max_relative_difference) accepted
 
@@ -87,7 +87,7 @@ def median_ms(run, x: torch.Tensor, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def _eager(model: torch.nn.Module):
+def eager_runner(model: torch.nn.Module):
     """PyTorch eager with one thread (restored afterwards), no autograd."""
     def run(x: torch.Tensor) -> torch.Tensor:
         before = torch.get_num_threads()
@@ -126,7 +126,7 @@ def export_checked(recipe, weights: str | Path | None, fmt: str, out: str | Path
     x = decode_view(recipe, clip)
     model, path = load_model(recipe, weights, torch.device("cpu"))
     out = export_model(model, out, fmt, tuple(x.shape[1:]))
-    exported, eager = load_exported(out, fmt, threads=1), _eager(model)
+    exported, eager = load_exported(out, fmt, threads=1), eager_runner(model)
     difference = max_relative_difference(exported(x), eager(x))
     return ExportReport(out, fmt, out.stat().st_size, path, clip, difference,
                         median_ms(exported, x, runs), median_ms(eager, x, runs))
