@@ -160,6 +160,17 @@ def test_unknown_format_and_foreign_file_are_export_errors(tmp_path):
             run_exported(tmp_path / "junk.onnx", fmt, torch.zeros(1, SEGMENTS, 3, 32, 32))
 
 
+@pytest.mark.parametrize("missing, fmt", [("onnxscript", "export"), ("onnx", "export"), ("onnxruntime", "run")])
+def test_missing_onnx_packages_say_how_to_install_them(tmp_path, monkeypatch, missing, fmt):
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if it were not installed
+    with pytest.raises(ExportError, match=rf"{missing}, which is not installed: pip install tsmtrain\[export\]"):
+        if fmt == "export":
+            export_model(_network("resnet18", False), tmp_path / "x.onnx", "onnx", (SEGMENTS, 3, 32, 32))
+        else:
+            run_exported(tmp_path / "x.onnx", "onnx", torch.zeros(1, SEGMENTS, 3, 32, 32))
+    assert not list(tmp_path.iterdir())
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -232,13 +243,22 @@ def test_export_command_refuses_bad_input(tmp_path, trained):
         f"error: --out {tmp_path / 'file' / 'x.onnx'}: {tmp_path / 'file'} is not a folder")
     assert _bad(tmp_path, trained, "--format", "onnx", "--out", tmp_path / "x.onnx", "--weights",
                 tmp_path / "gone.pt") == f"error: --weights {tmp_path / 'gone.pt'}: no such file"
-    assert "--clip" in _bad(tmp_path, trained, "--format", "torchscript", "--out", tmp_path / "x.pt",
-                            "--clip", tmp_path / "gone.mp4")
+    assert _bad(tmp_path, trained, "--format", "torchscript", "--out", tmp_path / "x.pt", "--clip",
+                tmp_path / "gone.mp4") == f"error: --clip {tmp_path / 'gone.mp4'}: no such file"
+    (tmp_path / "notes.mp4").write_text("not a video")
+    assert _bad(tmp_path, trained, "--format", "torchscript", "--out", tmp_path / "x.pt", "--clip",
+                tmp_path / "notes.mp4").startswith(f"error: --clip {tmp_path / 'notes.mp4'}: cannot decode it")
 
 
-@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
-                    reason="root may write into any folder")
-def test_export_command_refuses_an_unwritable_folder(tmp_path, trained):
+def test_export_command_refuses_an_unwritable_folder(tmp_path, trained, monkeypatch):
+    import os
+
+    from tsmtrain.cli import export as export_cli
+
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    assert "is not writable" in _bad(tmp_path, trained, "--format", "onnx", "--out", locked / "x.onnx")
+    if os.geteuid() == 0:  # root may write anywhere: the folder answers as it would to a user
+        real = os.access
+        monkeypatch.setattr(export_cli.os, "access", lambda p, mode: False if p == locked else real(p, mode))
+    assert _bad(tmp_path, trained, "--format", "onnx", "--out", locked / "x.onnx") == (
+        f"error: --out {locked / 'x.onnx'}: the folder {locked} is not writable")
