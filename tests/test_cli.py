@@ -20,7 +20,7 @@ CLI = REPO / "tsmtrain" / "cli"
 MAX_MODULE_LINES = 250
 MAX_FUNCTION_LINES = 40
 
-COMMANDS = ["run", "test", "predict", "fuse", "extract", "validate", "model-info", "prepare", "render", "submit", "env",
+COMMANDS = ["run", "test", "predict", "fuse", "extract", "validate", "model-info", "export", "prepare", "render", "submit", "env",
             "doctor", "sweep", "report", "bench"]
 """Every command, in the order ``tsmtrain --help`` lists them."""
 

@@ -5,6 +5,8 @@ prints what it returns:
 
 * :mod:`.training`: ``run`` (:func:`tsmtrain.train.train`), ``validate`` (the resolved recipe),
   ``model-info`` (:mod:`tsmtrain.models` parameter and multiply-add counts)
+* :mod:`.export`: ``export`` (:func:`tsmtrain.eval.export_check.export_checked`: the network as
+  an ONNX or TorchScript file, checked on a clip against PyTorch)
 * :mod:`.testing`: ``test`` (:func:`tsmtrain.eval.protocols.run_test`), ``predict``
   (:func:`tsmtrain.eval.protocols.predict_videos`), ``fuse`` (:func:`tsmtrain.eval.fusion.fuse_runs`:
   late fusion of tested runs)
@@ -34,7 +36,7 @@ in the library imports this package.
 
 from __future__ import annotations
 
-from . import benchmarks, cluster, data, doctor, features, scaling, testing, training, weights
+from . import benchmarks, cluster, data, doctor, export, features, scaling, testing, training, weights
 from .common import SET_HELP, app, fail, load, relaunch, set_args, user_errors, with_np
 
 __all__ = ["app", "bench_app", "fail", "load", "with_np", "relaunch", "set_args", "user_errors", "SET_HELP"]
@@ -44,7 +46,7 @@ __all__ = ["app", "bench_app", "fail", "load", "with_np", "relaunch", "set_args"
 for _name, _command in (("run", training.run), ("test", testing.test), ("predict", testing.predict),
                         ("fuse", testing.fuse), ("extract", features.extract),
                         ("validate", training.validate), ("model-info", training.model_info),
-                        ("convert", weights.convert),
+                        ("convert", weights.convert), ("export", export.export),
                         ("prepare", data.prepare), ("render", cluster.render), ("submit", cluster.submit),
                         ("env", cluster.env), ("doctor", doctor.doctor),
                         ("sweep", scaling.sweep), ("report", scaling.report)):

@@ -193,16 +193,25 @@ def temporal_shift(x: torch.Tensor, num_segments: int, shift_div: int = 8) -> to
     """
     # CPU, eager: the native shift checks the shape itself. The Python on this path is kept to two
     # attribute reads and a call: on small activations every 100 ns shows in the shift's cost.
-    if x.is_cpu and not torch.compiler.is_compiling():
+    if x.is_cpu and not torch.compiler.is_compiling() and not _exporting():
         op = _native if _native is not None else _look_up_native()
         if op:
             return op(x, num_segments, shift_div)
     if x.dim() != 4:
         raise ValueError(f"temporal_shift: expected (N*T, C, H, W) activations, got shape {tuple(x.shape)}")
     nt, c, _, _ = x.shape
+    if _exporting():  # standard operators only: the exported graph must not need tsmtrain
+        return _shifted_by_cat(x, num_segments, c // shift_div, False)
     if nt % num_segments:
         raise ValueError(f"temporal_shift: leading dimension {nt} is not a multiple of num_segments={num_segments}")
     return _TemporalShift.apply(x, num_segments, c // shift_div, False)
+
+
+def _exporting() -> bool:
+    """True while ``torch.jit.trace`` or ``torch.onnx.export`` records the network: the shift is
+    then :func:`_shifted_by_cat` (pad, slice, concatenate), so the file holds only standard
+    operators, never the native operator or the autograd Function's in-place strided writes."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class TemporalShift(nn.Module):
