@@ -20,7 +20,7 @@ CLI = REPO / "tsmtrain" / "cli"
 MAX_MODULE_LINES = 250
 MAX_FUNCTION_LINES = 40
 
-COMMANDS = ["run", "test", "predict", "fuse", "extract", "validate", "model-info", "export", "prepare", "render", "submit", "env",
+COMMANDS = ["run", "test", "predict", "fuse", "extract", "validate", "model-info", "convert", "export", "prepare", "render", "submit", "env",
             "doctor", "sweep", "report", "bench"]
 """Every command, in the order ``tsmtrain --help`` lists them."""
 
@@ -129,7 +129,7 @@ def test_run_and_test_relaunch_through_one_helper(tmp_path, launches):
     result = invoke("test", path, "--np", 2, "--clips", 2, "--crops", 3, "--checkpoint", "c.pt")
     assert result.exit_code == 75, result.output
     assert launches.pop() == (2, "torchrun", ["test", str(path), "--set", "dist.np=2", "--clips", "2", "--crops",
-                                              "3", "--checkpoint", "c.pt"], None)
+                                              "3", "--weights", "c.pt"], None)
 
 
 def test_env_refuses_through_the_engine_factory(tmp_path, monkeypatch):

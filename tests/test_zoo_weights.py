@@ -8,8 +8,6 @@ projects' code without tsmtrain, and saved in their containers as those projects
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 import torchvision
@@ -107,7 +105,7 @@ def test_mmaction2_training_checkpoint_loads_without_running_its_objects(tmp_pat
 
 def test_mmaction2_0x_checkpoint_records_segments_in_its_name_only(tmp_path):
     ref = mmaction2_recognizer("resnet18", K, 8, is_shift=True, seed=7)
-    path = tmp_path / "tsm_r50_1x1x8_50e_kinetics400_rgb_20200607-af7fb746.pth"
+    path = tmp_path / "tsm_r18_1x1x8_50e_kinetics400_rgb_20200607-af7fb746.pth"  # (the zoo has r50)
     mmaction2_checkpoint_0x(ref, path)
     with pytest.raises(WeightsError, match=r"num_segments 8 there \(file name\), data\.num_segments = 4 here"):
         load_weights(ours("resnet18", True), path)
@@ -230,7 +228,6 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, kind):
         assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert why in errors[0] and str(path) in errors[0]
     assert not marker.exists() and not (tmp_path / "out.pth").exists() and not (tmp_path / "out.pt").exists()
-    assert isinstance(pickle, object)
 
 
 # ---------------------------------------------------------------- convert
@@ -301,3 +298,36 @@ def test_file_names_of_the_tsm_zoo_are_read_as_its_test_script_reads_them():
     assert names["backbone.features.3.conv.0.net.0.weight"] == "base_model.features.3.conv.0.net.weight"
     assert names["backbone.features.3.conv.0.net.1.running_var"] == "base_model.features.3.conv.1.running_var"
     assert names["backbone.features.1.conv.2.bias"] == "base_model.features.1.conv.4.bias"
+
+
+# ---------------------------------------------------------------- test and predict any weights file
+
+
+@pytest.mark.slow
+def test_test_and_predict_score_a_model_zoo_file_as_the_same_weights_in_tsmtrain_format(tmp_path, tiny_demo):
+    """``tsmtrain test --weights`` and ``predict --weights`` on an official checkpoint, with no run
+    directory: the same per-video scores as the weights converted to tsmtrain's format."""
+    import numpy as np
+
+    from .conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_demo, "zoo", dist={"engine": "none"}, data={"workers": 0})
+    ref = official_tsn("resnet18", 4, 4, is_shift=True, seed=13)
+    official = tmp_path / official_file_name("resnet18", 4, True)
+    official_checkpoint(ref, official, with_optimizer=False)
+    mine = tmp_path / "mine.pth"
+    assert run_cli("convert", str(official), "--recipe", str(recipe), "--out", str(mine)).returncode == 0
+    scores = []
+    for weights in (official, mine):
+        proc = run_cli("test", str(recipe), "--weights", str(weights), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"weights {weights}: " in proc.stderr and "top-1" in proc.stdout
+        folder = tmp_path / "runs" / "zoo" / "test" / "test-1clip-1crop"
+        scores.append(dict(np.load(next(folder.glob("*.npz")))))
+        (folder / "summary.json").unlink()
+    first, second = scores
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+    video = tiny_demo / (tiny_demo / "val.txt").read_text().split()[0]
+    out = [run_cli("predict", str(recipe), str(video), "--weights", str(w), cwd=tmp_path) for w in (official, mine)]
+    assert all(p.returncode == 0 for p in out), out[0].stderr[-2000:]
+    assert out[0].stdout.splitlines()[1:] == out[1].stdout.splitlines()[1:] and len(out[0].stdout.splitlines()) == 6

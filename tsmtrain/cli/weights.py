@@ -25,9 +25,7 @@ def convert(
                                                    "and test_models.py) or mmaction2"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Write a network's weights in another project's format, every key accounted for (so a network
-    trained here can be tested by the TSM repository's or mmaction2's test scripts, or a model-zoo
-    file kept as a tsmtrain checkpoint)."""
+    """Write weights in another project's format (tsmtrain, TSM repository, mmaction2), every key accounted for."""
     from ..data.modality import modality_of
     from ..models import create_model
     from ..models.weights import convert_weights

@@ -217,7 +217,10 @@ class ModelConfig(_Section):
     shift_div: int = Field(8, ge=2, description="1/shift_div of the channels shift each way in time; at most the "
                                                 "narrowest shifted layer's width (64 in the ResNets, 24 in MobileNetV2)")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the new classifier")
-    pretrained: str | None = Field(None, description="local torchvision state_dict (.pth) to start from; never downloaded")
+    pretrained: str | None = Field(
+        None, description="local weights file to start from, never downloaded: a torchvision or timm ImageNet backbone, "
+                          "or a TSM repository, mmaction2 or tsmtrain checkpoint (a classifier of another class count "
+                          "starts fresh): docs/model-zoo.md")
     sync_bn: bool = Field(
         False, description="synchronized BatchNorm: normalize with the statistics of the global batch, not each "
                            "rank's (advised below 8 clips per GPU)")
