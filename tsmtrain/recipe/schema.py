@@ -277,6 +277,18 @@ class DistConfig(_Section):
                           "torchrun for ddp; none: the engine's own (gloo, torchrun)")
     fp16_allreduce: bool = Field(False, description="compress gradients to fp16 for the allreduce")
     backward_passes_per_step: int = Field(1, ge=1, description="gradient accumulation: backward passes per optimizer step")
+    sync: Literal["allreduce", "local_sgd"] = Field(
+        "allreduce", description="how the ranks' models stay together: allreduce (the gradients averaged at every "
+                                 "optimizer step), or local_sgd (post-local SGD, Lin et al. 2020: after "
+                                 "dist.local_sgd_start each rank steps on its own gradients and the parameters and "
+                                 "BatchNorm statistics are averaged every dist.local_sgd_period steps and at epoch ends; "
+                                 "momentum stays each rank's own)")
+    local_sgd_period: int = Field(
+        8, ge=1, description="dist.sync: local_sgd: optimizer steps between averagings of the ranks' models (H); 1 "
+                             "averages after every step, which equals allreduce for SGD")
+    local_sgd_start: float = Field(
+        0.0, ge=0, description="dist.sync: local_sgd: epochs of synchronous allreduce before local SGD starts (the "
+                               "post-local SGD warm-up), rounded to the nearest optimizer step; 0: local from the first step")
     master_addr: str | None = Field(
         None, description="ddp under srun/mpirun: host where rank 0 listens; none: MASTER_ADDR, else the first host "
                           "of the Slurm allocation")
@@ -467,6 +479,28 @@ class ClusterConfig(_Section):
         return self.tasks_per_node or self.gpus_per_node or 1
 
 
+def _local_sgd_problems(r: "Recipe") -> list[tuple[str, Any, str]]:
+    """What ``dist.sync: local_sgd`` cannot run with (and its fields without it)."""
+    d = r.dist
+    if d.sync != "local_sgd":
+        return [(f"dist.{key}", getattr(d, key), "applies to dist.sync: local_sgd only")
+                for key in ("local_sgd_period", "local_sgd_start")
+                if getattr(d, key) != DistConfig.model_fields[key].default]
+    problems = []
+    if d.engine == "none":
+        problems.append(("dist.sync", "local_sgd", "there are no ranks to average with dist.engine: none"))
+    if r.model.head_parallel:
+        problems.append(("model.head_parallel", True, "dist.sync: local_sgd steps each rank alone, but a sharded "
+                                                      "classifier is trained on the global batch by all ranks together"))
+    if r.model.sync_bn:
+        problems.append(("model.sync_bn", True, "synchronized BatchNorm allreduces in every forward pass, the "
+                                                "communication dist.sync: local_sgd leaves out"))
+    if d.local_sgd_start >= r.schedule.epochs:
+        problems.append(("dist.local_sgd_start", d.local_sgd_start,
+                         f"not shorter than schedule.epochs ({r.schedule.epochs}): local SGD would never start"))
+    return problems
+
+
 class Recipe(_Section):
     """A whole recipe. Build it with :func:`~tsmtrain.recipe.loader.load_recipe` (which also checks files).
 
@@ -526,6 +560,7 @@ class Recipe(_Section):
                              f"{' or '.join(launchers[self.dist.engine])}"))
         if self.dist.engine == "none" and self.dist.fp16_allreduce:
             problems.append(("dist.fp16_allreduce", True, "there is no allreduce with dist.engine: none"))
+        problems += _local_sgd_problems(self)
         d = self.data
         if d.frame_size is not None and min(d.frame_size) < d.input_size:
             problems.append(("data.frame_size", list(d.frame_size),

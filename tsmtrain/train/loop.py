@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..dist.base import Engine
+from ..dist.local_sgd import LocalSGD, start_step
 from ..dist.stop import EXIT_PREEMPTED, StopRequest
 from ..dist.watchdog import Watchdog
 from ..optim import create_schedule, linear_scaling
@@ -91,6 +92,7 @@ class _Run:
     metrics: MetricsWriter
     clock: PhaseClock
     stop_at: int  # the optimizer step the run ends at (last epoch's end, or train.stop_after_steps)
+    sync: LocalSGD  # dist.sync: when the models are averaged, and the bytes allreduced
     watchdog: Watchdog | None = None  # told each optimizer step (its heartbeats carry it)
 
     @property
@@ -114,7 +116,7 @@ class _Run:
         self.data.sampler.set_epoch(pos.epoch, skip=pos.micro * self.recipe.train.batch_size)
         ckpt.save_run_checkpoint(self.engine, self.run_dir, self.model, self.step.optimizer, self.step, pos,
                                  self.data.transform_gen, self.recipe, sampler=self.data.sampler.state_dict(),
-                                 stopping=stopping)
+                                 stopping=stopping, local_sgd=self.sync.checkpoint_kind(pos.step))
 
     def evaluate(self, pos: ckpt.Position) -> dict:
         """Evaluate the model on the validation list and log the result at ``pos.step``."""
@@ -174,6 +176,9 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     model = create_network(recipe, engine, device)
     optimizer, head_optimizer, head_parallel = create_optimizers(recipe, engine, model)  # a sharded head: its own
     clock = PhaseClock(device, t.breakdown)
+    d = recipe.dist  # (before the step wraps the model: local SGD changes the engine's gradient hook)
+    sync = LocalSGD(engine, model, d.sync, d.local_sgd_period, start_step(d.local_sgd_start, data.steps_per_epoch),
+                    fp16_allreduce=d.fp16_allreduce, exclude=tuple(model.fc.parameters()) if head_parallel else ())
     # the step wraps the model for the engine (DDP), compiles it, and only then wraps the optimizer
     # (Horovod), so that compile's check fires no allreduce hooks; `model` is what is evaluated and saved
     step = TrainStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
@@ -188,7 +193,9 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     announce_run(recipe, engine, device, scaling, data.steps_per_epoch)
     total_steps = data.steps_per_epoch * recipe.schedule.epochs
     run = _Run(recipe=recipe, engine=engine, device=device, model=model, step=step, data=data, metrics=metrics,
-               clock=clock, stop_at=min(total_steps, t.stop_after_steps or total_steps))
+               clock=clock, stop_at=min(total_steps, t.stop_after_steps or total_steps), sync=sync)
+    if engine.rank == 0 and engine.size > 1:
+        log.info("%s", sync.describe())
     return run, pos
 
 
@@ -212,7 +219,7 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
                 raise RuntimeError(f"the loader ended after {pos.micro} of {r.steps_per_epoch * r.passes} batches")
             if epoch_done:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
-                r.engine.average_buffers(r.model)  # one model on every rank for evaluation and checkpoint
+                r.sync.epoch_done(pos.step)  # one model on every rank for evaluation and checkpoint
             last = pos.epoch == epochs
             wants_eval = epoch_done and bool(r.data.val_records) and (pos.epoch % t.eval_every == 0 or last)
             if wants_eval and not stopping:
@@ -270,6 +277,7 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
         # (a request during the last step changes nothing: the run ends normally)
         stopping = r.engine.synchronize(vote).item() > 0 and pos.step < r.stop_at
         epoch_end = pos.micro == r.steps_per_epoch * r.passes
+        r.sync.step_done(pos.step, epoch_end=epoch_end)  # local SGD: averages the models when due
         if pos.step % r.recipe.train.log_every == 0 or pos.step == r.stop_at or epoch_end or stopping:
             _log_interval(r, pos, interval, out.lr, bar)
         if pos.step >= r.stop_at or epoch_end or stopping:
@@ -301,7 +309,9 @@ def _timed(loader, interval: Interval):
 
 def _log_interval(r: _Run, pos: ckpt.Position, interval: Interval, lr: float, bar) -> None:
     """Close the logging interval (one allreduce), append its record to metrics.jsonl and show it."""
+    steps = interval.steps
     record = dict(epoch=pos.epoch, step=pos.step, lr=lr, **interval.close(r.engine, r.clock.collect()))
+    record["allreduce_bytes_per_step"] = r.sync.take_bytes() / max(steps, 1)  # gradients, or local SGD's averagings
     if r.step.scaler is not None:
         record["loss_scale"] = r.step.loss_scale()
     r.metrics.write(**record)

@@ -350,6 +350,8 @@ class TrainStep:
         """
         self._passes_done += 1
         last = self._passes_done == self.passes
+        if self._passes_done == 1:
+            self.engine.begin_step(step)  # post-local SGD: whether this step's gradients are averaged
         if self.nonfinite == "skip" and self._passes_done == 1:  # a skipped step leaves BatchNorm's statistics too
             self._buffers = [b.detach().clone() for b in self.model.buffers()]
         with self.engine.accumulate(self.forward_model, last=last):  # DDP: no_sync() but on the last pass
@@ -429,7 +431,7 @@ class TrainStep:
         self.clock.lap("allreduce_wait")
         self.clock.move("forward_backward", "allreduce_wait", self.engine.hidden_wait_s())  # DDP waited in backward()
         lr = None
-        if scaler is not None and self.head_parallel is not None:
+        if scaler is not None and (self.head_parallel is not None or self.engine.local_gradients):
             self._share_head_overflow()
         for o in optimizers:
             lr = self.schedule.apply(o, step) if self.schedule is not None else None
@@ -471,13 +473,14 @@ class TrainStep:
         optimizers would apply) are finite: any inf or NaN of the forward pass or the loss reaches
         them, and they are a small part of the network's, so the check adds little to the step (an
         overflow inside the backward pass alone is not caught). The gradients are the ranks' average, so every rank gets the same answer without communicating, except with a
-        sharded head, whose shards' gradients are each rank's own (one allreduce of a flag)."""
+        sharded head, whose shards' gradients are each rank's own, and under local SGD, where every rank's
+        are (one allreduce of a flag)."""
         head = getattr(self.model, "fc", None)
         params = (list(head.parameters()) if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters())
                   else [p for o in optimizers for g in o.param_groups for p in g["params"]])
         grads = [p.grad for p in params if p.grad is not None]
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
-        if self.head_parallel is not None:
+        if self.head_parallel is not None or self.engine.local_gradients:
             bad = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
             finite = self.engine.allreduce(bad, average=False).item() == 0
         return finite
@@ -486,8 +489,11 @@ class TrainStep:
         """fp16 with a sharded head: when any rank's head shard has an inf/NaN gradient, every
         rank's gradients are made inf (one allreduce), so that every rank skips the whole step
         and lowers the scale together, as one process with the whole head would. (The
-        backbone's gradients are averaged already, so their own overflow is the same everywhere.)"""
-        head = [p.grad for p in self.model.fc.parameters() if p.grad is not None]
+        backbone's gradients are averaged already, so their own overflow is the same everywhere.)
+        Under local SGD every gradient is the rank's own, so all are checked: the ranks' scalers
+        stay equal, and a checkpoint's (rank 0's) is every rank's."""
+        own = self.model.fc if self.head_parallel is not None else self.model  # local SGD: every gradient is own
+        head = [p.grad for p in own.parameters() if p.grad is not None]
         bad = torch.tensor([float(any(not bool(torch.isfinite(g).all()) for g in head))], dtype=torch.float64)
         if self.engine.allreduce(bad, average=False).item() > 0:
             for p in self.model.parameters():
