@@ -1,10 +1,11 @@
 """Local SGD on every rank, run by tests/test_local_sgd.py under torchrun or horovodrun.
 
-usage: python tests/local_sgd_worker.py ENGINE OUT_DIR SYNC PERIOD START
+usage: python tests/local_sgd_worker.py ENGINE OUT_DIR SYNC PERIOD START [PASSES]
 
 :data:`STEPS` optimizer steps of a small network (linear, BatchNorm, linear) through
 :class:`~tsmtrain.train.step.TrainStep` (SGD with momentum and weight decay) and
-:class:`~tsmtrain.dist.local_sgd.LocalSGD`, each rank on its own batches (:func:`batch`); the
+:class:`~tsmtrain.dist.local_sgd.LocalSGD`, each rank on its own batches (:func:`batch`), in
+PASSES backward passes per optimizer step (``dist.backward_passes_per_step``, default 1); the
 last step ends the epoch. Saves, per rank, the parameters and floating-point buffers after each
 step (``states``), whether the models were averaged after it (``averaged``) and the bytes it
 allreduced (``bytes``).
@@ -24,23 +25,26 @@ STEPS = 7
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank``'s 5 rows of optimizer step ``step``."""
+    """Rank ``rank``'s 6 rows of optimizer step ``step``."""
     g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    return torch.randn(6, 6, generator=g), torch.randint(0, 3, (6,), generator=g)
 
 
 def main() -> None:
     engine_name, out, sync, period, start = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    passes = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     engine = create_engine(engine_name)
     model = small_net()
     local = LocalSGD(engine, model, sync, period, start)  # before the step wraps the model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    step = TrainStep(model, torch.device("cpu"), optimizer=opt, engine=engine)
+    step = TrainStep(model, torch.device("cpu"), optimizer=opt, engine=engine, passes=passes)
     engine.broadcast_state(model, step.optimizer)
     states, averaged, sent = [], [], []
     for s in range(STEPS):
         x, y = batch(s, engine.rank)
-        assert step(x, y, step=s).stepped
+        rows = len(y) // passes
+        outs = [step(x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows], step=s) for i in range(passes)]
+        assert [o.stepped for o in outs] == [False] * (passes - 1) + [True]
         averaged.append(local.step_done(s + 1, epoch_end=s + 1 == STEPS))
         if s + 1 == STEPS:
             local.epoch_done(s + 1)

@@ -38,10 +38,10 @@ def launch(engine: str, *args) -> subprocess.CompletedProcess:
     return proc
 
 
-def worker(tmp_path: Path, engine: str, sync: str, period: int = 1, start: int = 0) -> list[dict]:
+def worker(tmp_path: Path, engine: str, sync: str, period: int = 1, start: int = 0, passes: int = 1) -> list[dict]:
     """Each rank's record of tests/local_sgd_worker.py."""
-    out = tmp_path / f"{engine}-{sync}-{period}-{start}"
-    launch(engine, REPO / "tests" / "local_sgd_worker.py", engine, out, sync, period, start)
+    out = tmp_path / f"{engine}-{sync}-{period}-{start}-{passes}"
+    launch(engine, REPO / "tests" / "local_sgd_worker.py", engine, out, sync, period, start, passes)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
@@ -116,9 +116,10 @@ def test_period_one_equals_synchronous_allreduce(tmp_path, engine):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("passes", [1, 2], ids=["one-pass", "accumulating"])
 @pytest.mark.parametrize("engine", ["ddp", "horovod"])
-def test_ranks_differ_between_averagings_and_agree_right_after(tmp_path, engine):
-    r0, r1 = worker(tmp_path, engine, "local_sgd", period=3, start=2)
+def test_ranks_differ_between_averagings_and_agree_right_after(tmp_path, engine, passes):
+    r0, r1 = worker(tmp_path, engine, "local_sgd", period=3, start=2, passes=passes)
     # steps 1-2 synchronous; local from step 3; averaged after 2 + 3 = 5 and at the epoch's end (7)
     averaged = [False, False, False, False, True, False, True]
     assert r0["averaged"] == r1["averaged"] == averaged
