@@ -238,3 +238,22 @@ def test_a_run_trains_the_scaled_epochs_with_label_smoothing(tmp_path, tiny_demo
     assert (result.step, result.epoch) == (9, 3)  # 24 clips / 8 per step = 3 steps per epoch, 3 epochs
     written = yaml.safe_load((tmp_path / "runs" / "scaled" / "recipe.yaml").read_text())["schedule"]
     assert (written["epochs"], written["warmup_epochs"], written["epochs_per_batch_doubling"]) == (3, 0.5, 0.0)
+
+
+def test_sweeps_made_before_the_knobs_stay_comparable():
+    import hashlib
+    import json
+
+    from tsmtrain.scaling.sweep import _comparable
+
+    r = recipe()
+    doc = r.model_dump(mode="json")
+    for key in ("np", "master_addr", "master_port"):
+        doc["dist"].pop(key)
+    doc["dist"]["launcher"] = "gloo"
+    doc["model"].pop("sync_bn")
+    for key in ("exclude_from_decay", "lars_exclude"):  # the keys a sweep before them did not have
+        doc["optim"].pop(key)
+    keep = {k: doc[k] for k in ("data", "model", "optim", "dist")} | {"batch_size": doc["train"]["batch_size"]}
+    assert _comparable(r) == hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    assert _comparable(recipe(optim={"lars_exclude": "none"})) != _comparable(r)
