@@ -33,9 +33,9 @@ optimizers, schedule and accumulation), ``--parallel`` at a time. Writes, under 
 * ``runs/METHOD-xK/``: each run's directory (``metrics.jsonl``, ``train.log``, ``recipe.yaml``),
 * ``study.csv``: one row per run (method, global batch, learning rate, epochs, warmup epochs,
   optimizer steps, final and best validation top-1 in percent, difference to the method's B0
-  in points, top-1 after every epoch, wall seconds),
+  in points, top-1 after every epoch, wall seconds, the seed of an extra ``--b0-seeds`` run),
 * ``study.md``: the table of final top-1, method x global batch, with the difference to B0
-  and the optimizer steps each run took,
+  and the optimizer steps each run took, and the spread of B0 over ``--b0-seeds``,
 * ``study.png``: left, final top-1 against the global batch, one line per method; right, the
   validation top-1 after every epoch of every run.
 
@@ -43,10 +43,12 @@ optimizers, schedule and accumulation), ``--parallel`` at a time. Writes, under 
     python scripts/large_batch_study.py --batches 1,4 --methods lars-warmup --epochs 1 --clips 48
     python scripts/large_batch_study.py --batches 16 && python scripts/large_batch_study.py --report-only
     python scripts/large_batch_study.py --batches 1,4,16,64 --methods lars-warmup,lars-knobs \
-        --epochs-per-batch 1:4,4:15,16:25,64:36       # >= 300 optimizer steps at 16xB0
+        --epochs-per-batch 1:4,4:15,16:25,64:36 --b0-seeds 1   # >= 300 optimizer steps at 16xB0
 
-Runs go in the order of ``--batches``, then ``--methods``; a second invocation with other
-``--batches`` adds runs beside the earlier ones (``--report-only`` then tabulates them all).
+Runs go in the order of ``--batches``, then ``--methods`` (extra seeds after their batch's runs):
+name the longest first (``--batches 64,16,4,1``) so that the last runs to finish are short. A
+second invocation with other ``--batches`` adds runs beside the earlier ones (``--report-only``
+then tabulates them all).
 
 Exit status 2 with one line on a bad option or recipe (or a dataset without one full global
 batch at a multiple); a failed run stops the study with the tail of its log.
@@ -80,7 +82,7 @@ METHODS = {
             ["optim.name=sgd", "schedule.warmup_epochs=0", "schedule.warmup_epochs_per_batch_doubling=0"]),
     "sgd-warmup": ("SGD, linear scaling + warmup (Goyal et al.)", ["optim.name=sgd"]),
     "lars-warmup": ("LARS + warmup (You et al.)", ["optim.name=lars"]),
-    "lars-knobs": ("LARS + warmup + MLPerf's knobs (label smoothing 0.1, no decay on BN and biases)",
+    "lars-knobs": ("LARS + warmup + MLPerf's knobs (label smoothing 0.1)",
                    ["optim.name=lars", "train.label_smoothing=0.1", "optim.exclude_from_decay=norm_and_bias",
                     "optim.lars_exclude=norm_and_bias"]),
 }
@@ -101,6 +103,8 @@ class Run:
         epochs: epochs at this batch (``--epochs-per-batch``, or the recipe's, grown by
             ``schedule.epochs_per_batch_doubling``).
         planned_steps: optimizer steps the run will take (``steps_per_epoch * epochs``).
+        seed: ``train.seed`` of an extra run at the smallest batch (``--b0-seeds``); ``None``:
+            the recipe's seed, a run of the main table.
         top1: validation top-1 in percent after every evaluated epoch.
         steps: optimizer steps taken.
         wall_s: seconds the run took.
@@ -114,13 +118,14 @@ class Run:
     overrides: list[str]
     epochs: int = 0
     planned_steps: int = 0
+    seed: int | None = None
     top1: list[float] = field(default_factory=list)
     steps: int = 0
     wall_s: float = 0.0
 
     @property
     def name(self) -> str:
-        return f"{self.method}-x{self.multiple}"
+        return f"{self.method}-x{self.multiple}" + ("" if self.seed is None else f"-seed{self.seed}")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -131,6 +136,17 @@ def _ints(text: str, what: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise SystemExit(f"error: {what}: expected positive integers, got {text!r}")
     return values
+
+
+def _seeds(text: str) -> list[int]:
+    """``--b0-seeds`` as a list of seeds (``train.seed`` values, >= 0)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = [-1]
+    if any(s < 0 for s in seeds):
+        raise SystemExit(f"error: --b0-seeds: expected comma-separated seeds (integers >= 0), got {text!r}")
+    return seeds
 
 
 def _epochs_per_batch(text: str | None, batches: list[int]) -> dict[int, int]:
@@ -162,6 +178,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the recipe's)")
     p.add_argument("--epochs-per-batch", default=None, metavar="K:E,...",
                    help="epochs of the runs at multiple K, e.g. 1:4,4:15,16:25,64:36 (multiples not named: --epochs)")
+    p.add_argument("--b0-seeds", default="", metavar="S,...",
+                   help="extra runs at the smallest batch with these train.seed values, for the spread of B0 "
+                        "(e.g. 1: a second seed; default: none)")
     p.add_argument("--clips", type=int, default=1536, help="training clips rendered (divided evenly among classes)")
     p.add_argument("--val-clips", type=int, default=480, help="validation clips rendered")
     p.add_argument("--data", default=None, help="folder to render the dataset into (default: the recipe's data.root)")
@@ -172,6 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.batches = _ints(args.batches, "--batches")
     args.epochs_per_batch = _epochs_per_batch(args.epochs_per_batch, args.batches)
+    args.b0_seeds = _seeds(args.b0_seeds)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
@@ -204,22 +224,29 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], Path, dict]:
         base.append(f"schedule.epochs={args.epochs}")
     runs = []
     for method in args.methods:
-        for k in args.batches:
-            overrides = base + METHODS[method][1] + [f"dist.backward_passes_per_step={k}", f"run.name={method}-x{k}"]
-            r = _load(args.recipe, overrides, method, k)
-            if k in args.epochs_per_batch:  # these epochs at this batch; the warmup as the recipe's rule has it
-                overrides += [f"schedule.epochs={args.epochs_per_batch[k]}", "schedule.epochs_per_batch_doubling=0",
-                              f"schedule.warmup_epochs={r.schedule.warmup_epochs!r}",
-                              "schedule.warmup_epochs_per_batch_doubling=0"]
-                r = _load(args.recipe, overrides, method, k)
-            scaling = linear_scaling(r, 1)
-            per_epoch = _train_clips(args, recipe) // scaling.global_batch
-            if per_epoch < 1:
-                raise SystemExit(f"error: --clips {args.clips} gives {_train_clips(args, recipe)} training clips, "
-                                 f"fewer than one global batch of {scaling.global_batch} at {k}xB0")
-            runs.append(Run(method, k, scaling.global_batch, scaling.lr, r.schedule.warmup_epochs, overrides,
-                            epochs=r.schedule.epochs, planned_steps=per_epoch * r.schedule.epochs))
+        runs += [_plan_run(args, recipe, base, method, k) for k in args.batches]
+        runs += [_plan_run(args, recipe, base, method, min(args.batches), seed) for seed in args.b0_seeds]
     return runs, data_root, {"recipe": recipe}
+
+
+def _plan_run(args: argparse.Namespace, recipe, base: list[str], method: str, k: int, seed: int | None = None) -> Run:
+    """One run of the study: ``method`` at ``k`` x B0 (with ``train.seed`` = ``seed``: an extra
+    seed of the smallest batch, for the spread)."""
+    name = f"{method}-x{k}" + ("" if seed is None else f"-seed{seed}")
+    overrides = base + METHODS[method][1] + [f"dist.backward_passes_per_step={k}", f"run.name={name}"]
+    overrides += [] if seed is None else [f"train.seed={seed}"]
+    r = _load(args.recipe, overrides, method, k)
+    if k in args.epochs_per_batch:  # these epochs at this batch; the warmup as the recipe's rule has it
+        overrides += [f"schedule.epochs={args.epochs_per_batch[k]}", "schedule.epochs_per_batch_doubling=0",
+                      f"schedule.warmup_epochs={r.schedule.warmup_epochs!r}", "schedule.warmup_epochs_per_batch_doubling=0"]
+        r = _load(args.recipe, overrides, method, k)
+    scaling = linear_scaling(r, 1)
+    per_epoch = _train_clips(args, recipe) // scaling.global_batch
+    if per_epoch < 1:
+        raise SystemExit(f"error: --clips {args.clips} gives {_train_clips(args, recipe)} training clips, "
+                         f"fewer than one global batch of {scaling.global_batch} at {k}xB0")
+    return Run(method, k, scaling.global_batch, scaling.lr, r.schedule.warmup_epochs, overrides,
+               epochs=r.schedule.epochs, planned_steps=per_epoch * r.schedule.epochs, seed=seed)
 
 
 def _load(recipe_path: str, overrides: list[str], method: str, k: int):
@@ -311,8 +338,8 @@ def read_run(run: Run, out: Path) -> Run:
 
 
 def _b0(runs: list[Run], run: Run) -> Run | None:
-    """The same method's run at the smallest global batch."""
-    same = [r for r in runs if r.method == run.method]
+    """The same method's run at the smallest global batch (at the recipe's seed)."""
+    same = [r for r in runs if r.method == run.method and r.seed is None]
     return min(same, key=lambda r: r.global_batch) if same else None
 
 
@@ -321,25 +348,25 @@ def write_csv(runs: list[Run], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "multiple", "global_batch", "lr", "epochs", "warmup_epochs", "steps", "final_top1",
-                    "delta_vs_b0", "best_top1", "top1_by_epoch", "wall_s"])
+                    "delta_vs_b0", "best_top1", "top1_by_epoch", "wall_s", "seed"])
         for r in runs:
             b0 = _b0(runs, r)
             w.writerow([r.method, r.multiple, r.global_batch, f"{r.lr:.6g}", r.epochs, f"{r.warmup_epochs:g}", r.steps,
                         f"{r.top1[-1]:.2f}", f"{r.top1[-1] - b0.top1[-1]:+.2f}", f"{max(r.top1):.2f}",
-                        ";".join(f"{x:.2f}" for x in r.top1), f"{r.wall_s:.0f}"])
+                        ";".join(f"{x:.2f}" for x in r.top1), f"{r.wall_s:.0f}", "" if r.seed is None else r.seed])
 
 
 def write_markdown(runs: list[Run], path: Path, b0: int) -> None:
     """Method x global batch table of final validation top-1 (difference to the method's B0 in
-    points) and the optimizer steps each run took, then the learning rates, epochs, warmup and
-    steps."""
+    points) and the optimizer steps each run took, the spread of B0 over seeds (``--b0-seeds``),
+    then every run's learning rate, epochs, warmup and steps."""
     batches = sorted({(r.multiple, r.global_batch) for r in runs})
     head = ["method"] + [f"{'B0' if m == 1 else f'{m}xB0'} = {g}" for m, g in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in dict.fromkeys(r.method for r in runs):
         cells = [METHODS[method][0]]
         for m, _ in batches:
-            r = next((x for x in runs if x.method == method and x.multiple == m), None)
+            r = next((x for x in runs if x.method == method and x.multiple == m and x.seed is None), None)
             if r is None:
                 cells.append("")
                 continue
@@ -352,6 +379,12 @@ def write_markdown(runs: list[Run], path: Path, b0: int) -> None:
     after = f"the same {epochs[0]} epochs" if len(epochs) == 1 else "each run's epochs (below)"
     lines.append(f"Final validation top-1 after {after}, and the optimizer steps the run took; in brackets the "
                  f"difference in points to the same method at its smallest batch. B0 = {b0} clips.")
+    for method in dict.fromkeys(r.method for r in runs if r.seed is not None):
+        ref = _b0(runs, next(r for r in runs if r.method == method))
+        finals = [ref.top1[-1]] + [r.top1[-1] for r in runs if r.method == method and r.seed is not None]
+        lines.append("")
+        lines.append(f"Spread of {method} at its smallest batch over {len(finals)} seeds: "
+                     f"{', '.join(f'{x:.1f}%' for x in finals)} (range {max(finals) - min(finals):.1f} points).")
     lines.append("")
     lines.append("| run | global batch | peak lr | epochs | warmup epochs | optimizer steps | top-1 by epoch | wall s |")
     lines.append("|---|---|---|---|---|---|---|---|")
@@ -362,8 +395,8 @@ def write_markdown(runs: list[Run], path: Path, b0: int) -> None:
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    """Left: final top-1 against the global batch (log scale), one line per method; right: the
-    validation top-1 after every epoch, colour by method, line style by batch."""
+    """Left: final top-1 against the global batch (log scale), one line per method (extra seeds:
+    crosses); right: the validation top-1 after every epoch, colour by method, line style by batch."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
@@ -372,9 +405,11 @@ def plot(runs: list[Run], path: Path) -> None:
     styles = ["-", "--", ":", "-."]
     multiples = sorted({r.multiple for r in runs})
     for method in dict.fromkeys(r.method for r in runs):
-        mine = sorted((r for r in runs if r.method == method), key=lambda r: r.global_batch)
+        mine = sorted((r for r in runs if r.method == method and r.seed is None), key=lambda r: r.global_batch)
         left.plot([r.global_batch for r in mine], [r.top1[-1] for r in mine], "o-", color=colours[method],
                   label=METHODS[method][0])
+        seeds = [r for r in runs if r.method == method and r.seed is not None]
+        left.plot([r.global_batch for r in seeds], [r.top1[-1] for r in seeds], "x", color=colours[method])
         for r in mine:
             right.plot(range(1, len(r.top1) + 1), r.top1, styles[multiples.index(r.multiple) % len(styles)],
                        color=colours[method], label=f"{method} x{r.multiple}")
@@ -417,7 +452,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         return run
 
     # in the order of --batches, then --methods
-    order = sorted(runs, key=lambda r: args.batches.index(r.multiple))
+    order = sorted(runs, key=lambda r: (args.batches.index(r.multiple), r.seed is not None))
     try:
         if args.report_only:
             runs = [read_run(r, out) for r in runs]

@@ -150,3 +150,25 @@ def test_bad_epochs_per_batch_and_too_few_clips_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"lars-warmup x64: --set: schedule.warmup_epochs = '4.0': longer than "
                                          r"schedule.epochs \(1\)"):
         study.plan(args)
+
+
+def test_extra_b0_seeds_are_planned_and_their_spread_tabulated(tmp_path):
+    study = study_module()
+    with pytest.raises(SystemExit, match="--b0-seeds: expected"):
+        study.parse_args(["--b0-seeds", "x"])
+    args = study.parse_args(["--out", str(tmp_path), "--data", str(tmp_path / "d"), "--batches", "1,4",
+                             "--methods", "lars-knobs", "--b0-seeds", "1,2"])
+    runs, _, _ = study.plan(args)
+    assert [r.name for r in runs] == ["lars-knobs-x1", "lars-knobs-x4", "lars-knobs-x1-seed1", "lars-knobs-x1-seed2"]
+    assert "train.seed=2" in runs[3].overrides and runs[3].multiple == 1
+    for r, top1, steps in zip(runs, [70.0, 68.5, 72.0, 69.0], [768, 192, 768, 768]):
+        r.top1, r.steps = [50.0, top1], steps
+    study.write_markdown(runs, tmp_path / "study.md", 8)
+    md = (tmp_path / "study.md").read_text()
+    assert "| 70.0%, 768 steps | 68.5% (-1.5), 192 steps |" in md  # the recipe's seed is the reference
+    assert "over 3 seeds: 70.0%, 72.0%, 69.0% (range 3.0 points)" in md
+    study.write_csv(runs, tmp_path / "study.csv")
+    rows = list(csv.DictReader(open(tmp_path / "study.csv")))
+    assert [r["seed"] for r in rows] == ["", "", "1", "2"] and rows[2]["delta_vs_b0"] == "+2.00"
+    study.plot(runs, tmp_path / "study.png")  # the extra seeds as crosses at B0
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
