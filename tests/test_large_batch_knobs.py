@@ -233,8 +233,10 @@ def test_a_run_trains_the_scaled_epochs_with_label_smoothing(tmp_path, tiny_demo
                        schedule={"epochs": 1, "warmup_epochs": 0, "epochs_per_batch_doubling": 1,
                                  "warmup_epochs_per_batch_doubling": 0.25},
                        train={"batch_size": 2, "log_every": 1, "threads": 1, "label_smoothing": 0.1})
-    result = train(load_recipe(path))
-    assert seen == [0.1]
+    part = train(load_recipe(path, ["train.stop_after_steps=4"]))  # past the unscaled schedule's 3 steps
+    assert (part.step, part.epoch) == (4, 1)
+    result = train(load_recipe(path), resume=True)  # the resumed run scales the same way
+    assert seen == [0.1, 0.1]
     assert (result.step, result.epoch) == (9, 3)  # 24 clips / 8 per step = 3 steps per epoch, 3 epochs
     written = yaml.safe_load((tmp_path / "runs" / "scaled" / "recipe.yaml").read_text())["schedule"]
     assert (written["epochs"], written["warmup_epochs"], written["epochs_per_batch_doubling"]) == (3, 0.5, 0.0)
