@@ -40,7 +40,7 @@ from ..dist.base import Engine
 from ..dist.local_sgd import LocalSGD, start_step
 from ..dist.stop import EXIT_PREEMPTED, StopRequest
 from ..dist.watchdog import Watchdog
-from ..optim import create_schedule, linear_scaling
+from ..optim import batch_scaled_schedule, create_schedule, linear_scaling
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from ..bench.allreduce import benchmark_allreduce
@@ -167,6 +167,7 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     network, the training step with its optimizer and learning rate schedule, and the position
     to start from (``wanted``: :func:`train`'s ``resume``). Rank 0 logs ``world`` (the ranks'
     hosts) first."""
+    recipe = batch_scaled_schedule(recipe, engine.size)  # the epochs and warmup of this global batch
     t = recipe.train
     scaling = linear_scaling(recipe, engine.size)
     device = start_rank(recipe, engine, lock)
@@ -186,7 +187,7 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
                      schedule=create_schedule(recipe, scaling, data.steps_per_epoch),
                      passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
                      clock=clock, loss=recipe.model.loss, head_parallel=head_parallel,
-                     head_optimizer=head_optimizer, nonfinite=t.nonfinite)
+                     head_optimizer=head_optimizer, nonfinite=t.nonfinite, label_smoothing=t.label_smoothing)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)

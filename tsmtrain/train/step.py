@@ -232,13 +232,26 @@ def targets(batch: dict, model_cfg) -> torch.Tensor:
     return torch.from_numpy(multi_hot(batch["labels"], model_cfg.num_classes))
 
 
-def classification_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "softmax") -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "softmax",
+                        label_smoothing: float = 0.0) -> torch.Tensor:
     """The mean over the batch of the cross-entropy of ``logits (N, K)`` against labels ``y (N,)``
     (``softmax``), or of the binary cross-entropy of each class's log-odds against the multi-hot
     ``y (N, K)``, summed over the K classes (``sigmoid``: each class an independent yes/no, as for
-    YouTube-8M; summed so that a head split across ranks adds its classes' parts)."""
+    YouTube-8M; summed so that a head split across ranks adds its classes' parts).
+
+    ``label_smoothing`` eps (``train.label_smoothing``; softmax only): per clip
+    ``(1 - eps) * CE + eps * mean over the K classes of -log p_k`` (Szegedy et al. 2016,
+    section 7; PyTorch's ``cross_entropy(label_smoothing=eps)``); 0 computes plain cross-entropy.
+
+    Raises:
+        ValueError: ``label_smoothing`` with the ``sigmoid`` loss.
+    """
     if loss == "softmax":
+        if label_smoothing:
+            return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return F.cross_entropy(logits, y)
+    if label_smoothing:
+        raise ValueError("label smoothing applies to the softmax cross-entropy only, not the sigmoid loss")
     return F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / max(len(y), 1)
 
 
@@ -283,6 +296,8 @@ class TrainStep:
         nonfinite: ``"stop"`` or ``"skip"`` (:data:`NONFINITE`; ``train.nonfinite``): what a step
             whose averaged gradients hold an inf or NaN does without fp16 (with fp16 the
             gradient scaler skips it and lowers the scale).
+        label_smoothing: eps of :func:`classification_loss` in training (``train.label_smoothing``;
+            softmax and an unsharded head only).
 
     Attributes:
         forward_model: what the training forward calls: the model, wrapped by the engine, then
@@ -292,7 +307,8 @@ class TrainStep:
         skipped_steps: steps skipped for an inf or NaN gradient (``nonfinite="skip"``).
 
     Raises:
-        ValueError: an unknown precision, loss or ``nonfinite``; ``compile`` without ``batch_shape``.
+        ValueError: an unknown precision, loss or ``nonfinite``; ``compile`` without ``batch_shape``;
+            ``label_smoothing`` with the sigmoid loss or a sharded head.
         NonFiniteLoss: from a call whose optimizer step finds an inf or NaN gradient
             (``nonfinite="stop"``, without fp16).
         TrainingError: ``compile`` and torch.compile fails on this model, device or compiler
@@ -304,14 +320,17 @@ class TrainStep:
                  *, optimizer: torch.optim.Optimizer | None = None, engine: Engine | None = None,
                  schedule: LRSchedule | None = None, passes: int = 1, fp16_allreduce: bool = False,
                  clock: PhaseClock | None = None, loss: str = "softmax", head_parallel: HeadParallel | None = None,
-                 head_optimizer: torch.optim.Optimizer | None = None, nonfinite: str = "stop"):
+                 head_optimizer: torch.optim.Optimizer | None = None, nonfinite: str = "stop",
+                 label_smoothing: float = 0.0):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite {nonfinite!r}; choose one of {', '.join(NONFINITE)}")
-        self.nonfinite, self.skipped_steps = nonfinite, 0
+        if label_smoothing and (loss != "softmax" or head_parallel is not None):
+            raise ValueError("label smoothing applies to the softmax cross-entropy of an unsharded head only")
+        self.nonfinite, self.skipped_steps, self.label_smoothing = nonfinite, 0, label_smoothing
         self._loss = None  # this step's last pass's loss (a device tensor)
         self._last_finite = None  # (step, loss tensor) of the last step taken
         self._buffers = []  # nonfinite="skip": the buffers as the step in progress found them
@@ -389,7 +408,7 @@ class TrainStep:
         with self.autocast():
             if self.head_parallel is None:
                 logits = self.forward_model(self.batch(x))
-                loss = to_backward = classification_loss(logits, y, self.loss)
+                loss = to_backward = classification_loss(logits, y, self.loss, self.label_smoothing)
                 best = logits.detach().argmax(dim=1)
             else:
                 logits, (to_backward, loss, best) = None, self._sharded_loss(x, y)
