@@ -1,14 +1,15 @@
 """Local SGD on every rank, run by tests/test_local_sgd.py under torchrun or horovodrun.
 
-usage: python tests/local_sgd_worker.py ENGINE OUT_DIR SYNC PERIOD START [PASSES]
+usage: python tests/local_sgd_worker.py ENGINE OUT_DIR SYNC:PERIOD:START:PASSES ...
 
-:data:`STEPS` optimizer steps of a small network (linear, BatchNorm, linear) through
-:class:`~tsmtrain.train.step.TrainStep` (SGD with momentum and weight decay) and
-:class:`~tsmtrain.dist.local_sgd.LocalSGD`, each rank on its own batches (:func:`batch`), in
-PASSES backward passes per optimizer step (``dist.backward_passes_per_step``, default 1); the
-last step ends the epoch. Saves, per rank, the parameters and floating-point buffers after each
-step (``states``), whether the models were averaged after it (``averaged``) and the bytes it
-allreduced (``bytes``).
+For each configuration in turn (one launch, one engine): :data:`STEPS` optimizer steps of a
+small network (linear, BatchNorm, linear) through :class:`~tsmtrain.train.step.TrainStep` (SGD
+with momentum and weight decay) and :class:`~tsmtrain.dist.local_sgd.LocalSGD`, each rank on
+its own batches (:func:`batch`), in PASSES backward passes per optimizer step
+(``dist.backward_passes_per_step``); the last step ends the epoch. Saves, per configuration and
+rank (``OUT_DIR/SYNC-PERIOD-START-PASSES/rankR.pt``), the parameters and floating-point buffers
+after each step (``states``), whether the models were averaged after it (``averaged``) and the
+bytes it allreduced (``bytes``).
 """
 
 import sys
@@ -30,10 +31,9 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 6, generator=g), torch.randint(0, 3, (6,), generator=g)
 
 
-def main() -> None:
-    engine_name, out, sync, period, start = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    passes = int(sys.argv[6]) if len(sys.argv) > 6 else 1
-    engine = create_engine(engine_name)
+def train(engine, sync: str, period: int, start: int, passes: int) -> dict:
+    """One configuration's record on this rank."""
+    engine.local_sgd_from = None  # (the engine of the previous configuration: synchronous again)
     model = small_net()
     local = LocalSGD(engine, model, sync, period, start)  # before the step wraps the model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -50,9 +50,18 @@ def main() -> None:
             local.epoch_done(s + 1)
         sent.append(local.take_bytes())
         states.append({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"states": states, "averaged": averaged, "bytes": sent, "grad_bytes": local.grad_bytes,
-                "model_bytes": local.model_bytes}, out / f"rank{engine.rank}.pt")
+    return {"states": states, "averaged": averaged, "bytes": sent, "grad_bytes": local.grad_bytes,
+            "model_bytes": local.model_bytes}
+
+
+def main() -> None:
+    engine = create_engine(sys.argv[1])
+    for config in sys.argv[3:]:
+        sync, period, start, passes = config.split(":")
+        record = train(engine, sync, int(period), int(start), int(passes))
+        out = Path(sys.argv[2]) / config.replace(":", "-")
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(record, out / f"rank{engine.rank}.pt")
 
 
 if __name__ == "__main__":

@@ -38,11 +38,23 @@ def launch(engine: str, *args) -> subprocess.CompletedProcess:
     return proc
 
 
-def worker(tmp_path: Path, engine: str, sync: str, period: int = 1, start: int = 0, passes: int = 1) -> list[dict]:
-    """Each rank's record of tests/local_sgd_worker.py."""
-    out = tmp_path / f"{engine}-{sync}-{period}-{start}-{passes}"
-    launch(engine, REPO / "tests" / "local_sgd_worker.py", engine, out, sync, period, start, passes)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+CONFIGS = ("allreduce:1:0:1", "local_sgd:1:0:1", "local_sgd:3:2:1", "local_sgd:3:2:2")
+"""What tests/local_sgd_worker.py trains, one launch per engine: SYNC:PERIOD:START:PASSES."""
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """``worker(engine, config)``: each rank's record of tests/local_sgd_worker.py (all of
+    :data:`CONFIGS` run in one launch per engine, on first use)."""
+    done = {}
+
+    def records(engine: str, config: str) -> list[dict]:
+        if engine not in done:
+            done[engine] = tmp_path_factory.mktemp(f"local_sgd_{engine}")
+            launch(engine, REPO / "tests" / "local_sgd_worker.py", engine, done[engine], *CONFIGS)
+        return [torch.load(done[engine] / config.replace(":", "-") / f"rank{r}.pt") for r in range(2)]
+
+    return records
 
 
 def params_equal(a: dict, b: dict) -> bool:
@@ -96,14 +108,14 @@ def test_start_is_rounded_to_optimizer_steps():
     assert [start_step(x, 6) for x in (0, 0.34, 0.5, 1, 2.9)] == [0, 2, 3, 6, 17]
 
 
-# ---- the engines (a small network, a few steps, ~10 s per launch)
+# ---- the engines (a small network, a few steps; one launch of ~15 s per engine)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "horovod"])
-def test_period_one_equals_synchronous_allreduce(tmp_path, engine):
-    sync = worker(tmp_path, engine, "allreduce")
-    local = worker(tmp_path, engine, "local_sgd", period=1, start=0)
+def test_period_one_equals_synchronous_allreduce(worker, engine):
+    sync = worker(engine, "allreduce:1:0:1")
+    local = worker(engine, "local_sgd:1:0:1")
     assert local[0]["averaged"] == [True] * local_sgd_worker.STEPS
     for step, (a, b, s) in enumerate(zip(local[0]["states"], local[1]["states"], sync[0]["states"])):
         assert all(torch.equal(a[k], b[k]) for k in a), step  # averaged after every step
@@ -118,8 +130,8 @@ def test_period_one_equals_synchronous_allreduce(tmp_path, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("passes", [1, 2], ids=["one-pass", "accumulating"])
 @pytest.mark.parametrize("engine", ["ddp", "horovod"])
-def test_ranks_differ_between_averagings_and_agree_right_after(tmp_path, engine, passes):
-    r0, r1 = worker(tmp_path, engine, "local_sgd", period=3, start=2, passes=passes)
+def test_ranks_differ_between_averagings_and_agree_right_after(worker, engine, passes):
+    r0, r1 = worker(engine, f"local_sgd:3:2:{passes}")
     # steps 1-2 synchronous; local from step 3; averaged after 2 + 3 = 5 and at the epoch's end (7)
     averaged = [False, False, False, False, True, False, True]
     assert r0["averaged"] == r1["averaged"] == averaged

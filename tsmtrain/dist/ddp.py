@@ -207,6 +207,7 @@ class DDPEngine(Engine):
                             f"{first}") from None
         atexit.register(self.shutdown)
         self.net: nn.Module | None = None
+        self._post_local_state = None  # local SGD: the PostLocalSGDState of the hook wrap_model registered
         self._grad_ready = 0.0  # perf_counter of the last gradient computed in this step's synced pass
         self._bucket_done = 0.0  # perf_counter of the last bucket's allreduce completed
         self.buckets_allreduced = 0
@@ -253,6 +254,7 @@ class DDPEngine(Engine):
         hook, state = default_hooks.fp16_compress_hook if fp16 else default_hooks.allreduce_hook, None
         if self.local_sgd_from is not None:
             hook, state = self._post_local_sgd_hook(fp16)
+        self._post_local_state = state
 
         def timed_hook(state, bucket):
             def done(fut):
@@ -280,7 +282,6 @@ class DDPEngine(Engine):
 
         state = PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=self.local_sgd_from,
                                   post_local_gradient_allreduce=False)
-        self._post_local_state = state
 
         def hook(state, bucket):
             if fp16 and state.iter < state.start_localSGD_iter:
@@ -291,9 +292,8 @@ class DDPEngine(Engine):
 
     def begin_step(self, step):
         super().begin_step(step)
-        state = getattr(self, "_post_local_state", None)
-        if state is not None:
-            state.iter = step
+        if self._post_local_state is not None:
+            self._post_local_state.iter = step
 
     @torch.no_grad()
     def average_model(self, model):
