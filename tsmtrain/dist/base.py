@@ -23,6 +23,11 @@ where ``net = engine.wrap_model(model)`` and ``optimizer = engine.wrap_optimizer
 ``model`` itself stays the plain network that is evaluated and checkpointed. Rank 0's initial
 state is broadcast (:meth:`Engine.broadcast_state`), so all ranks start identical; metrics are
 summed with :meth:`Engine.allreduce`.
+
+Under post-local SGD (``dist.sync: local_sgd``, :mod:`tsmtrain.dist.local_sgd`) the engine is told
+the start step before it wraps anything (:meth:`Engine.use_local_sgd`) and each step's number
+before its backward passes (:meth:`Engine.begin_step`); from the start on the gradients stay
+each rank's own, and the models are averaged every H steps (:meth:`Engine.average_model`).
 """
 
 from __future__ import annotations
