@@ -71,7 +71,30 @@ def validate(
     scaling = linear_scaling(cfg)
     doc["derived"] = {"world_size": scaling.world_size, "global_batch": scaling.global_batch, "lr": scaling.lr,
                       "run_dir": str(cfg.run_dir)}
+    if cfg.multigrid.long_cycle or cfg.multigrid.short_cycle:
+        doc["derived"]["multigrid"] = _multigrid_schedule(cfg, scaling)
     print(yaml.safe_dump(doc, sort_keys=False), end="")
+
+
+def _multigrid_schedule(cfg, scaling) -> list[dict]:
+    """``validate``'s multigrid schedule (:meth:`tsmtrain.train.multigrid.MultigridSchedule.rows`):
+    per stage the epochs, shapes, batches, learning rate, and the steps when the training list can
+    be read here; a stage whose batch exceeds a rank's clips is an ``error:`` line and exit 2."""
+    import math
+
+    from ..data.lists import read_list
+    from ..train.multigrid import MultigridSchedule
+
+    try:
+        videos = len(read_list(cfg.data.train_list, cfg.data.root, cfg.model.num_classes,
+                               multi_label=cfg.model.loss == "sigmoid"))
+    except (OSError, UserError):  # not there yet (data.generate) or checked elsewhere: no steps
+        videos = None
+    try:
+        schedule = MultigridSchedule(cfg, None if videos is None else math.ceil(videos / scaling.world_size))
+    except UserError as err:
+        fail([str(err)])
+    return schedule.rows(scaling.world_size, scaling.lr)
 
 
 def _check_data(cfg) -> None:

@@ -110,6 +110,17 @@ class VideoNet(nn.Module):
         if pretrained is not None:
             self.weights_report = load_weights(self, pretrained, need_classifier=False, label="model.pretrained")
 
+    def set_segments(self, num_segments: int) -> None:
+        """Take clips of ``num_segments`` segments from now on, with the same weights: T here (the
+        check in :meth:`features`) and in every :class:`TemporalShift`, whose shift works for any T.
+        Multigrid training (:mod:`tsmtrain.train.multigrid`) sets each batch's T and sets the
+        recipe's back before evaluating or saving; everything else runs at the T it was built with.
+        """
+        self.num_segments = num_segments
+        for m in self.modules():
+            if isinstance(m, TemporalShift):
+                m.num_segments = num_segments
+
     def forward(self, x: torch.Tensor, classify: bool = True) -> torch.Tensor:
         """Logits ``(N, K)`` of clips ``(N, T, C_in, H, W)``; ``classify=False``: the features
         ``(N, D)`` (:meth:`features`), for a head applied outside (sharded across ranks)."""
