@@ -1,0 +1,169 @@
+"""Multigrid training (multigrid.long_cycle, multigrid.short_cycle; tsmtrain/train/multigrid.py).
+
+* The long cycle's stages and epochs are PySlowFast's (its Kinetics recipe, computed with
+  PySlowFast's own get_long_cycle_schedule: the numbers below), the batches scale with 1/(T S^2).
+* The loader serves each optimizer step the documented shape: a training run's batches follow the
+  schedule step by step, with dist.backward_passes_per_step too.
+* The learning rate is the baseline's curve times the stage's batch factor (linear rule).
+* A run stopped in the middle of a long cycle and resumed ends with the weights of an
+  uninterrupted run, bit for bit.
+* Evaluation runs at the recipe's shape; the defaults change nothing.
+"""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.test_train import read_metrics, tiny_recipe
+from tsmtrain.optim.schedule import LRSchedule
+from tsmtrain.recipe.schema import Recipe
+from tsmtrain.train import TrainStep, train
+from tsmtrain.train import loop
+from tsmtrain.train.multigrid import LR_RESOLUTION, MultigridSchedule, Shape, multigrid_on, plan_stages
+
+MULTIGRID = {"data.input_size": 16, "train.batch_size": 1, "schedule.epochs": 4, "schedule.warmup_epochs": 0.5,
+             "multigrid.long_cycle": "true", "multigrid.short_cycle": "true", "train.eval_every": 100,
+             "train.checkpoint_every": 100, "train.threads": 1}
+"""The tiny demo (24 training clips) with both cycles: T0 = 4, S0 = 16, B0 = 1; 6 epochs, 23 steps."""
+
+
+def recipe(**sections) -> Recipe:
+    doc = {"data": {"train_list": "train.txt", "num_segments": 8, "input_size": 224}, "train": {"batch_size": 8},
+           "multigrid": {"long_cycle": True, "short_cycle": True}}
+    for key, value in sections.items():
+        doc.setdefault(key, {}).update(value)
+    return Recipe.model_validate(doc)
+
+
+def test_long_cycle_is_pyslowfast_schedule():
+    # PySlowFast's configs/Kinetics/SLOWFAST_8x8_R50_stepwise_multigrid.yaml: STEPS [0, 94, 154, 196], MAX_EPOCH
+    # 239; its get_long_cycle_schedule gives these stage ends (3 long cycles, then the base shape)
+    stages, _ = plan_stages(recipe(schedule={"epochs": 239, "decay": "step", "milestones": [94, 154, 196]}))
+    assert [s.end_epoch for s in stages] == [73, 110, 142, 158, 205, 228, 248, 259, 291, 308, 322, 329, 358]
+    assert [s.cycle for s in stages] == [0] * 4 + [1] * 4 + [2] * 4 + [3]
+    own = [(s.shapes[-1].segments, s.shapes[-1].size, s.shapes[-1].batch) for s in stages[:4]]
+    assert own == [(2, 158, 64), (4, 158, 32), (4, 224, 16), (8, 224, 8)]  # B = 8 round(1 / (t s^2))
+    assert [s.lr_factor for s in stages[:4]] == [8, 4, 2, 1] and stages[-1].lr_factor == 1
+    # the short cycle: sides round(224 * 0.5), round(224 / sqrt 2), then the stage's; batch x round((S / side)^2)
+    assert stages[0].shapes == (Shape(128, 2, 112), Shape(64, 2, 158), Shape(64, 2, 158))
+    assert stages[2].shapes == (Shape(64, 4, 112), Shape(32, 4, 158), Shape(16, 4, 224))
+    assert stages[-1].shapes == (Shape(32, 8, 112), Shape(16, 8, 158), Shape(8, 8, 224))
+
+
+def test_cosine_demo_schedule_and_short_cycle_alone():
+    stages, knots = plan_stages(recipe(schedule={"epochs": 4, "decay": "cosine"}, data={"input_size": 64}))
+    assert [(s.first_epoch, s.end_epoch, s.cycle) for s in stages] == [(0, 3, 0), (3, 4, 0), (4, 5, 0), (5, 6, 1)]
+    assert knots == [(0.0, 0.0), (5.0, 3.2), (6.0, 4.0)]  # the last 0.2 of the baseline at the base shape
+    short_only = recipe(schedule={"epochs": 4}, multigrid={"long_cycle": False})
+    (stage,), _ = plan_stages(short_only)
+    assert (stage.end_epoch, stage.lr_factor) == (6, 1.0)
+    assert [(x.batch, x.size) for x in stage.shapes] == [(32, 112), (16, 158), (8, 224)]
+
+
+def test_steps_per_epoch_follow_the_short_cycle_with_passes():
+    mg = MultigridSchedule(recipe(schedule={"epochs": 4}, data={"input_size": 64}, train={"batch_size": 2},
+                                  dist={"backward_passes_per_step": 2}), clips_per_rank=100)
+    stage = mg.stage(0)
+    steps = mg.epoch_steps(0)
+    assert steps == [stage.shapes[k % 3] for k in range(len(steps))]  # 64, 32, 32 clips per pass, 2 passes
+    assert sum(2 * s.batch for s in steps) <= 100 < sum(2 * s.batch for s in steps) + 2 * stage.shapes[len(steps) % 3].batch
+    assert mg.micro_batches(0) == [(s.batch, s.segments) for s in steps for _ in range(2)]
+    assert mg.shape(0, 3) == steps[1]
+    assert mg.total_steps == sum(mg.steps_in(e) for e in range(mg.epochs))
+    assert [mg.locate(mg._starts[e]) for e in range(mg.epochs)] == [(e, 0) for e in range(mg.epochs)]
+
+
+def test_learning_rate_is_the_baseline_curve_times_the_stage_batch():
+    r = recipe(schedule={"epochs": 4, "warmup_epochs": 0.5, "decay": "cosine"}, data={"input_size": 64})
+    mg = MultigridSchedule(r, clips_per_rank=800)
+    base = LRSchedule(0.1, LR_RESOLUTION, 4, 0.5, 0.0125, "cosine")
+    lr = mg.lr_schedule(base)
+    assert lr(0) == 0.0125  # warmup starts at the small batch's rate ...
+    for step in range(mg.total_steps):
+        epoch, _ = mg.locate(step)
+        at = mg.baseline_epoch(step)
+        if at >= 0.5:  # ... after it, the baseline's cosine times the stage's batch factor
+            assert lr(step) == pytest.approx(base(at * LR_RESOLUTION) * mg.stage(epoch).lr_factor)
+    factors = [mg.stage(mg.locate(s)[0]).lr_factor for s in range(mg.total_steps)]
+    assert sorted(set(factors), reverse=True) == [8.0, 4.0, 2.0, 1.0] and factors == sorted(factors, reverse=True)
+    assert mg.baseline_epoch(mg.total_steps - 1) < 4.0 and mg.baseline_epoch(0) == 0.0
+
+
+def test_defaults_are_off_and_impossible_combinations_refused():
+    plain = Recipe.model_validate({"data": {"train_list": "t.txt"}})
+    assert not multigrid_on(plain) and not plain.multigrid.long_cycle and not plain.multigrid.short_cycle
+    assert plain.multigrid.long_cycle_factors == [(0.25, 0.5 ** 0.5), (0.5, 0.5 ** 0.5), (0.5, 1.0), (1.0, 1.0)]
+    assert (plain.multigrid.short_cycle_factors, plain.multigrid.epoch_factor) == ((0.5, 0.5 ** 0.5), 1.5)
+    with pytest.raises(ValidationError) as refused:
+        recipe(data={"features": "feats"})
+    (rows,) = [e["ctx"]["rows"] for e in refused.value.errors()]
+    assert rows[0][0] == "multigrid.long_cycle" and "data.features" in rows[0][2]
+    with pytest.raises(Exception, match="more than the 24 clips per rank"):
+        MultigridSchedule(recipe(schedule={"epochs": 4}), clips_per_rank=24)
+
+
+@pytest.fixture(scope="module")
+def multigrid_run(tmp_path_factory, tiny_demo):
+    """An uninterrupted multigrid run of the tiny demo: its folder, result, the (x shape, step) of
+    every backward pass, and (T of the network and of its shifts, crop side) at each evaluation."""
+    tmp = tmp_path_factory.mktemp("multigrid")
+    passes, evals = [], []
+    step_call, evaluate = TrainStep.__call__, loop.evaluate_epoch
+
+    def record_pass(self, x, y, step):
+        passes.append((tuple(x.shape), step))
+        return step_call(self, x, y, step=step)
+
+    def record_eval(model, *args, **kwargs):
+        shifts = {m.num_segments for m in model.modules() if type(m).__name__ == "TemporalShift"}
+        evals.append((model.num_segments, shifts, args[4].input_size))
+        return evaluate(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrainStep, "__call__", record_pass)
+        mp.setattr(loop, "evaluate_epoch", record_eval)
+        result = train(tiny_recipe(tmp, tiny_demo, "mg", **MULTIGRID))
+    return tmp, result, passes, evals
+
+
+@pytest.mark.slow
+def test_batches_and_learning_rates_follow_the_schedule(multigrid_run, tiny_demo):
+    tmp, result, passes, _ = multigrid_run
+    mg = MultigridSchedule(tiny_recipe(tmp, tiny_demo, "check", **MULTIGRID), clips_per_rank=24)
+    expected = [((s.batch, s.segments, 3, s.size, s.size), step)
+                for step, s in enumerate(s for e in range(mg.epochs) for s in mg.epoch_steps(e))]
+    assert passes == expected and result.step == mg.total_steps == 23 and result.epoch == 6
+    assert {p[0][1] for p in passes} == {1, 2, 4} and {p[0][3] for p in passes} == {8, 11, 16}
+    baseline = LRSchedule(0.05, LR_RESOLUTION, 4, 0.5, 0.05, "cosine")  # LARS base_lr 0.1 for 2 clips; 1 clip here
+    lr = mg.lr_schedule(baseline)
+    logged = {r["step"]: r["lr"] for r in read_metrics(tmp / "runs" / "mg") if "loss" in r}
+    assert logged == pytest.approx({s + 1: lr(s) for s in range(23)})
+    assert logged[1] == pytest.approx(0.05) and max(logged.values()) > 0.05 * 4  # the 8x stage's rate
+
+
+@pytest.mark.slow
+def test_evaluation_runs_at_the_base_shape(multigrid_run):
+    _, result, _, evals = multigrid_run
+    assert evals == [(4, {4}, 16)]  # the last epoch's evaluation, at T0 = 4, S0 = 16
+    assert result.model.num_segments == 4  # and the network is left at it (checkpoint, test, predict)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at, extra", [
+    (12, {}),  # epoch 4's 2nd step of 4: inside the long cycle's third stage, after two shape changes
+    (5, {"multigrid.short_cycle": "false", "dist.backward_passes_per_step": 2}),  # epoch 3, 2 of 3 steps
+])
+def test_stop_and_resume_in_a_long_cycle_is_exact(tmp_path, tiny_demo, multigrid_run, stop_at, extra):
+    extra = {**MULTIGRID, **extra}
+    if extra != MULTIGRID:  # the reference without the short cycle, 2 passes per step
+        reference = train(tiny_recipe(tmp_path, tiny_demo, "ref", **extra))
+    else:
+        reference = multigrid_run[1]
+    cut = train(tiny_recipe(tmp_path, tiny_demo, "cut", **extra, **{"train.stop_after_steps": stop_at}))
+    assert cut.step == stop_at
+    resumed = train(tiny_recipe(tmp_path, tiny_demo, "cut", **extra))
+    assert resumed.step == reference.step and resumed.epoch == reference.epoch
+    ours, theirs = resumed.model.state_dict(), reference.model.state_dict()
+    for name, value in theirs.items():
+        assert torch.equal(value, ours[name]), name
+    assert resumed.eval == reference.eval
