@@ -12,8 +12,10 @@
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
+from tests.conftest import run_cli
 from tests.test_train import read_metrics, tiny_recipe
 from tsmtrain.optim.schedule import LRSchedule
 from tsmtrain.recipe.schema import Recipe
@@ -167,3 +169,25 @@ def test_stop_and_resume_in_a_long_cycle_is_exact(tmp_path, tiny_demo, multigrid
     for name, value in theirs.items():
         assert torch.equal(value, ours[name]), name
     assert resumed.eval == reference.eval
+
+
+def test_validate_prints_the_schedule(tmp_path):
+    (tmp_path / "train.txt").write_text("".join(f"v{i}.mp4 {i % 4}\n" for i in range(100)))
+    doc = {"data": {"root": str(tmp_path), "train_list": str(tmp_path / "train.txt"), "num_segments": 8,
+                    "input_size": 64},
+           "model": {"num_classes": 4}, "optim": {"base_lr": 0.01, "base_batch": 4}, "schedule": {"epochs": 4},
+           "train": {"batch_size": 2}, "dist": {"engine": "none"}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    on = ("--set", "multigrid.long_cycle=true", "--set", "multigrid.short_cycle=true", "--no-files")
+    shown = yaml.safe_load(run_cli("validate", path, *on).stdout)["derived"]["multigrid"]
+    mg = MultigridSchedule(Recipe.model_validate({**doc, "multigrid": {"long_cycle": True, "short_cycle": True}}), 100)
+    assert (shown["epochs"], shown["steps"]) == (mg.epochs, mg.total_steps) == (6, 52)
+    first = shown["stages"][0]
+    assert (first["epochs"], first["shapes"], first["batch_per_rank"]) == ("0-2", "2x32x32 / 2x45x45 / 2x45x45",
+                                                                          "32 / 16 / 16")
+    assert first["peak_lr"] == pytest.approx(0.04) and first["steps_per_epoch"] == 4
+    assert sum(s["steps"] for s in shown["stages"]) == 52
+    assert "multigrid" not in yaml.safe_load(run_cli("validate", path, "--no-files").stdout)["derived"]
+    too_big = run_cli("validate", path, *on, "--set", "train.batch_size=8")
+    assert too_big.returncode == 2 and too_big.stderr.count("\n") == 1 and "more than the 100 clips" in too_big.stderr

@@ -76,10 +76,10 @@ def validate(
     print(yaml.safe_dump(doc, sort_keys=False), end="")
 
 
-def _multigrid_schedule(cfg, scaling) -> list[dict]:
+def _multigrid_schedule(cfg, scaling) -> dict:
     """``validate``'s multigrid schedule (:meth:`tsmtrain.train.multigrid.MultigridSchedule.rows`):
-    per stage the epochs, shapes, batches, learning rate, and the steps when the training list can
-    be read here; a stage whose batch exceeds a rank's clips is an ``error:`` line and exit 2."""
+    the epochs, and per stage the epochs, shapes, batches, learning rate, and the steps (also in
+    all) when the training list can be read here; a stage whose batch exceeds a rank's clips is an ``error:`` line and exit 2."""
     import math
 
     from ..data.lists import read_list
@@ -94,7 +94,10 @@ def _multigrid_schedule(cfg, scaling) -> list[dict]:
         schedule = MultigridSchedule(cfg, None if videos is None else math.ceil(videos / scaling.world_size))
     except UserError as err:
         fail([str(err)])
-    return schedule.rows(scaling.world_size, scaling.lr)
+    out = {"epochs": schedule.epochs}
+    if videos is not None:
+        out["steps"] = schedule.total_steps
+    return {**out, "stages": schedule.rows(scaling.world_size, scaling.lr)}
 
 
 def _check_data(cfg) -> None:

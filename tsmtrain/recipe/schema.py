@@ -360,8 +360,12 @@ class RunConfig(_Section):
 
 
 class MultigridConfig(_Section):
-    """Multigrid training (Wu et al., "A Multigrid Method for Efficiently Training Video Models", CVPR 2020),
-    with PySlowFast's defaults (slowfast/config/defaults.py, MULTIGRID): docs/training.md#multigrid."""
+    """Multigrid training (Wu et al., CVPR 2020): smaller clips with larger batches, PySlowFast's defaults.
+
+    Wu, Girshick, He, Feichtenhofer, Krähenbühl, "A Multigrid Method for Efficiently Training Video
+    Models"; the defaults are PySlowFast's (slowfast/config/defaults.py, MULTIGRID); the schedule is
+    :mod:`tsmtrain.train.multigrid`, the user's guide docs/training.md#multigrid.
+    """
 
     long_cycle: bool = Field(False, description="long cycle: train most epochs on clips of fewer segments and a "
                                                 "smaller input_size with a proportionally larger batch")

@@ -341,10 +341,10 @@ def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders
 
 
 def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: LinearScaling,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, epochs: int | None = None) -> None:
     """On rank 0: warn when the precision is slow on this CPU, write ``RUN_DIR/recipe.yaml`` (the
     resolved recipe) and log one line of what runs (network, ranks, device, precision, global
-    batch, learning rate, steps)."""
+    batch, learning rate, steps; ``epochs``: the run's when not ``schedule.epochs``, multigrid's)."""
     if engine.rank != 0:
         return
     t = recipe.train
@@ -356,4 +356,4 @@ def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: 
              recipe.run_dir, f"the classifier on the features of {recipe.data.features}" if recipe.data.features
              else "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
              ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
-             scaling.global_batch, scaling.lr, steps_per_epoch, recipe.schedule.epochs)
+             scaling.global_batch, scaling.lr, steps_per_epoch, epochs or recipe.schedule.epochs)

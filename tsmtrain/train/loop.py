@@ -193,7 +193,7 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
-    announce_run(recipe, engine, device, scaling, data.steps_per_epoch)
+    announce_run(recipe, engine, device, scaling, data.steps_per_epoch, data.multigrid and data.multigrid.epochs)
     run = _Run(recipe=recipe, engine=engine, device=device, model=model, step=step, data=data, metrics=metrics,
                clock=clock, stop_at=0)
     run.stop_at = min(run.total_steps, t.stop_after_steps or run.total_steps)

@@ -253,16 +253,17 @@ class MultigridSchedule:
 
     def rows(self, world_size: int = 1, peak_lr: float | None = None) -> list[dict]:
         """One dict per stage for ``tsmtrain validate`` and the run's log: its epochs (first-last),
-        long cycle, the short cycle's shapes as ``T x S x S`` with the batch per rank and the global
-        batch of each (``world_size`` ranks, ``passes`` each), the learning-rate factor (and the
+        long cycle, the short cycle's shapes as ``T x S x S`` (``/`` between them) with the batch
+        per rank and the global batch of each (``world_size`` ranks, ``passes`` each), the learning-rate factor (and the
         stage's peak rate, given the run's ``peak_lr``), and the steps per epoch and in all (when
         the clips per rank are known)."""
         rows = []
         for s in self.stages:
             row = {"epochs": f"{s.first_epoch}-{s.end_epoch - 1}", "cycle": s.cycle,
-                   "shapes": [f"{x.segments}x{x.size}x{x.size}" for x in s.shapes],
-                   "batch_per_rank": [x.batch for x in s.shapes],
-                   "global_batch": [x.batch * world_size * self.passes for x in s.shapes], "lr_factor": s.lr_factor}
+                   "shapes": " / ".join(f"{x.segments}x{x.size}x{x.size}" for x in s.shapes),
+                   "batch_per_rank": " / ".join(str(x.batch) for x in s.shapes),
+                   "global_batch": " / ".join(str(x.batch * world_size * self.passes) for x in s.shapes),
+                   "lr_factor": s.lr_factor}
             if peak_lr is not None:
                 row["peak_lr"] = peak_lr * s.lr_factor
             if self.clips_per_rank is not None:
