@@ -10,10 +10,14 @@
 * Evaluation runs at the recipe's shape; the defaults change nothing.
 """
 
+import copy
+
 import pytest
 import torch
 import yaml
 from pydantic import ValidationError
+
+from tsmtrain.models.sub_batch_norm import SubBatchNorm2d, set_bn_splits
 
 from tests.conftest import run_cli
 from tests.test_train import read_metrics, tiny_recipe
@@ -118,7 +122,8 @@ def multigrid_run(tmp_path_factory, tiny_demo):
 
     def record_eval(model, *args, **kwargs):
         shifts = {m.num_segments for m in model.modules() if type(m).__name__ == "TemporalShift"}
-        evals.append((model.num_segments, shifts, args[4].input_size))
+        splits = {getattr(m, "splits", 1) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        evals.append((model.num_segments, shifts, splits, args[4].input_size))
         return evaluate(model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -146,7 +151,7 @@ def test_batches_and_learning_rates_follow_the_schedule(multigrid_run, tiny_demo
 @pytest.mark.slow
 def test_evaluation_runs_at_the_base_shape(multigrid_run):
     _, result, _, evals = multigrid_run
-    assert evals == [(4, {4}, 16)]  # the last epoch's evaluation, at T0 = 4, S0 = 16
+    assert evals == [(4, {4}, {1}, 16)]  # the last epoch's evaluation, at T0 = 4, S0 = 16, BatchNorm whole
     assert result.model.num_segments == 4  # and the network is left at it (checkpoint, test, predict)
 
 
@@ -191,3 +196,43 @@ def test_validate_prints_the_schedule(tmp_path):
     assert "multigrid" not in yaml.safe_load(run_cli("validate", path, "--no-files").stdout)["derived"]
     too_big = run_cli("validate", path, *on, "--set", "train.batch_size=8")
     assert too_big.returncode == 2 and too_big.stderr.count("\n") == 1 and "more than the 100 clips" in too_big.stderr
+
+
+def test_sub_batch_norm_is_batch_norm_per_sub_batch():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    reference = [copy.deepcopy(bn) for _ in range(2)]
+    set_bn_splits(bn, 2)
+    assert isinstance(bn, SubBatchNorm2d) and set(bn.state_dict()) == set(reference[0].state_dict())
+    x = torch.randn(8, 3, 5, 5) * 3 + 1  # 2 sub-batches of 4 rows (clips x frames)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = bn(x1)
+    y_ref = torch.cat([reference[0](x2[:4]), reference[1](x2[4:])])
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    (y * torch.arange(8.0).view(8, 1, 1, 1)).sum().backward()
+    (y_ref * torch.arange(8.0).view(8, 1, 1, 1)).sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-4)
+    # the running statistics: PySlowFast's aggregate of the two sub-batches' (mean of means, pooled variance)
+    means = torch.stack([x[:4].mean((0, 2, 3)), x[4:].mean((0, 2, 3))])
+    variances = torch.stack([x[:4].var((0, 2, 3)), x[4:].var((0, 2, 3))])
+    whole_var = variances.mean(0) + (means - means.mean(0)).pow(2).mean(0)
+    assert torch.allclose(bn.running_mean, 0.1 * means.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * whole_var, atol=1e-5)
+    set_bn_splits(bn, 1)  # one split, and evaluation: BatchNorm2d's own forward
+    assert torch.equal(bn(x), torch.nn.functional.batch_norm(
+        x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+    bn.eval()
+    assert torch.equal(bn(x), torch.nn.functional.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def test_bn_splits_keep_the_clips_per_batch_norm():
+    mg = MultigridSchedule(recipe(schedule={"epochs": 4}), clips_per_rank=10_000)
+    assert [mg.bn_splits(s) for s in mg.stages[0].shapes] == [16, 8, 8]  # 8 clips each: train.batch_size
+    assert {s.batch // mg.bn_splits(s) for st in mg.stages for s in st.shapes} == {8}
+    assert MultigridSchedule(recipe(schedule={"epochs": 4}, multigrid={"bn_clips": 48}), None).bn_splits(
+        Shape(128, 2, 112)) == 2  # 128 // 48 = 2 sub-batches of 64
+    assert MultigridSchedule(recipe(schedule={"epochs": 4}, model={"sync_bn": True}), None).bn_splits(
+        Shape(128, 2, 112)) == 1

@@ -387,6 +387,11 @@ class MultigridConfig(_Section):
                                       "data.input_size) at the end, as PySlowFast's fine-tuning phase; none: the "
                                       "epochs after the last milestone with schedule.decay: step (PySlowFast's "
                                       "rule), else 0.2")
+    bn_clips: int | None = Field(
+        None, ge=1, description="clips each BatchNorm normalises over in training: a larger batch is split into "
+                                "sub-batches of this many clips, each with its own statistics (PySlowFast's "
+                                "BN_BASE_SIZE, 8 there: its clips per GPU); none: train.batch_size, what BatchNorm sees "
+                                "without multigrid; not with model.sync_bn (the global batch's statistics)")
 
 
 _TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")

@@ -263,12 +263,13 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
         return _train_batches(r, pos, stop, bar)
     finally:
         if r.data.multigrid is not None:  # evaluation, checkpoints and what follows: the recipe's shape
-            _set_shape(r, r.recipe.data.num_segments, r.recipe.data.input_size)
+            _set_shape(r, r.recipe.data.num_segments, r.recipe.data.input_size, 1)
 
 
-def _set_shape(r: _Run, segments: int, size: int) -> None:
-    """Multigrid: the network takes clips of ``segments`` segments, the augmentation crops to ``size``."""
-    r.model.set_segments(segments)
+def _set_shape(r: _Run, segments: int, size: int, bn_splits: int) -> None:
+    """Multigrid: the network takes clips of ``segments`` segments, its BatchNorm layers normalise
+    ``bn_splits`` sub-batches separately, the augmentation crops to ``size``."""
+    r.model.set_segments(segments, bn_splits)
     r.data.train_tf.input_size = size
 
 
@@ -279,7 +280,7 @@ def _train_batches(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
     for batch in _timed(r.data.train, interval):
         if r.data.multigrid is not None:  # this pass's clip shape (the loader's batch has its T)
             shape = r.data.multigrid.shape(pos.epoch, pos.micro)
-            _set_shape(r, shape.segments, shape.size)
+            _set_shape(r, shape.segments, shape.size, r.data.multigrid.bn_splits(shape))
         r.clock.mark()
         if pos.micro % r.passes == 0:  # first pass of an optimizer step: vote on stopping after it
             vote = r.engine.allreduce_async(torch.tensor([float(stop.requested)], dtype=torch.float64),

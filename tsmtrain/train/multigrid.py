@@ -18,6 +18,8 @@ in the terms of a recipe (``data.num_segments`` T0, ``data.input_size`` S0, ``tr
   three shapes: side ``round(S0 f)`` for each f of ``multigrid.short_cycle_factors`` with the
   batch times ``round((S / side)^2)``, then the stage's own shape; the cycle restarts every epoch.
   Alone (without the long cycle) it trains ``epoch_factor`` times the epochs at T0.
+* **BatchNorm** normalises sub-batches of ``multigrid.bn_clips`` clips (``train.batch_size`` when
+  unset) separately (:mod:`tsmtrain.models.sub_batch_norm`), as PySlowFast's ``BN_BASE_SIZE``.
 * **Learning rate**: the baseline's curve (warmup, cosine or step decay, peak from the linear
   scaling rule) is stretched piecewise linearly onto the multigrid epochs (each long cycle onto
   its interval), then multiplied by the stage's batch over ``train.batch_size`` (the linear rule for
@@ -213,6 +215,16 @@ class MultigridSchedule:
         """The shape of backward pass ``micro`` (0-based) of ``epoch``."""
         return self.epoch_steps(epoch)[micro // self.passes]
 
+    def bn_splits(self, shape: Shape) -> int:
+        """Sub-batches each BatchNorm normalises separately at ``shape``: ``batch / multigrid.bn_clips``
+        (``train.batch_size`` when unset), lowered to a divisor of the batch; 1 with ``model.sync_bn``."""
+        if self.recipe.model.sync_bn:
+            return 1
+        k = max(1, shape.batch // (self.recipe.multigrid.bn_clips or self.recipe.train.batch_size))
+        while shape.batch % k:
+            k -= 1
+        return k
+
     def steps_in(self, epoch: int) -> int:
         """Optimizer steps of ``epoch``."""
         return len(self.epoch_steps(epoch))
@@ -254,7 +266,8 @@ class MultigridSchedule:
     def rows(self, world_size: int = 1, peak_lr: float | None = None) -> list[dict]:
         """One dict per stage for ``tsmtrain validate`` and the run's log: its epochs (first-last),
         long cycle, the short cycle's shapes as ``T x S x S`` (``/`` between them) with the batch
-        per rank and the global batch of each (``world_size`` ranks, ``passes`` each), the learning-rate factor (and the
+        per rank, the global batch (``world_size`` ranks, ``passes`` each) and the clips per
+        BatchNorm sub-batch of each, the learning-rate factor (and the
         stage's peak rate, given the run's ``peak_lr``), and the steps per epoch and in all (when
         the clips per rank are known)."""
         rows = []
@@ -263,6 +276,7 @@ class MultigridSchedule:
                    "shapes": " / ".join(f"{x.segments}x{x.size}x{x.size}" for x in s.shapes),
                    "batch_per_rank": " / ".join(str(x.batch) for x in s.shapes),
                    "global_batch": " / ".join(str(x.batch * world_size * self.passes) for x in s.shapes),
+                   "bn_clips": " / ".join(str(x.batch // self.bn_splits(x)) for x in s.shapes),
                    "lr_factor": s.lr_factor}
             if peak_lr is not None:
                 row["peak_lr"] = peak_lr * s.lr_factor
