@@ -17,6 +17,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from tsmtrain.data.loader import RankSampler, ShapeBatchSampler
 from tsmtrain.models.sub_batch_norm import SubBatchNorm2d, set_bn_splits
 
 from tests.conftest import run_cli
@@ -236,3 +237,18 @@ def test_bn_splits_keep_the_clips_per_batch_norm():
         Shape(128, 2, 112)) == 2  # 128 // 48 = 2 sub-batches of 64
     assert MultigridSchedule(recipe(schedule={"epochs": 4}, model={"sync_bn": True}), None).bn_splits(
         Shape(128, 2, 112)) == 1
+
+
+def test_shape_batch_sampler_serves_each_batch_its_size_and_length_and_resumes():
+    sampler = RankSampler(10, rank=0, world_size=1, shuffle=True, seed=3)
+    shapes = {0: [(4, 1), (2, 2), (3, 4)], 1: [(5, 2), (5, 2)]}
+    batches = ShapeBatchSampler(sampler, shapes.__getitem__)
+    batches.set_epoch(0)
+    whole = list(batches)
+    assert [len(b) for b in whole] == [4, 2, 3] and len(batches) == 3  # the 10th clip is left over
+    assert [{k[2] for k in b} for b in whole] == [{1}, {2}, {4}] and {k[1] for b in whole for k in b} == {0}
+    assert [k[0] for b in whole for k in b] == sampler.indices()[:9]
+    batches.set_epoch(0, 1)  # resumed after the first batch: the sampler skips its 4 clips
+    assert list(batches) == whole[1:] and sampler.state_dict()["skip"] == 4 and len(batches) == 2
+    batches.set_epoch(1)
+    assert [len(b) for b in batches] == [5, 5] and {k[1] for b in batches for k in b} == {1}
