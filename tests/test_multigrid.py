@@ -221,6 +221,11 @@ def test_sub_batch_norm_is_batch_norm_per_sub_batch():
     whole_var = variances.mean(0) + (means - means.mean(0)).pow(2).mean(0)
     assert torch.allclose(bn.running_mean, 0.1 * means.mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * whole_var, atol=1e-5)
+    tiny = torch.randn(4, 3, 1, 1)  # 4 splits would leave 1 value per channel: 2 sub-batches of 2 rows
+    bn.splits = 4
+    expected = torch.cat([torch.nn.functional.batch_norm(tiny[i:i + 2], None, None, bn.weight, bn.bias, True, 0.0,
+                                                         bn.eps) for i in (0, 2)])
+    assert torch.allclose(bn(tiny), expected, atol=1e-5)
     set_bn_splits(bn, 1)  # one split, and evaluation: BatchNorm2d's own forward
     assert torch.equal(bn(x), torch.nn.functional.batch_norm(
         x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))

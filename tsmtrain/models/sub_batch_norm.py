@@ -25,7 +25,8 @@ class SubBatchNorm2d(nn.BatchNorm2d):
     variance, as BatchNorm). The running statistics are updated once per call, with the mean of the
     runs' means and the variance of the union of the runs (mean of the runs' unbiased variances plus
     the variance of their means: PySlowFast's ``aggregate_stats``). In evaluation, or with one split,
-    it is ``nn.BatchNorm2d``.
+    it is ``nn.BatchNorm2d``. A layer whose sub-batches would hold one value per channel (one frame of
+    1x1 pixels) takes the largest number of splits that leaves two.
 
     Raises:
         ValueError: in training, M is not a multiple of :attr:`splits`.
@@ -40,20 +41,26 @@ class SubBatchNorm2d(nn.BatchNorm2d):
         m, c, h, w = x.shape
         if m % k:
             raise ValueError(f"{m} rows cannot be split into {k} equal sub-batches")
-        g = x.view(k, m // k, c, h, w)
-        var, mean = torch.var_mean(g, dim=(1, 3, 4), unbiased=False, keepdim=True)  # (k, 1, C, 1, 1)
-        y = ((g - mean) * torch.rsqrt(var + self.eps)).view(m, c, h, w)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        if self.track_running_stats and self.running_mean is not None:
+        while k > 1 and (m // k * h * w < 2 or m % k):  # statistics need 2 values per channel: fewer splits
+            k -= 1
+        if k == 1:
+            return super().forward(x)
+        # sub-batch j's channel i becomes channel j*c + i of one batch of m/k rows: one native BatchNorm
+        grouped = x.view(k, m // k, c, h, w).transpose(0, 1).reshape(m // k, k * c, h, w)
+        track = self.track_running_stats and self.running_mean is not None
+        # momentum 1: these buffers receive each sub-batch's mean and unbiased variance
+        means = torch.zeros(k * c, dtype=self.running_mean.dtype, device=x.device) if track else None
+        variances = torch.ones(k * c, dtype=self.running_var.dtype, device=x.device) if track else None
+        y = nn.functional.batch_norm(grouped, means, variances, self.weight.repeat(k) if self.affine else None,
+                                     self.bias.repeat(k) if self.affine else None, True, 1.0, self.eps)
+        y = y.view(m // k, k, c, h, w).transpose(0, 1).reshape(m, c, h, w)
+        if track:
             with torch.no_grad():
-                count = (m // k) * h * w
-                means, vars_ = mean.view(k, c), var.view(k, c) * count / max(1, count - 1)
+                means, variances = means.view(k, c), variances.view(k, c)
                 whole = means.mean(0)
                 momentum = 0.1 if self.momentum is None else self.momentum
-                self.running_mean.lerp_(whole.to(self.running_mean.dtype), momentum)
-                spread = vars_.mean(0) + (means - whole).pow(2).mean(0)
-                self.running_var.lerp_(spread.to(self.running_var.dtype), momentum)
+                self.running_mean.lerp_(whole, momentum)
+                self.running_var.lerp_(variances.mean(0) + (means - whole).pow(2).mean(0), momentum)
                 self.num_batches_tracked.add_(1)
         return y
 
