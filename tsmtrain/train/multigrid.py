@@ -126,7 +126,7 @@ def plan_stages(recipe: Recipe) -> tuple[list[Stage], list[tuple[float, float]]]
     mg, epochs = recipe.multigrid, recipe.schedule.epochs
     base = _stage_shapes(recipe, 1.0, 1.0)
     if not mg.long_cycle:  # the short cycle alone: epoch_factor times the epochs at the base shape
-        end = max(1, round(epochs * mg.epoch_factor))
+        end = max(1, int(epochs * mg.epoch_factor))  # PySlowFast: int(MAX_EPOCH * EPOCH_FACTOR)
         return [Stage(0, 0, end, base[0], 1.0)], [(0.0, 0.0), (float(end), float(epochs))]
     cycle = [_stage_shapes(recipe, t, s) for t, s in mg.long_cycle_factors]
     bounds, split = _intervals(recipe)
