@@ -11,6 +11,8 @@
 """
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ from pydantic import ValidationError
 from tsmtrain.data.loader import RankSampler, ShapeBatchSampler
 from tsmtrain.models.sub_batch_norm import SubBatchNorm2d, set_bn_splits
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, venv_env
+from tests.conftest import tiny_recipe as conftest_recipe
 from tests.test_train import read_metrics, tiny_recipe
 from tsmtrain.optim.schedule import LRSchedule
 from tsmtrain.recipe.schema import Recipe
@@ -257,3 +260,27 @@ def test_shape_batch_sampler_serves_each_batch_its_size_and_length_and_resumes()
     assert list(batches) == whole[1:] and sampler.state_dict()["skip"] == 4 and len(batches) == 2
     batches.set_epoch(1)
     assert [len(b) for b in batches] == [5, 5] and {k[1] for b in batches for k in b} == {1}
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_both_engines_run_the_schedule_on_two_ranks(tmp_path, tiny_demo):
+    """Two ranks (12 clips each) with the long cycle, through `tsmtrain run` and its launcher: the
+    same steps, rates and losses with Horovod and DDP."""
+    on = {**MULTIGRID, "multigrid.short_cycle": "false", "dist.np": 2, "dist.engine": "horovod"}
+    records = {}
+    for engine in ("horovod", "ddp"):
+        recipe_path = conftest_recipe(tmp_path / f"{engine}.yaml", tiny_demo, engine, dist={"engine": engine, "np": 2},
+                                      data={"input_size": 16, "workers": 0},
+                                      train={"batch_size": 1, "eval_every": 100, "checkpoint_every": 100},
+                                      schedule={"epochs": 4, "warmup_epochs": 0.5},
+                                      multigrid={"long_cycle": True})
+        proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe_path)], capture_output=True,
+                              text=True, timeout=600, env=venv_env())
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        records[engine] = [r for r in read_metrics(tmp_path / "runs" / engine) if "loss" in r]
+    mg = MultigridSchedule(tiny_recipe(tmp_path, tiny_demo, "check", **on), clips_per_rank=12)
+    for engine, steps in records.items():
+        assert [r["step"] for r in steps] == list(range(1, mg.total_steps + 1)), engine
+    assert [r["lr"] for r in records["ddp"]] == [r["lr"] for r in records["horovod"]]
+    assert [r["loss"] for r in records["ddp"]] == pytest.approx([r["loss"] for r in records["horovod"]], rel=1e-4)
