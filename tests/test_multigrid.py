@@ -27,7 +27,7 @@ from tests.conftest import tiny_recipe as conftest_recipe
 from tests.test_train import read_metrics, tiny_recipe
 from tsmtrain.optim.schedule import LRSchedule
 from tsmtrain.recipe.schema import Recipe
-from tsmtrain.train import TrainStep, train
+from tsmtrain.train import TrainingError, TrainStep, train
 from tsmtrain.train import loop
 from tsmtrain.train.multigrid import LR_RESOLUTION, MultigridSchedule, Shape, multigrid_on, plan_stages
 
@@ -284,3 +284,11 @@ def test_both_engines_run_the_schedule_on_two_ranks(tmp_path, tiny_demo):
         assert [r["step"] for r in steps] == list(range(1, mg.total_steps + 1)), engine
     assert [r["lr"] for r in records["ddp"]] == [r["lr"] for r in records["horovod"]]
     assert [r["loss"] for r in records["ddp"]] == pytest.approx([r["loss"] for r in records["horovod"]], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_run_does_not_resume_under_another_multigrid_schedule(tmp_path, tiny_demo):
+    plain = {k: v for k, v in MULTIGRID.items() if not k.startswith("multigrid.")}
+    assert train(tiny_recipe(tmp_path, tiny_demo, "plain", **plain, **{"train.stop_after_steps": 1})).step == 1
+    with pytest.raises(TrainingError, match=r"another multigrid schedule \(multigrid.long_cycle: False there, True"):
+        train(tiny_recipe(tmp_path, tiny_demo, "plain", **MULTIGRID))
