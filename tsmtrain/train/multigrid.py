@@ -148,7 +148,7 @@ def plan_stages(recipe: Recipe) -> tuple[list[Stage], list[tuple[float, float]]]
         if end <= first:
             continue
         if not stages or stages[-1].cycle != i:  # the first stage of a cycle: where its interval starts
-            knots.append((float(first), bounds[i] if i < len(bounds) else split))
+            knots.append((float(first), bounds[i]))  # (the base-shape part's: bounds[-1], the split)
         own = shapes[-1]
         stages.append(Stage(i, first, end, shapes, own.batch / recipe.train.batch_size))
         first = end
@@ -175,12 +175,13 @@ class MultigridSchedule:
         self.passes = recipe.dist.backward_passes_per_step
         self.stages, self.knots = plan_stages(recipe)
         self.epochs = self.stages[-1].end_epoch
+        self._steps: dict[Stage, list[Shape]] = {}  # each stage's steps of an epoch
         for stage in self.stages if clips_per_rank is not None else ():
             biggest = max(stage.shapes, key=lambda x: x.batch)
             if biggest.batch * self.passes > clips_per_rank:
                 raise TrainingError(
                     f"multigrid: epochs {stage.first_epoch}..{stage.end_epoch - 1} take steps of "
-                    f"{biggest.batch} clips of {biggest.segments} x {biggest.size}x{biggest.size} per rank "
+                    f"{biggest.batch} clips of {biggest.segments}x{biggest.size}x{biggest.size} (T x S x S) per rank "
                     f"(x {self.passes} passes), more than the {clips_per_rank} clips per rank of an epoch; lower "
                     "train.batch_size or use a longer training list")
 
@@ -194,7 +195,7 @@ class MultigridSchedule:
         return self._steps_of(self.stage(epoch))
 
     def _steps_of(self, stage: Stage) -> list[Shape]:
-        cache = self.__dict__.setdefault("_steps", {})
+        cache = self._steps
         if stage not in cache:
             steps, used = [], 0
             while True:
