@@ -101,7 +101,7 @@ def _manifest(out):
     return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
 
 
-def test_good_videos_are_h264_short_side_256_keyframes_16_apart(prepared):
+def test_good_videos_are_h264_short_side_256_keyframes_4_apart(prepared):
     out, _ = prepared
     ok = read_manifest(out)
     assert len(ok) == len(CLIPS) + 1  # + the VFR clip
@@ -116,11 +116,12 @@ def test_good_videos_are_h264_short_side_256_keyframes_16_apart(prepared):
         assert len(frames) == record["frames"] > 0
         assert not [f for f in frames if f["pict_type"] == "B"], f"{rel}: B-frames despite fastdecode"
         keys = [i for i, f in enumerate(frames) if f["key_frame"]] + [len(frames)]
-        assert keys[0] == 0 and max(np.diff(keys)) <= 16, f"{rel}: keyframes at {keys}"
+        assert keys[0] == 0 and max(np.diff(keys)) <= 4, f"{rel}: keyframes at {keys}"
+        assert len(frames) < 5 or min(np.diff(keys[:-1]), default=4) == 4, f"{rel}: keyframes at {keys}"  # exactly 4
         step = frames[1]["pts"] if len(frames) > 1 else 1
         assert [f["pts"] for f in frames] == [i * step for i in range(len(frames))], f"{rel}: not constant rate from 0"
         assert record["seconds"] == pytest.approx(len(frames) / record["fps"], abs=1e-5)
-        assert record["bytes_out"] == path.stat().st_size and record["gop"] == 16
+        assert record["bytes_out"] == path.stat().st_size and record["gop"] == 4
     by_name = {Path(rel).name: r for rel, r in ok.items()}
     assert (by_name["rotated.mp4"]["width"], by_name["rotated.mp4"]["height"]) == (256, 456)  # upright
     assert (by_name["rotated90.mp4"]["width"], by_name["rotated90.mp4"]["height"]) == (256, 454)
@@ -476,3 +477,25 @@ def test_slurm_array_script_runs_its_shard(tmp_path):
     del env["SLURM_ARRAY_TASK_ID"]
     refused = subprocess.run(args, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--array=0-(N-1)" in refused.stderr
+
+
+def test_a_folder_prepared_with_the_old_default_gop_stays_done(tmp_path):
+    """A dataset prepared before GOP 4 became the default (GOP 16 recorded): prepare again without
+    --gop keeps its GOP, re-encodes nothing and says so; --gop 4 re-encodes it."""
+    src = tmp_path / "src"
+    for i in range(2):
+        make_video(src / f"c/v{i}.mp4", frames=20)
+    (tmp_path / "list.txt").write_text("c/v0.mp4 0\nc/v1.mp4 1\n")
+    out = tmp_path / "out"
+    args = ("prepare", "--list", tmp_path / "list.txt", "--root", src, "--out", out, "--jobs", 1)
+    _run(*args, "--gop", 16)
+    _, err = _run(*args)
+    assert "0 prepared, 0 failed, 2 already done" in err
+    assert f"note: {out} holds videos prepared with GOP 16 (the default before GOP 4): continuing with GOP 16" in err
+    assert {r["gop"] for r in read_manifest(out).values()} == {16}
+    _, err = _run(*args, "--gop", 4)
+    assert "2 prepared, 0 failed, 0 already done" in err and "note:" not in err
+    assert {r["gop"] for r in read_manifest(out).values()} == {4}
+    fresh = tmp_path / "fresh"
+    _, err = _run("prepare", "--list", tmp_path / "list.txt", "--root", src, "--out", fresh, "--jobs", 1)
+    assert "note:" not in err and {r["gop"] for r in read_manifest(fresh).values()} == {4}

@@ -127,7 +127,10 @@ def test_cli_validate_exit_codes(tmp_path):
     assert out.returncode == 0, out.stderr
     doc = yaml.safe_load(out.stdout)
     assert doc["derived"]["global_batch"] == 16 and doc["derived"]["world_size"] == 2
-    assert list(doc["derived"]) == ["world_size", "global_batch", "lr", "run_dir"]  # as before the typed rule
+    assert list(doc["derived"])[:4] == ["world_size", "global_batch", "lr", "run_dir"]  # as before the typed rule
+    # then the schedule of that batch (schedule.*_per_batch_doubling) and the steps of the 1-video list
+    assert list(doc["derived"])[4:] == ["epochs", "warmup_epochs", "steps_per_epoch", "steps", "warmup_steps"]
+    assert doc["derived"]["epochs"] == 50 and doc["derived"]["steps_per_epoch"] == 0
     assert doc["derived"]["lr"] == pytest.approx(0.01 * 16 / 64) and doc["derived"]["run_dir"] == "runs/run"
     bad = write(tmp_path, {"train": {"bach_size": 4}}, "bad.yaml")
     out = cli("validate", str(bad))

@@ -27,7 +27,8 @@ def prepare(
     out: str = typer.Option(..., "--out", help="output folder: videos, new list files, manifest.jsonl"),
     short_side: list[int] = typer.Option([256], "--short-side", help="pixels of the shorter displayed side (even; "
                                                                      "with --plan repeatable, e.g. 256 and 128)"),
-    gop: int = typer.Option(16, "--gop", help="frames between keyframes"),
+    gop: Optional[int] = typer.Option(None, "--gop", help="frames between keyframes (default: 4, or the GOP of "
+                                                           "the videos already in OUT)"),
     fps: Optional[str] = typer.Option(None, "--fps", help="output frame rate, e.g. 25 or 30000/1001 "
                                                           "(default: each source's own average rate)"),
     crf: int = typer.Option(23, "--crf", help="x264 constant rate factor (quality; lower is larger)"),
@@ -71,7 +72,7 @@ def prepare(
     json_file: Optional[str] = typer.Option(None, "--json", help="with --plan: write every figure to this file"),
 ) -> None:
     """Re-encode every video of a recipe's lists (or of --list files) into OUT for training:
-    H.264 yuv420p, short side 256, a keyframe every 16 frames, constant frame rate, upright;
+    H.264 yuv420p, short side 256, a keyframe every 4 frames, constant frame rate, upright;
     then write OUT's list files and manifest.jsonl.
 
     With --shards, the videos go into tar files of about --shard-size (WebDataset layout) and
@@ -88,7 +89,7 @@ def prepare(
     from ..prep.encode import Settings, check_options, parse_task, make_worklist
     from ..prep.tar_writer import parse_size
 
-    settings = Settings(short_side=short_side[-1], gop=gop, fps=fps, crf=crf, preset=preset, fastdecode=fastdecode,
+    settings = Settings(short_side=short_side[-1], gop=_gop(gop, out), fps=fps, crf=crf, preset=preset, fastdecode=fastdecode,
                         flow=flow, flow_preset=flow_preset, flow_bound=flow_bound)
     try:
         check_options(recipe, lists, root, shard, merge, tasks, settings, shards)
@@ -136,6 +137,16 @@ def _encode_and_merge(plan, settings, task: tuple[int, int] | None, merge: bool,
         if shard_size is not None:  # the index: what a recipe's data.root names
             print(f"to train from these shards, set data.root: {result.manifest.parent} in the recipe (its "
                   f"{result.manifest.name} is read), with the list files above")
+
+
+def _gop(given: int | None, out: str) -> int:
+    """``--gop``, or the GOP of the videos already in ``out`` (said in a note), or the default:
+    :func:`tsmtrain.prep.encode.choose_gop`."""
+    from ..prep.encode import choose_gop
+
+    gop, note = choose_gop(given, out)
+    _say([f"note: {note}"] if note else [])
+    return gop
 
 
 def _say(lines: list[str]) -> None:

@@ -62,36 +62,69 @@ def validate(
     """Check a recipe and print it resolved, with derived values (global batch, scaled lr)."""
     import yaml
 
-    from ..optim import linear_scaling
-
     cfg = load(recipe, with_np(sets, np), check_files=files)
     if files and cfg.data.generate is None:  # a generated dataset is built (and checked) by run
         _check_data(cfg)
     doc = cfg.model_dump(mode="json")
-    scaling = linear_scaling(cfg)
-    doc["derived"] = {"world_size": scaling.world_size, "global_batch": scaling.global_batch, "lr": scaling.lr,
-                      "run_dir": str(cfg.run_dir)}
-    if cfg.multigrid.long_cycle or cfg.multigrid.short_cycle:
-        doc["derived"]["multigrid"] = _multigrid_schedule(cfg, scaling)
+    doc["derived"] = _derived(cfg, files)
+    if cfg.multigrid.long_cycle or cfg.multigrid.short_cycle:  # its epochs and steps replace the plain ones
+        mg = _multigrid_schedule(cfg)
+        doc["derived"].update(epochs=mg["epochs"], steps=mg.get("steps"), steps_per_epoch=None, warmup_steps=None,
+                              multigrid=mg)
     print(yaml.safe_dump(doc, sort_keys=False), end="")
 
 
-def _multigrid_schedule(cfg, scaling) -> dict:
-    """``validate``'s multigrid schedule (:meth:`tsmtrain.train.multigrid.MultigridSchedule.rows`):
-    the epochs, and per stage the epochs, shapes, batches, learning rate, and the steps (also in
-    all) when the training list can be read here; a stage whose batch exceeds a rank's clips is an ``error:`` line and exit 2."""
+def _derived(cfg, files: bool) -> dict:
+    """``validate``'s derived values: world size, global batch and scaled lr
+    (:func:`tsmtrain.optim.linear_scaling`), run directory, then the epochs and warmup epochs of
+    that global batch (:func:`tsmtrain.optim.batch_scaled_schedule`) and, when the training list
+    can be read here (``files``), its optimizer steps per epoch, in all and of warmup (else ``None``)."""
     import math
 
+    from ..optim import batch_scaled_schedule, linear_scaling
+
+    scaling = linear_scaling(cfg)
+    s = batch_scaled_schedule(cfg, scaling.world_size).schedule
+    videos = _train_videos(cfg) if files else None
+    per_epoch = None if videos is None else (
+        math.ceil(videos / scaling.world_size) // cfg.train.batch_size // cfg.dist.backward_passes_per_step)
+    return {"world_size": scaling.world_size, "global_batch": scaling.global_batch, "lr": scaling.lr,
+            "run_dir": str(cfg.run_dir), "epochs": s.epochs, "warmup_epochs": s.warmup_epochs,
+            "steps_per_epoch": per_epoch, "steps": None if per_epoch is None else per_epoch * s.epochs,
+            "warmup_steps": None if per_epoch is None else round(s.warmup_epochs * per_epoch)}
+
+
+def _train_videos(cfg) -> int | None:
+    """Videos in the recipe's training list, or ``None`` when it is not there to read (a dataset
+    that ``run`` generates, features) or is malformed (reported by the file check)."""
+    from pathlib import Path
+
     from ..data.lists import read_list
+
+    if cfg.data.features is not None or not Path(cfg.data.train_list).is_file():
+        return None
+    try:
+        return len(read_list(cfg.data.train_list, cfg.data.root, cfg.model.num_classes,
+                             multi_label=cfg.model.loss == "sigmoid"))
+    except UserError:
+        return None
+
+
+def _multigrid_schedule(cfg) -> dict:
+    """``validate``'s multigrid schedule (:meth:`tsmtrain.train.multigrid.MultigridSchedule.rows`)
+    for the epochs of the recipe's global batch: the epochs, the steps when the training list can be
+    read here, and per stage its epochs, shapes, batches, learning rate and steps; a stage whose
+    step needs more clips than a rank has is an ``error:`` line and exit 2."""
+    import math
+
+    from ..optim import batch_scaled_schedule, linear_scaling
     from ..train.multigrid import MultigridSchedule
 
+    scaling = linear_scaling(cfg)
+    videos = _train_videos(cfg)
     try:
-        videos = len(read_list(cfg.data.train_list, cfg.data.root, cfg.model.num_classes,
-                               multi_label=cfg.model.loss == "sigmoid"))
-    except (OSError, UserError):  # not there yet (data.generate) or checked elsewhere: no steps
-        videos = None
-    try:
-        schedule = MultigridSchedule(cfg, None if videos is None else math.ceil(videos / scaling.world_size))
+        schedule = MultigridSchedule(batch_scaled_schedule(cfg, scaling.world_size),
+                                     None if videos is None else math.ceil(videos / scaling.world_size))
     except UserError as err:
         fail([str(err)])
     out = {"epochs": schedule.epochs}

@@ -9,6 +9,8 @@
 * :mod:`tsmtrain.dist.syncbn`: synchronized BatchNorm (``model.sync_bn``) for both engines.
 * :mod:`tsmtrain.dist.head_parallel`: a classifier sharded across ranks (``model.head_parallel``):
   gathered features, the vocabulary-parallel cross-entropy, for both engines.
+* :mod:`tsmtrain.dist.local_sgd`: ``dist.sync``: synchronous allreduce or post-local SGD (when the
+  ranks' models are averaged) and the bytes allreduced per step.
 * :mod:`tsmtrain.dist.local`: ``tsmtrain run --np N`` on this host (horovodrun, mpirun or
   torchrun).
 * :mod:`tsmtrain.dist.stop`: the stop protocol every launch shares (the stop signals,

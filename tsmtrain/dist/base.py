@@ -23,6 +23,11 @@ where ``net = engine.wrap_model(model)`` and ``optimizer = engine.wrap_optimizer
 ``model`` itself stays the plain network that is evaluated and checkpointed. Rank 0's initial
 state is broadcast (:meth:`Engine.broadcast_state`), so all ranks start identical; metrics are
 summed with :meth:`Engine.allreduce`.
+
+Under post-local SGD (``dist.sync: local_sgd``, :mod:`tsmtrain.dist.local_sgd`) the engine is told
+the start step before it wraps anything (:meth:`Engine.use_local_sgd`) and each step's number
+before its backward passes (:meth:`Engine.begin_step`); from the start on the gradients stay
+each rank's own, and the models are averaged every H steps (:meth:`Engine.average_model`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-__all__ = ["Engine", "LocalEngine", "describe_rank", "describe_builds"]
+__all__ = ["Engine", "LocalEngine", "describe_rank", "describe_builds", "model_tensors", "average_flat"]
 
 
 class Engine:
@@ -50,6 +55,32 @@ class Engine:
 
     name = "none"
     rank, size, local_rank, local_size = 0, 1, 0, 1
+    local_sgd_from: int | None = None
+    """Post-local SGD (:meth:`use_local_sgd`): the first optimizer step (counted from 0) that uses
+    this rank's own gradients; ``None``: every step averages them."""
+    local_gradients = False
+    """Whether the optimizer step in progress (:meth:`begin_step`) uses this rank's own gradients."""
+
+    def use_local_sgd(self, start_step: int) -> None:
+        """Post-local SGD (``dist.sync: local_sgd``): optimizer steps ``0 .. start_step - 1``
+        average the gradients as usual, later ones use each rank's own (DDP: PyTorch's
+        ``post_localSGD_hook``; Horovod: its allreduce replaced by the rank's own gradient). Call
+        it before :meth:`wrap_model` and :meth:`wrap_optimizer`; the ranks' models are then
+        averaged by :meth:`average_model` (:class:`tsmtrain.dist.local_sgd.LocalSGD`)."""
+        self.local_sgd_from = start_step
+
+    def begin_step(self, step: int) -> None:
+        """Say which optimizer step (counted from 0) the next backward passes belong to, before
+        the first of them: with :meth:`use_local_sgd` it decides whether their gradients are
+        averaged (:attr:`local_gradients`)."""
+        self.local_gradients = self.local_sgd_from is not None and step >= self.local_sgd_from
+
+    @torch.no_grad()
+    def average_model(self, model: nn.Module) -> int:
+        """Average ``model``'s parameters and floating-point buffers (BatchNorm statistics) over
+        all ranks in place, in one flat allreduce (:func:`model_tensors`); the optimizer's state
+        (momentum) is left alone. Returns the bytes allreduced (this rank's share, as sent)."""
+        return 0
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
         """``model`` with every BatchNorm layer synchronized over all ranks (``model.sync_bn``):
@@ -154,6 +185,29 @@ class Engine:
 
     def shutdown(self) -> None:
         """Release the communication library."""
+
+
+def model_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What local SGD averages: every parameter and every floating-point buffer of ``model``
+    (BatchNorm's running mean and variance; not its integer batch counter), in a fixed order."""
+    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+
+
+@torch.no_grad()
+def average_flat(tensors: list[torch.Tensor], allreduce_mean) -> int:
+    """Average ``tensors`` over the ranks in place through one flat buffer:
+    ``allreduce_mean(flat)`` must replace the 1-D ``flat`` by its mean over the ranks (in place).
+    Each tensor keeps its object, dtype and memory format (channels_last). Returns the bytes of
+    ``flat``."""
+    if not tensors:
+        return 0
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    allreduce_mean(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return flat.numel() * flat.element_size()
 
 
 class LocalEngine(Engine):

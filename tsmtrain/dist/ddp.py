@@ -207,6 +207,7 @@ class DDPEngine(Engine):
                             f"{first}") from None
         atexit.register(self.shutdown)
         self.net: nn.Module | None = None
+        self._post_local_state = None  # local SGD: the PostLocalSGDState of the hook wrap_model registered
         self._grad_ready = 0.0  # perf_counter of the last gradient computed in this step's synced pass
         self._bucket_done = 0.0  # perf_counter of the last bucket's allreduce completed
         self.buckets_allreduced = 0
@@ -250,7 +251,10 @@ class DDPEngine(Engine):
         sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                 else "broadcast_buffers")
         net = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=BUCKET_CAP_MB, **{sync: False})
-        hook = default_hooks.fp16_compress_hook if fp16 else default_hooks.allreduce_hook
+        hook, state = default_hooks.fp16_compress_hook if fp16 else default_hooks.allreduce_hook, None
+        if self.local_sgd_from is not None:
+            hook, state = self._post_local_sgd_hook(fp16)
+        self._post_local_state = state
 
         def timed_hook(state, bucket):
             def done(fut):
@@ -260,12 +264,50 @@ class DDPEngine(Engine):
 
             return hook(state, bucket).then(done)
 
-        net.register_comm_hook(None, timed_hook)
+        net.register_comm_hook(state, timed_hook)
         for name, p in model.named_parameters():
             if p.requires_grad and name not in exclude:
                 p.register_post_accumulate_grad_hook(self._note_gradient)
         self.net = net
         return net
+
+    def _post_local_sgd_hook(self, fp16: bool):
+        """``(hook, state)``: PyTorch's ``post_localSGD_hook`` with a ``PostLocalSGDState`` that
+        allreduces the gradients (fp16-compressed with ``fp16``) before step
+        :attr:`local_sgd_from` and leaves each rank's own after it
+        (``post_local_gradient_allreduce=False``: no subgroup). Its step counter ``iter`` is
+        set by :meth:`begin_step`, so it holds after a resume and torch.compile's check."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+
+        state = PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=self.local_sgd_from,
+                                  post_local_gradient_allreduce=False)
+
+        def hook(state, bucket):
+            if fp16 and state.iter < state.start_localSGD_iter:
+                return default_hooks.fp16_compress_hook(None, bucket)
+            return post_localSGD_hook(state, bucket)
+
+        return hook, state
+
+    def begin_step(self, step):
+        super().begin_step(step)
+        if self._post_local_state is not None:
+            self._post_local_state.iter = step
+
+    @torch.no_grad()
+    def average_model(self, model):
+        """As ``torch.distributed.algorithms.model_averaging.utils.average_parameters`` (one flat
+        buffer divided by the world size, then summed), but copied back into each tensor
+        instead of re-pointing ``p.data`` at the flat buffer, which would drop channels_last;
+        BatchNorm's floating-point buffers go with the parameters."""
+        def mean(flat):
+            flat.div_(self.size)
+            self.dist.all_reduce(flat, group=self._group_for(flat))
+
+        from .base import average_flat, model_tensors
+
+        return average_flat(model_tensors(model), mean)
 
     def _note_gradient(self, param) -> None:
         self._grad_ready = time.perf_counter()

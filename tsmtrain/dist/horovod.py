@@ -62,13 +62,34 @@ class HorovodEngine(Engine):
     def wrap_optimizer(self, optimizer, model, fp16=False, backward_passes_per_step=1):
         hvd = self.hvd
         mine = {id(p) for group in optimizer.param_groups for p in group["params"]}  # not a sharded head's
-        return hvd.DistributedOptimizer(
+        wrapped = hvd.DistributedOptimizer(
             optimizer,
             named_parameters=[(name, p) for name, p in model.named_parameters() if id(p) in mine],
             compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
             backward_passes_per_step=backward_passes_per_step,
             op=hvd.Average,
         )
+        if self.local_sgd_from is not None:
+            self._local_after_start(wrapped)
+        return wrapped
+
+    def _local_after_start(self, optimizer) -> None:
+        """Post-local SGD with Horovod, which has no built-in form: while :attr:`local_gradients`,
+        the optimizer's allreduce of a gradient (started by its backward hooks, or by
+        ``synchronize()`` for one that is missing) is replaced by a handle that gives the rank's
+        own gradient back at once, so that its bookkeeping (``backward_passes_per_step``, the
+        handles ``zero_grad`` checks) runs unchanged and nothing is sent."""
+        allreduce = optimizer._allreduce_grad_async  # (the hooks look the method up on each call)
+
+        def own_or_allreduce(p):
+            if not self.local_gradients:
+                return allreduce(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad
+            return (lambda: grad), grad.dtype  # synchronize() calls a callable handle for its result
+
+        optimizer._allreduce_grad_async = own_or_allreduce
 
     def broadcast_state(self, model, optimizer, exclude=None):
         state = model.state_dict()
@@ -107,6 +128,15 @@ class HorovodEngine(Engine):
         for name, buf in model.named_buffers():
             if buf.is_floating_point():
                 buf.copy_(self.hvd.allreduce(buf, op=self.hvd.Average, name=f"buffer.{name}"))
+
+    @torch.no_grad()
+    def average_model(self, model):
+        """One fused ``hvd.allreduce_`` (``op=Average``) of the parameters and floating-point
+        buffers in a flat buffer."""
+        from .base import average_flat, model_tensors
+
+        return average_flat(model_tensors(model), lambda flat: self.hvd.allreduce_(
+            flat, op=self.hvd.Average, name="local_sgd.average"))
 
     def allgather(self, rows, name):
         return self.hvd.allgather(rows, name=name)  # sizes along dim 0 may differ

@@ -9,8 +9,10 @@
 * :mod:`.factory`: :func:`create_optimizer` (SGD with momentum or LARS) and
   :func:`create_schedule`, what a recipe's ``optim`` and ``schedule`` sections ask for.
 
-Biases and normalisation parameters (every parameter with fewer than two dimensions) get no
-weight decay and, with LARS, no trust ratio, as in the large-batch literature.
+Biases and normalisation parameters get no weight decay and, with LARS, no trust ratio, as in
+the large-batch literature (``optim.exclude_from_decay``, ``optim.lars_exclude``). Epochs and
+warmup may grow with the global batch (``schedule.epochs_per_batch_doubling``,
+``schedule.warmup_epochs_per_batch_doubling``: :func:`batch_scaled_schedule`).
 
 The names of :mod:`.lars` and :mod:`.factory` (which import torch) are loaded lazily, on first
 use (PEP 562 ``__getattr__``), so that the scaling rule and the schedule import without torch
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..lazy import lazy_exports
 
-from .scaling_rule import LinearScaling, linear_scaling
+from .scaling_rule import LinearScaling, batch_scaled_epochs, batch_scaled_schedule, linear_scaling
 from .schedule import LRSchedule
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
@@ -31,7 +33,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .lars import LARS
 
 __all__ = ["LARS", "param_groups", "create_optimizer", "create_schedule", "LRSchedule", "LinearScaling",
-           "linear_scaling"]
+           "linear_scaling", "batch_scaled_epochs", "batch_scaled_schedule"]
 
 _LAZY = {"LARS": ".lars", "param_groups": ".factory", "create_optimizer": ".factory", "create_schedule": ".factory"}
 """Public names imported on first use (with torch), each with the submodule that defines it."""

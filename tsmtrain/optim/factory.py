@@ -1,8 +1,10 @@
 """The optimizer and the schedule a recipe asks for, built in one place (as timm's
 ``create_optimizer_v2`` and ``create_scheduler``).
 
-Biases and normalisation parameters (every parameter with fewer than two dimensions) get no
-weight decay and, with LARS, no trust ratio, as in the large-batch literature.
+Biases and the weights and biases of normalisation layers get no weight decay and, with LARS,
+no trust ratio, as in the large-batch literature (MLPerf's ResNet-50: no weight decay on
+BatchNorm and biases, LARS on the weights only); ``optim.exclude_from_decay`` and
+``optim.lars_exclude`` (``norm_and_bias | none``) turn either off.
 """
 
 from __future__ import annotations
@@ -19,31 +21,61 @@ from .schedule import LRSchedule
 if TYPE_CHECKING:
     from ..recipe import OptimConfig, Recipe
 
-__all__ = ["param_groups", "create_optimizer", "create_schedule"]
+__all__ = ["param_groups", "norm_and_bias", "create_optimizer", "create_schedule"]
+
+EXCLUDES = ("norm_and_bias", "none")
+"""``optim.exclude_from_decay`` and ``optim.lars_exclude``: which parameters are left out."""
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+"""Normalisation layers (BatchNorm and SyncBatchNorm, instance norm, GroupNorm, LayerNorm, RMSNorm)."""
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: nn.Module | None = None) -> list[dict]:
-    """Split parameters into a decayed group (weights) and a plain group (biases, norms).
+def norm_and_bias(model: nn.Module) -> set[int]:
+    """The ids of ``model``'s normalisation parameters (weights and biases of BatchNorm,
+    SyncBatchNorm, GroupNorm, LayerNorm layers) and biases (any parameter named ``bias``): what
+    MLPerf's large-batch recipes leave out of weight decay and LARS. In every network tsmtrain
+    builds these are exactly its parameters with fewer than two dimensions
+    (``tests/test_optim.py`` checks this by name)."""
+    return {id(p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
+            if isinstance(m, _NORMS) or name == "bias"}
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: nn.Module | None = None,
+                 exclude_from_decay: str = "norm_and_bias", lars_exclude: str = "norm_and_bias") -> list[dict]:
+    """Split parameters into weights and the normalisation parameters and biases
+    (:func:`norm_and_bias`).
 
     Args:
         model: the network; parameters with ``requires_grad=False`` are left out.
-        weight_decay: L2 penalty of the decayed group.
+        weight_decay: L2 penalty of the decayed parameters.
         skip: a submodule whose parameters are left out (a sharded head, which has its own
             optimizer).
+        exclude_from_decay: ``norm_and_bias``: the second group gets no weight decay; ``none``:
+            it gets ``weight_decay`` too.
+        lars_exclude: ``norm_and_bias``: the second group has ``lars=False`` (no trust ratio);
+            ``none``: ``lars=True``.
 
     Returns:
-        Two param groups: weights (``ndim >= 2``: convolution kernels, linear matrices) with
-        ``weight_decay`` and ``lars=True``; biases and norm parameters (``ndim < 2``) with
-        ``weight_decay=0`` and ``lars=False``.
+        Two param groups, each in ``model.parameters()`` order: the weights (convolution kernels,
+        linear matrices) with ``weight_decay`` and ``lars=True``; the normalisation parameters
+        and biases with ``weight_decay=0`` and ``lars=False`` by default.
+
+    Raises:
+        ValueError: an unknown ``exclude_from_decay`` or ``lars_exclude``.
     """
+    for key, value in (("exclude_from_decay", exclude_from_decay), ("lars_exclude", lars_exclude)):
+        if value not in EXCLUDES:
+            raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(EXCLUDES)}")
     decay, plain = [], []
     skipped = set() if skip is None else {id(p) for p in skip.parameters()}
+    excluded = norm_and_bias(model)
     for p in model.parameters():
         if p.requires_grad and id(p) not in skipped:
-            (decay if p.ndim > 1 else plain).append(p)
+            (plain if id(p) in excluded else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": plain, "weight_decay": 0.0, "lars": False},
+        {"params": plain, "weight_decay": 0.0 if exclude_from_decay == "norm_and_bias" else weight_decay,
+         "lars": lars_exclude == "none"},
     ]
 
 
@@ -52,7 +84,8 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, skip: nn.Module | None 
     """The optimizer a recipe's ``optim`` section asks for.
 
     Args:
-        model: the network (its parameters split by :func:`param_groups`).
+        model: the network (its parameters split by :func:`param_groups`, as ``optim.exclude_from_decay``
+            and ``optim.lars_exclude`` say).
         cfg: the recipe's ``optim`` section (:class:`tsmtrain.recipe.OptimConfig`).
         skip: a submodule left out (:func:`param_groups`).
         sum_across: ``model``'s tensors are shards of tensors split across ranks: LARS's norms
@@ -63,7 +96,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, skip: nn.Module | None 
         ``torch.optim.SGD`` with momentum (``sgd``), at ``optim.base_lr``: the schedule
         (:func:`create_schedule`) sets the rate before every step.
     """
-    groups = param_groups(model, cfg.weight_decay, skip)
+    groups = param_groups(model, cfg.weight_decay, skip, cfg.exclude_from_decay, cfg.lars_exclude)
     if not any(g["params"] for g in groups):
         return None
     if cfg.name == "lars":

@@ -4,7 +4,8 @@ Convolutional Networks", 2017, Algorithm 1), with momentum.
 Each weight tensor's step is scaled by a trust ratio ``eta * ||w|| / (||g|| + wd * ||w||)``, so
 that every layer moves by about the same fraction of its norm however large the batch and the
 learning rate; biases and normalisation parameters (the ``lars=False`` group of
-:func:`tsmtrain.optim.param_groups`) take plain SGD steps without weight decay.
+:func:`tsmtrain.optim.param_groups`, by default: ``optim.lars_exclude``) take plain SGD steps,
+without weight decay by default (``optim.exclude_from_decay``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class LARS(torch.optim.Optimizer):
         w     = w - v
 
     In a group with ``lars=False`` (biases, norm layers) ``trust = 1`` and, as set up by
-    :func:`param_groups`, ``wd = 0``: plain SGD with momentum.
+    :func:`param_groups` by default, ``wd = 0``: plain SGD with momentum.
 
     Args:
         params: parameters or param groups (groups may set ``lars``, ``weight_decay``, ...).

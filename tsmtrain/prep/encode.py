@@ -8,8 +8,8 @@ video again into an output folder ``DIR``, at the same relative path with the ex
   Kinetics to 256), the long side to the nearest even size that keeps the displayed aspect ratio
   (sample aspect ratio and container rotation applied: a phone video shot upright comes out
   upright, and decord, which ignores rotation, then sees what torchcodec sees);
-* a keyframe every ``gop`` frames exactly (default 16: seeking to any frame decodes at most 15
-  others; ``-g 16 -keyint_min 16 -sc_threshold 0``);
+* a keyframe every ``gop`` frames exactly (default 4, :data:`DEFAULT_GOP`: seeking to any frame
+  decodes at most 3 others; ``-g 4 -keyint_min 4 -sc_threshold 0``);
 * x264 ``-tune fastdecode`` and no B-frames (``Settings.fastdecode``, on by default): about 2x
   faster to decode for about 12% larger files;
 * constant frame rate starting at timestamp 0 (the source's average rate, or ``fps``), so that
@@ -118,6 +118,43 @@ class _SourceError(Exception):
     """This video cannot be prepared; the message is the manifest's ``reason``."""
 
 
+DEFAULT_GOP = 4
+"""``prepare``'s keyframe interval in frames. ``prepare --plan`` measured GOP 4 at 1.5-2x the clips/s
+per core of GOP 16 for 1.6-1.9x the bytes (docs/data.md, "The default GOP"); data loading is the
+first bottleneck of training on many GPUs, so the faster encoding is the default."""
+
+OLD_DEFAULT_GOP = 16
+"""The default before GOP 4 (until December 2026): datasets prepared without ``--gop`` then have it."""
+
+
+def recorded_gop(out_dir: str | Path) -> int | None:
+    """The GOP every prepared video of ``out_dir`` was encoded with (its journals' ``ok``
+    records), or None when the folder holds none, or videos of several GOPs."""
+    from .journal import latest_records
+
+    gops = {r.get("gop") for r in latest_records(Path(out_dir)).values() if r.get("status") == "ok"}
+    return gops.pop() if len(gops) == 1 and None not in gops else None
+
+
+def choose_gop(given: int | None, out_dir: str | Path) -> tuple[int, str | None]:
+    """``prepare``'s GOP: ``--gop`` when given; else the GOP ``out_dir``'s videos were prepared with,
+    so that a dataset prepared with the old default (GOP 16) stays done when ``prepare`` runs on it
+    again (to add videos, or after an interruption) instead of being re-encoded; else
+    :data:`DEFAULT_GOP`.
+
+    Returns:
+        ``(gop, note)``: the note (one line, for stderr) says when the folder's GOP was kept.
+    """
+    if given is not None:
+        return given, None
+    kept = recorded_gop(out_dir)
+    if kept is None or kept == DEFAULT_GOP:
+        return DEFAULT_GOP, None
+    return kept, (f"{out_dir} holds videos prepared with GOP {kept}"
+                  f"{' (the default before GOP 4)' if kept == OLD_DEFAULT_GOP else ''}: continuing with GOP {kept} "
+                  f"so that they stay done; give --gop {DEFAULT_GOP} to re-encode them at today's default")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How videos are encoded. Records made with other settings do not count as done.
@@ -144,7 +181,7 @@ class Settings:
     """
 
     short_side: int = 256
-    gop: int = 16
+    gop: int = 4  # DEFAULT_GOP
     fps: str | None = None
     crf: int = 23
     preset: str = "fast"

@@ -34,7 +34,7 @@ videos instead of guessing:
 
 Units: rates in clips/s (a clip is ``data.num_segments`` decoded frames), bytes per video the
 mean size of the prepared sample videos in bytes, relative bytes against the default encoding
-(GOP 16 at short side 256 when measured, else the largest GOP at the largest short side asked).
+(GOP 4 at short side 256 when measured, else the largest GOP at the largest short side asked).
 
 Errors: :class:`PlanError` (a bad option or too few usable videos; ``problems`` holds one line
 each, naming the option); :mod:`tsmtrain.prep.encode`'s errors pass through.
@@ -249,7 +249,7 @@ def encodings(gops: Sequence[int], short_sides: Sequence[int]) -> list[Encoding]
 
 
 def reference_encoding(trials: Sequence[Encoding]) -> Encoding:
-    """The encoding bytes are compared with: ``prepare``'s default (GOP 16, short side 256) when
+    """The encoding bytes are compared with: ``prepare``'s default (GOP 4, short side 256) when
     among ``trials``, else the largest GOP at the largest short side."""
     default = Encoding(Settings.gop, Settings.short_side)
     if default in trials:

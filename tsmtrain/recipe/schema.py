@@ -247,10 +247,18 @@ class OptimConfig(_Section):
     base_lr: float = Field(0.01, gt=0, description="learning rate for a global batch of base_batch clips")
     base_batch: int = Field(64, ge=1, description="global batch at which base_lr applies (linear scaling rule)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum")
-    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay (not applied to biases and norm layers)")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay (of the parameters exclude_from_decay leaves in)")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient eta")
     lars_eps: float = Field(1e-9, ge=0, description="LARS: added to the trust-ratio denominator")
+    exclude_from_decay: Literal["norm_and_bias", "none"] = Field(
+        "norm_and_bias", description="parameters without weight decay: norm_and_bias: the weights and biases of "
+                                     "normalisation layers (BatchNorm) and every bias, as MLPerf's large-batch "
+                                     "ResNet-50; none: weight decay on every parameter")
+    lars_exclude: Literal["norm_and_bias", "none"] = Field(
+        "norm_and_bias", description="LARS: parameters that take plain SGD steps without the trust ratio: "
+                                     "norm_and_bias: BatchNorm weights and biases and every bias (LARS on the weights "
+                                     "only, as MLPerf); none: the trust ratio for every parameter")
 
 
 class ScheduleConfig(_Section):
@@ -264,6 +272,14 @@ class ScheduleConfig(_Section):
     decay: Literal["cosine", "step", "none"] = Field("cosine", description="decay after warmup")
     milestones: list[int] = Field([], description="step decay: epochs at which the rate is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="step decay factor")
+    epochs_per_batch_doubling: float = Field(
+        0.0, ge=0, description="epochs added per doubling of the global batch over optim.base_batch: epochs + this x "
+                               "log2(global batch / base_batch), rounded up (none below base_batch); 0: the same "
+                               "epochs at every batch")
+    warmup_epochs_per_batch_doubling: float = Field(
+        0.0, ge=0, description="warmup epochs added per doubling of the global batch over optim.base_batch: "
+                               "warmup_epochs + this x log2(global batch / base_batch); 0: the same warmup at every "
+                               "batch")
 
 
 class DistConfig(_Section):
@@ -278,6 +294,18 @@ class DistConfig(_Section):
                           "torchrun for ddp; none: the engine's own (gloo, torchrun)")
     fp16_allreduce: bool = Field(False, description="compress gradients to fp16 for the allreduce")
     backward_passes_per_step: int = Field(1, ge=1, description="gradient accumulation: backward passes per optimizer step")
+    sync: Literal["allreduce", "local_sgd"] = Field(
+        "allreduce", description="how the ranks' models stay together: allreduce (the gradients averaged at every "
+                                 "optimizer step), or local_sgd (post-local SGD, Lin et al. 2020: after "
+                                 "dist.local_sgd_start each rank steps on its own gradients and the parameters and "
+                                 "BatchNorm statistics are averaged every dist.local_sgd_period steps and at epoch ends; "
+                                 "momentum stays each rank's own)")
+    local_sgd_period: int = Field(
+        8, ge=1, description="dist.sync: local_sgd: optimizer steps between averagings of the ranks' models (H); 1 "
+                             "averages after every step, which equals allreduce for SGD")
+    local_sgd_start: float = Field(
+        0.0, ge=0, description="dist.sync: local_sgd: epochs of synchronous allreduce before local SGD starts (the "
+                               "post-local SGD warm-up), rounded to the nearest optimizer step; 0: local from the first step")
     master_addr: str | None = Field(
         None, description="ddp under srun/mpirun: host where rank 0 listens; none: MASTER_ADDR, else the first host "
                           "of the Slurm allocation")
@@ -303,6 +331,10 @@ class TrainConfig(_Section):
     """The training loop."""
 
     batch_size: int = Field(8, ge=1, description="clips per rank per backward pass")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="label smoothing eps of the training loss (Szegedy et al. 2016; 0.1 in MLPerf's "
+                                     "ResNet-50): (1 - eps) x cross-entropy + eps x the mean over classes of -log p; "
+                                     "model.loss: softmax only; validation's loss is never smoothed; 0: none")
     eval_every: int = Field(1, ge=1, description="evaluate every this many epochs (and after the last)")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl records")
     breakdown: bool = Field(
@@ -503,6 +535,28 @@ class ClusterConfig(_Section):
         return self.tasks_per_node or self.gpus_per_node or 1
 
 
+def _local_sgd_problems(r: "Recipe") -> list[tuple[str, Any, str]]:
+    """What ``dist.sync: local_sgd`` cannot run with (and its fields without it)."""
+    d = r.dist
+    if d.sync != "local_sgd":
+        return [(f"dist.{key}", getattr(d, key), "applies to dist.sync: local_sgd only")
+                for key in ("local_sgd_period", "local_sgd_start")
+                if getattr(d, key) != DistConfig.model_fields[key].default]
+    problems = []
+    if d.engine == "none":
+        problems.append(("dist.sync", "local_sgd", "there are no ranks to average with dist.engine: none"))
+    if r.model.head_parallel:
+        problems.append(("model.head_parallel", True, "dist.sync: local_sgd steps each rank alone, but a sharded "
+                                                      "classifier is trained on the global batch by all ranks together"))
+    if r.model.sync_bn:
+        problems.append(("model.sync_bn", True, "synchronized BatchNorm allreduces in every forward pass, the "
+                                                "communication dist.sync: local_sgd leaves out"))
+    if d.local_sgd_start >= r.schedule.epochs:
+        problems.append(("dist.local_sgd_start", d.local_sgd_start,
+                         f"not shorter than schedule.epochs ({r.schedule.epochs}): local SGD would never start"))
+    return problems
+
+
 class Recipe(_Section):
     """A whole recipe. Build it with :func:`~tsmtrain.recipe.loader.load_recipe` (which also checks files).
 
@@ -563,6 +617,7 @@ class Recipe(_Section):
                              f"{' or '.join(launchers[self.dist.engine])}"))
         if self.dist.engine == "none" and self.dist.fp16_allreduce:
             problems.append(("dist.fp16_allreduce", True, "there is no allreduce with dist.engine: none"))
+        problems += _local_sgd_problems(self)
         d = self.data
         if d.frame_size is not None and min(d.frame_size) < d.input_size:
             problems.append(("data.frame_size", list(d.frame_size),
@@ -592,6 +647,16 @@ class Recipe(_Section):
         if self.data.decode_device == "cuda" and self.train.device == "cpu":
             problems.append(("data.decode_device", "cuda", "train.device is cpu: frames decoded on a GPU would be "
                                                            "copied back"))
+        if self.train.label_smoothing and self.model.loss != "softmax":
+            problems.append(("train.label_smoothing", self.train.label_smoothing,
+                             "smooths the softmax cross-entropy only, not model.loss: sigmoid (multi-label)"))
+        elif self.train.label_smoothing and self.model.head_parallel:
+            problems.append(("train.label_smoothing", self.train.label_smoothing,
+                             "not with model.head_parallel: the sharded head's cross-entropy has no smoothing"))
+        if s.warmup_epochs_per_batch_doubling > s.epochs_per_batch_doubling:
+            problems.append(("schedule.warmup_epochs_per_batch_doubling", s.warmup_epochs_per_batch_doubling,
+                             f"larger than schedule.epochs_per_batch_doubling ({s.epochs_per_batch_doubling}): at "
+                             "large batches the warmup would outgrow the schedule"))
         if self.optim.nesterov and self.optim.name != "sgd":
             problems.append(("optim.nesterov", True, "nesterov applies to optim.name: sgd only"))
         c = self.cluster

@@ -105,6 +105,9 @@ def _comparable(recipe: Recipe) -> str:
     doc["dist"]["launcher"] = default_launcher(recipe.dist.engine, recipe.dist.launcher)
     if not doc["model"]["sync_bn"]:  # keys added later at their defaults: earlier sweeps stay comparable
         doc["model"].pop("sync_bn")
+    for key in ("exclude_from_decay", "lars_exclude"):
+        if doc["optim"][key] == "norm_and_bias":
+            doc["optim"].pop(key)
     keep = {k: doc[k] for k in ("data", "model", "optim", "dist")}
     keep["batch_size"] = doc["train"]["batch_size"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -373,11 +373,19 @@ def _pick_checkpoint(run_dir: Path, resume: bool | None) -> tuple[Path | None, d
 
 
 def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos: Position, transform_gen,
-                        recipe, sampler: dict | None = None, stopping: bool = False) -> None:
+                        recipe, sampler: dict | None = None, stopping: bool = False,
+                        local_sgd: str | None = None) -> None:
     """Rank 0 writes the run's checkpoint; every rank returns only once it is on disk.
 
     Mid-epoch (``pos.micro > 0``) the ranks' BatchNorm statistics still differ (they are averaged
     at epoch ends), so each rank's own are stored too, and a resumed run continues exactly.
+    Under local SGD (``dist.sync: local_sgd``, :mod:`tsmtrain.dist.local_sgd`) the ranks' optimizer
+    states (momentum) differ, and between averagings their parameters and buffers too:
+    ``local_sgd`` says which (:meth:`~tsmtrain.dist.local_sgd.LocalSGD.checkpoint_kind`:
+    ``"optimizer"`` or ``"model"``), and every rank's are stored (``rank_states``, gathered
+    onto rank 0 through ``allgather_object``: the file grows by the ranks' models and optimizer
+    states). With ``"model"`` the checkpoint's ``model`` is the ranks' average (what ``tsmtrain
+    test`` and ``predict`` read), computed on copies: training goes on unchanged.
     When ``stopping`` (a stop signal), rank 0 then writes :data:`~tsmtrain.dist.stop.PREEMPTED_FILE`, so
     the launcher knows the stop was clean whatever status it sees. Every rank must call it: the
     ranks end it with one ``allgather_object`` that carries rank 0's outcome, so that none waits
@@ -390,15 +398,17 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
             after telling the other ranks.
     """
     rngs = engine.allgather_object(rng_state(transform_gen), name="rng_states")  # every rank's streams
-    buffers = None
-    if pos.micro and engine.size > 1:
+    buffers = rank_states = averaged = None
+    if local_sgd and engine.size > 1:
+        rank_states, averaged = _local_sgd_states(engine, model, optimizer, local_sgd)
+    elif pos.micro and engine.size > 1:
         own = {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
         buffers = engine.allgather_object(own, name="rank_buffers")
     sharded = getattr(train_step, "head_parallel", None)  # (a sharded head)
     failure, unexpected = _write_head_shard(engine, run_dir, model, train_step, pos.step), None
     if engine.rank == 0 and failure is None:
         try:
-            weights = model.state_dict()
+            weights = model.state_dict() if averaged is None else averaged
             if sharded is not None:  # each rank's head slice is in its own file
                 weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
             state = {
@@ -407,7 +417,7 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
                 "head_shards": None if sharded is None else {"size": engine.size, "ranges": sharded.ranges,
                                                              "num_classes": sharded.num_classes},
                 "step": pos.step, "epoch": pos.epoch, "micro": pos.micro, "world_size": engine.size, "rng": rngs,
-                "rank_buffers": buffers, "sampler": sampler, "eval": pos.eval, "pending_eval": pos.pending_eval,
+                "rank_buffers": buffers, "rank_states": rank_states, "sampler": sampler, "eval": pos.eval, "pending_eval": pos.pending_eval,
                 "recipe": recipe.model_dump(mode="json"),
             }
             path = save_checkpoint(state, run_dir, pos.step, keep=recipe.train.keep_checkpoints)
@@ -432,6 +442,20 @@ def save_run_checkpoint(engine, run_dir: Path, model, optimizer, train_step, pos
         raise unexpected
     if failure is not None:
         raise TrainingError(failure)
+
+
+def _local_sgd_states(engine, model, optimizer, kind: str) -> tuple[list[dict], dict | None]:
+    """Every rank's ``{"model": its floating-point parameters and buffers (``kind == "model"``,
+    else ``None``), "optimizer": its optimizer's state}``, and (``"model"``) the ranks' average
+    of the model's state on rank 0 (``None`` elsewhere, or for ``"optimizer"``)."""
+    own = {"model": None, "optimizer": None if optimizer is None else optimizer.state_dict()}
+    averaged = None
+    if kind == "model":
+        own["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        averaged = {k: engine.allreduce(v.detach(), average=True).cpu() if v.is_floating_point() else v.detach().cpu()
+                    for k, v in model.state_dict().items()}
+    states = engine.allgather_object(own, name="rank_states")
+    return states, (averaged if engine.rank == 0 else None)
 
 
 def _write_head_shard(engine, run_dir: Path, model, train_step, step: int) -> str | None:
@@ -478,9 +502,11 @@ def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen,
             read ``path`` (checked without the CRC pass, which rank 0 has made).
 
     Returns:
-        ``(position, rank_buffers)``: this rank's own BatchNorm statistics when the checkpoint
-        was written mid-epoch by as many ranks (to load after the broadcast of rank 0's
-        state), else ``None``.
+        ``(position, own)``: what of this rank's own state to load after the broadcast of rank
+        0's, when the checkpoint was written by as many ranks, else ``None``: ``{"tensors":
+        name -> tensor of the model's state, "optimizer": state_dict or None}``: its BatchNorm
+        statistics (written mid-epoch), or under local SGD its parameters and buffers (between
+        averagings) and optimizer state.
 
     Raises:
         TrainingError: the checkpoint is of another model (names the differing ``model.*`` keys).
@@ -512,12 +538,16 @@ def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen,
         log.warning("the training list has %d videos (seed %d); the checkpoint's sample order was for %d "
                     "(seed %d): the rest of this epoch follows a different order",
                     dataset_size, seed, saved_order["size"], saved_order["seed"])
-    rank_buffers = None
+    own = None
     if state["world_size"] == engine.size:
         set_rng_state(state["rng"][engine.rank], transform_gen)
-        rank_buffers = (state.get("rank_buffers") or [None] * engine.size)[engine.rank]
+        buffers = (state.get("rank_buffers") or [None] * engine.size)[engine.rank]
+        local = (state.get("rank_states") or [None] * engine.size)[engine.rank]  # local SGD
+        if buffers is not None or local is not None:
+            own = {"tensors": buffers if local is None else local["model"] or {},
+                   "optimizer": None if local is None else local["optimizer"]}
     else:
         log.warning("checkpoint was written by %d ranks, this run has %d: random streams restart",
                     state["world_size"], engine.size)
     log.info("resuming from %s at step %d (epoch %d)", path, pos.step, pos.epoch)
-    return pos, rank_buffers
+    return pos, own

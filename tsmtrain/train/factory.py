@@ -311,8 +311,9 @@ def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders
     """Continue from the run directory's latest intact checkpoint when there is one (rank 0's
     choice, :func:`~tsmtrain.train.checkpoint.resume_checkpoint`): the step's model, optimizer
     and gradient scaler, the augmentation's random stream and the position; then broadcast rank
-    0's model and optimizer state, and (a checkpoint written mid-epoch by as many ranks) put back
-    this rank's own BatchNorm statistics.
+    0's model and optimizer state, and (a checkpoint written by as many ranks) put back this
+    rank's own BatchNorm statistics (written mid-epoch) and, under local SGD, its own parameters
+    and optimizer state.
 
     Args:
         wanted: ``train(resume=...)``: ``None`` if there is one, ``True`` there must be one,
@@ -325,18 +326,20 @@ def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders
         TrainingError: see :func:`~tsmtrain.train.checkpoint.resume_checkpoint` and
             :func:`~tsmtrain.train.checkpoint.restore_run`.
     """
-    pos, rank_buffers = ckpt.Position(), None
+    pos, own = ckpt.Position(), None
     path, state = ckpt.resume_checkpoint(engine, recipe.run_dir, wanted)  # rank 0's choice: the newest intact one
     if path is not None:
-        pos, rank_buffers = ckpt.restore_run(path, engine, step.model, step.optimizer, step, loaders.transform_gen,
+        pos, own = ckpt.restore_run(path, engine, step.model, step.optimizer, step, loaders.transform_gen,
                                              recipe, loaders.train_size, state=state)
         del state
     engine.broadcast_state(step.model, step.optimizer, **({"exclude": "fc."} if step.head_parallel else {}))
-    if rank_buffers is not None:  # stopped mid-epoch: each rank's own BatchNorm statistics
+    if own is not None:  # mid-epoch: each rank's own BatchNorm statistics; local SGD: its model and momentum
         with torch.no_grad():
-            for name, buf in step.model.named_buffers():
-                if name in rank_buffers:
-                    buf.copy_(rank_buffers[name])
+            for name, tensor in step.model.state_dict().items():
+                if name in own["tensors"]:
+                    tensor.copy_(own["tensors"][name])
+        if own["optimizer"] is not None and step.optimizer is not None:
+            step.optimizer.load_state_dict(own["optimizer"])
     return pos
 
 

@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 
 from ..dist.base import Engine
+from ..dist.local_sgd import LocalSGD, start_step
 from ..dist.stop import EXIT_PREEMPTED, StopRequest
 from ..dist.watchdog import Watchdog
-from ..optim import create_schedule, linear_scaling
+from ..optim import batch_scaled_schedule, create_schedule, linear_scaling
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 from ..bench.allreduce import benchmark_allreduce
@@ -92,6 +93,7 @@ class _Run:
     metrics: MetricsWriter
     clock: PhaseClock
     stop_at: int  # the optimizer step the run ends at (last epoch's end, or train.stop_after_steps)
+    sync: LocalSGD  # dist.sync: when the models are averaged, and the bytes allreduced
     watchdog: Watchdog | None = None  # told each optimizer step (its heartbeats carry it)
 
     @property
@@ -121,7 +123,7 @@ class _Run:
         self.data.seek(pos.epoch, pos.micro)  # where a resumed run goes on
         ckpt.save_run_checkpoint(self.engine, self.run_dir, self.model, self.step.optimizer, self.step, pos,
                                  self.data.transform_gen, self.recipe, sampler=self.data.sampler.state_dict(),
-                                 stopping=stopping)
+                                 stopping=stopping, local_sgd=self.sync.checkpoint_kind(pos.step))
 
     def evaluate(self, pos: ckpt.Position) -> dict:
         """Evaluate the model on the validation list and log the result at ``pos.step``."""
@@ -172,6 +174,7 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     network, the training step with its optimizer and learning rate schedule, and the position
     to start from (``wanted``: :func:`train`'s ``resume``). Rank 0 logs ``world`` (the ranks'
     hosts) first."""
+    recipe = batch_scaled_schedule(recipe, engine.size)  # the epochs and warmup of this global batch
     t = recipe.train
     scaling = linear_scaling(recipe, engine.size)
     device = start_rank(recipe, engine, lock)
@@ -181,6 +184,11 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     model = create_network(recipe, engine, device)
     optimizer, head_optimizer, head_parallel = create_optimizers(recipe, engine, model)  # a sharded head: its own
     clock = PhaseClock(device, t.breakdown)
+    d = recipe.dist  # (before the step wraps the model: local SGD changes the engine's gradient hook)
+    sync = LocalSGD(engine, model, d.sync, d.local_sgd_period,
+                    start_step(d.local_sgd_start, data.steps_per_epoch) if data.multigrid is None else
+                    data.multigrid.step_at(d.local_sgd_start),
+                    fp16_allreduce=d.fp16_allreduce, exclude=tuple(model.fc.parameters()) if head_parallel else ())
     # the step wraps the model for the engine (DDP), compiles it, and only then wraps the optimizer
     # (Horovod), so that compile's check fires no allreduce hooks; `model` is what is evaluated and saved
     schedule = (create_schedule(recipe, scaling, data.steps_per_epoch) if data.multigrid is None else
@@ -189,17 +197,19 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
                      batch_shape=data.batch_shape, optimizer=optimizer, engine=engine, schedule=schedule,
                      passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
                      clock=clock, loss=recipe.model.loss, head_parallel=head_parallel,
-                     head_optimizer=head_optimizer, nonfinite=t.nonfinite)
+                     head_optimizer=head_optimizer, nonfinite=t.nonfinite, label_smoothing=t.label_smoothing)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
     announce_run(recipe, engine, device, scaling, data.steps_per_epoch, data.multigrid and data.multigrid.epochs)
     run = _Run(recipe=recipe, engine=engine, device=device, model=model, step=step, data=data, metrics=metrics,
-               clock=clock, stop_at=0)
+               clock=clock, stop_at=0, sync=sync)
     run.stop_at = min(run.total_steps, t.stop_after_steps or run.total_steps)
     if data.multigrid is not None and engine.rank == 0:
         for row in data.multigrid.rows(engine.size, scaling.lr):
             log.info("multigrid: %s", row)
+    if engine.rank == 0 and engine.size > 1:
+        log.info("%s", sync.describe())
     return run, pos
 
 
@@ -224,7 +234,7 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
                                    "batches")
             if epoch_done:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
-                r.engine.average_buffers(r.model)  # one model on every rank for evaluation and checkpoint
+                r.sync.epoch_done(pos.step)  # one model on every rank for evaluation and checkpoint
             last = pos.epoch == epochs
             wants_eval = epoch_done and bool(r.data.val_records) and (pos.epoch % t.eval_every == 0 or last)
             if wants_eval and not stopping:
@@ -302,6 +312,7 @@ def _train_batches(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
         # (a request during the last step changes nothing: the run ends normally)
         stopping = r.engine.synchronize(vote).item() > 0 and pos.step < r.stop_at
         epoch_end = pos.micro == steps_in_epoch * r.passes
+        r.sync.step_done(pos.step, epoch_end=epoch_end)  # local SGD: averages the models when due
         if pos.step % r.recipe.train.log_every == 0 or pos.step == r.stop_at or epoch_end or stopping:
             _log_interval(r, pos, interval, out.lr, bar)
         if pos.step >= r.stop_at or epoch_end or stopping:
@@ -333,7 +344,9 @@ def _timed(loader, interval: Interval):
 
 def _log_interval(r: _Run, pos: ckpt.Position, interval: Interval, lr: float, bar) -> None:
     """Close the logging interval (one allreduce), append its record to metrics.jsonl and show it."""
+    steps = interval.steps
     record = dict(epoch=pos.epoch, step=pos.step, lr=lr, **interval.close(r.engine, r.clock.collect()))
+    record["allreduce_bytes_per_step"] = r.sync.take_bytes() / max(steps, 1)  # gradients, or local SGD's averagings
     if r.step.scaler is not None:
         record["loss_scale"] = r.step.loss_scale()
     r.metrics.write(**record)

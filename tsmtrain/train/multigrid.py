@@ -248,6 +248,14 @@ class MultigridSchedule:
         epoch = min(bisect.bisect_right(self._starts, step) - 1, self.epochs - 1)
         return epoch, step - self._starts[epoch]
 
+    def step_at(self, epoch: float) -> int:
+        """The optimizer step (0-based) at which the run has trained ``epoch`` epochs, fractions
+        rounded to whole steps of that epoch (``dist.local_sgd_start``)."""
+        whole = min(int(epoch), self.epochs)
+        if whole == self.epochs:
+            return self.total_steps
+        return self._starts[whole] + int(round((epoch - whole) * self.steps_in(whole)))
+
     def baseline_epoch(self, step: int) -> float:
         """Where optimizer step ``step`` lies on the baseline's epoch axis (the learning-rate
         curve's): its multigrid epoch, ``epoch + k / steps_in(epoch)``, mapped piecewise linearly

@@ -232,13 +232,26 @@ def targets(batch: dict, model_cfg) -> torch.Tensor:
     return torch.from_numpy(multi_hot(batch["labels"], model_cfg.num_classes))
 
 
-def classification_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "softmax") -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "softmax",
+                        label_smoothing: float = 0.0) -> torch.Tensor:
     """The mean over the batch of the cross-entropy of ``logits (N, K)`` against labels ``y (N,)``
     (``softmax``), or of the binary cross-entropy of each class's log-odds against the multi-hot
     ``y (N, K)``, summed over the K classes (``sigmoid``: each class an independent yes/no, as for
-    YouTube-8M; summed so that a head split across ranks adds its classes' parts)."""
+    YouTube-8M; summed so that a head split across ranks adds its classes' parts).
+
+    ``label_smoothing`` eps (``train.label_smoothing``; softmax only): per clip
+    ``(1 - eps) * CE + eps * mean over the K classes of -log p_k`` (Szegedy et al. 2016,
+    section 7; PyTorch's ``cross_entropy(label_smoothing=eps)``); 0 computes plain cross-entropy.
+
+    Raises:
+        ValueError: ``label_smoothing`` with the ``sigmoid`` loss.
+    """
     if loss == "softmax":
+        if label_smoothing:
+            return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return F.cross_entropy(logits, y)
+    if label_smoothing:
+        raise ValueError("label smoothing applies to the softmax cross-entropy only, not the sigmoid loss")
     return F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / max(len(y), 1)
 
 
@@ -283,6 +296,8 @@ class TrainStep:
         nonfinite: ``"stop"`` or ``"skip"`` (:data:`NONFINITE`; ``train.nonfinite``): what a step
             whose averaged gradients hold an inf or NaN does without fp16 (with fp16 the
             gradient scaler skips it and lowers the scale).
+        label_smoothing: eps of :func:`classification_loss` in training (``train.label_smoothing``;
+            softmax and an unsharded head only).
 
     Attributes:
         forward_model: what the training forward calls: the model, wrapped by the engine, then
@@ -292,7 +307,8 @@ class TrainStep:
         skipped_steps: steps skipped for an inf or NaN gradient (``nonfinite="skip"``).
 
     Raises:
-        ValueError: an unknown precision, loss or ``nonfinite``; ``compile`` without ``batch_shape``.
+        ValueError: an unknown precision, loss or ``nonfinite``; ``compile`` without ``batch_shape``;
+            ``label_smoothing`` with the sigmoid loss or a sharded head.
         NonFiniteLoss: from a call whose optimizer step finds an inf or NaN gradient
             (``nonfinite="stop"``, without fp16).
         TrainingError: ``compile`` and torch.compile fails on this model, device or compiler
@@ -304,14 +320,17 @@ class TrainStep:
                  *, optimizer: torch.optim.Optimizer | None = None, engine: Engine | None = None,
                  schedule: LRSchedule | None = None, passes: int = 1, fp16_allreduce: bool = False,
                  clock: PhaseClock | None = None, loss: str = "softmax", head_parallel: HeadParallel | None = None,
-                 head_optimizer: torch.optim.Optimizer | None = None, nonfinite: str = "stop"):
+                 head_optimizer: torch.optim.Optimizer | None = None, nonfinite: str = "stop",
+                 label_smoothing: float = 0.0):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite {nonfinite!r}; choose one of {', '.join(NONFINITE)}")
-        self.nonfinite, self.skipped_steps = nonfinite, 0
+        if label_smoothing and (loss != "softmax" or head_parallel is not None):
+            raise ValueError("label smoothing applies to the softmax cross-entropy of an unsharded head only")
+        self.nonfinite, self.skipped_steps, self.label_smoothing = nonfinite, 0, label_smoothing
         self._loss = None  # this step's last pass's loss (a device tensor)
         self._last_finite = None  # (step, loss tensor) of the last step taken
         self._buffers = []  # nonfinite="skip": the buffers as the step in progress found them
@@ -350,6 +369,8 @@ class TrainStep:
         """
         self._passes_done += 1
         last = self._passes_done == self.passes
+        if self._passes_done == 1:
+            self.engine.begin_step(step)  # post-local SGD: whether this step's gradients are averaged
         if self.nonfinite == "skip" and self._passes_done == 1:  # a skipped step leaves BatchNorm's statistics too
             self._buffers = [b.detach().clone() for b in self.model.buffers()]
         with self.engine.accumulate(self.forward_model, last=last):  # DDP: no_sync() but on the last pass
@@ -387,7 +408,7 @@ class TrainStep:
         with self.autocast():
             if self.head_parallel is None:
                 logits = self.forward_model(self.batch(x))
-                loss = to_backward = classification_loss(logits, y, self.loss)
+                loss = to_backward = classification_loss(logits, y, self.loss, self.label_smoothing)
                 best = logits.detach().argmax(dim=1)
             else:
                 logits, (to_backward, loss, best) = None, self._sharded_loss(x, y)
@@ -429,7 +450,7 @@ class TrainStep:
         self.clock.lap("allreduce_wait")
         self.clock.move("forward_backward", "allreduce_wait", self.engine.hidden_wait_s())  # DDP waited in backward()
         lr = None
-        if scaler is not None and self.head_parallel is not None:
+        if scaler is not None and (self.head_parallel is not None or self.engine.local_gradients):
             self._share_head_overflow()
         for o in optimizers:
             lr = self.schedule.apply(o, step) if self.schedule is not None else None
@@ -471,13 +492,14 @@ class TrainStep:
         optimizers would apply) are finite: any inf or NaN of the forward pass or the loss reaches
         them, and they are a small part of the network's, so the check adds little to the step (an
         overflow inside the backward pass alone is not caught). The gradients are the ranks' average, so every rank gets the same answer without communicating, except with a
-        sharded head, whose shards' gradients are each rank's own (one allreduce of a flag)."""
+        sharded head, whose shards' gradients are each rank's own, and under local SGD, where every rank's
+        are (one allreduce of a flag)."""
         head = getattr(self.model, "fc", None)
         params = (list(head.parameters()) if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters())
                   else [p for o in optimizers for g in o.param_groups for p in g["params"]])
         grads = [p.grad for p in params if p.grad is not None]
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
-        if self.head_parallel is not None:
+        if self.head_parallel is not None or self.engine.local_gradients:
             bad = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
             finite = self.engine.allreduce(bad, average=False).item() == 0
         return finite
@@ -486,8 +508,11 @@ class TrainStep:
         """fp16 with a sharded head: when any rank's head shard has an inf/NaN gradient, every
         rank's gradients are made inf (one allreduce), so that every rank skips the whole step
         and lowers the scale together, as one process with the whole head would. (The
-        backbone's gradients are averaged already, so their own overflow is the same everywhere.)"""
-        head = [p.grad for p in self.model.fc.parameters() if p.grad is not None]
+        backbone's gradients are averaged already, so their own overflow is the same everywhere.)
+        Under local SGD every gradient is the rank's own, so all are checked: the ranks' scalers
+        stay equal, and a checkpoint's (rank 0's) is every rank's."""
+        own = self.model.fc if self.head_parallel is not None else self.model  # local SGD: every gradient is own
+        head = [p.grad for p in own.parameters() if p.grad is not None]
         bad = torch.tensor([float(any(not bool(torch.isfinite(g).all()) for g in head))], dtype=torch.float64)
         if self.engine.allreduce(bad, average=False).item() > 0:
             for p in self.model.parameters():
