@@ -67,6 +67,10 @@ def validate(
         _check_data(cfg)
     doc = cfg.model_dump(mode="json")
     doc["derived"] = _derived(cfg, files)
+    if cfg.multigrid.long_cycle or cfg.multigrid.short_cycle:  # its epochs and steps replace the plain ones
+        mg = _multigrid_schedule(cfg)
+        doc["derived"].update(epochs=mg["epochs"], steps=mg.get("steps"), steps_per_epoch=None, warmup_steps=None,
+                              multigrid=mg)
     print(yaml.safe_dump(doc, sort_keys=False), end="")
 
 
@@ -104,6 +108,29 @@ def _train_videos(cfg) -> int | None:
                              multi_label=cfg.model.loss == "sigmoid"))
     except UserError:
         return None
+
+
+def _multigrid_schedule(cfg) -> dict:
+    """``validate``'s multigrid schedule (:meth:`tsmtrain.train.multigrid.MultigridSchedule.rows`)
+    for the epochs of the recipe's global batch: the epochs, the steps when the training list can be
+    read here, and per stage its epochs, shapes, batches, learning rate and steps; a stage whose
+    step needs more clips than a rank has is an ``error:`` line and exit 2."""
+    import math
+
+    from ..optim import batch_scaled_schedule, linear_scaling
+    from ..train.multigrid import MultigridSchedule
+
+    scaling = linear_scaling(cfg)
+    videos = _train_videos(cfg)
+    try:
+        schedule = MultigridSchedule(batch_scaled_schedule(cfg, scaling.world_size),
+                                     None if videos is None else math.ceil(videos / scaling.world_size))
+    except UserError as err:
+        fail([str(err)])
+    out = {"epochs": schedule.epochs}
+    if videos is not None:
+        out["steps"] = schedule.total_steps
+    return {**out, "stages": schedule.rows(scaling.world_size, scaling.lr)}
 
 
 def _check_data(cfg) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import itertools
 import logging
 import math
 import multiprocessing.context
@@ -61,7 +62,7 @@ from .transforms import short_side_size
 from .readers.tar import SampleError, TarShardReader
 from ..errors import UserError
 
-__all__ = ["DataError", "shutdown_loaders", "VideoClipDataset", "RankSampler", "collate_clips", "build_loader", "clip_dataset",
+__all__ = ["DataError", "shutdown_loaders", "VideoClipDataset", "RankSampler", "ShapeBatchSampler", "collate_clips", "build_loader", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
            "decoding_target", "flow_files", "FlowFrames"]
 
@@ -87,8 +88,9 @@ class DataError(UserError):
 class VideoClipDataset(Dataset):
     """Clips of ``num_segments`` frames from the videos of a list file.
 
-    Items are indexed by ``(index, epoch)`` pairs (as :class:`RankSampler` yields them) or
-    plain indices (epoch 0). Training offsets are drawn from a generator seeded by
+    Items are indexed by ``(index, epoch)`` pairs (as :class:`RankSampler` yields them),
+    ``(index, epoch, segments)`` triples (:class:`ShapeBatchSampler`: multigrid training's clips of
+    another T) or plain indices (epoch 0). Training offsets are drawn from a generator seeded by
     ``(seed, epoch, index)``, so a clip does not depend on which worker loads it, and a run
     resumed mid-epoch sees the same clips.
 
@@ -150,14 +152,14 @@ class VideoClipDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, key) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, segments = (*key, None)[:3] if isinstance(key, tuple) else (key, 0, None)
         # on a GPU, a loader worker only reads the bytes; decode_item decodes them
-        return self._with_retries(index, epoch, [], self._fetched if self.decodes_on_gpu else self._decoded)
+        return self._with_retries(index, epoch, [], self._fetched if self.decodes_on_gpu else self._decoded, segments)
 
-    def _decoded(self, record: VideoRecord, index: int, epoch: int) -> dict:
-        return {"frames": self._load(record, index, epoch)}
+    def _decoded(self, record: VideoRecord, index: int, epoch: int, segments: int | None = None) -> dict:
+        return {"frames": self._load(record, index, epoch, segments=segments)}
 
-    def _fetched(self, record: VideoRecord, index: int, epoch: int) -> dict:
+    def _fetched(self, record: VideoRecord, index: int, epoch: int, segments: int | None = None) -> dict:
         return {"encoded": self.fetch(record.path)}
 
     @property
@@ -166,17 +168,18 @@ class VideoClipDataset(Dataset):
         encoded videos (:meth:`fetch`), decoded in the training process by :meth:`decode_item`."""
         return str(self.device) != "cpu"
 
-    def _with_retries(self, index: int, epoch: int, failed: list[str], load) -> dict:
-        """``load(record, index, epoch)``'s dict for video ``index``, completed into an item; a video
+    def _with_retries(self, index: int, epoch: int, failed: list[str], load, segments: int | None = None) -> dict:
+        """``load(record, index, epoch, segments)``'s dict for video ``index`` (``segments``: T,
+        None: :attr:`num_segments`), completed into an item; a video
         that cannot be read is replaced by another, deterministically, until ``max_retries + 1``
         videos in a row (``failed`` holds those already lost for this item) have failed; without
         :attr:`replace`, it is an item of ``frames`` None (:meth:`_unread`)."""
         for attempt in range(len(failed), self.max_retries + 1):
             record = self.records[index]
             try:
-                item = load(record, index, epoch)
+                item = load(record, index, epoch, segments)
                 return {**item, "label": record.label, "labels": record.labels, "index": index, "epoch": epoch,
-                        "failed": failed, "opened": self.take_opened()}
+                        "failed": failed, "opened": self.take_opened(), "segments": segments}
             except VideoDecodeError as exc:
                 failed.append(str(exc))
                 if not self.replace:
@@ -238,17 +241,18 @@ class VideoClipDataset(Dataset):
         Raises:
             DataError: ``max_retries + 1`` videos in a row could not be read or decoded.
         """
-        index, epoch = item["index"], item["epoch"]
+        index, epoch, segments = item["index"], item["epoch"], item.get("segments")
         record = self.records[index]
         if "encoded" not in item:  # not read, not replaced (``replace`` False)
             return item
         try:
-            frames = self._load(record, index, epoch, encoded=item["encoded"])
+            frames = self._load(record, index, epoch, encoded=item["encoded"], segments=segments)
         except VideoDecodeError as exc:
             failed = item["failed"] + [str(exc)]
             if not self.replace:
                 return {**self._unread(index, epoch, failed), "opened": item["opened"]}
-            replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed, self._decoded)
+            replaced = self._with_retries(self._replacement(index, len(failed) - 1), epoch, failed, self._decoded,
+                                          segments)
             return {**replaced, "opened": item["opened"] + replaced["opened"]}
         return {"frames": frames, "label": record.label, "labels": record.labels, "index": index, "epoch": epoch,
                 "failed": item["failed"], "opened": item["opened"]}
@@ -332,10 +336,11 @@ class VideoClipDataset(Dataset):
         return frames[..., at:at + s, :, :] if h > w else frames[..., :, at:at + s, :]
 
     def _load(self, record: VideoRecord, index: int, epoch: int,
-              encoded: tuple[bytes, bytes | None] | None = None) -> torch.Tensor:
+              encoded: tuple[bytes, bytes | None] | None = None, segments: int | None = None) -> torch.Tensor:
         video = self.source(record.path, encoded)
         rng = np.random.default_rng((self.seed, epoch, index)) if self.train else None
-        idx = snippet_indices(video.num_frames, self.num_segments, self.modality.frames_per_segment, self.train, rng)
+        idx = snippet_indices(video.num_frames, segments or self.num_segments, self.modality.frames_per_segment,
+                              self.train, rng)
         return self.crop_square(video.frames(idx.reshape(-1).tolist()), rng).contiguous()  # (T*F, H, W, C) uint8
 
     def source(self, path: str, encoded: tuple[bytes, bytes | None] | None = None) -> "Video | FlowFrames":
@@ -719,6 +724,37 @@ class RankSampler(Sampler):
         return max(0, len(self.indices()) - self.skip)
 
 
+class ShapeBatchSampler(Sampler):
+    """Batches of a :class:`RankSampler` whose size and clip length change from batch to batch
+    (multigrid training, :mod:`tsmtrain.train.multigrid`): batch k of an epoch has
+    ``shapes(epoch)[k] = (batch, segments)``, its keys ``(index, epoch, segments)``; the clips left
+    over after the last whole batch are dropped.
+
+    Args:
+        sampler: this rank's sample order; :meth:`set_epoch` sets its epoch and skip.
+        shapes: ``epoch -> [(batch, segments), ...]``, the epoch's batches in order (the same on
+            every rank).
+    """
+
+    def __init__(self, sampler: RankSampler, shapes):
+        self.sampler, self.shapes = sampler, shapes
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """Choose the epoch and the batches of it already done (a resumed run): the sampler skips
+        their clips."""
+        self.epoch, self.start = epoch, batches_done
+        self.sampler.set_epoch(epoch, skip=sum(b for b, _ in self.shapes(epoch)[:batches_done]))
+
+    def __iter__(self):
+        keys = iter(self.sampler)
+        for batch, segments in self.shapes(self.epoch)[self.start:]:
+            yield [(index, epoch, segments) for index, epoch in itertools.islice(keys, batch)]
+
+    def __len__(self) -> int:
+        return max(0, len(self.shapes(self.epoch)) - self.start)
+
+
 def collate_clips(items: list[dict]) -> dict:
     """Stack items into a batch: ``frames`` uint8 ``(N, T, H, W, 3)``, ``label`` int64 ``(N,)``,
     ``labels`` every label of each clip (a tuple per clip: several for a multi-label list), ``failed`` the list of every video that could not be decoded for this batch, ``opened`` the
@@ -854,7 +890,7 @@ def shutdown_loaders() -> None:
 atexit.register(shutdown_loaders)
 
 
-def build_loader(dataset: VideoClipDataset, sampler: RankSampler, batch_size: int, workers: int,
+def build_loader(dataset: VideoClipDataset, sampler: RankSampler | ShapeBatchSampler, batch_size: int, workers: int,
                  drop_last: bool, pin_memory: bool = False, persistent: bool = False,
                  collate=collate_clips) -> DataLoader | DecodeAhead:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.
@@ -866,6 +902,9 @@ def build_loader(dataset: VideoClipDataset, sampler: RankSampler, batch_size: in
     :class:`MultiClipDataset`). Items depend only on ``(index, epoch)``, not on the worker that
     loads them, so persistence changes no clip. ``pin_memory`` puts batches in page-locked
     host memory for asynchronous copies to a GPU.
+
+    A :class:`ShapeBatchSampler` as ``sampler`` makes the batches itself (``batch_size`` and
+    ``drop_last`` are then not used).
 
     A dataset that decodes on a GPU (``dataset.device`` not ``"cpu"``) is decoded in this process,
     where the CUDA context is (it cannot cross a fork): the workers only read each video's bytes
@@ -887,13 +926,13 @@ def build_loader(dataset: VideoClipDataset, sampler: RankSampler, batch_size: in
         collate, pin_memory = collate_encoded, False
     elif str(getattr(dataset, "device", "cpu")) != "cpu":
         workers, pin_memory = 0, False
+    batching = ({"batch_sampler": sampler} if isinstance(sampler, ShapeBatchSampler) else
+                {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last})
     loader = _Loader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
-        drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers else None,

@@ -27,6 +27,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .heads import create_head
 from .shift import TemporalShift
+from .sub_batch_norm import set_bn_splits
 from .weights import load_weights
 
 __all__ = ["VideoNet", "create_model", "count_parameters", "count_macs", "cross_modality_conv", "first_conv"]
@@ -109,6 +110,20 @@ class VideoNet(nn.Module):
         self.weights_report = None
         if pretrained is not None:
             self.weights_report = load_weights(self, pretrained, need_classifier=False, label="model.pretrained")
+
+    def set_segments(self, num_segments: int, bn_splits: int = 1) -> None:
+        """Take clips of ``num_segments`` segments from now on, with the same weights: T here (the
+        check in :meth:`features`) and in every :class:`TemporalShift`, whose shift works for any T;
+        and normalise ``bn_splits`` sub-batches of clips separately in every BatchNorm in training
+        (:func:`~tsmtrain.models.sub_batch_norm.set_bn_splits`; 1: the whole batch). Multigrid training
+        (:mod:`tsmtrain.train.multigrid`) sets each batch's and sets the recipe's T (and 1) back before
+        evaluating or saving; everything else runs at the T it was built with.
+        """
+        self.num_segments = num_segments
+        for m in self.modules():
+            if isinstance(m, TemporalShift):
+                m.num_segments = num_segments
+        set_bn_splits(self, bn_splits)
 
     def forward(self, x: torch.Tensor, classify: bool = True) -> torch.Tensor:
         """Logits ``(N, K)`` of clips ``(N, T, C_in, H, W)``; ``classify=False``: the features

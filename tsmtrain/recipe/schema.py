@@ -1,7 +1,7 @@
 """The recipe schema: one YAML file that says everything about a training run.
 
-A recipe has eight sections (``data``, ``model``, ``optim``, ``schedule``, ``dist``, ``train``,
-``run``, ``cluster``), each a pydantic model below. Every field has a type, a default where one makes sense
+A recipe has nine sections (``data``, ``model``, ``optim``, ``schedule``, ``dist``, ``train``,
+``run``, ``cluster``, ``multigrid``), each a pydantic model below. Every field has a type, a default where one makes sense
 and a one-line description (``tsmtrain validate`` prints them resolved). Unknown keys are errors,
 so a misspelt key never silently falls back to a default; no float is infinite or NaN, no
 boolean stands for a number, and no text holds a control character (a line break, a NUL, ...).
@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
     "ClusterConfig",
+    "MultigridConfig",
     "NARROWEST_SHIFTED_LAYER",
     "PATH_FIELDS",
     "time_limit_seconds",
@@ -390,6 +391,41 @@ class RunConfig(_Section):
         return v
 
 
+class MultigridConfig(_Section):
+    """Multigrid training (Wu et al., CVPR 2020): smaller clips with larger batches, PySlowFast's defaults.
+
+    Wu, Girshick, He, Feichtenhofer, Krähenbühl, "A Multigrid Method for Efficiently Training Video
+    Models"; the defaults are PySlowFast's (slowfast/config/defaults.py, MULTIGRID); the schedule is
+    :mod:`tsmtrain.train.multigrid`, the user's guide docs/training.md#multigrid.
+    """
+
+    long_cycle: bool = Field(False, description="long cycle: train most epochs on clips of fewer segments and a "
+                                                "smaller input_size with a proportionally larger batch")
+    short_cycle: bool = Field(False, description="short cycle: every 3 optimizer steps, 2 at a smaller input_size "
+                                                 "(short_cycle_factors) with a larger batch, then 1 at the long "
+                                                 "cycle's shape")
+    long_cycle_factors: list[tuple[_Positive, _Positive]] = Field(
+        [(0.25, 0.5 ** 0.5), (0.5, 0.5 ** 0.5), (0.5, 1.0), (1.0, 1.0)],
+        description="the long cycle's shapes in order, as (data.num_segments factor, data.input_size factor); "
+                    "train.batch_size is multiplied by round(1 / (t * s^2)) (PySlowFast's LONG_CYCLE_FACTORS)")
+    short_cycle_factors: tuple[_Positive, _Positive] = Field(
+        (0.5, 0.5 ** 0.5), description="the short cycle's two smaller input sizes as data.input_size factors; the "
+                                       "batch grows by round((S / size)^2), S the long cycle's size "
+                                       "(PySlowFast's SHORT_CYCLE_FACTORS)")
+    epoch_factor: float = Field(1.5, gt=0, description="multigrid trains this many times schedule.epochs "
+                                                        "(PySlowFast's EPOCH_FACTOR)")
+    base_shape_fraction: float | None = Field(
+        None, ge=0, lt=1, description="the part of schedule.epochs trained at the base shape (data.num_segments, "
+                                      "data.input_size) at the end, as PySlowFast's fine-tuning phase; none: the "
+                                      "epochs after the last milestone with schedule.decay: step (PySlowFast's "
+                                      "rule), else 0.2")
+    bn_clips: int | None = Field(
+        None, ge=1, description="clips each BatchNorm normalises over in training: a larger batch is split into "
+                                "sub-batches of this many clips, each with its own statistics (PySlowFast's "
+                                "BN_BASE_SIZE, 8 there: its clips per GPU); none: train.batch_size, what BatchNorm sees "
+                                "without multigrid; not with model.sync_bn (the global batch's statistics)")
+
+
 _TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
 _MEMORY = re.compile(r"^\d+[KMGT]?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -538,6 +574,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
+    multigrid: MultigridConfig = MultigridConfig()
 
     @model_validator(mode="after")
     def _impossible_combinations(self) -> "Recipe":
@@ -634,6 +671,7 @@ class Recipe(_Section):
             problems.append(("cluster.gpus_per_node", c.gpus_per_node, "train.device is cpu: the GPUs would sit idle"))
         if c.signal_seconds >= time_limit_seconds(c.time):
             problems.append(("cluster.signal_seconds", c.signal_seconds, f"not shorter than the time limit {c.time!r}"))
+        problems += _multigrid_problems(self)
         if problems:
             raise PydanticCustomError(COMBINATIONS, "{count} impossible combinations of fields",
                                       {"count": len(problems), "rows": [(k, repr(v), why) for k, v, why in problems]})
@@ -644,6 +682,20 @@ class Recipe(_Section):
         """The run directory, ``run.dir/run.name`` (relative when ``run.dir`` is): checkpoints,
         ``metrics.jsonl``, the logs and the recipe a run was started with."""
         return Path(self.run.dir) / self.run.name
+
+
+def _multigrid_problems(recipe: "Recipe") -> list[tuple[str, Any, str]]:
+    """The combinations multigrid training cannot run (``multigrid.long_cycle`` or ``short_cycle`` on)."""
+    mg = recipe.multigrid
+    if not (mg.long_cycle or mg.short_cycle):
+        return []
+    key = "multigrid.long_cycle" if mg.long_cycle else "multigrid.short_cycle"
+    if recipe.data.features is not None:
+        return [(key, True, "data.features trains the classifier alone on fixed features: there is no clip shape "
+                            "to vary")]
+    if mg.long_cycle and not mg.long_cycle_factors:
+        return [("multigrid.long_cycle_factors", [], "the long cycle needs at least one shape")]
+    return []
 
 
 PATH_FIELDS = ("data.root", "data.train_list", "data.val_list", "data.classes", "data.source", "model.pretrained",

@@ -475,6 +475,22 @@ def _write_head_shard(engine, run_dir: Path, model, train_step, step: int) -> st
     return next((f for f in engine.allgather_object(failure, name="head_shard_written") if f), None)
 
 
+def _check_same_multigrid(path: Path, saved: dict, recipe) -> None:
+    """A run continues only with the multigrid schedule it was written under (its steps, epochs and
+    shapes follow from it); ``multigrid.bn_clips`` may change. A checkpoint without the section was
+    written without multigrid.
+
+    Raises:
+        TrainingError: the ``multigrid`` fields differ (names them).
+    """
+    ours = recipe.multigrid.model_dump(mode="json", exclude={"bn_clips"})
+    theirs = {**type(recipe.multigrid)().model_dump(mode="json"), **(saved.get("multigrid") or {})}
+    diff = [f"multigrid.{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
+    if diff:
+        raise TrainingError(f"{path} was written under another multigrid schedule ({', '.join(diff)}); its steps "
+                            "and epochs mean other clips here: choose another run.name")
+
+
 def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen, recipe,
                 dataset_size: int, state: dict | None = None) -> tuple[Position, dict | None]:
     """Load a checkpoint written by :func:`save_run_checkpoint` into this rank's model, optimizer,
@@ -504,6 +520,7 @@ def restore_run(path: Path, engine, model, optimizer, train_step, transform_gen,
     if theirs != ours:
         diff = ", ".join(f"model.{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
         raise TrainingError(f"{path} is a checkpoint of another model ({diff}); choose another run.name")
+    _check_same_multigrid(path, state["recipe"], recipe)
     sharded = getattr(train_step, "head_parallel", None)  # (a sharded head)
     if sharded is not None and state.get("head_shards"):  # this rank's classes, from the shards that hold them
         fc, head_optimizer = head_state(path, state, sharded.lo, sharded.hi, lambda p: load_checkpoint(p, crc=False))

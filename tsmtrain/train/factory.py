@@ -26,7 +26,7 @@ import torch
 
 from ..data import ListFileError, RankSampler, build_loader, clip_dataset, read_list
 from ..data.readers.features import INDEX, FeatureDataset, collate_features, list_digest, read_index
-from ..data.loader import DataError, decoding_target
+from ..data.loader import DataError, ShapeBatchSampler, decoding_target
 from ..data.modality import modality_of
 from ..data.preflight import data_problems, one_line
 from ..data.manifest import ManifestError
@@ -41,6 +41,7 @@ from ..recipe import Recipe, dump_recipe
 from . import checkpoint as ckpt
 from .rundir import RunLock
 from ..errors import TrainingError
+from .multigrid import MultigridSchedule, multigrid_on
 from .setup import choose_device, keep_freed_memory, log, set_threads, setup_logging
 from ..prep.datasets import prepare_dataset
 from .step import TrainStep, half_precision_note
@@ -90,8 +91,12 @@ class Loaders:
         val_records: the validation videos (``data.val_list``; empty without one).
         transform_gen: the random generator of ``train_tf`` (saved in checkpoints).
         train_size: videos in the training list.
-        steps_per_epoch: optimizer steps per epoch.
-        batch_shape: ``(N, T, C_in, S, S)`` of every augmented training batch.
+        steps_per_epoch: optimizer steps per epoch (multigrid: of the first epoch; see ``multigrid``).
+        batch_shape: ``(N, T, C_in, S, S)`` of every augmented training batch (multigrid: of the
+            base shape).
+        multigrid: the multigrid schedule (``multigrid.long_cycle``/``short_cycle``): the loader's
+            batches then follow its shapes (``shape_batches``, a
+            :class:`~tsmtrain.data.loader.ShapeBatchSampler`); None without multigrid.
     """
 
     train: torch.utils.data.DataLoader
@@ -103,6 +108,20 @@ class Loaders:
     train_size: int
     steps_per_epoch: int
     batch_shape: tuple[int, int, int, int, int]
+    multigrid: MultigridSchedule | None = None
+    shape_batches: ShapeBatchSampler | None = None
+
+    def seek(self, epoch: int, micro: int) -> None:
+        """Point the training loader at backward pass ``micro`` of ``epoch`` (the sampler's epoch
+        and the clips to skip: ``micro`` batches' worth)."""
+        if self.multigrid is not None:
+            self.shape_batches.set_epoch(epoch, micro)
+        else:
+            self.sampler.set_epoch(epoch, skip=micro * self.batch_shape[0])
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps of ``epoch``."""
+        return self.multigrid.steps_in(epoch) if self.multigrid is not None else self.steps_per_epoch
 
 
 def check_data_files(recipe: Recipe, engine: Engine) -> None:
@@ -174,16 +193,19 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
         )
     transform_gen = torch.Generator().manual_seed(t.seed * 1009 + engine.rank)
     modality = modality_of(d)
+    multigrid = MultigridSchedule(recipe, len(sampler.indices())) if multigrid_on(recipe) else None
+    batches = sampler if multigrid is None else ShapeBatchSampler(sampler, multigrid.micro_batches)
     return Loaders(
-        train=build_loader(train_set, sampler, t.batch_size, d.workers, drop_last=True,
+        train=build_loader(train_set, batches, t.batch_size, d.workers, drop_last=True,
                            pin_memory=device.type == "cuda", persistent=True),
         sampler=sampler,
         train_tf=VideoTransform(train=True, input_size=d.input_size, scales=tuple(d.scales), flip=d.flip,
                                 generator=transform_gen, modality=modality),
         val_tf=VideoTransform(train=False, input_size=d.input_size, modality=modality),
         val_records=val_records, transform_gen=transform_gen, train_size=len(train_set),
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps_per_epoch if multigrid is None else multigrid.steps_in(0),
         batch_shape=(t.batch_size, d.num_segments, modality.in_channels, d.input_size, d.input_size),
+        multigrid=multigrid, shape_batches=None if multigrid is None else batches,
     )
 
 
@@ -322,10 +344,10 @@ def resume_run(recipe: Recipe, engine: Engine, step: TrainStep, loaders: Loaders
 
 
 def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: LinearScaling,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, epochs: int | None = None) -> None:
     """On rank 0: warn when the precision is slow on this CPU, write ``RUN_DIR/recipe.yaml`` (the
     resolved recipe) and log one line of what runs (network, ranks, device, precision, global
-    batch, learning rate, steps)."""
+    batch, learning rate, steps; ``epochs``: the run's when not ``schedule.epochs``, multigrid's)."""
     if engine.rank != 0:
         return
     t = recipe.train
@@ -337,4 +359,4 @@ def announce_run(recipe: Recipe, engine: Engine, device: torch.device, scaling: 
              recipe.run_dir, f"the classifier on the features of {recipe.data.features}" if recipe.data.features
              else "TSM" if recipe.model.shift else "TSN", engine.size, engine.name, device, t.precision,
              ", channels_last" if t.channels_last else "", ", compiled" if t.compile else "",
-             scaling.global_batch, scaling.lr, steps_per_epoch, recipe.schedule.epochs)
+             scaling.global_batch, scaling.lr, steps_per_epoch, epochs or recipe.schedule.epochs)

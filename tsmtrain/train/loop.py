@@ -47,6 +47,7 @@ from ..bench.allreduce import benchmark_allreduce
 from ..eval.evaluate import evaluate_epoch
 from .factory import (Loaders, announce_run, create_loaders, create_network, create_optimizers, resume_run,
                       start_rank)
+from .multigrid import LR_RESOLUTION
 from .metrics_log import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
 from ..errors import TrainingError
@@ -106,14 +107,20 @@ class _Run:
         return self.step.passes
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch."""
-        return self.data.steps_per_epoch
+    def epochs(self) -> int:
+        """Epochs of the run (``schedule.epochs``; multigrid: its schedule's)."""
+        mg = self.data.multigrid
+        return self.recipe.schedule.epochs if mg is None else mg.epochs
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        mg = self.data.multigrid
+        return self.data.steps_per_epoch * self.epochs if mg is None else mg.total_steps
 
     def save(self, pos: ckpt.Position, stopping: bool = False) -> None:
         """Checkpoint the run at ``pos`` (every rank calls it; ``stopping``: a stop request's)."""
-        # where a resumed run goes on
-        self.data.sampler.set_epoch(pos.epoch, skip=pos.micro * self.recipe.train.batch_size)
+        self.data.seek(pos.epoch, pos.micro)  # where a resumed run goes on
         ckpt.save_run_checkpoint(self.engine, self.run_dir, self.model, self.step.optimizer, self.step, pos,
                                  self.data.transform_gen, self.recipe, sampler=self.data.sampler.state_dict(),
                                  stopping=stopping, local_sgd=self.sync.checkpoint_kind(pos.step))
@@ -178,23 +185,29 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
     optimizer, head_optimizer, head_parallel = create_optimizers(recipe, engine, model)  # a sharded head: its own
     clock = PhaseClock(device, t.breakdown)
     d = recipe.dist  # (before the step wraps the model: local SGD changes the engine's gradient hook)
-    sync = LocalSGD(engine, model, d.sync, d.local_sgd_period, start_step(d.local_sgd_start, data.steps_per_epoch),
+    sync = LocalSGD(engine, model, d.sync, d.local_sgd_period,
+                    start_step(d.local_sgd_start, data.steps_per_epoch) if data.multigrid is None else
+                    data.multigrid.step_at(d.local_sgd_start),
                     fp16_allreduce=d.fp16_allreduce, exclude=tuple(model.fc.parameters()) if head_parallel else ())
     # the step wraps the model for the engine (DDP), compiles it, and only then wraps the optimizer
     # (Horovod), so that compile's check fires no allreduce hooks; `model` is what is evaluated and saved
+    schedule = (create_schedule(recipe, scaling, data.steps_per_epoch) if data.multigrid is None else
+                data.multigrid.lr_schedule(create_schedule(recipe, scaling, LR_RESOLUTION)))
     step = TrainStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
-                     batch_shape=data.batch_shape, optimizer=optimizer, engine=engine,
-                     schedule=create_schedule(recipe, scaling, data.steps_per_epoch),
+                     batch_shape=data.batch_shape, optimizer=optimizer, engine=engine, schedule=schedule,
                      passes=recipe.dist.backward_passes_per_step, fp16_allreduce=recipe.dist.fp16_allreduce,
                      clock=clock, loss=recipe.model.loss, head_parallel=head_parallel,
                      head_optimizer=head_optimizer, nonfinite=t.nonfinite, label_smoothing=t.label_smoothing)
     torch.manual_seed(t.seed * 1009 + engine.rank)  # dropout differs across ranks, like the data
     pos = resume_run(recipe, engine, step, data, wanted)
     metrics = MetricsWriter.for_rank(recipe.run_dir, engine.rank, t.tensorboard, resumed_at=pos.step)
-    announce_run(recipe, engine, device, scaling, data.steps_per_epoch)
-    total_steps = data.steps_per_epoch * recipe.schedule.epochs
+    announce_run(recipe, engine, device, scaling, data.steps_per_epoch, data.multigrid and data.multigrid.epochs)
     run = _Run(recipe=recipe, engine=engine, device=device, model=model, step=step, data=data, metrics=metrics,
-               clock=clock, stop_at=min(total_steps, t.stop_after_steps or total_steps), sync=sync)
+               clock=clock, stop_at=0, sync=sync)
+    run.stop_at = min(run.total_steps, t.stop_after_steps or run.total_steps)
+    if data.multigrid is not None and engine.rank == 0:
+        for row in data.multigrid.rows(engine.size, scaling.lr):
+            log.info("multigrid: %s", row)
     if engine.rank == 0 and engine.size > 1:
         log.info("%s", sync.describe())
     return run, pos
@@ -202,10 +215,10 @@ def _set_up(recipe: Recipe, engine: Engine, lock: RunLock | None,
 
 def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
     """Epochs until the last, ``stop_at`` or a stop request; evaluation and checkpoints."""
-    r, t, epochs = run, run.recipe.train, run.recipe.schedule.epochs
+    r, t, epochs = run, run.recipe.train, run.epochs
     if r.watchdog is not None:
         r.watchdog.step = pos.step
-    bar = progress_bar(r.engine.rank == 0, r.steps_per_epoch * epochs, pos.step)
+    bar = progress_bar(r.engine.rank == 0, r.total_steps, pos.step)
     if pos.pending_eval and r.data.val_records:  # the run stopped at an epoch's end before evaluating it
         pos.eval = r.evaluate(pos)
     pos.pending_eval = stopping = False
@@ -215,9 +228,10 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
                 stopping = _train_epoch(r, pos, stop, bar)
             except NonFiniteLoss as err:  # on every rank at the same step, before the weights changed
                 raise TrainingError(_nonfinite_message(err, r)) from None
-            epoch_done = pos.micro == r.steps_per_epoch * r.passes
+            epoch_done = pos.micro == r.data.steps_in(pos.epoch) * r.passes
             if not epoch_done and pos.step < r.stop_at and not stopping:  # cannot happen unless the sampler is wrong
-                raise RuntimeError(f"the loader ended after {pos.micro} of {r.steps_per_epoch * r.passes} batches")
+                raise RuntimeError(f"the loader ended after {pos.micro} of {r.data.steps_in(pos.epoch) * r.passes} "
+                                   "batches")
             if epoch_done:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
                 r.sync.epoch_done(pos.step)  # one model on every rank for evaluation and checkpoint
@@ -236,7 +250,7 @@ def _run(run: _Run, pos: ckpt.Position, stop: StopRequest) -> RunResult:
             skip=r.model.fc if r.step.head_parallel is not None else None))
     if stopping:
         log.info("stop requested (%s): stopped at step %d of %d with a checkpoint; exit status %d",
-                 stop.signal_name or "another rank's signal", pos.step, r.steps_per_epoch * epochs, EXIT_PREEMPTED)
+                 stop.signal_name or "another rank's signal", pos.step, r.total_steps, EXIT_PREEMPTED)
     return RunResult(pos.step, pos.epoch, pos.eval, r.model, r.engine.rank, preempted=stopping)
 
 
@@ -253,10 +267,30 @@ def _nonfinite_message(err: NonFiniteLoss, r: _Run) -> str:
 def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
     """Optimizer steps from ``pos`` until the epoch ends, ``r.stop_at``, or the ranks agree on a
     stop request; advances ``pos``. Returns whether the run is stopping on request."""
-    r.data.sampler.set_epoch(pos.epoch, skip=pos.micro * r.recipe.train.batch_size)
+    r.data.seek(pos.epoch, pos.micro)
     r.model.train()
+    try:
+        return _train_batches(r, pos, stop, bar)
+    finally:
+        if r.data.multigrid is not None:  # evaluation, checkpoints and what follows: the recipe's shape
+            _set_shape(r, r.recipe.data.num_segments, r.recipe.data.input_size, 1)
+
+
+def _set_shape(r: _Run, segments: int, size: int, bn_splits: int) -> None:
+    """Multigrid: the network takes clips of ``segments`` segments, its BatchNorm layers normalise
+    ``bn_splits`` sub-batches separately, the augmentation crops to ``size``."""
+    r.model.set_segments(segments, bn_splits)
+    r.data.train_tf.input_size = size
+
+
+def _train_batches(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
+    """:func:`_train_epoch`'s steps, the loader already at ``pos``."""
     interval = Interval(r.device)  # sums of this logging interval, on this rank
+    steps_in_epoch = r.data.steps_in(pos.epoch)
     for batch in _timed(r.data.train, interval):
+        if r.data.multigrid is not None:  # this pass's clip shape (the loader's batch has its T)
+            shape = r.data.multigrid.shape(pos.epoch, pos.micro)
+            _set_shape(r, shape.segments, shape.size, r.data.multigrid.bn_splits(shape))
         r.clock.mark()
         if pos.micro % r.passes == 0:  # first pass of an optimizer step: vote on stopping after it
             vote = r.engine.allreduce_async(torch.tensor([float(stop.requested)], dtype=torch.float64),
@@ -277,7 +311,7 @@ def _train_epoch(r: _Run, pos: ckpt.Position, stop: StopRequest, bar) -> bool:
         interval.steps += 1
         # (a request during the last step changes nothing: the run ends normally)
         stopping = r.engine.synchronize(vote).item() > 0 and pos.step < r.stop_at
-        epoch_end = pos.micro == r.steps_per_epoch * r.passes
+        epoch_end = pos.micro == steps_in_epoch * r.passes
         r.sync.step_done(pos.step, epoch_end=epoch_end)  # local SGD: averages the models when due
         if pos.step % r.recipe.train.log_every == 0 or pos.step == r.stop_at or epoch_end or stopping:
             _log_interval(r, pos, interval, out.lr, bar)
@@ -322,5 +356,5 @@ def _log_interval(r: _Run, pos: ckpt.Position, interval: Interval, lr: float, ba
     elif r.engine.rank == 0:
         eta = (r.stop_at - pos.step) * record["step_time_s"]
         log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f clips/s data wait %.0f%% eta %.0fs",
-                 pos.epoch, pos.step, r.steps_per_epoch * r.recipe.schedule.epochs, record["loss"], lr,
+                 pos.epoch, pos.step, r.total_steps, record["loss"], lr,
                  record["clips_per_s"], 100 * record["data_wait_fraction"], eta)
