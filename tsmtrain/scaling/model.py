@@ -340,7 +340,10 @@ every 16 frames, ``-tune fastdecode``), an assumption: a 10-second clip (Kinetic
 about 10 s, Kay et al. 2017) at 64.0 kB/s, the rate of this project's 15 real clips of
 ``../shared/clips`` prepared by ``tsmtrain prepare configs/shared_clips.yaml`` (9,505,996 bytes
 for 148.5 s of video: ``bytes_out`` over ``seconds`` of its ``manifest.jsonl``). Kinetics'
-YouTube footage is not these clips; the frame tables (``.frames.json``) add about 2%."""
+YouTube footage is not these clips; the frame tables (``.frames.json``) add about 2%. This is
+GOP 16, ``prepare``'s default until December 2026 and the basis of docs/scaling.md's worked
+example; at today's default GOP 4 the same clips take 1.60x the bytes (15,250,005), about
+1,030,000 bytes per video: give that as ``--video-bytes`` for data prepared with GOP 4."""
 
 
 @dataclass(frozen=True)
