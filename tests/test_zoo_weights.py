@@ -170,6 +170,12 @@ def test_refusals_name_the_difference(tmp_path):
     path = _official(tmp_path, True, official_file_name("resnet18", T, True, suffix="_dense_nl"))
     with pytest.raises(WeightsError, match="non-local blocks"):
         load_weights(ours("resnet18", True), path)
+    path = _official(tmp_path, True, official_file_name("resnet18", T, True, suffix="_tpool"))
+    with pytest.raises(WeightsError, match=r"temporal pooling \(tpool\)"):
+        load_weights(ours("resnet18", True), path)
+    path = _official(tmp_path, True, f"TSM_kinetics_RGB_resnet18_shift8_block_avg_segment{T}_e50.pth")
+    with pytest.raises(WeightsError, match="shift place 'block'"):
+        load_weights(ours("resnet18", True), path)
     # TSN weights do not depend on the segment count: a note, not a refusal (the official TSN
     # checkpoint was trained with 5 segments and tested with 8)
     path = _official(tmp_path, False, official_file_name("resnet18", 5, False))
