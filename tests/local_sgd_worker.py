@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tests.dist_worker import small_net
-from tsmtrain.dist import create_engine
-from tsmtrain.dist.local_sgd import LocalSGD
-from tsmtrain.train.step import TrainStep
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests` is a package of the root
+from tests.dist_worker import small_net  # noqa: E402
+from tsmtrain.dist import create_engine  # noqa: E402
+from tsmtrain.dist.local_sgd import LocalSGD  # noqa: E402
+from tsmtrain.train.step import TrainStep  # noqa: E402
 
 STEPS = 7
 
