@@ -29,15 +29,12 @@ sys.path.insert(0, str(ROOT))
 from tests import zoo_reference as ref  # noqa: E402
 from tsmtrain.eval.export_check import decode_view  # noqa: E402
 from tsmtrain.models import VideoNet  # noqa: E402
+from tsmtrain.models.export import max_relative_difference  # noqa: E402
 from tsmtrain.models.weights import WeightsError, load_weights  # noqa: E402
 from tsmtrain.recipe import load_recipe  # noqa: E402
 
 T, K = 8, 400
 OURS = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenetv2": "mobilenet_v2"}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def clip_tensor(clip: Path, size: int) -> torch.Tensor:
@@ -84,7 +81,7 @@ def row(fmt: str, arch: str, shift: bool, x: torch.Tensor, folder: Path) -> tupl
     with torch.no_grad():
         ours = net.features(x) if fmt in ("torchvision", "timm") else net(x)
     what = "features" if fmt in ("torchvision", "timm") else "logits"
-    return fmt, name, f"yes ({report.loaded} tensors)", f"{rel(ours, theirs):.1e} ({what})"
+    return fmt, name, f"yes ({report.loaded} tensors)", f"{max_relative_difference(ours, theirs):.1e} ({what})"
 
 
 def main() -> None:

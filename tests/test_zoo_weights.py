@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from tsmtrain.models import VideoNet
+from tsmtrain.models.export import max_relative_difference
 from tsmtrain.models.weights import WeightsError, load_weights, read_state
 from tsmtrain.models.zoo import Recorded, settings_from_file_name, their_names
 
@@ -28,10 +29,6 @@ OURS = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenetv2": "mobilene
 def clips(seed: int = 0, n: int = 2, size: int = 64) -> torch.Tensor:
     """Normalised clips ``(N, T, 3, S, S)``."""
     return torch.randn(n, T, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def ours(arch, shift, num_classes=K, segments=T, **kw) -> VideoNet:
@@ -54,7 +51,7 @@ def test_official_checkpoint_gives_the_official_logits(tmp_path, arch, shift):
     assert report.recorded.num_segments == T and report.recorded.arch == OURS[arch]
     x = clips()
     with torch.no_grad():
-        assert rel_diff(net(x), official_logits(ref, x)) < 1e-5
+        assert max_relative_difference(net(x), official_logits(ref, x)) < 1e-5
 
 
 def test_official_checkpoint_trained_without_dropout_has_its_classifier_in_the_backbone(tmp_path):
@@ -66,7 +63,7 @@ def test_official_checkpoint_trained_without_dropout_has_its_classifier_in_the_b
     load_weights(net, path)
     x = clips(1)
     with torch.no_grad():
-        assert rel_diff(net(x), official_logits(ref, x)) < 1e-5
+        assert max_relative_difference(net(x), official_logits(ref, x)) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenetv2"])
@@ -81,7 +78,7 @@ def test_mmaction2_published_checkpoint_gives_its_logits(tmp_path, arch, shift):
     assert report.recorded.num_segments == T
     x = clips(2)
     with torch.no_grad():
-        assert rel_diff(net(x), mmaction2_logits(ref, x)) < 1e-5
+        assert max_relative_difference(net(x), mmaction2_logits(ref, x)) < 1e-5
 
 
 @pytest.mark.parametrize("with_objects", [False, True])
@@ -97,7 +94,7 @@ def test_mmaction2_training_checkpoint_loads_without_running_its_objects(tmp_pat
     assert any("data_preprocessor.mean" in note for note in report.notes)
     x = clips(3)
     with torch.no_grad():
-        assert rel_diff(net(x), mmaction2_logits(ref, x)) < 1e-5
+        assert max_relative_difference(net(x), mmaction2_logits(ref, x)) < 1e-5
     _fmt, container, _state = read_state(path)
     buffer = container["message_hub"]["log_scalars"]["train/loss"]
     assert type(buffer).__module__ != "mmengine.logging.history_buffer"  # not the class the file names
@@ -280,14 +277,14 @@ def test_converted_official_file_is_what_the_official_network_loads(tmp_path):
     ref.load_state_dict({".".join(k.split(".")[1:]): v for k, v in torch.load(out, weights_only=True)["state_dict"].items()})
     x = clips(4)
     with torch.no_grad():
-        assert rel_diff(official_logits(ref, x), net(x)) < 1e-5
+        assert max_relative_difference(official_logits(ref, x), net(x)) < 1e-5
     mm = tmp_path / "mm.pth"
     assert run_cli("convert", str(tmp_path / "ours.pth"), "--recipe", str(_recipe(tmp_path)), "--out", str(mm),
                    "--to", "mmaction2").returncode == 0
     ref = mmaction2_recognizer("resnet18", K, T, is_shift=True, seed=0)
     ref.load_state_dict(torch.load(mm, weights_only=True)["state_dict"])
     with torch.no_grad():
-        assert rel_diff(mmaction2_logits(ref, x), net(x)) < 1e-5
+        assert max_relative_difference(mmaction2_logits(ref, x), net(x)) < 1e-5
 
 
 def test_file_names_of_the_tsm_zoo_are_read_as_its_test_script_reads_them():

@@ -160,10 +160,6 @@ def _check_network(model, rec: Recorded, fmt: str, keys: list[str], path: Path, 
     return notes
 
 
-def _classifier_keys(model) -> set[str]:
-    return {k for k in model.state_dict() if k.startswith("fc.")}
-
-
 def load_weights(model: nn.Module, path: str | Path, need_classifier: bool = True,
                  label: str = "--weights") -> WeightsReport:
     """Load a weights file of any format of :data:`tsmtrain.models.zoo.FORMATS` into ``model``
@@ -224,7 +220,7 @@ def load_weights(model: nn.Module, path: str | Path, need_classifier: bool = Tru
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise refuse(f"{names[key]} is {tuple(tensor.shape)} there, {key} is {tuple(own[key].shape)} in the "
                          f"recipe's network")
-    fresh = _classifier_keys(model) if report.classifier != "loaded" else set()
+    fresh = {k for k in own if k.startswith("fc.")} if report.classifier != "loaded" else set()
     missing = [k for k in own if k not in chosen and k not in fresh]
     counters = [k for k in missing if k.endswith("num_batches_tracked")]
     missing = [k for k in missing if k not in counters]

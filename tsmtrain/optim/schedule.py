@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LRSchedule"]
+__all__ = ["LRSchedule", "set_rate"]
 
 
 class LRSchedule:
@@ -68,7 +68,12 @@ class LRSchedule:
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set the rate for ``step`` in every param group; returns it."""
-        lr = self(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return set_rate(optimizer, self(step))
+
+
+def set_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set learning rate ``lr`` in every param group of ``optimizer``; returns it (what a schedule's
+    ``apply`` does with the rate of a step: :class:`LRSchedule`, ``tsmtrain.train.multigrid.MultigridLR``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

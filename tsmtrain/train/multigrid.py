@@ -317,7 +317,6 @@ class MultigridLR:
 
     def apply(self, optimizer, step: int) -> float:
         """Set the rate for ``step`` in every param group of ``optimizer``; returns it."""
-        lr = self(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        from ..optim.schedule import set_rate  # (here: this module imports no torch)
+
+        return set_rate(optimizer, self(step))
