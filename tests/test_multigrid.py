@@ -11,6 +11,7 @@
 """
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -292,3 +293,79 @@ def test_a_run_does_not_resume_under_another_multigrid_schedule(tmp_path, tiny_d
     assert train(tiny_recipe(tmp_path, tiny_demo, "plain", **plain, **{"train.stop_after_steps": 1})).step == 1
     with pytest.raises(TrainingError, match=r"another multigrid schedule \(multigrid.long_cycle: False there, True"):
         train(tiny_recipe(tmp_path, tiny_demo, "plain", **MULTIGRID))
+
+
+class _TwoNorms(torch.nn.Module):
+    """A network of clips ``(N, T, 3, H, W)``: BatchNorm, convolution, BatchNorm, mean: precise BatchNorm
+    statistics can be worked out by hand for it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn1, self.conv, self.bn2 = torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        return self.bn2(self.conv(self.bn1(x.flatten(0, 1)))).mean((1, 2, 3))
+
+
+def test_precise_bn_statistics_are_the_clip_weighted_mean_of_batch_statistics(tmp_path, tiny_demo):
+    from tsmtrain.data import read_list
+    from tsmtrain.data.transforms import VideoTransform
+    from tsmtrain.train.precise_bn import precise_bn_records, recompute_bn_stats
+    from torch.nn.functional import batch_norm
+
+    r = tiny_recipe(tmp_path, tiny_demo, "pbn", **{**MULTIGRID, "multigrid.precise_bn_clips": 5,
+                                                     "train.batch_size": 2})
+    records = read_list(r.data.train_list, r.data.root, 4)
+    chosen = precise_bn_records(records, 5, r.train.seed, 3)
+    assert chosen == precise_bn_records(records, 5, r.train.seed, 3) != precise_bn_records(records, 5, r.train.seed, 4)
+    assert len({c.path for c in chosen}) == 5 and len(precise_bn_records(records, 99, 0, 0)) == len(records)
+    net, tf = _TwoNorms(), VideoTransform(train=False, input_size=16)
+    net.bn1.running_mean.fill_(7.0)
+    net.eval()
+    assert recompute_bn_stats(net, records, r, torch.device("cpu"), tf, epoch=3) == 5
+    assert not net.training and net.bn1.momentum == 0.1 and int(net.bn1.num_batches_tracked) == 0
+
+    from tsmtrain.data.loader import clip_dataset
+    clips = torch.stack([clip_dataset(r, chosen, train=False, replace=False)[i]["frames"] for i in range(5)])
+    x = tf(clips).flatten(0, 1)  # (5*T, 3, 16, 16)
+    expected = {name: [torch.zeros(c), torch.zeros(c)] for name, c in (("bn1", 3), ("bn2", 5))}
+    for lo, hi in ((0, 2), (2, 4), (4, 5)):  # batches of train.batch_size = 2 clips, the last of 1
+        rows = x[lo * 4:hi * 4]  # T = 4 rows per clip
+        h = batch_norm(rows, None, None, net.bn1.weight, net.bn1.bias, True)
+        for name, inp in (("bn1", rows), ("bn2", net.conv(h))):
+            dims = (0, 2, 3)
+            expected[name][0] += inp.mean(dims) * (hi - lo)
+            expected[name][1] += inp.var(dims, unbiased=True) * (hi - lo)
+    for name, (mean, var) in expected.items():
+        layer = getattr(net, name)
+        assert torch.allclose(layer.running_mean, mean / 5, atol=1e-5), name
+        assert torch.allclose(layer.running_var, var / 5, rtol=1e-4), name
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    missing = [dataclasses.replace(c, path=str(tmp_path / f"missing{i}.mp4")) for i, c in enumerate(records)]
+    assert recompute_bn_stats(net, missing, r, torch.device("cpu"), tf, epoch=3) == 0  # none readable: unchanged
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    off = tiny_recipe(tmp_path, tiny_demo, "pbn0", **{**MULTIGRID, "multigrid.precise_bn_clips": 0})
+    assert recompute_bn_stats(net, records, off, torch.device("cpu"), tf, epoch=3) == 0
+
+
+@pytest.mark.slow
+def test_a_multigrid_run_evaluates_with_precise_statistics(multigrid_run, tiny_demo):
+    from tsmtrain.data import read_list
+    from tsmtrain.data.transforms import VideoTransform
+    from tsmtrain.train.precise_bn import recompute_bn_stats
+
+    tmp, result, _, _ = multigrid_run
+    r = tiny_recipe(tmp, tiny_demo, "again", **MULTIGRID)
+    model = copy.deepcopy(result.model)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    # training-mode forwards do not read the running statistics: recomputing them gives the same ones again,
+    # so the run's evaluation (after its last epoch) used statistics recomputed from these clips
+    n = recompute_bn_stats(model, read_list(r.data.train_list, r.data.root, 4), r, torch.device("cpu"),
+                           VideoTransform(train=False, input_size=16), epoch=result.epoch)
+    assert n == 24  # precise_bn_clips 64 > the 24 training clips: all of them
+    assert all(torch.allclose(v, model.state_dict()[k], rtol=1e-5, atol=1e-6) for k, v in saved.items())
+    other = recompute_bn_stats(model, read_list(r.data.train_list, r.data.root, 4)[:3], r, torch.device("cpu"),
+                               VideoTransform(train=False, input_size=16), epoch=result.epoch)
+    assert other == 3 and not all(torch.allclose(v, model.state_dict()[k]) for k, v in saved.items())

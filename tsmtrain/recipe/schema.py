@@ -424,6 +424,10 @@ class MultigridConfig(_Section):
                                 "sub-batches of this many clips, each with its own statistics (PySlowFast's "
                                 "BN_BASE_SIZE, 8 there: its clips per GPU); none: train.batch_size, what BatchNorm sees "
                                 "without multigrid; not with model.sync_bn (the global batch's statistics)")
+    precise_bn_clips: int = Field(
+        64, ge=0, description="before each evaluation, BatchNorm's running mean and variance are recomputed at the base "
+                              "shape from this many training clips (PySlowFast's BN.USE_PRECISE_STATS): the running "
+                              "ones average the smaller shapes trained at; 0: evaluate with the running ones")
 
 
 _TIME_LIMIT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")

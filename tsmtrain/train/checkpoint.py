@@ -477,13 +477,13 @@ def _write_head_shard(engine, run_dir: Path, model, train_step, step: int) -> st
 
 def _check_same_multigrid(path: Path, saved: dict, recipe) -> None:
     """A run continues only with the multigrid schedule it was written under (its steps, epochs and
-    shapes follow from it); ``multigrid.bn_clips`` may change. A checkpoint without the section was
+    shapes follow from it); ``multigrid.bn_clips`` and ``precise_bn_clips`` may change. A checkpoint without the section was
     written without multigrid.
 
     Raises:
         TrainingError: the ``multigrid`` fields differ (names them).
     """
-    ours = recipe.multigrid.model_dump(mode="json", exclude={"bn_clips"})
+    ours = recipe.multigrid.model_dump(mode="json", exclude={"bn_clips", "precise_bn_clips"})
     theirs = {**type(recipe.multigrid)().model_dump(mode="json"), **(saved.get("multigrid") or {})}
     diff = [f"multigrid.{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
     if diff:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,6 +97,8 @@ class Loaders:
         multigrid: the multigrid schedule (``multigrid.long_cycle``/``short_cycle``): the loader's
             batches then follow its shapes (``shape_batches``, a
             :class:`~tsmtrain.data.loader.ShapeBatchSampler`); None without multigrid.
+        train_records: the training videos (multigrid: precise BatchNorm statistics,
+            :mod:`~tsmtrain.train.precise_bn`); empty when the data are extracted features.
     """
 
     train: torch.utils.data.DataLoader
@@ -110,6 +112,7 @@ class Loaders:
     batch_shape: tuple[int, int, int, int, int]
     multigrid: MultigridSchedule | None = None
     shape_batches: ShapeBatchSampler | None = None
+    train_records: list = field(default_factory=list)
 
     def seek(self, epoch: int, micro: int) -> None:
         """Point the training loader at backward pass ``micro`` of ``epoch`` (the sampler's epoch
@@ -205,7 +208,7 @@ def create_loaders(recipe: Recipe, engine: Engine, device: torch.device, scaling
         val_records=val_records, transform_gen=transform_gen, train_size=len(train_set),
         steps_per_epoch=steps_per_epoch if multigrid is None else multigrid.steps_in(0),
         batch_shape=(t.batch_size, d.num_segments, modality.in_channels, d.input_size, d.input_size),
-        multigrid=multigrid, shape_batches=None if multigrid is None else batches,
+        multigrid=multigrid, shape_batches=None if multigrid is None else batches, train_records=train_records,
     )
 
 

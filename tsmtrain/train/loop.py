@@ -48,6 +48,7 @@ from ..eval.evaluate import evaluate_epoch
 from .factory import (Loaders, announce_run, create_loaders, create_network, create_optimizers, resume_run,
                       start_rank)
 from .multigrid import LR_RESOLUTION
+from .precise_bn import recompute_bn_stats
 from .metrics_log import Interval, MetricsWriter, PhaseClock
 from .rundir import RunLock, claim_run_dir
 from ..errors import TrainingError
@@ -126,7 +127,11 @@ class _Run:
                                  stopping=stopping, local_sgd=self.sync.checkpoint_kind(pos.step))
 
     def evaluate(self, pos: ckpt.Position) -> dict:
-        """Evaluate the model on the validation list and log the result at ``pos.step``."""
+        """Evaluate the model on the validation list and log the result at ``pos.step``; multigrid:
+        with BatchNorm statistics recomputed at the base shape first (:mod:`~tsmtrain.train.precise_bn`)."""
+        if self.data.multigrid is not None:
+            recompute_bn_stats(self.model, self.data.train_records, self.recipe, self.device, self.data.val_tf,
+                               pos.epoch)
         return evaluate_epoch(self.model, self.data.val_records, self.recipe, self.engine, self.device,
                               self.data.val_tf, self.metrics, pos.epoch, pos.step, self.step.head_parallel)
 
