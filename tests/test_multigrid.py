@@ -369,3 +369,16 @@ def test_a_multigrid_run_evaluates_with_precise_statistics(multigrid_run, tiny_d
     other = recompute_bn_stats(model, read_list(r.data.train_list, r.data.root, 4)[:3], r, torch.device("cpu"),
                                VideoTransform(train=False, input_size=16), epoch=result.epoch)
     assert other == 3 and not all(torch.allclose(v, model.state_dict()[k]) for k, v in saved.items())
+
+
+def test_the_demo_recipe_schedule_is_the_documented_one():
+    from tsmtrain.recipe import load_recipe
+
+    on = ["multigrid.long_cycle=true", "multigrid.short_cycle=true"]
+    r = load_recipe("configs/demo.yaml", on, check_files=False)
+    mg = MultigridSchedule(r, clips_per_rank=800)
+    assert [(s.first_epoch, s.end_epoch, s.cycle, s.lr_factor) for s in mg.stages] == [
+        (0, 3, 0, 4.0), (3, 6, 0, 2.0), (6, 7, 0, 1.0), (7, 8, 1, 1.0)]  # docs/training.md's table
+    assert [mg.steps_in(e) for e in range(mg.epochs)] == [9, 9, 9, 10, 10, 10, 21, 21] and mg.total_steps == 99
+    assert [(x.batch, x.segments, x.size) for x in mg.stages[0].shapes] == [(128, 4, 32), (64, 4, 45), (64, 4, 45)]
+    assert not multigrid_on(load_recipe("configs/demo.yaml", check_files=False))  # the plain demo stays plain
