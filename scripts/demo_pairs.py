@@ -67,7 +67,7 @@ def main() -> None:
             labels = streams[0].labels[[order[0][p] for p in shared]]
             show(console, f"fused {args.fuse}", confusion(fused, labels, streams[0].num_classes))
     except FusionError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
