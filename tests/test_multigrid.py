@@ -308,6 +308,7 @@ class _TwoNorms(torch.nn.Module):
         return self.bn2(self.conv(self.bn1(x.flatten(0, 1)))).mean((1, 2, 3))
 
 
+@pytest.mark.slow
 def test_precise_bn_statistics_are_the_clip_weighted_mean_of_batch_statistics(tmp_path, tiny_demo):
     from tsmtrain.data import read_list
     from tsmtrain.data.transforms import VideoTransform
