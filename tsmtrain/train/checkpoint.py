@@ -477,8 +477,8 @@ def _write_head_shard(engine, run_dir: Path, model, train_step, step: int) -> st
 
 def _check_same_multigrid(path: Path, saved: dict, recipe) -> None:
     """A run continues only with the multigrid schedule it was written under (its steps, epochs and
-    shapes follow from it); ``multigrid.bn_clips`` and ``precise_bn_clips`` may change. A checkpoint without the section was
-    written without multigrid.
+    shapes follow from it); ``multigrid.bn_clips`` and ``multigrid.precise_bn_clips`` may change. A
+    checkpoint without the section was written without multigrid.
 
     Raises:
         TrainingError: the ``multigrid`` fields differ (names them).
