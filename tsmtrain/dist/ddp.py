@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import DistError
-from .base import Engine
+from .base import Engine, average_flat, model_tensors
 from .slurm import default_master_port, expand_nodelist, tasks_on_node
 
 __all__ = ["DDPEngine", "Rendezvous", "rendezvous", "BUCKET_CAP_MB"]
@@ -304,8 +304,6 @@ class DDPEngine(Engine):
         def mean(flat):
             flat.div_(self.size)
             self.dist.all_reduce(flat, group=self._group_for(flat))
-
-        from .base import average_flat, model_tensors
 
         return average_flat(model_tensors(model), mean)
 

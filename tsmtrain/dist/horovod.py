@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Engine
+from .base import Engine, average_flat, model_tensors
 
 __all__ = ["HorovodEngine", "build_info"]
 
@@ -133,8 +133,6 @@ class HorovodEngine(Engine):
     def average_model(self, model):
         """One fused ``hvd.allreduce_`` (``op=Average``) of the parameters and floating-point
         buffers in a flat buffer."""
-        from .base import average_flat, model_tensors
-
         return average_flat(model_tensors(model), lambda flat: self.hvd.allreduce_(
             flat, op=self.hvd.Average, name="local_sgd.average"))
 

@@ -35,7 +35,7 @@ def norm_and_bias(model: nn.Module) -> set[int]:
     SyncBatchNorm, GroupNorm, LayerNorm layers) and biases (any parameter named ``bias``): what
     MLPerf's large-batch recipes leave out of weight decay and LARS. In every network tsmtrain
     builds these are exactly its parameters with fewer than two dimensions
-    (``tests/test_optim.py`` checks this by name)."""
+    (``tests/test_large_batch_knobs.py`` checks this by name)."""
     return {id(p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
             if isinstance(m, _NORMS) or name == "bias"}
 

@@ -247,9 +247,7 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "soft
         ValueError: ``label_smoothing`` with the ``sigmoid`` loss.
     """
     if loss == "softmax":
-        if label_smoothing:
-            return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     if label_smoothing:
         raise ValueError("label smoothing applies to the softmax cross-entropy only, not the sigmoid loss")
     return F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / max(len(y), 1)
