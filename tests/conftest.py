@@ -63,6 +63,32 @@ def venv_env() -> dict:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
+def run_child(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)``, except that
+    a child still running after ``timeout`` seconds fails the test with every Python stack of its
+    processes: the child starts in its own session with ``PYTHONFAULTHANDLER=1``, and on timeout
+    the whole session gets SIGABRT, on which Python prints each thread's stack and dies (the ranks
+    and loader workers of a launcher included). A hang in CI then says where it hung."""
+    import os
+    import signal
+
+    env = {**(kw.pop("env", None) or os.environ), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} still ran after {timeout} s; its processes' stacks:\n"
+                    f"{(out or '')[-4000:]}\n{(err or '')[-16000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def steps_logged(run_dir: Path) -> int:
     """The highest optimizer step in ``run_dir/metrics.jsonl`` so far (0 before the first)."""
     import json

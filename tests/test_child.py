@@ -216,3 +216,27 @@ def test_no_module_but_the_helper_starts_a_child():
                   and rel not in ALLOWED):
                 found.append(f"{rel}:{node.lineno}: {node.func.value.id}.{node.func.attr}()")
     assert not found, "start children through tsmtrain.child (run or start):\n" + "\n".join(found)
+
+
+# ---- the tests' own helper for multi-rank children (tests/conftest.py)
+
+
+@linux_only
+def test_a_hung_test_child_fails_with_the_stacks_of_its_whole_session():
+    from tests.conftest import run_child
+
+    script = ("import os, time\n"
+              "def waiting_in_the_child():\n"
+              "    time.sleep(60)\n"
+              "if os.fork() == 0:\n"
+              "    waiting_in_the_child()\n"
+              "waiting_in_the_child()\n")
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_child([sys.executable, "-c", script], timeout=2)
+    assert time.monotonic() - started < 30
+    message = str(failed.value)
+    assert "still ran after 2 s" in message
+    assert message.count("in waiting_in_the_child") == 2  # the child and its own child both said where
+    done = run_child([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=30)
+    assert (done.returncode, done.stdout) == (3, "out\n")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli, venv_env
+from tests.conftest import run_child, run_cli, venv_env
 from tests.head_parallel_worker import CASES, K, N, run_case
 from tsmtrain.dist.base import LocalEngine
 from tsmtrain.dist.head_parallel import HeadParallel, class_shard
@@ -84,7 +84,7 @@ def _horovod_ranks(out: Path) -> None:
     horovodrun = Path(sys.executable).parent / "horovodrun"
     cmd = [str(horovodrun), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
            str(REPO / "tests" / "head_parallel_worker.py"), "horovod", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=venv_env(), cwd=REPO)
+    proc = run_child(cmd, timeout=600, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -142,8 +142,7 @@ def _run(*args, timeout=600, child=True) -> subprocess.CompletedProcess:
         proc = run_cli(*args)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=venv_env(), cwd=REPO)
+    proc = run_child([sys.executable, "-m", "tsmtrain", *map(str, args)], timeout=timeout, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests import local_sgd_worker
-from tests.conftest import tiny_recipe, venv_env
+from tests.conftest import run_child, tiny_recipe, venv_env
 from tests.dist_worker import small_net
 from tsmtrain.recipe import RecipeError, load_recipe
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -32,8 +32,7 @@ def launch(engine: str, *args) -> subprocess.CompletedProcess:
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", sys.executable]
     else:
         cmd = [str(BIN / "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable]
-    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=600, env=venv_env(),
-                          cwd=REPO)
+    proc = run_child([*cmd, *map(str, args)], timeout=600, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -153,8 +152,7 @@ def test_ranks_differ_between_averagings_and_agree_right_after(worker, engine, p
 
 
 def run(recipe: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], env=venv_env(), capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+    proc = run_child([sys.executable, "-m", "tsmtrain", "run", str(recipe)], timeout=600, env=venv_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tsmtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from tests.conftest import steps_logged, tiny_recipe, venv_env
+from tests.conftest import run_child, steps_logged, tiny_recipe, venv_env
 from tsmtrain.dist.stop import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
@@ -32,8 +32,7 @@ def write_recipe(tmp_path, root, name):
 
 
 def run(recipe, **kw):
-    return subprocess.run([sys.executable, "-m", "tsmtrain", "run", str(recipe)], env=venv_env(),
-                          capture_output=True, text=True, timeout=600, **kw)
+    return run_child([sys.executable, "-m", "tsmtrain", "run", str(recipe)], timeout=600, env=venv_env(), **kw)
 
 
 def test_sigusr2_checkpoints_and_resume_equals_uninterrupted(tmp_path, tiny_demo):
