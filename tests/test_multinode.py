@@ -66,7 +66,8 @@ def recipe_for(tmp_path: Path, root: Path, name: str, engine: str, **sections) -
     dist = {"engine": engine, **sections.pop("dist", {})}
     schedule = {"epochs": 2, **sections.pop("schedule", {})}
     # no loader worker processes: forking a worker while other threads run can deadlock the child
-    # (seen rarely; docs/failures.md, "Known hang"), which is not what these tests are about
+    # (seen rarely; it is then forked again 10 s later, docs/failures.md), which is not what these
+    # tests are about
     return tiny_recipe(tmp_path / f"{name}.yaml", root, name, schedule=schedule, train={"seed": 5},
                        data={"workers": 0},
                        dist=dist, cluster={"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time": "10:00"},

@@ -1,6 +1,7 @@
 """Nothing hangs: loader workers end with their process, worker errors reach it, and videos of
 mixed sizes batch. Every subprocess here runs under a timeout, so a hang fails the test."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 from tests.conftest import REPO, SHARED_CLIPS, make_video, tiny_recipe, venv_env
 from tsmtrain.data import DataError, RankSampler, VideoClipDataset, VideoRecord, build_loader, collate_clips
-from tsmtrain.data.loader import shutdown_loaders
+from tsmtrain.data.loader import WORKER_TIMEOUT_S, LoaderStalled, shutdown_loaders
 from tsmtrain.data.transforms import short_side_size
 
 TSMTRAIN = [sys.executable, "-m", "tsmtrain"]
@@ -37,17 +38,18 @@ def _wait_gone(pids, seconds: float = 10.0) -> list[int]:
 
 
 class _Items(torch.utils.data.Dataset):
-    """Clips of zeros; item ``fail_at`` raises ``error`` (in whichever worker loads it)."""
+    """Clips of zeros; item ``fail_at`` raises ``error`` (in whichever worker loads it); item
+    ``stuck_at`` takes a minute (stuck, for a loader that waits 2 s)."""
 
-    def __init__(self, n=64, fail_at=None, error=None, delay=0.0):
-        self.n, self.fail_at, self.error, self.delay = n, fail_at, error, delay
+    def __init__(self, n=64, fail_at=None, error=None, delay=0.0, stuck_at=None):
+        self.n, self.fail_at, self.error, self.delay, self.stuck_at = n, fail_at, error, delay, stuck_at
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
-        time.sleep(self.delay)
+        time.sleep(60 if index == self.stuck_at else self.delay)
         if index == self.fail_at:
             raise self.error
         return {"frames": torch.zeros(2, 4, 4, 3, dtype=torch.uint8), "label": 0, "index": index, "failed": []}
@@ -83,6 +85,93 @@ def test_workers_ignore_stop_signals_but_are_killed_at_shutdown():
     assert len(list(it)) == 31  # still loading
     it._shutdown_workers()
     assert _wait_gone([pid], 10) == []
+
+
+def test_a_stuck_worker_ends_the_wait_with_an_error_naming_it_and_is_killed():
+    # batches go to the 2 workers in turn: batch 2 (items 4 and 5) is worker 0's, and item 4 hangs
+    loader = build_loader(_Items(n=12, stuck_at=4), RankSampler(12, shuffle=False), batch_size=2, workers=2,
+                          drop_last=False, timeout_s=2.0)
+    it = iter(loader)
+    pids = _worker_pids(it)
+    started, batches = time.monotonic(), 0
+    with pytest.raises(LoaderStalled) as err:
+        for _ in it:
+            batches += 1
+    assert time.monotonic() - started < 30
+    assert batches == 2  # batches 0 and 1 arrived; the wait for batch 2 ended
+    assert isinstance(err.value, DataError)  # a one-line error, status 2, from the CLI
+    assert f"no batch from worker 0 (process {pids[0]}) for 2 s while it is alive" in str(err.value)
+    assert all(_alive(p) for p in pids)
+    it._shutdown_workers()
+    assert _wait_gone(pids, 10) == []
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _forks_stuck(monkeypatch, pids_file: Path, stuck_forks: int) -> _Lines:
+    """The first ``stuck_forks`` forks of loader workers stop in their after-fork hook, as a child
+    stuck in CPython's after-fork set-up never reaches it (each writes its pid to ``pids_file``
+    first); the loader's warnings are collected."""
+    import tsmtrain.data.loader as loader_module
+
+    real = loader_module._announce_birth
+
+    def announce():
+        if loader_module._birth_fds is not None:
+            with open(pids_file, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            if len(pids_file.read_text().split()) <= stuck_forks:
+                time.sleep(60)
+        real()
+
+    monkeypatch.setattr(loader_module, "_announce_birth", announce)
+    monkeypatch.setattr(loader_module, "BIRTH_TIMEOUT_S", 1.0)
+    lines = _Lines()
+    logging.getLogger("tsmtrain.data.loader").addHandler(lines)
+    return lines
+
+
+def test_a_worker_stuck_in_its_fork_is_killed_and_forked_again(tmp_path, monkeypatch):
+    lines = _forks_stuck(monkeypatch, tmp_path / "pids", stuck_forks=1)
+    try:
+        loader = build_loader(_Items(n=8), RankSampler(8, shuffle=False), batch_size=2, workers=2, drop_last=False)
+        assert len(list(loader)) == 4  # every batch, from a second fork of worker 0
+    finally:
+        logging.getLogger("tsmtrain.data.loader").removeHandler(lines)
+    stuck, *others = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(others) == 2  # worker 0 forked again, then worker 1
+    assert _wait_gone([stuck], 10) == []
+    assert lines.lines == [f"loader worker process {stuck} was stuck in Python's after-fork set-up for 1 s (a lock "
+                           "another thread held at the fork); killed, forking it again"]
+
+
+def test_a_worker_whose_every_fork_is_stuck_ends_with_an_error_not_a_hang(tmp_path, monkeypatch):
+    import tsmtrain.data.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "BIRTH_ATTEMPTS", 2)
+    lines = _forks_stuck(monkeypatch, tmp_path / "pids", stuck_forks=99)
+    try:
+        loader = build_loader(_Items(n=8), RankSampler(8, shuffle=False), batch_size=2, workers=1, drop_last=False)
+        with pytest.raises(LoaderStalled, match="2 forks in a row of a loader worker were stuck"):
+            list(loader)
+    finally:
+        logging.getLogger("tsmtrain.data.loader").removeHandler(lines)
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2 and _wait_gone(pids, 10) == []
+    assert len(lines.lines) == 2 and lines.lines[1].endswith("; killed")
+
+
+def test_loaders_wait_for_their_workers_at_most_the_default_timeout():
+    loader = build_loader(_Items(), RankSampler(64, shuffle=False), batch_size=2, workers=1, drop_last=False)
+    assert loader.timeout == WORKER_TIMEOUT_S > 0
+    assert build_loader(_Items(), RankSampler(64, shuffle=False), batch_size=2, workers=0, drop_last=False).timeout == 0
 
 
 _SCRIPT = """

@@ -25,7 +25,11 @@ the process (``PR_SET_PDEATHSIG``), are killed (not merely sent SIGTERM, which t
 the loader shuts them down, and every loader still running when the process exits, for example
 after an exception, is shut down before :mod:`multiprocessing` joins its children. A data
 mistake found in a worker (too many unreadable videos in a row, clips that cannot be batched)
-reaches the training process as a :class:`DataError` with the worker's own message.
+reaches the training process as a :class:`DataError` with the worker's own message. A fork of
+a worker that sticks in Python's after-fork set-up is killed and forked again
+(:class:`_KillingPopen`), and a worker that is alive but delivers nothing for
+:data:`WORKER_TIMEOUT_S` seconds (a read that never returns, a decoder that hangs) ends the wait
+with :class:`LoaderStalled`, naming the worker.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import logging
 import math
 import multiprocessing.context
 import os
+import select
 import signal
 import sys
 import warnings
@@ -49,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from .decode_ahead import DecodeAhead
 from .decoding import GPU_ONLY, Video, VideoDecodeError, choose_seek_mode, open_video, probe_gpu_decoding, probe_size
@@ -62,7 +68,7 @@ from .transforms import short_side_size
 from .readers.tar import SampleError, TarShardReader
 from ..errors import UserError
 
-__all__ = ["DataError", "shutdown_loaders", "VideoClipDataset", "RankSampler", "ShapeBatchSampler", "collate_clips", "build_loader", "clip_dataset",
+__all__ = ["DataError", "LoaderStalled", "WORKER_TIMEOUT_S", "shutdown_loaders", "VideoClipDataset", "RankSampler", "ShapeBatchSampler", "collate_clips", "build_loader", "clip_dataset",
            "MultiClipDataset", "multi_clip_dataset", "collate_views", "collate_encoded", "decode_batch",
            "decoding_target", "flow_files", "FlowFrames"]
 
@@ -83,6 +89,13 @@ class DataError(UserError):
         if message.startswith("Caught DataError"):  # re-raised by torch's DataLoader from a worker
             message = message.rsplit("DataError: ", 1)[-1].strip()
         super().__init__(message)
+
+
+class LoaderStalled(DataError):
+    """A loader worker is stuck, and this process ends instead of waiting for ever: it is alive
+    but delivered no batch for ``timeout_s`` seconds (a read that never returns, a decoder that
+    hangs; the message names the worker that owes the batch and its process id), or no fork of it
+    got through Python's after-fork set-up (:class:`_KillingPopen`)."""
 
 
 class VideoClipDataset(Dataset):
@@ -838,10 +851,78 @@ def _worker_init(parent: int, worker_id: int) -> None:
         os._exit(1)
 
 
+BIRTH_TIMEOUT_S = 10.0
+"""Seconds a forked loader worker has to get through Python's after-fork set-up (it takes
+milliseconds) before it is taken for stuck there, killed, and forked again."""
+
+BIRTH_ATTEMPTS = 3
+"""Forks of one loader worker before :class:`LoaderStalled` is raised."""
+
+_birth_fds: tuple[int, int] | None = None  # (read, write) of the pipe of the fork in progress
+
+
+def _announce_birth() -> None:
+    """In the child of a worker's fork, at the end of CPython's after-fork set-up: say so."""
+    if _birth_fds is not None:
+        read, write = _birth_fds
+        try:
+            os.write(write, b"1")
+            os.close(write)
+            os.close(read)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=lambda: _announce_birth())  # (looked up at each fork: tests replace it)
+
+
 class _KillingPopen(_ForkPopen):
-    """A forked process whose ``terminate()`` is SIGKILL: loader workers ignore SIGTERM (see
-    :func:`_worker_init`), so the SIGTERM that DataLoader's shutdown and multiprocessing's exit
-    handler send would leave them, and the exit handler joining them, waiting for ever."""
+    """A forked loader worker that is known to have started, and whose ``terminate()`` is SIGKILL.
+
+    **Started.** CPython 3.11's after-fork set-up in the child can wait for ever on a lock that
+    another thread of the parent held at the moment of the fork (``PyOS_AfterFork_Child`` ->
+    ``_PyEval_ReInitThreads`` -> ``_PyThreadState_DeleteExcept``; the training process runs
+    Gloo's, Horovod's, the watchdog's and TensorBoard's threads). Such a child never runs a line
+    of Python, and its rank would wait for it until the job's time limit. So each fork waits until
+    the child's after-fork hooks have run (:func:`_announce_birth` writes to a pipe); a child
+    silent for :data:`BIRTH_TIMEOUT_S` is killed, reaped and forked again, up to
+    :data:`BIRTH_ATTEMPTS` times, with a warning naming it.
+
+    **Ended.** Loader workers ignore SIGTERM (see :func:`_worker_init`), so the SIGTERM that
+    DataLoader's shutdown and multiprocessing's exit handler send would leave them, and the exit
+    handler joining them, waiting for ever.
+
+    Raises:
+        LoaderStalled: no fork of the worker got through its set-up.
+    """
+
+    def _launch(self, process_obj) -> None:
+        global _birth_fds
+        for attempt in range(1, BIRTH_ATTEMPTS + 1):
+            read, write = _birth_fds = os.pipe()
+            try:
+                super()._launch(process_obj)
+            finally:
+                _birth_fds = None
+                os.close(write)
+            try:
+                poll = select.poll()  # (select.select refuses descriptors above 1023)
+                poll.register(read, select.POLLIN)
+                born = bool(poll.poll(BIRTH_TIMEOUT_S * 1000)) and os.read(read, 1) == b"1"
+            finally:
+                os.close(read)
+            if born:
+                return
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.finalizer()  # the pipes of this fork
+            self.finalizer = None
+            log.warning("loader worker process %d was stuck in Python's after-fork set-up for %g s (a lock another "
+                        "thread held at the fork); killed%s", self.pid, BIRTH_TIMEOUT_S,
+                        ", forking it again" if attempt < BIRTH_ATTEMPTS else "")
+        raise LoaderStalled(f"data loading: {BIRTH_ATTEMPTS} forks in a row of a loader worker were stuck in "
+                            "Python's after-fork set-up (a lock another thread held at the fork); this process "
+                            "stops rather than wait for ever")
 
     def terminate(self) -> None:
         self.kill()
@@ -861,14 +942,41 @@ class _WorkerContext(multiprocessing.context.ForkContext):
 
 _live_iterators: "weakref.WeakSet" = weakref.WeakSet()
 
+WORKER_TIMEOUT_S = 600.0
+"""Seconds a process waits for its next batch from live loader workers before it raises
+:class:`LoaderStalled` (DataLoader's ``timeout``; NCCL's default collective timeout is as long).
+A batch of clips takes seconds; without a limit a stuck worker would hold its rank, and the
+whole job with it, until the time limit."""
+
+
+class _StallNamingIter(_MultiProcessingDataLoaderIter):
+    """torch's multi-process iterator, whose timeout names the stuck worker (:class:`LoaderStalled`)."""
+
+    def _get_data(self):
+        try:
+            return super()._get_data()
+        except RuntimeError as err:
+            if not str(err).startswith("DataLoader timed out"):
+                raise
+            owed = self._task_info.get(self._rcvd_idx, ())
+            worker = owed[0] if owed else None
+            who = (f"worker {worker} (process {self._workers[worker].pid})" if worker is not None
+                   else "workers (processes " + ", ".join(str(w.pid) for w in self._workers) + ")")
+            raise LoaderStalled(f"data loading: no batch from {who} for {self._timeout:g} s while it is alive: it "
+                                "is stuck (a read that never returns on the file system, or a decoder that hangs); "
+                                "this process stops rather than wait for ever") from None
+
 
 class _Loader(DataLoader):
-    """A DataLoader whose multi-process iterators :func:`shutdown_loaders` can find."""
+    """A DataLoader whose multi-process iterators :func:`shutdown_loaders` can find, and whose
+    timeout names the stuck worker."""
 
     def _get_iterator(self):
-        iterator = super()._get_iterator()
-        if hasattr(iterator, "_shutdown_workers"):
-            _live_iterators.add(iterator)
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        iterator = _StallNamingIter(self)
+        _live_iterators.add(iterator)
         return iterator
 
 
@@ -892,7 +1000,7 @@ atexit.register(shutdown_loaders)
 
 def build_loader(dataset: VideoClipDataset, sampler: RankSampler | ShapeBatchSampler, batch_size: int, workers: int,
                  drop_last: bool, pin_memory: bool = False, persistent: bool = False,
-                 collate=collate_clips) -> DataLoader | DecodeAhead:
+                 collate=collate_clips, timeout_s: float = WORKER_TIMEOUT_S) -> DataLoader | DecodeAhead:
     """A DataLoader over ``dataset`` in ``sampler`` order, batching with :func:`collate_clips`.
 
     Each worker keeps ``prefetch_factor`` = 4 batches in flight. With ``persistent`` the worker
@@ -920,6 +1028,10 @@ def build_loader(dataset: VideoClipDataset, sampler: RankSampler | ShapeBatchSam
     with the training process, and are killed when the loader shuts down or the process exits
     (see the module's docstring); so an exception, in a worker or in the training process,
     ends the process instead of leaving it waiting for its workers.
+
+    Raises (while iterating, with workers):
+        LoaderStalled: no batch for ``timeout_s`` seconds (default :data:`WORKER_TIMEOUT_S`)
+            from a worker that is still alive.
     """
     ahead = getattr(dataset, "decodes_on_gpu", False) and not isinstance(dataset, MultiClipDataset)
     if ahead:
@@ -939,5 +1051,6 @@ def build_loader(dataset: VideoClipDataset, sampler: RankSampler | ShapeBatchSam
         generator=torch.Generator(),
         worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
         multiprocessing_context=_WorkerContext() if workers else None,
+        timeout=timeout_s if workers else 0,
     )
     return DecodeAhead(loader, functools.partial(decode_batch, dataset), dataset.device) if ahead else loader
