@@ -87,6 +87,7 @@ def test_workers_ignore_stop_signals_but_are_killed_at_shutdown():
     assert _wait_gone([pid], 10) == []
 
 
+@pytest.mark.slow  # 7 s: the loader's shutdown gives the stuck worker 5 s before it kills it
 def test_a_stuck_worker_ends_the_wait_with_an_error_naming_it_and_is_killed():
     # batches go to the 2 workers in turn: batch 2 (items 4 and 5) is worker 0's, and item 4 hangs
     loader = build_loader(_Items(n=12, stuck_at=4), RankSampler(12, shuffle=False), batch_size=2, workers=2,
